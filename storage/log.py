@@ -1,0 +1,542 @@
+"""The segmented, checksummed, append-only log every replicated write goes through.
+
+Owns: record framing (u32 LE length, u32 LE CRC32 of the payload, payload), segment files
+named by their first index, rolling, group commit (append many, one fsync), crash recovery
+(a torn tail is cut away and reported; anything else that fails to verify is refused) and
+the in-memory (segment, offset) index that lets reads skip rescans.
+Must never: interpret payloads, retry after a DiskError (the log disables itself instead),
+silently drop bytes other than a torn tail, or be used from more than one thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import posixpath
+import re
+import struct
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
+
+from storage.disk import AppendHandle, Disk
+from storage.errors import (
+    CorruptLogError,
+    DiskError,
+    LogClosedError,
+    LogIndexError,
+    StorageError,
+)
+
+_T = TypeVar("_T")
+
+HEADER = struct.Struct("<II")
+HEADER_SIZE_BYTES = HEADER.size
+SEGMENT_SIZE_BYTES_MAX_DEFAULT = 64 << 20
+RECORD_SIZE_BYTES_MAX_DEFAULT = 64 << 20
+CACHE_SIZE_BYTES_MAX_DEFAULT = 8 << 20
+_READ_CHUNK_SIZE_BYTES = 1 << 20
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+
+
+def segment_name(first_index: int) -> str:
+    """File name of the segment whose first record has first_index; sorts like the index."""
+    return f"{first_index:020d}.seg"
+
+
+def frame(payload: bytes) -> bytes:
+    """The on-disk bytes of one record."""
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """Bytes cut from the end of the last segment on open because they were not a record."""
+
+    path: str
+    offset_bytes: int
+    dropped_size_bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What `SegmentedLog.open` found; log `torn_tail` when it is not None."""
+
+    segment_count: int
+    first_index: int
+    last_index: int
+    torn_tail: TornTail | None
+
+
+class _Segment:
+    """One segment file and the byte offset of each of its records."""
+
+    __slots__ = ("first_index", "offsets", "path", "size_bytes")
+
+    def __init__(self, path: str, first_index: int) -> None:
+        self.path = path
+        self.first_index = first_index
+        self.offsets = array("Q")
+        self.size_bytes = 0
+
+    @property
+    def next_index(self) -> int:
+        return self.first_index + len(self.offsets)
+
+    def record_end(self, position: int) -> int:
+        if position + 1 < len(self.offsets):
+            return self.offsets[position + 1]
+        return self.size_bytes
+
+
+@dataclass(frozen=True)
+class _ScanResult:
+    offsets: array[int]
+    valid_size_bytes: int
+    torn_reason: str | None
+
+
+class SegmentedLog:
+    """A log of opaque byte payloads numbered consecutively from `first_index`.
+
+    Invariants: there is always at least one segment (the last is the active one being
+    appended to); segments are contiguous; every segment but the last is fully fsynced.
+    `last_index` counts appended records whether or not they are durable; `synced_index` is
+    the last index known to survive a crash. Not thread-safe; I/O is blocking.
+    """
+
+    def __init__(
+        self,
+        disk: Disk,
+        directory: str,
+        segments: list[_Segment],
+        *,
+        segment_size_bytes_max: int,
+        record_size_bytes_max: int,
+        cache_size_bytes_max: int,
+    ) -> None:
+        self._disk = disk
+        self._directory = directory
+        self._segments = segments
+        self._segment_first_indexes = [segment.first_index for segment in segments]
+        self._segment_size_bytes_max = segment_size_bytes_max
+        self._record_size_bytes_max = record_size_bytes_max
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_size_bytes = 0
+        self._cache_size_bytes_max = cache_size_bytes_max
+        self._handle: AppendHandle | None = None
+        self._unusable_reason: str | None = None
+        self.first_index = segments[0].first_index
+        self.last_index = segments[-1].next_index - 1
+        self.synced_index = self.last_index
+
+    # -- opening and recovery --------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        disk: Disk,
+        directory: str,
+        *,
+        segment_size_bytes_max: int = SEGMENT_SIZE_BYTES_MAX_DEFAULT,
+        record_size_bytes_max: int = RECORD_SIZE_BYTES_MAX_DEFAULT,
+        cache_size_bytes_max: int = CACHE_SIZE_BYTES_MAX_DEFAULT,
+        first_index_if_empty: int = 1,
+    ) -> tuple[SegmentedLog, RecoveryReport]:
+        """Open (creating if needed) the log in directory, scanning and repairing it.
+
+        Raises CorruptLogError for anything but a torn tail of the last segment, DiskError if
+        the disk fails. `first_index_if_empty` only matters when the directory has no segment.
+        """
+        if first_index_if_empty < 1:
+            raise ValueError("first_index_if_empty must be at least 1")
+        disk.make_dirs(directory)
+        segment_starts = sorted(
+            int(match.group(1))
+            for name in disk.list_dir(directory)
+            if (match := _SEGMENT_NAME.match(name))
+        )
+        torn_tail: TornTail | None = None
+        segments: list[_Segment] = []
+        for position, start in enumerate(segment_starts):
+            segment = _Segment(posixpath.join(directory, segment_name(start)), start)
+            if segments and segments[-1].next_index != start:
+                raise CorruptLogError(
+                    segment.path, 0,
+                    f"segment should start at index {segments[-1].next_index} (missing or "
+                    f"overlapping segment)",
+                )
+            is_last = position == len(segment_starts) - 1
+            scan = _scan_segment(disk, segment.path, record_size_bytes_max, is_last=is_last)
+            segment.offsets = scan.offsets
+            segment.size_bytes = scan.valid_size_bytes
+            if scan.torn_reason is not None:
+                file_size_bytes = disk.file_size(segment.path)
+                disk.truncate(segment.path, scan.valid_size_bytes)
+                torn_tail = TornTail(
+                    segment.path, scan.valid_size_bytes,
+                    file_size_bytes - scan.valid_size_bytes, scan.torn_reason,
+                )
+            segments.append(segment)
+        if not segments:
+            first_segment = _Segment(
+                posixpath.join(directory, segment_name(first_index_if_empty)),
+                first_index_if_empty,
+            )
+            _create_segment_file(disk, directory, first_segment.path)
+            segments.append(first_segment)
+        log = cls(
+            disk, directory, segments,
+            segment_size_bytes_max=segment_size_bytes_max,
+            record_size_bytes_max=record_size_bytes_max,
+            cache_size_bytes_max=cache_size_bytes_max,
+        )
+        # What we read back may still sit only in the page cache of a process that died;
+        # one fsync makes "everything recovered is synced" true.
+        log._guarded(log._open_active_handle().fsync)
+        log._guarded(lambda: disk.fsync_dir(directory))
+        report = RecoveryReport(len(segments), log.first_index, log.last_index, torn_tail)
+        return log, report
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, payloads: Sequence[bytes]) -> int:
+        """Buffer payloads as the next records (one write per segment touched).
+
+        Returns the new last_index. Nothing is durable until `sync`. Empty payloads are
+        refused because an all-zero header would otherwise read as a valid empty record.
+        """
+        self._check_usable()
+        for payload in payloads:
+            if not 0 < len(payload) <= self._record_size_bytes_max:
+                raise ValueError(
+                    f"payload size {len(payload)} bytes is outside "
+                    f"1..{self._record_size_bytes_max}"
+                )
+        segment = self._segments[-1]
+        buffer = bytearray()
+        buffered_payloads: list[bytes] = []
+        pack_header = HEADER.pack
+        crc32 = zlib.crc32
+        for payload in payloads:
+            if segment.size_bytes + len(buffer) >= self._segment_size_bytes_max:
+                self._write_to_active(buffer, buffered_payloads)
+                self._roll()
+                segment = self._segments[-1]
+                buffer = bytearray()
+                buffered_payloads = []
+            buffer += pack_header(len(payload), crc32(payload))
+            buffer += payload
+            buffered_payloads.append(payload)
+        if buffered_payloads:
+            self._write_to_active(buffer, buffered_payloads)
+        return self.last_index
+
+    def sync(self) -> int:
+        """fsync what was appended; returns synced_index (== last_index)."""
+        self._check_usable()
+        if self.synced_index != self.last_index:
+            self._guarded(self._open_active_handle().fsync)
+            self.synced_index = self.last_index
+        return self.synced_index
+
+    def _write_to_active(self, buffer: bytearray, payloads: list[bytes]) -> None:
+        segment = self._segments[-1]
+        handle = self._open_active_handle()
+        self._guarded(lambda: handle.write(bytes(buffer)))
+        offset = segment.size_bytes
+        offsets = segment.offsets
+        for payload in payloads:
+            offsets.append(offset)
+            offset += HEADER_SIZE_BYTES + len(payload)
+            self.last_index += 1
+            self._cache_put(self.last_index, bytes(payload))
+        segment.size_bytes = offset
+
+    def _roll(self) -> None:
+        # The old segment must be complete on disk before the new one exists: otherwise a crash
+        # could keep the new segment and lose the old one's tail, leaving a gap.
+        self.sync()
+        self._close_handle()
+        segment = _Segment(
+            posixpath.join(self._directory, segment_name(self.last_index + 1)),
+            self.last_index + 1,
+        )
+        self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
+        self._segments.append(segment)
+        self._segment_first_indexes.append(segment.first_index)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, index: int) -> bytes:
+        """The payload at index; LogIndexError outside [first_index, last_index]."""
+        self._check_usable()
+        self._check_range(index, index)
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        return next(self._read_from_disk(index, index))[1]
+
+    def entries(self, start: int, last: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(index, payload) for start..last inclusive (last defaults to last_index).
+
+        Reads in chunks of about a MiB. Do not modify the log while iterating.
+        """
+        self._check_usable()
+        if last is None:
+            last = self.last_index
+        if start > last:
+            return iter(())
+        self._check_range(start, last)
+        return self._read_from_disk(start, last)
+
+    def _read_from_disk(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:
+        index = start
+        while index <= last:
+            segment = self._segments[bisect.bisect_right(self._segment_first_indexes, index) - 1]
+            position = index - segment.first_index
+            final_position = min(last, segment.next_index - 1) - segment.first_index
+            chunk_start = segment.offsets[position]
+            # Extend the chunk record by record while it stays under the chunk size.
+            chunk_final = position
+            while (
+                chunk_final < final_position
+                and segment.record_end(chunk_final + 1) - chunk_start <= _READ_CHUNK_SIZE_BYTES
+            ):
+                chunk_final += 1
+            chunk_end = segment.record_end(chunk_final)
+            chunk = self._guarded(
+                partial(self._disk.read_file, segment.path, chunk_start, chunk_end - chunk_start)
+            )
+            if len(chunk) != chunk_end - chunk_start:
+                raise CorruptLogError(segment.path, chunk_start, "segment shorter than indexed")
+            for record_position in range(position, chunk_final + 1):
+                offset = segment.offsets[record_position]
+                payload = _verified_payload(
+                    chunk, offset - chunk_start, segment.record_end(record_position) - offset,
+                    segment.path, offset,
+                )
+                yield index, payload
+                index += 1
+
+    # -- shrinking -------------------------------------------------------------------------
+
+    def truncate_after(self, index: int) -> None:
+        """Durably drop every record after index; afterwards synced_index == index.
+
+        Keeps the first segment (possibly empty) so its name still records first_index.
+        """
+        self._check_usable()
+        if not self.first_index - 1 <= index <= self.last_index:
+            raise LogIndexError(
+                f"truncate_after({index}) outside {self.first_index - 1}..{self.last_index}"
+            )
+        if index == self.last_index:
+            self.sync()
+            return
+        self._close_handle()
+        # Newest first, each removal made durable before the next, so a crash leaves a
+        # contiguous log whatever order the filesystem would persist unsynced removals in.
+        while len(self._segments) > 1 and self._segments[-1].first_index > index:
+            doomed = self._segments.pop()
+            self._segment_first_indexes.pop()
+            self._remove_segment_file(doomed.path)
+        segment = self._segments[-1]
+        keep_count = index + 1 - segment.first_index
+        new_size_bytes = segment.offsets[keep_count] if keep_count < len(segment.offsets) \
+            else segment.size_bytes
+        self._guarded(lambda: self._disk.truncate(segment.path, new_size_bytes))
+        del segment.offsets[keep_count:]
+        segment.size_bytes = new_size_bytes
+        for cached_index in [i for i in self._cache if i > index]:
+            self._cache_size_bytes -= len(self._cache.pop(cached_index))
+        self.last_index = index
+        self.synced_index = index
+
+    def compact_before(self, index: int) -> None:
+        """Durably delete segments whose records are all below index (a snapshot covers them).
+
+        The active segment is never deleted, so first_index may stay below index.
+        """
+        self._check_usable()
+        # Oldest first with a directory fsync after each, so a crash leaves a contiguous log.
+        while len(self._segments) > 1 and self._segments[1].first_index <= index:
+            doomed = self._segments.pop(0)
+            self._segment_first_indexes.pop(0)
+            self._remove_segment_file(doomed.path)
+        self.first_index = self._segments[0].first_index
+        for cached_index in [i for i in self._cache if i < self.first_index]:
+            self._cache_size_bytes -= len(self._cache.pop(cached_index))
+
+    def reset(self, next_index: int) -> None:
+        """Durably drop every record and restart numbering at next_index.
+
+        For installing a snapshot that is ahead of (or conflicts with) the whole log.
+        """
+        self._check_usable()
+        if next_index < 1:
+            raise ValueError("next_index must be at least 1")
+        self._close_handle()
+        while self._segments:
+            doomed = self._segments.pop()
+            self._remove_segment_file(doomed.path)
+        self._segment_first_indexes.clear()
+        segment = _Segment(posixpath.join(self._directory, segment_name(next_index)), next_index)
+        self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
+        self._segments.append(segment)
+        self._segment_first_indexes.append(next_index)
+        self._cache.clear()
+        self._cache_size_bytes = 0
+        self.first_index = next_index
+        self.last_index = next_index - 1
+        self.synced_index = self.last_index
+
+    def close(self) -> None:
+        """Release the file handle. Does not sync: call sync first if that is wanted."""
+        if self._unusable_reason is None:
+            self._unusable_reason = "log is closed"
+        # Closing a descriptor after a failure has nothing left to protect.
+        with suppress(DiskError):
+            self._close_handle()
+
+    @property
+    def segment_paths(self) -> list[str]:
+        """Paths of the segment files, oldest first (for metrics and tests)."""
+        return [segment.path for segment in self._segments]
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._unusable_reason is not None:
+            raise LogClosedError(self._unusable_reason)
+
+    def _check_range(self, start: int, last: int) -> None:
+        if start < self.first_index or last > self.last_index:
+            raise LogIndexError(
+                f"indexes {start}..{last} outside the log's {self.first_index}..{self.last_index}"
+            )
+
+    def _guarded(self, operation: Callable[[], _T]) -> _T:
+        try:
+            return operation()
+        except DiskError as err:
+            self._unusable_reason = f"log disabled after a disk error: {err}"
+            raise
+
+    def _open_active_handle(self) -> AppendHandle:
+        if self._handle is None:
+            path = self._segments[-1].path
+            self._handle = self._guarded(lambda: self._disk.open_append(path))
+        return self._handle
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()
+
+    def _remove_segment_file(self, path: str) -> None:
+        self._guarded(lambda: self._disk.remove(path))
+        self._guarded(lambda: self._disk.fsync_dir(self._directory))
+
+    def _cache_put(self, index: int, payload: bytes) -> None:
+        if len(payload) > self._cache_size_bytes_max:
+            return
+        self._cache[index] = payload
+        self._cache_size_bytes += len(payload)
+        while self._cache_size_bytes > self._cache_size_bytes_max:
+            self._cache_size_bytes -= len(self._cache.popitem(last=False)[1])
+
+
+def _create_segment_file(disk: Disk, directory: str, path: str) -> None:
+    """Create an empty segment and make both its content and its name durable."""
+    if disk.exists(path):
+        raise StorageError(f"segment {path} already exists; refusing to append to a stranger")
+    handle = disk.open_append(path)
+    try:
+        handle.fsync()
+    finally:
+        handle.close()
+    disk.fsync_dir(directory)
+
+
+def _scan_segment(
+    disk: Disk, path: str, record_size_bytes_max: int, *, is_last: bool
+) -> _ScanResult:
+    """Index every record of a segment; classify the first bad one as torn tail or corruption.
+
+    Only the last segment may end in a torn tail: short header, short payload, a CRC mismatch
+    in the final record, or a bad length/CRC mismatch followed by bytes in which no valid
+    record can be found anywhere. Everything else is corruption.
+    """
+    data = disk.read_file(path)
+    view = memoryview(data)
+    size_bytes = len(data)
+    offsets = array("Q")
+    offset = 0
+    unpack_header = HEADER.unpack_from
+    crc32 = zlib.crc32
+    reason: str | None = None
+    needs_forward_scan = False
+    while offset < size_bytes:
+        if size_bytes - offset < HEADER_SIZE_BYTES:
+            reason = "short record header"
+            break
+        length, checksum = unpack_header(data, offset)
+        if not 0 < length <= record_size_bytes_max:
+            reason = f"record length {length} outside 1..{record_size_bytes_max}"
+            needs_forward_scan = True
+            break
+        end = offset + HEADER_SIZE_BYTES + length
+        if end > size_bytes:
+            reason = f"record of {length} bytes runs past the end of the file"
+            break
+        if crc32(view[offset + HEADER_SIZE_BYTES : end]) != checksum:
+            reason = "record CRC32 mismatch"
+            needs_forward_scan = end < size_bytes
+            break
+        offsets.append(offset)
+        offset = end
+    if reason is None:
+        return _ScanResult(offsets, size_bytes, None)
+    if not is_last:
+        raise CorruptLogError(path, offset, reason)
+    if needs_forward_scan:
+        valid_offset = _find_valid_record(view, offset + 1, record_size_bytes_max)
+        if valid_offset is not None:
+            raise CorruptLogError(
+                path, offset, f"{reason}, yet a valid record follows at byte {valid_offset}"
+            )
+    return _ScanResult(offsets, offset, reason)
+
+
+def _find_valid_record(view: memoryview, start: int, record_size_bytes_max: int) -> int | None:
+    """First offset at or after start where a whole record with a matching CRC begins."""
+    size_bytes = len(view)
+    unpack_header = HEADER.unpack_from
+    for offset in range(start, size_bytes - HEADER_SIZE_BYTES + 1):
+        length, checksum = unpack_header(view, offset)
+        end = offset + HEADER_SIZE_BYTES + length
+        if (
+            0 < length <= record_size_bytes_max
+            and end <= size_bytes
+            and zlib.crc32(view[offset + HEADER_SIZE_BYTES : end]) == checksum
+        ):
+            return offset
+    return None
+
+
+def _verified_payload(
+    chunk: bytes, chunk_offset: int, record_size_bytes: int, path: str, file_offset: int
+) -> bytes:
+    length, checksum = HEADER.unpack_from(chunk, chunk_offset)
+    if length != record_size_bytes - HEADER_SIZE_BYTES:
+        raise CorruptLogError(path, file_offset, f"record length {length} changed since open")
+    payload = chunk[chunk_offset + HEADER_SIZE_BYTES : chunk_offset + record_size_bytes]
+    if zlib.crc32(payload) != checksum:
+        raise CorruptLogError(path, file_offset, "record CRC32 mismatch on read")
+    return payload
