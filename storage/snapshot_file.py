@@ -27,7 +27,9 @@ _SNAPSHOT_NAME = re.compile(r"^snapshot-(\d{20})\.snap(\.tmp)?$")
 
 
 class Snapshot(NamedTuple):
-    index: int
+    """A validated snapshot: the state after applying every log record up to log_index."""
+
+    log_index: int
     payload: bytes
 
 
