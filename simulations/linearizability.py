@@ -139,10 +139,17 @@ class CheckResult:
                 f"failing partition: {len(self.failing_partition)} operations; longest "
                 f"linearizable sequence: {len(self.longest_linearizable)} of them:"
             )
-            lines.extend(
-                f"  client {op.client_id} [{op.call}, {op.ret}] {describe(op.input, op.output)}"
-                for op in self.longest_linearizable
-            )
+
+            def show(op: Operation) -> str:
+                return (
+                    f"  client {op.client_id} [{op.call}, {op.ret}] {describe(op.input, op.output)}"
+                )
+
+            lines.extend(show(op) for op in self.longest_linearizable)
+            placed = set(self.longest_linearizable)
+            unplaced = [op for op in self.failing_partition if op not in placed]
+            lines.append(f"operations that could not be placed after it ({len(unplaced)}):")
+            lines.extend(show(op) for op in unplaced)
         return "\n".join(lines)
 
 
@@ -280,32 +287,27 @@ def check_operations(
     started = time.monotonic()
     deadline = math.inf if timeout_s is None else started + timeout_s
     partitions = sorted(model.partition(ops), key=len)
-    checked = 0
-    for partition in partitions:
+
+    def result(
+        ok: bool | None,
+        checked: int,
+        failing: Sequence[Operation] = (),
+        longest: Sequence[int] = (),
+    ) -> CheckResult:
+        return CheckResult(
+            ok=ok,
+            partitions_total=len(partitions),
+            partitions_checked=checked,
+            elapsed_s=time.monotonic() - started,
+            failing_partition=tuple(failing),
+            longest_linearizable=tuple(failing[index] for index in longest),
+            describe=model.describe_operation,
+        )
+
+    for checked, partition in enumerate(partitions):
         verdict = _check_single(model, partition, deadline)
         if verdict.ok is None:
-            return CheckResult(
-                ok=None,
-                partitions_total=len(partitions),
-                partitions_checked=checked,
-                elapsed_s=time.monotonic() - started,
-                describe=model.describe_operation,
-            )
-        checked += 1
+            return result(None, checked)
         if not verdict.ok:
-            return CheckResult(
-                ok=False,
-                partitions_total=len(partitions),
-                partitions_checked=checked,
-                elapsed_s=time.monotonic() - started,
-                failing_partition=tuple(partition),
-                longest_linearizable=tuple(partition[index] for index in verdict.longest),
-                describe=model.describe_operation,
-            )
-    return CheckResult(
-        ok=True,
-        partitions_total=len(partitions),
-        partitions_checked=checked,
-        elapsed_s=time.monotonic() - started,
-        describe=model.describe_operation,
-    )
+            return result(False, checked + 1, partition, verdict.longest)
+    return result(True, len(partitions))

@@ -267,11 +267,17 @@ class VaultModel(Model):
             call = f"read({input.name!r})"
         else:
             call = f"read_version({input.name!r}, {input.version!r})"
-        found_value = output is not UNKNOWN and output != VaultOutcome.NOT_FOUND
+        return f"{call} -> {self._show_output(input, output)}"
+
+    def _show_output(self, input: VaultInput, output: Any) -> str:
+        if output is UNKNOWN:
+            return "UNKNOWN"
+        if isinstance(output, VaultOutcome):
+            return output.value
+        if input.kind == "update" and isinstance(output, tuple):
+            return f"updated to version {output[1]!r}"
         if input.kind == "read" and isinstance(output, tuple):
-            shown = f"(version {output[0]!r}, {self._show(output[1])})"
-        elif input.kind == "read_version" and found_value:
-            shown = self._show(output)
-        else:
-            shown = repr(output)
-        return f"{call} -> {shown}"
+            return f"version {output[0]!r}: {self._show(output[1])}"
+        if input.kind == "read_version" and output != VaultOutcome.NOT_FOUND:
+            return self._show(output)
+        return repr(output)
