@@ -241,8 +241,9 @@ def _check_single(model: Model, ops: Sequence[Operation], deadline: float) -> _S
                     continue
             entry = next_entry[entry]
         else:
-            # A return is first among what is left: its operation cannot come later, so undo
-            # the most recent choice and try the next candidate after it.
+            # The scan reached a return before linearizing any call ahead of it: that operation
+            # had to take effect by now and could not, so undo the most recent choice and try
+            # the candidate after it.
             if len(calls) > len(longest):
                 longest = tuple(entry_op[call_entry] for call_entry, _ in calls)
             if not calls:
@@ -267,7 +268,7 @@ def _validate(ops: Sequence[Operation]) -> None:
     for position, op in enumerate(ops):
         if not math.isfinite(op.call):
             raise HistoryError(f"operation {position} (client {op.client_id}) has no call time")
-        if op.ret < op.call:
+        if math.isnan(op.ret) or op.ret < op.call:
             raise HistoryError(
                 f"operation {position} (client {op.client_id}) returns at {op.ret} "
                 f"before its call at {op.call}"
