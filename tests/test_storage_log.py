@@ -1,0 +1,446 @@
+"""Tests of the segmented log over RealDisk and SimDisk: framing, rolling, recovery, shrinking."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage.disk import Disk, RealDisk, SimDisk
+from storage.errors import CorruptLogError, DiskError, LogClosedError, LogIndexError
+from storage.log import HEADER_SIZE_BYTES, SegmentedLog, segment_name
+
+SMALL_SEGMENT_SIZE_BYTES = 100
+
+
+@dataclass
+class Store:
+    disk: Disk
+    directory: str
+
+    def open(self, **options: int) -> SegmentedLog:
+        options.setdefault("segment_size_bytes_max", SMALL_SEGMENT_SIZE_BYTES)
+        log, report = SegmentedLog.open(self.disk, self.directory, **options)
+        assert report.torn_tail is None
+        return log
+
+    def overwrite(self, path: str, offset: int, data: bytes) -> None:
+        if isinstance(self.disk, SimDisk):
+            self.disk.overwrite_durably(path, offset, data)
+        else:
+            with open(path, "r+b") as file:
+                file.seek(offset)
+                file.write(data)
+
+    def append_raw(self, path: str, data: bytes) -> None:
+        handle = self.disk.open_append(path)
+        handle.write(data)
+        handle.fsync()
+        handle.close()
+
+
+@pytest.fixture(params=["real", "sim"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "real":
+        yield Store(RealDisk(), str(tmp_path / "log"))
+    else:
+        yield Store(SimDisk(), "/node/log")
+
+
+def payload(index: int) -> bytes:
+    return f"record-{index:05d}".encode()  # 12 bytes: 20-byte records
+
+
+def filled(store: Store, count: int, **options: int) -> SegmentedLog:
+    log = store.open(**options)
+    log.append([payload(i) for i in range(1, count + 1)])
+    log.sync()
+    return log
+
+
+def all_entries(log: SegmentedLog) -> list[tuple[int, bytes]]:
+    return list(log.entries(log.first_index))
+
+
+def test_new_log_is_empty_and_starts_at_first_index_if_empty(store: Store) -> None:
+    log = store.open(first_index_if_empty=42)
+    assert (log.first_index, log.last_index, log.synced_index) == (42, 41, 41)
+    assert all_entries(log) == []
+    assert log.append([b"a"]) == 42
+    log.close()
+    reopened = store.open(first_index_if_empty=7)
+    assert (reopened.first_index, reopened.read(42)) == (42, b"a")
+
+
+def test_append_read_roll_and_replay_after_reopen(store: Store) -> None:
+    log = filled(store, 30)
+    assert (log.first_index, log.last_index, log.synced_index) == (1, 30, 30)
+    assert len(log.segment_paths) > 3
+    assert [p.rsplit("/", 1)[1] for p in log.segment_paths] == sorted(
+        p.rsplit("/", 1)[1] for p in log.segment_paths
+    )
+    for path in log.segment_paths[:-1]:
+        size = store.disk.file_size(path)
+        # Rolling happens once a segment reaches the limit, so at most one record overshoots.
+        assert SMALL_SEGMENT_SIZE_BYTES <= size < SMALL_SEGMENT_SIZE_BYTES + 8 + 12
+    assert [log.read(i) for i in range(1, 31)] == [payload(i) for i in range(1, 31)]
+    segment_paths = log.segment_paths
+    log.close()
+    log, report = SegmentedLog.open(
+        store.disk, store.directory, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES
+    )
+    assert (report.first_index, report.last_index, report.torn_tail) == (1, 30, None)
+    assert log.segment_paths == segment_paths
+    assert all_entries(log) == [(i, payload(i)) for i in range(1, 31)]
+    assert log.append([b"after reopen"]) == 31
+    assert log.read(31) == b"after reopen"
+
+
+def test_segment_names_are_zero_padded_first_indexes(store: Store) -> None:
+    log = filled(store, 12)
+    names = [path.rsplit("/", 1)[1] for path in log.segment_paths]
+    assert names[0] == "00000000000000000001.seg"
+    assert names[1] == segment_name(6)  # 5 records of 20 bytes reach 100 bytes
+
+
+def test_entries_ranges(store: Store) -> None:
+    log = filled(store, 25)
+    assert list(log.entries(4, 4)) == [(4, payload(4))]
+    assert list(log.entries(3, 17)) == [(i, payload(i)) for i in range(3, 18)]
+    assert list(log.entries(20)) == [(i, payload(i)) for i in range(20, 26)]
+    assert list(log.entries(10, 9)) == []
+    with pytest.raises(LogIndexError):
+        log.entries(0, 3)
+    with pytest.raises(LogIndexError):
+        log.entries(5, 26)
+    with pytest.raises(LogIndexError):
+        log.read(26)
+
+
+def test_reads_survive_cache_eviction(store: Store) -> None:
+    log = filled(store, 40, cache_size_bytes_max=30)
+    assert [log.read(i) for i in range(40, 0, -1)] == [payload(i) for i in range(40, 0, -1)]
+
+
+def test_append_refuses_empty_and_oversized_payloads_without_writing(store: Store) -> None:
+    log = store.open(record_size_bytes_max=10)
+    with pytest.raises(ValueError):
+        log.append([b"ok", b""])
+    with pytest.raises(ValueError):
+        log.append([b"ok", b"x" * 11])
+    assert log.last_index == 0
+    assert store.disk.file_size(log.segment_paths[0]) == 0
+
+
+def test_truncate_after_then_append_across_segments(store: Store) -> None:
+    log = filled(store, 30)
+    log.append([b"unsynced"])
+    log.truncate_after(12)
+    assert (log.last_index, log.synced_index) == (12, 12)
+    assert all(int(p.rsplit("/", 1)[1][:20]) <= 12 for p in log.segment_paths)
+    with pytest.raises(LogIndexError):
+        log.read(13)
+    log.append([b"new-13", b"new-14"])
+    log.sync()
+    log.close()
+    reopened = store.open()
+    expected = [(i, payload(i)) for i in range(1, 13)] + [(13, b"new-13"), (14, b"new-14")]
+    assert all_entries(reopened) == expected
+
+
+def test_truncate_after_everything_keeps_first_index(store: Store) -> None:
+    log = filled(store, 30)
+    log.compact_before(12)
+    first_index = log.first_index
+    assert first_index > 1
+    log.truncate_after(first_index - 1)
+    assert (log.first_index, log.last_index) == (first_index, first_index - 1)
+    log.close()
+    reopened = store.open()
+    assert (reopened.first_index, reopened.last_index) == (first_index, first_index - 1)
+    with pytest.raises(LogIndexError):
+        reopened.truncate_after(first_index - 2)
+
+
+def test_compact_before_drops_only_whole_segments_below_index(store: Store) -> None:
+    log = filled(store, 30)
+    segment_count = len(log.segment_paths)
+    log.compact_before(13)
+    assert log.first_index <= 13
+    assert log.first_index > 1
+    assert len(log.segment_paths) < segment_count
+    with pytest.raises(LogIndexError):
+        log.read(log.first_index - 1)
+    assert all_entries(log) == [(i, payload(i)) for i in range(log.first_index, 31)]
+    first_index = log.first_index
+    log.compact_before(10_000)  # never deletes the active segment
+    assert log.segment_paths[-1].endswith(segment_name(log.first_index))
+    log.close()
+    reopened = store.open()
+    assert reopened.first_index >= first_index
+    assert reopened.last_index == 30
+
+
+def test_reset_restarts_numbering_durably(store: Store) -> None:
+    log = filled(store, 30)
+    log.reset(500)
+    assert (log.first_index, log.last_index) == (500, 499)
+    assert log.append([b"x"]) == 500
+    log.sync()
+    log.close()
+    reopened = store.open()
+    assert all_entries(reopened) == [(500, b"x")]
+    assert len(reopened.segment_paths) == 1
+
+
+def _last_segment_after_writing(store: Store, count: int) -> tuple[str, int]:
+    log = filled(store, count)
+    path = log.segment_paths[-1]
+    log.close()
+    return path, store.disk.file_size(path)
+
+
+@pytest.mark.parametrize(
+    ("cut_bytes", "reason"),
+    [(3, "runs past the end"), (12 + 8 - 5, "short record header")],
+)
+def test_torn_tail_cut_mid_record_is_truncated_and_reported(
+    store: Store, cut_bytes: int, reason: str
+) -> None:
+    path, size = _last_segment_after_writing(store, 8)
+    store.disk.truncate(path, size - cut_bytes)
+    log, report = SegmentedLog.open(
+        store.disk, store.directory, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES
+    )
+    assert report.torn_tail is not None
+    assert report.torn_tail.path == path
+    assert report.torn_tail.offset_bytes == size - 20
+    assert report.torn_tail.dropped_size_bytes == 20 - cut_bytes
+    assert reason in report.torn_tail.reason
+    assert log.last_index == 7
+    assert store.disk.file_size(path) == size - 20
+    assert log.append([b"again"]) == 8
+    log.sync()
+    log.close()
+    assert all_entries(store.open())[-2:] == [(7, payload(7)), (8, b"again")]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00" * 37,  # a zero-filled extension, as some filesystems leave after a crash
+        b"\xff\xff\xff\x7f garbage that claims a huge length",
+        struct.pack("<II", 4, 0) + b"abcd" + b"zz",  # whole record, wrong CRC, junk after
+        struct.pack("<II", 4, 0) + b"abcd",  # whole final record, wrong CRC
+    ],
+)
+def test_garbage_after_the_last_record_is_truncated(store: Store, garbage: bytes) -> None:
+    path, size = _last_segment_after_writing(store, 8)
+    store.append_raw(path, garbage)
+    log, report = SegmentedLog.open(store.disk, store.directory)
+    assert report.torn_tail is not None
+    assert (report.torn_tail.offset_bytes, report.torn_tail.dropped_size_bytes) == (
+        size,
+        len(garbage),
+    )
+    assert log.last_index == 8
+
+
+def test_corrupt_middle_record_is_refused_with_file_and_offset(store: Store) -> None:
+    log = filled(store, 30)
+    path = log.segment_paths[1]
+    log.close()
+    store.overwrite(path, 20 + HEADER_SIZE_BYTES + 3, b"X")  # payload byte of its 2nd record
+    with pytest.raises(CorruptLogError) as caught:
+        SegmentedLog.open(store.disk, store.directory)
+    assert caught.value.path == path
+    assert caught.value.offset_bytes == 20
+    assert path in str(caught.value)
+    assert "byte offset 20" in str(caught.value)
+
+
+def test_corrupt_record_in_last_segment_followed_by_valid_ones_is_refused(store: Store) -> None:
+    path, _size = _last_segment_after_writing(store, 9)
+    store.overwrite(path, HEADER_SIZE_BYTES, b"X")  # first record of the last segment
+    with pytest.raises(CorruptLogError, match="valid record follows at byte 20"):
+        SegmentedLog.open(store.disk, store.directory)
+
+
+def test_bad_length_before_the_tail_is_refused(store: Store) -> None:
+    log = filled(store, 30)
+    path = log.segment_paths[0]
+    log.close()
+    store.overwrite(path, 40, struct.pack("<I", 0xFFFFFFF0))
+    with pytest.raises(CorruptLogError, match="record length 4294967280 outside") as caught:
+        SegmentedLog.open(store.disk, store.directory)
+    assert (caught.value.path, caught.value.offset_bytes) == (path, 40)
+
+
+def test_missing_segment_is_refused(store: Store) -> None:
+    log = filled(store, 30)
+    missing = log.segment_paths[2]
+    log.close()
+    store.disk.remove(missing)
+    with pytest.raises(CorruptLogError, match="missing or overlapping"):
+        SegmentedLog.open(store.disk, store.directory)
+
+
+def test_corruption_after_open_is_caught_on_read(store: Store) -> None:
+    log = filled(store, 10, cache_size_bytes_max=0)
+    store.overwrite(log.segment_paths[0], HEADER_SIZE_BYTES, b"X")
+    with pytest.raises(CorruptLogError, match="CRC32 mismatch on read"):
+        log.read(1)
+
+
+class CountingDisk(SimDisk):
+    """A SimDisk that counts data writes and fsyncs, to pin down the I/O cost of the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_count = 0
+        self.fsync_count = 0
+
+    def maybe_fail(self, operation: str, path: str) -> None:  # type: ignore[override]
+        if operation == "write":
+            self.write_count += 1
+        elif operation == "fsync":
+            self.fsync_count += 1
+
+
+def test_group_commit_is_one_write_per_append_and_one_fsync_per_sync() -> None:
+    disk = CountingDisk()
+    log, _report = SegmentedLog.open(disk, "/log")
+    disk.write_count = disk.fsync_count = 0
+    log.append([payload(i) for i in range(1, 101)])
+    log.append([payload(i) for i in range(101, 201)])
+    assert (disk.write_count, disk.fsync_count) == (2, 0)
+    assert log.synced_index == 0
+    assert log.sync() == 200
+    log.sync()  # nothing new: no fsync
+    assert (disk.write_count, disk.fsync_count) == (2, 1)
+
+
+def test_disk_error_disables_the_log() -> None:
+    disk = SimDisk()
+    log, _report = SegmentedLog.open(disk, "/log")
+    log.append([b"a"])
+    disk.fail_next("fsync")
+    with pytest.raises(DiskError):
+        log.sync()
+    assert log.synced_index == 0
+    for operation in (lambda: log.sync(), lambda: log.append([b"b"]), lambda: log.read(1)):
+        with pytest.raises(LogClosedError, match="disabled after a disk error"):
+            operation()
+
+
+def test_closed_log_refuses_use(store: Store) -> None:
+    log = filled(store, 3)
+    log.close()
+    with pytest.raises(LogClosedError, match="closed"):
+        log.append([b"x"])
+
+
+def test_sim_crash_loses_unsynced_records_and_keeps_synced_ones() -> None:
+    disk = SimDisk()
+    log, _report = SegmentedLog.open(disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    log.append([payload(i) for i in range(1, 11)])
+    log.sync()
+    log.append([payload(i) for i in range(11, 14)])
+    disk.crash(random.Random(3), torn_write_probability=0.0)
+    log, report = SegmentedLog.open(disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    assert report.torn_tail is None
+    assert all_entries(log) == [(i, payload(i)) for i in range(1, 11)]
+
+
+def test_sim_crash_mid_record_reports_a_torn_tail() -> None:
+    torn_reports = 0
+    for seed in range(20):
+        disk = SimDisk()
+        log, _report = SegmentedLog.open(disk, "/log")
+        log.append([payload(1)])
+        log.sync()
+        log.append([b"x" * 1000])
+        disk.crash(random.Random(seed), torn_write_probability=1.0)
+        log, report = SegmentedLog.open(disk, "/log")
+        assert log.read(1) == payload(1)
+        torn_reports += report.torn_tail is not None
+        assert report.torn_tail is not None or log.last_index in (1, 2)
+    assert torn_reports > 10
+
+
+@dataclass
+class _Model:
+    """What the log must hold: payloads by index, and how much of it was fsynced."""
+
+    first_index: int = 1
+    payloads: list[bytes] = field(default_factory=list)
+    synced_index: int = 0
+
+    @property
+    def last_index(self) -> int:
+        return self.first_index + len(self.payloads) - 1
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 6)),
+        st.tuples(st.just("sync"), st.just(0)),
+        st.tuples(st.just("crash"), st.integers(0, 2**32 - 1)),
+        st.tuples(st.just("truncate_after"), st.integers(0, 2**16)),
+        st.tuples(st.just("compact_before"), st.integers(0, 2**16)),
+    ),
+    max_size=40,
+)
+
+
+def _open_sim(disk: SimDisk) -> SegmentedLog:
+    return SegmentedLog.open(disk, "/log", segment_size_bytes_max=64)[0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(OPERATIONS)
+def test_crash_recovery_keeps_every_synced_record_and_invents_none(
+    operations: list[tuple[str, int]],
+) -> None:
+    disk = SimDisk()
+    log = _open_sim(disk)
+    model = _Model()
+    serial = 0
+    for name, argument in operations:
+        span = model.last_index - model.first_index + 2
+        if name == "append":
+            # Unique payloads make a resurrected, overwritten record detectable.
+            batch = [f"p{serial + n}".encode() * (1 + (serial + n) % 5) for n in range(argument)]
+            serial += argument
+            assert log.append(batch) == model.last_index + argument
+            model.payloads.extend(batch)
+        elif name == "sync":
+            model.synced_index = log.sync()
+        elif name == "truncate_after":
+            index = model.first_index - 1 + argument % span
+            log.truncate_after(index)
+            del model.payloads[index + 1 - model.first_index :]
+            model.synced_index = index
+        elif name == "compact_before":
+            log.compact_before(model.first_index + argument % span)
+            del model.payloads[: log.first_index - model.first_index]
+            model.first_index = log.first_index
+        else:
+            disk.crash(random.Random(argument))
+            log = _open_sim(disk)
+            assert log.first_index == model.first_index
+            assert model.synced_index <= log.last_index <= model.last_index
+            assert all_entries(log) == list(
+                enumerate(model.payloads[: log.last_index + 1 - model.first_index],
+                          start=model.first_index)
+            )
+            del model.payloads[log.last_index + 1 - model.first_index :]
+            model.synced_index = log.last_index
+        assert (log.first_index, log.last_index) == (model.first_index, model.last_index)
+    assert all_entries(log) == list(enumerate(model.payloads, start=model.first_index))
