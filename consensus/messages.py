@@ -1,0 +1,206 @@
+"""Typed peer-to-peer messages of the Multi-Paxos protocol, as frozen dataclasses.
+
+Owns: `Ballot`, the value types (`Batch`, entries) and every message exchanged between replicas.
+The codec in `consensus.codec` turns them into bytes; the real transport and the simulator share
+it, so nothing here knows about wires.
+
+Must never: hold mutable state or behaviour beyond trivial helpers. A message is a fact about the
+sender at the moment it was sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Batch = tuple[bytes, ...]
+"""The value of one slot: commands chosen together. The empty batch is the no-op."""
+
+NOOP: Batch = ()
+
+
+@dataclass(frozen=True, order=True)
+class Ballot:
+    """A proposal number, totally ordered by (round, node_id); ties on round cannot happen
+    between different proposers because node ids differ."""
+
+    round: int
+    node_id: int
+
+    def __str__(self) -> str:
+        return f"{self.round}.{self.node_id}"
+
+
+BALLOT_ZERO = Ballot(0, 0)
+
+
+@dataclass(frozen=True)
+class AcceptedEntry:
+    """What an acceptor reports for one slot in phase 1. `chosen` means the acceptor knows the
+    value is chosen, which outranks any ballot."""
+
+    slot: int
+    ballot: Ballot
+    value: Batch
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class ChosenEntry:
+    slot: int
+    value: Batch
+
+
+@dataclass(frozen=True)
+class PreVote:
+    """Would you vote for me at `ballot`? Changes no state; stops a rejoining node from
+    raising ballots and deposing a healthy leader."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    chosen_through: int
+
+
+@dataclass(frozen=True)
+class PreVoteReply:
+    sender: int
+    to: int
+    ballot: Ballot
+    granted: bool
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Phase 1a over every slot from `from_slot` on (all slots the candidate has not chosen)."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    from_slot: int
+
+
+@dataclass(frozen=True)
+class Promise:
+    """Phase 1b. Sent only once the promise is durable. `snapshot_slot` >= the prepare's
+    `from_slot` means the acceptor no longer holds the values the candidate asked about."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    entries: tuple[AcceptedEntry, ...]
+    chosen_through: int
+    snapshot_slot: int
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Phase 2a for one slot; piggybacks the leader's chosen watermark."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    slot: int
+    value: Batch
+    chosen_through: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Phase 2b. Sent only once the accepted value is durable."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    slot: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    """The receiver has promised `promised`, which outranks the `ballot` it was sent."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    promised: Ballot
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Leader liveness, chosen watermark, and the read-index confirmation round."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    chosen_through: int
+    read_round: int
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    sender: int
+    to: int
+    ballot: Ballot
+    read_round: int
+    chosen_through: int
+
+
+@dataclass(frozen=True)
+class CatchUpRequest:
+    """Send me the chosen values from `from_slot` on (or a snapshot if you compacted them)."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    from_slot: int
+
+
+@dataclass(frozen=True)
+class Learn:
+    """Chosen values, for a replica that missed them."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    entries: tuple[ChosenEntry, ...]
+
+
+@dataclass(frozen=True)
+class InstallSnapshot:
+    """The application state at `slot` (every slot up to it applied); opaque to the core."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    slot: int
+    data: bytes
+
+
+Message = (
+    PreVote
+    | PreVoteReply
+    | Prepare
+    | Promise
+    | Accept
+    | Accepted
+    | Reject
+    | Heartbeat
+    | HeartbeatAck
+    | CatchUpRequest
+    | Learn
+    | InstallSnapshot
+)
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    PreVote,
+    PreVoteReply,
+    Prepare,
+    Promise,
+    Accept,
+    Accepted,
+    Reject,
+    Heartbeat,
+    HeartbeatAck,
+    CatchUpRequest,
+    Learn,
+    InstallSnapshot,
+)

@@ -1,0 +1,94 @@
+"""What the core hands its driver after each batch of inputs: the `Ready` batch and its parts.
+
+Owns: `Ready` and the small result values in it. The driver's duties, in order, for one Ready:
+1. if `snapshot` is set, make it durable and restore the application from it;
+2. append `records` to the log and make them durable, then call `persisted(persist_through)`;
+3. send `messages` at once, and `messages_after_persist` only once step 2 is durable;
+4. apply `chosen` in order and call `applied(slot)`; answer `reads` (already applied);
+5. once step 2 is durable, drop log records before `compact_log_before` if it is set.
+
+Must never: hold behaviour. A Ready is a value; the core never looks at one again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from consensus.messages import Batch, Message
+from consensus.records import Record
+
+
+class DropReason(StrEnum):
+    NOT_LEADER = "not_leader"
+    OVERLOADED = "overloaded"
+    LEADERSHIP_LOST = "leadership_lost"
+
+
+@dataclass(frozen=True)
+class ChosenSlot:
+    """A slot whose value is chosen; every command in `value` has application index `slot`."""
+
+    slot: int
+    value: Batch
+
+
+@dataclass(frozen=True)
+class ReadConfirmation:
+    """Read `read_id` may be answered from the application state now: leadership was confirmed
+    by a quorum after the read arrived, and the applied index has reached `read_index`."""
+
+    read_id: int
+    read_index: int
+
+
+@dataclass(frozen=True)
+class DroppedProposal:
+    """Commands this node will never propose. Commands already sent in an Accept are not
+    reported: their fate is unknown until a chosen slot shows them."""
+
+    commands: tuple[bytes, ...]
+    reason: DropReason
+    leader_hint: int | None
+
+
+@dataclass(frozen=True)
+class RejectedRead:
+    read_id: int
+    reason: DropReason
+    leader_hint: int | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Application state with every slot up to `slot` applied; opaque bytes to the core."""
+
+    slot: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Ready:
+    records: tuple[Record, ...] = ()
+    persist_through: int = 0
+    messages: tuple[Message, ...] = ()
+    messages_after_persist: tuple[Message, ...] = ()
+    snapshot: Snapshot | None = None
+    chosen: tuple[ChosenSlot, ...] = ()
+    reads: tuple[ReadConfirmation, ...] = ()
+    dropped_proposals: tuple[DroppedProposal, ...] = ()
+    rejected_reads: tuple[RejectedRead, ...] = ()
+    compact_log_before: int | None = None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.records
+            or self.messages
+            or self.messages_after_persist
+            or self.snapshot
+            or self.chosen
+            or self.reads
+            or self.dropped_proposals
+            or self.rejected_reads
+            or self.compact_log_before is not None
+        )

@@ -1,0 +1,802 @@
+"""One Multi-Paxos replica as a pure state machine (sans-IO), driven like etcd's RawNode.
+
+Owns: the acceptor (promised ballot, accepted values), the learner (chosen values and the chosen
+watermark) and the proposer roles (follower, pre-candidate, candidate, leader), the election and
+heartbeat timers in ticks, batching, the in-flight pipeline, catch-up, compaction and read-index.
+
+Inputs: `tick()`, `step(message)`, `propose(commands)`, `request_read(read_id)`,
+`persisted(record_index)`, `applied(slot)`, `snapshot_taken(slot, data)`,
+`install_snapshot(slot, data)`. Output: `ready()` (see `consensus.ready` for the driver's duties).
+
+Rules kept here: a Promise or Accepted leaves only after the records behind it are durable (they
+travel in `messages_after_persist`, and messages to self wait for `persisted`); a new leader
+re-proposes, above *its own* chosen watermark, the highest-ballot value each slot reported in
+phase 1 and fills holes with no-ops; followers trust a leader's watermark only for slots they
+accepted at that leader's ballot. A role change swaps the handler table and the tick function.
+
+Must never: read a clock, sleep, draw global randomness (the `Random` is passed in), do I/O, or
+retry a failed write (the driver stops the node and rebuilds it with `recover`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from random import Random
+from typing import Any
+
+from consensus.config import ClusterConfig, Limits
+from consensus.errors import LocalProtocolError
+from consensus.messages import (
+    BALLOT_ZERO,
+    NOOP,
+    Accept,
+    Accepted,
+    AcceptedEntry,
+    Ballot,
+    Batch,
+    CatchUpRequest,
+    ChosenEntry,
+    Heartbeat,
+    HeartbeatAck,
+    InstallSnapshot,
+    Learn,
+    Message,
+    Prepare,
+    PreVote,
+    PreVoteReply,
+    Promise,
+    Reject,
+)
+from consensus.ready import (
+    ChosenSlot,
+    DroppedProposal,
+    DropReason,
+    ReadConfirmation,
+    Ready,
+    RejectedRead,
+    Snapshot,
+)
+from consensus.records import (
+    AcceptRecord,
+    DurableState,
+    LearnRecord,
+    PromiseRecord,
+    Record,
+    WatermarkRecord,
+)
+
+
+class Role(StrEnum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass
+class _InflightSlot:
+    value: Batch
+    sent_tick: int
+    acks: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _PendingRead:
+    read_id: int
+    read_index: int
+    read_round: int
+
+
+_Handler = Callable[[Any], None]
+
+
+class Replica:
+    """A replica of a static cluster. Build a fresh one with `Replica(...)`, or after a restart
+    with `durable=recover(records, snapshot_slot)` and the index of the last record read back."""
+
+    def __init__(
+        self,
+        node_id: int,
+        config: ClusterConfig,
+        rng: Random,
+        limits: Limits | None = None,
+        durable: DurableState | None = None,
+        last_record_index: int = 0,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        if node_id not in config.node_ids:
+            raise LocalProtocolError(f"node {node_id} is not a member of {config.node_ids}")
+        state = durable if durable is not None else DurableState()
+        if snapshot is not None and snapshot.slot != state.snapshot_slot:
+            raise LocalProtocolError(
+                f"snapshot at slot {snapshot.slot} but records were recovered over slot "
+                f"{state.snapshot_slot}"
+            )
+        self.node_id = node_id
+        self.config = config
+        self.limits = limits if limits is not None else Limits()
+        self._rng = rng
+        self._peers = config.peers_of(node_id)
+        # Acceptor and learner state (durable through records).
+        self._promised = state.promised
+        self._accepted = dict(state.accepted)
+        self._chosen = dict(state.chosen)
+        self._chosen_through = state.chosen_through
+        self._snapshot_slot = state.snapshot_slot
+        self._snapshot = snapshot
+        self._recorded_watermark = state.chosen_through
+        # The application restores the snapshot, then re-applies every chosen slot above it.
+        self._emitted_through = state.snapshot_slot
+        self._applied_through = state.snapshot_slot
+        # Records and the persistence frontier.
+        self._last_record_index = last_record_index
+        self._persisted_through = last_record_index
+        # Outputs accumulated until `ready()`.
+        self._out_records: list[Record] = []
+        self._out_messages: list[Message] = []
+        self._out_after_persist: list[Message] = []
+        self._out_snapshot: Snapshot | None = None
+        self._out_reads: list[ReadConfirmation] = []
+        self._out_dropped: list[DroppedProposal] = []
+        self._out_rejected_reads: list[RejectedRead] = []
+        self._out_compact_before: int | None = None
+        self._self_waiting: list[tuple[int, Message]] = []
+        self._inbox: deque[Message] = deque()
+        self._draining = False
+        # Timers and proposer state.
+        self._tick_count = 0
+        self._max_round_seen = state.promised.round
+        self._leader_id: int | None = None
+        self._ballot = BALLOT_ZERO
+        self._election_elapsed = 0
+        self._election_timeout = self._random_election_timeout()
+        self._last_catchup_request_tick = -self.limits.election_ticks
+        self._votes: set[int] = set()
+        self._promises: dict[int, Promise] = {}
+        self._prepare_from_slot = 0
+        self._reset_leader_state()
+        self._role = Role.FOLLOWER
+        self._handlers: dict[type[Any], _Handler] = {}
+        self._tick_role: Callable[[], None] = self._tick_election
+        self._become_follower(None)
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def leader_id(self) -> int | None:
+        return self._leader_id
+
+    @property
+    def promised(self) -> Ballot:
+        return self._promised
+
+    @property
+    def chosen_through(self) -> int:
+        return self._chosen_through
+
+    @property
+    def applied_through(self) -> int:
+        return self._applied_through
+
+    @property
+    def snapshot_slot(self) -> int:
+        return self._snapshot_slot
+
+    @property
+    def last_record_index(self) -> int:
+        return self._last_record_index
+
+    # ---------------------------------------------------------------- driver API
+
+    def tick(self) -> None:
+        """One unit of logical time has passed."""
+        self._tick_count += 1
+        self._tick_role()
+        self._drain_inbox()
+
+    def step(self, message: Message) -> None:
+        """Feed one message received from a peer."""
+        if message.to != self.node_id:
+            raise LocalProtocolError(f"message for node {message.to} stepped into {self.node_id}")
+        if message.sender not in self.config.node_ids or message.sender == self.node_id:
+            return  # not from a member: a misrouted or forged message changes nothing
+        self._receive(message)
+        self._drain_inbox()
+
+    def propose(self, commands: Sequence[bytes]) -> None:
+        """Queue commands for ordering; drops are reported in `Ready.dropped_proposals`."""
+        batch = tuple(commands)
+        if not batch:
+            raise LocalProtocolError("propose needs at least one command")
+        if self._role != Role.LEADER:
+            self._drop(batch, DropReason.NOT_LEADER)
+            return
+        if len(self._queue) + len(batch) > self.limits.proposal_queue_max:
+            self._drop(batch, DropReason.OVERLOADED)
+            return
+        self._queue.extend(batch)
+        self._maybe_send_accepts()
+        self._drain_inbox()
+
+    def request_read(self, read_id: int) -> None:
+        """Ask for a linearizable read point; answered in `Ready.reads` or `rejected_reads`."""
+        if self._role != Role.LEADER:
+            self._reject_read(read_id, DropReason.NOT_LEADER)
+            return
+        if len(self._pending_reads) + len(self._confirmed_reads) >= self.limits.reads_pending_max:
+            self._reject_read(read_id, DropReason.OVERLOADED)
+            return
+        # Everything chosen before this leader lies at or below phase1_end; everything it
+        # acknowledged lies at or below chosen_through.
+        read_index = max(self._chosen_through, self._phase1_end)
+        self._read_round += 1
+        self._pending_reads.append(_PendingRead(read_id, read_index, self._read_round))
+        self._broadcast_heartbeat()
+        self._maybe_confirm_reads()
+        self._drain_inbox()
+
+    def persisted(self, record_index: int) -> None:
+        """Every record up to `record_index` is durable."""
+        if record_index > self._last_record_index:
+            raise LocalProtocolError(
+                f"persisted({record_index}) but only {self._last_record_index} records exist"
+            )
+        self._persisted_through = max(self._persisted_through, record_index)
+        still_waiting = []
+        for needed_index, message in self._self_waiting:
+            if needed_index <= self._persisted_through:
+                self._inbox.append(message)
+            else:
+                still_waiting.append((needed_index, message))
+        self._self_waiting = still_waiting
+        self._drain_inbox()
+
+    def applied(self, slot: int) -> None:
+        """The application has applied every chosen slot up to `slot`."""
+        if slot > self._emitted_through:
+            raise LocalProtocolError(f"applied({slot}) but only {self._emitted_through} handed out")
+        self._applied_through = max(self._applied_through, slot)
+        self._release_reads()
+
+    def snapshot_taken(self, slot: int, data: bytes) -> None:
+        """The application durably saved its state at applied slot `slot`; the log below it can
+        go. Later `Ready.compact_log_before` says which records the driver may drop."""
+        if slot > self._applied_through:
+            raise LocalProtocolError(f"snapshot at {slot} beyond applied {self._applied_through}")
+        if slot <= self._snapshot_slot:
+            return
+        self._snapshot = Snapshot(slot, data)
+        self._compact(slot)
+
+    def install_snapshot(self, slot: int, data: bytes) -> None:
+        """The driver restored the application from a snapshot it holds (for instance one found
+        on disk newer than the records); the core moves its watermark there."""
+        if slot <= self._chosen_through:
+            if slot > self._snapshot_slot:
+                self._snapshot = Snapshot(slot, data)
+                self._compact(slot)
+            return
+        self._adopt_snapshot(Snapshot(slot, data))
+
+    def has_ready(self) -> bool:
+        return (
+            bool(self._out_records or self._out_messages or self._out_after_persist)
+            or self._out_snapshot is not None
+            or self._chosen_through > self._emitted_through
+            or bool(self._out_reads or self._out_dropped or self._out_rejected_reads)
+            or self._out_compact_before is not None
+        )
+
+    def ready(self) -> Ready:
+        """Everything produced since the last call; the core forgets it once handed out."""
+        if self._chosen_through > self._recorded_watermark:
+            self._append_record(WatermarkRecord(self._chosen_through))
+            self._recorded_watermark = self._chosen_through
+        chosen = tuple(
+            ChosenSlot(slot, self._chosen[slot])
+            for slot in range(self._emitted_through + 1, self._chosen_through + 1)
+        )
+        self._emitted_through = self._chosen_through
+        ready = Ready(
+            records=tuple(self._out_records),
+            persist_through=self._last_record_index,
+            messages=tuple(self._out_messages),
+            messages_after_persist=tuple(self._out_after_persist),
+            snapshot=self._out_snapshot,
+            chosen=chosen,
+            reads=tuple(self._out_reads),
+            dropped_proposals=tuple(self._out_dropped),
+            rejected_reads=tuple(self._out_rejected_reads),
+            compact_log_before=self._out_compact_before,
+        )
+        self._out_records = []
+        self._out_messages = []
+        self._out_after_persist = []
+        self._out_snapshot = None
+        self._out_reads = []
+        self._out_dropped = []
+        self._out_rejected_reads = []
+        self._out_compact_before = None
+        return ready
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _drain_inbox(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox:
+                self._receive(self._inbox.popleft())
+        finally:
+            self._draining = False
+
+    def _receive(self, message: Message) -> None:
+        self._max_round_seen = max(self._max_round_seen, message.ballot.round)
+        handler = self._handlers.get(type(message))
+        if handler is not None:
+            handler(message)
+
+    def _send_now(self, message: Message) -> None:
+        if message.to == self.node_id:
+            self._inbox.append(message)
+        else:
+            self._out_messages.append(message)
+
+    def _send_after_persist(self, message: Message) -> None:
+        if message.to != self.node_id:
+            self._out_after_persist.append(message)
+        elif self._last_record_index > self._persisted_through:
+            self._self_waiting.append((self._last_record_index, message))
+        else:
+            self._inbox.append(message)
+
+    def _append_record(self, record: Record) -> None:
+        self._out_records.append(record)
+        self._last_record_index += 1
+
+    def _random_election_timeout(self) -> int:
+        ticks = self.limits.election_ticks
+        return ticks + self._rng.randrange(ticks)
+
+    def _drop(self, commands: tuple[bytes, ...], reason: DropReason) -> None:
+        self._out_dropped.append(DroppedProposal(commands, reason, self._leader_id))
+
+    def _reject_read(self, read_id: int, reason: DropReason) -> None:
+        self._out_rejected_reads.append(RejectedRead(read_id, reason, self._leader_id))
+
+    # ---------------------------------------------------------------- role transitions
+
+    def _acceptor_handlers(self) -> dict[type[Any], _Handler]:
+        return {
+            PreVote: self._on_pre_vote,
+            Prepare: self._on_prepare,
+            Accept: self._on_accept,
+            Heartbeat: self._on_heartbeat,
+            CatchUpRequest: self._on_catch_up_request,
+            Learn: self._on_learn,
+            InstallSnapshot: self._on_install_snapshot,
+        }
+
+    def _reset_leader_state(self) -> None:
+        self._queue: deque[bytes] = deque()
+        self._inflight: dict[int, _InflightSlot] = {}
+        self._next_slot = 0
+        self._phase1_end = 0
+        self._heartbeat_elapsed = 0
+        self._check_quorum_elapsed = 0
+        self._active_peers: set[int] = set()
+        self._read_round = 0
+        self._read_acks: dict[int, int] = {}
+        self._pending_reads: list[_PendingRead] = []
+        self._confirmed_reads: list[_PendingRead] = []
+
+    def _step_down_from_leadership(self) -> None:
+        if self._queue:
+            self._drop(tuple(self._queue), DropReason.LEADERSHIP_LOST)
+        for read in (*self._pending_reads, *self._confirmed_reads):
+            self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
+        self._reset_leader_state()
+
+    def _become_follower(self, leader_id: int | None) -> None:
+        if self._role == Role.LEADER:
+            self._role = Role.FOLLOWER  # so drops carry the new leader hint, not ourselves
+            self._leader_id = leader_id
+            self._step_down_from_leadership()
+        self._role = Role.FOLLOWER
+        self._leader_id = leader_id
+        self._ballot = BALLOT_ZERO
+        self._election_elapsed = 0
+        self._election_timeout = self._random_election_timeout()
+        self._handlers = self._acceptor_handlers()
+        self._tick_role = self._tick_election
+
+    def _next_ballot(self) -> Ballot:
+        return Ballot(max(self._promised.round, self._max_round_seen) + 1, self.node_id)
+
+    def _become_pre_candidate(self) -> None:
+        self._role = Role.PRE_CANDIDATE
+        self._leader_id = None
+        self._ballot = self._next_ballot()
+        self._votes = {self.node_id}
+        self._election_elapsed = 0
+        self._election_timeout = self._random_election_timeout()
+        self._handlers = {**self._acceptor_handlers(), PreVoteReply: self._on_pre_vote_reply}
+        self._tick_role = self._tick_election
+        for peer in self._peers:
+            self._send_now(PreVote(self.node_id, peer, self._ballot, self._chosen_through))
+
+    def _become_candidate(self) -> None:
+        self._role = Role.CANDIDATE
+        self._ballot = self._next_ballot()
+        self._promised = self._ballot
+        self._append_record(PromiseRecord(self._ballot))
+        self._promises = {}
+        self._prepare_from_slot = self._chosen_through + 1
+        self._election_elapsed = 0
+        self._handlers = {
+            **self._acceptor_handlers(),
+            Promise: self._on_promise,
+            Reject: self._on_reject,
+        }
+        self._tick_role = self._tick_election
+        for node in self.config.node_ids:
+            prepare = Prepare(self.node_id, node, self._ballot, self._prepare_from_slot)
+            self._send_after_persist(prepare)
+
+    def _become_leader(self, promises: Iterable[Promise]) -> None:
+        self._role = Role.LEADER
+        self._leader_id = self.node_id
+        self._reset_leader_state()
+        self._handlers = {
+            **self._acceptor_handlers(),
+            Accepted: self._on_accepted,
+            HeartbeatAck: self._on_heartbeat_ack,
+            Reject: self._on_reject,
+        }
+        self._tick_role = self._tick_leader
+        values = self._repropose_values(promises)
+        last_slot = max(values, default=self._chosen_through)
+        self._next_slot = max(last_slot, self._chosen_through) + 1
+        self._phase1_end = self._next_slot - 1
+        for slot in range(self._chosen_through + 1, self._next_slot):
+            self._propose_slot(slot, values.get(slot, NOOP))
+        self._broadcast_heartbeat()
+
+    def _repropose_values(self, promises: Iterable[Promise]) -> dict[int, Batch]:
+        """Phase 1's verdict per slot above our own watermark: a value some acceptor knows is
+        chosen, else the value accepted at the highest ballot. Unlisted slots become no-ops."""
+        best: dict[int, tuple[bool, Ballot, Batch]] = {}
+        for promise in promises:
+            for entry in promise.entries:
+                if entry.slot <= self._chosen_through:
+                    continue
+                rank = (entry.chosen, entry.ballot, entry.value)
+                current = best.get(entry.slot)
+                if current is None or rank[:2] > current[:2]:
+                    best[entry.slot] = rank
+        return {slot: rank[2] for slot, rank in best.items()}
+
+    # ---------------------------------------------------------------- timers
+
+    def _tick_election(self) -> None:
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._election_timeout:
+            self._become_pre_candidate()
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        if self._heartbeat_elapsed >= self.limits.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_heartbeat()
+            self._retransmit_accepts()
+        self._check_quorum_elapsed += 1
+        if self._check_quorum_elapsed >= self.limits.election_ticks:
+            self._check_quorum_elapsed = 0
+            heard = {*self._active_peers, self.node_id}
+            self._active_peers = set()
+            if not self.config.is_quorum(heard):
+                # Check-quorum: a leader cut off from a majority stops serving.
+                self._become_follower(None)
+
+    # ---------------------------------------------------------------- acceptor handlers
+
+    def _on_pre_vote(self, message: PreVote) -> None:
+        leader_is_fresh = (
+            self._leader_id is not None and self._election_elapsed < self.limits.election_ticks
+        )
+        granted = (
+            message.ballot > self._promised
+            and self._role != Role.LEADER
+            and not leader_is_fresh
+            and message.chosen_through >= self._snapshot_slot
+        )
+        self._send_now(PreVoteReply(self.node_id, message.sender, message.ballot, granted))
+
+    def _raise_promise_or_reject(self, message: Prepare | Accept | Heartbeat) -> bool:
+        """Whether `message` outranks or equals our promise; rejects it otherwise. Adopting a
+        higher ballot makes a candidate or leader of a lower one step down."""
+        if message.ballot < self._promised:
+            self._send_now(Reject(self.node_id, message.sender, message.ballot, self._promised))
+            return False
+        if self._role != Role.FOLLOWER and message.ballot != self._ballot:
+            self._become_follower(None)
+        return True
+
+    def _on_prepare(self, message: Prepare) -> None:
+        if not self._raise_promise_or_reject(message):
+            return
+        if message.ballot > self._promised:
+            self._promised = message.ballot
+            self._append_record(PromiseRecord(message.ballot))
+        if message.sender != self.node_id:
+            self._leader_id = None
+            self._election_elapsed = 0
+        promise = Promise(
+            self.node_id,
+            message.sender,
+            message.ballot,
+            self._entries_from(message.from_slot),
+            self._chosen_through,
+            self._snapshot_slot,
+        )
+        self._send_after_persist(promise)
+
+    def _entries_from(self, from_slot: int) -> tuple[AcceptedEntry, ...]:
+        slots = sorted(slot for slot in {*self._accepted, *self._chosen} if slot >= from_slot)
+        entries = []
+        for slot in slots:
+            chosen_value = self._chosen.get(slot)
+            ballot, value = self._accepted.get(slot, (BALLOT_ZERO, NOOP))
+            if chosen_value is not None:
+                entries.append(AcceptedEntry(slot, ballot, chosen_value, True))
+            else:
+                entries.append(AcceptedEntry(slot, ballot, value, False))
+        return tuple(entries)
+
+    def _on_accept(self, message: Accept) -> None:
+        if not self._raise_promise_or_reject(message):
+            return
+        raised = message.ballot > self._promised
+        self._promised = message.ballot
+        if message.sender != self.node_id:
+            self._hear_from_leader(message.sender)
+        entry = (message.ballot, message.value)
+        if message.slot > self._snapshot_slot and self._accepted.get(message.slot) != entry:
+            self._accepted[message.slot] = entry
+            self._append_record(AcceptRecord(message.slot, message.ballot, message.value))
+        elif raised:
+            self._append_record(PromiseRecord(message.ballot))
+        reply = Accepted(self.node_id, message.sender, message.ballot, message.slot)
+        self._send_after_persist(reply)
+        self._follow_watermark(message.sender, message.ballot, message.chosen_through)
+
+    def _on_heartbeat(self, message: Heartbeat) -> None:
+        if not self._raise_promise_or_reject(message):
+            return
+        self._hear_from_leader(message.sender)
+        ack = HeartbeatAck(
+            self.node_id, message.sender, message.ballot, message.read_round, self._chosen_through
+        )
+        self._send_now(ack)
+        self._follow_watermark(message.sender, message.ballot, message.chosen_through)
+
+    def _hear_from_leader(self, leader_id: int) -> None:
+        if self._role != Role.FOLLOWER:
+            self._become_follower(leader_id)
+        self._leader_id = leader_id
+        self._election_elapsed = 0
+
+    def _follow_watermark(self, leader_id: int, ballot: Ballot, chosen_through: int) -> None:
+        """Learn slots up to the leader's watermark that we accepted at the leader's ballot: a
+        leader proposes one value per slot, so that value is the chosen one. Any other slot
+        below the watermark is fetched from the leader."""
+        slot = self._chosen_through + 1
+        while slot <= chosen_through:
+            if slot not in self._chosen:
+                accepted = self._accepted.get(slot)
+                if accepted is None or accepted[0] != ballot:
+                    break
+                self._mark_chosen(slot, accepted[1])
+            slot += 1
+        self._advance_chosen_through()
+        if self._chosen_through < chosen_through:
+            self._maybe_request_catch_up(leader_id, ballot)
+
+    def _maybe_request_catch_up(self, peer: int, ballot: Ballot) -> None:
+        if self._tick_count - self._last_catchup_request_tick < self.limits.heartbeat_ticks:
+            return
+        self._last_catchup_request_tick = self._tick_count
+        self._send_now(CatchUpRequest(self.node_id, peer, ballot, self._chosen_through + 1))
+
+    def _on_catch_up_request(self, message: CatchUpRequest) -> None:
+        if message.from_slot <= self._snapshot_slot and self._snapshot is not None:
+            snapshot = self._snapshot
+            self._send_now(
+                InstallSnapshot(
+                    self.node_id, message.sender, message.ballot, snapshot.slot, snapshot.data
+                )
+            )
+            return
+        last = min(self._chosen_through, message.from_slot + self.limits.catchup_slots_max - 1)
+        entries = tuple(
+            ChosenEntry(slot, self._chosen[slot]) for slot in range(message.from_slot, last + 1)
+        )
+        if entries:
+            self._send_now(Learn(self.node_id, message.sender, message.ballot, entries))
+
+    def _on_learn(self, message: Learn) -> None:
+        for entry in message.entries:
+            if entry.slot > self._chosen_through and entry.slot not in self._chosen:
+                self._mark_chosen(entry.slot, entry.value)
+        self._advance_chosen_through()
+
+    def _on_install_snapshot(self, message: InstallSnapshot) -> None:
+        if message.slot > self._chosen_through:
+            self._adopt_snapshot(Snapshot(message.slot, message.data))
+
+    # ---------------------------------------------------------------- learner
+
+    def _mark_chosen(self, slot: int, value: Batch) -> None:
+        self._chosen[slot] = value
+        accepted = self._accepted.get(slot)
+        if accepted is None or accepted[1] != value:
+            # The watermark record replays chosen values from accept records; this slot's
+            # chosen value is not among ours, so it needs its own record.
+            self._append_record(LearnRecord(slot, value))
+
+    def _advance_chosen_through(self) -> None:
+        while self._chosen_through + 1 in self._chosen:
+            self._chosen_through += 1
+
+    def _adopt_snapshot(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        self._out_snapshot = snapshot
+        self._chosen_through = max(self._chosen_through, snapshot.slot)
+        self._emitted_through = max(self._emitted_through, snapshot.slot)
+        self._applied_through = max(self._applied_through, snapshot.slot)
+        self._compact(snapshot.slot)
+        self._advance_chosen_through()
+
+    def _compact(self, slot: int) -> None:
+        """Forget slots up to `slot` and restate what the log must still say, so the driver can
+        drop every record before the restatement once it is durable."""
+        self._snapshot_slot = slot
+        self._accepted = {s: v for s, v in self._accepted.items() if s > slot}
+        self._chosen = {s: v for s, v in self._chosen.items() if s > slot}
+        first_index = self._last_record_index + 1
+        self._append_record(PromiseRecord(self._promised))
+        for accepted_slot in sorted(self._accepted):
+            ballot, value = self._accepted[accepted_slot]
+            self._append_record(AcceptRecord(accepted_slot, ballot, value))
+        for chosen_slot in sorted(self._chosen):
+            accepted = self._accepted.get(chosen_slot)
+            if accepted is None or accepted[1] != self._chosen[chosen_slot]:
+                self._append_record(LearnRecord(chosen_slot, self._chosen[chosen_slot]))
+        self._append_record(WatermarkRecord(self._chosen_through))
+        self._recorded_watermark = self._chosen_through
+        self._out_compact_before = first_index
+
+    # ---------------------------------------------------------------- candidate handlers
+
+    def _on_pre_vote_reply(self, message: PreVoteReply) -> None:
+        if message.ballot != self._ballot or not message.granted:
+            return
+        self._votes.add(message.sender)
+        if self.config.is_quorum(self._votes):
+            self._become_candidate()
+
+    def _on_promise(self, message: Promise) -> None:
+        if message.ballot != self._ballot:
+            return
+        if message.snapshot_slot >= self._prepare_from_slot:
+            # That acceptor compacted slots we never learned; we cannot lead until caught up.
+            self._become_follower(None)
+            from_slot = self._chosen_through + 1
+            self._send_now(CatchUpRequest(self.node_id, message.sender, message.ballot, from_slot))
+            return
+        self._promises[message.sender] = message
+        if self.config.is_quorum(self._promises):
+            self._become_leader(self._promises.values())
+
+    def _on_reject(self, message: Reject) -> None:
+        if message.ballot == self._ballot and message.promised > self._ballot:
+            self._become_follower(None)
+
+    # ---------------------------------------------------------------- leader
+
+    def _propose_slot(self, slot: int, value: Batch) -> None:
+        self._inflight[slot] = _InflightSlot(value, self._tick_count)
+        for node in self.config.node_ids:
+            self._send_now(
+                Accept(self.node_id, node, self._ballot, slot, value, self._chosen_through)
+            )
+
+    def _maybe_send_accepts(self) -> None:
+        while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
+            count = min(len(self._queue), self.limits.batch_commands_max)
+            batch = tuple(self._queue.popleft() for _ in range(count))
+            slot = self._next_slot
+            self._next_slot += 1
+            self._propose_slot(slot, batch)
+
+    def _retransmit_accepts(self) -> None:
+        stale_before = self._tick_count - 2 * self.limits.heartbeat_ticks
+        oldest = sorted(self._inflight)[: self.limits.inflight_slots_max]
+        for slot in oldest:
+            inflight = self._inflight[slot]
+            if inflight.sent_tick > stale_before:
+                continue
+            inflight.sent_tick = self._tick_count
+            for peer in self._peers:
+                if peer not in inflight.acks:
+                    self._send_now(
+                        Accept(
+                            self.node_id,
+                            peer,
+                            self._ballot,
+                            slot,
+                            inflight.value,
+                            self._chosen_through,
+                        )
+                    )
+
+    def _broadcast_heartbeat(self) -> None:
+        for peer in self._peers:
+            self._send_now(
+                Heartbeat(self.node_id, peer, self._ballot, self._chosen_through, self._read_round)
+            )
+
+    def _on_accepted(self, message: Accepted) -> None:
+        if message.ballot != self._ballot:
+            return
+        self._active_peers.add(message.sender)
+        inflight = self._inflight.get(message.slot)
+        if inflight is None:
+            return
+        inflight.acks.add(message.sender)
+        if not self.config.is_quorum(inflight.acks):
+            return
+        del self._inflight[message.slot]
+        if message.slot > self._chosen_through and message.slot not in self._chosen:
+            self._mark_chosen(message.slot, inflight.value)
+        self._advance_chosen_through()
+        self._maybe_send_accepts()
+
+    def _on_heartbeat_ack(self, message: HeartbeatAck) -> None:
+        if message.ballot != self._ballot:
+            return
+        self._active_peers.add(message.sender)
+        previous = self._read_acks.get(message.sender, 0)
+        self._read_acks[message.sender] = max(previous, message.read_round)
+        self._maybe_confirm_reads()
+
+    def _read_confirmed(self, read_round: int) -> bool:
+        acked = {node for node, acked_round in self._read_acks.items() if acked_round >= read_round}
+        return self.config.is_quorum({*acked, self.node_id})
+
+    def _maybe_confirm_reads(self) -> None:
+        still_pending = []
+        for read in self._pending_reads:
+            if self._read_confirmed(read.read_round):
+                self._confirmed_reads.append(read)
+            else:
+                still_pending.append(read)
+        self._pending_reads = still_pending
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        still_waiting = []
+        for read in self._confirmed_reads:
+            if read.read_index <= self._applied_through:
+                self._out_reads.append(ReadConfirmation(read.read_id, read.read_index))
+            else:
+                still_waiting.append(read)
+        self._confirmed_reads = still_waiting

@@ -1,0 +1,189 @@
+"""A lockstep in-memory driver for unit tests of the core: the simplest correct driver.
+
+Owns: `Network`, which holds replicas, performs the driver's duties for each `Ready` (records
+are durable at once unless a node's disk is held, messages go into per-node mailboxes), and lets
+a test deliver, drop or cut messages explicitly. Also `restart`, which rebuilds a replica from
+the records it "persisted".
+
+Must never: hide nondeterminism. Delivery order is the order of sending; randomness only comes
+from the seeded `Random` per replica. It is test scaffolding, not the simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from random import Random
+
+from consensus.codec import decode_message, decode_record, encode_message, encode_record
+from consensus.config import ClusterConfig, Limits
+from consensus.messages import Batch, Message
+from consensus.ready import ReadConfirmation, Ready, RejectedRead, Snapshot
+from consensus.records import recover
+from consensus.replica import Replica
+
+
+@dataclass
+class NodeLog:
+    """What one node's driver saw: its durable records and what it applied."""
+
+    records: list[bytes] = field(default_factory=list)
+    unsynced: list[bytes] = field(default_factory=list)
+    held_after_persist: list[Message] = field(default_factory=list)
+    held_persist_through: int = 0
+    applied: list[tuple[int, Batch]] = field(default_factory=list)
+    reads: list[ReadConfirmation] = field(default_factory=list)
+    rejected_reads: list[RejectedRead] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    first_record_index: int = 1
+
+
+ReplicaFactory = Callable[..., Replica]
+
+
+class Network:
+    """Replicas 1..n wired together; nothing moves until the test says so."""
+
+    def __init__(
+        self,
+        size: int = 3,
+        seed: int = 0,
+        limits: Limits | None = None,
+        factory: ReplicaFactory = Replica,
+    ) -> None:
+        self.config = ClusterConfig(tuple(range(1, size + 1)))
+        self.limits = limits if limits is not None else Limits()
+        self.factory = factory
+        self.seed = seed
+        self.nodes: dict[int, Replica] = {}
+        self.logs: dict[int, NodeLog] = {}
+        self.mailbox: list[Message] = []
+        self.cut: set[tuple[int, int]] = set()
+        self.held_disks: set[int] = set()
+        for node_id in self.config.node_ids:
+            self.logs[node_id] = NodeLog()
+            self.nodes[node_id] = factory(
+                node_id, self.config, Random(seed * 100 + node_id), self.limits
+            )
+
+    # -- the driver's duties
+
+    def process(self, node_id: int) -> Ready:
+        replica = self.nodes[node_id]
+        ready = replica.ready()
+        log = self.logs[node_id]
+        if ready.snapshot is not None:
+            log.snapshot = ready.snapshot
+            log.applied = []
+        log.unsynced.extend(encode_record(record) for record in ready.records)
+        self._send(ready.messages)
+        log.held_after_persist.extend(ready.messages_after_persist)
+        log.held_persist_through = max(log.held_persist_through, ready.persist_through)
+        if node_id not in self.held_disks:
+            self.sync(node_id)
+        for chosen in ready.chosen:
+            log.applied.append((chosen.slot, chosen.value))
+            replica.applied(chosen.slot)
+        log.reads.extend(ready.reads)
+        log.rejected_reads.extend(ready.rejected_reads)
+        if ready.compact_log_before is not None:
+            drop = ready.compact_log_before - log.first_record_index
+            log.records = log.records[drop:]
+            log.first_record_index = ready.compact_log_before
+        return ready
+
+    def sync(self, node_id: int) -> None:
+        log = self.logs[node_id]
+        log.records.extend(log.unsynced)
+        log.unsynced = []
+        if log.held_persist_through:
+            self.nodes[node_id].persisted(log.held_persist_through)
+        self._send(log.held_after_persist)
+        log.held_after_persist = []
+
+    def _send(self, messages: tuple[Message, ...] | list[Message]) -> None:
+        for message in messages:
+            # Through the codec, as the real transport does.
+            self.mailbox.append(decode_message(encode_message(message)))
+
+    # -- test controls
+
+    def settle(self, rounds_max: int = 1000) -> None:
+        """Process and deliver until nothing moves."""
+        for _ in range(rounds_max):
+            moved = False
+            for node_id in self.config.node_ids:
+                if self.nodes[node_id].has_ready():
+                    self.process(node_id)
+                    moved = True
+            if self.mailbox:
+                self.deliver_all()
+                moved = True
+            if not moved:
+                return
+        raise AssertionError("network did not settle")
+
+    def deliver_all(self) -> None:
+        pending, self.mailbox = self.mailbox, []
+        for message in pending:
+            if (message.sender, message.to) not in self.cut:
+                self.nodes[message.to].step(message)
+
+    def take(self, kind: type[Message] | None = None) -> list[Message]:
+        """Remove and return mailbox messages (of one type) without delivering them."""
+        taken = [m for m in self.mailbox if kind is None or isinstance(m, kind)]
+        self.mailbox = [m for m in self.mailbox if m not in taken]
+        return taken
+
+    def tick(self, node_id: int, ticks: int = 1) -> None:
+        for _ in range(ticks):
+            self.nodes[node_id].tick()
+
+    def tick_all(self, ticks: int = 1) -> None:
+        for _ in range(ticks):
+            for node_id in self.config.node_ids:
+                self.nodes[node_id].tick()
+            self.settle()
+
+    def isolate(self, node_id: int) -> None:
+        for other in self.config.node_ids:
+            if other != node_id:
+                self.cut |= {(node_id, other), (other, node_id)}
+
+    def heal(self) -> None:
+        self.cut = set()
+
+    def elect(self, node_id: int) -> None:
+        """Time out `node_id` alone and let the election run to completion."""
+        replica = self.nodes[node_id]
+        for _ in range(2 * self.limits.election_ticks):
+            replica.tick()
+            self.settle()
+            if replica.role == "leader":
+                return
+        raise AssertionError(f"node {node_id} did not become leader")
+
+    def restart(self, node_id: int) -> None:
+        """Crash (losing unsynced records) and rebuild from the durable records."""
+        log = self.logs[node_id]
+        log.unsynced = []
+        log.held_after_persist = []
+        log.held_persist_through = 0
+        records = [decode_record(data) for data in log.records]
+        snapshot = log.snapshot
+        durable = recover(records, snapshot.slot if snapshot else 0)
+        last_index = log.first_record_index + len(log.records) - 1
+        log.applied = []
+        self.nodes[node_id] = self.factory(
+            node_id,
+            self.config,
+            Random(self.seed * 100 + node_id + 50),
+            self.limits,
+            durable,
+            last_index,
+            snapshot,
+        )
+
+    def leader(self) -> int | None:
+        leaders = [n for n, r in self.nodes.items() if r.role == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
