@@ -293,6 +293,11 @@ class SegmentedLog:
         if start > last:
             return iter(())
         self._check_range(start, last)
+        cache = self._cache
+        if start in cache and last in cache:
+            # Followers mostly ask for what was just appended; serve it without disk reads.
+            with suppress(KeyError):
+                return iter([(index, cache[index]) for index in range(start, last + 1)])
         return self._read_from_disk(start, last)
 
     def _read_from_disk(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:

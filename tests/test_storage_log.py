@@ -109,8 +109,9 @@ def test_segment_names_are_zero_padded_first_indexes(store: Store) -> None:
     assert names[1] == segment_name(6)  # 5 records of 20 bytes reach 100 bytes
 
 
-def test_entries_ranges(store: Store) -> None:
-    log = filled(store, 25)
+@pytest.mark.parametrize("cache_size_bytes_max", [0, 1 << 20])
+def test_entries_ranges(store: Store, cache_size_bytes_max: int) -> None:
+    log = filled(store, 25, cache_size_bytes_max=cache_size_bytes_max)
     assert list(log.entries(4, 4)) == [(4, payload(4))]
     assert list(log.entries(3, 17)) == [(i, payload(i)) for i in range(3, 18)]
     assert list(log.entries(20)) == [(i, payload(i)) for i in range(20, 26)]
@@ -121,6 +122,15 @@ def test_entries_ranges(store: Store) -> None:
         log.entries(5, 26)
     with pytest.raises(LogIndexError):
         log.read(26)
+
+
+def test_entries_read_in_chunks_across_large_records(store: Store) -> None:
+    sizes = [200_000] * 7 + [2_500_000] + [300_000] * 3
+    payloads = [bytes([n]) * size for n, size in enumerate(sizes, start=1)]
+    log = store.open(segment_size_bytes_max=1_500_000, cache_size_bytes_max=0)
+    log.append(payloads)
+    assert list(log.entries(1)) == list(enumerate(payloads, start=1))
+    assert list(log.entries(6, 9)) == list(enumerate(payloads[5:9], start=6))
 
 
 def test_reads_survive_cache_eviction(store: Store) -> None:
