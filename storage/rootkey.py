@@ -127,7 +127,13 @@ def write_root_key_file(path: str | os.PathLike[str], root_key: bytes) -> None:
         key_path.unlink(missing_ok=True)
         raise RootKeyError(f"cannot write root key file {key_path}: {exc.strerror}") from None
     os.close(fd)
-    _fsync_directory(key_path.parent)
+    try:
+        _fsync_directory(key_path.parent)
+    except OSError as exc:
+        # The file is complete; only its directory entry's durability is in doubt.
+        raise RootKeyError(
+            f"wrote root key file {key_path} but could not sync its directory: {exc.strerror}"
+        ) from None
 
 
 def load_root_key_file(path: str | os.PathLike[str]) -> bytes:
