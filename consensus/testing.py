@@ -163,6 +163,12 @@ class Network:
                 return
         raise AssertionError(f"node {node_id} did not become leader")
 
+    def take_snapshot(self, node_id: int, data: bytes) -> None:
+        """The application saves its state at its applied slot, then tells the core."""
+        replica = self.nodes[node_id]
+        self.logs[node_id].snapshot = Snapshot(replica.applied_through, data)
+        replica.snapshot_taken(replica.applied_through, data)
+
     def restart(self, node_id: int) -> None:
         """Crash (losing unsynced records) and rebuild from the durable records."""
         log = self.logs[node_id]
