@@ -14,7 +14,7 @@ import platform
 import time
 from collections.abc import Callable
 
-from storage.envelope import new_record_id, open_sealed, rewrap, seal
+from storage.envelope import SealedValue, new_record_id, open_sealed, rewrap, seal
 
 REPRODUCE = ".venv/bin/python bench/bench_envelope.py"
 
@@ -43,7 +43,7 @@ def main() -> None:
     keks = {1: kek, 2: new_kek}
     plaintext = os.urandom(args.value_bytes)
 
-    def seal_once() -> object:
+    def seal_once() -> SealedValue:
         return seal(
             plaintext,
             name="bench/secret",
@@ -54,15 +54,7 @@ def main() -> None:
             kek=kek,
         )
 
-    sealed = seal(
-        plaintext,
-        name="bench/secret",
-        record_id=new_record_id(),
-        created_at_us=1,
-        created_by="acc-bench",
-        kek_id=1,
-        kek=kek,
-    )
+    sealed = seal_once()
 
     def open_once() -> object:
         return open_sealed(sealed, expected_name="bench/secret", kek_for=keks.__getitem__)
