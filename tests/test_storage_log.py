@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -404,6 +404,7 @@ OPERATIONS = st.lists(
         st.tuples(st.just("crash"), st.integers(0, 2**32 - 1)),
         st.tuples(st.just("truncate_after"), st.integers(0, 2**16)),
         st.tuples(st.just("compact_before"), st.integers(0, 2**16)),
+        st.tuples(st.just("reset"), st.integers(0, 3)),
     ),
     max_size=40,
 )
@@ -441,6 +442,11 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
             log.compact_before(model.first_index + argument % span)
             del model.payloads[: log.first_index - model.first_index]
             model.first_index = log.first_index
+        elif name == "reset":
+            model.first_index = model.last_index + 1 + argument
+            log.reset(model.first_index)
+            model.payloads.clear()
+            model.synced_index = model.first_index - 1
         else:
             disk.crash(random.Random(argument))
             log = _open_sim(disk)
@@ -454,3 +460,28 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
             model.synced_index = log.last_index
         assert (log.first_index, log.last_index) == (model.first_index, model.last_index)
     assert all_entries(log) == list(enumerate(model.payloads, start=model.first_index))
+
+
+@pytest.mark.parametrize(
+    "interrupted",
+    [
+        lambda log: log.truncate_after(3),
+        lambda log: log.compact_before(28),
+        lambda log: log.reset(100),
+    ],
+    ids=["truncate_after", "compact_before", "reset"],
+)
+def test_crash_part_way_through_a_shrinking_operation_leaves_a_contiguous_log(
+    interrupted: Callable[[SegmentedLog], None],
+) -> None:
+    for seed in range(20):
+        disk = SimDisk()
+        log = _open_sim(disk)
+        log.append([payload(i) for i in range(1, 31)])
+        log.sync()
+        disk.fail_next("fsync_dir")  # stop after the first segment removal
+        with pytest.raises(DiskError):
+            interrupted(log)
+        disk.crash(random.Random(seed))
+        log = _open_sim(disk)
+        assert all(payload(index) == data for index, data in all_entries(log))
