@@ -218,23 +218,24 @@ class SegmentedLog:
                     f"payload size {len(payload)} bytes is outside "
                     f"1..{self._record_size_bytes_max}"
                 )
-        segment = self._segments[-1]
-        buffer = bytearray()
-        buffered_payloads: list[bytes] = []
+        pending_parts: list[bytes] = []
+        pending_payloads: list[bytes] = []
+        segment_size_bytes = self._segments[-1].size_bytes
         pack_header = HEADER.pack
         crc32 = zlib.crc32
         for payload in payloads:
-            if segment.size_bytes + len(buffer) >= self._segment_size_bytes_max:
-                self._write_to_active(buffer, buffered_payloads)
+            if segment_size_bytes >= self._segment_size_bytes_max:
+                if pending_payloads:
+                    self._write_to_active(b"".join(pending_parts), pending_payloads)
+                    pending_parts, pending_payloads = [], []
                 self._roll()
-                segment = self._segments[-1]
-                buffer = bytearray()
-                buffered_payloads = []
-            buffer += pack_header(len(payload), crc32(payload))
-            buffer += payload
-            buffered_payloads.append(payload)
-        if buffered_payloads:
-            self._write_to_active(buffer, buffered_payloads)
+                segment_size_bytes = 0
+            pending_parts.append(pack_header(len(payload), crc32(payload)))
+            pending_parts.append(payload)
+            pending_payloads.append(payload)
+            segment_size_bytes += HEADER_SIZE_BYTES + len(payload)
+        if pending_payloads:
+            self._write_to_active(b"".join(pending_parts), pending_payloads)
         return self.last_index
 
     def sync(self) -> int:
@@ -245,10 +246,10 @@ class SegmentedLog:
             self.synced_index = self.last_index
         return self.synced_index
 
-    def _write_to_active(self, buffer: bytearray, payloads: list[bytes]) -> None:
+    def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
         segment = self._segments[-1]
         handle = self._open_active_handle()
-        self._guarded(lambda: handle.write(bytes(buffer)))
+        self._guarded(lambda: handle.write(framed))
         offset = segment.size_bytes
         offsets = segment.offsets
         for payload in payloads:

@@ -336,6 +336,17 @@ def test_group_commit_is_one_write_per_append_and_one_fsync_per_sync() -> None:
     assert (disk.write_count, disk.fsync_count) == (2, 1)
 
 
+def test_rolling_costs_one_write_per_segment_touched() -> None:
+    disk = CountingDisk()
+    log, _report = SegmentedLog.open(disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    disk.write_count = 0
+    log.append([payload(i) for i in range(1, 6)])  # exactly fills the first segment
+    assert (disk.write_count, len(log.segment_paths)) == (1, 1)
+    log.append([payload(i) for i in range(6, 13)])  # rolls before its first record, then again
+    assert (disk.write_count, len(log.segment_paths)) == (3, 3)
+    assert log.synced_index == 10, "rolling syncs the segment it leaves"
+
+
 def test_disk_error_disables_the_log() -> None:
     disk = SimDisk()
     log, _report = SegmentedLog.open(disk, "/log")
