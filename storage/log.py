@@ -41,6 +41,7 @@ RECORD_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 CACHE_SIZE_BYTES_MAX_DEFAULT = 8 << 20
 _READ_CHUNK_SIZE_BYTES = 1 << 20
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
 
 
 def segment_name(first_index: int) -> str:
@@ -524,15 +525,25 @@ def _find_valid_record(view: memoryview, start: int, record_size_bytes_max: int)
     """First offset at or after start where a whole record with a matching CRC begins."""
     size_bytes = len(view)
     unpack_header = HEADER.unpack_from
-    for offset in range(start, size_bytes - HEADER_SIZE_BYTES + 1):
+    offset = start
+    while offset <= size_bytes - HEADER_SIZE_BYTES:
         length, checksum = unpack_header(view, offset)
+        if length == 0:
+            # Zero fill is the common crash leftover; a record needs a non-zero length byte,
+            # so jump to where one could begin instead of stepping through megabytes of zeros.
+            nonzero = _NONZERO_BYTE.search(view, offset)
+            if nonzero is None:
+                return None
+            offset = max(offset + 1, nonzero.start() - 3)
+            continue
         end = offset + HEADER_SIZE_BYTES + length
         if (
-            0 < length <= record_size_bytes_max
+            length <= record_size_bytes_max
             and end <= size_bytes
             and zlib.crc32(view[offset + HEADER_SIZE_BYTES : end]) == checksum
         ):
             return offset
+        offset += 1
     return None
 
 

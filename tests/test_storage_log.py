@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from storage.disk import Disk, RealDisk, SimDisk
 from storage.errors import CorruptLogError, DiskError, LogClosedError, LogIndexError
-from storage.log import HEADER_SIZE_BYTES, SegmentedLog, segment_name
+from storage.log import HEADER_SIZE_BYTES, SegmentedLog, frame, segment_name
 
 SMALL_SEGMENT_SIZE_BYTES = 100
 
@@ -279,6 +279,13 @@ def test_corrupt_record_in_last_segment_followed_by_valid_ones_is_refused(store:
     path, _size = _last_segment_after_writing(store, 9)
     store.overwrite(path, HEADER_SIZE_BYTES, b"X")  # first record of the last segment
     with pytest.raises(CorruptLogError, match="valid record follows at byte 20"):
+        SegmentedLog.open(store.disk, store.directory)
+
+
+def test_valid_record_hidden_behind_zero_fill_is_found(store: Store) -> None:
+    path, size = _last_segment_after_writing(store, 8)
+    store.append_raw(path, b"\x00" * 5000 + frame(b"survivor"))
+    with pytest.raises(CorruptLogError, match=f"valid record follows at byte {size + 5000}"):
         SegmentedLog.open(store.disk, store.directory)
 
 
