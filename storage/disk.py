@@ -151,7 +151,8 @@ class RealDisk:
             try:
                 os.mkdir(directory, 0o700)
             except FileExistsError:
-                pass
+                if not os.path.isdir(directory):
+                    raise DiskError("mkdir", directory, "exists and is not a directory") from None
             except OSError as err:
                 raise DiskError("mkdir", directory, err.strerror or str(err)) from err
             self.fsync_dir(os.path.dirname(directory))
@@ -187,14 +188,14 @@ class RealDisk:
             _os_call("truncate", path, lambda: os.ftruncate(fd, size))
             _os_call("fsync", path, lambda: os.fsync(fd))
         finally:
-            os.close(fd)
+            _os_call("close", path, lambda: os.close(fd))
 
     def fsync_dir(self, path: str) -> None:
         fd = _os_call("open", path, lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY))
         try:
             _os_call("fsync_dir", path, lambda: os.fsync(fd))
         finally:
-            os.close(fd)
+            _os_call("close", path, lambda: os.close(fd))
 
     def rename(self, src: str, dst: str) -> None:
         _os_call("rename", src, lambda: os.replace(src, dst))
@@ -368,6 +369,8 @@ class SimDisk:
 
     def open_append(self, path: str) -> AppendHandle:
         path = _normalize(path)
+        if path in self._dirs:
+            raise DiskError("open", path, os.strerror(errno_codes.EISDIR))
         inode = self._files.get(path)
         if inode is None:
             self._require_dir(posixpath.dirname(path) or ".", "open")

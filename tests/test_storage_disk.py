@@ -55,14 +55,24 @@ def test_basic_operations_behave_alike(disk_and_root: tuple[Disk, str]) -> None:
 
 def test_missing_files_raise_disk_error(disk_and_root: tuple[Disk, str]) -> None:
     disk, root = disk_and_root
+    disk.make_dirs(root)
     for operation in (
         lambda: disk.read_file(f"{root}/missing"),
         lambda: disk.file_size(f"{root}/missing"),
         lambda: disk.remove(f"{root}/missing"),
         lambda: disk.open_append(f"{root}/no/such/dir/file"),
+        lambda: disk.open_append(root),
     ):
         with pytest.raises(DiskError):
             operation()
+
+
+def test_make_dirs_refuses_a_path_that_is_a_file(disk_and_root: tuple[Disk, str]) -> None:
+    disk, root = disk_and_root
+    disk.make_dirs(root)
+    disk.open_append(f"{root}/file").close()
+    with pytest.raises(DiskError, match="mkdir failed"):
+        disk.make_dirs(f"{root}/file")
 
 
 def test_write_file_atomic_replaces_content_and_ignores_leftover_temp(
