@@ -423,6 +423,7 @@ OPERATIONS = st.lists(
         st.tuples(st.just("truncate_after"), st.integers(0, 2**16)),
         st.tuples(st.just("compact_before"), st.integers(0, 2**16)),
         st.tuples(st.just("reset"), st.integers(0, 3)),
+        st.tuples(st.just("failed_sync"), st.integers(0, 2**32 - 1)),
     ),
     max_size=40,
 )
@@ -466,6 +467,12 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
             model.payloads.clear()
             model.synced_index = model.first_index - 1
         else:
+            if name == "failed_sync":
+                # A sync that fails is fatal: the node crashes without retrying.
+                disk.fail_next("fsync")
+                if log.last_index != log.synced_index:
+                    with pytest.raises(DiskError):
+                        log.sync()
             disk.crash(random.Random(argument))
             log = _open_sim(disk)
             assert log.first_index == model.first_index
