@@ -240,11 +240,16 @@ class SegmentedLog:
         return self.last_index
 
     def sync(self) -> int:
-        """fsync what was appended; returns synced_index (== last_index)."""
+        """fsync what was appended; returns synced_index (== last_index at the call).
+
+        May run in a worker thread while the caller waits; the target is taken before the
+        fsync so a record appended meanwhile is never counted as synced by this call.
+        """
         self._check_usable()
-        if self.synced_index != self.last_index:
+        target_index = self.last_index
+        if self.synced_index < target_index:
             self._guarded(self._open_active_handle().fsync)
-            self.synced_index = self.last_index
+            self.synced_index = max(self.synced_index, target_index)
         return self.synced_index
 
     def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
