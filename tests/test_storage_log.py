@@ -323,7 +323,7 @@ class CountingDisk(SimDisk):
         self.write_count = 0
         self.fsync_count = 0
 
-    def maybe_fail(self, operation: str, path: str) -> None:  # type: ignore[override]
+    def maybe_fail(self, operation: str, path: str) -> None:
         if operation == "write":
             self.write_count += 1
         elif operation == "fsync":
