@@ -1,0 +1,124 @@
+"""The CLI's HTTP client: httpx, every node of VAULT_ADDR, retries that are safe to make.
+
+Owns how the CLI talks to the vault: which address to try, when a retry is safe (every mutation
+carries an Idempotency-Key, so a retry after a lost reply returns the original answer), and how a
+server error becomes a `ServerError` with its stable code. Never prints or logs a token or value.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+class ClientError(Exception):
+    """The vault could not be reached, or answered something that is not the API."""
+
+
+@dataclass
+class ServerError(Exception):
+    status: int
+    code: str
+    message: str
+    details: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    replayed: bool
+
+
+class VaultClient:
+    def __init__(
+        self,
+        addresses: list[str],
+        token: str | None,
+        *,
+        timeout_s: float = 10.0,
+        deadline_s: float = 30.0,
+        verify: str | bool = True,
+    ) -> None:
+        if not addresses:
+            raise ClientError("no vault address: set VAULT_ADDR or pass --addr")
+        self.addresses = [a if "://" in a else f"http://{a}" for a in addresses]
+        self.token = token
+        self.deadline_s = deadline_s
+        self._http = httpx.Client(timeout=timeout_s, verify=verify)
+        self._preferred = 0
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        authenticated: bool = True,
+    ) -> Reply:
+        headers = {}
+        if authenticated:
+            if not self.token:
+                raise ClientError("no token: set VAULT_TOKEN or pass --token")
+            headers["Authorization"] = f"Bearer {self.token}"
+        mutating = method in ("POST", "PUT", "DELETE")
+        if mutating:
+            headers["Idempotency-Key"] = uuid.uuid4().hex  # one key for every retry of this call
+        give_up_at = time.monotonic() + self.deadline_s
+        backoff_s = 0.05
+        attempt = 0
+        last_problem = "no attempt made"
+        while True:
+            address = self.addresses[(self._preferred + attempt) % len(self.addresses)]
+            try:
+                response = self._http.request(
+                    method, address + path, json=json_body, params=params, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                last_problem = f"{address}: {type(exc).__name__}"
+            else:
+                if response.status_code not in RETRYABLE_STATUS:
+                    self._preferred = (self._preferred + attempt) % len(self.addresses)
+                    return self._reply(response)
+                last_problem = f"{address}: HTTP {response.status_code}"
+                if time.monotonic() + backoff_s >= give_up_at:
+                    return self._reply(response)
+            attempt += 1
+            if time.monotonic() + backoff_s >= give_up_at:
+                raise ClientError(f"the vault did not answer in time ({last_problem})")
+            time.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, 1.0)
+
+    @staticmethod
+    def _reply(response: httpx.Response) -> Reply:
+        try:
+            body = response.json() if response.content else None
+        except ValueError as exc:
+            raise ClientError(
+                f"the server answered HTTP {response.status_code} without JSON"
+            ) from exc
+        if response.status_code >= 400:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            details = {k: v for k, v in error.items() if k not in ("code", "message")}
+            raise ServerError(
+                response.status_code,
+                error.get("code", "unknown"),
+                error.get("message", f"HTTP {response.status_code}"),
+                details,
+            )
+        replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return Reply(response.status_code, body, replayed)

@@ -1,0 +1,84 @@
+"""`vault operator init`: the files a new local cluster needs, written once and never overwritten.
+
+Owns the layout of an initialised cluster directory: one TOML config and one root-key copy per
+node, and the root token file (mode 0600). The root token is printed nowhere by this module; the
+caller decides whether to show it (once).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.rootkey import generate_root_key, write_root_key_file
+from vaultnode.auth import hash_token, new_accessor, new_token
+
+TOKEN_FILE_NAME = "root-token"
+
+
+class InitError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class InitResult:
+    out_dir: Path
+    config_paths: list[Path]
+    http_addresses: list[str]
+    token_path: Path
+    root_token: str
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def init_cluster(out_dir: Path, nodes: int, base_port: int, host: str = "127.0.0.1") -> InitResult:
+    if nodes not in (1, 3, 5):
+        raise InitError("--nodes must be 1, 3 or 5 (a majority must survive a failure)")
+    if not 1024 <= base_port <= 65535 - 2 * nodes:
+        raise InitError(f"--base-port must leave room for {2 * nodes} ports below 65536")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InitError(f"{out_dir} is not empty; refusing to overwrite an existing cluster")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root_key = generate_root_key()
+    root_token = new_token()
+    root_accessor = new_accessor()
+    cluster_id = secrets.token_hex(8)
+    peers = [
+        (i, f"{host}:{base_port + 2 * (i - 1) + 1}", f"{host}:{base_port + 2 * (i - 1)}")
+        for i in range(1, nodes + 1)
+    ]
+    peer_lines = "".join(
+        f'\n[[peers]]\nid = {i}\npeer_addr = "{peer}"\nhttp_addr = "{http}"\n'
+        for i, peer, http in peers
+    )
+    config_paths = []
+    for node_id, peer_addr, http_addr in peers:
+        node_dir = out_dir / f"node{node_id}"
+        node_dir.mkdir()
+        write_root_key_file(node_dir / "root.key", root_key)
+        config = (
+            f"# vaultnode configuration written by `vault operator init`\n"
+            f"node_id = {node_id}\n"
+            f'cluster_id = "{cluster_id}"\n'
+            f'data_dir = "node{node_id}/data"\n'
+            f'http_listen = "{http_addr}"\n'
+            f'peer_listen = "{peer_addr}"\n'
+            f'root_key_file = "node{node_id}/root.key"\n'
+            "# Only the root token's hash: nodes need it to bootstrap; none keeps the token.\n"
+            f'root_token_sha256 = "{hash_token(root_token).hex()}"\n'
+            f'root_accessor = "{root_accessor}"\n' + peer_lines
+        )
+        path = out_dir / f"node{node_id}.toml"
+        path.write_text(config)
+        config_paths.append(path)
+    token_path = out_dir / TOKEN_FILE_NAME
+    _write_private(token_path, root_token + "\n")
+    return InitResult(out_dir, config_paths, [http for _, _, http in peers], token_path, root_token)

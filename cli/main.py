@@ -1,0 +1,425 @@
+"""The `vault` command (click): talk to any node of the vault.
+
+Owns argument parsing, output formatting (human tables by default, `--json` for scripts) and exit
+codes: 0 success, 1 an error the server or network reported (code and message on stderr), 2 a
+usage error. Values may come from an argument, `--from-file` or stdin, so they need not land in
+shell history; this module never echoes a value it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.client import ClientError, Reply, ServerError, VaultClient
+
+DEFAULT_ADDR = "http://127.0.0.1:8200"
+
+
+class Context:
+    def __init__(self, addr: str, token: str | None, cacert: str | None) -> None:
+        self.addresses = [a.strip() for a in addr.split(",") if a.strip()]
+        self.token = token
+        self.cacert = cacert
+        self._client: VaultClient | None = None
+
+    @property
+    def client(self) -> VaultClient:
+        if self._client is None:
+            verify: str | bool = self.cacert if self.cacert else True
+            self._client = VaultClient(self.addresses, self.token, verify=verify)
+        return self._client
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def run(call: Callable[[], Reply]) -> Reply:
+    try:
+        return call()
+    except ServerError as exc:
+        extra = ""
+        if exc.details.get("names"):
+            extra = " (" + ", ".join(str(n) for n in exc.details["names"]) + ")"
+        fail(f"{exc.code}: {exc.message}{extra}")
+    except ClientError as exc:
+        fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def emit_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+def read_value(value: str | None, from_file: Path | None) -> str:
+    given = [v for v in (value, from_file) if v is not None]
+    if len(given) > 1:
+        raise click.UsageError("give the value as an argument or with --from-file, not both")
+    if value is not None:
+        return value
+    if from_file is not None:
+        try:
+            return from_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {from_file}: {exc}", 2)
+    if sys.stdin.isatty():
+        raise click.UsageError("no value: pass it as an argument, with --from-file, or on stdin")
+    return sys.stdin.read()
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        click.echo(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--addr",
+    envvar="VAULT_ADDR",
+    default=DEFAULT_ADDR,
+    show_default=True,
+    help="Node address(es), comma-separated (env VAULT_ADDR).",
+)
+@click.option("--token", envvar="VAULT_TOKEN", default=None, help="Token (env VAULT_TOKEN).")
+@click.option(
+    "--cacert",
+    envvar="VAULT_CACERT",
+    default=None,
+    help="CA certificate to verify the server (env VAULT_CACERT).",
+)
+@click.pass_context
+def main(ctx: click.Context, addr: str, token: str | None, cacert: str | None) -> None:
+    """Store, update and read secrets in a vault cluster."""
+    ctx.obj = Context(addr, token, cacert)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status(ctx: Context, as_json: bool) -> None:
+    """Show the health of every node given in --addr."""
+    rows = []
+    results = []
+    worst = 0
+    for address in ctx.addresses:
+        single = VaultClient([address], None, deadline_s=2.0, verify=ctx.cacert or True)
+        try:
+            body = single.request("GET", "/health", authenticated=False).body
+        except ServerError as exc:
+            body = {"status": exc.code}
+            worst = 1
+        except ClientError as exc:
+            body = {"status": "unreachable", "detail": str(exc)}
+            worst = 1
+        finally:
+            single.close()
+        results.append({"address": address, **body})
+        rows.append(
+            [
+                address,
+                str(body.get("node_id", "-")),
+                body.get("status", "-"),
+                str(body.get("role", "-")),
+                str(body.get("leader_id", "-")),
+                str(body.get("commit_index", "-")),
+                str(body.get("applied_index", "-")),
+            ]
+        )
+    if as_json:
+        emit_json({"nodes": results})
+    else:
+        table(rows, ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED"])
+    sys.exit(worst)
+
+
+def _write_command(verb: str) -> Callable[..., Any]:
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
+        function = click.option(
+            "--from-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Read the value from this file.",
+        )(function)
+        function = click.argument("value", required=False)(function)
+        function = click.argument("name")(function)
+        return function
+
+    return decorate
+
+
+@main.command()
+@_write_command("create")
+@pass_ctx
+def create(
+    ctx: Context, name: str, value: str | None, from_file: Path | None, as_json: bool
+) -> None:
+    """Create secret NAME (version 1). The value comes from VALUE, --from-file or stdin."""
+    secret = read_value(value, from_file)
+    reply = run(
+        lambda: ctx.client.request("POST", f"/v1/secrets/{name}", json_body={"value": secret})
+    )
+    _print_written(reply, as_json, "created")
+
+
+@main.command()
+@_write_command("update")
+@click.option(
+    "--expected-version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Fail with version_conflict unless the current version is this one.",
+)
+@pass_ctx
+def update(
+    ctx: Context,
+    name: str,
+    value: str | None,
+    from_file: Path | None,
+    as_json: bool,
+    expected_version: int | None,
+) -> None:
+    """Add a new version to secret NAME."""
+    body: dict[str, Any] = {"value": read_value(value, from_file)}
+    if expected_version is not None:
+        body["expected_version"] = expected_version
+    reply = run(lambda: ctx.client.request("PUT", f"/v1/secrets/{name}", json_body=body))
+    _print_written(reply, as_json, "updated")
+
+
+def _print_written(reply: Reply, as_json: bool, verb: str) -> None:
+    if as_json:
+        emit_json(reply.body)
+        return
+    body = reply.body
+    note = " (replayed)" if reply.replayed else ""
+    click.echo(
+        f"{verb} {body['name']} version {body['version']} at {body['valid_from']}"
+        f" (index {body['index']}){note}"
+    )
+
+
+@main.command()
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None)
+@click.option("--at", "at", default=None, help="RFC 3339 time: the version valid then.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with metadata).")
+@pass_ctx
+def get(ctx: Context, name: str, version: int | None, at: str | None, as_json: bool) -> None:
+    """Print the value of NAME (current, --version N or --at TIME)."""
+    if version is not None and at is not None:
+        raise click.UsageError("give --version or --at, not both")
+    params: dict[str, Any] = {}
+    if version is not None:
+        params["version"] = version
+    if at is not None:
+        params["at"] = at
+    reply = run(lambda: ctx.client.request("GET", f"/v1/secrets/{name}", params=params))
+    if as_json:
+        emit_json(reply.body)
+    else:
+        click.echo(reply.body["value"])
+
+
+@main.command()
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--after-version", type=click.IntRange(min=0), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def history(
+    ctx: Context, name: str, limit: int | None, after_version: int | None, as_json: bool
+) -> None:
+    """List the versions of NAME with their validity intervals."""
+    params: dict[str, Any] = {}
+    if limit is not None:
+        params["limit"] = limit
+    if after_version is not None:
+        params["after_version"] = after_version
+    reply = run(lambda: ctx.client.request("GET", f"/v1/history/{name}", params=params))
+    if as_json:
+        emit_json(reply.body)
+        return
+    rows = [
+        [
+            str(v["version"]),
+            v["valid_from"],
+            v["valid_to"] or "(current)",
+            str(v["index"]),
+            v["created_by"].get("display_name") or v["created_by"]["accessor"],
+        ]
+        for v in reply.body["versions"]
+    ]
+    table(rows, ["VERSION", "VALID FROM", "VALID TO", "INDEX", "CREATED BY"])
+
+
+@main.command(name="list")
+@click.argument("prefix", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def list_secrets(ctx: Context, prefix: str, as_json: bool) -> None:
+    """List secret names (no values) under PREFIX."""
+    reply = run(lambda: ctx.client.request("GET", "/v1/secrets", params={"prefix": prefix}))
+    if as_json:
+        emit_json(reply.body)
+        return
+    rows = [[s["name"], str(s["current_version"]), s["updated_at"]] for s in reply.body["secrets"]]
+    table(rows, ["NAME", "VERSION", "UPDATED"])
+
+
+@main.group()
+def token() -> None:
+    """Create and inspect tokens."""
+
+
+@token.command(name="create")
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    required=True,
+    metavar="PREFIX=CAP[,CAP]",
+    help="Allow capabilities (create, update, read, history, list) under a name prefix.",
+)
+@click.option("--display-name", default="token", show_default=True)
+@click.option("--ttl", type=click.IntRange(min=1), default=None, help="Lifetime in seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def token_create(
+    ctx: Context, policies: tuple[str, ...], display_name: str, ttl: int | None, as_json: bool
+) -> None:
+    """Create a token limited to name-prefix policies (root only)."""
+    parsed = []
+    for policy in policies:
+        prefix, sep, caps = policy.partition("=")
+        if not sep or not caps:
+            raise click.UsageError(f"--policy {policy!r}: expected PREFIX=CAP[,CAP...]")
+        parsed.append({"prefix": prefix, "capabilities": caps.split(",")})
+    body: dict[str, Any] = {"policies": parsed, "display_name": display_name}
+    if ttl is not None:
+        body["ttl"] = ttl
+    reply = run(lambda: ctx.client.request("POST", "/v1/tokens", json_body=body))
+    if as_json:
+        emit_json(reply.body)
+    else:
+        click.echo(f"token:    {reply.body['token']}")
+        click.echo(f"accessor: {reply.body['accessor']}")
+        click.echo(f"expires:  {reply.body['expires_at'] or 'never'}")
+
+
+@token.command(name="lookup")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def token_lookup(ctx: Context, as_json: bool) -> None:
+    """Describe the token in use."""
+    reply = run(lambda: ctx.client.request("GET", "/v1/tokens/self"))
+    emit_json(reply.body) if as_json else click.echo(
+        f"{reply.body['display_name']} ({reply.body['accessor']})"
+    )
+
+
+@token.command(name="revoke-self")
+@pass_ctx
+def token_revoke_self(ctx: Context) -> None:
+    """Revoke the token in use."""
+    run(lambda: ctx.client.request("DELETE", "/v1/tokens/self"))
+    click.echo("revoked")
+
+
+@main.group()
+def operator() -> None:
+    """Initialise a cluster and manage its keys."""
+
+
+@operator.command(name="init")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option("--base-port", type=int, default=8200, show_default=True)
+def operator_init(nodes: int, out_dir: Path, base_port: int) -> None:
+    """Write configs, keys and the root token for a local cluster on 127.0.0.1."""
+    from cli.cluster_init import InitError, init_cluster
+
+    try:
+        result = init_cluster(out_dir, nodes, base_port)
+    except (InitError, OSError) as exc:
+        fail(str(exc), 2 if isinstance(exc, InitError) else 1)
+        return
+    click.echo(f"initialised {nodes}-node cluster in {result.out_dir}")
+    for path, address in zip(result.config_paths, result.http_addresses, strict=True):
+        click.echo(f"  vaultnode --config {path}    # serves http://{address}")
+    click.echo(f"root token written to {result.token_path} (mode 0600)")
+
+
+@operator.command(name="rotate")
+@pass_ctx
+def operator_rotate(ctx: Context) -> None:
+    """Add a new key-encryption key; new versions use it."""
+    reply = run(lambda: ctx.client.request("POST", "/v1/sys/rotate"))
+    click.echo(f"current key is now {reply.body['kek_id']}")
+
+
+@operator.command(name="rewrap")
+@pass_ctx
+def operator_rewrap(ctx: Context) -> None:
+    """Re-wrap every data key under the newest key-encryption key."""
+    reply = run(lambda: ctx.client.request("POST", "/v1/sys/rewrap"))
+    body = reply.body
+    click.echo(
+        f"rewrapped {body['rewrapped']} versions under key {body['kek_id']} "
+        f"in {body['batches']} batches; {body['remaining']} remaining"
+    )
+
+
+@operator.command(name="keys")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def operator_keys(ctx: Context, as_json: bool) -> None:
+    """List key-encryption keys and how many versions each still wraps."""
+    reply = run(lambda: ctx.client.request("GET", "/v1/sys/keys"))
+    if as_json:
+        emit_json(reply.body)
+        return
+    current = reply.body["current_kek_id"]
+    rows = [
+        [
+            str(k["kek_id"]) + (" *" if k["kek_id"] == current else ""),
+            k["created_at"],
+            "retired" if k["retired"] else "active",
+            str(k["versions"]),
+        ]
+        for k in reply.body["keys"]
+    ]
+    table(rows, ["KEY", "CREATED", "STATE", "VERSIONS"])
+
+
+@operator.command(name="retire")
+@click.argument("kek_id", type=click.IntRange(min=1))
+@pass_ctx
+def operator_retire(ctx: Context, kek_id: int) -> None:
+    """Drop an old key-encryption key once nothing uses it."""
+    run(lambda: ctx.client.request("POST", f"/v1/sys/keys/{kek_id}/retire"))
+    click.echo(f"key {kek_id} retired")
+
+
+def entry() -> None:
+    main(prog_name="vault")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    entry()

@@ -1,0 +1,700 @@
+"""The HTTP edge: route, authenticate, validate, turn a request into a command, render the outcome.
+
+This module owns the mapping between the JSON API of docs/api.md and the vault's commands and
+queries, and every status code and stable error code. It never mutates the state directly (only
+through the replicator), never returns a stack trace, and never logs a value or a token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.crypto_errors import CryptoError
+from vaultnode.auth import (
+    AuthError,
+    Principal,
+    authenticate,
+    hash_token,
+    new_accessor,
+    new_token,
+    parse_policies,
+)
+from vaultnode.commands import (
+    BatchCreate,
+    Command,
+    CommandHeader,
+    CreateSecret,
+    CreateToken,
+    Idempotency,
+    RetireKek,
+    RevokeToken,
+    RewrapVersions,
+    RotateKek,
+    UpdateSecret,
+)
+from vaultnode.config import Limits
+from vaultnode.events import EventLog
+from vaultnode.http_server import Request, Response, error_response
+from vaultnode.names import (
+    InvalidInput,
+    check_name,
+    check_prefix,
+    check_value,
+    format_time,
+    parse_time,
+)
+from vaultnode.replication import ReplicationStopped
+from vaultnode.sealing import Sealer
+from vaultnode.state import Outcome, Secret, VaultState, Version
+
+OUTCOME_STATUS: dict[str, int] = {
+    "created": 201,
+    "batch_created": 201,
+    "token_created": 201,
+    "updated": 200,
+    "token_revoked": 200,
+    "kek_rotated": 200,
+    "rewrapped": 200,
+    "kek_retired": 200,
+    "already_exists": 409,
+    "version_conflict": 409,
+    "key_in_use": 409,
+    "not_found": 404,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "idempotency_key_reused": 422,
+    "retry": 503,
+    "unavailable": 503,
+}
+REWRAP_BATCH_VERSIONS = 256
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+@dataclass
+class Call:
+    """One request being served: what the log line about it will say."""
+
+    request: Request
+    request_id: str
+    started: float
+    principal: Principal | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Route = Callable[[Call, str], Awaitable[Response]]
+
+
+class VaultApi:
+    def __init__(
+        self,
+        *,
+        node_id: int,
+        state: VaultState,
+        replicator: Any,
+        sealer: Sealer,
+        events: EventLog,
+        limits: Limits,
+        clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self.node_id = node_id
+        self.state = state
+        self.replicator = replicator
+        self.sealer = sealer
+        self.events = events
+        self.limits = limits
+        self.clock_us = clock_us
+        # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
+        self._routes: list[tuple[str, str, bool, Route]] = [
+            ("GET", "/health", True, self._health),
+            ("GET", "/v1/secrets", True, self._list),
+            ("POST", "/v1/secrets/", False, self._create),
+            ("PUT", "/v1/secrets/", False, self._update),
+            ("GET", "/v1/secrets/", False, self._read),
+            ("GET", "/v1/history/", False, self._history),
+            ("POST", "/v1/tokens", True, self._token_create),
+            ("GET", "/v1/tokens/self", True, self._token_self),
+            ("DELETE", "/v1/tokens/self", True, self._token_revoke_self),
+            ("POST", "/v1/batch/create", True, self._batch_create),
+            ("POST", "/v1/batch/read", True, self._batch_read),
+            ("POST", "/v1/sys/rotate", True, self._rotate),
+            ("POST", "/v1/sys/rewrap", True, self._rewrap),
+            ("GET", "/v1/sys/keys", True, self._keys),
+            ("POST", "/v1/sys/keys/", False, self._retire),
+        ]
+
+    # ---- dispatch ---------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        supplied = request.headers.get("x-request-id", "")
+        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+        call = Call(request, request_id, time.perf_counter())
+        try:
+            response = await self._dispatch(call)
+        except AuthError as exc:
+            self._log_failure(call, "auth.denied", exc.status, exc.code)
+            response = error_response(exc.status, exc.code, exc.message)
+        except InvalidInput as exc:
+            status = 413 if exc.code == "payload_too_large" else 400
+            self._log_failure(call, "request.failed", status, exc.code)
+            response = error_response(status, exc.code, exc.message)
+        except ApiError as exc:
+            self._log_failure(call, "request.failed", exc.status, exc.code)
+            headers = [("Retry-After", "1")] if exc.status == 503 else None
+            response = error_response(exc.status, exc.code, exc.message, headers, exc.details)
+        except ReplicationStopped:
+            self._log_failure(call, "request.failed", 503, "unavailable")
+            response = error_response(
+                503, "unavailable", "this node cannot serve writes now", [("Retry-After", "1")]
+            )
+        response.headers.append(("X-Request-Id", request_id))
+        return response
+
+    async def _dispatch(self, call: Call) -> Response:
+        method, path = call.request.method, call.request.path
+        path_known = False
+        for route_method, prefix, exact, handler in self._routes:
+            matches = (
+                path == prefix if exact else path.startswith(prefix) and len(path) > len(prefix)
+            )
+            if not matches:
+                continue
+            path_known = True
+            if route_method == method:
+                return await handler(call, path[len(prefix) :])
+        if path_known:
+            raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}")
+        raise ApiError(404, "not_found", f"no such endpoint: {path}")
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _authenticate(self, call: Call) -> Principal:
+        call.principal = authenticate(self.state, call.request.headers, self.clock_us())
+        return call.principal
+
+    def _json_body(self, call: Call, allowed: set[str]) -> dict[str, Any]:
+        try:
+            body = json.loads(call.request.body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput("bad_request", "the request body is not valid JSON") from exc
+        if not isinstance(body, dict):
+            raise InvalidInput("bad_request", "the request body must be a JSON object")
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise InvalidInput("bad_request", f"unknown field {unknown[0]!r}")
+        return body
+
+    def _header(self, call: Call, now_us: int, body: dict[str, Any] | None) -> CommandHeader:
+        assert call.principal is not None
+        key = call.request.headers.get("idempotency-key")
+        idempotency = None
+        if key is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(key):
+                raise InvalidInput(
+                    "bad_request", "Idempotency-Key must be 1 to 255 visible ASCII characters"
+                )
+            canonical = json.dumps(body or {}, sort_keys=True, separators=(",", ":")).encode()
+            fingerprint = self.sealer.fingerprint(
+                call.request.method.encode(), call.request.path.encode(), canonical
+            )
+            idempotency = Idempotency(key, fingerprint)
+        return CommandHeader(call.request_id, call.principal.accessor, now_us, idempotency)
+
+    async def _submit(self, command: Command) -> Outcome:
+        return await self.replicator.submit(command)
+
+    def _render(
+        self, call: Call, event: str, outcome: Outcome, body_of: Callable[[dict[str, Any]], Any]
+    ) -> Response:
+        status = OUTCOME_STATUS.get(outcome.code, 500)
+        headers = [("Idempotent-Replayed", "true")] if outcome.replayed else []
+        if outcome.ok:
+            self._log(call, event, status, outcome.code, replayed=outcome.replayed or None)
+            return Response.json(status, body_of(outcome.data), headers)
+        code = "unavailable" if outcome.code == "retry" else outcome.code
+        if status == 503:
+            headers.append(("Retry-After", "1"))
+        self._log_failure(call, "request.failed", status, code)
+        details = {k: v for k, v in outcome.data.items() if k in ("names", "current_version")}
+        return error_response(status, code, outcome.message, headers, details)
+
+    def _log(self, call: Call, event: str, status: int, outcome: str, **extra: Any) -> None:
+        self.events.emit(
+            event,
+            request_id=call.request_id,
+            principal=call.principal.accessor if call.principal else None,
+            method=call.request.method,
+            path_kind=_path_kind(call.request.path),
+            status=status,
+            outcome=outcome,
+            latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
+            **call.fields,
+            **extra,
+        )
+
+    def _log_failure(self, call: Call, event: str, status: int, code: str) -> None:
+        self._log(call, event, status, code)
+
+    def _open(self, call: Call, name: str, version: Version) -> str:
+        try:
+            return self.sealer.open(name, version.sealed).decode("utf-8")
+        except CryptoError as exc:
+            call.fields["version"] = version.version
+            self.events.emit(
+                "request.failed",
+                request_id=call.request_id,
+                name=name,
+                version=version.version,
+                outcome="integrity_error",
+                detail=type(exc).__name__,
+            )
+            raise ApiError(
+                500,
+                "integrity_error",
+                f"version {version.version} of {name!r} failed its integrity check",
+            ) from None
+
+    def _secret(self, name: str) -> Secret:
+        secret = self.state.secrets.get(name)
+        if secret is None:
+            raise ApiError(404, "not_found", f"no secret named {name!r}")
+        return secret
+
+    # ---- health -----------------------------------------------------------------------
+    async def _health(self, call: Call, _: str) -> Response:
+        status = self.replicator.status()
+        serving = self.state.initialized and status.leader_id is not None
+        body = {
+            "status": "ok" if serving else "unavailable",
+            "node_id": self.node_id,
+            "role": status.role,
+            "leader_id": status.leader_id,
+            "commit_index": status.commit_index,
+            "applied_index": status.applied_index,
+        }
+        return Response.json(200 if serving else 503, body)
+
+    # ---- secrets ----------------------------------------------------------------------
+    async def _create(self, call: Call, name: str) -> Response:
+        principal = self._authenticate(call)
+        call.fields["name"] = check_name(name)
+        principal.require("create", name)
+        body = self._json_body(call, {"value"})
+        if "value" not in body:
+            raise InvalidInput("bad_request", "'value' is required")
+        value = check_value(body["value"], self.limits.value_bytes_max)
+        now_us = self.clock_us()
+        sealed = self.sealer.seal(value, name=name, now_us=now_us, accessor=principal.accessor)
+        command = CreateSecret(self._header(call, now_us, body), name=name, sealed=sealed)
+        outcome = await self._submit(command)
+        call.fields["version"] = outcome.data.get("version")
+        return self._render(call, "secret.created", outcome, _version_written)
+
+    async def _update(self, call: Call, name: str) -> Response:
+        principal = self._authenticate(call)
+        call.fields["name"] = check_name(name)
+        principal.require("update", name)
+        body = self._json_body(call, {"value", "expected_version"})
+        if "value" not in body:
+            raise InvalidInput("bad_request", "'value' is required")
+        value = check_value(body["value"], self.limits.value_bytes_max)
+        expected = body.get("expected_version")
+        if expected is not None and (type(expected) is not int or expected < 1):
+            raise InvalidInput("bad_request", "'expected_version' must be a positive integer")
+        now_us = self.clock_us()
+        sealed = self.sealer.seal(value, name=name, now_us=now_us, accessor=principal.accessor)
+        command = UpdateSecret(
+            self._header(call, now_us, body), name=name, sealed=sealed, expected_version=expected
+        )
+        outcome = await self._submit(command)
+        call.fields["version"] = outcome.data.get("version")
+        return self._render(call, "secret.updated", outcome, _version_written)
+
+    async def _read(self, call: Call, name: str) -> Response:
+        principal = self._authenticate(call)
+        call.fields["name"] = check_name(name)
+        principal.require("read", name)
+        query = call.request.query
+        version_text = _single(query, "version")
+        at_text = _single(query, "at")
+        if version_text is not None and at_text is not None:
+            raise InvalidInput("bad_request", "give either 'version' or 'at', not both")
+        wanted = _positive_int(version_text, "version") if version_text is not None else None
+        at_us = parse_time(at_text) if at_text is not None else None
+        await self.replicator.read_barrier()
+        secret = self._secret(name)
+        if wanted is not None:
+            if wanted > len(secret.versions):
+                raise ApiError(404, "not_found", f"{name!r} has no version {wanted}")
+            position = wanted - 1
+        elif at_us is not None:
+            found = secret.version_at(at_us)
+            if found is None:
+                raise ApiError(404, "not_found", f"{name!r} did not exist at {at_text}")
+            position = found.version - 1
+        else:
+            position = len(secret.versions) - 1
+        version = secret.versions[position]
+        call.fields["version"] = version.version
+        value = self._open(call, name, version)
+        self._log(call, "secret.read", 200, "ok")
+        return Response.json(
+            200,
+            {
+                "name": name,
+                "version": version.version,
+                "value": value,
+                "valid_from": format_time(version.valid_from_us),
+                "valid_to": format_time(secret.valid_to_us(position)),
+                "index": version.index,
+            },
+        )
+
+    async def _history(self, call: Call, name: str) -> Response:
+        principal = self._authenticate(call)
+        call.fields["name"] = check_name(name)
+        principal.require("history", name)
+        query = call.request.query
+        limit = _positive_int(_single(query, "limit"), "limit") if "limit" in query else None
+        after = (
+            _positive_int(_single(query, "after_version"), "after_version", minimum=0)
+            if "after_version" in query
+            else 0
+        )
+        at_text, from_text, to_text = (_single(query, k) for k in ("at", "from", "to"))
+        if at_text is not None and (from_text is not None or to_text is not None):
+            raise InvalidInput("bad_request", "give either 'at' or 'from'/'to', not both")
+        at_us = parse_time(at_text) if at_text is not None else None
+        from_us = parse_time(from_text) if from_text is not None else None
+        to_us = parse_time(to_text) if to_text is not None else None
+        await self.replicator.read_barrier()
+        secret = self._secret(name)
+        versions = []
+        for position in range(after, len(secret.versions)):
+            version = secret.versions[position]
+            valid_to = secret.valid_to_us(position)
+            if at_us is not None:
+                from_us = to_us = at_us
+            if to_us is not None and version.valid_from_us > to_us:
+                break
+            if from_us is not None and valid_to is not None and valid_to <= from_us:
+                continue
+            versions.append(
+                {
+                    "version": version.version,
+                    "valid_from": format_time(version.valid_from_us),
+                    "valid_to": format_time(valid_to),
+                    "index": version.index,
+                    "created_by": {
+                        "accessor": version.created_by,
+                        "display_name": self.state.display_names.get(version.created_by),
+                    },
+                }
+            )
+            if limit is not None and len(versions) >= limit:
+                break
+        body: dict[str, Any] = {"name": name, "versions": versions}
+        if limit is not None and versions and versions[-1]["version"] < len(secret.versions):
+            body["next_after_version"] = versions[-1]["version"]
+        self._log(call, "secret.history", 200, "ok", count=len(versions))
+        return Response.json(200, body)
+
+    async def _list(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        prefix = check_prefix(_single(call.request.query, "prefix") or "")
+        await self.replicator.read_barrier()
+        listed = [
+            {
+                "name": secret.name,
+                "current_version": secret.versions[-1].version,
+                "updated_at": format_time(secret.versions[-1].valid_from_us),
+            }
+            for secret in self.state.list_names(prefix)
+            if principal.token.allows("list", secret.name)
+        ]
+        self._log(call, "secret.listed", 200, "ok", count=len(listed))
+        return Response.json(200, {"secrets": listed})
+
+    # ---- batches (.env workflows) -------------------------------------------------------
+    async def _batch_create(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        body = self._json_body(call, {"secrets"})
+        items = body.get("secrets")
+        if not isinstance(items, list) or not items:
+            raise InvalidInput("bad_request", "'secrets' must be a non-empty list")
+        if len(items) > self.limits.batch_secrets_max:
+            raise InvalidInput(
+                "payload_too_large",
+                f"a batch holds at most {self.limits.batch_secrets_max} secrets",
+            )
+        names = []
+        for item in items:
+            if not isinstance(item, dict) or set(item) != {"name", "value"}:
+                raise InvalidInput("bad_request", 'each secret is {"name", "value"}')
+            if not isinstance(item["name"], str):
+                raise InvalidInput("invalid_name", "a name must be a string")
+            names.append(check_name(item["name"]))
+        for name in names:
+            principal.require("create", name)
+        values = [check_value(item["value"], self.limits.value_bytes_max) for item in items]
+        now_us = self.clock_us()
+        sealed = [
+            {
+                "name": name,
+                "sealed": self.sealer.seal(
+                    v, name=name, now_us=now_us, accessor=principal.accessor
+                ),
+            }
+            for name, v in zip(names, values, strict=True)
+        ]
+        command = BatchCreate(self._header(call, now_us, body), items=sealed)
+        outcome = await self._submit(command)
+        call.fields["count"] = len(names)
+        return self._render(
+            call,
+            "secrets.batch_created",
+            outcome,
+            lambda data: {
+                "index": data["index"],
+                "secrets": [_version_written(d) for d in data["secrets"]],
+            },
+        )
+
+    async def _batch_read(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        body = self._json_body(call, {"secrets"})
+        items = body.get("secrets")
+        if not isinstance(items, list) or not items:
+            raise InvalidInput("bad_request", "'secrets' must be a non-empty list")
+        if len(items) > self.limits.batch_secrets_max:
+            raise InvalidInput(
+                "payload_too_large",
+                f"a batch holds at most {self.limits.batch_secrets_max} secrets",
+            )
+        wanted: list[tuple[str, int | None]] = []
+        for item in items:
+            if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "version"}:
+                raise InvalidInput("bad_request", 'each entry is {"name", "version"?}')
+            if not isinstance(item["name"], str):
+                raise InvalidInput("invalid_name", "a name must be a string")
+            version = item.get("version")
+            if version is not None and (type(version) is not int or version < 1):
+                raise InvalidInput("bad_request", "'version' must be a positive integer")
+            wanted.append((check_name(item["name"]), version))
+        for name, _ in wanted:
+            principal.require("read", name)
+        await self.replicator.read_barrier()
+        # No await from here on: every value comes from one applied index.
+        index = self.state.applied_index
+        missing = []
+        found = []
+        for name, version in wanted:
+            secret = self.state.secrets.get(name)
+            if secret is None or (version is not None and version > len(secret.versions)):
+                missing.append(name if version is None else f"{name}@{version}")
+                continue
+            found.append((name, secret, (version or len(secret.versions)) - 1))
+        if missing:
+            raise ApiError(404, "not_found", "not found: " + ", ".join(missing), {"names": missing})
+        result = []
+        for name, secret, position in found:
+            version_record = secret.versions[position]
+            result.append(
+                {
+                    "name": name,
+                    "version": version_record.version,
+                    "value": self._open(call, name, version_record),
+                    "valid_from": format_time(version_record.valid_from_us),
+                    "valid_to": format_time(secret.valid_to_us(position)),
+                }
+            )
+        self._log(call, "secrets.batch_read", 200, "ok", count=len(result))
+        return Response.json(200, {"index": index, "secrets": result})
+
+    # ---- tokens -----------------------------------------------------------------------
+    async def _token_create(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        principal.require_root()
+        body = self._json_body(call, {"display_name", "policies", "ttl"})
+        policies = parse_policies(body.get("policies"))
+        display_name = body.get("display_name", "token")
+        if not isinstance(display_name, str) or not 1 <= len(display_name) <= 128:
+            raise InvalidInput("bad_request", "'display_name' must be 1 to 128 characters")
+        ttl = body.get("ttl")
+        if ttl is not None and (type(ttl) is not int or ttl < 1):
+            raise InvalidInput("bad_request", "'ttl' is a positive number of seconds")
+        token = new_token()
+        accessor = new_accessor()
+        now_us = self.clock_us()
+        command = CreateToken(
+            self._header(call, now_us, body),
+            token_sha256=hash_token(token),
+            accessor=accessor,
+            display_name=display_name,
+            policies=policies,
+            ttl_s=ttl,
+            token_sealed=self.sealer.seal(
+                token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
+            ),
+        )
+        outcome = await self._submit(command)
+        call.fields["accessor"] = outcome.data.get("accessor")
+
+        def body_of(data: dict[str, Any]) -> dict[str, Any]:
+            # A replay returns the token too: the state keeps it only sealed, like a value.
+            plaintext = self.sealer.open(f"token/{data['accessor']}", data["token_sealed"])
+            return {
+                "token": plaintext.decode(),
+                "accessor": data["accessor"],
+                "display_name": data["display_name"],
+                "policies": data["policies"],
+                "expires_at": format_time(data["expires_at_us"]),
+            }
+
+        return self._render(call, "token.created", outcome, body_of)
+
+    async def _token_self(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        token = principal.token
+        self._log(call, "token.looked_up", 200, "ok")
+        return Response.json(
+            200,
+            {
+                "accessor": token.accessor,
+                "display_name": token.display_name,
+                "policies": token.policies,
+                "root": token.is_root,
+                "expires_at": format_time(token.expires_at_us),
+            },
+        )
+
+    async def _token_revoke_self(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        if principal.token.is_root:
+            raise ApiError(409, "bad_request", "the root token cannot revoke itself")
+        now_us = self.clock_us()
+        command = RevokeToken(self._header(call, now_us, None), accessor=principal.accessor)
+        outcome = await self._submit(command)
+        return self._render(
+            call, "token.revoked", outcome, lambda d: {"accessor": d["accessor"], "revoked": True}
+        )
+
+    # ---- keys -------------------------------------------------------------------------
+    async def _rotate(self, call: Call, _: str) -> Response:
+        self._authenticate(call).require_root()
+        now_us = self.clock_us()
+        kek_id = max(self.state.keks, default=0) + 1
+        command = RotateKek(
+            self._header(call, now_us, None),
+            kek_id=kek_id,
+            kek_wrapped=self.sealer.new_wrapped_kek(kek_id),
+        )
+        outcome = await self._submit(command)
+        return self._render(call, "key.rotated", outcome, lambda d: {"kek_id": d["kek_id"]})
+
+    async def _rewrap(self, call: Call, _: str) -> Response:
+        """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""
+        self._authenticate(call).require_root()
+        await self.replicator.read_barrier()
+        target = self.state.current_kek_id
+        total = 0
+        batches = 0
+        while True:
+            pending = self.state.versions_not_under(target, REWRAP_BATCH_VERSIONS)
+            if not pending:
+                break
+            items = [
+                {"name": name, "version": v.version, "sealed": self.sealer.rewrap(v.sealed, target)}
+                for name, v in pending
+            ]
+            command = RewrapVersions(self._header(call, self.clock_us(), None), items=items)
+            outcome = await self._submit(command)
+            if not outcome.ok:
+                return self._render(call, "key.rewrapped", outcome, dict)
+            batches += 1
+            total += outcome.data["rewrapped"]
+            if outcome.data["rewrapped"] == 0:
+                break  # every candidate changed under us; report what is left
+            if target != self.state.current_kek_id:
+                raise ApiError(
+                    409, "key_in_use", "the key was rotated during the rewrap; run it again"
+                )
+        remaining = len(self.state.versions_not_under(target, 1 << 30))
+        self._log(call, "key.rewrapped", 200, "ok", count=total)
+        return Response.json(
+            200, {"kek_id": target, "rewrapped": total, "batches": batches, "remaining": remaining}
+        )
+
+    async def _keys(self, call: Call, _: str) -> Response:
+        self._authenticate(call).require_root()
+        await self.replicator.read_barrier()
+        counts = self.state.versions_per_kek()
+        keys = [
+            {
+                "kek_id": k.kek_id,
+                "created_at": format_time(k.created_at_us),
+                "retired": k.retired,
+                "versions": counts.get(k.kek_id, 0),
+            }
+            for k in sorted(self.state.keks.values(), key=lambda k: k.kek_id)
+        ]
+        self._log(call, "keys.listed", 200, "ok")
+        return Response.json(200, {"current_kek_id": self.state.current_kek_id, "keys": keys})
+
+    async def _retire(self, call: Call, rest: str) -> Response:
+        kek_text, _, action = rest.partition("/")
+        if action != "retire" or not kek_text.isdigit():
+            raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
+        self._authenticate(call).require_root()
+        command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
+        outcome = await self._submit(command)
+        if outcome.ok:
+            self.sealer.forget_retired()
+        return self._render(
+            call, "key.retired", outcome, lambda d: {"kek_id": d["kek_id"], "retired": True}
+        )
+
+
+def _version_written(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": data["name"],
+        "version": data["version"],
+        "valid_from": format_time(data["valid_from_us"]),
+        "index": data["index"],
+    }
+
+
+def _single(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidInput("bad_request", f"'{key}' given more than once")
+    return values[0]
+
+
+def _positive_int(text: str | None, key: str, minimum: int = 1) -> int:
+    if text is None or not text.isdigit() or int(text) < minimum:
+        raise InvalidInput("bad_request", f"'{key}' must be an integer >= {minimum}")
+    return int(text)
+
+
+def _path_kind(path: str) -> str:
+    """The route, without the secret name (names are logged in their own field)."""
+    parts = path.split("/")
+    return "/".join(parts[:3]) if len(parts) > 3 else path

@@ -1,0 +1,172 @@
+"""Typed commands: the values that enter the replicated log and reach `VaultState.apply`.
+
+A command carries everything apply needs (name, sealed payload, the proposer-chosen timestamp,
+request id, principal), so applying it is deterministic on every replica. This module owns the
+command types and their msgpack codec; it must never hold plaintext secret values (payloads are
+already sealed by the proposing node) and never read a clock or a random source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """The Idempotency-Key of a mutation, scoped to the caller's accessor."""
+
+    key: str
+    fingerprint: bytes  # SHA-256 of method, path and canonical body: same key + other request = 422
+
+
+@dataclass(frozen=True)
+class CommandHeader:
+    """What every command carries: who asked, when (per the proposer), and for which request."""
+
+    request_id: str
+    principal: str  # the accessor of the token that made the request ("" for the system)
+    proposed_at_us: int  # microseconds since the Unix epoch, chosen by the proposer
+    idempotency: Idempotency | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    TAG: ClassVar[str] = ""
+    header: CommandHeader
+
+
+@dataclass(frozen=True)
+class InitVault(Command):
+    """First command of a vault: root token hash, root-key check value and the first KEK."""
+
+    TAG: ClassVar[str] = "init"
+    root_token_sha256: bytes = b""
+    root_accessor: str = ""
+    key_check_value: bytes = b""
+    first_kek_id: int = 1
+    first_kek_wrapped: bytes = b""
+
+
+@dataclass(frozen=True)
+class CreateSecret(Command):
+    TAG: ClassVar[str] = "create"
+    name: str = ""
+    sealed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateSecret(Command):
+    TAG: ClassVar[str] = "update"
+    name: str = ""
+    sealed: dict[str, Any] = field(default_factory=dict)
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchCreate(Command):
+    """Several secrets created in one log entry, all or none."""
+
+    TAG: ClassVar[str] = "batch_create"
+    items: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "sealed"}]
+
+
+@dataclass(frozen=True)
+class CreateToken(Command):
+    TAG: ClassVar[str] = "token_create"
+    token_sha256: bytes = b""
+    accessor: str = ""
+    display_name: str = ""
+    policies: list[dict[str, Any]] = field(default_factory=list)  # [{"prefix", "capabilities"}]
+    ttl_s: int | None = None
+    # The token sealed like a value, so an idempotent replay can return it without the state
+    # ever holding it in the clear.
+    token_sealed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RevokeToken(Command):
+    TAG: ClassVar[str] = "token_revoke"
+    accessor: str = ""
+
+
+@dataclass(frozen=True)
+class RotateKek(Command):
+    """A new key-encryption key, generated and wrapped by the root key on the proposer."""
+
+    TAG: ClassVar[str] = "kek_rotate"
+    kek_id: int = 0
+    kek_wrapped: bytes = b""
+
+
+@dataclass(frozen=True)
+class RewrapVersions(Command):
+    """A bounded batch of versions whose data keys were re-wrapped under a newer KEK."""
+
+    TAG: ClassVar[str] = "rewrap"
+    items: list[dict[str, Any]] = field(default_factory=list)  # [{"name","version","sealed"}]
+
+
+@dataclass(frozen=True)
+class RetireKek(Command):
+    TAG: ClassVar[str] = "kek_retire"
+    kek_id: int = 0
+
+
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.TAG: cls
+    for cls in (
+        InitVault,
+        CreateSecret,
+        UpdateSecret,
+        BatchCreate,
+        CreateToken,
+        RevokeToken,
+        RotateKek,
+        RewrapVersions,
+        RetireKek,
+    )
+}
+
+
+class CommandDecodeError(ValueError):
+    """Bytes in the log that are not a command of this version: a bug or corruption, never input."""
+
+
+def command_to_wire(command: Command) -> dict[str, Any]:
+    wire: dict[str, Any] = {"t": command.TAG}
+    for f in dataclasses.fields(command):
+        value = getattr(command, f.name)
+        if f.name == "header":
+            value = dataclasses.asdict(value)
+        wire[f.name] = value
+    return wire
+
+
+def command_from_wire(wire: dict[str, Any]) -> Command:
+    try:
+        cls = COMMAND_TYPES[wire["t"]]
+        header_wire = dict(wire["header"])
+        idem = header_wire.get("idempotency")
+        header_wire["idempotency"] = Idempotency(**idem) if idem else None
+        kwargs = {k: v for k, v in wire.items() if k not in ("t", "header")}
+        return cls(header=CommandHeader(**header_wire), **kwargs)
+    except (KeyError, TypeError) as exc:
+        raise CommandDecodeError(f"not a vault command: {exc}") from exc
+
+
+def encode_command(command: Command) -> bytes:
+    return msgpack.packb(command_to_wire(command), use_bin_type=True)
+
+
+def decode_command(data: bytes) -> Command:
+    try:
+        wire = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise CommandDecodeError(f"undecodable command: {exc}") from exc
+    if not isinstance(wire, dict):
+        raise CommandDecodeError("a command must be a map")
+    return command_from_wire(wire)

@@ -1,0 +1,163 @@
+"""Node configuration: `vaultnode --config node.toml`, parsed with tomllib and checked up front.
+
+This module owns the configuration schema and its validation. Every error names the key and the
+reason, and is raised before the node touches its data directory or opens a port.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    node_id: int
+    peer_addr: Address
+    http_addr: Address
+
+
+@dataclass(frozen=True)
+class Limits:
+    value_bytes_max: int = 64 * 1024
+    body_bytes_max: int = 1024 * 1024
+    segment_bytes_max: int = 64 * 1024 * 1024
+    batch_secrets_max: int = 1000
+    idempotency_retention_s: int = 24 * 3600
+    idempotency_keys_max: int = 100_000
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: int
+    cluster_id: str
+    data_dir: Path
+    http_listen: Address
+    peer_listen: Address
+    root_key_file: Path
+    root_token_sha256: bytes
+    root_accessor: str
+    peers: tuple[PeerConfig, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+
+
+def parse_address(key: str, value: object) -> Address:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: expected 'host:port', got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{key}: expected 'host:port' with a port in 1..65535, got {value!r}")
+    return Address(host, int(port_text))
+
+
+def _require(table: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
+    full = f"{where}{key}"
+    if key not in table:
+        raise ConfigError(f"{full}: missing (required)")
+    value = table[key]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{full}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(table: dict[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where}{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _parse_limits(table: object) -> Limits:
+    if table is None:
+        return Limits()
+    if not isinstance(table, dict):
+        raise ConfigError("limits: expected a table")
+    known = set(Limits.__dataclass_fields__)
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"limits.{unknown[0]}: unknown key")
+    defaults = Limits()
+    values = {k: _positive_int(table, k, getattr(defaults, k), "limits.") for k in known}
+    return Limits(**values)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
+    node_id = _require(data, "node_id", int)
+    if node_id <= 0:
+        raise ConfigError(f"node_id: expected a positive integer, got {node_id}")
+    token_hex = _require(data, "root_token_sha256", str)
+    try:
+        token_hash = bytes.fromhex(token_hex)
+    except ValueError:
+        token_hash = b""
+    if len(token_hash) != 32:
+        raise ConfigError("root_token_sha256: expected 64 hex digits (a SHA-256)")
+    peers = []
+    for position, raw in enumerate(data.get("peers", [])):
+        where = f"peers[{position}]."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"peers[{position}]: expected a table")
+        peers.append(
+            PeerConfig(
+                node_id=_require(raw, "id", int, where),
+                peer_addr=parse_address(
+                    where + "peer_addr", _require(raw, "peer_addr", str, where)
+                ),
+                http_addr=parse_address(
+                    where + "http_addr", _require(raw, "http_addr", str, where)
+                ),
+            )
+        )
+    ids = [p.node_id for p in peers]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("peers: two peers share an id")
+    if peers and node_id not in ids:
+        raise ConfigError(f"peers: this node's id {node_id} is not among the peers")
+    if len(peers) not in (0, 1, 3, 5):
+        raise ConfigError(f"peers: a cluster has 1, 3 or 5 nodes, not {len(peers)}")
+
+    def path_of(key: str) -> Path:
+        path = Path(_require(data, key, str))
+        return path if path.is_absolute() else base_dir / path
+
+    return NodeConfig(
+        node_id=node_id,
+        cluster_id=_require(data, "cluster_id", str),
+        data_dir=path_of("data_dir"),
+        http_listen=parse_address("http_listen", _require(data, "http_listen", str)),
+        peer_listen=parse_address("peer_listen", data.get("peer_listen", "127.0.0.1:1")),
+        root_key_file=path_of("root_key_file"),
+        root_token_sha256=token_hash,
+        root_accessor=_require(data, "root_accessor", str),
+        peers=tuple(peers),
+        limits=_parse_limits(data.get("limits")),
+        log_level=data.get("log_level", "info"),
+    )
+
+
+def load_config(path: Path) -> NodeConfig:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path.parent)

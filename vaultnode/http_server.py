@@ -1,0 +1,219 @@
+"""A minimal HTTP/1.1 server on asyncio: httptools parses, a handler answers.
+
+This module owns the wire: parsing requests (httptools, the llhttp binding), keep-alive, request
+pipelining in order, the body-size limit and writing responses. It knows nothing about secrets,
+tokens or routes, and must never log bodies or headers (they carry secrets and tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(
+        cls, status: int, payload: object, headers: list[tuple[str, str]] | None = None
+    ) -> Response:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(status, body, headers or [])
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: list[tuple[str, str]] | None = None,
+    details: dict[str, object] | None = None,
+) -> Response:
+    error: dict[str, object] = {"code": code, "message": message}
+    if details:
+        error.update(details)
+    return Response.json(status, {"error": error}, headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _encode_response(response: Response, keep_alive: bool) -> bytes:
+    reason = HTTPStatus(response.status).phrase
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        f"Connection: {'keep-alive' if keep_alive else 'close'}",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+class _HttpConnection(asyncio.Protocol):
+    """One client connection; requests are answered one after another, in order."""
+
+    def __init__(self, handler: Handler, body_bytes_max: int, server: HttpServer) -> None:
+        self._handler = handler
+        self._body_bytes_max = body_bytes_max
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._too_large = False
+        self._queue: asyncio.Queue[tuple[Request | Response, bool] | None] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._server.connections.add(self)
+        self._worker = asyncio.get_running_loop().create_task(self._serve())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+        self._queue.put_nowait(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._queue.put_nowait(
+                (error_response(400, "bad_request", "upgrades are not supported"), False)
+            )
+        except httptools.HttpParserError:
+            self._queue.put_nowait(
+                (error_response(400, "bad_request", "malformed HTTP request"), False)
+            )
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self._body_bytes_max:
+            self._too_large = True
+            self._body = []
+        elif not self._too_large:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        keep_alive = self._parser.should_keep_alive() and not self._server.closing
+        if self._too_large:
+            limit = self._body_bytes_max
+            self._queue.put_nowait(
+                (
+                    error_response(413, "payload_too_large", f"request body exceeds {limit} bytes"),
+                    False,
+                )
+            )
+            return
+        parsed = httptools.parse_url(self._url)
+        path = parsed.path.decode("latin-1")
+        query = (
+            parse_qs(parsed.query.decode("latin-1"), keep_blank_values=True) if parsed.query else {}
+        )
+        method = self._parser.get_method().decode("latin-1")
+        request = Request(method, path, query, self._headers, b"".join(self._body))
+        self._queue.put_nowait((request, keep_alive))
+
+    async def _serve(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None or self._transport is None:
+                return
+            work, keep_alive = item
+            self._server.in_flight += 1
+            try:
+                if isinstance(work, Response):
+                    response = work
+                else:
+                    try:
+                        response = await self._handler(work)
+                    except Exception:
+                        log.exception("unhandled error while serving a request")
+                        response = error_response(500, "internal", "internal error")
+            finally:
+                self._server.in_flight -= 1
+            if self._transport is None:
+                return
+            self._transport.write(_encode_response(response, keep_alive))
+            if not keep_alive:
+                self._transport.close()
+                return
+
+    def close_if_idle(self) -> None:
+        if self._transport is not None and self._queue.empty():
+            self._transport.close()
+
+
+class HttpServer:
+    def __init__(self, handler: Handler, *, body_bytes_max: int) -> None:
+        self._handler = handler
+        self._body_bytes_max = body_bytes_max
+        self._server: asyncio.base_events.Server | None = None
+        self.connections: set[_HttpConnection] = set()
+        self.in_flight = 0
+        self.closing = False
+
+    async def start(self, host: str, port: int, ssl: object | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HttpConnection(self._handler, self._body_bytes_max, self),
+            host,
+            port,
+            ssl=ssl,
+            reuse_address=True,
+            backlog=1024,  # type: ignore[arg-type]
+        )
+
+    async def stop(self, deadline_s: float) -> None:
+        """Stop accepting, let in-flight requests finish within the deadline, close the rest."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + deadline_s
+        while self.in_flight and loop.time() < give_up_at:
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            connection.close_if_idle()

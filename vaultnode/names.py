@@ -1,0 +1,89 @@
+"""Validation of user input that becomes state: secret names, values and timestamps.
+
+Owns the rules of docs/semantics.md for names, values and the RFC 3339 timestamp format. Pure
+functions; a rejected input raises `InvalidInput` with a stable error code and a message that
+never repeats a value.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+NAME_LENGTH_MAX = 256
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class InvalidInput(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_name(name: str) -> str:
+    if not 1 <= len(name) <= NAME_LENGTH_MAX:
+        raise InvalidInput("invalid_name", f"a name has 1 to {NAME_LENGTH_MAX} characters")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidInput(
+                "invalid_name", "a name's '/'-separated segments may not be empty, '.' or '..'"
+            )
+        if not _SEGMENT.fullmatch(segment):
+            raise InvalidInput(
+                "invalid_name", "a name's segments may only contain A-Z, a-z, 0-9, '.', '_' and '-'"
+            )
+    return name
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: any leading part of a valid name (it may end in '/' or mid-segment)."""
+    if len(prefix) > NAME_LENGTH_MAX or not re.fullmatch(r"[A-Za-z0-9._/-]*", prefix):
+        raise InvalidInput("invalid_name", "a prefix may only contain name characters and '/'")
+    return prefix
+
+
+def check_value(value: object, value_bytes_max: int) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidInput("bad_request", "'value' must be a string")
+    encoded = value.encode("utf-8", errors="strict") if value.isascii() else _utf8(value)
+    if len(encoded) > value_bytes_max:
+        raise InvalidInput("payload_too_large", f"a value holds at most {value_bytes_max} bytes")
+    return encoded
+
+
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates from JSON \ud800 escapes
+        raise InvalidInput("bad_request", "'value' is not valid UTF-8") from exc
+
+
+def format_time(time_us: int | None) -> str | None:
+    if time_us is None:
+        return None
+    seconds, micros = divmod(time_us, 1_000_000)
+    stamp = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{micros:06d}Z"
+
+
+def parse_time(text: str) -> int:
+    """An RFC 3339 instant (with 'Z' or an offset) to microseconds since the epoch."""
+    candidate = text.strip()
+    if not re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|z|[+-]\d\d:\d\d)", candidate
+    ):
+        raise InvalidInput("bad_request", "expected an RFC 3339 time such as 2026-11-27T21:26:41Z")
+    head, frac, zone = candidate[:19], "", candidate[19:]
+    if zone.startswith("."):
+        digits = re.match(r"\.(\d+)", zone)
+        assert digits is not None
+        frac = digits.group(1)
+        zone = zone[len(frac) + 1 :]
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        moment = datetime.fromisoformat(head + zone)
+    except ValueError as exc:
+        raise InvalidInput("bad_request", "expected an RFC 3339 time") from exc
+    micros = int((frac + "000000")[:6]) if frac else 0
+    return int(moment.timestamp()) * 1_000_000 + micros

@@ -1,0 +1,139 @@
+"""The path from a command to its outcome: persist, then apply, in log order.
+
+`LocalReplicator` is the single-node replicator: commands are grouped into one log entry per
+fsync (group commit: one fsync acknowledges every command that arrived while the previous one
+ran), fsynced off the event loop, then applied to the state machine in log order. A log entry is a
+batch of encoded commands, the same shape a Multi-Paxos slot carries, so the multi-node replicator
+only replaces how an entry becomes durable and chosen. Nothing is acknowledged before its entry is
+fsynced; a disk error is never retried: the node stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+
+from storage.log import SegmentedLog
+from vaultnode.commands import Command, decode_command, encode_command
+from vaultnode.state import Outcome, VaultState
+
+
+class ReplicationStopped(Exception):
+    """The replicator stopped (disk failure or shutdown) before the command's outcome was known."""
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    role: str
+    leader_id: int | None
+    commit_index: int
+    applied_index: int
+
+
+def encode_entry(encoded_commands: list[bytes]) -> bytes:
+    return msgpack.packb(encoded_commands, use_bin_type=True)
+
+
+def decode_entry(payload: bytes) -> list[Command]:
+    return [decode_command(raw) for raw in msgpack.unpackb(payload, raw=False)]
+
+
+class LocalReplicator:
+    def __init__(
+        self,
+        log: SegmentedLog,
+        state: VaultState,
+        node_id: int,
+        on_fatal: Callable[[BaseException], None],
+        *,
+        entry_commands_max: int = 2048,
+    ) -> None:
+        self._log = log
+        self.state = state
+        self.node_id = node_id
+        self._on_fatal = on_fatal
+        self._entry_commands_max = entry_commands_max
+        self._pending: list[tuple[bytes, Command, asyncio.Future[Outcome]]] = []
+        self._wakeup = asyncio.Event()
+        self._stopped: BaseException | None = None
+        # One thread: fsyncs are serialised anyway, and the event loop keeps serving meanwhile.
+        self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-fsync")
+        self._task: asyncio.Task[None] | None = None
+        self.fsync_count = 0
+
+    def replay(self) -> int:
+        """Rebuild the state from the log; returns the number of entries applied."""
+        applied = 0
+        for index, payload in self._log.entries(self._log.first_index):
+            if index <= self.state.applied_index:
+                continue
+            for command in decode_entry(payload):
+                self.state.apply(index, command)
+            applied += 1
+        return applied
+
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            "leader", self.node_id, self._log.synced_index, self.state.applied_index
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Finish the entry being written, then refuse new commands."""
+        self._stopped = self._stopped or ReplicationStopped("the node is shutting down")
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._fsync_thread.shutdown(wait=True)
+
+    async def submit(self, command: Command) -> Outcome:
+        if self._stopped is not None:
+            raise ReplicationStopped(str(self._stopped))
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending.append((encode_command(command), command, future))
+        self._wakeup.set()
+        return await future
+
+    async def read_barrier(self) -> None:
+        """A single node's applied state is authoritative as soon as it is applied."""
+        if self._stopped is not None:
+            raise ReplicationStopped(str(self._stopped))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._stopped is not None:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._pending[: self._entry_commands_max]
+            del self._pending[: self._entry_commands_max]
+            try:
+                index = self._log.append([encode_entry([raw for raw, _, _ in batch])])
+                await loop.run_in_executor(self._fsync_thread, self._log.sync)
+            except BaseException as exc:
+                self._fail_everything(exc, batch)
+                return
+            self.fsync_count += 1
+            for _, command, future in batch:
+                outcome = self.state.apply(index, command)
+                if not future.done():
+                    future.set_result(outcome)
+
+    def _fail_everything(
+        self, exc: BaseException, batch: list[tuple[bytes, Command, asyncio.Future[Outcome]]]
+    ) -> None:
+        self._stopped = exc
+        for _, _, future in batch + self._pending:
+            if not future.done():
+                future.set_exception(ReplicationStopped("the node stopped: disk failure"))
+        self._pending.clear()
+        self._on_fatal(exc)
