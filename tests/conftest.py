@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Cluster, started_cluster
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Iterator[Cluster]:
+    """One real vaultnode process on 127.0.0.1, initialised, healthy, stopped afterwards."""
+    yield from started_cluster(tmp_path / "cluster", nodes=1)
