@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from consensus.errors import CorruptRecordError
 from consensus.messages import BALLOT_ZERO, Ballot, Batch
 
 
@@ -92,16 +91,13 @@ def _replay(state: DurableState, record: Record) -> None:
         if record.slot > state.snapshot_slot:
             state.chosen[record.slot] = record.value
     elif isinstance(record, WatermarkRecord):
+        # Advance only over slots whose values are known: after compaction the log may keep
+        # an old watermark whose accept records were dropped with an earlier segment; the
+        # restatement written after the snapshot covers those slots again.
         for slot in range(state.chosen_through + 1, record.chosen_through + 1):
-            if slot in state.chosen:
-                continue
-            accepted = state.accepted.get(slot)
-            if accepted is None:
-                raise CorruptRecordError(
-                    f"watermark {record.chosen_through} covers slot {slot}, which has no "
-                    "accepted or learned value before it"
-                )
-            state.chosen[slot] = accepted[1]
+            if slot not in state.chosen:
+                accepted = state.accepted.get(slot)
+                if accepted is None:
+                    break
+                state.chosen[slot] = accepted[1]
         state.advance_chosen_through()
-    else:  # pragma: no cover - the Record union is closed
-        raise CorruptRecordError(f"unknown record type {type(record).__name__}")

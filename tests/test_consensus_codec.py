@@ -110,6 +110,7 @@ def test_recover_ignores_slots_covered_by_the_snapshot() -> None:
     assert state.accepted == {} and state.chosen_through == 5
 
 
-def test_recover_refuses_a_watermark_without_values() -> None:
-    with pytest.raises(CorruptRecordError):
-        recover([WatermarkRecord(1)])
+def test_recover_stops_a_watermark_at_the_first_slot_without_a_value() -> None:
+    # After compaction an old watermark may outlive the accept records it summarised.
+    state = recover([AcceptRecord(2, Ballot(1, 1), (b"b",)), WatermarkRecord(2)], snapshot_slot=0)
+    assert state.chosen_through == 0 and state.chosen == {}

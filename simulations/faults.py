@@ -1,0 +1,92 @@
+"""Fault plans: what goes wrong in one simulated run, and how hard, as plain data.
+
+Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
+one-way link cut, crash with restart, pause, slow disk, fsync error), `FaultPlan`, and
+`random_plan(seed, ...)`, which derives a whole plan from one integer. Hypothesis builds the
+same dataclasses in the tests, so a shrunk failure is a readable plan.
+
+Must never: act. Plans are data; `simulations.simulator` carries them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from random import Random
+
+FAULT_KINDS = ("partition", "one_way", "crash", "pause", "slow_disk", "disk_error")
+
+
+@dataclass(frozen=True)
+class Intensities:
+    loss: float = 0.0  # probability a peer message is dropped
+    duplication: float = 0.0  # probability a peer message is delivered twice
+    delay_ms_max: int = 4  # peer message delay is uniform in [1, delay_ms_max]
+    client_loss: float = 0.0  # probability a client request or reply is dropped
+    disk_latency_ms_max: int = 3  # fsync completes uniformly within [1, this]
+    torn_write_probability: float = 0.5
+
+
+@dataclass(frozen=True)
+class Fault:
+    """`nodes` is the partitioned side, the (sender, receiver) of a cut link, or the one node
+    that crashes, pauses, slows down or fails to fsync. The fault lasts `duration_ms`."""
+
+    kind: str
+    start_ms: int
+    duration_ms: int
+    nodes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    intensities: Intensities = field(default_factory=Intensities)
+    faults: tuple[Fault, ...] = ()
+    # Clock drift: each node's tick period in ms (10 is nominal). Leases are off, so drift
+    # only shifts timeouts; it must never break safety.
+    tick_period_ms: tuple[int, ...] = ()
+    snapshot_every_slots: int = 0  # 0: never compact
+
+    def describe(self) -> str:
+        i = self.intensities
+        parts = [
+            f"loss={i.loss:.2f} dup={i.duplication:.2f} delay<={i.delay_ms_max}ms "
+            f"client_loss={i.client_loss:.2f} disk<={i.disk_latency_ms_max}ms "
+            f"ticks={self.tick_period_ms} snapshot_every={self.snapshot_every_slots}"
+        ]
+        parts += [
+            f"  {f.kind}{list(f.nodes)} @{f.start_ms}ms for {f.duration_ms}ms" for f in self.faults
+        ]
+        return "\n".join(parts)
+
+
+def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> FaultPlan:
+    """A plan with per-seed intensities: 0–30% loss, 0–50% duplication, and a handful of
+    timed faults spread over the safety phase."""
+    intensities = Intensities(
+        loss=rng.choice([0.0, rng.uniform(0.0, 0.3)]),
+        duplication=rng.choice([0.0, rng.uniform(0.0, 0.5)]),
+        delay_ms_max=rng.choice([2, 5, 20, 60]),
+        client_loss=rng.choice([0.0, rng.uniform(0.0, 0.1)]),
+        disk_latency_ms_max=rng.choice([1, 3, 10]),
+        torn_write_probability=rng.random(),
+    )
+    faults = tuple(
+        random_fault(rng, node_ids, safety_ms) for _ in range(rng.randint(0, 8))
+    )
+    drifting = rng.random() < 0.3
+    tick_period_ms = tuple(rng.randint(8, 13) if drifting else 10 for _ in node_ids)
+    snapshot_every_slots = rng.choice([0, 5, 20, 50])
+    return FaultPlan(intensities, faults, tick_period_ms, snapshot_every_slots)
+
+
+def random_fault(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault:
+    kind = rng.choice(FAULT_KINDS)
+    start_ms = rng.randrange(safety_ms)
+    duration_ms = rng.randint(20, max(21, safety_ms // 2))
+    if kind == "partition":
+        side = tuple(sorted(rng.sample(node_ids, rng.randint(1, len(node_ids) // 2))))
+        return Fault(kind, start_ms, duration_ms, side)
+    if kind == "one_way":
+        sender, receiver = rng.sample(node_ids, 2)
+        return Fault(kind, start_ms, duration_ms, (sender, receiver))
+    return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),))

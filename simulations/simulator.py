@@ -1,0 +1,475 @@
+"""The deterministic simulator: N replicas of the real core, simulated clients, one seed.
+
+Owns: `SimConfig` (what to run: seed, cluster size, phases, an optional fault plan and workload,
+and hooks to swap the replica class or the recovery function so tests can plant bugs),
+`run_simulation(config) -> SimResult`, and the simulated clients. A run has a safety phase in
+which the plan's faults fire, then a liveness phase in which every fault stops: links heal,
+crashed and paused nodes come back, and a probe write must complete within a bound while every
+replica converges. Then the checkers in `simulations.checkers` judge the whole history.
+
+Must never: read the real clock or global randomness while simulating (the real clock is read
+only to report how long a run took). One integer seed reproduces a run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from random import Random
+from typing import Any
+
+from consensus.config import ClusterConfig, Limits
+from consensus.records import recover
+from consensus.replica import Replica
+from simulations.checkers import (
+    Observer,
+    Violation,
+    check_durability,
+    check_linearizable,
+)
+from simulations.cluster import RecoverFn, ReplicaFactory, SimNode
+from simulations.faults import Fault, FaultPlan, random_plan
+from simulations.linearizability import Operation, unknown_outcome
+from simulations.models import VaultInput, vault_create, vault_read, vault_update
+from simulations.network import EventLoop, SimNetwork
+from simulations.sim_state import KvCommand, decode_result
+from storage.errors import DiskError
+
+CLIENT_TIMEOUT_MS = 500
+PROBE_CLIENT_ID = 0
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One client operation to issue: `kind` is create, update or read; `name_index` picks the
+    secret; `conditional` makes an update carry the last version this client saw."""
+
+    kind: str
+    name_index: int
+    conditional: bool = False
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    seed: int
+    node_count: int = 3
+    safety_ms: int = 2000
+    liveness_ms: int = 2500
+    liveness_bound_ms: int = 1500
+    client_count: int = 3
+    secret_count: int = 6
+    plan: FaultPlan | None = None
+    workload: tuple[tuple[OpSpec, ...], ...] | None = None
+    limits: Limits = field(default_factory=Limits)
+    replica_factory: ReplicaFactory = Replica
+    recover_records: RecoverFn = recover
+    linearizability_timeout_s: float = 10.0
+
+    def replay_command(self) -> str:
+        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}"
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    plan: FaultPlan
+    violations: list[Violation]
+    simulated_ms: int
+    operations: int
+    operations_unknown: int
+    faults_injected: int
+    messages_sent: int
+    messages_dropped: int
+    crashes: int
+    linearizability_unknown: bool
+    elapsed_s: float
+    history: list[Operation] = field(repr=False, default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def report(self) -> str:
+        lines = [
+            f"seed {self.config.seed} ({self.config.node_count} nodes): "
+            f"{'ok' if self.ok else 'VIOLATIONS'}; {self.operations} ops "
+            f"({self.operations_unknown} unknown), {self.faults_injected} faults, "
+            f"{self.crashes} crashes, {self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
+        ]
+        lines += [f"  {violation}" for violation in self.violations]
+        if not self.ok:
+            lines.append("plan:\n" + self.plan.describe())
+            lines.append(f"replay: {self.config.replay_command()}")
+        return "\n".join(lines)
+
+
+def random_workload(
+    rng: Random, client_count: int, secret_count: int, ops_per_client: int = 200
+) -> tuple[tuple[OpSpec, ...], ...]:
+    def one() -> OpSpec:
+        roll = rng.random()
+        kind = "create" if roll < 0.25 else "update" if roll < 0.6 else "read"
+        return OpSpec(kind, rng.randrange(secret_count), rng.random() < 0.5)
+
+    return tuple(tuple(one() for _ in range(ops_per_client)) for _ in range(client_count))
+
+
+@dataclass
+class _InFlight:
+    op_id: int
+    input: VaultInput
+    call_ms: int
+    is_write: bool
+    command: bytes | None
+
+
+class _Client:
+    """A sequential client: one operation at a time, retrying redirects until its deadline."""
+
+    def __init__(self, sim: _Simulation, client_id: int, ops: tuple[OpSpec, ...]) -> None:
+        self.sim = sim
+        self.client_id = client_id
+        self.ops = list(ops)
+        self.next_op = 0
+        self.seq = 0
+        self.target = sim.rng.choice(sim.node_ids)
+        self.current: _InFlight | None = None
+        self.versions_seen: dict[str, int] = {}
+        self.stopped = False
+
+    def start_next(self) -> None:
+        if self.stopped or self.next_op >= len(self.ops):
+            return
+        spec = self.ops[self.next_op]
+        self.next_op += 1
+        self.seq += 1
+        name = f"secret-{spec.name_index}"
+        value = f"v{self.client_id}.{self.seq}"
+        command: bytes | None = None
+        if spec.kind == "read":
+            op_input = vault_read(name)
+        else:
+            expected = self.versions_seen.get(name) if spec.conditional else None
+            if spec.kind == "create":
+                op_input = vault_create(name, value)
+            else:
+                op_input = vault_update(name, value, expected)
+            command = KvCommand(
+                self.client_id, self.seq, spec.kind, name, value, op_input.expected_version
+            ).encode()
+        self.current = _InFlight(self.seq, op_input, self.sim.loop.now_ms, command is not None,
+                                 command)
+        self._send()
+        op_id = self.seq
+        self.sim.loop.after(CLIENT_TIMEOUT_MS, lambda: self._timeout(op_id))
+
+    def _send(self) -> None:
+        current = self.current
+        assert current is not None
+        self.sim.client_to_node(self.client_id, self.target, current)
+
+    def on_reply(self, op_id: int, kind: str, payload: Any) -> None:
+        current = self.current
+        if current is None or current.op_id != op_id:
+            return  # a late or duplicated reply to an operation already settled
+        if kind == "redirect":
+            hint = payload if payload in self.sim.node_ids else None
+            self.target = hint if hint is not None else self.sim.rng.choice(self.sim.node_ids)
+            self.sim.loop.after(5, lambda: self._retry(op_id))
+            return
+        output = decode_result(payload)
+        self._note_version(current.input, output)
+        self.sim.history.append(
+            Operation(self.client_id, current.input, current.call_ms, output,
+                      self.sim.loop.now_ms)
+        )
+        self.current = None
+        self.sim.loop.after(self.sim.rng.randint(0, 10), self.start_next)
+
+    def _note_version(self, op_input: VaultInput, output: Any) -> None:
+        if op_input.kind == "read" and isinstance(output, tuple):
+            self.versions_seen[op_input.name] = output[0]
+        elif op_input.kind == "update" and isinstance(output, tuple):
+            self.versions_seen[op_input.name] = output[1]
+        elif output == "created":
+            self.versions_seen[op_input.name] = 1
+
+    def _retry(self, op_id: int) -> None:
+        if self.current is not None and self.current.op_id == op_id:
+            self._send()
+
+    def _timeout(self, op_id: int) -> None:
+        current = self.current
+        if current is None or current.op_id != op_id:
+            return
+        if current.is_write:
+            # It may still take effect later; a read that never answered had no effect.
+            self.sim.history.append(
+                unknown_outcome(self.client_id, current.input, current.call_ms)
+            )
+        self.current = None
+        self.target = self.sim.rng.choice(self.sim.node_ids)
+        self.start_next()
+
+    def abandon(self) -> None:
+        """The run is over: an unanswered write stays unknown forever."""
+        current = self.current
+        if current is not None and current.is_write:
+            self.sim.history.append(
+                unknown_outcome(self.client_id, current.input, current.call_ms)
+            )
+        self.current = None
+        self.stopped = True
+
+
+class _Simulation:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = Random(config.seed)
+        self.node_ids = tuple(range(1, config.node_count + 1))
+        plan_rng = Random(self.rng.getrandbits(64))
+        self.plan = config.plan or random_plan(plan_rng, self.node_ids, config.safety_ms)
+        self.loop = EventLoop()
+        self.observer = Observer()
+        self.history: list[Operation] = []
+        self.client_faulty = True
+        self.network = SimNetwork(
+            self.loop, Random(self.rng.getrandbits(64)), self.plan.intensities, self._deliver
+        )
+        cluster = ClusterConfig(self.node_ids)
+        intensities = self.plan.intensities
+        self.nodes = {
+            node_id: SimNode(
+                node_id=node_id,
+                config=cluster,
+                limits=config.limits,
+                loop=self.loop,
+                network=self.network,
+                observer=self.observer,
+                rng=Random(self.rng.getrandbits(64)),
+                reply=self._node_to_client,
+                replica_factory=config.replica_factory,
+                recover_records=config.recover_records,
+                snapshot_every_slots=self.plan.snapshot_every_slots,
+                tick_period_ms=_tick_period(self.plan, position),
+                disk_latency_ms_max=intensities.disk_latency_ms_max,
+                torn_write_probability=intensities.torn_write_probability,
+            )
+            for position, node_id in enumerate(self.node_ids)
+        }
+        workload = config.workload or random_workload(
+            Random(self.rng.getrandbits(64)), config.client_count, config.secret_count
+        )
+        self.clients = {
+            client_id: _Client(self, client_id, ops)
+            for client_id, ops in enumerate(workload, start=1)
+        }
+        self.probe_done_ms: int | None = None
+
+    # -- wiring
+
+    def _deliver(self, receiver: int, sender: int, data: bytes) -> None:
+        self.nodes[receiver].receive(sender, data)
+
+    def _client_delay_ms(self) -> int:
+        delay_max = self.plan.intensities.delay_ms_max if self.client_faulty else 2
+        return self.rng.randint(1, max(1, delay_max))
+
+    def _client_lost(self) -> bool:
+        return self.client_faulty and self.rng.random() < self.plan.intensities.client_loss
+
+    def client_to_node(self, client_id: int, node_id: int, op: _InFlight) -> None:
+        if self._client_lost():
+            return
+        node = self.nodes[node_id]
+        if op.command is not None:
+            command = op.command
+            self.loop.after(
+                self._client_delay_ms(), lambda: node.client_write(client_id, op.op_id, command)
+            )
+        else:
+            name = op.input.name
+            self.loop.after(
+                self._client_delay_ms(), lambda: node.client_read(client_id, op.op_id, name)
+            )
+
+    def _node_to_client(self, client_id: int, op_id: int, kind: str, payload: Any) -> None:
+        if self._client_lost():
+            return
+        client = self.clients.get(client_id)
+        if client is not None:
+            self.loop.after(self._client_delay_ms(), lambda: client.on_reply(op_id, kind, payload))
+
+    # -- faults
+
+    def _schedule(self, fault: Fault) -> None:
+        start, end = self._fault_actions(fault)
+        self.loop.at(fault.start_ms, start)
+        self.loop.at(fault.start_ms + fault.duration_ms, end)
+
+    def _fault_actions(self, fault: Fault) -> tuple[Callable[[], None], Callable[[], None]]:
+        if fault.kind in ("partition", "one_way"):
+            if fault.kind == "partition":
+                side = set(fault.nodes)
+                links = [(a, b) for a in self.node_ids for b in self.node_ids
+                         if (a in side) != (b in side)]
+            else:
+                links = [(fault.nodes[0], fault.nodes[1])]
+
+            def cut() -> None:
+                for link in links:
+                    self.network.cut(*link)
+
+            def uncut() -> None:
+                if self.network.faulty:
+                    for link in links:
+                        self.network.uncut(*link)
+
+            return cut, uncut
+        node = self.nodes[fault.nodes[0]]
+        if fault.kind == "crash":
+            return node.crash, self._restart_if_down(node)
+        if fault.kind == "pause":
+            return node.pause, node.resume
+        if fault.kind == "slow_disk":
+
+            def slow() -> None:
+                node.disk_slowdown = 20
+
+            def fast() -> None:
+                node.disk_slowdown = 1
+
+            return slow, fast
+        if fault.kind == "disk_error":
+            return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _restart_if_down(self, node: SimNode) -> Callable[[], None]:
+        def restart() -> None:
+            if not node.up:
+                node.start()
+
+        return restart
+
+    def _heal(self) -> None:
+        self.network.heal_all()
+        self.client_faulty = False
+        for node in self.nodes.values():
+            with suppress(DiskError):
+                node.disk.maybe_fail("fsync", "/")  # disarm an fsync error not yet hit
+            node.disk_slowdown = 1
+            if node.paused:
+                node.resume()
+            if not node.up:
+                node.start()
+
+    # -- the run
+
+    def run(self) -> SimResult:
+        started = time.monotonic()
+        config = self.config
+        for node in self.nodes.values():
+            node.start()
+        for fault in self.plan.faults:
+            self._schedule(fault)
+        for client in self.clients.values():
+            self.loop.at(self.rng.randint(0, 50), client.start_next)
+        self.loop.run_until(config.safety_ms)
+        self._heal()
+        self._start_probe()
+        quiet_from_ms = config.safety_ms + config.liveness_ms // 2
+        self.loop.at(quiet_from_ms, self._stop_clients)
+        end_ms = config.safety_ms + config.liveness_ms
+        self.loop.run_until(end_ms)
+        for client in self.clients.values():
+            client.abandon()
+        violations = list(self.observer.violations)
+        violations += self._check_liveness()
+        reference = self.nodes[self.node_ids[0]]
+        if reference.up:
+            violations += check_durability(self.history, reference.state)
+        lin_violations, lin_result = check_linearizable(
+            self.history, config.linearizability_timeout_s
+        )
+        violations += lin_violations
+        return SimResult(
+            config=config,
+            plan=self.plan,
+            violations=violations,
+            simulated_ms=end_ms,
+            operations=len(self.history),
+            operations_unknown=sum(1 for op in self.history if math.isinf(op.ret)),
+            faults_injected=len(self.plan.faults) + self.network.stats.dropped
+            + self.network.stats.duplicated,
+            messages_sent=self.network.stats.sent,
+            messages_dropped=self.network.stats.dropped + self.network.stats.cut,
+            crashes=sum(node.stats.crashes for node in self.nodes.values()),
+            linearizability_unknown=lin_result.ok is None,
+            elapsed_s=time.monotonic() - started,
+            history=self.history,
+        )
+
+    def _stop_clients(self) -> None:
+        for client in self.clients.values():
+            client.stopped = True
+
+    def _start_probe(self) -> None:
+        """After the heal, one write must be chosen and answered within the liveness bound."""
+        probe = _Client(self, PROBE_CLIENT_ID, (OpSpec("create", -1),))
+        self.clients[PROBE_CLIENT_ID] = probe
+        heal_ms = self.loop.now_ms
+        history_before = len(self.history)
+
+        def watch() -> None:
+            done = any(op.client_id == PROBE_CLIENT_ID and not math.isinf(op.ret)
+                       for op in self.history[history_before:])
+            if done:
+                self.probe_done_ms = self.loop.now_ms - heal_ms
+            elif probe.current is None and not probe.stopped:
+                probe.next_op = 0  # timed out: the probe keeps trying until the bound
+                probe.start_next()
+            if not done and self.loop.now_ms - heal_ms < self.config.liveness_bound_ms:
+                self.loop.after(10, watch)
+
+        probe.start_next()
+        self.loop.after(10, watch)
+
+    def _check_liveness(self) -> list[Violation]:
+        violations = []
+        if self.probe_done_ms is None:
+            violations.append(Violation(
+                "liveness",
+                f"no write completed within {self.config.liveness_bound_ms} ms after faults "
+                "stopped",
+            ))
+        applied = {node_id: node.applied_through for node_id, node in self.nodes.items()
+                   if node.up}
+        down = [node_id for node_id, node in self.nodes.items() if not node.up]
+        if down or len(set(applied.values())) > 1:
+            violations.append(Violation(
+                "liveness",
+                f"replicas did not converge after faults stopped: applied {applied}, down {down}",
+            ))
+        return violations
+
+
+def _tick_period(plan: FaultPlan, position: int) -> int:
+    if position < len(plan.tick_period_ms):
+        return plan.tick_period_ms[position]
+    return 10
+
+
+def run_simulation(config: SimConfig) -> SimResult:
+    return _Simulation(config).run()
+
+
+def describe_history(history: list[Operation]) -> str:  # for failure reports
+    return "\n".join(
+        f"c{op.client_id} {op.input.kind} {op.input.name} -> {op.output!r} "
+        f"[{op.call}, {op.ret}]" for op in history
+    )
+
+
