@@ -1,0 +1,473 @@
+"""`vault env encrypt | expand | run`: move `.env` files into the vault and back, all or nothing.
+
+Owns the file side of the `.env` workflows of docs/env.md: reading a file as UTF-8, turning its
+entries into one `POST /v1/batch/create` or one `POST /v1/batch/read`, writing output files
+atomically with mode 0600, and starting the child of `env run` with the expanded environment.
+The grammar itself lives in cli/dotenv.py.
+
+Must never: create some secrets of a file but not others, write an output file for a command that
+failed, leave a partly written output file behind, write expanded values anywhere on disk for
+`env run`, or put a value or a token into a message. Problems name files, line numbers, keys and
+secret names only.
+
+This module is registered by cli/main.py (`main.add_command(env)`) and so never imports it: it
+reaches the HTTP client through click's context object, which only has to offer `.client`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+import click
+
+from cli.client import ClientError, ServerError, VaultClient
+from cli.dotenv import (
+    REFERENCE_PREFIX,
+    Document,
+    DotenvError,
+    Entry,
+    Reference,
+    find_references,
+    parse,
+    replace_values,
+)
+from vaultnode.names import InvalidInput, check_name
+
+EXIT_FAILED = 1  # the server, the network or a file's content said no
+EXIT_USAGE = 2  # the command line itself is wrong (click uses 2 for its usage errors too)
+# What env(1) and shells answer when the command cannot be run at all.
+EXIT_COMMAND_NOT_EXECUTABLE = 126
+EXIT_COMMAND_NOT_FOUND = 127
+OUTPUT_MODE = 0o600
+VAULT_SUFFIX = ".vault"
+
+
+class HasClient(Protocol):
+    """What `env` needs from click's context object (cli.main.Context provides it)."""
+
+    @property
+    def client(self) -> VaultClient: ...
+
+
+class EnvCommandError(Exception):
+    """A `vault env` command refused to act; `problems` names every reason, one per line."""
+
+    def __init__(self, summary: str, problems: list[str], exit_code: int = EXIT_FAILED) -> None:
+        self.summary = summary
+        self.problems = problems
+        self.exit_code = exit_code
+        listing = "".join(f"\n  {problem}" for problem in problems)
+        super().__init__(f"{summary}{listing}")
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def read_document(path: Path) -> Document:
+    """The parsed file; EnvCommandError listing every problem (with line numbers) otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EnvCommandError(
+            f"{path} is not UTF-8 text (byte offset {exc.start})", [], EXIT_FAILED
+        ) from None
+    except OSError as exc:
+        raise EnvCommandError(f"cannot read {path}: {exc.strerror or exc}", []) from None
+    try:
+        return parse(text)
+    except DotenvError as exc:
+        raise EnvCommandError(
+            f"{path} is not a valid .env file",
+            [f"{path}:{problem.line}: {problem.message}" for problem in exc.problems],
+        ) from None
+
+
+# ---- writing ---------------------------------------------------------------------------------
+@dataclass
+class StagedFile:
+    """Complete, fsynced content in a temporary file next to its destination, not yet visible."""
+
+    temp_path: Path
+    destination: Path
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+
+    def publish(self, *, replace: bool) -> None:
+        """Make the content appear at `destination` in one step, then make that step durable.
+
+        Without `replace` an existing destination is never overwritten, even one created after
+        the caller looked: a hard link fails atomically if the name is taken.
+        """
+        try:
+            if replace:
+                os.replace(self.temp_path, self.destination)
+            else:
+                self._link_without_overwrite()
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_directory(self.destination.parent)
+
+    def _link_without_overwrite(self) -> None:
+        try:
+            os.link(self.temp_path, self.destination)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            # Some file systems have no hard links; fall back to check-then-rename.
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if self.destination.exists():
+                raise FileExistsError(errno.EEXIST, "file exists", str(self.destination)) from None
+            os.replace(self.temp_path, self.destination)
+            return
+        self.temp_path.unlink()
+
+
+def stage_file(destination: Path, text: str) -> StagedFile:
+    """Write `text` (UTF-8) to a mode-0600 temporary file in the destination's directory and
+    fsync it, so publishing it later is a rename that cannot be seen half done."""
+    directory = destination.parent
+    descriptor, temp_name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=directory
+    )
+    staged = StagedFile(Path(temp_name), destination)
+    try:
+        # mkstemp already creates 0600; say it explicitly because the file may hold secrets.
+        os.fchmod(descriptor, OUTPUT_MODE)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_file_atomically(destination: Path, text: str) -> None:
+    """Replace `destination` with `text` as one step (temp file, fsync, rename, fsync dir)."""
+    stage_file(destination, text).publish(replace=True)
+
+
+# ---- encrypt ---------------------------------------------------------------------------------
+def secret_name(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}"
+
+
+def encrypt_problems(path: Path, doc: Document, prefix: str | None) -> list[str]:
+    """Every reason the entries cannot become `prefix/KEY` secrets, checked before any call
+    (names are checked only with a valid prefix, else every key would repeat its problem)."""
+    problems: list[str] = []
+    if not doc.entries():
+        problems.append(f"{path}: the file defines no keys, so there is nothing to encrypt")
+    for entry in doc.entries():
+        if entry.value.startswith(REFERENCE_PREFIX):
+            problems.append(
+                f"{path}:{entry.line}: key {entry.key!r} already holds a vault reference; "
+                "expand the file first instead of storing the reference text as a secret"
+            )
+        if prefix is None:
+            continue
+        try:
+            check_name(secret_name(prefix, entry.key))
+        except InvalidInput as exc:
+            problems.append(f"{path}:{entry.line}: key {entry.key!r}: {exc.message}")
+    return problems
+
+
+def default_encrypt_output(path: Path) -> Path:
+    return path.with_name(path.name + VAULT_SUFFIX)
+
+
+def encrypt_file(
+    client: VaultClient, path: Path, prefix: str, out: Path, *, force: bool
+) -> dict[str, Any]:
+    """Create `prefix/KEY` for every entry with one batch call and write the reference file.
+
+    The reference file is staged (complete and fsynced) before the batch call, so after the
+    call succeeds only a same-directory rename remains. On any failure nothing is created and
+    nothing is written. Returns the server's batch reply.
+    """
+    usage_problems: list[str] = []
+    try:
+        check_name(prefix)
+    except InvalidInput as exc:
+        usage_problems.append(f"--prefix {prefix!r}: {exc.message} (give it without a final '/')")
+    if out.exists() and not force:
+        usage_problems.append(f"{out} already exists; pass --force to replace it")
+    try:
+        doc = read_document(path)
+    except EnvCommandError as exc:
+        if not usage_problems:
+            raise
+        raise EnvCommandError(exc.summary, usage_problems + exc.problems, EXIT_USAGE) from None
+    prefix_is_valid = not any(problem.startswith("--prefix") for problem in usage_problems)
+    content_problems = encrypt_problems(path, doc, prefix if prefix_is_valid else None)
+    if usage_problems or content_problems:
+        raise EnvCommandError(
+            "nothing was created",
+            usage_problems + content_problems,
+            EXIT_USAGE if usage_problems else EXIT_FAILED,
+        )
+    entries = doc.entries()
+    references = {entry.key: str(Reference(secret_name(prefix, entry.key), 1)) for entry in entries}
+    staged = stage_file(out, replace_values(doc, references))
+    try:
+        reply = client.request(
+            "POST",
+            "/v1/batch/create",
+            json_body={
+                "secrets": [
+                    {"name": secret_name(prefix, entry.key), "value": entry.value}
+                    for entry in entries
+                ]
+            },
+        )
+    except ServerError as exc:
+        staged.discard()
+        raise _batch_create_refused(exc, path, prefix, entries) from None
+    except ClientError as exc:
+        staged.discard()
+        raise EnvCommandError(
+            f"the vault did not confirm the batch ({exc})",
+            [
+                "the batch is one log entry, so either every secret was created or none was;",
+                f"`vault list {prefix}/` shows which. No output file was written.",
+            ],
+        ) from None
+    except BaseException:
+        staged.discard()
+        raise
+    try:
+        staged.publish(replace=force)
+    except OSError as exc:
+        raise EnvCommandError(
+            f"all {len(entries)} secrets were created, but {out} could not be written "
+            f"({exc.strerror or exc})",
+            [f"every value of key KEY is now the reference {REFERENCE_PREFIX}{prefix}/KEY@1"],
+        ) from None
+    body: dict[str, Any] = reply.body
+    return body
+
+
+def _batch_create_refused(
+    error: ServerError, path: Path, prefix: str, entries: list[Entry]
+) -> EnvCommandError:
+    line_of = {secret_name(prefix, entry.key): entry.line for entry in entries}
+    names = [str(name) for name in error.details.get("names", [])]
+    if error.code == "already_exists" and names:
+        problems = [f"{path}:{line_of.get(n, '?')}: secret {n} already exists" for n in names]
+    else:
+        problems = [f"{path}:{line_of[n]}: {n}" if n in line_of else n for n in names]
+    return EnvCommandError(
+        f"the vault refused the batch ({_cause(error, problems)}); nothing was created", problems
+    )
+
+
+# ---- expand ----------------------------------------------------------------------------------
+def _reference_label(reference: Reference) -> str:
+    """How the server names a missing reference: NAME, or NAME@N when pinned."""
+    return reference.name if reference.version is None else f"{reference.name}@{reference.version}"
+
+
+def resolve_references(
+    client: VaultClient, path: Path, doc: Document
+) -> tuple[dict[str, str], int | None]:
+    """The value of every referring key, all read with ONE batch read at one applied index.
+
+    Returns (values by key, the index they were read at; None if the file has no references).
+    """
+    try:
+        references = find_references(doc)
+    except DotenvError as exc:
+        raise EnvCommandError(
+            f"{path} has malformed vault references; nothing was written",
+            [f"{path}:{problem.line}: {problem.message}" for problem in exc.problems],
+        ) from None
+    if not references:
+        return {}, None
+    unique = list(dict.fromkeys(references.values()))
+    request = [
+        {"name": r.name} if r.version is None else {"name": r.name, "version": r.version}
+        for r in unique
+    ]
+    try:
+        reply = client.request("POST", "/v1/batch/read", json_body={"secrets": request})
+    except ServerError as exc:
+        raise _batch_read_refused(exc, path, doc, references) from None
+    except ClientError as exc:
+        raise EnvCommandError(f"cannot reach the vault ({exc}); nothing was written", []) from None
+    secrets = reply.body["secrets"]
+    if len(secrets) != len(unique):
+        raise EnvCommandError("the vault answered a different number of secrets than asked", [])
+    value_of = {
+        reference: secret["value"] for reference, secret in zip(unique, secrets, strict=True)
+    }
+    index: int = reply.body["index"]
+    return {key: value_of[reference] for key, reference in references.items()}, index
+
+
+def _batch_read_refused(
+    error: ServerError, path: Path, doc: Document, references: Mapping[str, Reference]
+) -> EnvCommandError:
+    named = {str(name) for name in error.details.get("names", [])}
+    line_of = {entry.key: entry.line for entry in doc.entries()}
+    reason = {"not_found": "not found", "forbidden": "not readable with this token"}.get(
+        error.code, error.code
+    )
+    problems = [
+        f"{path}:{line_of[key]}: key {key!r}: {reference} is {reason}"
+        for key, reference in references.items()
+        if reference.name in named or _reference_label(reference) in named
+    ]
+    return EnvCommandError(
+        f"the vault refused the read ({_cause(error, problems)}); nothing was written", problems
+    )
+
+
+def _cause(error: ServerError, problems: list[str]) -> str:
+    """The status and code, plus the server's message unless `problems` already name each."""
+    cause = f"{error.status} {error.code}"
+    return cause if problems else f"{cause}: {error.message}"
+
+
+def expand_text(client: VaultClient, path: Path) -> tuple[str, dict[str, str]]:
+    """(the expanded file text, every key's final value); references resolved, rest verbatim."""
+    doc = read_document(path)
+    resolved, _ = resolve_references(client, path, doc)
+    text = replace_values(doc, resolved)
+    values = parse(text).values()
+    # quote_value promises an exact read-back; check it, since the output goes to deployments.
+    expected = {**doc.values(), **resolved}
+    if values != expected:
+        raise AssertionError("expanded text does not read back as the resolved values")
+    return text, values
+
+
+# ---- run -------------------------------------------------------------------------------------
+def child_environment(values: Mapping[str, str]) -> dict[str, str]:
+    """The current environment with the file's values on top (the file wins)."""
+    unusable = [key for key, value in values.items() if "\0" in value]
+    if unusable:
+        raise EnvCommandError(
+            "an environment variable cannot hold a NUL character; nothing was run",
+            [f"key {key!r}" for key in unusable],
+        )
+    return {**os.environ, **values}
+
+
+def exec_command(command: list[str], environment: dict[str, str]) -> NoReturn:
+    """Become `command`: its exit status and signals are then the caller's, with no relay."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, environment)
+    except FileNotFoundError:
+        _exit_with(f"command not found: {command[0]}", EXIT_COMMAND_NOT_FOUND)
+    except PermissionError:
+        _exit_with(f"command not executable: {command[0]}", EXIT_COMMAND_NOT_EXECUTABLE)
+    except OSError as exc:
+        _exit_with(f"cannot run {command[0]}: {exc.strerror or exc}", EXIT_COMMAND_NOT_EXECUTABLE)
+
+
+# ---- click -----------------------------------------------------------------------------------
+def _exit_with(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    try:
+        yield
+    except EnvCommandError as exc:
+        _exit_with(str(exc), exc.exit_code)
+
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_OUT = click.Path(dir_okay=False, writable=True, path_type=Path)
+
+
+@click.group()
+def env() -> None:
+    """Move .env files into the vault and back (see docs/env.md)."""
+
+
+@env.command()
+@click.argument("file", type=_FILE)
+@click.option("--prefix", required=True, help="Store KEY as the secret PREFIX/KEY.")
+@click.option("--out", type=_OUT, default=None, help="Reference file (default: FILE.vault).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.pass_obj
+def encrypt(obj: HasClient, file: Path, prefix: str, out: Path | None, force: bool) -> None:
+    """Create one secret per key of FILE in one batch, and write a file of references.
+
+    Every key or none: a duplicate key, a syntax error or an existing secret fails the whole
+    command, and then nothing is created and nothing is written.
+    """
+    destination = out if out is not None else default_encrypt_output(file)
+    with _reported():
+        body = encrypt_file(obj.client, file, prefix, destination, force=force)
+    count = len(body["secrets"])
+    click.echo(
+        f"created {count} secrets under {prefix}/ in one batch (index {body['index']}); "
+        f"wrote {destination}"
+    )
+
+
+@env.command()
+@click.argument("file", type=_FILE)
+@click.option("--out", type=_OUT, default=None, help="Write here (mode 0600), not to stdout.")
+@click.pass_obj
+def expand(obj: HasClient, file: Path, out: Path | None) -> None:
+    """Resolve every vault:NAME[@N] of FILE with one consistent read and print a .env file.
+
+    Any reference that cannot be resolved fails the whole command; nothing is written.
+    """
+    with _reported():
+        text, _ = expand_text(obj.client, file)
+        if out is None:
+            # Bytes, not text: the console's encoding must not alter or refuse a value.
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text.encode("utf-8"))
+            sys.stdout.buffer.flush()
+            return
+        try:
+            write_file_atomically(out, text)
+        except OSError as exc:
+            raise EnvCommandError(f"cannot write {out}: {exc.strerror or exc}", []) from None
+
+
+@env.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("file", type=_FILE)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run(obj: HasClient, file: Path, command: tuple[str, ...]) -> None:
+    """Run COMMAND with FILE's expanded values added to its environment: vault env run FILE --
+    CMD ARGS... The command's exit code is vault's; nothing is written to disk."""
+    with _reported():
+        _, values = expand_text(obj.client, file)
+        environment = child_environment(values)
+    obj.client.close()
+    # Option parsing stops at FILE, so click hands a `--` separator through as an argument.
+    argv = list(command[1:] if command[0] == "--" else command)
+    if not argv:
+        raise click.UsageError("no command to run after '--'")
+    exec_command(argv, environment)
