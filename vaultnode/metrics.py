@@ -1,0 +1,118 @@
+"""Prometheus metrics of one node, in a registry of its own (never prometheus-client's global one).
+
+This module owns the metric names, their labels and how they are read: request counters and
+latency histograms are fed by the HTTP edge, fsync latency by the replicator, and the gauges
+(indexes, role, log size, secret and version counts) are read from the node when scraped. Labels
+carry route patterns, methods, statuses and roles only: never a secret name, accessor, value or
+token (docs/observability.md lists every metric).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ROLES = ("leader", "follower", "candidate")
+_REQUEST_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+@dataclass(frozen=True)
+class NodeGauges:
+    """Readings taken at scrape time; each callable must be cheap and must not block."""
+
+    role: Callable[[], str]
+    commit_index: Callable[[], int]
+    applied_index: Callable[[], int]
+    fsyncs: Callable[[], int]
+    log_size_bytes: Callable[[], int]
+    secrets: Callable[[], int]
+    versions: Callable[[], int]
+
+
+class _GaugeCollector(Collector):
+    def __init__(self, node_id: int, gauges: NodeGauges) -> None:
+        self._node_id = node_id
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        g = self._gauges
+        current_role = g.role()
+        role = GaugeMetricFamily(
+            "vault_role", "1 for the role this node has now, 0 for the others", labels=["role"]
+        )
+        for name in ROLES if current_role in ROLES else (*ROLES, current_role):
+            role.add_metric([name], 1.0 if name == current_role else 0.0)
+        yield role
+        yield GaugeMetricFamily(
+            "vault_node_id", "this node's id in the cluster", value=self._node_id
+        )
+        yield GaugeMetricFamily(
+            "vault_commit_index", "highest log index known durable/chosen", value=g.commit_index()
+        )
+        yield GaugeMetricFamily(
+            "vault_applied_index", "highest log index applied to the state", value=g.applied_index()
+        )
+        yield CounterMetricFamily(
+            "vault_fsyncs", "log fsyncs completed (one per group commit)", value=g.fsyncs()
+        )
+        yield GaugeMetricFamily(
+            "vault_log_size_bytes", "bytes in the log's segment files", value=g.log_size_bytes()
+        )
+        yield GaugeMetricFamily("vault_secrets", "secrets in the state", value=g.secrets())
+        yield GaugeMetricFamily(
+            "vault_secret_versions", "versions of all secrets in the state", value=g.versions()
+        )
+
+
+class NodeMetrics:
+    def __init__(self, node_id: int, gauges: NodeGauges) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "vault_requests",
+            "HTTP requests served, by method, route pattern and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "vault_request_duration_seconds",
+            "time from a parsed request to its response, by method and route pattern",
+            ["method", "route"],
+            buckets=_REQUEST_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._fsync = Histogram(
+            "vault_fsync_duration_seconds",
+            "time one log fsync took, measured on the fsync thread",
+            buckets=_FSYNC_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.registry.register(_GaugeCollector(node_id, gauges))
+
+    def observe_request(self, method: str, route: str, status: int, latency_s: float) -> None:
+        """`route` must be a route pattern (e.g. /v1/secrets/{name}), never a concrete path."""
+        self._requests.labels(method, route, str(status)).inc()
+        self._latency.labels(method, route).observe(latency_s)
+
+    def observe_fsync(self, duration_s: float) -> None:
+        self._fsync.observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def files_size_bytes(paths: list[str]) -> int:
+    """Total size of files that may vanish under us (compaction removes segments)."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except FileNotFoundError:
+            continue
+    return total
