@@ -14,6 +14,7 @@ from pathlib import Path
 
 from storage.rootkey import generate_root_key, write_root_key_file
 from vaultnode.auth import hash_token, new_accessor, new_token
+from vaultnode.tls import generate_ca, issue_node_cert
 
 TOKEN_FILE_NAME = "root-token"
 
@@ -42,7 +43,7 @@ def _write_private(path: Path, text: str) -> None:
 def init_cluster(out_dir: Path, nodes: int, base_port: int, host: str = "127.0.0.1") -> InitResult:
     if nodes not in (1, 3, 5):
         raise InitError("--nodes must be 1, 3 or 5 (a majority must survive a failure)")
-    if not 1024 <= base_port <= 65535 - 2 * nodes:
+    if not 1024 <= base_port <= 65536 - 2 * nodes:
         raise InitError(f"--base-port must leave room for {2 * nodes} ports below 65536")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InitError(f"{out_dir} is not empty; refusing to overwrite an existing cluster")
@@ -59,11 +60,18 @@ def init_cluster(out_dir: Path, nodes: int, base_port: int, host: str = "127.0.0
         f'\n[[peers]]\nid = {i}\npeer_addr = "{peer}"\nhttp_addr = "{http}"\n'
         for i, peer, http in peers
     )
+    ca_cert, ca_key = generate_ca(cluster_id)
+    (out_dir / "ca.pem").write_bytes(ca_cert)
+    _write_private(out_dir / "ca.key", ca_key.decode())  # only for issuing more certificates
     config_paths = []
     for node_id, peer_addr, http_addr in peers:
         node_dir = out_dir / f"node{node_id}"
         node_dir.mkdir()
         write_root_key_file(node_dir / "root.key", root_key)
+        cert, key = issue_node_cert(ca_cert, ca_key, node_id, [host])
+        (node_dir / "ca.pem").write_bytes(ca_cert)
+        (node_dir / "node.pem").write_bytes(cert)
+        _write_private(node_dir / "node.key", key.decode())
         config = (
             f"# vaultnode configuration written by `vault operator init`\n"
             f"node_id = {node_id}\n"
@@ -72,6 +80,9 @@ def init_cluster(out_dir: Path, nodes: int, base_port: int, host: str = "127.0.0
             f'http_listen = "{http_addr}"\n'
             f'peer_listen = "{peer_addr}"\n'
             f'root_key_file = "node{node_id}/root.key"\n'
+            f'tls_ca_file = "node{node_id}/ca.pem"\n'
+            f'tls_cert_file = "node{node_id}/node.pem"\n'
+            f'tls_key_file = "node{node_id}/node.key"\n'
             "# Only the root token's hash: nodes need it to bootstrap; none keeps the token.\n"
             f'root_token_sha256 = "{hash_token(root_token).hex()}"\n'
             f'root_accessor = "{root_accessor}"\n' + peer_lines

@@ -12,10 +12,11 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage.crypto_errors import CryptoError
+from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.auth import (
     AuthError,
     Principal,
@@ -40,7 +41,10 @@ from vaultnode.commands import (
 )
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
+from vaultnode.forwarding import Forwarder, needs_leader
 from vaultnode.http_server import Request, Response, error_response
+from vaultnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vaultnode.metrics import NodeMetrics
 from vaultnode.names import (
     InvalidInput,
     check_name,
@@ -49,6 +53,7 @@ from vaultnode.names import (
     format_time,
     parse_time,
 )
+from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown
 from vaultnode.replication import ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
@@ -75,6 +80,9 @@ OUTCOME_STATUS: dict[str, int] = {
 REWRAP_BATCH_VERSIONS = 256
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# What follows a prefix route's prefix, as written in metric labels and audit lines.
+_ROUTE_REST = {"/v1/sys/keys/": "{kek_id}/retire"}
+_INT_DIGITS_MAX = 18
 
 
 class ApiError(Exception):
@@ -97,6 +105,8 @@ class Call:
     started: float
     principal: Principal | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    route: str = "unmatched"  # the route pattern, safe as a metric label (never a name)
+    outcome: str | None = None
 
 
 Route = Callable[[Call, str], Awaitable[Response]]
@@ -113,17 +123,24 @@ class VaultApi:
         events: EventLog,
         limits: Limits,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        audit: AuditTrail | None = None,
+        metrics: NodeMetrics | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.node_id = node_id
+        self.forwarder = forwarder
         self.state = state
         self.replicator = replicator
         self.sealer = sealer
         self.events = events
         self.limits = limits
         self.clock_us = clock_us
+        self.audit = audit
+        self.metrics = metrics
         # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
         self._routes: list[tuple[str, str, bool, Route]] = [
             ("GET", "/health", True, self._health),
+            ("GET", "/metrics", True, self._metrics),
             ("GET", "/v1/secrets", True, self._list),
             ("POST", "/v1/secrets/", False, self._create),
             ("PUT", "/v1/secrets/", False, self._update),
@@ -158,24 +175,74 @@ class VaultApi:
             self._log_failure(call, "request.failed", exc.status, exc.code)
             headers = [("Retry-After", "1")] if exc.status == 503 else None
             response = error_response(exc.status, exc.code, exc.message, headers, exc.details)
+        except OutcomeUnknown as exc:
+            self._log_failure(call, "request.failed", 504, "outcome_unknown")
+            response = error_response(504, "outcome_unknown", str(exc))
+        except NotLeader:
+            self._log_failure(call, "request.failed", 503, "unavailable")
+            response = error_response(
+                503, "unavailable", "leadership moved while serving; retry", [("Retry-After", "1")]
+            )
         except ReplicationStopped:
             self._log_failure(call, "request.failed", 503, "unavailable")
             response = error_response(
                 503, "unavailable", "this node cannot serve writes now", [("Retry-After", "1")]
             )
+        except Exception as exc:
+            # Answered here rather than in the HTTP server so the request is still audited.
+            self._log(call, "request.failed", 500, "internal", error=type(exc).__name__)
+            response = error_response(500, "internal", "internal error")
+        response = self._observe(call, response)
         response.headers.append(("X-Request-Id", request_id))
         return response
 
+    def _observe(self, call: Call, response: Response) -> Response:
+        """Audit and count a served request; if the audit line cannot be written, fail closed."""
+        if self.audit is not None:
+            try:
+                self.audit.record(
+                    request_id=call.request_id,
+                    accessor=call.principal.accessor if call.principal else None,
+                    method=call.request.method,
+                    route=call.route,
+                    name=call.fields.get("name"),
+                    version=call.fields.get("version"),
+                    status=response.status,
+                    outcome=call.outcome or ("ok" if response.status < 400 else "error"),
+                )
+            except AuditError:
+                self._log(call, "request.failed", 503, "audit_unavailable")
+                response = error_response(
+                    503,
+                    "audit_unavailable",
+                    "the audit trail cannot be written, so the result is withheld",
+                    [("Retry-After", "1")],
+                )
+        if self.metrics is not None:
+            latency_s = time.perf_counter() - call.started
+            self.metrics.observe_request(
+                call.request.method, call.route, response.status, latency_s
+            )
+        return response
+
     async def _dispatch(self, call: Call) -> Response:
+        if (
+            self.forwarder is not None
+            and needs_leader(call.request)
+            and not self.replicator.is_leader()
+        ):
+            call.route = "forwarded"
+            return await self.forwarder.forward(call.request, self.replicator.leader_id())
         method, path = call.request.method, call.request.path
         path_known = False
         for route_method, prefix, exact, handler in self._routes:
-            matches = (
-                path == prefix if exact else path.startswith(prefix) and len(path) > len(prefix)
-            )
+            # An empty rest still routes: `/v1/secrets/` names the empty secret name, which the
+            # handler refuses as 400 invalid_name rather than an unknown endpoint.
+            matches = path == prefix if exact else path.startswith(prefix)
             if not matches:
                 continue
             path_known = True
+            call.route = prefix if exact else prefix + _ROUTE_REST.get(prefix, "{name}")
             if route_method == method:
                 return await handler(call, path[len(prefix) :])
         if path_known:
@@ -190,7 +257,8 @@ class VaultApi:
     def _json_body(self, call: Call, allowed: set[str]) -> dict[str, Any]:
         try:
             body = json.loads(call.request.body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: a body of deeply nested arrays is bad input, not a server fault.
             raise InvalidInput("bad_request", "the request body is not valid JSON") from exc
         if not isinstance(body, dict):
             raise InvalidInput("bad_request", "the request body must be a JSON object")
@@ -215,6 +283,15 @@ class VaultApi:
             idempotency = Idempotency(key, fingerprint)
         return CommandHeader(call.request_id, call.principal.accessor, now_us, idempotency)
 
+    async def _read_point(self, call: Call) -> None:
+        """Linearizable by default (a read barrier on the leader); `?consistency=stale` answers
+        from this node's applied state, whose index the response carries."""
+        consistency = _single(call.request.query, "consistency") or "linearizable"
+        if consistency not in ("linearizable", "stale"):
+            raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
+        if consistency == "linearizable":
+            await self.replicator.read_barrier()
+
     async def _submit(self, command: Command) -> Outcome:
         return await self.replicator.submit(command)
 
@@ -234,6 +311,7 @@ class VaultApi:
         return error_response(status, code, outcome.message, headers, details)
 
     def _log(self, call: Call, event: str, status: int, outcome: str, **extra: Any) -> None:
+        call.outcome = outcome
         self.events.emit(
             event,
             request_id=call.request_id,
@@ -289,6 +367,15 @@ class VaultApi:
         }
         return Response.json(200 if serving else 503, body)
 
+    async def _metrics(self, call: Call, _: str) -> Response:
+        # Unauthenticated on purpose (docs/observability.md): labels carry no names, accessors
+        # or values, and a scraper holding the root token would be the bigger risk.
+        if self.metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled on this node")
+        response = Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        call.outcome = "ok"
+        return response
+
     # ---- secrets ----------------------------------------------------------------------
     async def _create(self, call: Call, name: str) -> Response:
         principal = self._authenticate(call)
@@ -336,7 +423,7 @@ class VaultApi:
             raise InvalidInput("bad_request", "give either 'version' or 'at', not both")
         wanted = _positive_int(version_text, "version") if version_text is not None else None
         at_us = parse_time(at_text) if at_text is not None else None
-        await self.replicator.read_barrier()
+        await self._read_point(call)
         secret = self._secret(name)
         if wanted is not None:
             if wanted > len(secret.versions):
@@ -353,17 +440,17 @@ class VaultApi:
         call.fields["version"] = version.version
         value = self._open(call, name, version)
         self._log(call, "secret.read", 200, "ok")
-        return Response.json(
-            200,
-            {
-                "name": name,
-                "version": version.version,
-                "value": value,
-                "valid_from": format_time(version.valid_from_us),
-                "valid_to": format_time(secret.valid_to_us(position)),
-                "index": version.index,
-            },
-        )
+        body = {
+            "name": name,
+            "version": version.version,
+            "value": value,
+            "valid_from": format_time(version.valid_from_us),
+            "valid_to": format_time(secret.valid_to_us(position)),
+            "index": version.index,
+        }
+        if call.request.query.get("consistency") == ["stale"]:
+            body["applied_index"] = self.state.applied_index  # what this answer reflects
+        return Response.json(200, body)
 
     async def _history(self, call: Call, name: str) -> Response:
         principal = self._authenticate(call)
@@ -382,18 +469,26 @@ class VaultApi:
         at_us = parse_time(at_text) if at_text is not None else None
         from_us = parse_time(from_text) if from_text is not None else None
         to_us = parse_time(to_text) if to_text is not None else None
-        await self.replicator.read_barrier()
+        if from_us is not None and to_us is not None and from_us > to_us:
+            raise InvalidInput("bad_request", "'from' must not be after 'to'")
+        if at_us is not None:
+            from_us = to_us = at_us  # the one version valid at that instant
+        await self._read_point(call)
         secret = self._secret(name)
-        versions = []
+        versions: list[dict[str, Any]] = []
+        more_match = False
         for position in range(after, len(secret.versions)):
             version = secret.versions[position]
             valid_to = secret.valid_to_us(position)
-            if at_us is not None:
-                from_us = to_us = at_us
+            # A version is valid over [valid_from, valid_to); the window [from, to] is closed.
             if to_us is not None and version.valid_from_us > to_us:
                 break
             if from_us is not None and valid_to is not None and valid_to <= from_us:
                 continue
+            if limit is not None and len(versions) == limit:
+                # Only a further matching version earns a next page, never an empty one.
+                more_match = True
+                break
             versions.append(
                 {
                     "version": version.version,
@@ -406,10 +501,8 @@ class VaultApi:
                     },
                 }
             )
-            if limit is not None and len(versions) >= limit:
-                break
         body: dict[str, Any] = {"name": name, "versions": versions}
-        if limit is not None and versions and versions[-1]["version"] < len(secret.versions):
+        if more_match:
             body["next_after_version"] = versions[-1]["version"]
         self._log(call, "secret.history", 200, "ok", count=len(versions))
         return Response.json(200, body)
@@ -417,7 +510,7 @@ class VaultApi:
     async def _list(self, call: Call, _: str) -> Response:
         principal = self._authenticate(call)
         prefix = check_prefix(_single(call.request.query, "prefix") or "")
-        await self.replicator.read_barrier()
+        await self._read_point(call)
         listed = [
             {
                 "name": secret.name,
@@ -449,8 +542,7 @@ class VaultApi:
             if not isinstance(item["name"], str):
                 raise InvalidInput("invalid_name", "a name must be a string")
             names.append(check_name(item["name"]))
-        for name in names:
-            principal.require("create", name)
+        _require_each(principal, "create", names)
         values = [check_value(item["value"], self.limits.value_bytes_max) for item in items]
         now_us = self.clock_us()
         sealed = [
@@ -496,9 +588,8 @@ class VaultApi:
             if version is not None and (type(version) is not int or version < 1):
                 raise InvalidInput("bad_request", "'version' must be a positive integer")
             wanted.append((check_name(item["name"]), version))
-        for name, _ in wanted:
-            principal.require("read", name)
-        await self.replicator.read_barrier()
+        _require_each(principal, "read", [name for name, _ in wanted])
+        await self._read_point(call)
         # No await from here on: every value comes from one applied index.
         index = self.state.applied_index
         missing = []
@@ -586,7 +677,7 @@ class VaultApi:
     async def _token_revoke_self(self, call: Call, _: str) -> Response:
         principal = self._authenticate(call)
         if principal.token.is_root:
-            raise ApiError(409, "bad_request", "the root token cannot revoke itself")
+            raise ApiError(400, "bad_request", "the root token cannot revoke itself")
         now_us = self.clock_us()
         command = RevokeToken(self._header(call, now_us, None), accessor=principal.accessor)
         outcome = await self._submit(command)
@@ -610,7 +701,7 @@ class VaultApi:
     async def _rewrap(self, call: Call, _: str) -> Response:
         """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""
         self._authenticate(call).require_root()
-        await self.replicator.read_barrier()
+        await self._read_point(call)
         target = self.state.current_kek_id
         total = 0
         batches = 0
@@ -622,7 +713,11 @@ class VaultApi:
                 {"name": name, "version": v.version, "sealed": self.sealer.rewrap(v.sealed, target)}
                 for name, v in pending
             ]
-            command = RewrapVersions(self._header(call, self.clock_us(), None), items=items)
+            # The batches of one request must not carry its Idempotency-Key: each later batch would
+            # replay the first one's outcome and the loop would never end. Rewrapping is harmless
+            # to repeat anyway (a retry finds nothing left to do).
+            header = replace(self._header(call, self.clock_us(), None), idempotency=None)
+            command = RewrapVersions(header, items=items)
             outcome = await self._submit(command)
             if not outcome.ok:
                 return self._render(call, "key.rewrapped", outcome, dict)
@@ -642,7 +737,7 @@ class VaultApi:
 
     async def _keys(self, call: Call, _: str) -> Response:
         self._authenticate(call).require_root()
-        await self.replicator.read_barrier()
+        await self._read_point(call)
         counts = self.state.versions_per_kek()
         keys = [
             {
@@ -658,7 +753,7 @@ class VaultApi:
 
     async def _retire(self, call: Call, rest: str) -> Response:
         kek_text, _, action = rest.partition("/")
-        if action != "retire" or not kek_text.isdigit():
+        if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
             raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
         self._authenticate(call).require_root()
         command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
@@ -667,6 +762,18 @@ class VaultApi:
             self.sealer.forget_retired()
         return self._render(
             call, "key.retired", outcome, lambda d: {"kek_id": d["kek_id"], "retired": True}
+        )
+
+
+def _require_each(principal: Principal, capability: str, names: list[str]) -> None:
+    """403 naming every name the token may not use, so a batch is refused once, completely."""
+    denied = [n for n in dict.fromkeys(names) if not principal.token.allows(capability, n)]
+    if denied:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this token may not {capability}: " + ", ".join(denied),
+            {"names": denied},
         )
 
 
@@ -689,8 +796,16 @@ def _single(query: dict[str, list[str]], key: str) -> str | None:
 
 
 def _positive_int(text: str | None, key: str, minimum: int = 1) -> int:
-    if text is None or not text.isdigit() or int(text) < minimum:
-        raise InvalidInput("bad_request", f"'{key}' must be an integer >= {minimum}")
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses; the length
+    # bound keeps int() below its 4300-digit limit (which raises instead of answering 400).
+    if (
+        text is None
+        or not (text.isascii() and text.isdigit() and len(text) <= _INT_DIGITS_MAX)
+        or int(text) < minimum
+    ):
+        raise InvalidInput(
+            "bad_request", f"'{key}' must be an integer >= {minimum} of at most 18 digits"
+        )
     return int(text)
 
 

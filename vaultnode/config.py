@@ -40,6 +40,7 @@ class Limits:
     batch_secrets_max: int = 1000
     idempotency_retention_s: int = 24 * 3600
     idempotency_keys_max: int = 100_000
+    snapshot_every_slots: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,19 @@ class NodeConfig:
     peers: tuple[PeerConfig, ...] = ()
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
+    audit_file: Path | None = None  # None: <data_dir>/audit.log
+    # Peer TLS (mutual): the cluster CA and this node's certificate; required with peers.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def clustered(self) -> bool:
+        return len(self.peers) > 1
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_file if self.audit_file is not None else self.data_dir / "audit.log"
 
 
 def parse_address(key: str, value: object) -> Address:
@@ -73,6 +87,8 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str = "") -> An
     value = table[key]
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"{full}: expected {kind.__name__}, got {type(value).__name__}")
+    if kind is str and not value.strip():
+        raise ConfigError(f"{full}: must not be empty")
     return value
 
 
@@ -103,13 +119,17 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         raise ConfigError(f"node_id: expected a positive integer, got {node_id}")
     token_hex = _require(data, "root_token_sha256", str)
     try:
-        token_hash = bytes.fromhex(token_hex)
+        # fromhex skips whitespace, so the length check is on the text, not only the bytes.
+        token_hash = bytes.fromhex(token_hex) if len(token_hex) == 64 else b""
     except ValueError:
         token_hash = b""
     if len(token_hash) != 32:
         raise ConfigError("root_token_sha256: expected 64 hex digits (a SHA-256)")
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        raise ConfigError("peers: expected an array of tables ([[peers]])")
     peers = []
-    for position, raw in enumerate(data.get("peers", [])):
+    for position, raw in enumerate(raw_peers):
         where = f"peers[{position}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"peers[{position}]: expected a table")
@@ -125,6 +145,8 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
             )
         )
     ids = [p.node_id for p in peers]
+    if any(peer_id <= 0 for peer_id in ids):
+        raise ConfigError("peers: every id must be a positive integer")
     if len(set(ids)) != len(ids):
         raise ConfigError("peers: two peers share an id")
     if peers and node_id not in ids:
@@ -147,8 +169,17 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         root_accessor=_require(data, "root_accessor", str),
         peers=tuple(peers),
         limits=_parse_limits(data.get("limits")),
-        log_level=data.get("log_level", "info"),
+        log_level=_require(data, "log_level", str) if "log_level" in data else "info",
+        audit_file=path_of("audit_file") if "audit_file" in data else None,
+        **_tls_paths(data, path_of, len(peers) > 1),
     )
+
+
+def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str, Path | None]:
+    keys = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+    if clustered:
+        return {key: path_of(key) for key in keys}  # peers talk only over mutual TLS
+    return {key: path_of(key) if key in data else None for key in keys}
 
 
 def load_config(path: Path) -> NodeConfig:

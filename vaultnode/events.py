@@ -18,6 +18,7 @@ EVENTS = frozenset(
         "node.stopped",
         "node.fatal",
         "log.repaired",
+        "audit.repaired",
         "secret.created",
         "secret.updated",
         "secret.read",
@@ -37,6 +38,7 @@ EVENTS = frozenset(
         "leader.elected",
         "leader.lost",
         "peer.connected",
+        "peer.refused",
         "peer.disconnected",
         "snapshot.taken",
     }

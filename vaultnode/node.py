@@ -8,25 +8,31 @@ serve) and the shutdown order (stop accepting, finish in-flight requests, flush,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import IO
 
+from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError
-from storage.disk import RealDisk
 from storage.errors import StorageError
-from storage.log import SegmentedLog
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
+from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
+from vaultnode.forwarding import Forwarder
 from vaultnode.http_server import HttpServer
-from vaultnode.replication import LocalReplicator
+from vaultnode.metrics import NodeGauges, NodeMetrics, files_size_bytes
+from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown, PaxosReplicator
+from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
+from vaultnode.tls import peer_client_context, peer_server_context
 
 SHUTDOWN_DEADLINE_S = 10.0
 
@@ -63,39 +69,57 @@ class VaultNode:
             root_key = load_root_key_file(config.root_key_file)
         except RootKeyError as exc:
             raise StartupError(f"root key: {exc}") from exc
-        try:
-            log, report = SegmentedLog.open(
-                RealDisk(),
-                str(config.data_dir / "log"),
-                segment_size_bytes_max=config.limits.segment_bytes_max,
-            )
-        except StorageError as exc:
-            raise StartupError(f"the log cannot be opened: {exc}") from exc
-        if report.torn_tail is not None:
-            tail = report.torn_tail
-            self.events.emit(
-                "log.repaired",
-                file=tail.path,
-                offset=tail.offset_bytes,
-                dropped_bytes=tail.dropped_size_bytes,
-                reason=tail.reason,
-            )
         limits = StateLimits(
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
         )
         state = VaultState(limits)
-        replicator = LocalReplicator(log, state, config.node_id, self._fatal)
-        replayed = replicator.replay()
+        replicator = self._make_replicator(state)
+        try:
+            replayed = replicator.replay()
+        except StorageError as exc:
+            raise StartupError(f"the log cannot be opened: {exc}") from exc
         sealer = Sealer(root_key, state)
         if state.initialized and state.key_check_value != sealer.key_check_value:
             raise StartupError(
                 "wrong root key: its check value does not match this vault's "
                 f"(key file {config.root_key_file})"
             )
-        replicator.start()
-        if not state.initialized:
-            await self._bootstrap(replicator, sealer)
+        try:
+            audit = AuditTrail.open(config.audit_path, config.node_id)
+        except AuditError as exc:
+            raise StartupError(f"audit trail: {exc}") from exc
+        if audit.repaired_torn_tail:
+            self.events.emit("audit.repaired", file=str(audit.path), reason="torn last line")
+        metrics = NodeMetrics(
+            config.node_id,
+            NodeGauges(
+                role=lambda: replicator.status().role,
+                commit_index=lambda: replicator.status().commit_index,
+                applied_index=lambda: state.applied_index,
+                fsyncs=lambda: replicator.fsync_count,
+                log_size_bytes=lambda: files_size_bytes(replicator.log_paths()),
+                secrets=lambda: len(state.secrets),
+                versions=lambda: sum(len(s.versions) for s in state.secrets.values()),
+            ),
+        )
+        replicator.on_fsync = metrics.observe_fsync
+        forwarder = None
+        if isinstance(replicator, PaxosReplicator):
+            transport = self._make_transport(replicator)
+            replicator.start(transport)
+            await transport.start()
+            forwarder = Forwarder(
+                config.node_id,
+                {p.node_id: f"http://{p.http_addr}" for p in config.peers},
+            )
+            bootstrap = asyncio.get_running_loop().create_task(
+                self._bootstrap_when_leader(replicator, sealer, state)
+            )
+        else:
+            replicator.start()
+            if not state.initialized:
+                await self._bootstrap(replicator, sealer)
         api = VaultApi(
             node_id=config.node_id,
             state=state,
@@ -103,7 +127,11 @@ class VaultNode:
             sealer=sealer,
             events=self.events,
             limits=config.limits,
+            audit=audit,
+            metrics=metrics,
+            forwarder=forwarder,
         )
+        audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
         await server.start(config.http_listen.host, config.http_listen.port)
         loop = asyncio.get_running_loop()
@@ -118,15 +146,89 @@ class VaultNode:
         )
         await self._stop.wait()
         await server.stop(SHUTDOWN_DEADLINE_S)
+        if isinstance(replicator, PaxosReplicator):
+            bootstrap.cancel()
+            assert replicator.transport is not None and forwarder is not None
+            await replicator.transport.stop()
+            await forwarder.close()
         await replicator.stop()
-        log.close()
+        try:
+            await audit.close()
+        except AuditError as exc:
+            self._fatal(exc)
+        # The chain head, outside the audit file: a truncated tail no longer ends in it.
         self.events.emit(
-            "node.stopped", applied_index=state.applied_index, exit_code=self._exit_code
+            "node.stopped",
+            applied_index=state.applied_index,
+            exit_code=self._exit_code,
+            audit_head=audit.head,
         )
         lock.close()
         return self._exit_code
 
-    async def _bootstrap(self, replicator: LocalReplicator, sealer: Sealer) -> None:
+    def _make_replicator(self, state: VaultState) -> LocalReplicator | PaxosReplicator:
+        config = self.config
+        if config.clustered:
+            return PaxosReplicator(
+                node_id=config.node_id,
+                node_ids=tuple(sorted(p.node_id for p in config.peers)),
+                data_dir=config.data_dir,
+                state=state,
+                events=self.events,
+                on_fatal=self._fatal,
+                segment_bytes_max=config.limits.segment_bytes_max,
+                snapshot_every_slots=config.limits.snapshot_every_slots,
+            )
+        return LocalReplicator.open(
+            config.data_dir / "log", state, config.node_id, self._fatal, self.events,
+            segment_bytes_max=config.limits.segment_bytes_max,
+        )
+
+    def _make_transport(self, replicator: PaxosReplicator) -> PeerTransport:
+        config = self.config
+        assert config.tls_ca_file and config.tls_cert_file and config.tls_key_file
+        try:
+            server_ssl = peer_server_context(
+                config.tls_ca_file, config.tls_cert_file, config.tls_key_file
+            )
+            client_ssl = peer_client_context(
+                config.tls_ca_file, config.tls_cert_file, config.tls_key_file
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"peer TLS: {exc}") from exc
+        return PeerTransport(
+            node_id=config.node_id,
+            cluster_id=config.cluster_id,
+            listen_host=config.peer_listen.host,
+            listen_port=config.peer_listen.port,
+            peers=[
+                PeerEndpoint(p.node_id, p.peer_addr.host, p.peer_addr.port) for p in config.peers
+            ],
+            on_message=replicator.on_message,
+            on_event=self.events.emit,
+            server_ssl=server_ssl,
+            client_ssl=client_ssl,
+        )
+
+    async def _bootstrap_when_leader(
+        self, replicator: PaxosReplicator, sealer: Sealer, state: VaultState
+    ) -> None:
+        """Whichever node leads first proposes the bootstrap; the state keeps only the first."""
+        while not state.initialized:
+            if replicator.is_leader():
+                with contextlib.suppress(NotLeader, OutcomeUnknown, ReplicationStopped):
+                    await self._bootstrap(replicator, sealer)
+            if not state.initialized:
+                await asyncio.sleep(0.05)
+        if state.key_check_value != sealer.key_check_value:
+            self._fatal(StartupError(
+                "wrong root key: its check value does not match this vault's "
+                f"(key file {self.config.root_key_file})"
+            ))
+
+    async def _bootstrap(
+        self, replicator: LocalReplicator | PaxosReplicator, sealer: Sealer
+    ) -> None:
         now_us = 0  # the state machine moves it past the previous entry; any node may propose this
         command = InitVault(
             CommandHeader("bootstrap", "", now_us),

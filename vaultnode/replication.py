@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 
+from storage.disk import RealDisk
 from storage.log import SegmentedLog
 from vaultnode.commands import Command, decode_command, encode_command
+from vaultnode.events import EventLog
 from vaultnode.state import Outcome, VaultState
 
 
@@ -64,6 +68,37 @@ class LocalReplicator:
         self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-fsync")
         self._task: asyncio.Task[None] | None = None
         self.fsync_count = 0
+        # Told how long each fsync took (seconds), e.g. by the node's metrics.
+        self.on_fsync: Callable[[float], None] = lambda duration_s: None
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        state: VaultState,
+        node_id: int,
+        on_fatal: Callable[[BaseException], None],
+        events: EventLog,
+        *,
+        segment_bytes_max: int,
+    ) -> LocalReplicator:
+        """Open (repairing a torn tail, refusing corruption) the node's log in `directory`."""
+        log, report = SegmentedLog.open(
+            RealDisk(), str(directory), segment_size_bytes_max=segment_bytes_max
+        )
+        if report.torn_tail is not None:
+            tail = report.torn_tail
+            events.emit(
+                "log.repaired",
+                file=tail.path,
+                offset=tail.offset_bytes,
+                dropped_bytes=tail.dropped_size_bytes,
+                reason=tail.reason,
+            )
+        return cls(log, state, node_id, on_fatal)
+
+    def log_paths(self) -> list[str]:
+        return self._log.segment_paths
 
     def replay(self) -> int:
         """Rebuild the state from the log; returns the number of entries applied."""
@@ -81,6 +116,12 @@ class LocalReplicator:
             "leader", self.node_id, self._log.synced_index, self.state.applied_index
         )
 
+    def is_leader(self) -> bool:
+        return True
+
+    def leader_id(self) -> int | None:
+        return self.node_id
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -91,6 +132,7 @@ class LocalReplicator:
         if self._task is not None:
             await self._task
         self._fsync_thread.shutdown(wait=True)
+        self._log.close()
 
     async def submit(self, command: Command) -> Outcome:
         if self._stopped is not None:
@@ -118,15 +160,22 @@ class LocalReplicator:
             del self._pending[: self._entry_commands_max]
             try:
                 index = self._log.append([encode_entry([raw for raw, _, _ in batch])])
-                await loop.run_in_executor(self._fsync_thread, self._log.sync)
+                fsync_s = await loop.run_in_executor(self._fsync_thread, self._timed_sync)
             except BaseException as exc:
                 self._fail_everything(exc, batch)
                 return
             self.fsync_count += 1
+            self.on_fsync(fsync_s)
             for _, command, future in batch:
                 outcome = self.state.apply(index, command)
                 if not future.done():
                     future.set_result(outcome)
+
+    def _timed_sync(self) -> float:
+        # Timed on the fsync thread, so the figure excludes the hop to and from the event loop.
+        started = time.perf_counter()
+        self._log.sync()
+        return time.perf_counter() - started
 
     def _fail_everything(
         self, exc: BaseException, batch: list[tuple[bytes, Command, asyncio.Future[Outcome]]]

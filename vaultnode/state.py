@@ -68,6 +68,10 @@ SUCCESS_CODES = frozenset(
 )
 
 
+# Outcomes that wrote nothing and mean "try again" (503): never kept under an Idempotency-Key.
+TRANSIENT_CODES = frozenset({"retry", "unavailable"})
+
+
 @dataclass
 class Version:
     version: int
@@ -177,7 +181,9 @@ class VaultState:
 
         outcome = self._apply_command(index, now_us, command)
 
-        if slot is not None and idem is not None:
+        # A transient outcome changed nothing and asks the client to retry; remembering it would
+        # answer every retry with the same 503 until the key expired.
+        if slot is not None and idem is not None and outcome.code not in TRANSIENT_CODES:
             self.idempotency[slot] = IdempotencyRecord(
                 idem.fingerprint, outcome.to_wire(), now_us + self.limits.idempotency_retention_us
             )
@@ -243,8 +249,9 @@ class VaultState:
         return Outcome("initialized")
 
     def _sealed_problem(self, name: str, sealed: dict[str, Any], fresh: bool) -> str | None:
-        if sealed.get("name") != name:
-            return "the sealed record names another secret"
+        # No check that the record names this secret: opening checks that, authenticated. Refusing
+        # here would turn a record moved between secrets in the log into a silently missing
+        # secret on replay instead of an integrity_error on read.
         kek = self.keks.get(sealed.get("kek_id", -1))
         if kek is None or kek.retired:
             return "the sealed record uses an unknown or retired key"
@@ -393,6 +400,15 @@ class VaultState:
         kek.retired = True
         kek.wrapped = b""  # a retired key is gone for good, not merely unused
         return Outcome("kek_retired", data={"kek_id": command.kek_id})
+
+    def mark_applied(self, index: int) -> None:
+        """Every command of log position `index` is applied (a no-op slot has none)."""
+        assert index >= self.applied_index, f"applied out of order: {index} < {self.applied_index}"
+        self.applied_index = index
+
+    def replace_with(self, other: VaultState) -> None:
+        """Become `other` (a restored snapshot) in place, so holders of this object see it."""
+        self.__dict__.update(other.__dict__)
 
     # ---- queries (served at the edge after a read barrier; never mutate) ------------------
     def versions_per_kek(self) -> dict[int, int]:

@@ -1,0 +1,228 @@
+"""The asyncio adapter that carries consensus messages between peers: msgpack frames over TCP.
+
+Owns the peer connections: one outbound connection per peer (dialled, redialled with backoff)
+for sending and the inbound ones for receiving; the handshake (cluster id, node id, protocol
+version), the frame format (4-byte little-endian length + msgpack message, bounded size) and TLS
+identity checks. It must never interpret a message: it delivers what arrives to `on_message` and
+drops what it cannot send — the protocol retransmits, so a lost frame is only a delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from consensus.codec import decode_message, encode_message
+from consensus.errors import RemoteProtocolError
+from consensus.messages import Message
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct("<I")
+FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
+HANDSHAKE_SIZE_BYTES_MAX = 4096
+OUTBOX_FRAMES_MAX = 4096
+BACKOFF_S_MIN = 0.05
+BACKOFF_S_MAX = 1.0
+CONNECT_TIMEOUT_S = 2.0
+
+
+def node_tls_name(node_id: int) -> str:
+    """The DNS name in a node's certificate: a peer must present the one for its own id."""
+    return f"vault-node-{node_id}"
+
+
+@dataclass(frozen=True)
+class PeerEndpoint:
+    node_id: int
+    host: str
+    port: int
+
+
+class HandshakeError(Exception):
+    pass
+
+
+EventSink = Callable[..., None]
+
+
+def _frame(payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader, size_bytes_max: int) -> bytes:
+    header = await reader.readexactly(FRAME_HEADER.size)
+    (size,) = FRAME_HEADER.unpack(header)
+    if size > size_bytes_max:
+        raise HandshakeError(f"frame of {size} bytes exceeds the limit of {size_bytes_max}")
+    return await reader.readexactly(size)
+
+
+class PeerTransport:
+    def __init__(
+        self,
+        *,
+        node_id: int,
+        cluster_id: str,
+        listen_host: str,
+        listen_port: int,
+        peers: list[PeerEndpoint],
+        on_message: Callable[[Message], None],
+        on_event: EventSink,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self._listen = (listen_host, listen_port)
+        self._peers = {p.node_id: p for p in peers if p.node_id != node_id}
+        self._on_message = on_message
+        self._on_event = on_event
+        self._server_ssl = server_ssl
+        self._client_ssl = client_ssl
+        self._frame_size_bytes_max = frame_size_bytes_max
+        self._outboxes: dict[int, asyncio.Queue[bytes]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+        self._inbound: set[asyncio.StreamWriter] = set()
+        self.connected: dict[int, bool] = {peer: False for peer in self._peers}
+        self.frames_dropped = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve_inbound, self._listen[0], self._listen[1], ssl=self._server_ssl,
+            reuse_address=True,
+        )
+        for peer_id in self._peers:
+            self._outboxes[peer_id] = asyncio.Queue(OUTBOX_FRAMES_MAX)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._dial(peer_id)))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for writer in list(self._inbound):
+            writer.close()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def send(self, message: Message) -> None:
+        outbox = self._outboxes.get(message.to)
+        if outbox is None or not self.connected.get(message.to, False):
+            self.frames_dropped += 1
+            return
+        try:
+            outbox.put_nowait(_frame(encode_message(message)))
+        except asyncio.QueueFull:
+            self.frames_dropped += 1
+
+    # ---- outbound --------------------------------------------------------------------
+    def _handshake(self) -> bytes:
+        hello = {"cluster_id": self.cluster_id, "node_id": self.node_id,
+                 "protocol": PROTOCOL_VERSION}
+        return _frame(msgpack.packb(hello, use_bin_type=True))
+
+    async def _dial(self, peer_id: int) -> None:
+        peer = self._peers[peer_id]
+        outbox = self._outboxes[peer_id]
+        backoff_s = BACKOFF_S_MIN
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        peer.host, peer.port, ssl=self._client_ssl,
+                        server_hostname=node_tls_name(peer_id) if self._client_ssl else None,
+                    ),
+                    CONNECT_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError, ssl.SSLError):
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, BACKOFF_S_MAX)
+                continue
+            backoff_s = BACKOFF_S_MIN
+            try:
+                writer.write(self._handshake())
+                self.connected[peer_id] = True
+                self._on_event("peer.connected", peer=peer_id, direction="out")
+                closed = asyncio.get_running_loop().create_task(reader.read(1))
+                while True:
+                    getter = asyncio.get_running_loop().create_task(outbox.get())
+                    done, _ = await asyncio.wait({getter, closed},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if closed in done:
+                        getter.cancel()
+                        break
+                    frames = [getter.result()]
+                    while not outbox.empty() and len(frames) < 256:
+                        frames.append(outbox.get_nowait())
+                    writer.write(b"".join(frames))
+                    await writer.drain()
+            except (OSError, ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                self.connected[peer_id] = False
+                while not outbox.empty():
+                    outbox.get_nowait()
+                    self.frames_dropped += 1
+                writer.close()
+                self._on_event("peer.disconnected", peer=peer_id, direction="out")
+            await asyncio.sleep(backoff_s)
+
+    # ---- inbound ---------------------------------------------------------------------
+    def _check_hello(self, raw: bytes, writer: asyncio.StreamWriter) -> int:
+        try:
+            hello: Any = msgpack.unpackb(raw, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise HandshakeError("the handshake is not msgpack") from exc
+        if not isinstance(hello, dict):
+            raise HandshakeError("the handshake is not a map")
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            raise HandshakeError(f"protocol version {hello.get('protocol')!r} is not supported")
+        if hello.get("cluster_id") != self.cluster_id:
+            raise HandshakeError("the peer belongs to another cluster")
+        peer_id = hello.get("node_id")
+        if not isinstance(peer_id, int) or peer_id not in self._peers:
+            raise HandshakeError(f"node {peer_id!r} is not a peer of this cluster")
+        if self._server_ssl is not None:
+            cert = writer.get_extra_info("peercert") or {}
+            names = {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+            if node_tls_name(peer_id) not in names:
+                raise HandshakeError(f"the certificate presented is not node {peer_id}'s")
+        return peer_id
+
+    async def _serve_inbound(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._inbound.add(writer)
+        peer_address = writer.get_extra_info("peername")
+        peer_id: int | None = None
+        try:
+            raw = await _read_frame(reader, HANDSHAKE_SIZE_BYTES_MAX)
+            peer_id = self._check_hello(raw, writer)
+            self._on_event("peer.connected", peer=peer_id, direction="in")
+            while True:
+                payload = await _read_frame(reader, self._frame_size_bytes_max)
+                message = decode_message(payload)
+                if message.sender != peer_id or message.to != self.node_id:
+                    continue  # a peer may only speak for itself, to us
+                self._on_message(message)
+        except HandshakeError as exc:
+            self._on_event("peer.refused", address=str(peer_address), reason=str(exc))
+        except (asyncio.IncompleteReadError, OSError, ConnectionError, ssl.SSLError):
+            pass
+        except RemoteProtocolError as exc:  # an undecodable message: the peer is broken
+            self._on_event("peer.refused", address=str(peer_address), reason=str(exc))
+        finally:
+            self._inbound.discard(writer)
+            writer.close()
+            if peer_id is not None:
+                self._on_event("peer.disconnected", peer=peer_id, direction="in")
