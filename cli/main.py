@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
@@ -414,6 +415,8 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     """Drop an old key-encryption key once nothing uses it."""
     run(lambda: ctx.client.request("POST", f"/v1/sys/keys/{kek_id}/retire"))
     click.echo(f"key {kek_id} retired")
+
+main.add_command(audit)
 
 
 def entry() -> None:
