@@ -79,6 +79,11 @@ def send_and_lose_the_reply(cluster: Cluster, request: bytes, applied: Any) -> N
         sock.close()
 
 
+def one_policy(prefix: str) -> dict[str, Any]:
+    """A token-creation body: create and read under `prefix`."""
+    return {"policies": [{"prefix": prefix, "capabilities": ["create", "read"]}]}
+
+
 def body_bytes(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload).encode()
 
@@ -201,7 +206,7 @@ def test_the_same_key_from_another_token_is_independent(shared_vault: Cluster) -
     with shared_vault.client() as root:
         created = root.post(
             "/v1/tokens",
-            json={"policies": [{"prefix": "scope/", "capabilities": ["create", "read"]}]},
+            json=one_policy("scope/"),
         )
         assert created.status_code == 201
         for key, name in (("shared", "scope/root"), ("shared-x", "scope/x")):
@@ -301,6 +306,37 @@ def test_a_keyed_rewrap_of_more_than_one_batch_finishes(shared_vault: Cluster) -
         assert done.status_code == 200, done.text
         assert done.json()["remaining"] == 0 and done.json()["batches"] >= 2
         assert client.get("/v1/secrets/rewrap/299").json()["value"] == "v"
+
+
+def test_without_a_key_a_retry_is_a_new_request(shared_vault: Cluster) -> None:
+    with shared_vault.client() as client:
+        assert send(client, "POST", "/v1/secrets/nokey/a", None, {"value": "v1"}).status_code == 201
+        again = send(client, "POST", "/v1/secrets/nokey/a", None, {"value": "v1"})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "already_exists"
+        for _ in range(2):
+            assert (
+                send(client, "PUT", "/v1/secrets/nokey/a", None, {"value": "v2"}).status_code == 200
+            )
+        assert len(versions(client, "nokey/a")) == 3  # the retried update added a version
+        guarded = {"value": "v3", "expected_version": 3}
+        assert send(client, "PUT", "/v1/secrets/nokey/a", None, guarded).status_code == 200
+        conflict = send(client, "PUT", "/v1/secrets/nokey/a", None, guarded)
+        assert (
+            conflict.status_code == 409 and conflict.json()["error"]["code"] == "version_conflict"
+        )
+        assert len(versions(client, "nokey/a")) == 4
+
+
+def test_a_retried_self_revocation_meets_the_revoked_token(shared_vault: Cluster) -> None:
+    with shared_vault.client() as root:
+        token = root.post("/v1/tokens", json=one_policy("bye/")).json()["token"]
+    with shared_vault.client(token=token) as client:
+        assert (
+            client.delete("/v1/tokens/self", headers={"Idempotency-Key": "bye"}).status_code == 200
+        )
+        # Authentication comes before the key is looked at, and the token is gone: 401, no replay.
+        retry = client.delete("/v1/tokens/self", headers={"Idempotency-Key": "bye"})
+        assert retry.status_code == 401 and "Idempotent-Replayed" not in retry.headers
 
 
 # ---- races ---------------------------------------------------------------------------------
