@@ -29,6 +29,8 @@ from typing import Any
 GENESIS_PREV = hashlib.sha256(b"").hexdigest()
 FSYNC_INTERVAL_S_DEFAULT = 1.0
 _TAIL_CHUNK_BYTES = 4096
+# Built once: json.dumps with non-default options builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
 class AuditError(Exception):
@@ -57,7 +59,7 @@ def line_digest(line: bytes) -> str:
 
 def format_record(prev: str, fields: dict[str, Any]) -> bytes:
     record = {"prev": prev, **fields}
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return _ENCODE(record).encode("ascii")
 
 
 def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
@@ -127,6 +129,8 @@ class AuditTrail:
         self._fd = fd
         self._unsynced = False
         self._fsync_task: asyncio.Task[None] | None = None
+        self._second = -1
+        self._second_text = ""
 
     @classmethod
     def open(cls, path: Path, node_id: int) -> AuditTrail:
@@ -168,12 +172,10 @@ class AuditTrail:
         outcome: str,
     ) -> None:
         """Append one line; raises AuditError if the OS refuses it (the caller fails closed)."""
-        now = time.time()
         line = format_record(
             self.head,
             {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-                + f".{int(now % 1 * 1e6):06d}Z",
+                "time": self._now_rfc3339(),
                 "node": self.node_id,
                 "request_id": request_id,
                 "accessor": accessor,
@@ -195,6 +197,15 @@ class AuditTrail:
         self.head = line_digest(line)
         self.lines_written += 1
         self._unsynced = True
+
+    def _now_rfc3339(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            # strftime is the costly part; it changes once a second.
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
 
     def start(self, fsync_interval_s: float = FSYNC_INTERVAL_S_DEFAULT) -> None:
         self._fsync_task = asyncio.get_running_loop().create_task(
