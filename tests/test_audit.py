@@ -4,7 +4,9 @@ verify` naming the first line an edit or a deletion broke."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,13 @@ from pathlib import Path
 import httpx
 
 from tests.harness import Cluster
+from vaultnode.api import VaultApi
 from vaultnode.audit import GENESIS_PREV, AuditTrail, line_digest, verify_file
+from vaultnode.config import Limits
+from vaultnode.events import EventLog
+from vaultnode.http_server import Request
+from vaultnode.sealing import Sealer
+from vaultnode.state import VaultState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,3 +163,25 @@ def test_the_node_audits_every_request_and_verify_names_an_edit_and_a_deletion(
     assert report.returncode == 1
     # The line that followed the deleted one now sits at its number and no longer chains.
     assert f"chain broken at line {deleted_at + 1}:" in report.stderr
+
+
+def test_a_request_whose_audit_line_cannot_be_written_is_answered_503_not_served(
+    tmp_path: Path,
+) -> None:
+    trail = AuditTrail.open(tmp_path / "audit.log", node_id=1)
+    os.close(trail._fd)  # the disk is gone: every write now fails
+    stream = io.StringIO()
+    api = VaultApi(
+        node_id=1,
+        state=VaultState(),
+        replicator=None,
+        sealer=Sealer(bytes(32), VaultState()),
+        events=EventLog(1, stream),
+        limits=Limits(),
+        audit=trail,
+    )
+    request = Request("GET", "/no/such/endpoint", {}, {}, b"")
+    response = asyncio.run(api.handle(request))
+    assert response.status == 503
+    assert json.loads(response.body)["error"]["code"] == "audit_unavailable"
+    assert '"outcome":"audit_unavailable"' in stream.getvalue()
