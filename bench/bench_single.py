@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ from tests.harness import Cluster, make_cluster  # noqa: E402
 VALUE = "v" * 32  # a typical small secret (an API key)
 WARMUP_S = 1.0
 OPERATIONS = ("create", "update", "read")
+FSYNC_METRIC = "vault_fsync_duration_seconds"  # a histogram: _count fsyncs, _sum seconds
 
 
 def _parse_clients(text: str) -> list[int]:
@@ -72,6 +74,8 @@ async def _measure(cluster: Cluster, clients_list: list[int], seconds: float) ->
     node = cluster.nodes[0]
     host, port_text = node.http_addr.rsplit(":", 1)
     port = int(port_text)
+    assert node.process is not None
+    node_pid = node.process.pid
     warmup = _builder("create", cluster, node.http_addr, "warmup")
     await generate_load(host, port, warmup, clients=max(clients_list), duration_s=WARMUP_S)
     results: list[LoadResult] = []
@@ -92,20 +96,62 @@ async def _measure(cluster: Cluster, clients_list: list[int], seconds: float) ->
             raise RuntimeError(f"seeding {clients} keys failed: {seeded.failures_text()}")
         for operation in OPERATIONS:
             build = _builder(operation, cluster, node.http_addr, tag)
+            node_cpu_before_s = _process_cpu_s(node_pid)
+            fsyncs_before, fsync_s_before = _fsync_totals(node.url)
             result = await generate_load(host, port, build, clients=clients, duration_s=seconds)
+            node_cpu_s = _process_cpu_s(node_pid) - node_cpu_before_s
+            fsyncs_after, fsync_s_after = _fsync_totals(node.url)
             results.append(result)
-            print(_row(operation, result), flush=True)
+            fsyncs = fsyncs_after - fsyncs_before
+            fsync_s = fsync_s_after - fsync_s_before
+            print(_row(operation, result, node_cpu_s, fsyncs, fsync_s), flush=True)
     return results
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    # Fields 14 and 15 of stat(5) (utime, stime); the split above starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fsync_totals(url: str) -> tuple[float, float]:
+    """(fsyncs, seconds spent in them) so far, from /metrics; NaNs if the node lacks them."""
+    totals = {FSYNC_METRIC + "_count": float("nan"), FSYNC_METRIC + "_sum": float("nan")}
+    try:
+        text = httpx.get(url + "/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return float("nan"), float("nan")
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in totals:
+            totals[name] = float(value)
+    return totals[FSYNC_METRIC + "_count"], totals[FSYNC_METRIC + "_sum"]
+
+
 def _header() -> str:
-    return f"{'operation':<10}{'clients':>8}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}  failures"
+    return (
+        f"{'operation':<10}{'clients':>8}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'node CPU us/op':>16}{'ops/fsync':>11}{'fsync ms':>10}  failures"
+    )
 
 
-def _row(operation: str, result: LoadResult) -> str:
+def _row(
+    operation: str, result: LoadResult, node_cpu_s: float, fsyncs: float, fsync_s: float
+) -> str:
+    # CPU per operation is steadier than ops/s when other work shares the two cores.
+    cpu_us_per_op = node_cpu_s / result.ok_count * 1e6 if result.ok_count else float("nan")
+    # How many writes one group commit carried; reads do not fsync.
+    per_fsync, fsync_ms = "-", "-"
+    if fsyncs > 0:
+        per_fsync, fsync_ms = f"{result.ok_count / fsyncs:.1f}", f"{fsync_s / fsyncs * 1e3:.2f}"
     return (
         f"{operation:<10}{result.clients:>8}{result.ops_per_s:>10.0f}"
-        f"{result.p50_ms:>10.2f}{result.p99_ms:>10.2f}  {result.failures_text()}"
+        f"{result.p50_ms:>10.2f}{result.p99_ms:>10.2f}{cpu_us_per_op:>16.0f}{per_fsync:>11}{fsync_ms:>10}"
+        f"  {result.failures_text()}"
     )
 
 
