@@ -6,11 +6,14 @@ those. Waiting is always on a condition with a deadline, never a bare sleep.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,7 +144,131 @@ class Cluster:
             node.stop()
 
 
-def make_cluster(root: Path, nodes: int = 1) -> Cluster:
+class LinkProxy:
+    """A TCP relay for every directed peer link, so a test can cut links (partitions).
+
+    Node i reaches node j through its own relay (i, j); cutting it closes the relayed
+    connections and refuses new ones, in that direction only. Runs its own event loop thread.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._servers: list[asyncio.Server] = []
+        self._cut: set[tuple[int, int]] = set()
+        self._open: dict[tuple[int, int], set[asyncio.StreamWriter]] = {}
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def add_link(self, source: int, target: int, target_port: int) -> int:
+        async def start() -> int:
+            server = await asyncio.start_server(
+                lambda r, w: self._relay(source, target, target_port, r, w), "127.0.0.1", 0
+            )
+            self._servers.append(server)
+            return int(server.sockets[0].getsockname()[1])
+
+        port: int = self._call(start())
+        return port
+
+    async def _relay(
+        self,
+        source: int,
+        target: int,
+        target_port: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        link = (source, target)
+        if link in self._cut:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            writer.close()
+            return
+        ends = self._open.setdefault(link, set())
+        ends.update({writer, up_writer})
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        ends.discard(writer)
+        ends.discard(up_writer)
+
+    def cut(self, links: list[tuple[int, int]]) -> None:
+        async def apply() -> None:
+            for link in links:
+                self._cut.add(link)
+                for end in list(self._open.get(link, ())):
+                    end.close()
+
+        self._call(apply())
+
+    def isolate(self, node_id: int, node_ids: list[int]) -> None:
+        others = [n for n in node_ids if n != node_id]
+        self.cut([(node_id, o) for o in others] + [(o, node_id) for o in others])
+
+    def heal(self) -> None:
+        async def apply() -> None:
+            self._cut.clear()
+
+        self._call(apply())
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for server in self._servers:
+                server.close()
+            for ends in self._open.values():
+                for end in ends:
+                    end.close()
+
+        self._call(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def _rewrite_config(
+    path: Path, limits: dict[str, int] | None, peer_ports: dict[int, int] | None
+) -> None:
+    text = path.read_text()
+    if peer_ports:
+        head, *blocks = text.split("[[peers]]")
+        rewritten = []
+        for block in blocks:
+            peer_id = int(re.search(r"^id = (\d+)$", block, re.M).group(1))  # type: ignore[union-attr]
+            if peer_id in peer_ports:
+                block = re.sub(
+                    r'^peer_addr = ".*"$',
+                    f'peer_addr = "127.0.0.1:{peer_ports[peer_id]}"',
+                    block,
+                    flags=re.M,
+                )
+            rewritten.append(block)
+        text = "[[peers]]".join([head, *rewritten])
+    if limits:
+        text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
+    path.write_text(text)
+
+
+def make_cluster(
+    root: Path,
+    nodes: int = 1,
+    *,
+    limits: dict[str, int] | None = None,
+    proxy: LinkProxy | None = None,
+) -> Cluster:
     base = free_port_block(2 * nodes)
     result = init_cluster(root, nodes, base)
     cluster = Cluster(root, result.root_token)
@@ -149,6 +276,15 @@ def make_cluster(root: Path, nodes: int = 1) -> Cluster:
         zip(result.config_paths, result.http_addresses, strict=True)
     ):
         node_id = i + 1
+        peer_ports = None
+        if proxy is not None:
+            # Peer ports follow init_cluster's layout: base + 2 * (id - 1) + 1.
+            peer_ports = {
+                j: proxy.add_link(node_id, j, base + 2 * (j - 1) + 1)
+                for j in range(1, nodes + 1)
+                if j != node_id
+            }
+        _rewrite_config(config, limits, peer_ports)
         cluster.nodes.append(
             Node(
                 node_id, config, http, root / f"node{node_id}" / "data", root / f"node{node_id}.log"
@@ -157,8 +293,14 @@ def make_cluster(root: Path, nodes: int = 1) -> Cluster:
     return cluster
 
 
-def started_cluster(root: Path, nodes: int = 1) -> Iterator[Cluster]:
-    cluster = make_cluster(root, nodes)
+def started_cluster(
+    root: Path,
+    nodes: int = 1,
+    *,
+    limits: dict[str, int] | None = None,
+    proxy: LinkProxy | None = None,
+) -> Iterator[Cluster]:
+    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy)
     try:
         for node in cluster.nodes:
             node.start(wait=False)
@@ -167,3 +309,33 @@ def started_cluster(root: Path, nodes: int = 1) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop_all()
+
+
+def node_health(node: Node) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(node.url + "/health", timeout=1.0)
+        return response.json()  # type: ignore[no-any-return]
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def wait_for_leader(nodes: list[Node], deadline_s: float = 20.0) -> Node:
+    """The node that every given (running) node agrees is the leader."""
+    found: list[Node] = []
+
+    def agreed() -> bool:
+        views = [node_health(n) for n in nodes]
+        if any(v is None or v.get("status") != "ok" for v in views):
+            return False
+        leaders = {v["leader_id"] for v in views if v is not None}
+        if len(leaders) != 1:
+            return False
+        (leader_id,) = leaders
+        leader = [n for n in nodes if n.node_id == leader_id]
+        if not leader:
+            return False
+        found[:] = leader
+        return True
+
+    wait_until(agreed, deadline_s, "the running nodes to agree on a leader")
+    return found[0]
