@@ -48,7 +48,7 @@ def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=ROOT / "local-cluster")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--base-port", type=int, default=8200)
     args = parser.parse_args()
     cluster_dir: Path = args.dir
