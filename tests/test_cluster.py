@@ -446,3 +446,27 @@ def test_an_isolated_leader_serves_nothing_and_the_majority_carries_on(
         final = client.get(f"{new.url}/v1/secrets/part/a").json()["value"]
         assert values == {final}
         assert final in ("2", "old")  # "old" only if its 504 outcome was in fact applied
+
+
+def test_a_retry_after_the_leader_dies_replays_the_original_answer(fresh3: Cluster) -> None:
+    leader = wait_for_leader(fresh3.nodes)
+    key = uuid.uuid4().hex
+    headers = {**auth(fresh3), "Idempotency-Key": key}
+    first = httpx.post(
+        f"{leader.url}/v1/secrets/failover/idem", json={"value": "v"}, headers=headers
+    )
+    assert first.status_code == 201
+    leader.kill(signal.SIGKILL)
+    survivors = [n for n in fresh3.nodes if n is not leader]
+    wait_for_leader(survivors)
+    retry = httpx.post(
+        f"{survivors[0].url}/v1/secrets/failover/idem",
+        json={"value": "v"},
+        headers=headers,
+        timeout=30,
+    )
+    assert retry.status_code == 201
+    assert retry.headers.get("Idempotent-Replayed") == "true"
+    assert retry.json() == first.json()
+    history = httpx.get(f"{survivors[1].url}/v1/history/failover/idem", headers=auth(fresh3))
+    assert [v["version"] for v in history.json()["versions"]] == [1]
