@@ -14,6 +14,7 @@ import pytest
 
 from tests.harness import Cluster, started_cluster, wait_until
 from tests.test_http_wire import assert_error
+from vaultnode.api import TOKEN_TTL_S_MAX
 
 TTL_EXPIRY_DEADLINE_S = 10.0
 
@@ -98,6 +99,8 @@ def test_only_the_root_token_may_create_tokens(shared_vault: Cluster) -> None:
         {"policies": [{"prefix": "a/", "capabilities": ["read"], "extra": 1}]},
         {"policies": [{"prefix": "a/", "capabilities": ["read"]}], "ttl": 0},
         {"policies": [{"prefix": "a/", "capabilities": ["read"]}], "ttl": "1h"},
+        # Past ~100 years the expiry leaves RFC 3339's years and, later, msgpack's integers.
+        {"policies": [{"prefix": "a/", "capabilities": ["read"]}], "ttl": 10**12},
         {"policies": [{"prefix": "a/", "capabilities": ["read"]}], "root": True},
     ],
     ids=[
@@ -109,6 +112,7 @@ def test_only_the_root_token_may_create_tokens(shared_vault: Cluster) -> None:
         "extra-key",
         "ttl-0",
         "ttl-text",
+        "ttl-huge",
         "unknown-field",
     ],
 )
@@ -117,6 +121,15 @@ def test_a_malformed_token_request_is_400(shared_vault: Cluster, body: dict[str,
         response = root.post("/v1/tokens", json=body)
         assert response.status_code == 400
         assert response.json()["error"]["code"] in ("bad_request", "invalid_name")
+
+
+def test_the_longest_ttl_gives_a_token_that_works(shared_vault: Cluster) -> None:
+    longest = make_token(
+        shared_vault, [{"prefix": "ttl-max/", "capabilities": ["read"]}], ttl=TOKEN_TTL_S_MAX
+    )
+    assert longest["expires_at"] > "2120"
+    with shared_vault.client(token=longest["token"]) as client:
+        assert client.get("/v1/tokens/self").json()["expires_at"] == longest["expires_at"]
 
 
 def test_a_policy_allows_exactly_its_capabilities_under_its_prefix(shared_vault: Cluster) -> None:

@@ -277,7 +277,7 @@ def test_expected_version_mismatch_is_409_version_conflict_and_writes_nothing(
         assert matching.status_code == 200 and matching.json()["version"] == 3
 
 
-@pytest.mark.parametrize("expected", [0, -1, "1", 1.5, True, [1]])
+@pytest.mark.parametrize("expected", [0, -1, "1", 1.5, True, [1], 2**63, 10**30])
 def test_a_malformed_expected_version_is_400_bad_request(
     shared_vault: Cluster, expected: Any
 ) -> None:
