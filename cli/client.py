@@ -54,6 +54,7 @@ class VaultClient:
             raise ClientError("no vault address: set VAULT_ADDR or pass --addr")
         self.addresses = [a if "://" in a else f"http://{a}" for a in addresses]
         self.token = token
+        self.timeout_s = timeout_s
         self.deadline_s = deadline_s
         self._http = httpx.Client(timeout=timeout_s, verify=verify)
         self._preferred = 0
@@ -84,9 +85,16 @@ class VaultClient:
         last_problem = "no attempt made"
         while True:
             address = self.addresses[(self._preferred + attempt) % len(self.addresses)]
+            # An address that accepts but never answers must not outlive the caller's deadline.
+            attempt_timeout_s = max(0.01, min(self.timeout_s, give_up_at - time.monotonic()))
             try:
                 response = self._http.request(
-                    method, address + path, json=json_body, params=params, headers=headers
+                    method,
+                    address + path,
+                    json=json_body,
+                    params=params,
+                    headers=headers,
+                    timeout=attempt_timeout_s,
                 )
             except httpx.HTTPError as exc:
                 last_problem = f"{address}: {type(exc).__name__}"
@@ -99,7 +107,9 @@ class VaultClient:
                     return self._reply(response)
             attempt += 1
             if time.monotonic() + backoff_s >= give_up_at:
-                raise ClientError(f"the vault did not answer in time ({last_problem})")
+                raise ClientError(
+                    f"no vault node answered within {self.deadline_s:g}s (last: {last_problem})"
+                )
             time.sleep(backoff_s * (0.5 + random.random()))
             backoff_s = min(backoff_s * 2, 1.0)
 

@@ -24,17 +24,22 @@ DEFAULT_ADDR = "http://127.0.0.1:8200"
 
 
 class Context:
-    def __init__(self, addr: str, token: str | None, cacert: str | None) -> None:
+    def __init__(
+        self, addr: str, token: str | None, cacert: str | None, deadline_s: float
+    ) -> None:
         self.addresses = [a.strip() for a in addr.split(",") if a.strip()]
         self.token = token
         self.cacert = cacert
+        self.deadline_s = deadline_s
         self._client: VaultClient | None = None
 
     @property
     def client(self) -> VaultClient:
         if self._client is None:
             verify: str | bool = self.cacert if self.cacert else True
-            self._client = VaultClient(self.addresses, self.token, verify=verify)
+            self._client = VaultClient(
+                self.addresses, self.token, deadline_s=self.deadline_s, verify=verify
+            )
         return self._client
 
 
@@ -51,8 +56,10 @@ def run(call: Callable[[], Reply]) -> Reply:
         return call()
     except ServerError as exc:
         extra = ""
-        if exc.details.get("names"):
-            extra = " (" + ", ".join(str(n) for n in exc.details["names"]) + ")"
+        # The message often names the secret already; repeating it only adds noise.
+        names = [str(n) for n in exc.details.get("names") or [] if str(n) not in exc.message]
+        if names:
+            extra = " (" + ", ".join(names) + ")"
         fail(f"{exc.code}: {exc.message}{extra}")
     except ClientError as exc:
         fail(str(exc))
@@ -104,10 +111,21 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
     default=None,
     help="CA certificate to verify the server (env VAULT_CACERT).",
 )
+@click.option(
+    "--timeout",
+    "deadline_s",
+    envvar="VAULT_TIMEOUT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Give up after this many seconds of trying every node (env VAULT_TIMEOUT).",
+)
 @click.pass_context
-def main(ctx: click.Context, addr: str, token: str | None, cacert: str | None) -> None:
+def main(
+    ctx: click.Context, addr: str, token: str | None, cacert: str | None, deadline_s: float
+) -> None:
     """Store, update and read secrets in a vault cluster."""
-    ctx.obj = Context(addr, token, cacert)
+    ctx.obj = Context(addr, token, cacert, deadline_s)
 
 
 @main.command()
@@ -119,7 +137,9 @@ def status(ctx: Context, as_json: bool) -> None:
     results = []
     worst = 0
     for address in ctx.addresses:
-        single = VaultClient([address], None, deadline_s=2.0, verify=ctx.cacert or True)
+        single = VaultClient(
+            [address], None, deadline_s=min(2.0, ctx.deadline_s), verify=ctx.cacert or True
+        )
         try:
             body = single.request("GET", "/health", authenticated=False).body
         except ServerError as exc:
@@ -305,12 +325,21 @@ def token_create(
     ctx: Context, policies: tuple[str, ...], display_name: str, ttl: int | None, as_json: bool
 ) -> None:
     """Create a token limited to name-prefix policies (root only)."""
+    from vaultnode.auth import CAPABILITIES
+
     parsed = []
     for policy in policies:
         prefix, sep, caps = policy.partition("=")
+        capabilities = caps.split(",")
         if not sep or not caps:
             raise click.UsageError(f"--policy {policy!r}: expected PREFIX=CAP[,CAP...]")
-        parsed.append({"prefix": prefix, "capabilities": caps.split(",")})
+        unknown = [c for c in capabilities if c not in CAPABILITIES]
+        if unknown:
+            raise click.UsageError(
+                f"--policy {policy!r}: unknown capability {unknown[0]!r}"
+                f" (known: {', '.join(CAPABILITIES)})"
+            )
+        parsed.append({"prefix": prefix, "capabilities": capabilities})
     body: dict[str, Any] = {"policies": parsed, "display_name": display_name}
     if ttl is not None:
         body["ttl"] = ttl

@@ -1,0 +1,239 @@
+"""Node configuration errors: every wrong config is refused up front, naming the key and the reason.
+
+Unit-level through vaultnode.config.parse_config/load_config, plus one real `vaultnode` process
+showing that a bad file ends the node with exit code 2 and that message, before any port opens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vaultnode.config import ConfigError, Limits, load_config, parse_config
+
+VALID_HASH = "ab" * 32
+BASE_DIR = Path("/srv/vault")
+
+
+def valid_data(**overrides: Any) -> dict[str, Any]:
+    """A minimal correct single-node config; an override of None removes that key."""
+    data: dict[str, Any] = {
+        "node_id": 1,
+        "cluster_id": "c0ffee",
+        "data_dir": "node1/data",
+        "http_listen": "127.0.0.1:8200",
+        "peer_listen": "127.0.0.1:8201",
+        "root_key_file": "node1/root.key",
+        "root_token_sha256": VALID_HASH,
+        "root_accessor": "acc_0123",
+        "peers": [{"id": 1, "peer_addr": "127.0.0.1:8201", "http_addr": "127.0.0.1:8200"}],
+    }
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def peer(node_id: int, http_addr: str | None = None) -> dict[str, Any]:
+    port = 8200 + 2 * (node_id - 1)
+    return {
+        "id": node_id,
+        "peer_addr": f"127.0.0.1:{port + 1}",
+        "http_addr": http_addr or f"127.0.0.1:{port}",
+    }
+
+
+def config_error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, BASE_DIR)
+    return str(caught.value)
+
+
+def test_a_valid_config_parses_with_paths_relative_to_the_config_directory() -> None:
+    config = parse_config(valid_data(), BASE_DIR)
+    assert config.node_id == 1
+    assert config.data_dir == BASE_DIR / "node1" / "data"
+    assert config.root_key_file == BASE_DIR / "node1" / "root.key"
+    assert (config.http_listen.host, config.http_listen.port) == ("127.0.0.1", 8200)
+    assert config.root_token_sha256 == bytes.fromhex(VALID_HASH)
+    assert [p.node_id for p in config.peers] == [1]
+    assert config.limits == Limits()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "node_id",
+        "cluster_id",
+        "data_dir",
+        "http_listen",
+        "root_key_file",
+        "root_token_sha256",
+        "root_accessor",
+    ],
+)
+def test_each_missing_required_key_is_named(key: str) -> None:
+    assert config_error(valid_data(**{key: None})) == f"{key}: missing (required)"
+
+
+@pytest.mark.parametrize("key", ["id", "peer_addr", "http_addr"])
+def test_a_peer_missing_a_key_is_named_with_its_position(key: str) -> None:
+    broken = peer(1)
+    del broken[key]
+    assert config_error(valid_data(peers=[broken])) == f"peers[0].{key}: missing (required)"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("node_id", "1", "node_id: expected int, got str"),
+        ("node_id", 1.0, "node_id: expected int, got float"),
+        ("node_id", True, "node_id: expected int, got bool"),
+        ("node_id", 0, "node_id: expected a positive integer"),
+        ("cluster_id", 7, "cluster_id: expected str, got int"),
+        ("cluster_id", "  ", "cluster_id: must not be empty"),
+        ("data_dir", ["a"], "data_dir: expected str, got list"),
+        ("data_dir", "", "data_dir: must not be empty"),
+        ("root_accessor", False, "root_accessor: expected str, got bool"),
+        ("log_level", 5, "log_level: expected str, got int"),
+        ("peers", 5, "peers: expected an array of tables"),
+        ("peers", ["x"], "peers[0]: expected a table"),
+        ("limits", [1], "limits: expected a table"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_key_and_what_was_expected(
+    key: str, value: Any, expected: str
+) -> None:
+    assert config_error(valid_data(**{key: value})).startswith(expected)
+
+
+@pytest.mark.parametrize("key", ["http_listen", "peer_listen"])
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", ":8200", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "host:http", 8200],
+)
+def test_a_bad_listen_address_names_the_key_and_the_expected_form(key: str, address: Any) -> None:
+    message = config_error(valid_data(**{key: address}))
+    assert message.startswith(f"{key}: expected")
+    assert "host:port" in message or "str" in message
+
+
+def test_a_bad_peer_address_names_the_peer_position_and_field() -> None:
+    message = config_error(valid_data(peers=[peer(1, http_addr="127.0.0.1:99999")]))
+    assert message.startswith("peers[0].http_addr: expected 'host:port'")
+
+
+@pytest.mark.parametrize(
+    "token_hash",
+    ["ab" * 31, "ab" * 33, "zz" * 32, "0x" + "ab" * 31, "ab " * 32, ""],
+)
+def test_a_root_token_hash_that_is_not_64_hex_digits_is_refused(token_hash: str) -> None:
+    assert config_error(valid_data(root_token_sha256=token_hash)).startswith(
+        "root_token_sha256: "
+    )
+
+
+def test_an_unknown_limits_key_is_named() -> None:
+    message = config_error(valid_data(limits={"value_bytes_max": 10, "value_byte_max": 10}))
+    assert message == "limits.value_byte_max: unknown key"
+
+
+@pytest.mark.parametrize("value", [0, -1, "10", 1.5, True])
+def test_a_limit_that_is_not_a_positive_integer_is_named(value: Any) -> None:
+    message = config_error(valid_data(limits={"body_bytes_max": value}))
+    assert message.startswith("limits.body_bytes_max: expected a positive integer")
+
+
+def test_known_limits_override_their_defaults() -> None:
+    config = parse_config(valid_data(limits={"value_bytes_max": 10}), BASE_DIR)
+    assert config.limits.value_bytes_max == 10
+    assert config.limits.body_bytes_max == Limits().body_bytes_max
+
+
+def test_duplicate_peer_ids_are_refused() -> None:
+    peers = [peer(1), peer(2), {**peer(3), "id": 2}]
+    assert config_error(valid_data(peers=peers)) == "peers: two peers share an id"
+
+
+def test_a_node_id_missing_from_the_peers_is_refused() -> None:
+    peers = [peer(2), peer(3), peer(4)]
+    message = config_error(valid_data(peers=peers))
+    assert message == "peers: this node's id 1 is not among the peers"
+
+
+def test_a_non_positive_peer_id_is_refused() -> None:
+    peers = [peer(1), peer(2), {**peer(3), "id": -3}]
+    assert config_error(valid_data(peers=peers)) == "peers: every id must be a positive integer"
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_a_cluster_size_without_a_useful_majority_is_refused(count: int) -> None:
+    peers = [peer(i) for i in range(1, count + 1)]
+    assert config_error(valid_data(peers=peers)).startswith("peers: a cluster has 1, 3 or 5")
+
+
+def test_load_config_names_an_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*missing\.toml"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_load_config_names_a_file_that_is_not_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("node_id = = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        load_config(bad)
+
+
+def test_load_config_resolves_relative_paths_against_the_file_not_the_cwd(tmp_path: Path) -> None:
+    good = tmp_path / "conf" / "node1.toml"
+    good.parent.mkdir()
+    good.write_text(
+        "\n".join(
+            [
+                "node_id = 1",
+                'cluster_id = "c"',
+                'data_dir = "node1/data"',
+                'http_listen = "127.0.0.1:8200"',
+                'root_key_file = "/abs/root.key"',
+                f'root_token_sha256 = "{VALID_HASH}"',
+                'root_accessor = "acc_1"',
+            ]
+        )
+    )
+    config = load_config(good)
+    assert config.data_dir == good.parent / "node1" / "data"
+    assert config.root_key_file == Path("/abs/root.key")
+
+
+def test_vaultnode_exits_2_naming_the_key_before_touching_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "\n".join(
+            [
+                "node_id = 1",
+                'cluster_id = "c"',
+                'data_dir = "data"',
+                'http_listen = "127.0.0.1:8200"',
+                'root_key_file = "root.key"',
+                'root_token_sha256 = "not-hex"',
+                'root_accessor = "acc_1"',
+            ]
+        )
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "vaultnode.main", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 2
+    assert "configuration error: root_token_sha256: expected 64 hex digits" in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert not (tmp_path / "data").exists()
