@@ -104,6 +104,8 @@ class PaxosReplicator:
         self._leader_seen: int | None = None
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
+        # Told how long each fsync took (seconds), e.g. by the node's metrics.
+        self.on_fsync: Callable[[float], None] = lambda duration_s: None
         self.elections_won = 0
 
     # ---- start-up ----------------------------------------------------------------------
@@ -282,7 +284,9 @@ class PaxosReplicator:
             self._fatal(fut.exception() or RuntimeError("fsync failed"))
             return
         self.fsync_count += 1
-        self.fsync_seconds_total += time.perf_counter() - started
+        elapsed_s = time.perf_counter() - started
+        self.fsync_seconds_total += elapsed_s
+        self.on_fsync(elapsed_s)
         self.replica.persisted(ready.persist_through)
         self._after_persist(ready)
         self._kick()
