@@ -19,6 +19,7 @@ import click
 
 from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient
+from cli.env_commands import env
 
 DEFAULT_ADDR = "http://127.0.0.1:8200"
 
@@ -446,6 +447,7 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     click.echo(f"key {kek_id} retired")
 
 main.add_command(audit)
+main.add_command(env)
 
 
 def entry() -> None:
