@@ -31,10 +31,14 @@ class _WireShapeError(ValueError):
     pass
 
 
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
-    if isinstance(value, tuple):
+    field_names = _FIELD_NAMES.get(type(value))
+    if field_names is not None:
+        return [_to_wire(getattr(value, name)) for name in field_names]
+    if type(value) is tuple:
         return [_to_wire(item) for item in value]
     return value
 
@@ -59,6 +63,8 @@ def _tuple_decoder(item: _Decoder) -> _Decoder:
 
 
 def _dataclass_decoder(cls: type[Any], namespace: dict[str, Any]) -> _Decoder:
+    # Field order is the wire order; remembered per type because encoding is on the hot path.
+    _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     hints = typing.get_type_hints(cls, namespace)
     field_decoders = [_decoder_for(hints[f.name], namespace) for f in dataclasses.fields(cls)]
 

@@ -81,6 +81,7 @@ class SimNode:
         self.up = False
         self.paused = False
         self.disk_slowdown = 1
+        self.clock_slowdown = 1
         self.incarnation = 0
         self._deferred: list[Callable[[], None]] = []
         self.replica: Replica | None = None
@@ -164,7 +165,8 @@ class SimNode:
     def _tick(self, incarnation: int) -> None:
         if incarnation != self.incarnation:
             return
-        self.loop.after(self.tick_period_ms, lambda: self._tick(incarnation))
+        period_ms = self.tick_period_ms * self.clock_slowdown
+        self.loop.after(period_ms, lambda: self._tick(incarnation))
         if self.up and not self.paused and self.replica is not None:
             self.replica.tick()
             self._process()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from random import Random
 
-FAULT_KINDS = ("partition", "one_way", "crash", "pause", "slow_disk", "disk_error")
+FAULT_KINDS = ("partition", "one_way", "crash", "power_loss", "pause", "slow_disk", "disk_error")
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,17 @@ class Intensities:
 
 @dataclass(frozen=True)
 class Fault:
-    """`nodes` is the partitioned side, the (sender, receiver) of a cut link, or the one node
-    that crashes, pauses, slows down or fails to fsync. The fault lasts `duration_ms`."""
+    """`nodes` is the partitioned side, the (sender, receiver) of a cut link, the nodes that
+    lose power together, or the one node that crashes, pauses, slows down or fails to fsync.
+    The fault lasts `duration_ms` (a crashed node restarts after it)."""
 
     kind: str
     start_ms: int
     duration_ms: int
     nodes: tuple[int, ...]
+    # Aim at whoever leads when the fault starts (Jepsen's partition-leader / kill-leader):
+    # the leader replaces nodes[0] (and is the isolated side of a partition).
+    at_leader: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class FaultPlan:
             f"ticks={self.tick_period_ms} snapshot_every={self.snapshot_every_slots}"
         ]
         parts += [
-            f"  {f.kind}{list(f.nodes)} @{f.start_ms}ms for {f.duration_ms}ms" for f in self.faults
+            f"  {f.kind}{list(f.nodes)}{' at leader' if f.at_leader else ''} "
+            f"@{f.start_ms}ms for {f.duration_ms}ms"
+            for f in self.faults
         ]
         return "\n".join(parts)
 
@@ -65,16 +71,15 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
     intensities = Intensities(
         loss=rng.choice([0.0, rng.uniform(0.0, 0.3)]),
         duplication=rng.choice([0.0, rng.uniform(0.0, 0.5)]),
-        delay_ms_max=rng.choice([2, 5, 20, 60]),
+        delay_ms_max=rng.choice([2, 5, 20, 100]),
         client_loss=rng.choice([0.0, rng.uniform(0.0, 0.1)]),
-        disk_latency_ms_max=rng.choice([1, 3, 10]),
+        disk_latency_ms_max=rng.choice([1, 5, 20]),
         torn_write_probability=rng.random(),
     )
-    faults = tuple(
-        random_fault(rng, node_ids, safety_ms) for _ in range(rng.randint(0, 8))
-    )
+    faults = tuple(random_fault(rng, node_ids, safety_ms) for _ in range(rng.randint(0, 12)))
+    # Drift up to 3x either way: without leases it may only shift timeouts, never break safety.
     drifting = rng.random() < 0.3
-    tick_period_ms = tuple(rng.randint(8, 13) if drifting else 10 for _ in node_ids)
+    tick_period_ms = tuple(rng.randint(4, 30) if drifting else 10 for _ in node_ids)
     snapshot_every_slots = rng.choice([0, 5, 20, 50])
     return FaultPlan(intensities, faults, tick_period_ms, snapshot_every_slots)
 
@@ -82,11 +87,19 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
 def random_fault(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault:
     kind = rng.choice(FAULT_KINDS)
     start_ms = rng.randrange(safety_ms)
-    duration_ms = rng.randint(20, max(21, safety_ms // 2))
+    # A slow clock matters most on a leader: it is what keeps a deposed leader serving.
+    leader_bias = 0.8 if kind == "slow_clock" else 0.4
+    at_leader = kind != "power_loss" and rng.random() < leader_bias
+    # Short outages race in-flight messages and unsynced writes; long ones force elections.
+    duration_ms = rng.choice([rng.randint(5, 50), rng.randint(50, max(51, safety_ms // 2))])
     if kind == "partition":
         side = tuple(sorted(rng.sample(node_ids, rng.randint(1, len(node_ids) // 2))))
-        return Fault(kind, start_ms, duration_ms, side)
+        return Fault(kind, start_ms, duration_ms, side, at_leader)
+    if kind == "power_loss":
+        quorum = len(node_ids) // 2 + 1
+        victims = tuple(sorted(rng.sample(node_ids, rng.randint(quorum, len(node_ids)))))
+        return Fault(kind, start_ms, duration_ms, victims)
     if kind == "one_way":
         sender, receiver = rng.sample(node_ids, 2)
-        return Fault(kind, start_ms, duration_ms, (sender, receiver))
-    return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),))
+        return Fault(kind, start_ms, duration_ms, (sender, receiver), at_leader)
+    return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),), at_leader)

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from random import Random
 from typing import Any
 
@@ -145,6 +145,9 @@ class _Client:
             return
         spec = self.ops[self.next_op]
         self.next_op += 1
+        if self.sim.rng.random() < 0.3:
+            # Like a load balancer: some requests land on any node, not the last known leader.
+            self.target = self.sim.rng.choice(self.sim.node_ids)
         self.seq += 1
         name = f"secret-{spec.name_index}"
         value = f"v{self.client_id}.{self.seq}"
@@ -306,9 +309,29 @@ class _Simulation:
     # -- faults
 
     def _schedule(self, fault: Fault) -> None:
-        start, end = self._fault_actions(fault)
-        self.loop.at(fault.start_ms, start)
-        self.loop.at(fault.start_ms + fault.duration_ms, end)
+        def begin() -> None:
+            start, end = self._fault_actions(self._aim(fault))
+            start()
+            self.loop.after(fault.duration_ms, end)
+
+        self.loop.at(fault.start_ms, begin)
+
+    def _aim(self, fault: Fault) -> Fault:
+        if not fault.at_leader:
+            return fault
+        leaders = [
+            node_id for node_id, node in self.nodes.items()
+            if node.replica is not None and node.replica.role == "leader"
+        ]
+        if not leaders:
+            return fault
+        leader = leaders[0]
+        if fault.kind == "partition":
+            return replace(fault, nodes=(leader,))
+        rest = tuple(node_id for node_id in fault.nodes[1:] if node_id != leader)
+        if fault.kind == "one_way" and not rest:
+            rest = (next(node_id for node_id in self.node_ids if node_id != leader),)
+        return replace(fault, nodes=(leader, *rest))
 
     def _fault_actions(self, fault: Fault) -> tuple[Callable[[], None], Callable[[], None]]:
         if fault.kind in ("partition", "one_way"):
@@ -329,6 +352,18 @@ class _Simulation:
                         self.network.uncut(*link)
 
             return cut, uncut
+        if fault.kind == "power_loss":
+            victims = [self.nodes[node_id] for node_id in fault.nodes]
+
+            def power_off() -> None:
+                for victim in victims:
+                    victim.crash()
+
+            def power_on() -> None:
+                for victim in victims:
+                    self._restart_if_down(victim)()
+
+            return power_off, power_on
         node = self.nodes[fault.nodes[0]]
         if fault.kind == "crash":
             return node.crash, self._restart_if_down(node)
@@ -343,6 +378,16 @@ class _Simulation:
                 node.disk_slowdown = 1
 
             return slow, fast
+        if fault.kind == "slow_clock":
+            # The node's timer runs 5x slow (drift, a stalled timer thread): a lease would
+            # outlive its leadership here, which is why this core has none.
+            def slow_clock() -> None:
+                node.clock_slowdown = 5
+
+            def normal_clock() -> None:
+                node.clock_slowdown = 1
+
+            return slow_clock, normal_clock
         if fault.kind == "disk_error":
             return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
@@ -361,6 +406,7 @@ class _Simulation:
             with suppress(DiskError):
                 node.disk.maybe_fail("fsync", "/")  # disarm an fsync error not yet hit
             node.disk_slowdown = 1
+            node.clock_slowdown = 1
             if node.paused:
                 node.resume()
             if not node.up:
