@@ -267,17 +267,25 @@ def encrypt_file(
     return body
 
 
+# What a refusal means for each name it lists, where the error code says it all; for other
+# codes the server's message (which states the reason) is shown once, above the names.
+_CREATE_REFUSALS = {"already_exists": "already exists", "forbidden": "may not be created"}
+_READ_REFUSALS = {"not_found": "is not found", "forbidden": "is not readable with this token"}
+
+
 def _batch_create_refused(
     error: ServerError, path: Path, prefix: str, entries: list[Entry]
 ) -> EnvCommandError:
     line_of = {secret_name(prefix, entry.key): entry.line for entry in entries}
-    names = [str(name) for name in error.details.get("names", [])]
-    if error.code == "already_exists" and names:
-        problems = [f"{path}:{line_of.get(n, '?')}: secret {n} already exists" for n in names]
-    else:
-        problems = [f"{path}:{line_of[n]}: {n}" if n in line_of else n for n in names]
+    reason = _CREATE_REFUSALS.get(error.code, "is refused")
+    problems = [
+        f"{path}:{line_of.get(name, '?')}: secret {name} {reason}"
+        for name in (str(n) for n in error.details.get("names", []))
+    ]
     return EnvCommandError(
-        f"the vault refused the batch ({_cause(error, problems)}); nothing was created", problems
+        f"the vault refused the batch ({_cause(error, _CREATE_REFUSALS, problems)}); "
+        "nothing was created",
+        problems,
     )
 
 
@@ -329,23 +337,23 @@ def _batch_read_refused(
 ) -> EnvCommandError:
     named = {str(name) for name in error.details.get("names", [])}
     line_of = {entry.key: entry.line for entry in doc.entries()}
-    reason = {"not_found": "not found", "forbidden": "not readable with this token"}.get(
-        error.code, error.code
-    )
+    reason = _READ_REFUSALS.get(error.code, "is refused")
     problems = [
-        f"{path}:{line_of[key]}: key {key!r}: {reference} is {reason}"
+        f"{path}:{line_of[key]}: key {key!r}: {reference} {reason}"
         for key, reference in references.items()
         if reference.name in named or _reference_label(reference) in named
     ]
     return EnvCommandError(
-        f"the vault refused the read ({_cause(error, problems)}); nothing was written", problems
+        f"the vault refused the read ({_cause(error, _READ_REFUSALS, problems)}); "
+        "nothing was written",
+        problems,
     )
 
 
-def _cause(error: ServerError, problems: list[str]) -> str:
-    """The status and code, plus the server's message unless `problems` already name each."""
+def _cause(error: ServerError, explained: Mapping[str, str], problems: list[str]) -> str:
+    """The status and code, plus the server's message unless each problem line says it."""
     cause = f"{error.status} {error.code}"
-    return cause if problems else f"{cause}: {error.message}"
+    return cause if problems and error.code in explained else f"{cause}: {error.message}"
 
 
 def expand_text(client: VaultClient, path: Path) -> tuple[str, dict[str, str]]:

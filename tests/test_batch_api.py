@@ -14,6 +14,7 @@ import pytest
 from tests.harness import Cluster, started_cluster
 
 BATCH_SECRETS_MAX_DEFAULT = 1000
+VALUE_BYTES_MAX_DEFAULT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,19 @@ def test_a_batch_past_the_limit_is_refused_with_413(node: Cluster, prefix: str) 
         assert names_under(client, prefix) == {}
         at_limit = client.post("/v1/batch/create", json=batch(names[:BATCH_SECRETS_MAX_DEFAULT]))
         assert at_limit.status_code == 201
+
+
+def test_every_oversized_value_is_named_and_nothing_is_created(node: Cluster, prefix: str) -> None:
+    big = "x" * (VALUE_BYTES_MAX_DEFAULT + 1)
+    items = [
+        {"name": f"{prefix}/{key}", "value": big if key != "ok" else "v"}
+        for key in ("a", "ok", "b")
+    ]
+    with node.client() as client:
+        response = client.post("/v1/batch/create", json={"secrets": items})
+        assert response.status_code == 413
+        assert response.json()["error"]["names"] == [f"{prefix}/a", f"{prefix}/b"]
+        assert names_under(client, prefix) == {}
 
 
 def test_a_retried_batch_with_the_same_idempotency_key_replays_the_first_answer(

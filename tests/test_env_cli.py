@@ -160,6 +160,28 @@ def test_an_invalid_prefix_is_a_usage_error_and_creates_nothing(
     assert not (tmp_path / ".env.vault").exists()
 
 
+def test_an_oversized_value_is_named_with_its_line_and_nothing_is_created(
+    node: Cluster, prefix: str, tmp_path: Path
+) -> None:
+    source = tmp_path / ".env"
+    source.write_text(f"SMALL=1\nBIG={'x' * (64 * 1024 + 1)}\n")
+    result = vault(node, "env", "encrypt", source, "--prefix", prefix)
+    assert result.exit_code == 1
+    assert "a value holds at most 65536 bytes" in result.stderr
+    assert f"{source}:2: secret {prefix}/BIG is refused" in result.stderr
+    assert names_under(node, prefix) == {}
+    assert not (tmp_path / ".env.vault").exists()
+
+
+def test_a_file_that_is_not_utf8_is_refused(node: Cluster, prefix: str, tmp_path: Path) -> None:
+    source = tmp_path / ".env"
+    source.write_bytes(b"A=caf\xe9\n")
+    result = vault(node, "env", "encrypt", source, "--prefix", prefix)
+    assert result.exit_code == 1
+    assert "is not UTF-8 text (byte offset 5)" in result.stderr
+    assert names_under(node, prefix) == {}
+
+
 def test_encrypting_a_file_of_references_is_refused(
     node: Cluster, prefix: str, tmp_path: Path
 ) -> None:
