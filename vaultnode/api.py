@@ -83,6 +83,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # What follows a prefix route's prefix, as written in metric labels and audit lines.
 _ROUTE_REST = {"/v1/sys/keys/": "{kek_id}/retire"}
 _INT_DIGITS_MAX = 18
+# Bounds that keep every number a command carries, or the state derives from one, inside msgpack's
+# 64-bit integers and the 4-digit years of RFC 3339 (past them a token was created, then its
+# answer, its lookups and every snapshot failed).
+_VERSION_MAX = 2**63 - 1
+TOKEN_TTL_S_MAX = 100 * 365 * 24 * 3600
 
 
 class ApiError(Exception):
@@ -401,7 +406,9 @@ class VaultApi:
             raise InvalidInput("bad_request", "'value' is required")
         value = check_value(body["value"], self.limits.value_bytes_max)
         expected = body.get("expected_version")
-        if expected is not None and (type(expected) is not int or expected < 1):
+        if expected is not None and (
+            type(expected) is not int or not 1 <= expected <= _VERSION_MAX
+        ):
             raise InvalidInput("bad_request", "'expected_version' must be a positive integer")
         now_us = self.clock_us()
         sealed = self.sealer.seal(value, name=name, now_us=now_us, accessor=principal.accessor)
@@ -627,8 +634,10 @@ class VaultApi:
         if not isinstance(display_name, str) or not 1 <= len(display_name) <= 128:
             raise InvalidInput("bad_request", "'display_name' must be 1 to 128 characters")
         ttl = body.get("ttl")
-        if ttl is not None and (type(ttl) is not int or ttl < 1):
-            raise InvalidInput("bad_request", "'ttl' is a positive number of seconds")
+        if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= TOKEN_TTL_S_MAX):
+            raise InvalidInput(
+                "bad_request", f"'ttl' is a number of seconds from 1 to {TOKEN_TTL_S_MAX}"
+            )
         token = new_token()
         accessor = new_accessor()
         now_us = self.clock_us()
