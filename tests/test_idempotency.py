@@ -283,6 +283,33 @@ def test_a_token_creation_replay_returns_the_same_token(shared_vault: Cluster) -
         assert minted.get("/v1/tokens/self").json()["accessor"] == first.json()["accessor"]
 
 
+def test_a_token_replay_after_its_sealing_key_was_retired_is_a_clear_410(
+    shared_vault: Cluster,
+) -> None:
+    payload = one_policy("retired/")
+    with shared_vault.client() as client:
+        first = send(client, "POST", "/v1/tokens", "token-retired", payload)
+        sealing_kek_id = client.get("/v1/sys/keys").json()["current_kek_id"]
+        assert client.post("/v1/sys/rotate").status_code == 200
+        assert client.post("/v1/sys/rewrap").json()["remaining"] == 0
+        assert client.post(f"/v1/sys/keys/{sealing_kek_id}/retire").status_code == 200
+        replay = send(client, "POST", "/v1/tokens", "token-retired", payload)
+    assert replay.status_code == 410 and replay.json()["error"]["code"] == "replay_unavailable"
+    assert first.json()["token"] not in replay.text
+    with shared_vault.client(token=first.json()["token"]) as minted:
+        assert minted.get("/v1/tokens/self").status_code == 200  # the token itself still works
+
+
+def test_a_rotate_replay_rotates_once(shared_vault: Cluster) -> None:
+    with shared_vault.client() as client:
+        keys_before = len(client.get("/v1/sys/keys").json()["keys"])
+        first = client.post("/v1/sys/rotate", headers={"Idempotency-Key": "rotate-1"})
+        replay = client.post("/v1/sys/rotate", headers={"Idempotency-Key": "rotate-1"})
+        assert first.status_code == 200
+        assert_replay_of(replay, 200, first.content)
+        assert len(client.get("/v1/sys/keys").json()["keys"]) == keys_before + 1
+
+
 def test_a_batch_create_replay_creates_nothing_more(shared_vault: Cluster) -> None:
     payload = {"secrets": [{"name": "batch/a", "value": "1"}, {"name": "batch/b", "value": "2"}]}
     with shared_vault.client() as client:

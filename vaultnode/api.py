@@ -657,7 +657,17 @@ class VaultApi:
 
         def body_of(data: dict[str, Any]) -> dict[str, Any]:
             # A replay returns the token too: the state keeps it only sealed, like a value.
-            plaintext = self.sealer.open(f"token/{data['accessor']}", data["token_sealed"])
+            try:
+                plaintext = self.sealer.open(f"token/{data['accessor']}", data["token_sealed"])
+            except CryptoError:
+                # Rewrap does not reach sealed tokens in remembered answers, so after a retire
+                # the replay cannot show the token; the token itself stays valid.
+                raise ApiError(
+                    410,
+                    "replay_unavailable",
+                    "this token creation already happened, but its token was sealed under a "
+                    "retired key and cannot be shown again",
+                ) from None
             return {
                 "token": plaintext.decode(),
                 "accessor": data["accessor"],
