@@ -158,7 +158,9 @@ def test_a_timeout_is_retried_with_the_same_key(fake_nodes: list[FakeNode]) -> N
     finally:
         client.close()
     assert reply.status == 201
-    assert len(fake.seen) == 2 and fake.seen[0].idempotency_key == fake.seen[1].idempotency_key
+    # At least the stalled attempt and one more (a loaded machine may time out a second one).
+    keys = {s.idempotency_key for s in fake.seen}
+    assert len(fake.seen) >= 2 and len(keys) == 1 and None not in keys
 
 
 def test_each_mutation_gets_a_fresh_key_and_reads_get_none(fake_nodes: list[FakeNode]) -> None:
