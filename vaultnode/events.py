@@ -44,6 +44,9 @@ EVENTS = frozenset(
     }
 )
 _FORBIDDEN_FIELDS = frozenset({"value", "token", "plaintext", "secret", "body"})
+# Built once: json.dumps with non-default options builds a new encoder on every call, and this
+# runs for every request (bench/README.md has the profile).
+_encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class EventLog:
@@ -64,12 +67,22 @@ class EventLog:
             if value is not None:
                 record[key] = value
         try:
-            self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+            self._stream.write(_encode_json(record) + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed stderr must not take the node down
 
 
+# (whole second, its "YYYY-MM-DDTHH:MM:SS" text): strftime is the costly part of a timestamp and
+# changes once a second, while events come thousands of times a second.
+_second_text: tuple[int, str] = (-1, "")
+
+
 def _now_rfc3339() -> str:
+    global _second_text
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    cached = _second_text  # read once: another thread may replace it meanwhile
+    if int(now) != cached[0]:
+        cached = (int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)))
+        _second_text = cached
+    return cached[1] + f".{int(now % 1 * 1e6):06d}Z"
