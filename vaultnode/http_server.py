@@ -18,6 +18,10 @@ from urllib.parse import parse_qs
 import httptools
 
 log = logging.getLogger(__name__)
+# Built once: json.dumps with non-default options builds a new encoder on every call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# "HTTP/1.1 <status> <reason>" per status, made on first use (HTTPStatus lookups are slow).
+_status_lines: dict[int, str] = {}
 
 
 @dataclass
@@ -40,7 +44,7 @@ class Response:
     def json(
         cls, status: int, payload: object, headers: list[tuple[str, str]] | None = None
     ) -> Response:
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        body = _encode_json(payload).encode()
         return cls(status, body, headers or [])
 
 
@@ -61,15 +65,19 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _encode_response(response: Response, keep_alive: bool) -> bytes:
-    reason = HTTPStatus(response.status).phrase
-    lines = [
-        f"HTTP/1.1 {response.status} {reason}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        f"Connection: {'keep-alive' if keep_alive else 'close'}",
-    ]
-    lines.extend(f"{name}: {value}" for name, value in response.headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
+    status_line = _status_lines.get(response.status)
+    if status_line is None:
+        status_line = f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}"
+        _status_lines[response.status] = status_line
+    head = (
+        f"{status_line}\r\n"
+        f"Content-Type: {response.content_type}\r\n"
+        f"Content-Length: {len(response.body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
+    )
+    for name, value in response.headers:
+        head += f"{name}: {value}\r\n"
+    return (head + "\r\n").encode("latin-1") + response.body
 
 
 class _HttpConnection(asyncio.Protocol):
