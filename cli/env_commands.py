@@ -206,9 +206,11 @@ def encrypt_file(
     nothing is written. Returns the server's batch reply.
     """
     usage_problems: list[str] = []
+    valid_prefix: str | None = prefix
     try:
         check_name(prefix)
     except InvalidInput as exc:
+        valid_prefix = None
         usage_problems.append(f"--prefix {prefix!r}: {exc.message} (give it without a final '/')")
     if out.exists() and not force:
         usage_problems.append(f"{out} already exists; pass --force to replace it")
@@ -218,8 +220,7 @@ def encrypt_file(
         if not usage_problems:
             raise
         raise EnvCommandError(exc.summary, usage_problems + exc.problems, EXIT_USAGE) from None
-    prefix_is_valid = not any(problem.startswith("--prefix") for problem in usage_problems)
-    content_problems = encrypt_problems(path, doc, prefix if prefix_is_valid else None)
+    content_problems = encrypt_problems(path, doc, valid_prefix)
     if usage_problems or content_problems:
         raise EnvCommandError(
             "nothing was created",
@@ -228,7 +229,12 @@ def encrypt_file(
         )
     entries = doc.entries()
     references = {entry.key: str(Reference(secret_name(prefix, entry.key), 1)) for entry in entries}
-    staged = stage_file(out, replace_values(doc, references))
+    try:
+        staged = stage_file(out, replace_values(doc, references))
+    except OSError as exc:
+        raise EnvCommandError(
+            f"cannot write {out} ({exc.strerror or exc}); nothing was created", []
+        ) from None
     try:
         reply = client.request(
             "POST",
@@ -240,17 +246,16 @@ def encrypt_file(
                 ]
             },
         )
-    except ServerError as exc:
+    except (ServerError, ClientError) as exc:
         staged.discard()
-        raise _batch_create_refused(exc, path, prefix, entries) from None
-    except ClientError as exc:
-        staged.discard()
+        if isinstance(exc, ServerError) and exc.status < 500:
+            raise _batch_create_refused(exc, path, prefix, entries) from None
+        # A 5xx after the client's retries, or no answer: the batch may have been applied.
         raise EnvCommandError(
-            f"the vault did not confirm the batch ({exc})",
-            [
-                "the batch is one log entry, so either every secret was created or none was;",
-                f"`vault list {prefix}/` shows which. No output file was written.",
-            ],
+            f"the vault did not confirm the batch ({exc}); it is one log entry, so either every "
+            f"secret was created or none was, and `vault list {prefix}/` shows which. "
+            "No output file was written.",
+            [],
         ) from None
     except BaseException:
         staged.discard()

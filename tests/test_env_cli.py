@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from cli.client import VaultClient
 from cli.dotenv import parse
+from cli.env_commands import EnvCommandError, encrypt_file
 from cli.main import main
 from tests.harness import Cluster, started_cluster
 
@@ -146,6 +148,29 @@ def test_an_existing_output_file_is_kept_unless_forced(
     forced = vault(node, "env", "encrypt", source, "--prefix", prefix, "--out", output, "--force")
     assert forced.exit_code == 0, forced.stderr
     assert output.read_text() == f'A="vault:{prefix}/A@1"\n'
+
+
+def test_an_unwritable_output_fails_before_any_secret_is_created(
+    node: Cluster, prefix: str, tmp_path: Path
+) -> None:
+    source = tmp_path / ".env"
+    source.write_text("A=1\n")
+    output = tmp_path / "no-such-directory" / "refs"
+    result = vault(node, "env", "encrypt", source, "--prefix", prefix, "--out", output)
+    assert result.exit_code == 1
+    assert f"cannot write {output}" in result.stderr
+    assert names_under(node, prefix) == {}
+
+
+def test_an_unanswered_batch_writes_nothing_and_says_it_was_all_or_none(tmp_path: Path) -> None:
+    source = tmp_path / ".env"
+    source.write_text("A=1\n")
+    # Port 9 (discard) has no listener: every attempt is refused until the deadline.
+    unreachable = VaultClient(["127.0.0.1:9"], "vlt_unused", deadline_s=0.3)
+    with pytest.raises(EnvCommandError) as caught:
+        encrypt_file(unreachable, source, "p", tmp_path / "refs", force=False)
+    assert "either every secret was created or none was" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]
 
 
 @pytest.mark.parametrize("bad_prefix", ["app/", "app//x", "../app", "app dev"])

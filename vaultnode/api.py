@@ -551,7 +551,7 @@ class VaultApi:
                 raise InvalidInput("invalid_name", "a name must be a string")
             names.append(check_name(item["name"]))
         _require_each(principal, "create", names)
-        values = [check_value(item["value"], self.limits.value_bytes_max) for item in items]
+        values = _check_each_value(items, names, self.limits.value_bytes_max)
         now_us = self.clock_us()
         sealed = [
             {
@@ -795,6 +795,24 @@ def _require_each(principal: Principal, capability: str, names: list[str]) -> No
             f"this token may not {capability}: " + ", ".join(denied),
             {"names": denied},
         )
+
+
+def _check_each_value(
+    items: list[dict[str, Any]], names: list[str], value_bytes_max: int
+) -> list[bytes]:
+    """Every value of a batch checked, so a refusal names each offending secret at once."""
+    values: list[bytes] = []
+    failures: dict[tuple[str, str], list[str]] = {}
+    for name, item in zip(names, items, strict=True):
+        try:
+            values.append(check_value(item["value"], value_bytes_max))
+        except InvalidInput as exc:
+            failures.setdefault((exc.code, exc.message), []).append(name)
+    if failures:
+        (code, message), offending = next(iter(failures.items()))
+        status = 413 if code == "payload_too_large" else 400
+        raise ApiError(status, code, f"{message}: {', '.join(offending)}", {"names": offending})
+    return values
 
 
 def _version_written(data: dict[str, Any]) -> dict[str, Any]:
