@@ -293,9 +293,20 @@ def test_a_token_replay_after_its_sealing_key_was_retired_is_a_clear_410(
         assert client.post("/v1/sys/rotate").status_code == 200
         assert client.post("/v1/sys/rewrap").json()["remaining"] == 0
         assert client.post(f"/v1/sys/keys/{sealing_kek_id}/retire").status_code == 200
-        replay = send(client, "POST", "/v1/tokens", "token-retired", payload)
+        replay = client.post(
+            "/v1/tokens",
+            content=body_bytes(payload),
+            headers={"Idempotency-Key": "token-retired", "X-Request-Id": "replay-after-retire"},
+        )
     assert replay.status_code == 410 and replay.json()["error"]["code"] == "replay_unavailable"
     assert first.json()["token"] not in replay.text
+    # The event log tells the same story as the answer: a failure, not a token created.
+    logged = [
+        json.loads(line)
+        for line in shared_vault.nodes[0].log_text().splitlines()
+        if '"replay-after-retire"' in line
+    ]
+    assert [(e["event"], e["status"]) for e in logged] == [("request.failed", 410)]
     with shared_vault.client(token=first.json()["token"]) as minted:
         assert minted.get("/v1/tokens/self").status_code == 200  # the token itself still works
 

@@ -307,8 +307,9 @@ class VaultApi:
         status = OUTCOME_STATUS.get(outcome.code, 500)
         headers = [("Idempotent-Replayed", "true")] if outcome.replayed else []
         if outcome.ok:
+            body = body_of(outcome.data)  # first: if rendering fails, the log must not say success
             self._log(call, event, status, outcome.code, replayed=outcome.replayed or None)
-            return Response.json(status, body_of(outcome.data), headers)
+            return Response.json(status, body, headers)
         code = "unavailable" if outcome.code == "retry" else outcome.code
         if status == 503:
             headers.append(("Retry-After", "1"))

@@ -20,7 +20,9 @@ class Idempotency:
     """The Idempotency-Key of a mutation, scoped to the caller's accessor."""
 
     key: str
-    fingerprint: bytes  # SHA-256 of method, path and canonical body: same key + other request = 422
+    # Keyed HMAC-SHA-256 (Sealer.fingerprint) of method, path and canonical body: same key with
+    # another request is 422.
+    fingerprint: bytes
 
 
 @dataclass(frozen=True)
