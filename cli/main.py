@@ -110,7 +110,8 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
     "--cacert",
     envvar="VAULT_CACERT",
     default=None,
-    help="CA certificate to verify the server (env VAULT_CACERT).",
+    help="CA certificate to verify HTTPS nodes, e.g. ca.pem from `vault operator init`;"
+    " addresses without a scheme then mean https (env VAULT_CACERT).",
 )
 @click.option(
     "--timeout",
@@ -138,19 +139,22 @@ def status(ctx: Context, as_json: bool) -> None:
     results = []
     worst = 0
     for address in ctx.addresses:
-        single = VaultClient(
-            [address], None, deadline_s=min(2.0, ctx.deadline_s), verify=ctx.cacert or True
-        )
+        single: VaultClient | None = None
         try:
+            single = VaultClient(
+                [address], None, deadline_s=min(2.0, ctx.deadline_s), verify=ctx.cacert or True
+            )
             body = single.request("GET", "/health", authenticated=False).body
         except ServerError as exc:
             body = {"status": exc.code}
             worst = 1
         except ClientError as exc:
             body = {"status": "unreachable", "detail": str(exc)}
+            click.echo(f"{address}: {exc}", err=True)  # the table has no room for why
             worst = 1
         finally:
-            single.close()
+            if single is not None:
+                single.close()
         results.append({"address": address, **body})
         rows.append(
             [
@@ -168,6 +172,10 @@ def status(ctx: Context, as_json: bool) -> None:
     else:
         table(rows, ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED"])
     sys.exit(worst)
+
+
+
+
 
 
 def _write_command(verb: str) -> Callable[..., Any]:
@@ -385,15 +393,28 @@ def operator_init(nodes: int, out_dir: Path, base_port: int) -> None:
     """Write configs, keys and the root token for a local cluster on 127.0.0.1."""
     from cli.cluster_init import InitError, init_cluster
 
+    host_list = [h.strip() for h in hosts.split(",")] if hosts is not None else None
     try:
-        result = init_cluster(out_dir, nodes, base_port)
+        result = init_cluster(
+            out_dir,
+            nodes,
+            base_port,
+            plaintext_http=plaintext_http,
+            hosts=host_list,
+            data_dir=data_dir,
+        )
     except (InitError, OSError) as exc:
         fail(str(exc), 2 if isinstance(exc, InitError) else 1)
         return
     click.echo(f"initialised {nodes}-node cluster in {result.out_dir}")
-    for path, address in zip(result.config_paths, result.http_addresses, strict=True):
-        click.echo(f"  vaultnode --config {path}    # serves http://{address}")
+    for path, url in zip(result.config_paths, result.urls, strict=True):
+        click.echo(f"  vaultnode --config {path}    # serves {url}")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
+    click.echo(f"  export VAULT_ADDR={','.join(result.urls)}")
+    if result.scheme == "https":
+        click.echo(f"  export VAULT_CACERT={result.ca_path}    # clients verify nodes with it")
+    else:
+        click.echo("clients are served plain HTTP (--plaintext-http): for local development only")
 
 
 @operator.command(name="rotate")
@@ -445,6 +466,7 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     """Drop an old key-encryption key once nothing uses it."""
     run(lambda: ctx.client.request("POST", f"/v1/sys/keys/{kek_id}/retire"))
     click.echo(f"key {kek_id} retired")
+
 
 main.add_command(audit)
 main.add_command(env)

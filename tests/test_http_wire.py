@@ -70,15 +70,21 @@ def node_events(log_text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
 
 
-def raw_exchange(addr: str, data: bytes, responses: int = 1) -> tuple[list[RawResponse], bool]:
+def raw_exchange(
+    addr: str, data: bytes, responses: int = 1, half_close_first: bool = False
+) -> tuple[list[RawResponse], bool]:
     """Send raw bytes on one new connection, read `responses` responses; also report whether the
-    server closed the connection afterwards."""
+    server closed the connection afterwards. `half_close_first` ends the sending side right after
+    the requests, before any answer arrives."""
     host, _, port = addr.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S) as stream:
         stream.sendall(data)
+        if half_close_first:
+            stream.shutdown(socket.SHUT_WR)
         buffered = bytearray()
         answers = [_read_response(stream, buffered) for _ in range(responses)]
-        stream.shutdown(socket.SHUT_WR)
+        if not half_close_first:
+            stream.shutdown(socket.SHUT_WR)
         closed = not buffered and stream.recv(1) == b""
     return answers, closed
 
@@ -179,6 +185,23 @@ def test_pipelined_requests_are_answered_in_order(vault: Cluster) -> None:
     assert_error(responses[3], 404, "not_found")
     assert responses[4].json()["value"] == "second"
     assert closed  # the last one asked for Connection: close
+
+
+def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer(
+    vault: Cluster,
+) -> None:
+    token = vault.root_token
+    requests = [
+        raw_request("POST", "/v1/secrets/half", token, b'{"value":"v1"}', close=False),
+        raw_request("PUT", "/v1/secrets/half", token, b'{"value":"v2"}', close=False),
+        raw_request("GET", "/v1/secrets/half", token, close=False),
+    ]
+    responses, closed = raw_exchange(
+        vault.nodes[0].http_addr, b"".join(requests), len(requests), half_close_first=True
+    )
+    assert [r.status for r in responses] == [201, 200, 200]
+    assert responses[2].json()["value"] == "v2"
+    assert closed, "after the last answer the server closes its side too"
 
 
 def test_x_request_id_is_echoed_when_well_formed_and_generated_otherwise(vault: Cluster) -> None:

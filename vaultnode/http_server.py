@@ -108,6 +108,12 @@ class _HttpConnection(asyncio.Protocol):
         self._transport = None
         self._queue.put_nowait(None)
 
+    def eof_received(self) -> bool:
+        # A client may half-close once it has sent its last request (shutdown(SHUT_WR)): answer
+        # everything it sent, then close, rather than drop the answers (and a write's outcome).
+        self._queue.put_nowait(None)
+        return True
+
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
@@ -168,6 +174,8 @@ class _HttpConnection(asyncio.Protocol):
         while True:
             item = await self._queue.get()
             if item is None or self._transport is None:
+                if self._transport is not None:
+                    self._transport.close()  # the client's EOF, after every queued answer
                 return
             work, keep_alive = item
             self._server.in_flight += 1

@@ -70,8 +70,12 @@ def format_time(time_us: int | None) -> str | None:
 def parse_time(text: str) -> int:
     """An RFC 3339 instant (with 'Z' or an offset) to microseconds since the epoch."""
     candidate = text.strip()
+    # RFC 3339 allows a lower-case 't' and 'z'; re.ASCII keeps \d from matching other scripts'
+    # digits, which int() would otherwise read as a fraction.
     if not re.fullmatch(
-        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|z|[+-]\d\d:\d\d)", candidate
+        r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d{1,9})?(Z|z|[+-]\d\d:\d\d)",
+        candidate,
+        flags=re.ASCII,
     ):
         raise InvalidInput("bad_request", "expected an RFC 3339 time such as 2026-11-27T21:26:41Z")
     head, frac, zone = candidate[:19], "", candidate[19:]
