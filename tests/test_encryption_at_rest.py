@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -23,7 +24,10 @@ import msgpack
 import pytest
 
 from storage.log import HEADER, frame
+from storage.rootkey import generate_root_key
 from tests.harness import Cluster, started_cluster
+from vaultnode.sealing import Sealer
+from vaultnode.state import VaultState
 
 # ---- the plaintext scanner ------------------------------------------------------------------
 
@@ -168,6 +172,17 @@ def test_no_value_or_token_reaches_any_file_or_the_log_in_any_encoding(
     if limits is not None:
         assert any(p.parent.name == "snapshots" for p in name_holders)
     assert find_plaintext(scanned, plaintexts) == []
+
+
+def test_idempotency_fingerprints_are_keyed_by_the_root_key() -> None:
+    # A plain hash of a request that carries a value would let anyone holding the log confirm a
+    # guessed value offline; a MAC keyed from the root key does not.
+    request = (b"POST", b"/v1/secrets/app/db", b'{"value":"guessable"}')
+    state = VaultState()
+    fingerprints = {Sealer(generate_root_key(), state).fingerprint(*request) for _ in range(2)}
+    assert len(fingerprints) == 2
+    unkeyed = hashlib.sha256(b"".join(request)).digest()
+    assert unkeyed not in fingerprints
 
 
 # ---- log surgery -------------------------------------------------------------------------------
@@ -419,3 +434,41 @@ def test_no_tampered_case_leaves_a_secret_missing(tampered: TamperedVault) -> No
             s["name"]: s["current_version"] for s in client.get("/v1/secrets").json()["secrets"]
         }
     assert listed == {name: 2 for name in tampered.names}
+
+
+def test_rewrap_moves_every_sound_record_and_names_those_whose_data_key_fails(
+    tampered: TamperedVault,
+) -> None:
+    # Rewrap unwraps data keys, never values: exactly the cases that damage the wrapped DEK or
+    # its binding (record id, or a DEK moved from another record) fail here. Rotation leaves the
+    # reads the other tests check unchanged, so this may share the module's node.
+    dek_broken = {"t/wrapped-dek@1", "t/record-id@2", "t/batch-b@1"} | {
+        "transplant/into@1",
+        "transplant/versions@2",
+    }
+    node = tampered.cluster.nodes[0]
+    with tampered.cluster.client() as client:
+        new_kek_id = client.post("/v1/sys/rotate").json()["kek_id"]
+        reply = client.post("/v1/sys/rewrap")
+        assert reply.status_code == 500, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "integrity_error"
+        assert set(error["names"]) == dek_broken
+        keys = {k["kek_id"]: k["versions"] for k in client.get("/v1/sys/keys").json()["keys"]}
+        total_versions = 2 * len(tampered.names)
+        assert keys[new_kek_id] == total_versions - len(dek_broken)
+        # The old key still wraps the broken ones, so it cannot be retired.
+        assert client.post(f"/v1/sys/keys/{new_kek_id - 1}/retire").status_code == 409
+        assert client.get("/v1/secrets/control/untouched").json()["value"] == _value(
+            "control/untouched", 2
+        )
+    assert node.process is not None and node.process.poll() is None
+    for entry in dek_broken:
+        name, _, version = entry.partition("@")
+        assert any(
+            e.get("outcome") == "integrity_error"
+            and e.get("name") == name
+            and e.get("version") == int(version)
+            and e.get("path_kind") is None  # the per-record line, not the request summary
+            for e in _log_events(node.log_text())
+        ), entry

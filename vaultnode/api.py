@@ -340,19 +340,22 @@ class VaultApi:
             return self.sealer.open(name, version.sealed).decode("utf-8")
         except CryptoError as exc:
             call.fields["version"] = version.version
-            self.events.emit(
-                "request.failed",
-                request_id=call.request_id,
-                name=name,
-                version=version.version,
-                outcome="integrity_error",
-                detail=type(exc).__name__,
-            )
+            self._log_integrity_error(call, name, version.version, exc)
             raise ApiError(
                 500,
                 "integrity_error",
                 f"version {version.version} of {name!r} failed its integrity check",
             ) from None
+
+    def _log_integrity_error(self, call: Call, name: str, version: int, exc: CryptoError) -> None:
+        self.events.emit(
+            "request.failed",
+            request_id=call.request_id,
+            name=name,
+            version=version,
+            outcome="integrity_error",
+            detail=type(exc).__name__,
+        )
 
     def _secret(self, name: str) -> Secret:
         secret = self.state.secrets.get(name)
@@ -726,14 +729,27 @@ class VaultApi:
         target = self.state.current_kek_id
         total = 0
         batches = 0
+        # A record whose data key fails to unwrap stays under its old key (which therefore cannot
+        # be retired) and is reported at the end; it must not stop every other record's rewrap.
+        unopenable: list[tuple[str, int]] = []
         while True:
-            pending = self.state.versions_not_under(target, REWRAP_BATCH_VERSIONS)
+            candidates = self.state.versions_not_under(
+                target, REWRAP_BATCH_VERSIONS + len(unopenable)
+            )
+            pending = [(n, v) for n, v in candidates if (n, v.version) not in unopenable]
             if not pending:
                 break
-            items = [
-                {"name": name, "version": v.version, "sealed": self.sealer.rewrap(v.sealed, target)}
-                for name, v in pending
-            ]
+            items = []
+            for name, v in pending:
+                try:
+                    sealed = self.sealer.rewrap(v.sealed, target)
+                except CryptoError as exc:
+                    unopenable.append((name, v.version))
+                    self._log_integrity_error(call, name, v.version, exc)
+                    continue
+                items.append({"name": name, "version": v.version, "sealed": sealed})
+            if not items:
+                continue
             # The batches of one request must not carry its Idempotency-Key: each later batch would
             # replay the first one's outcome and the loop would never end. Rewrapping is harmless
             # to repeat anyway (a retry finds nothing left to do).
@@ -751,6 +767,15 @@ class VaultApi:
                     409, "key_in_use", "the key was rotated during the rewrap; run it again"
                 )
         remaining = len(self.state.versions_not_under(target, 1 << 30))
+        if unopenable:
+            failed = [f"{name}@{version}" for name, version in unopenable]
+            raise ApiError(
+                500,
+                "integrity_error",
+                f"{len(failed)} versions failed their integrity check and stay under their old "
+                f"key: {', '.join(failed)}; {total} others were rewrapped, {remaining} remain",
+                {"names": failed},
+            )
         self._log(call, "key.rewrapped", 200, "ok", count=total)
         return Response.json(
             200, {"kek_id": target, "rewrapped": total, "batches": batches, "remaining": remaining}
