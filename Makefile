@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck soak bench clean
+.PHONY: run demo test lint typecheck soak bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python scripts/run_local.py
+
+# A live three-node walk-through with checked outcomes; its transcript is docs/demo.md.
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .

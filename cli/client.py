@@ -2,12 +2,15 @@
 
 Owns how the CLI talks to the vault: which address to try, when a retry is safe (every mutation
 carries an Idempotency-Key, so a retry after a lost reply returns the original answer), and how a
-server error becomes a `ServerError` with its stable code. Never prints or logs a token or value.
+server error becomes a `ServerError` with its stable code, and how servers are verified (HTTPS
+checked against VAULT_CACERT; a certificate that cannot be verified is refused at once, never
+retried or ignored). Never prints or logs a token or value.
 """
 
 from __future__ import annotations
 
 import random
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +23,36 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 class ClientError(Exception):
     """The vault could not be reached, or answered something that is not the API."""
+
+
+def tls_verification(verify: str | bool | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """What httpx should verify servers with: a CA file path becomes a context trusting it."""
+    if not isinstance(verify, str):
+        return verify
+    try:
+        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=verify)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ClientError(
+            f"VAULT_CACERT {verify}: cannot load it as a CA certificate: {reason}"
+        ) from None
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """Why a request failed in TLS, if it did: such a failure is configuration, not bad luck."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"the server's TLS certificate cannot be verified ({seen.verify_message}); "
+                "set VAULT_CACERT (or --cacert) to the cluster CA, ca.pem from "
+                "`vault operator init`"
+            )
+        # A torn handshake (EOF, reset) is a node going down and worth a retry; this is not.
+        if isinstance(seen, ssl.SSLError) and seen.reason == "WRONG_VERSION_NUMBER":
+            return "this node does not speak TLS; a node with http_plaintext = true needs http://"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclass
@@ -48,15 +81,17 @@ class VaultClient:
         *,
         timeout_s: float = 10.0,
         deadline_s: float = 30.0,
-        verify: str | bool = True,
+        verify: str | bool | ssl.SSLContext = True,
     ) -> None:
         if not addresses:
             raise ClientError("no vault address: set VAULT_ADDR or pass --addr")
-        self.addresses = [a if "://" in a else f"http://{a}" for a in addresses]
+        # A CA file given means the nodes serve HTTPS; a bare address then means https.
+        default_scheme = "https" if isinstance(verify, str) else "http"
+        self.addresses = [a if "://" in a else f"{default_scheme}://{a}" for a in addresses]
         self.token = token
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s
-        self._http = httpx.Client(timeout=timeout_s, verify=verify)
+        self._http = httpx.Client(timeout=timeout_s, verify=tls_verification(verify))
         self._preferred = 0
 
     def close(self) -> None:
@@ -97,6 +132,9 @@ class VaultClient:
                     timeout=attempt_timeout_s,
                 )
             except httpx.HTTPError as exc:
+                tls_problem = _tls_failure(exc)
+                if tls_problem is not None:
+                    raise ClientError(f"{address}: {tls_problem}") from None
                 last_problem = f"{address}: {type(exc).__name__}"
             else:
                 if response.status_code not in RETRYABLE_STATUS:

@@ -174,10 +174,6 @@ def status(ctx: Context, as_json: bool) -> None:
     sys.exit(worst)
 
 
-
-
-
-
 def _write_command(verb: str) -> Callable[..., Any]:
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
@@ -389,8 +385,32 @@ def operator() -> None:
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--base-port", type=int, default=8200, show_default=True)
-def operator_init(nodes: int, out_dir: Path, base_port: int) -> None:
-    """Write configs, keys and the root token for a local cluster on 127.0.0.1."""
+@click.option(
+    "--hosts",
+    default=None,
+    metavar="HOST,HOST,...",
+    help="One address per node (its machine's IP or DNS name) for certificates and configs;"
+    " each node then uses --base-port and the port after it. Default: all on 127.0.0.1.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Absolute data directory for every node, e.g. /var/lib/vault/data on VMs.",
+)
+@click.option(
+    "--plaintext-http",
+    is_flag=True,
+    help="Serve clients plain HTTP instead of HTTPS: local development only.",
+)
+def operator_init(
+    nodes: int,
+    out_dir: Path,
+    base_port: int,
+    hosts: str | None,
+    data_dir: str | None,
+    plaintext_http: bool,
+) -> None:
+    """Write configs, keys, certificates and the root token for a new cluster."""
     from cli.cluster_init import InitError, init_cluster
 
     host_list = [h.strip() for h in hosts.split(",")] if hosts is not None else None

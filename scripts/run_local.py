@@ -2,12 +2,16 @@
 
 Prints each node's address and the root token, then waits; Ctrl-C (or SIGTERM) stops every node
 it started. The cluster lives in ./local-cluster (git-ignored); delete it to start afresh.
+A new cluster serves clients plain HTTP, said explicitly in its configs (`http_plaintext = true`):
+it is a development cluster on 127.0.0.1. `--tls` makes a new one serve HTTPS like a deployment;
+an existing cluster serves whatever its configs say, and VAULT_CACERT is printed when it is HTTPS.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,19 +29,21 @@ def node_configs(cluster_dir: Path) -> list[Path]:
     return sorted(cluster_dir.glob("node*.toml"))
 
 
-def http_address(config: Path) -> str:
+def node_url(config: Path) -> str:
     import tomllib
 
-    return tomllib.loads(config.read_text())["http_listen"]
+    data = tomllib.loads(config.read_text())
+    scheme = "http" if data.get("http_plaintext") is True else "https"
+    return f"{scheme}://{data['http_listen']}"
 
 
-def wait_healthy(address: str, process: subprocess.Popen[bytes]) -> bool:
+def wait_healthy(url: str, process: subprocess.Popen[bytes], verify: ssl.SSLContext | bool) -> bool:
     give_up_at = time.monotonic() + HEALTH_DEADLINE_S
     while time.monotonic() < give_up_at:
         if process.poll() is not None:
             return False
         try:
-            if httpx.get(f"http://{address}/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1.0, verify=verify).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -50,12 +56,17 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=ROOT / "local-cluster")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--base-port", type=int, default=8200)
+    parser.add_argument("--tls", action="store_true", help="a new cluster serves HTTPS")
     args = parser.parse_args()
     cluster_dir: Path = args.dir
     if not node_configs(cluster_dir):
-        init_cluster(cluster_dir, args.nodes, args.base_port)
+        init_cluster(cluster_dir, args.nodes, args.base_port, plaintext_http=not args.tls)
         print(f"initialised a new {args.nodes}-node vault in {cluster_dir}")
     token = (cluster_dir / TOKEN_FILE_NAME).read_text().strip()
+    ca_file = cluster_dir / "ca.pem"
+    urls = [node_url(config) for config in node_configs(cluster_dir)]
+    tls = any(url.startswith("https://") for url in urls)
+    verify = ssl.create_default_context(cafile=str(ca_file)) if tls else False
     processes: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -65,27 +76,26 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    addresses = []
     try:
         for config in node_configs(cluster_dir):
-            address = http_address(config)
             process = subprocess.Popen(
                 [sys.executable, "-m", "vaultnode.main", "--config", str(config)],
                 cwd=cluster_dir,
             )
             processes.append(process)
-            addresses.append(address)
-        for address, process in zip(addresses, processes, strict=True):
-            if not wait_healthy(address, process):
-                print(f"node at {address} did not become healthy; see its log above",
+        for url, process in zip(urls, processes, strict=True):
+            if not wait_healthy(url, process, verify):
+                print(f"node at {url} did not become healthy; see its log above",
                       file=sys.stderr)
                 return 1
-        print("\nvault is running:")
-        for address in addresses:
-            print(f"  http://{address}")
+        print("\nvault is running:" + ("" if tls else " plain HTTP, for local development only"))
+        for url in urls:
+            print(f"  {url}")
         print(f"\nroot token: {token}")
-        print(f"\n  export VAULT_ADDR={','.join(addresses)}")
+        print(f"\n  export VAULT_ADDR={','.join(urls)}")
         print(f"  export VAULT_TOKEN={token}")
+        if tls:
+            print(f"  export VAULT_CACERT={ca_file}")
         print("  .venv/bin/vault status\n\nCtrl-C stops every node.", flush=True)
         while not stopping and all(p.poll() is None for p in processes):
             time.sleep(0.2)  # a signal ends the wait early

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -66,10 +67,17 @@ class Node:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
 
     @property
     def url(self) -> str:
-        return f"http://{self.http_addr}"
+        return f"{'https' if self.ca_file else 'http'}://{self.http_addr}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def start(self, wait: bool = True) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
@@ -86,7 +94,7 @@ class Node:
 
     def health(self) -> dict[str, Any] | None:
         try:
-            response = httpx.get(self.url + "/health", timeout=1.0)
+            response = httpx.get(self.url + "/health", timeout=1.0, verify=self.verify)
         except httpx.HTTPError:
             return None
         return response.json() if response.status_code == 200 else None
@@ -131,12 +139,16 @@ class Cluster:
             base_url=self.nodes[node].url,
             headers={"Authorization": f"Bearer {token or self.root_token}"},
             timeout=30.0,
+            verify=self.nodes[node].verify,
         )
 
     def cli_env(self, token: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["VAULT_ADDR"] = ",".join(n.http_addr for n in self.nodes)
         env["VAULT_TOKEN"] = token or self.root_token
+        ca_file = self.nodes[0].ca_file if self.nodes else None
+        if ca_file is not None:
+            env["VAULT_CACERT"] = str(ca_file)
         return env
 
     def stop_all(self) -> None:
@@ -268,9 +280,11 @@ def make_cluster(
     *,
     limits: dict[str, int] | None = None,
     proxy: LinkProxy | None = None,
+    tls: bool = False,
 ) -> Cluster:
     base = free_port_block(2 * nodes)
-    result = init_cluster(root, nodes, base)
+    # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
+    result = init_cluster(root, nodes, base, plaintext_http=not tls)
     cluster = Cluster(root, result.root_token)
     for i, (config, http) in enumerate(
         zip(result.config_paths, result.http_addresses, strict=True)
@@ -287,7 +301,12 @@ def make_cluster(
         _rewrite_config(config, limits, peer_ports)
         cluster.nodes.append(
             Node(
-                node_id, config, http, root / f"node{node_id}" / "data", root / f"node{node_id}.log"
+                node_id,
+                config,
+                http,
+                root / f"node{node_id}" / "data",
+                root / f"node{node_id}.log",
+                ca_file=result.ca_path if tls else None,
             )
         )
     return cluster
@@ -299,8 +318,9 @@ def started_cluster(
     *,
     limits: dict[str, int] | None = None,
     proxy: LinkProxy | None = None,
+    tls: bool = False,
 ) -> Iterator[Cluster]:
-    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy)
+    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy, tls=tls)
     try:
         for node in cluster.nodes:
             node.start(wait=False)
@@ -313,7 +333,7 @@ def started_cluster(
 
 def node_health(node: Node) -> dict[str, Any] | None:
     try:
-        response = httpx.get(node.url + "/health", timeout=1.0)
+        response = httpx.get(node.url + "/health", timeout=1.0, verify=node.verify)
         return response.json()  # type: ignore[no-any-return]
     except (httpx.HTTPError, ValueError):
         return None

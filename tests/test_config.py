@@ -31,6 +31,7 @@ def valid_data(**overrides: Any) -> dict[str, Any]:
         "root_token_sha256": VALID_HASH,
         "root_accessor": "acc_0123",
         "peers": [{"id": 1, "peer_addr": "127.0.0.1:8201", "http_addr": "127.0.0.1:8200"}],
+        "http_plaintext": True,
     }
     for key, value in overrides.items():
         if value is None:
@@ -203,6 +204,7 @@ def test_load_config_resolves_relative_paths_against_the_file_not_the_cwd(tmp_pa
                 'root_key_file = "/abs/root.key"',
                 f'root_token_sha256 = "{VALID_HASH}"',
                 'root_accessor = "acc_1"',
+                "http_plaintext = true",
             ]
         )
     )

@@ -148,7 +148,7 @@ def test_two_clusters_on_different_base_ports_run_side_by_side(tmp_path: Path) -
     tokens: list[str] = []
     for name, port in (("a", base_port), ("b", base_port + 2)):
         out = tmp_path / name
-        finished = operator_init("--out", str(out), "--base-port", str(port))
+        finished = operator_init("--out", str(out), "--base-port", str(port), "--plaintext-http")
         assert finished.returncode == 0, finished.stderr
         (config,) = configs_of(out, 1)
         nodes.append(

@@ -41,6 +41,8 @@ class Limits:
     idempotency_retention_s: int = 24 * 3600
     idempotency_keys_max: int = 100_000
     snapshot_every_slots: int = 10_000
+    # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
+    shutdown_deadline_s: int = 10
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,16 @@ class NodeConfig:
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Client API: HTTPS unless `http_plaintext = true` (local development only). Without their
+    # own keys the certificate and key are the node's, and the CA is the cluster CA.
+    http_plaintext: bool = False
+    http_tls_cert_file: Path | None = None
+    http_tls_key_file: Path | None = None
+    http_tls_ca_file: Path | None = None
+
+    @property
+    def http_scheme(self) -> str:
+        return "http" if self.http_plaintext else "https"
 
     @property
     def clustered(self) -> bool:
@@ -172,6 +184,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         log_level=_require(data, "log_level", str) if "log_level" in data else "info",
         audit_file=path_of("audit_file") if "audit_file" in data else None,
         **_tls_paths(data, path_of, len(peers) > 1),
+        **_http_tls(data, path_of),
     )
 
 
@@ -180,6 +193,27 @@ def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str,
     if clustered:
         return {key: path_of(key) for key in keys}  # peers talk only over mutual TLS
     return {key: path_of(key) if key in data else None for key in keys}
+def _http_tls(data: dict[str, Any], path_of: Any) -> dict[str, Any]:
+    plaintext = data.get("http_plaintext", False)
+    if not isinstance(plaintext, bool):
+        raise ConfigError(f"http_plaintext: expected true or false, got {plaintext!r}")
+    if plaintext:
+        return {"http_plaintext": True}
+    chosen: dict[str, Any] = {"http_plaintext": False}
+    for own_key, fallback_key in (
+        ("http_tls_cert_file", "tls_cert_file"),
+        ("http_tls_key_file", "tls_key_file"),
+        ("http_tls_ca_file", "tls_ca_file"),
+    ):
+        key = own_key if own_key in data else fallback_key
+        if key in data:
+            chosen[own_key] = path_of(key)
+        elif own_key != "http_tls_ca_file":  # the CA only matters to a forwarding follower
+            raise ConfigError(
+                f"{own_key}: missing: the client API serves HTTPS, so it needs {own_key} "
+                f"(or {fallback_key}); set http_plaintext = true only for local development"
+            )
+    return chosen
 
 
 def load_config(path: Path) -> NodeConfig:

@@ -2,12 +2,16 @@
 
 Owns which requests need the leader (writes and linearizable reads; `/health`, `/metrics` and
 `?consistency=stale` reads are served locally) and the HTTP hop to the leader's client address.
-Clients never need to find the leader. A request is forwarded at most once: a forwarded request
+Clients never need to find the leader; the hop uses HTTPS, checked against the cluster CA,
+whenever the cluster serves HTTPS. A request is forwarded at most once: a forwarded request
 that reaches a node that does not lead (leadership moved meanwhile) gets 503 and is retried by
 the client. Never logs bodies or headers.
 """
 
 from __future__ import annotations
+
+import ssl
+from pathlib import Path
 
 import httpx
 
@@ -26,6 +30,11 @@ _LOCAL_PATHS = ("/health", "/metrics")
 FORWARD_TIMEOUT_S = 15.0
 
 
+def leader_tls_context(ca_file: Path) -> ssl.SSLContext:
+    """Checks the leader's client-API certificate against the CA that issued it."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+
+
 def needs_leader(request: Request) -> bool:
     if request.path in _LOCAL_PATHS:
         return False
@@ -38,7 +47,10 @@ def unavailable(message: str) -> Response:
 
 class Forwarder:
     def __init__(
-        self, node_id: int, leader_urls: dict[int, str], verify: str | bool = True
+        self,
+        node_id: int,
+        leader_urls: dict[int, str],
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         self.node_id = node_id
         self._leader_urls = leader_urls

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qs
 
 import httptools
@@ -62,6 +64,14 @@ def error_response(
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """HTTPS for the client API; TLS 1.2 still, since curl and proxies in the field may need it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
 
 
 def _encode_response(response: Response, keep_alive: bool) -> bytes:
@@ -201,6 +211,11 @@ class _HttpConnection(asyncio.Protocol):
         if self._transport is not None and self._queue.empty():
             self._transport.close()
 
+    def close(self) -> None:
+        """Past the shutdown deadline: cut the connection; queued requests are never started."""
+        if self._transport is not None:
+            self._transport.close()
+
 
 class HttpServer:
     def __init__(self, handler: Handler, *, body_bytes_max: int) -> None:
@@ -232,4 +247,7 @@ class HttpServer:
         while self.in_flight and loop.time() < give_up_at:
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
-            connection.close_if_idle()
+            if self.in_flight:
+                connection.close()
+            else:
+                connection.close_if_idle()
