@@ -1,11 +1,13 @@
 """Checkers run on every simulated history, and the observer that collects what they need.
 
-Owns: `Observer` (fed by every simulated node as it learns chosen slots and applies them) and the
-checks: agreement (no slot chosen with two values on any two replicas), identical applied
-prefixes (a chain digest per slot must agree everywhere, snapshots included), durability (every
-write acknowledged to a client is in the final state), linearizability of the client history
-(through `simulations.linearizability` and `VaultModel`), and liveness (after the faults stop, a
-probe write completes within a bound and every replica converges).
+Owns: `Observer` (fed by every simulated node as it learns chosen slots, applies them, and
+answers as an acceptor) and the checks: acceptor promises (no Promise or Accepted below a
+ballot the same acceptor already answered for, across crashes), agreement (no slot chosen with
+two values on any two replicas), identical applied prefixes (a chain digest per slot must agree
+everywhere, snapshots included), durability (every write acknowledged to a client is in the
+final state), linearizability of the client history (through `simulations.linearizability` and
+`VaultModel`), and liveness (after the faults stop, a probe write completes within a bound and
+every replica converges).
 
 Must never: change what it observes; a checker only reports `Violation`s.
 """
@@ -16,7 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from consensus.messages import Batch
+from consensus.messages import BALLOT_ZERO, Accepted, Ballot, Batch, Promise
 from simulations.linearizability import UNKNOWN, CheckResult, Operation, check_operations
 from simulations.models import VaultModel
 from simulations.sim_state import VersionedKv
@@ -50,6 +52,20 @@ class Observer:
     chosen: dict[int, tuple[Batch, int]] = field(default_factory=dict)
     digests: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
+    promised_on_wire: dict[int, Ballot] = field(default_factory=dict)
+
+    def on_acceptor_reply(self, node_id: int, message: Promise | Accepted) -> None:
+        """Paxos P1 seen from outside: once an acceptor has told anyone it promised or
+        accepted at ballot b, it never again answers for a lower ballot, crashes included."""
+        highest = self.promised_on_wire.get(node_id, BALLOT_ZERO)
+        if message.ballot < highest:
+            self._violate(
+                "acceptor_promise",
+                f"node {node_id} sent {type(message).__name__} at ballot {message.ballot} "
+                f"after answering at ballot {highest}",
+            )
+        else:
+            self.promised_on_wire[node_id] = message.ballot
 
     def on_chosen(self, node_id: int, slot: int, value: Batch) -> None:
         known = self.chosen.get(slot)

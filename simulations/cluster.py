@@ -23,7 +23,7 @@ import msgpack
 
 from consensus.codec import decode_message, decode_record, encode_message, encode_record
 from consensus.config import ClusterConfig, Limits
-from consensus.messages import Message
+from consensus.messages import Accepted, Message, Promise
 from consensus.ready import Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
@@ -248,6 +248,8 @@ class SimNode:
         self._maybe_take_snapshot()
 
     def _send(self, message: Message) -> None:
+        if isinstance(message, Promise | Accepted):
+            self.observer.on_acceptor_reply(self.node_id, message)
         self.network.send(self.node_id, message.to, encode_message(message))
 
     def _schedule_sync(self) -> None:

@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from random import Random
 
-FAULT_KINDS = ("partition", "one_way", "crash", "power_loss", "pause", "slow_disk", "disk_error")
+FAULT_KINDS = (
+    "partition",
+    "one_way",
+    "crash",
+    "power_loss",
+    "pause",
+    "slow_disk",
+    "disk_error",
+    "slow_clock",
+    "stale_leader",
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +40,9 @@ class Intensities:
 class Fault:
     """`nodes` is the partitioned side, the (sender, receiver) of a cut link, the nodes that
     lose power together, or the one node that crashes, pauses, slows down or fails to fsync.
-    The fault lasts `duration_ms` (a crashed node restarts after it)."""
+    A `stale_leader` is isolated *and* its clock runs 5x slow (a stalled VM cut off from the
+    others): the classic way a deposed leader keeps believing it leads. The fault lasts
+    `duration_ms` (a crashed node restarts after it)."""
 
     kind: str
     start_ms: int
@@ -73,7 +85,7 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
         duplication=rng.choice([0.0, rng.uniform(0.0, 0.5)]),
         delay_ms_max=rng.choice([2, 5, 20, 100]),
         client_loss=rng.choice([0.0, rng.uniform(0.0, 0.1)]),
-        disk_latency_ms_max=rng.choice([1, 5, 20]),
+        disk_latency_ms_max=rng.choice([1, 5, 20, 50]),
         torn_write_probability=rng.random(),
     )
     faults = tuple(random_fault(rng, node_ids, safety_ms) for _ in range(rng.randint(0, 12)))
@@ -85,14 +97,16 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
 
 
 def random_fault(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault:
-    kind = rng.choice(FAULT_KINDS)
+    # Whole-cluster power loss is the one fault that exposes a write acknowledged before it
+    # was durable, so it is drawn twice as often as the others.
+    kind = rng.choice((*FAULT_KINDS, "power_loss"))
     start_ms = rng.randrange(safety_ms)
     # A slow clock matters most on a leader: it is what keeps a deposed leader serving.
     leader_bias = 0.8 if kind == "slow_clock" else 0.4
-    at_leader = kind != "power_loss" and rng.random() < leader_bias
+    at_leader = kind == "stale_leader" or (kind != "power_loss" and rng.random() < leader_bias)
     # Short outages race in-flight messages and unsynced writes; long ones force elections.
     duration_ms = rng.choice([rng.randint(5, 50), rng.randint(50, max(51, safety_ms // 2))])
-    if kind == "partition":
+    if kind in ("partition", "stale_leader"):
         side = tuple(sorted(rng.sample(node_ids, rng.randint(1, len(node_ids) // 2))))
         return Fault(kind, start_ms, duration_ms, side, at_leader)
     if kind == "power_loss":

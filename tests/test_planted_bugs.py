@@ -86,12 +86,14 @@ def first_caught_seed(
     return None, None
 
 
+# Bounds are about twice the seed at which the bug was first caught when this was written
+# (see docs/consensus.md), so a simulator that loses its teeth fails here.
 PLANTED = {
-    "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 200),
-    "skips_phase_one": (SkipsPhaseOne, recover, 50),
-    "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 100),
-    "reads_without_quorum": (ReadsWithoutQuorum, recover, 100),
-    "acks_before_durable": (AcksBeforeDurable, recover, 200),
+    "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 30),
+    "skips_phase_one": (SkipsPhaseOne, recover, 10),
+    "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40),
+    "reads_without_quorum": (ReadsWithoutQuorum, recover, 200),
+    "acks_before_durable": (AcksBeforeDurable, recover, 60),
 }
 
 
