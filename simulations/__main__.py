@@ -49,6 +49,21 @@ def _run_one(args: tuple[int, str]) -> _Outcome:
     )
 
 
+def _note_progress(
+    outcomes: list[_Outcome], outcome: _Outcome, every: int, started: float
+) -> None:
+    outcomes.append(outcome)
+    if not outcome.ok:
+        print(outcome.report, flush=True)
+    if every and len(outcomes) % every == 0:
+        failed = sum(1 for o in outcomes if not o.ok)
+        print(
+            f"... {len(outcomes)} seeds, {failed} failing, {time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
     parser.add_argument("--seeds", type=int, default=100, help="how many seeds to run")
@@ -56,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this one seed and print its report")
     parser.add_argument("--nodes", choices=["3", "5", "mixed"], default="mixed")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--progress-every", type=int, default=500, help="seeds per progress line")
     options = parser.parse_args(argv)
     if options.seed is not None:
         result = run_simulation(
@@ -69,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[_Outcome] = []
     if options.jobs > 1:
         with ProcessPoolExecutor(options.jobs) as pool:
-            outcomes = list(pool.map(_run_one, work, chunksize=8))
+            for outcome in pool.map(_run_one, work, chunksize=8):
+                _note_progress(outcomes, outcome, options.progress_every, started)
     else:
-        outcomes = [_run_one(item) for item in work]
+        for item in work:
+            _note_progress(outcomes, _run_one(item), options.progress_every, started)
     elapsed_s = time.monotonic() - started
     failures = [outcome for outcome in outcomes if not outcome.ok]
-    for failure in failures:
-        print(failure.report)
     operations = sum(o.operations for o in outcomes)
     simulated_s = sum(o.simulated_ms for o in outcomes) / 1000
     print(
