@@ -80,8 +80,11 @@ def read_value(value: str | None, from_file: Path | None) -> str:
     if from_file is not None:
         try:
             return from_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"cannot read {from_file}: {exc}", 2)
+        except OSError as exc:
+            fail(f"cannot read {from_file}: {exc.strerror}", 2)
+        except UnicodeDecodeError as exc:
+            # The codec's own message quotes the offending byte, which is part of the secret.
+            fail(f"cannot read {from_file}: not UTF-8 (at byte {exc.start})", 2)
     if sys.stdin.isatty():
         raise click.UsageError("no value: pass it as an argument, with --from-file, or on stdin")
     return sys.stdin.read()
@@ -174,6 +177,28 @@ def status(ctx: Context, as_json: bool) -> None:
     sys.exit(worst)
 
 
+class ValueCommand(click.Command):
+    """A command taking a secret VALUE: its usage errors must not quote the command line.
+
+    Click repeats stray arguments and unknown options in its errors; here those are most likely
+    pieces of the value (an unquoted value with spaces, a value starting with '-').
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption:
+            raise click.UsageError(
+                "unknown option; put '--' before a value that starts with '-'", ctx
+            ) from None
+        except click.UsageError as exc:
+            if type(exc) is not click.UsageError:  # subclasses name a parameter, not the value
+                raise
+            raise click.UsageError(
+                "too many arguments; quote a value with spaces, or use --from-file or stdin", ctx
+            ) from None
+
+
 def _write_command(verb: str) -> Callable[..., Any]:
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
@@ -189,7 +214,7 @@ def _write_command(verb: str) -> Callable[..., Any]:
     return decorate
 
 
-@main.command()
+@main.command(cls=ValueCommand)
 @_write_command("create")
 @pass_ctx
 def create(
@@ -203,7 +228,7 @@ def create(
     _print_written(reply, as_json, "created")
 
 
-@main.command()
+@main.command(cls=ValueCommand)
 @_write_command("update")
 @click.option(
     "--expected-version",

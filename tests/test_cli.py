@@ -315,6 +315,39 @@ def test_usage_errors_exit_2_before_any_request(args: list[str]) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "secret_parts"),
+    [
+        pytest.param(["create", "cli/leak", "hunter2", "swordfish"], ["swordfish"], id="spaces"),
+        pytest.param(["create", "cli/leak", "-xsecret"], ["xsecret"], id="leading-dash"),
+        pytest.param(["update", "cli/leak", "p4ss", "w0rd"], ["w0rd"], id="update-spaces"),
+    ],
+)
+def test_a_usage_error_on_a_value_does_not_repeat_it(
+    args: list[str], secret_parts: list[str]
+) -> None:
+    result = CliRunner().invoke(cli_main, ["--addr", "127.0.0.1:1", "--token", "t", *args])
+    assert result.exit_code == 2
+    assert "Error:" in result.stderr
+    assert not [part for part in secret_parts if part in result.stderr + result.stdout]
+
+
+def test_an_undecodable_value_file_is_refused_without_quoting_its_bytes(tmp_path: Path) -> None:
+    source = tmp_path / "binary"
+    source.write_bytes(b"\xfe\xed secret tail")
+    args = ["--addr", "127.0.0.1:1", "--token", "t", "create", "x", "--from-file", str(source)]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 2
+    assert "not UTF-8" in result.stderr
+    assert "0xfe" not in result.stderr and "secret tail" not in result.stderr
+
+
+def test_a_value_starting_with_a_dash_is_stored_after_double_dash(shared_vault: Cluster) -> None:
+    finished = vault_cli(shared_vault, "create", "cli/dash", "--", "-starts-with-dash")
+    assert finished.returncode == 0, finished.stderr
+    assert (stored(shared_vault, "cli/dash") or {}).get("value") == "-starts-with-dash"
+
+
 def test_a_value_given_twice_is_a_usage_error_and_writes_nothing(
     shared_vault: Cluster, tmp_path: Path
 ) -> None:

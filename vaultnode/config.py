@@ -99,7 +99,7 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str = "") -> An
     value = table[key]
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"{full}: expected {kind.__name__}, got {type(value).__name__}")
-    if kind is str and not value.strip():
+    if isinstance(value, str) and not value.strip():
         raise ConfigError(f"{full}: must not be empty")
     return value
 
