@@ -36,6 +36,9 @@ class Context:
 
     @property
     def client(self) -> VaultClient:
+        if not self.token:
+            # Not the server's verdict: nothing was sent, the invocation lacks a setting.
+            raise click.UsageError("no token: set VAULT_TOKEN or pass --token")
         if self._client is None:
             verify: str | bool = self.cacert if self.cacert else True
             self._client = VaultClient(
@@ -131,6 +134,8 @@ def main(
 ) -> None:
     """Store, update and read secrets in a vault cluster."""
     ctx.obj = Context(addr, token, cacert, deadline_s)
+    if not ctx.obj.addresses:
+        raise click.BadParameter("give at least one node address", param_hint="'--addr'")
 
 
 @main.command()

@@ -348,6 +348,21 @@ def test_a_value_starting_with_a_dash_is_stored_after_double_dash(shared_vault: 
     assert (stored(shared_vault, "cli/dash") or {}).get("value") == "-starts-with-dash"
 
 
+def test_a_missing_token_is_a_usage_error_not_a_server_one() -> None:
+    result = CliRunner().invoke(
+        cli_main, ["--addr", "127.0.0.1:1", "get", "cli/x"], env={"VAULT_TOKEN": None}
+    )
+    assert result.exit_code == 2
+    assert "no token: set VAULT_TOKEN or pass --token" in result.stderr
+
+
+@pytest.mark.parametrize("addresses", ["", ",", " , "])
+def test_an_empty_address_list_is_a_usage_error(addresses: str) -> None:
+    result = CliRunner().invoke(cli_main, ["--addr", addresses, "--token", "t", "status"])
+    assert result.exit_code == 2
+    assert "--addr" in result.stderr and "at least one node address" in result.stderr
+
+
 def test_a_value_given_twice_is_a_usage_error_and_writes_nothing(
     shared_vault: Cluster, tmp_path: Path
 ) -> None:

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import httpx
+from click.testing import CliRunner
 
+from cli.main import main as cli_main
 from tests.harness import Node, free_port_block
 from vaultnode.config import NodeConfig, load_config
 
@@ -29,6 +31,12 @@ def operator_init(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def operator_init_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """The same command through click's runner: checks that need no process of their own."""
+    result = CliRunner().invoke(cli_main, ["operator", "init", *args])
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def mode_of(path: Path) -> int:
@@ -101,7 +109,7 @@ def test_a_non_empty_directory_is_refused_and_left_untouched(tmp_path: Path) -> 
     out = tmp_path / "cluster"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    refused = operator_init("--out", str(out), "--base-port", "41200")
+    refused = operator_init_in_process("--out", str(out), "--base-port", "41200")
     assert refused.returncode != 0
     assert "not empty" in refused.stderr
     assert snapshot(out) == {"notes.txt": b"keep me"}
@@ -109,9 +117,9 @@ def test_a_non_empty_directory_is_refused_and_left_untouched(tmp_path: Path) -> 
 
 def test_initialising_over_an_existing_cluster_overwrites_nothing(tmp_path: Path) -> None:
     out = tmp_path / "cluster"
-    assert operator_init("--out", str(out), "--base-port", "41300").returncode == 0
+    assert operator_init_in_process("--out", str(out), "--base-port", "41300").returncode == 0
     before = snapshot(out)
-    again = operator_init("--out", str(out), "--base-port", "41400")
+    again = operator_init_in_process("--out", str(out), "--base-port", "41400")
     assert again.returncode != 0
     assert "not empty" in again.stderr
     assert snapshot(out) == before
@@ -119,7 +127,7 @@ def test_initialising_over_an_existing_cluster_overwrites_nothing(tmp_path: Path
 
 def test_two_nodes_are_refused_because_they_cannot_survive_a_failure(tmp_path: Path) -> None:
     out = tmp_path / "cluster"
-    refused = operator_init("--nodes", "2", "--out", str(out), "--base-port", "41500")
+    refused = operator_init_in_process("--nodes", "2", "--out", str(out), "--base-port", "41500")
     assert refused.returncode == 2
     assert "--nodes must be 1, 3 or 5" in refused.stderr
     assert not out.exists() or not any(out.iterdir())
@@ -128,7 +136,7 @@ def test_two_nodes_are_refused_because_they_cannot_survive_a_failure(tmp_path: P
 def test_a_base_port_without_room_for_every_port_is_refused(tmp_path: Path) -> None:
     for base_port in ("80", "65535"):
         out = tmp_path / base_port
-        refused = operator_init("--out", str(out), "--base-port", base_port)
+        refused = operator_init_in_process("--out", str(out), "--base-port", base_port)
         assert refused.returncode == 2, refused.stderr
         assert "--base-port" in refused.stderr
         assert not out.exists()
@@ -136,7 +144,7 @@ def test_a_base_port_without_room_for_every_port_is_refused(tmp_path: Path) -> N
 
 def test_the_highest_base_port_that_fits_is_accepted(tmp_path: Path) -> None:
     out = tmp_path / "cluster"
-    finished = operator_init("--out", str(out), "--base-port", "65534")
+    finished = operator_init_in_process("--out", str(out), "--base-port", "65534")
     assert finished.returncode == 0, finished.stderr
     (config,) = configs_of(out, 1)
     assert {config.http_listen.port, config.peer_listen.port} == {65534, 65535}
