@@ -36,6 +36,9 @@ class Context:
 
     @property
     def client(self) -> VaultClient:
+        if not self.token:
+            # Not the server's verdict: nothing was sent, the invocation lacks a setting.
+            raise click.UsageError("no token: set VAULT_TOKEN or pass --token")
         if self._client is None:
             verify: str | bool = self.cacert if self.cacert else True
             self._client = VaultClient(
@@ -80,8 +83,11 @@ def read_value(value: str | None, from_file: Path | None) -> str:
     if from_file is not None:
         try:
             return from_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"cannot read {from_file}: {exc}", 2)
+        except OSError as exc:
+            fail(f"cannot read {from_file}: {exc.strerror}", 2)
+        except UnicodeDecodeError as exc:
+            # The codec's own message quotes the offending byte, which is part of the secret.
+            fail(f"cannot read {from_file}: not UTF-8 (at byte {exc.start})", 2)
     if sys.stdin.isatty():
         raise click.UsageError("no value: pass it as an argument, with --from-file, or on stdin")
     return sys.stdin.read()
@@ -110,7 +116,8 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
     "--cacert",
     envvar="VAULT_CACERT",
     default=None,
-    help="CA certificate to verify the server (env VAULT_CACERT).",
+    help="CA certificate to verify HTTPS nodes, e.g. ca.pem from `vault operator init`;"
+    " addresses without a scheme then mean https (env VAULT_CACERT).",
 )
 @click.option(
     "--timeout",
@@ -127,6 +134,8 @@ def main(
 ) -> None:
     """Store, update and read secrets in a vault cluster."""
     ctx.obj = Context(addr, token, cacert, deadline_s)
+    if not ctx.obj.addresses:
+        raise click.BadParameter("give at least one node address", param_hint="'--addr'")
 
 
 @main.command()
@@ -138,19 +147,22 @@ def status(ctx: Context, as_json: bool) -> None:
     results = []
     worst = 0
     for address in ctx.addresses:
-        single = VaultClient(
-            [address], None, deadline_s=min(2.0, ctx.deadline_s), verify=ctx.cacert or True
-        )
+        single: VaultClient | None = None
         try:
+            single = VaultClient(
+                [address], None, deadline_s=min(2.0, ctx.deadline_s), verify=ctx.cacert or True
+            )
             body = single.request("GET", "/health", authenticated=False).body
         except ServerError as exc:
             body = {"status": exc.code}
             worst = 1
         except ClientError as exc:
             body = {"status": "unreachable", "detail": str(exc)}
+            click.echo(f"{address}: {exc}", err=True)  # the table has no room for why
             worst = 1
         finally:
-            single.close()
+            if single is not None:
+                single.close()
         results.append({"address": address, **body})
         rows.append(
             [
@@ -170,6 +182,28 @@ def status(ctx: Context, as_json: bool) -> None:
     sys.exit(worst)
 
 
+class ValueCommand(click.Command):
+    """A command taking a secret VALUE: its usage errors must not quote the command line.
+
+    Click repeats stray arguments and unknown options in its errors; here those are most likely
+    pieces of the value (an unquoted value with spaces, a value starting with '-').
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption:
+            raise click.UsageError(
+                "unknown option; put '--' before a value that starts with '-'", ctx
+            ) from None
+        except click.UsageError as exc:
+            if type(exc) is not click.UsageError:  # subclasses name a parameter, not the value
+                raise
+            raise click.UsageError(
+                "too many arguments; quote a value with spaces, or use --from-file or stdin", ctx
+            ) from None
+
+
 def _write_command(verb: str) -> Callable[..., Any]:
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
@@ -185,7 +219,7 @@ def _write_command(verb: str) -> Callable[..., Any]:
     return decorate
 
 
-@main.command()
+@main.command(cls=ValueCommand)
 @_write_command("create")
 @pass_ctx
 def create(
@@ -199,7 +233,7 @@ def create(
     _print_written(reply, as_json, "created")
 
 
-@main.command()
+@main.command(cls=ValueCommand)
 @_write_command("update")
 @click.option(
     "--expected-version",
@@ -381,19 +415,56 @@ def operator() -> None:
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--base-port", type=int, default=8200, show_default=True)
-def operator_init(nodes: int, out_dir: Path, base_port: int) -> None:
-    """Write configs, keys and the root token for a local cluster on 127.0.0.1."""
+@click.option(
+    "--hosts",
+    default=None,
+    metavar="HOST,HOST,...",
+    help="One address per node (its machine's IP or DNS name) for certificates and configs;"
+    " each node then uses --base-port and the port after it. Default: all on 127.0.0.1.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Absolute data directory for every node, e.g. /var/lib/vault/data on VMs.",
+)
+@click.option(
+    "--plaintext-http",
+    is_flag=True,
+    help="Serve clients plain HTTP instead of HTTPS: local development only.",
+)
+def operator_init(
+    nodes: int,
+    out_dir: Path,
+    base_port: int,
+    hosts: str | None,
+    data_dir: str | None,
+    plaintext_http: bool,
+) -> None:
+    """Write configs, keys, certificates and the root token for a new cluster."""
     from cli.cluster_init import InitError, init_cluster
 
+    host_list = [h.strip() for h in hosts.split(",")] if hosts is not None else None
     try:
-        result = init_cluster(out_dir, nodes, base_port)
+        result = init_cluster(
+            out_dir,
+            nodes,
+            base_port,
+            plaintext_http=plaintext_http,
+            hosts=host_list,
+            data_dir=data_dir,
+        )
     except (InitError, OSError) as exc:
         fail(str(exc), 2 if isinstance(exc, InitError) else 1)
         return
     click.echo(f"initialised {nodes}-node cluster in {result.out_dir}")
-    for path, address in zip(result.config_paths, result.http_addresses, strict=True):
-        click.echo(f"  vaultnode --config {path}    # serves http://{address}")
+    for path, url in zip(result.config_paths, result.urls, strict=True):
+        click.echo(f"  vaultnode --config {path}    # serves {url}")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
+    click.echo(f"  export VAULT_ADDR={','.join(result.urls)}")
+    if result.scheme == "https":
+        click.echo(f"  export VAULT_CACERT={result.ca_path}    # clients verify nodes with it")
+    else:
+        click.echo("clients are served plain HTTP (--plaintext-http): for local development only")
 
 
 @operator.command(name="rotate")
@@ -445,6 +516,7 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     """Drop an old key-encryption key once nothing uses it."""
     run(lambda: ctx.client.request("POST", f"/v1/sys/keys/{kek_id}/retire"))
     click.echo(f"key {kek_id} retired")
+
 
 main.add_command(audit)
 main.add_command(env)
