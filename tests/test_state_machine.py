@@ -271,4 +271,9 @@ def test_replaying_the_log_rebuilds_the_state_live_application_built(
     log.close()
     assert entries == fsyncs
     assert replayed_state.snapshot() == live_state.snapshot()
-    assert len(replayed_state.secrets["app/db"].versions) == 3 + 300
+    versions = replayed_state.secrets["app/db"].versions
+    assert len(versions) == 3 + 300
+    # Group commit: many versions of one secret share an entry's index, yet stay ordered in time.
+    assert len({v.index for v in versions}) < len(versions)
+    starts = [v.valid_from_us for v in versions]
+    assert starts == sorted(set(starts))
