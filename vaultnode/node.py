@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import ssl
 from pathlib import Path
 from typing import IO
@@ -25,16 +26,14 @@ from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
-from vaultnode.forwarding import Forwarder
-from vaultnode.http_server import HttpServer
+from vaultnode.forwarding import Forwarder, leader_tls_context
+from vaultnode.http_server import HttpServer, server_tls_context
 from vaultnode.metrics import NodeGauges, NodeMetrics, files_size_bytes
 from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown, PaxosReplicator
 from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
-
-SHUTDOWN_DEADLINE_S = 10.0
 
 
 class StartupError(Exception):
@@ -49,10 +48,29 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
+        holder = (data_dir / "LOCK").read_text(errors="replace").strip() or "unknown"
         raise StartupError(
-            f"another vaultnode is already running on data directory {data_dir}"
+            f"another vaultnode (pid {holder}) is already running on data directory {data_dir}; "
+            "stop it first, or give this node its own data_dir"
         ) from None
+    # The holder's pid, for the message above; the lock itself is the flock, not the file.
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n".encode())
+    handle.flush()
     return handle
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about a state change; a no-op when not started by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    # Readiness is advisory: a node that cannot tell systemd still serves.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, contextlib.suppress(OSError):
+        notify.connect(address)
+        notify.sendall(state.encode())
 
 
 class VaultNode:
@@ -64,6 +82,7 @@ class VaultNode:
 
     async def run(self) -> int:
         config = self.config
+        http_ssl = self._http_tls_context()  # a certificate problem is reported before any file
         lock = lock_data_dir(config.data_dir)
         try:
             root_key = load_root_key_file(config.root_key_file)
@@ -111,7 +130,8 @@ class VaultNode:
             await transport.start()
             forwarder = Forwarder(
                 config.node_id,
-                {p.node_id: f"http://{p.http_addr}" for p in config.peers},
+                {p.node_id: f"{config.http_scheme}://{p.http_addr}" for p in config.peers},
+                verify=self._forwarder_verify(),
             )
             bootstrap = asyncio.get_running_loop().create_task(
                 self._bootstrap_when_leader(replicator, sealer, state)
@@ -133,7 +153,10 @@ class VaultNode:
         )
         audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
-        await server.start(config.http_listen.host, config.http_listen.port)
+        try:
+            await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
+        except OSError as exc:
+            raise StartupError(f"http_listen {config.http_listen}: {exc.strerror or exc}") from exc
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
@@ -143,9 +166,12 @@ class VaultNode:
             applied_index=state.applied_index,
             replayed_entries=replayed,
             pid=os.getpid(),
+            scheme=config.http_scheme,
         )
+        sd_notify("READY=1\nSTATUS=serving " + f"{config.http_scheme}://{config.http_listen}")
         await self._stop.wait()
-        await server.stop(SHUTDOWN_DEADLINE_S)
+        sd_notify("STOPPING=1")
+        await server.stop(config.limits.shutdown_deadline_s)
         if isinstance(replicator, PaxosReplicator):
             bootstrap.cancel()
             assert replicator.transport is not None and forwarder is not None
@@ -183,6 +209,32 @@ class VaultNode:
             config.data_dir / "log", state, config.node_id, self._fatal, self.events,
             segment_bytes_max=config.limits.segment_bytes_max,
         )
+
+    def _http_tls_context(self) -> ssl.SSLContext | None:
+        config = self.config
+        if config.http_plaintext:
+            return None
+        assert config.http_tls_cert_file and config.http_tls_key_file
+        try:
+            return server_tls_context(config.http_tls_cert_file, config.http_tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"http_tls_cert_file/http_tls_key_file ({config.http_tls_cert_file}, "
+                f"{config.http_tls_key_file}): cannot load the client API certificate: {exc}"
+            ) from exc
+
+    def _forwarder_verify(self) -> ssl.SSLContext | bool:
+        """Followers reach the leader's client API as clients do: over HTTPS, checked by the CA."""
+        config = self.config
+        if config.http_plaintext:
+            return False
+        ca_file = config.http_tls_ca_file
+        if ca_file is None:
+            return True  # the system's trust store, for a certificate from a public CA
+        try:
+            return leader_tls_context(ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"http_tls_ca_file ({ca_file}): {exc}") from exc
 
     def _make_transport(self, replicator: PaxosReplicator) -> PeerTransport:
         config = self.config
