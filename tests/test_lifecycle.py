@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,7 @@ class Writers:
         with self.lock:
             self.acknowledged[name] = value
 
-    def start(self, target: object, count: int) -> None:
+    def start(self, target: Callable[[int], None], count: int) -> None:
         for number in range(count):
             thread = threading.Thread(target=target, args=(number,), daemon=True)
             self.threads.append(thread)

@@ -188,7 +188,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
     )
 
 
-def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str, Path | None]:
+def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str, Any]:
     keys = ("tls_ca_file", "tls_cert_file", "tls_key_file")
     if clustered:
         return {key: path_of(key) for key in keys}  # peers talk only over mutual TLS
