@@ -17,7 +17,7 @@ import base64
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httptools
@@ -239,7 +239,7 @@ def _check_loopback(host: str) -> None:
 
 async def generate_load(
     host: str,
-    port: int,
+    port: int | Sequence[int],
     build: RequestBuilder,
     *,
     clients: int,
@@ -249,25 +249,32 @@ async def generate_load(
 ) -> LoadResult:
     """Run `clients` closed-loop clients until `duration_s` passes or `count_max` requests left.
 
-    The clock starts once every connection is open, so connection set-up is not measured. A
-    client whose connection closes stops (its in-flight request counts as a connection error);
-    the others carry on.
+    Given several ports (the nodes of a local cluster), client i connects to port i mod n. The
+    clock starts once every connection is open, so connection set-up is not measured. A client
+    whose connection closes stops (its in-flight request counts as a connection error); the
+    others carry on.
     """
     _check_loopback(host)
     if clients < 1:
         raise LoadgenError("at least one client is needed")
+    ports = [port] if isinstance(port, int) else list(port)
+    if not ports:
+        raise LoadgenError("at least one port is needed")
     loop = asyncio.get_running_loop()
     run = _Run(build, ok_statuses, count_max)
     connected: list[_Client] = []
     try:
         for index in range(clients):
+            port_of_client = ports[index % len(ports)]
             try:
                 _, protocol = await asyncio.wait_for(
-                    loop.create_connection(functools.partial(_Client, run, index), host, port),
+                    loop.create_connection(
+                        functools.partial(_Client, run, index), host, port_of_client
+                    ),
                     CONNECT_TIMEOUT_S,
                 )
             except (TimeoutError, OSError) as exc:
-                raise LoadgenError(f"cannot connect to {host}:{port}: {exc}") from exc
+                raise LoadgenError(f"cannot connect to {host}:{port_of_client}: {exc}") from exc
             connected.append(protocol)
         started_ns = time.perf_counter_ns()
         run.deadline_ns = started_ns + int(duration_s * 1e9)
