@@ -2,9 +2,10 @@
 
 This module owns the metric names, their labels and how they are read: request counters and
 latency histograms are fed by the HTTP edge, fsync latency by the replicator, and the gauges
-(indexes, role, log size, secret and version counts) are read from the node when scraped. Labels
-carry route patterns, methods, statuses and roles only: never a secret name, accessor, value or
-token (docs/observability.md lists every metric).
+(indexes, role, log size, secret and version counts, and on a cluster node the ballot, proposals,
+elections, snapshots and peer links) are read from the node when scraped. Labels carry route
+patterns, methods, statuses, roles, snapshot sources and peer node ids only: never a secret name,
+accessor, value or token (docs/observability.md lists every metric).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROLES = ("leader", "follower", "pre_candidate", "candidate")
+SNAPSHOT_SOURCES = ("local", "leader")
 _REQUEST_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
@@ -36,10 +38,26 @@ class NodeGauges:
     versions: Callable[[], int]
 
 
+@dataclass(frozen=True)
+class ConsensusGauges:
+    """Readings of a cluster node's replicator and peer transport, taken at scrape time."""
+
+    ballot: Callable[[], tuple[int, int]]  # (round, node id) of the highest ballot promised
+    proposals: Callable[[], int]
+    elections_won: Callable[[], int]
+    snapshots: Callable[[], dict[str, int]]  # by source: "local" (taken) or "leader" (installed)
+    snapshot_size_bytes: Callable[[], int]
+    peers_connected: Callable[[], dict[int, bool]]
+    frames_dropped: Callable[[], int]
+
+
 class _GaugeCollector(Collector):
-    def __init__(self, node_id: int, gauges: NodeGauges) -> None:
+    def __init__(
+        self, node_id: int, gauges: NodeGauges, consensus: ConsensusGauges | None
+    ) -> None:
         self._node_id = node_id
         self._gauges = gauges
+        self._consensus = consensus
 
     def collect(self) -> Iterator[Metric]:
         g = self._gauges
@@ -69,10 +87,62 @@ class _GaugeCollector(Collector):
         yield GaugeMetricFamily(
             "vault_secret_versions", "versions of all secrets in the state", value=g.versions()
         )
+        if self._consensus is not None:
+            yield from self._collect_consensus(self._consensus)
+
+    @staticmethod
+    def _collect_consensus(c: ConsensusGauges) -> Iterator[Metric]:
+        ballot_round, ballot_node = c.ballot()
+        yield GaugeMetricFamily(
+            "vault_ballot_round",
+            "round of the highest ballot this node promised",
+            value=ballot_round,
+        )
+        yield GaugeMetricFamily(
+            "vault_ballot_node",
+            "node id of the highest ballot this node promised",
+            value=ballot_node,
+        )
+        yield CounterMetricFamily(
+            "vault_proposals", "commands proposed on this node (as leader)", value=c.proposals()
+        )
+        yield CounterMetricFamily(
+            "vault_elections_won", "times this node became leader", value=c.elections_won()
+        )
+        snapshots = CounterMetricFamily(
+            "vault_snapshots",
+            "snapshots written: taken from the local state, or installed from the leader",
+            labels=["source"],
+        )
+        taken = c.snapshots()
+        for source in SNAPSHOT_SOURCES:
+            snapshots.add_metric([source], taken.get(source, 0))
+        yield snapshots
+        yield GaugeMetricFamily(
+            "vault_snapshot_size_bytes",
+            "state bytes in the latest snapshot (0 before the first)",
+            value=c.snapshot_size_bytes(),
+        )
+        # A peer id is a small integer from the cluster config, so it is safe as a label.
+        peers = GaugeMetricFamily(
+            "vault_peer_connected",
+            "1 while this node's outbound link to the peer is up, else 0",
+            labels=["peer"],
+        )
+        for peer_id, connected in sorted(c.peers_connected().items()):
+            peers.add_metric([str(peer_id)], 1.0 if connected else 0.0)
+        yield peers
+        yield CounterMetricFamily(
+            "vault_peer_frames_dropped",
+            "consensus frames not sent: link down or outbox full (the protocol retransmits)",
+            value=c.frames_dropped(),
+        )
 
 
 class NodeMetrics:
-    def __init__(self, node_id: int, gauges: NodeGauges) -> None:
+    def __init__(
+        self, node_id: int, gauges: NodeGauges, consensus: ConsensusGauges | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
             "vault_requests",
@@ -93,7 +163,7 @@ class NodeMetrics:
             buckets=_FSYNC_BUCKETS_S,
             registry=self.registry,
         )
-        self.registry.register(_GaugeCollector(node_id, gauges))
+        self.registry.register(_GaugeCollector(node_id, gauges, consensus))
 
     def observe_request(self, method: str, route: str, status: int, latency_s: float) -> None:
         """`route` must be a route pattern (e.g. /v1/secrets/{name}), never a concrete path."""

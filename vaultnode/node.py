@@ -28,7 +28,7 @@ from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
 from vaultnode.forwarding import Forwarder, leader_tls_context
 from vaultnode.http_server import HttpServer, server_tls_context
-from vaultnode.metrics import NodeGauges, NodeMetrics, files_size_bytes
+from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics, files_size_bytes
 from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown, PaxosReplicator
 from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
@@ -121,6 +121,7 @@ class VaultNode:
                 secrets=lambda: len(state.secrets),
                 versions=lambda: sum(len(s.versions) for s in state.secrets.values()),
             ),
+            self._consensus_gauges(replicator),
         )
         replicator.on_fsync = metrics.observe_fsync
         forwarder = None
@@ -208,6 +209,29 @@ class VaultNode:
         return LocalReplicator.open(
             config.data_dir / "log", state, config.node_id, self._fatal, self.events,
             segment_bytes_max=config.limits.segment_bytes_max,
+        )
+
+    @staticmethod
+    def _consensus_gauges(
+        replicator: LocalReplicator | PaxosReplicator,
+    ) -> ConsensusGauges | None:
+        if not isinstance(replicator, PaxosReplicator):
+            return None
+        paxos = replicator  # narrowed once, for the lambdas
+
+        def ballot() -> tuple[int, int]:
+            promised = paxos.replica.promised
+            return promised.round, promised.node_id
+
+        return ConsensusGauges(
+            ballot=ballot,
+            proposals=lambda: paxos.proposals_total,
+            elections_won=lambda: paxos.elections_won,
+            snapshots=lambda: dict(paxos.snapshots_total),
+            snapshot_size_bytes=lambda: paxos.snapshot_size_bytes,
+            # The transport is attached after the metrics are built; until then no link is up.
+            peers_connected=lambda: dict(paxos.transport.connected) if paxos.transport else {},
+            frames_dropped=lambda: paxos.transport.frames_dropped if paxos.transport else 0,
         )
 
     def _http_tls_context(self) -> ssl.SSLContext | None:

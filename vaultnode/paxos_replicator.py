@@ -107,6 +107,10 @@ class PaxosReplicator:
         # Told how long each fsync took (seconds), e.g. by the node's metrics.
         self.on_fsync: Callable[[float], None] = lambda duration_s: None
         self.elections_won = 0
+        self.proposals_total = 0  # commands this node proposed, as leader
+        # Snapshots written, by source: "local" (taken here) or "leader" (installed from it).
+        self.snapshots_total = {"local": 0, "leader": 0}
+        self.snapshot_size_bytes = 0  # state bytes of the latest snapshot
 
     # ---- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -118,6 +122,7 @@ class PaxosReplicator:
             self.state.replace_with(VaultState.restore(snapshot.payload, self.state.limits))
             core_snapshot = Snapshot(snapshot.log_index, snapshot.payload)
             self._last_snapshot_slot = snapshot.log_index
+            self.snapshot_size_bytes = len(snapshot.payload)
         log, report = SegmentedLog.open(
             self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max
         )
@@ -186,6 +191,7 @@ class PaxosReplicator:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(raw, []).append(future)
         self._proposals.append(raw)
+        self.proposals_total += 1
         self._kick()
         try:
             return await asyncio.wait_for(asyncio.shield(future), PROPOSAL_TIMEOUT_S)
@@ -342,7 +348,11 @@ class PaxosReplicator:
         write_snapshot(self._disk, self._snapshot_dir, snapshot.slot, snapshot.data)
         self.state.replace_with(VaultState.restore(snapshot.data, self.state.limits))
         self._last_snapshot_slot = snapshot.slot
-        self._events.emit("snapshot.taken", slot=snapshot.slot, source="leader")
+        self.snapshots_total["leader"] += 1
+        self.snapshot_size_bytes = len(snapshot.data)
+        self._events.emit(
+            "snapshot.taken", slot=snapshot.slot, size_bytes=len(snapshot.data), source="leader"
+        )
 
     def _maybe_snapshot(self, slot: int) -> None:
         if slot - self._last_snapshot_slot < self._snapshot_every_slots:
@@ -355,6 +365,8 @@ class PaxosReplicator:
             self._fatal(exc)
             return
         self._last_snapshot_slot = slot
+        self.snapshots_total["local"] += 1
+        self.snapshot_size_bytes = len(data)
         self.replica.snapshot_taken(slot, data)
         self._events.emit("snapshot.taken", slot=slot, size_bytes=len(data), source="local")
 
