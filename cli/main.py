@@ -142,9 +142,9 @@ def main(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
-    """Show the health of every node given in --addr."""
+    """Show the health of every node given in --addr, and how far each lags the leader."""
     rows = []
-    results = []
+    results: list[dict[str, Any]] = []
     worst = 0
     for address in ctx.addresses:
         single: VaultClient | None = None
@@ -164,22 +164,51 @@ def status(ctx: Context, as_json: bool) -> None:
             if single is not None:
                 single.close()
         results.append({"address": address, **body})
+    leader_commit = _leader_commit_index(results)
+    for view in results:
+        view["lag"] = _lag(view, leader_commit)
         rows.append(
             [
-                address,
-                str(body.get("node_id", "-")),
-                body.get("status", "-"),
-                str(body.get("role", "-")),
-                str(body.get("leader_id", "-")),
-                str(body.get("commit_index", "-")),
-                str(body.get("applied_index", "-")),
+                view["address"],
+                str(view.get("node_id", "-")),
+                view.get("status", "-"),
+                str(view.get("role", "-")),
+                str(view.get("leader_id", "-")),
+                str(view.get("commit_index", "-")),
+                str(view.get("applied_index", "-")),
+                str(view["lag"]) if view["lag"] is not None else "-",
             ]
         )
     if as_json:
         emit_json({"nodes": results})
     else:
-        table(rows, ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED"])
+        table(rows, ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED", "LAG"])
     sys.exit(worst)
+
+
+def _leader_commit_index(views: list[dict[str, Any]]) -> int | None:
+    """The commit index in the health of the node that leads, or None if none answered.
+
+    A deposed leader cut off from the others may still call itself leader; the one most nodes
+    name as their leader wins.
+    """
+    leaders = [v for v in views if v.get("role") == "leader" and v.get("status") == "ok"]
+    if not leaders:
+        return None
+    named = [v.get("leader_id") for v in views]
+    leader = max(leaders, key=lambda v: named.count(v.get("node_id")))
+    commit = leader.get("commit_index")
+    return commit if isinstance(commit, int) else None
+
+
+def _lag(view: dict[str, Any], leader_commit: int | None) -> int | None:
+    """Log entries the leader has committed that this node has not applied yet."""
+    applied = view.get("applied_index")
+    if leader_commit is None or not isinstance(applied, int):
+        return None
+    # Nodes are asked one after another: one asked after the leader may have applied entries
+    # committed since, which is no lag at all.
+    return max(0, leader_commit - applied)
 
 
 class ValueCommand(click.Command):
