@@ -92,7 +92,8 @@ def test_status_prints_a_table_and_json_for_a_healthy_node(shared_vault: Cluster
     finished = vault_cli(shared_vault, "status")
     assert finished.returncode == 0, finished.stderr
     header, row = finished.stdout.splitlines()
-    assert header.split() == ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED", "LAG"]
+    columns = ["ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED", "LAG"]
+    assert header.split() == columns
     assert row.split()[:4] == [address, "1", "ok", "leader"]
 
     body = ok_json(shared_vault, "status")
