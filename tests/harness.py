@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import socket
@@ -36,12 +37,30 @@ def wait_until(condition: Callable[[], bool], deadline_s: float, what: str) -> N
         time.sleep(0.02)
 
 
+def _first_ephemeral_port() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_block(count: int) -> int:
-    """A base port with `count` consecutive free ports after it (checked by binding)."""
+    """A base port with `count` consecutive free ports after it (checked by binding).
+
+    Taken below the kernel's ephemeral range when there is room: a port from that range, freed
+    when a test kills its node, can become the local port of any outgoing connection before the
+    node restarts, and the restart then fails with "address already in use".
+    """
+    chooser = random.Random()  # its own generator: tests may seed the global one
+    below_ephemeral = range(10_000, _first_ephemeral_port() - count)
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+        if len(below_ephemeral) > 1000:
+            base = chooser.choice(below_ephemeral)
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
         if base + count >= 65535:
             continue
         sockets = []

@@ -240,3 +240,53 @@ def test_operator_init_refuses_bad_hosts_and_data_dirs(
         init_cluster(tmp_path / "out", 3, 8200, hosts=hosts, data_dir=data_dir)
     assert expected in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_operator_init_command_prints_https_urls_and_vault_cacert(tmp_path: Path) -> None:
+    out = tmp_path / "vms"
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "operator",
+            "init",
+            "--nodes",
+            "3",
+            "--out",
+            str(out),
+            "--hosts",
+            "10.0.0.11, 10.0.0.12, 10.0.0.13",
+            "--data-dir",
+            "/var/lib/vault/data",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "# serves https://10.0.0.12:8200" in finished.stdout
+    assert f"export VAULT_CACERT={out / 'ca.pem'}" in finished.stdout
+    assert load_config(out / "node3.toml").data_dir == Path("/var/lib/vault/data")
+
+    dev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "operator",
+            "init",
+            "--out",
+            str(tmp_path / "dev"),
+            "--base-port",
+            "21200",
+            "--plaintext-http",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dev.returncode == 0, dev.stderr
+    assert "# serves http://127.0.0.1:21200" in dev.stdout
+    assert "for local development only" in dev.stdout
+    assert "VAULT_CACERT" not in dev.stdout

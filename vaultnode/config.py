@@ -193,6 +193,8 @@ def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str,
     if clustered:
         return {key: path_of(key) for key in keys}  # peers talk only over mutual TLS
     return {key: path_of(key) if key in data else None for key in keys}
+
+
 def _http_tls(data: dict[str, Any], path_of: Any) -> dict[str, Any]:
     plaintext = data.get("http_plaintext", False)
     if not isinstance(plaintext, bool):
