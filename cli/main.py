@@ -21,7 +21,8 @@ from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient
 from cli.env_commands import env
 
-DEFAULT_ADDR = "http://127.0.0.1:8200"
+# No scheme: https when a CA is given (VAULT_CACERT), plain http otherwise.
+DEFAULT_ADDR = "127.0.0.1:8200"
 
 
 class Context:
