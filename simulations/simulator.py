@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from random import Random
 from typing import Any
@@ -425,8 +424,7 @@ class _Simulation:
         self.network.heal_all()
         self.client_faulty = False
         for node in self.nodes.values():
-            with suppress(DiskError):
-                node.disk.maybe_fail("fsync", "/")  # disarm an fsync error not yet hit
+            _disarm_fsync_errors(node)
             node.disk_slowdown = 1
             node.clock_slowdown = 1
             if node.paused:
@@ -522,6 +520,16 @@ class _Simulation:
                 f"replicas did not converge after faults stopped: applied {applied}, down {down}",
             ))
         return violations
+
+
+def _disarm_fsync_errors(node: SimNode) -> None:
+    """Consume every armed fsync error a node has not hit yet: the faults are over."""
+    while True:
+        try:
+            node.disk.maybe_fail("fsync", "/")
+        except DiskError:
+            continue
+        return
 
 
 def _tick_period(plan: FaultPlan, position: int) -> int:
