@@ -145,6 +145,11 @@ class PeerTransport:
                     CONNECT_TIMEOUT_S,
                 )
             except (OSError, TimeoutError, ssl.SSLError):
+                # Python 3.11's wait_for drops a cancel that races a failed connect; re-raise it,
+                # or the task dials forever and shutdown waits on it forever.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError from None
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_S_MAX)
                 continue

@@ -8,12 +8,14 @@ for real to show that different base ports let them coexist.
 from __future__ import annotations
 
 import hashlib
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from cli.main import main as cli_main
@@ -184,3 +186,28 @@ def test_two_clusters_on_different_base_ports_run_side_by_side(tmp_path: Path) -
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.parametrize("key", ["http_listen", "peer_listen"])
+def test_a_port_already_taken_is_named_when_the_node_starts(tmp_path: Path, key: str) -> None:
+    out = tmp_path / "cluster"
+    base_port = free_port_block(6)
+    initialised = operator_init_in_process(
+        "--nodes", "3", "--out", str(out), "--base-port", str(base_port)
+    )
+    assert initialised.returncode == 0, initialised.stderr
+    (config, _, _) = configs_of(out, 3)
+    taken = config.http_listen if key == "http_listen" else config.peer_listen
+    with socket.socket() as squatter:
+        squatter.bind((taken.host, taken.port))
+        squatter.listen(1)
+        finished = subprocess.run(
+            [sys.executable, "-m", "vaultnode.main", "--config", str(out / "node1.toml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=out,
+        )
+    assert finished.returncode == 1
+    assert f"vaultnode: cannot start: {key} {taken}: " in finished.stderr
+    assert "Traceback" not in finished.stderr

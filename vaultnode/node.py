@@ -128,7 +128,12 @@ class VaultNode:
         if isinstance(replicator, PaxosReplicator):
             transport = self._make_transport(replicator)
             replicator.start(transport)
-            await transport.start()
+            try:
+                await transport.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"peer_listen {config.peer_listen}: {exc.strerror or exc}"
+                ) from exc
             forwarder = Forwarder(
                 config.node_id,
                 {p.node_id: f"{config.http_scheme}://{p.http_addr}" for p in config.peers},
