@@ -91,7 +91,11 @@ def read_value(value: str | None, from_file: Path | None) -> str:
             fail(f"cannot read {from_file}: not UTF-8 (at byte {exc.start})", 2)
     if sys.stdin.isatty():
         raise click.UsageError("no value: pass it as an argument, with --from-file, or on stdin")
-    return sys.stdin.read()
+    piped = sys.stdin.read()
+    if not piped:
+        # An empty pipe is far more often a failed command upstream than a wanted empty secret.
+        raise click.UsageError("stdin was empty; to store an empty value, pass '' as VALUE")
+    return piped
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -362,6 +364,39 @@ def test_an_empty_address_list_is_a_usage_error(addresses: str) -> None:
     result = CliRunner().invoke(cli_main, ["--addr", addresses, "--token", "t", "status"])
     assert result.exit_code == 2
     assert "--addr" in result.stderr and "at least one node address" in result.stderr
+
+
+def test_create_with_no_value_on_a_terminal_is_a_usage_error(shared_vault: Cluster) -> None:
+    # With stdin a terminal the CLI must not sit waiting for a value the user never meant to type.
+    controller, terminal = pty.openpty()
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "cli.main", "create", "cli/from-tty"],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env=shared_vault.cli_env(),
+            timeout=CLI_DEADLINE_S,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert finished.returncode == 2
+    assert "no value" in finished.stderr
+    assert stored(shared_vault, "cli/from-tty") is None
+
+
+def test_an_empty_stdin_is_refused_but_an_explicit_empty_value_is_stored(
+    shared_vault: Cluster,
+) -> None:
+    refused = vault_cli(shared_vault, "create", "cli/empty-pipe", stdin_text="")
+    assert refused.returncode == 2
+    assert "stdin was empty" in refused.stderr
+    assert stored(shared_vault, "cli/empty-pipe") is None
+
+    explicit = vault_cli(shared_vault, "create", "cli/empty-pipe", "")
+    assert explicit.returncode == 0, explicit.stderr
+    assert (stored(shared_vault, "cli/empty-pipe") or {}).get("value") == ""
 
 
 def test_a_value_given_twice_is_a_usage_error_and_writes_nothing(
