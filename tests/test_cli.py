@@ -271,6 +271,8 @@ def test_a_policy_token_reads_its_prefix_and_nothing_more(shared_vault: Cluster)
     assert_server_error(denied_write, "forbidden")
     assert "denied-value" not in denied_write.stderr
     assert token not in denied_write.stderr
+    escalate = vault_cli(shared_vault, "token", "create", "--policy", "=read", token=token)
+    assert_server_error(escalate, "forbidden")
 
 
 def test_token_create_prints_the_token_once_in_human_form(shared_vault: Cluster) -> None:
