@@ -239,3 +239,10 @@ def test_vaultnode_exits_2_naming_the_key_before_touching_anything(tmp_path: Pat
     assert "configuration error: root_token_sha256: expected 64 hex digits" in finished.stderr
     assert "Traceback" not in finished.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_top_level_key_is_refused_by_name(tmp_path: Path) -> None:
+    data = valid_data()
+    data["http_plaintxt"] = True
+    with pytest.raises(ConfigError, match=r"^http_plaintxt: unknown key$"):
+        parse_config(data, tmp_path)

@@ -125,7 +125,19 @@ def _parse_limits(table: object) -> Limits:
     return Limits(**values)
 
 
+KNOWN_KEYS = frozenset({
+    "node_id", "cluster_id", "data_dir", "http_listen", "peer_listen", "root_key_file",
+    "root_token_sha256", "root_accessor", "peers", "limits", "log_level", "audit_file",
+    "tls_ca_file", "tls_cert_file", "tls_key_file", "http_plaintext", "http_tls_cert_file",
+    "http_tls_key_file", "http_tls_ca_file",
+})
+
+
 def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
+    unknown = sorted(set(data) - KNOWN_KEYS)
+    if unknown:
+        # A misspelt optional key would otherwise be ignored in silence.
+        raise ConfigError(f"{unknown[0]}: unknown key")
     node_id = _require(data, "node_id", int)
     if node_id <= 0:
         raise ConfigError(f"node_id: expected a positive integer, got {node_id}")
