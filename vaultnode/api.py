@@ -536,8 +536,7 @@ class VaultApi:
         return Response.json(200, {"secrets": listed})
 
     # ---- batches (.env workflows) -------------------------------------------------------
-    async def _batch_create(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
+    def _batch_body(self, call: Call) -> tuple[dict[str, Any], list[Any]]:
         body = self._json_body(call, {"secrets"})
         items = body.get("secrets")
         if not isinstance(items, list) or not items:
@@ -547,6 +546,11 @@ class VaultApi:
                 "payload_too_large",
                 f"a batch holds at most {self.limits.batch_secrets_max} secrets",
             )
+        return body, items
+
+    async def _batch_create(self, call: Call, _: str) -> Response:
+        principal = self._authenticate(call)
+        body, items = self._batch_body(call)
         names = []
         for item in items:
             if not isinstance(item, dict) or set(item) != {"name", "value"}:
@@ -581,15 +585,7 @@ class VaultApi:
 
     async def _batch_read(self, call: Call, _: str) -> Response:
         principal = self._authenticate(call)
-        body = self._json_body(call, {"secrets"})
-        items = body.get("secrets")
-        if not isinstance(items, list) or not items:
-            raise InvalidInput("bad_request", "'secrets' must be a non-empty list")
-        if len(items) > self.limits.batch_secrets_max:
-            raise InvalidInput(
-                "payload_too_large",
-                f"a batch holds at most {self.limits.batch_secrets_max} secrets",
-            )
+        _, items = self._batch_body(call)
         wanted: list[tuple[str, int | None]] = []
         for item in items:
             if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "version"}:
