@@ -91,6 +91,8 @@ class PaxosReplicator:
         self._log: SegmentedLog | None = None
         self._replica: Replica | None = None
         self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-fsync")
+        self._snapshot_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-snapshot")
+        self._snapshot_writing = False
         self._syncing = False
         self._kick_scheduled = False
         self._stopped: BaseException | None = None
@@ -159,6 +161,8 @@ class PaxosReplicator:
         # Let an fsync under way finish, so what it promised is true before we exit.
         await asyncio.get_running_loop().run_in_executor(self._fsync_thread, lambda: None)
         self._fsync_thread.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._snapshot_thread, lambda: None)
+        self._snapshot_thread.shutdown(wait=True)
         self._fail_waiters(ReplicationStopped("the node is shutting down"))
         if self._log is not None:
             self._log.close()
@@ -355,14 +359,29 @@ class PaxosReplicator:
         )
 
     def _maybe_snapshot(self, slot: int) -> None:
-        if slot - self._last_snapshot_slot < self._snapshot_every_slots:
+        if self._snapshot_writing or slot - self._last_snapshot_slot < self._snapshot_every_slots:
             return
         data = self.state.snapshot()
-        try:
-            write_snapshot(self._disk, self._snapshot_dir, slot, data)
-            remove_snapshots_before(self._disk, self._snapshot_dir, slot)
-        except Exception as exc:  # a disk error stops the node
-            self._fatal(exc)
+        # Writing and fsyncing tens of MB on the event loop stalled a leader past the election
+        # timeout (bench/bench_cluster.py soak); only the serialisation needs the loop.
+        self._snapshot_writing = True
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._snapshot_thread, self._write_snapshot_files, slot, data
+        )
+        fut.add_done_callback(lambda f: self._snapshot_written(f, slot, data))
+
+    def _write_snapshot_files(self, slot: int, data: bytes) -> None:
+        write_snapshot(self._disk, self._snapshot_dir, slot, data)
+        remove_snapshots_before(self._disk, self._snapshot_dir, slot)
+
+    def _snapshot_written(self, fut: asyncio.Future[None], slot: int, data: bytes) -> None:
+        self._snapshot_writing = False
+        if self._stopped is not None:
+            return
+        if fut.exception() is not None:  # a disk error stops the node
+            self._fatal(fut.exception() or RuntimeError("snapshot write failed"))
+            return
+        if slot <= self._last_snapshot_slot:  # a newer one was installed from the leader meanwhile
             return
         self._last_snapshot_slot = slot
         self.snapshots_total["local"] += 1
