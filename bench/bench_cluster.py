@@ -16,6 +16,7 @@ Reproduce with:  .venv/bin/python bench/bench_cluster.py [--seconds 5] [--client
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -354,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         help="length of the 64-client write phase that must see no election (0 skips it)",
     )
     parser.add_argument("--no-etcd", action="store_true", help="skip etcd even if installed")
+    parser.add_argument(
+        "--snapshot-every-slots", type=int, default=None,
+        help="the nodes' [limits] snapshot_every_slots (default: the node's own default)",
+    )
     args = parser.parse_args(argv)
     clients_text = ",".join(str(c) for c in args.clients)
     print(_describe_machine())
@@ -365,10 +370,20 @@ def main(argv: list[str] | None = None) -> int:
         f"reproduce: .venv/bin/python bench/bench_cluster.py --seconds {args.seconds:g} "
         f"--clients {clients_text} --soak-seconds {args.soak_seconds:g}"
         + (" --no-etcd" if args.no_etcd else "")
+        + (
+            f" --snapshot-every-slots {args.snapshot_every_slots}"
+            if args.snapshot_every_slots is not None
+            else ""
+        )
     )
     with tempfile.TemporaryDirectory(prefix="vault-bench-cluster-") as root_text:
         root = Path(root_text)
-        cluster = make_cluster(root / "vault", nodes=3)
+        limits = (
+            {"snapshot_every_slots": args.snapshot_every_slots}
+            if args.snapshot_every_slots is not None
+            else None
+        )
+        cluster = make_cluster(root / "vault", nodes=3, limits=limits)
         try:
             for node in cluster.nodes:
                 node.start(wait=False)
@@ -411,12 +426,36 @@ def _report_soak(cluster: Cluster, seconds: float) -> None:
     ballot_moves = sum(
         1 for b, a in zip(before.ballot_rounds, after.ballot_rounds, strict=True) if a != b
     )
-    verdict = "OK" if elections == 0 and ballot_moves == 0 else "ELECTION SEEN"
+    quiet = elections == 0 and ballot_moves == 0
     print(
         f"soak: {elapsed_s:.1f} s, elections won during it: {elections:.0f}, nodes whose ballot "
-        f"moved: {ballot_moves}, leader {before.leader_id} -> {after.leader_id}: {verdict}",
+        f"moved: {ballot_moves}, leader {before.leader_id} -> {after.leader_id}: "
+        + ("OK" if quiet else "ELECTION SEEN"),
         flush=True,
     )
+    if not quiet:
+        # Elections so far came with a leader stall; the events show what the leader was doing.
+        print("soak: consensus events of every node, in time order:")
+        for line in _consensus_events(cluster):
+            print("  " + line)
+
+
+def _consensus_events(cluster: Cluster) -> list[str]:
+    """Leader changes and snapshots from the nodes' event logs (names and values never appear)."""
+    lines = []
+    for node in cluster.nodes:
+        for raw in node.log_text().splitlines():
+            if '"event":"leader.' not in raw and '"event":"snapshot.' not in raw:
+                continue
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            details = " ".join(
+                f"{k}={event[k]}" for k in ("slot", "size_bytes", "source", "ballot") if k in event
+            )
+            lines.append(f"{event['ts']} node {node.node_id} {event['event']} {details}")
+    return sorted(lines)
 
 
 if __name__ == "__main__":
