@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import itertools
 import os
 import time
@@ -361,7 +362,15 @@ class PaxosReplicator:
     def _maybe_snapshot(self, slot: int) -> None:
         if self._snapshot_writing or slot - self._last_snapshot_slot < self._snapshot_every_slots:
             return
-        data = self.state.snapshot()
+        # Serialising allocates containers per secret and version, and the collector then ran
+        # full collections over the whole state: half of a 0.5 s leader stall at 100k secrets.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            data = self.state.snapshot()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         # Writing and fsyncing tens of MB on the event loop stalled a leader past the election
         # timeout (bench/bench_cluster.py soak); only the serialisation needs the loop.
         self._snapshot_writing = True
