@@ -65,6 +65,21 @@ class OutcomeUnknown(Exception):
     """The command was proposed but not seen chosen in time: it may still be applied, once."""
 
 
+class SnapshotFailed(Exception):
+    """The child that writes a snapshot failed; like any disk failure, this stops the node."""
+
+
+def _write_snapshot_in_child(state: VaultState, directory: str, slot: int) -> None:
+    """In a forked child: serialise the state image, write it durably, exit. Never returns."""
+    code = 1
+    try:
+        gc.disable()  # the image is garbage the moment the child exits
+        write_snapshot(RealDisk(), directory, slot, state.snapshot())
+        code = 0
+    finally:
+        os._exit(code)  # skip the parent's atexit handlers and buffered streams
+
+
 class PaxosReplicator:
     def __init__(
         self,
@@ -362,28 +377,34 @@ class PaxosReplicator:
     def _maybe_snapshot(self, slot: int) -> None:
         if self._snapshot_writing or slot - self._last_snapshot_slot < self._snapshot_every_slots:
             return
-        # Serialising allocates containers per secret and version, and the collector then ran
-        # full collections over the whole state: half of a 0.5 s leader stall at 100k secrets.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            data = self.state.snapshot()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-        # Writing and fsyncing tens of MB on the event loop stalled a leader past the election
-        # timeout (bench/bench_cluster.py soak); only the serialisation needs the loop.
+        # Serialising the whole state on the event loop stalled a leader past the election
+        # timeout once the state reached tens of MB (bench/bench_cluster.py soak: an election at
+        # every snapshot). A forked child serialises its copy-on-write image of the state as of
+        # this slot and writes the file; the loop only waits for it on a thread.
         self._snapshot_writing = True
+        child = os.fork()
+        if child == 0:
+            _write_snapshot_in_child(self.state, self._snapshot_dir, slot)  # never returns
         fut = asyncio.get_running_loop().run_in_executor(
-            self._snapshot_thread, self._write_snapshot_files, slot, data
+            self._snapshot_thread, self._collect_child_snapshot, child, slot
         )
-        fut.add_done_callback(lambda f: self._snapshot_written(f, slot, data))
+        fut.add_done_callback(lambda f: self._snapshot_written(f, slot))
 
-    def _write_snapshot_files(self, slot: int, data: bytes) -> None:
-        write_snapshot(self._disk, self._snapshot_dir, slot, data)
+    def _collect_child_snapshot(self, child: int, slot: int) -> bytes | None:
+        """The snapshot's bytes once the child has made them durable; None if a newer snapshot
+        (installed from the leader meanwhile) supersedes it."""
+        _, status = os.waitpid(child, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SnapshotFailed(f"the snapshot writer for slot {slot} exited with {status}")
+        snapshot = load_latest_snapshot(self._disk, self._snapshot_dir)
+        if snapshot is None or snapshot.log_index < slot:
+            raise SnapshotFailed(f"the snapshot for slot {slot} is missing after its writer")
+        if snapshot.log_index > slot:
+            return None
         remove_snapshots_before(self._disk, self._snapshot_dir, slot)
+        return snapshot.payload
 
-    def _snapshot_written(self, fut: asyncio.Future[None], slot: int, data: bytes) -> None:
+    def _snapshot_written(self, fut: asyncio.Future[bytes | None], slot: int) -> None:
         self._snapshot_writing = False
         if self._stopped is not None:
             return
@@ -391,6 +412,9 @@ class PaxosReplicator:
             self._fatal(fut.exception() or RuntimeError("snapshot write failed"))
             return
         if slot <= self._last_snapshot_slot:  # a newer one was installed from the leader meanwhile
+            return
+        data = fut.result()
+        if data is None:
             return
         self._last_snapshot_slot = slot
         self.snapshots_total["local"] += 1
