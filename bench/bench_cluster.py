@@ -417,6 +417,7 @@ def _report_soak(cluster: Cluster, seconds: float) -> None:
     clients = 64
     print(f"\nsoak: {clients} clients creating over all nodes for {seconds:g} s", flush=True)
     before = _consensus_counters(cluster)
+    snapshots_before = _snapshots_taken(cluster)
     started = time.monotonic()
     result, cpu_us_per_op = uvloop.run(_soak(cluster, seconds, clients))
     elapsed_s = time.monotonic() - started
@@ -427,8 +428,10 @@ def _report_soak(cluster: Cluster, seconds: float) -> None:
         1 for b, a in zip(before.ballot_rounds, after.ballot_rounds, strict=True) if a != b
     )
     quiet = elections == 0 and ballot_moves == 0
+    snapshots = _snapshots_taken(cluster) - snapshots_before
     print(
-        f"soak: {elapsed_s:.1f} s, elections won during it: {elections:.0f}, nodes whose ballot "
+        f"soak: {elapsed_s:.1f} s, snapshots taken on all nodes: {snapshots}, "
+        f"elections won during it: {elections:.0f}, nodes whose ballot "
         f"moved: {ballot_moves}, leader {before.leader_id} -> {after.leader_id}: "
         + ("OK" if quiet else "ELECTION SEEN"),
         flush=True,
@@ -438,6 +441,10 @@ def _report_soak(cluster: Cluster, seconds: float) -> None:
         print("soak: consensus events of every node, in time order:")
         for line in _consensus_events(cluster):
             print("  " + line)
+
+
+def _snapshots_taken(cluster: Cluster) -> int:
+    return sum(node.log_text().count('"event":"snapshot.taken"') for node in cluster.nodes)
 
 
 def _consensus_events(cluster: Cluster) -> list[str]:
