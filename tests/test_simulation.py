@@ -56,8 +56,8 @@ def workloads() -> st.SearchStrategy[tuple[tuple[OpSpec, ...], ...]]:
         name_index=st.integers(0, 5),
         conditional=st.booleans(),
     )
-    client = st.lists(op, min_size=1, max_size=120).map(tuple)
-    return st.lists(client, min_size=1, max_size=4).map(tuple)
+    client = st.lists(op, min_size=20, max_size=150).map(tuple)
+    return st.lists(client, min_size=2, max_size=6).map(tuple)
 
 
 def _check(seed: int, node_count: int, plan: FaultPlan, workload: tuple[tuple[OpSpec, ...], ...]
