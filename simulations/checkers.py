@@ -15,13 +15,13 @@ Must never: change what it observes; a checker only reports `Violation`s.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from consensus.messages import BALLOT_ZERO, Accepted, Ballot, Batch, Promise
 from simulations.linearizability import UNKNOWN, CheckResult, Operation, check_operations
 from simulations.models import VaultModel
-from simulations.sim_state import VersionedKv
 
 GENESIS_DIGEST = b"\x00" * 16
 
@@ -95,11 +95,20 @@ class Observer:
             self.violations.append(Violation(checker, detail))
 
 
+class VersionedValues(Protocol):
+    """A final state that lists every secret's values in version order."""
+
+    @property
+    def values(self) -> Mapping[str, Sequence[str]]: ...
+
+
 def _show(value: Batch) -> str:
     return f"<{len(value)} commands, {hashlib.sha256(b''.join(value)).hexdigest()[:8]}>"
 
 
-def check_durability(history: Sequence[Operation], final_state: VersionedKv) -> list[Violation]:
+def check_durability(
+    history: Sequence[Operation], final_state: VersionedValues
+) -> list[Violation]:
     """Every create or update acknowledged as applied must be in the final state, at the
     version it was acknowledged with."""
     for op in history:

@@ -29,7 +29,8 @@ from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
-from simulations.sim_state import KvCommand, VersionedKv
+from simulations.sim_state import KvCommand
+from simulations.vault_machine import VaultMachine
 from storage.disk import SimDisk
 from storage.errors import DiskError
 from storage.log import SegmentedLog
@@ -112,7 +113,7 @@ class SimNode:
     def _boot(self) -> None:
         self.log, _report = SegmentedLog.open(self.disk, LOG_DIR, segment_size_bytes_max=4096)
         stored = load_latest_snapshot(self.disk, SNAPSHOT_DIR)
-        self.state = VersionedKv()
+        self.state = VaultMachine()
         self.digest = GENESIS_DIGEST
         snapshot: Snapshot | None = None
         if stored is not None and stored.log_index > 0:

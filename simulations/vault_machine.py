@@ -1,0 +1,112 @@
+"""The vault's own state machine behind the simulator's `StateMachine` seam.
+
+Owns the translation from the simulator's client writes (`KvCommand`) into real vault commands
+(`CreateSecret` / `UpdateSecret` with an `Idempotency-Key` per client request) applied by the
+real `vaultnode.state.VaultState`, and from its outcomes back into the outputs
+`simulations.models.VaultModel` expects. So every simulated run exercises the very state
+machine the daemon runs, its deduplication included.
+
+Must never: read a clock or draw randomness. Every field a command needs (timestamp, record id,
+fingerprint) is derived from the log index and the client request, so replicas agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgpack
+
+from simulations.sim_state import KvCommand, encode_result
+from vaultnode.commands import (
+    Command,
+    CommandHeader,
+    CreateSecret,
+    Idempotency,
+    InitVault,
+    UpdateSecret,
+)
+from vaultnode.state import StateLimits, VaultState
+
+PRINCIPAL = "acc_simulated_client"
+KEK_ID = 1
+# Simulated command time: far from zero and strictly growing with the slot, like real time.
+EPOCH_US = 1_800_000_000_000_000
+US_PER_SLOT = 1_000
+
+
+def _sealed(name: str, value: str, record_id: bytes) -> dict[str, Any]:
+    """A stand-in for a sealed record: the state machine checks name, key id and identity only;
+    encryption is the HTTP edge's business, which the simulator does not run."""
+    return {"name": name, "kek_id": KEK_ID, "record_id": record_id, "ciphertext": value.encode()}
+
+
+class VaultMachine:
+    def __init__(self) -> None:
+        self.state = _fresh_state()
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        request = KvCommand.decode(command)
+        outcome = self.state.apply(index, self._vault_command(index, request, command))
+        if outcome.code == "created":
+            return encode_result("created")
+        if outcome.code == "updated":
+            return encode_result(["updated", outcome.data["version"]])
+        if outcome.code in ("already_exists", "not_found", "version_conflict"):
+            return encode_result(outcome.code)
+        raise AssertionError(f"unexpected vault outcome {outcome.code}: {outcome.message}")
+
+    @staticmethod
+    def _vault_command(index: int, request: KvCommand, raw: bytes) -> Command:
+        identity = f"{request.client_id}:{request.seq}"
+        digest = hashlib.sha256(raw).digest()
+        header = CommandHeader(
+            request_id=identity,
+            principal=PRINCIPAL,
+            proposed_at_us=EPOCH_US + index * US_PER_SLOT,
+            idempotency=Idempotency(identity, digest),
+        )
+        # One record identity per client request: a duplicate is deduplicated by its key before
+        # its record id could collide.
+        sealed = _sealed(request.name, request.value, digest[:16])
+        if request.kind == "create":
+            return CreateSecret(header, name=request.name, sealed=sealed)
+        return UpdateSecret(
+            header, name=request.name, sealed=sealed, expected_version=request.expected_version
+        )
+
+    @property
+    def values(self) -> dict[str, list[str]]:
+        """Every secret's values in version order, for the durability checker."""
+        return {
+            name: [v.sealed["ciphertext"].decode() for v in secret.versions]
+            for name, secret in self.state.secrets.items()
+        }
+
+    def query(self, request: bytes) -> bytes:
+        name = msgpack.unpackb(request)
+        secret = self.state.secrets.get(name)
+        if secret is None:
+            return encode_result("not_found")
+        current = secret.versions[-1]
+        return encode_result([current.version, current.sealed["ciphertext"].decode()])
+
+    def snapshot(self) -> bytes:
+        return self.state.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.state = VaultState.restore(data, self.state.limits)
+
+
+def _fresh_state() -> VaultState:
+    state = VaultState(StateLimits(idempotency_retention_us=1 << 60))
+    init = InitVault(
+        CommandHeader("bootstrap", "", EPOCH_US),
+        root_token_sha256=b"\0" * 32,
+        root_accessor=PRINCIPAL,
+        key_check_value=b"\0" * 16,
+        first_kek_id=KEK_ID,
+        first_kek_wrapped=b"simulated",
+    )
+    assert state.apply(0, init).code == "initialized"
+    return state
