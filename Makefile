@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy consensus storage
 
 soak: $(STAMP)
-	$(BIN)/python -m simulations --seeds 10000
+	$(BIN)/python -m simulations --seeds 10000 --jobs 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_single.py
