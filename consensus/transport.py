@@ -27,7 +27,7 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
-OUTBOX_FRAMES_MAX = 4096
+OUTBOX_BYTES_MAX = 64 << 20  # beyond this a peer is not keeping up: drop, it will catch up
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 1.0
 CONNECT_TIMEOUT_S = 2.0
@@ -88,7 +88,9 @@ class PeerTransport:
         self._server_ssl = server_ssl
         self._client_ssl = client_ssl
         self._frame_size_bytes_max = frame_size_bytes_max
-        self._outboxes: dict[int, asyncio.Queue[bytes]] = {}
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._unsent: dict[int, list[bytes]] = {}
+        self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._inbound: set[asyncio.StreamWriter] = set()
@@ -101,7 +103,6 @@ class PeerTransport:
             reuse_address=True,
         )
         for peer_id in self._peers:
-            self._outboxes[peer_id] = asyncio.Queue(OUTBOX_FRAMES_MAX)
             self._tasks.append(asyncio.get_running_loop().create_task(self._dial(peer_id)))
 
     async def stop(self) -> None:
@@ -116,14 +117,25 @@ class PeerTransport:
                 await task
 
     def send(self, message: Message) -> None:
-        outbox = self._outboxes.get(message.to)
-        if outbox is None or not self.connected.get(message.to, False):
+        """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
+        write. Dropped (and counted) when the peer is not connected or its buffer is full."""
+        if message.to not in self._writers:
             self.frames_dropped += 1
             return
-        try:
-            outbox.put_nowait(_frame(encode_message(message)))
-        except asyncio.QueueFull:
-            self.frames_dropped += 1
+        self._unsent.setdefault(message.to, []).append(_frame(encode_message(message)))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        unsent, self._unsent = self._unsent, {}
+        for peer_id, frames in unsent.items():
+            writer = self._writers.get(peer_id)
+            if writer is None or writer.transport.get_write_buffer_size() > OUTBOX_BYTES_MAX:
+                self.frames_dropped += len(frames)  # the protocol retransmits what matters
+                continue
+            writer.write(b"".join(frames))
 
     # ---- outbound --------------------------------------------------------------------
     def _handshake(self) -> bytes:
@@ -133,7 +145,6 @@ class PeerTransport:
 
     async def _dial(self, peer_id: int) -> None:
         peer = self._peers[peer_id]
-        outbox = self._outboxes[peer_id]
         backoff_s = BACKOFF_S_MIN
         while True:
             try:
@@ -156,28 +167,15 @@ class PeerTransport:
             backoff_s = BACKOFF_S_MIN
             try:
                 writer.write(self._handshake())
+                self._writers[peer_id] = writer
                 self.connected[peer_id] = True
                 self._on_event("peer.connected", peer=peer_id, direction="out")
-                closed = asyncio.get_running_loop().create_task(reader.read(1))
-                while True:
-                    getter = asyncio.get_running_loop().create_task(outbox.get())
-                    done, _ = await asyncio.wait({getter, closed},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if closed in done:
-                        getter.cancel()
-                        break
-                    frames = [getter.result()]
-                    while not outbox.empty() and len(frames) < 256:
-                        frames.append(outbox.get_nowait())
-                    writer.write(b"".join(frames))
-                    await writer.drain()
+                await reader.read(1)  # peers never answer on this connection: this is its close
             except (OSError, ConnectionError, ssl.SSLError):
                 pass
             finally:
+                self._writers.pop(peer_id, None)
                 self.connected[peer_id] = False
-                while not outbox.empty():
-                    outbox.get_nowait()
-                    self.frames_dropped += 1
                 writer.close()
                 self._on_event("peer.disconnected", peer=peer_id, direction="out")
             await asyncio.sleep(backoff_s)
