@@ -304,6 +304,11 @@ def _print_written(reply: Reply, as_json: bool, verb: str) -> None:
     )
 
 
+def _present(**params: Any) -> dict[str, Any]:
+    """Query parameters that were given (None means the option was not)."""
+    return {key: value for key, value in params.items() if value is not None}
+
+
 @main.command()
 @click.argument("name")
 @click.option("--version", "version", type=click.IntRange(min=1), default=None)
@@ -314,11 +319,7 @@ def get(ctx: Context, name: str, version: int | None, at: str | None, as_json: b
     """Print the value of NAME (current, --version N or --at TIME)."""
     if version is not None and at is not None:
         raise click.UsageError("give --version or --at, not both")
-    params: dict[str, Any] = {}
-    if version is not None:
-        params["version"] = version
-    if at is not None:
-        params["at"] = at
+    params = _present(version=version, at=at)
     reply = run(lambda: ctx.client.request("GET", f"/v1/secrets/{name}", params=params))
     if as_json:
         emit_json(reply.body)
@@ -336,11 +337,7 @@ def history(
     ctx: Context, name: str, limit: int | None, after_version: int | None, as_json: bool
 ) -> None:
     """List the versions of NAME with their validity intervals."""
-    params: dict[str, Any] = {}
-    if limit is not None:
-        params["limit"] = limit
-    if after_version is not None:
-        params["after_version"] = after_version
+    params = _present(limit=limit, after_version=after_version)
     reply = run(lambda: ctx.client.request("GET", f"/v1/history/{name}", params=params))
     if as_json:
         emit_json(reply.body)
