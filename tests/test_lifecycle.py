@@ -175,7 +175,9 @@ def connection_refused(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=1.0).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # A connect that races the listener's close is reset by the kernel rather than refused;
+        # either way the node did not take the new connection.
         return True
     return False
 
