@@ -150,23 +150,46 @@ def _header_to_wire(header: CommandHeader) -> dict[str, Any]:
     }
 
 
+# The non-header field names of each command class, in declaration order (which is the wire's
+# key order): dataclasses.fields() per encode was a tenth of the leader's codec time.
+_BODY_FIELDS: dict[type[Command], tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name != "header")
+    for cls in COMMAND_TYPES.values()
+}
+_HEADER_KEYS = frozenset({"request_id", "principal", "proposed_at_us", "idempotency"})
+
+
 def command_to_wire(command: Command) -> dict[str, Any]:
-    wire: dict[str, Any] = {"t": command.TAG}
-    for f in dataclasses.fields(command):
-        value = getattr(command, f.name)
-        wire[f.name] = _header_to_wire(value) if f.name == "header" else value
+    cls = type(command)
+    names = _BODY_FIELDS.get(cls)
+    if names is None:  # a Command subclass outside COMMAND_TYPES (a test's): same layout
+        names = tuple(f.name for f in dataclasses.fields(command) if f.name != "header")
+    wire: dict[str, Any] = {"t": cls.TAG, "header": _header_to_wire(command.header)}
+    for name in names:
+        wire[name] = getattr(command, name)
     return wire
+
+
+def _header_from_wire(header_wire: dict[str, Any]) -> CommandHeader:
+    if not header_wire.keys() <= _HEADER_KEYS:
+        unknown = sorted(map(str, header_wire.keys() - _HEADER_KEYS))
+        raise CommandDecodeError(f"not a vault command: unknown header field(s) {unknown}")
+    idem = header_wire.get("idempotency")
+    return CommandHeader(
+        header_wire["request_id"],
+        header_wire["principal"],
+        header_wire["proposed_at_us"],
+        Idempotency(**idem) if idem else None,
+    )
 
 
 def command_from_wire(wire: dict[str, Any]) -> Command:
     try:
         cls = COMMAND_TYPES[wire["t"]]
-        header_wire = dict(wire["header"])
-        idem = header_wire.get("idempotency")
-        header_wire["idempotency"] = Idempotency(**idem) if idem else None
-        kwargs = {k: v for k, v in wire.items() if k not in ("t", "header")}
-        return cls(header=CommandHeader(**header_wire), **kwargs)
-    except (KeyError, TypeError) as exc:
+        header = _header_from_wire(wire["header"])
+        kwargs = {k: v for k, v in wire.items() if k != "t" and k != "header"}
+        return cls(header=header, **kwargs)
+    except (KeyError, TypeError, AttributeError) as exc:
         raise CommandDecodeError(f"not a vault command: {exc}") from exc
 
 
