@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def line_digest(line: bytes) -> str:
 def format_record(prev: str, fields: dict[str, Any]) -> bytes:
     record = {"prev": prev, **fields}
     return _ENCODE(record).encode("ascii")
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 def verify_lines(lines: Iterable[bytes]) -> VerifyResult:
@@ -172,21 +177,15 @@ class AuditTrail:
         outcome: str,
     ) -> None:
         """Append one line; raises AuditError if the OS refuses it (the caller fails closed)."""
-        line = format_record(
-            self.head,
-            {
-                "time": self._now_rfc3339(),
-                "node": self.node_id,
-                "request_id": request_id,
-                "accessor": accessor,
-                "method": method,
-                "route": route,
-                "name": name,
-                "version": version,
-                "status": status,
-                "outcome": outcome,
-            },
-        )
+        # Byte for byte what format_record makes of these fields (tests hold the two equal),
+        # without the dict and the general-purpose encoder's dispatch: this runs per request.
+        line = (
+            f'{{"prev":"{self.head}","time":"{self._now_rfc3339()}","node":{int(self.node_id)},'
+            f'"request_id":{_json_text(request_id)},"accessor":{_json_text(accessor)},'
+            f'"method":{_json_text(method)},"route":{_json_text(route)},'
+            f'"name":{_json_text(name)},"version":{"null" if version is None else int(version)},'
+            f'"status":{int(status)},"outcome":{_json_text(outcome)}}}'
+        ).encode("ascii")
         data = line + b"\n"
         try:
             written = os.write(self._fd, data)
