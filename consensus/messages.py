@@ -175,6 +175,62 @@ class InstallSnapshot:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Forward:
+    """Commands a follower was asked to order, for its leader to propose (etcd's MsgProp): any
+    node takes writes while one node sequences them."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    commands: Batch
+
+
+@dataclass(frozen=True)
+class ForwardRefused:
+    """The receiver did not queue these forwarded commands, so no slot will ever hold them."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    commands: Batch
+    overloaded: bool
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The leader's chosen watermark, sent when no Accept in the same turn carries it, so that
+    followers apply (and answer the writes they forwarded) without waiting for a heartbeat."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    chosen_through: int
+
+
+@dataclass(frozen=True)
+class ReadIndexRequest:
+    """A follower asks for a linearizable read point for the reads it gathered in `round`."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    round: int
+
+
+@dataclass(frozen=True)
+class ReadIndexReply:
+    """`granted`: every write acknowledged before the request lies at or below `read_index`,
+    confirmed by a quorum round started after the request arrived."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    round: int
+    read_index: int
+    granted: bool
+
+
 Message = (
     PreVote
     | PreVoteReply
@@ -188,6 +244,11 @@ Message = (
     | CatchUpRequest
     | Learn
     | InstallSnapshot
+    | Forward
+    | ForwardRefused
+    | Commit
+    | ReadIndexRequest
+    | ReadIndexReply
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -203,4 +264,9 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     CatchUpRequest,
     Learn,
     InstallSnapshot,
+    Forward,
+    ForwardRefused,
+    Commit,
+    ReadIndexRequest,
+    ReadIndexReply,
 )

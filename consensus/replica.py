@@ -39,6 +39,9 @@ from consensus.messages import (
     Batch,
     CatchUpRequest,
     ChosenEntry,
+    Commit,
+    Forward,
+    ForwardRefused,
     Heartbeat,
     HeartbeatAck,
     InstallSnapshot,
@@ -48,6 +51,8 @@ from consensus.messages import (
     PreVote,
     PreVoteReply,
     Promise,
+    ReadIndexReply,
+    ReadIndexRequest,
     Reject,
 )
 from consensus.ready import (
@@ -85,9 +90,10 @@ class _InflightSlot:
 
 @dataclass(frozen=True)
 class _PendingRead:
-    read_id: int
+    read_id: int  # the driver's id, or for a follower's request the follower's round
     read_index: int
     read_round: int
+    origin: int  # the node whose driver asked: this one, or a follower via ReadIndexRequest
 
 
 _Handler = Callable[[Any], None]
@@ -157,6 +163,14 @@ class Replica:
         self._votes: set[int] = set()
         self._promises: dict[int, Promise] = {}
         self._prepare_from_slot = 0
+        # Follower side of forwarding: commands and reads taken here, ordered by the leader.
+        self._forward_queue: list[bytes] = []
+        self._reads_to_forward: list[int] = []
+        self._forwarded_read_round = 0
+        # round -> (the leader asked, tick sent, the driver's read ids)
+        self._forwarded_reads: dict[int, tuple[int, int, list[int]]] = {}
+        # (read_id, read_index) granted by a leader: valid whoever leads later; await apply.
+        self._reads_awaiting_apply: list[tuple[int, int]] = []
         self._reset_leader_state()
         self._role = Role.FOLLOWER
         self._handlers: dict[type[Any], _Handler] = {}
@@ -199,6 +213,8 @@ class Replica:
         """One unit of logical time has passed."""
         self._tick_count += 1
         self._tick_role()
+        if self._forwarded_reads:
+            self._expire_forwarded_reads()
         self._drain_inbox()
 
     def step(self, message: Message) -> None:
@@ -211,35 +227,42 @@ class Replica:
         self._drain_inbox()
 
     def propose(self, commands: Sequence[bytes]) -> None:
-        """Queue commands for ordering; drops are reported in `Ready.dropped_proposals`."""
+        """Queue commands for ordering; drops are reported in `Ready.dropped_proposals`. A
+        follower that knows its leader forwards them there; a drop means no slot will hold them
+        (the leader refused them or never queued them)."""
         batch = tuple(commands)
         if not batch:
             raise LocalProtocolError("propose needs at least one command")
         if self._role != Role.LEADER:
-            self._drop(batch, DropReason.NOT_LEADER)
+            if self._role != Role.FOLLOWER or self._leader_id is None:
+                self._drop(batch, DropReason.NOT_LEADER)
+            elif len(self._forward_queue) + len(batch) > self.limits.proposal_queue_max:
+                self._drop(batch, DropReason.OVERLOADED)
+            else:
+                self._forward_queue.extend(batch)
             return
         if len(self._queue) + len(batch) > self.limits.proposal_queue_max:
             self._drop(batch, DropReason.OVERLOADED)
             return
-        self._queue.extend(batch)
+        self._queue.extend((command, self.node_id) for command in batch)
         self._maybe_send_accepts()
         self._drain_inbox()
 
     def request_read(self, read_id: int) -> None:
-        """Ask for a linearizable read point; answered in `Ready.reads` or `rejected_reads`."""
+        """Ask for a linearizable read point; answered in `Ready.reads` (once this replica has
+        applied through it) or `rejected_reads`. A follower asks its leader (read-index)."""
         if self._role != Role.LEADER:
-            self._reject_read(read_id, DropReason.NOT_LEADER)
+            if self._role != Role.FOLLOWER or self._leader_id is None:
+                self._reject_read(read_id, DropReason.NOT_LEADER)
+            elif self._follower_reads_count() >= self.limits.reads_pending_max:
+                self._reject_read(read_id, DropReason.OVERLOADED)
+            else:
+                self._reads_to_forward.append(read_id)
             return
         if len(self._pending_reads) + len(self._confirmed_reads) >= self.limits.reads_pending_max:
             self._reject_read(read_id, DropReason.OVERLOADED)
             return
-        # Everything chosen before this leader lies at or below phase1_end; everything it
-        # acknowledged lies at or below chosen_through.
-        read_index = max(self._chosen_through, self._phase1_end)
-        self._read_round += 1
-        self._pending_reads.append(_PendingRead(read_id, read_index, self._read_round))
-        self._broadcast_heartbeat()
-        self._maybe_confirm_reads()
+        self._queue_read(read_id, self.node_id)
         self._drain_inbox()
 
     def persisted(self, record_index: int) -> None:
@@ -288,6 +311,9 @@ class Replica:
     def has_ready(self) -> bool:
         return (
             bool(self._out_records or self._out_messages or self._out_after_persist)
+            or self._read_round_due
+            or bool(self._forward_queue or self._reads_to_forward)
+            or (self._role == Role.LEADER and self._chosen_through > self._watermark_notified)
             or self._out_snapshot is not None
             or self._chosen_through > self._emitted_through
             or bool(self._out_reads or self._out_dropped or self._out_rejected_reads)
@@ -296,6 +322,7 @@ class Replica:
 
     def ready(self) -> Ready:
         """Everything produced since the last call; the core forgets it once handed out."""
+        self._send_gathered()
         if self._chosen_through > self._recorded_watermark:
             self._append_record(WatermarkRecord(self._chosen_through))
             self._recorded_watermark = self._chosen_through
@@ -383,10 +410,16 @@ class Replica:
             CatchUpRequest: self._on_catch_up_request,
             Learn: self._on_learn,
             InstallSnapshot: self._on_install_snapshot,
+            Commit: self._on_commit,
+            Forward: self._refuse_forward,
+            ForwardRefused: self._on_forward_refused,
+            ReadIndexRequest: self._refuse_read_index,
+            ReadIndexReply: self._on_read_index_reply,
         }
 
     def _reset_leader_state(self) -> None:
-        self._queue: deque[bytes] = deque()
+        # Each command with the node that asked for it: this one, or a follower that forwarded it.
+        self._queue: deque[tuple[bytes, int]] = deque()
         self._inflight: dict[int, _InflightSlot] = {}
         self._next_slot = 0
         self._phase1_end = 0
@@ -397,12 +430,29 @@ class Replica:
         self._read_acks: dict[int, int] = {}
         self._pending_reads: list[_PendingRead] = []
         self._confirmed_reads: list[_PendingRead] = []
+        self._read_round_due = False
+        self._watermark_notified = 0
 
     def _step_down_from_leadership(self) -> None:
-        if self._queue:
-            self._drop(tuple(self._queue), DropReason.LEADERSHIP_LOST)
+        # Queued commands never reached a slot, so none of them can be chosen: say so to whoever
+        # asked, so that their clients learn it now rather than at a timeout.
+        refused: dict[int, list[bytes]] = {}
+        for command, origin in self._queue:
+            refused.setdefault(origin, []).append(command)
+        for origin, commands in refused.items():
+            if origin == self.node_id:
+                self._drop(tuple(commands), DropReason.LEADERSHIP_LOST)
+            else:
+                self._send_now(
+                    ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
+                )
         for read in (*self._pending_reads, *self._confirmed_reads):
-            self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
+            if read.origin == self.node_id:
+                self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
+            else:
+                self._send_now(
+                    ReadIndexReply(self.node_id, read.origin, self._ballot, read.read_id, 0, False)
+                )
         self._reset_leader_state()
 
     def _become_follower(self, leader_id: int | None) -> None:
@@ -460,6 +510,8 @@ class Replica:
             Accepted: self._on_accepted,
             HeartbeatAck: self._on_heartbeat_ack,
             Reject: self._on_reject,
+            Forward: self._on_forward,
+            ReadIndexRequest: self._on_read_index_request,
         }
         self._tick_role = self._tick_leader
         values = self._repropose_values(promises)
@@ -520,7 +572,7 @@ class Replica:
         )
         self._send_now(PreVoteReply(self.node_id, message.sender, message.ballot, granted))
 
-    def _raise_promise_or_reject(self, message: Prepare | Accept | Heartbeat) -> bool:
+    def _raise_promise_or_reject(self, message: Prepare | Accept | Heartbeat | Commit) -> bool:
         """Whether `message` outranks or equals our promise; rejects it otherwise. Adopting a
         higher ballot makes a candidate or leader of a lower one step down."""
         if message.ballot < self._promised:
@@ -722,7 +774,7 @@ class Replica:
     def _maybe_send_accepts(self) -> None:
         while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
             count = min(len(self._queue), self.limits.batch_commands_max)
-            batch = tuple(self._queue.popleft() for _ in range(count))
+            batch = tuple(self._queue.popleft()[0] for _ in range(count))
             slot = self._next_slot
             self._next_slot += 1
             self._propose_slot(slot, batch)
@@ -782,21 +834,160 @@ class Replica:
         acked = {node for node, acked_round in self._read_acks.items() if acked_round >= read_round}
         return self.config.is_quorum({*acked, self.node_id})
 
+    def _queue_read(self, read_id: int, origin: int) -> None:
+        # Everything chosen before this leader lies at or below phase1_end; everything it
+        # acknowledged lies at or below chosen_through.
+        read_index = max(self._chosen_through, self._phase1_end)
+        # Reads asked within one turn share the quorum round that `ready()` starts.
+        self._pending_reads.append(_PendingRead(read_id, read_index, self._read_round + 1, origin))
+        self._read_round_due = True
+        self._maybe_confirm_reads()
+
     def _maybe_confirm_reads(self) -> None:
-        still_pending = []
+        # Rounds never decrease along the list, so the confirmed reads are a prefix of it.
+        confirmed_count = 0
+        last_round, last_confirmed = -1, False
         for read in self._pending_reads:
-            if self._read_confirmed(read.read_round):
+            if read.read_round != last_round:
+                last_round, last_confirmed = read.read_round, self._read_confirmed(read.read_round)
+            if not last_confirmed:
+                break
+            confirmed_count += 1
+            if read.origin == self.node_id:
                 self._confirmed_reads.append(read)
             else:
-                still_pending.append(read)
-        self._pending_reads = still_pending
+                self._send_now(
+                    ReadIndexReply(
+                        self.node_id, read.origin, self._ballot, read.read_id, read.read_index, True
+                    )
+                )
+        if confirmed_count:
+            del self._pending_reads[:confirmed_count]
         self._release_reads()
 
     def _release_reads(self) -> None:
-        still_waiting = []
-        for read in self._confirmed_reads:
-            if read.read_index <= self._applied_through:
-                self._out_reads.append(ReadConfirmation(read.read_id, read.read_index))
+        if self._confirmed_reads:
+            still_waiting = []
+            for read in self._confirmed_reads:
+                if read.read_index <= self._applied_through:
+                    self._out_reads.append(ReadConfirmation(read.read_id, read.read_index))
+                else:
+                    still_waiting.append(read)
+            self._confirmed_reads = still_waiting
+        if self._reads_awaiting_apply:
+            still_awaiting = []
+            for read_id, read_index in self._reads_awaiting_apply:
+                if read_index <= self._applied_through:
+                    self._out_reads.append(ReadConfirmation(read_id, read_index))
+                else:
+                    still_awaiting.append((read_id, read_index))
+            self._reads_awaiting_apply = still_awaiting
+
+    def _on_read_index_request(self, message: ReadIndexRequest) -> None:
+        if len(self._pending_reads) + len(self._confirmed_reads) >= self.limits.reads_pending_max:
+            self._refuse_read_index(message)
+            return
+        self._queue_read(message.round, message.sender)
+
+    def _on_forward(self, message: Forward) -> None:
+        if len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
+            refused = ForwardRefused(
+                self.node_id, message.sender, message.ballot, message.commands, True
+            )
+            self._send_now(refused)
+            return
+        self._queue.extend((command, message.sender) for command in message.commands)
+        self._maybe_send_accepts()
+
+    # ---------------------------------------------------------------- follower forwarding
+
+    def _refuse_forward(self, message: Forward) -> None:
+        self._send_now(
+            ForwardRefused(self.node_id, message.sender, message.ballot, message.commands, False)
+        )
+
+    def _on_forward_refused(self, message: ForwardRefused) -> None:
+        reason = DropReason.OVERLOADED if message.overloaded else DropReason.NOT_LEADER
+        self._drop(message.commands, reason)
+
+    def _refuse_read_index(self, message: ReadIndexRequest) -> None:
+        self._send_now(
+            ReadIndexReply(self.node_id, message.sender, message.ballot, message.round, 0, False)
+        )
+
+    def _on_read_index_reply(self, message: ReadIndexReply) -> None:
+        forwarded = self._forwarded_reads.get(message.round)
+        if forwarded is None or forwarded[0] != message.sender:
+            return  # already given up on (leader change or expiry): its reads were answered
+        del self._forwarded_reads[message.round]
+        read_ids = forwarded[2]
+        if not message.granted:
+            for read_id in read_ids:
+                self._reject_read(read_id, DropReason.NOT_LEADER)
+            return
+        # A grant stays true whoever leads later: the point was confirmed while this leader led.
+        self._reads_awaiting_apply.extend((read_id, message.read_index) for read_id in read_ids)
+        self._release_reads()
+
+    def _on_commit(self, message: Commit) -> None:
+        if not self._raise_promise_or_reject(message):
+            return
+        self._hear_from_leader(message.sender)
+        self._follow_watermark(message.sender, message.ballot, message.chosen_through)
+
+    def _follower_reads_count(self) -> int:
+        forwarded = sum(len(read_ids) for _, _, read_ids in self._forwarded_reads.values())
+        return len(self._reads_to_forward) + forwarded + len(self._reads_awaiting_apply)
+
+    def _expire_forwarded_reads(self) -> None:
+        """Reads sent to a node that no longer leads, or unanswered for two election timeouts
+        (a lost message), are rejected: the driver answers them rather than waiting for ever."""
+        leader = self._leader_id if self._role == Role.FOLLOWER else None
+        expired_before = self._tick_count - 2 * self.limits.election_ticks
+        for read_round, (sent_to, sent_tick, read_ids) in list(self._forwarded_reads.items()):
+            if sent_to != leader or sent_tick <= expired_before:
+                del self._forwarded_reads[read_round]
+                for read_id in read_ids:
+                    self._reject_read(read_id, DropReason.LEADERSHIP_LOST)
+
+    def _send_gathered(self) -> None:
+        """What this turn gathered leaves in one message per kind: a quorum round for the
+        leader's reads, a Forward and a ReadIndexRequest for a follower's, and the leader's new
+        watermark to each follower that no Accept of this turn tells."""
+        if self._read_round_due:
+            self._read_round_due = False
+            self._read_round += 1
+            self._broadcast_heartbeat()
+        leader = self._leader_id if self._role == Role.FOLLOWER else None
+        if self._forward_queue:
+            commands = tuple(self._forward_queue)
+            self._forward_queue = []
+            if leader is None:
+                self._drop(commands, DropReason.NOT_LEADER)
             else:
-                still_waiting.append(read)
-        self._confirmed_reads = still_waiting
+                self._send_now(Forward(self.node_id, leader, self._promised, commands))
+        if self._reads_to_forward:
+            read_ids, self._reads_to_forward = self._reads_to_forward, []
+            if leader is None:
+                for read_id in read_ids:
+                    self._reject_read(read_id, DropReason.NOT_LEADER)
+            else:
+                self._forwarded_read_round += 1
+                read_round = self._forwarded_read_round
+                self._forwarded_reads[read_round] = (leader, self._tick_count, read_ids)
+                self._send_now(ReadIndexRequest(self.node_id, leader, self._promised, read_round))
+        if self._forwarded_reads:
+            self._expire_forwarded_reads()
+        if self._role == Role.LEADER and self._chosen_through > self._watermark_notified:
+            told = {
+                message.to
+                for message in self._out_messages
+                if isinstance(message, Accept | Heartbeat)
+                and message.chosen_through >= self._chosen_through
+            }
+            for peer in self._peers:
+                if peer not in told:
+                    self._out_messages.append(
+                        Commit(self.node_id, peer, self._ballot, self._chosen_through)
+                    )
+            self._watermark_notified = self._chosen_through

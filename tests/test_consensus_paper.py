@@ -13,11 +13,14 @@ from consensus.messages import (
     Accepted,
     AcceptedEntry,
     Ballot,
+    Forward,
+    ForwardRefused,
     Heartbeat,
     InstallSnapshot,
     Prepare,
     PreVote,
     Promise,
+    ReadIndexRequest,
 )
 from consensus.ready import DropReason
 from consensus.records import AcceptRecord, PromiseRecord
@@ -150,12 +153,62 @@ def test_batching_packs_queued_commands_into_one_slot_and_bounds_the_pipeline() 
     assert applied == [bytes([i]) for i in range(20)]
 
 
-def test_follower_drops_proposals_with_leader_hint() -> None:
+def test_follower_forwards_proposals_to_its_leader_in_one_message_per_turn() -> None:
     net = Network(3)
     net.elect(1)
+    net.settle()
     net.nodes[2].propose([b"x"])
+    net.nodes[2].propose([b"y"])
+    ready = net.process(2)
+    assert ready.dropped_proposals == ()
+    assert [(m.to, m.commands) for m in ready.messages if isinstance(m, Forward)] == [
+        (1, (b"x", b"y"))
+    ]
+    net.settle()
+    for node_id in (1, 2, 3):
+        applied = [command for _, batch in net.logs[node_id].applied for command in batch]
+        assert applied == [b"x", b"y"], node_id
+
+
+def test_a_node_that_knows_no_leader_drops_proposals() -> None:
+    replica = fresh(2)
+    replica.propose([b"x"])
+    dropped = replica.ready().dropped_proposals
+    assert [(d.reason, d.leader_hint, d.commands) for d in dropped] == [
+        (DropReason.NOT_LEADER, None, (b"x",))
+    ]
+
+
+def test_a_leader_stepping_down_refuses_the_forwarded_commands_it_never_proposed() -> None:
+    # Only one slot in flight, so the forwarded command waits in the leader's queue.
+    net = Network(3, limits=Limits(inflight_slots_max=1))
+    net.elect(1)
+    net.settle()
+    net.nodes[1].propose([b"a"])
+    net.process(1)
+    net.take()  # the Accepts of slot "a" are lost: it stays in flight
+    net.nodes[2].propose([b"b"])
+    net.process(2)
+    net.deliver_all()  # the Forward reaches node 1, which queues it
+    net.nodes[1].step(Prepare(3, 1, Ballot(99, 3), 1))  # a higher ballot: node 1 steps down
+    net.process(1)
+    refusals = net.take(ForwardRefused)
+    assert [(m.to, m.commands, m.overloaded) for m in refusals] == [(2, (b"b",), False)]
+    net.nodes[2].step(refusals[0])
     dropped = net.nodes[2].ready().dropped_proposals
-    assert [(d.reason, d.leader_hint) for d in dropped] == [(DropReason.NOT_LEADER, 1)]
+    assert [(d.reason, d.commands) for d in dropped] == [(DropReason.NOT_LEADER, (b"b",))]
+
+
+def test_followers_learn_the_watermark_without_waiting_for_a_heartbeat() -> None:
+    # The leader tells each follower its new watermark in the turn it moves, so a follower
+    # applies (and answers what it forwarded) without a tick passing.
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.nodes[1].propose([b"x"])
+    net.settle()
+    for node_id in (2, 3):
+        assert [batch for _, batch in net.logs[node_id].applied if batch] == [(b"x",)]
 
 
 def test_pre_vote_is_denied_while_the_leader_is_fresh() -> None:
@@ -286,9 +339,63 @@ def test_isolated_leader_never_confirms_a_read() -> None:
     assert [r.read_id for r in net.logs[1].rejected_reads] == [7]
 
 
-def test_read_on_a_follower_is_rejected_with_a_hint() -> None:
+def test_reads_asked_in_one_turn_share_one_quorum_round() -> None:
     net = Network(3)
     net.elect(1)
-    net.nodes[2].request_read(1)
-    rejected = net.nodes[2].ready().rejected_reads
-    assert [(r.reason, r.leader_hint) for r in rejected] == [(DropReason.NOT_LEADER, 1)]
+    net.settle()
+    for read_id in (1, 2, 3):
+        net.nodes[1].request_read(read_id)
+    ready = net.process(1)
+    assert sorted(m.to for m in ready.messages if isinstance(m, Heartbeat)) == [2, 3]
+    net.settle()
+    assert [r.read_id for r in net.logs[1].reads] == [1, 2, 3]
+
+
+def test_a_follower_read_gets_its_point_from_the_leader_and_waits_for_its_own_apply() -> None:
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.nodes[1].propose([b"x"])
+    net.settle()
+    slot_of_x = next(slot for slot, batch in net.logs[1].applied if batch == (b"x",))
+    net.nodes[2].request_read(5)
+    net.nodes[2].request_read(6)
+    ready = net.process(2)
+    assert [m.to for m in ready.messages if isinstance(m, ReadIndexRequest)] == [1]
+    net.settle()
+    assert [(r.read_id, r.read_index >= slot_of_x) for r in net.logs[2].reads] == [
+        (5, True),
+        (6, True),
+    ]
+    assert net.nodes[2].applied_through >= slot_of_x
+
+
+def test_a_follower_read_is_rejected_when_its_leader_no_longer_leads() -> None:
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.nodes[1].step(Prepare(3, 1, Ballot(99, 3), 1))  # node 1 steps down; node 2 has not heard
+    net.nodes[2].request_read(9)
+    net.settle()
+    assert net.logs[2].reads == []
+    assert [(r.read_id, r.reason) for r in net.logs[2].rejected_reads] == [
+        (9, DropReason.NOT_LEADER)
+    ]
+
+
+def test_an_unanswered_follower_read_is_rejected_within_two_election_timeouts() -> None:
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.isolate(1)
+    net.nodes[2].request_read(4)
+    net.tick_all(2 * net.limits.election_ticks)
+    assert net.logs[2].reads == []
+    assert [r.read_id for r in net.logs[2].rejected_reads] == [4]
+
+
+def test_a_node_that_knows_no_leader_rejects_reads() -> None:
+    replica = fresh(2)
+    replica.request_read(1)
+    rejected = replica.ready().rejected_reads
+    assert [(r.reason, r.leader_hint) for r in rejected] == [(DropReason.NOT_LEADER, None)]

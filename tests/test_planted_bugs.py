@@ -90,7 +90,7 @@ def first_caught_seed(
 # (see docs/consensus.md), so a simulator that loses its teeth fails here.
 PLANTED = {
     "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 30),
-    "skips_phase_one": (SkipsPhaseOne, recover, 10),
+    "skips_phase_one": (SkipsPhaseOne, recover, 25),
     "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40),
     "reads_without_quorum": (ReadsWithoutQuorum, recover, 200),
     "acks_before_durable": (AcksBeforeDurable, recover, 60),

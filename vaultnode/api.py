@@ -41,7 +41,6 @@ from vaultnode.commands import (
 )
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
-from vaultnode.forwarding import Forwarder, needs_leader
 from vaultnode.http_server import Request, Response, error_response
 from vaultnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vaultnode.metrics import NodeMetrics
@@ -112,9 +111,28 @@ class Call:
     fields: dict[str, Any] = field(default_factory=dict)
     route: str = "unmatched"  # the route pattern, safe as a metric label (never a name)
     outcome: str | None = None
+    # A follower confirmed its state is current (a read point from the leader) before serving.
+    caught_up: bool = False
 
 
 Route = Callable[[Call, str], Awaitable[Response]]
+
+
+_LOCAL_PATHS = ("/health", "/metrics")
+
+
+def needs_current_state(request: Request) -> bool:
+    """Writes and linearizable reads; `/health`, `/metrics` and `?consistency=stale` reads are
+    answered from whatever this node has applied."""
+    if request.path in _LOCAL_PATHS:
+        return False
+    return not (request.method == "GET" and request.query.get("consistency") == ["stale"])
+
+
+def _is_plain_write(request: Request) -> bool:
+    if request.path.startswith("/v1/secrets/"):
+        return request.method in ("POST", "PUT")
+    return request.method == "POST" and request.path == "/v1/batch/create"
 
 
 class VaultApi:
@@ -130,10 +148,8 @@ class VaultApi:
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         audit: AuditTrail | None = None,
         metrics: NodeMetrics | None = None,
-        forwarder: Forwarder | None = None,
     ) -> None:
         self.node_id = node_id
-        self.forwarder = forwarder
         self.state = state
         self.replicator = replicator
         self.sealer = sealer
@@ -232,13 +248,8 @@ class VaultApi:
         return response
 
     async def _dispatch(self, call: Call) -> Response:
-        if (
-            self.forwarder is not None
-            and needs_leader(call.request)
-            and not self.replicator.is_leader()
-        ):
-            call.route = "forwarded"
-            return await self.forwarder.forward(call.request, self.replicator.leader_id())
+        if needs_current_state(call.request) and not self.replicator.is_leader():
+            await self._catch_up_as_follower(call)
         method, path = call.request.method, call.request.path
         path_known = False
         for route_method, prefix, exact, handler in self._routes:
@@ -254,6 +265,22 @@ class VaultApi:
         if path_known:
             raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         raise ApiError(404, "not_found", f"no such endpoint: {path}")
+
+    async def _catch_up_as_follower(self, call: Call) -> None:
+        """A follower serves every request itself: its writes go to the leader through the
+        consensus core and are answered from its own apply. Whatever it decides from its local
+        state must be as current as the leader's, so it first waits for a read point from the
+        leader, except for plain writes, whose outcome (token liveness included) is decided when
+        they are applied. For those only an unknown token may be news not yet applied here."""
+        if _is_plain_write(call.request):
+            try:
+                authenticate(self.state, call.request.headers, self.clock_us())
+                return
+            except AuthError as exc:
+                if exc.status != 401:
+                    return  # the handler refuses it the same way
+        await self.replicator.read_barrier()
+        call.caught_up = True
 
     # ---- helpers ----------------------------------------------------------------------
     def _authenticate(self, call: Call) -> Principal:
@@ -295,7 +322,7 @@ class VaultApi:
         consistency = _single(call.request.query, "consistency") or "linearizable"
         if consistency not in ("linearizable", "stale"):
             raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
-        if consistency == "linearizable":
+        if consistency == "linearizable" and not call.caught_up:
             await self.replicator.read_barrier()
 
     async def _submit(self, command: Command) -> Outcome:

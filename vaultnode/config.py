@@ -222,7 +222,7 @@ def _http_tls(data: dict[str, Any], path_of: Any) -> dict[str, Any]:
         key = own_key if own_key in data else fallback_key
         if key in data:
             chosen[own_key] = path_of(key)
-        elif own_key != "http_tls_ca_file":  # the CA only matters to a forwarding follower
+        elif own_key != "http_tls_ca_file":  # optional: clients and tools check against it
             raise ConfigError(
                 f"{own_key}: missing: the client API serves HTTPS, so it needs {own_key} "
                 f"(or {fallback_key}); set http_plaintext = true only for local development"

@@ -28,7 +28,6 @@ from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
-from vaultnode.forwarding import Forwarder, leader_tls_context
 from vaultnode.http_server import HttpServer, server_tls_context
 from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics, files_size_bytes
 from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown, PaxosReplicator
@@ -145,7 +144,6 @@ class VaultNode:
             self._consensus_gauges(replicator),
         )
         replicator.on_fsync = metrics.observe_fsync
-        forwarder = None
         if isinstance(replicator, PaxosReplicator):
             transport = self._make_transport(replicator)
             replicator.start(transport)
@@ -155,11 +153,6 @@ class VaultNode:
                 raise StartupError(
                     f"peer_listen {config.peer_listen}: {exc.strerror or exc}"
                 ) from exc
-            forwarder = Forwarder(
-                config.node_id,
-                {p.node_id: f"{config.http_scheme}://{p.http_addr}" for p in config.peers},
-                verify=self._forwarder_verify(),
-            )
             bootstrap = asyncio.get_running_loop().create_task(
                 self._bootstrap_when_leader(replicator, sealer, state)
             )
@@ -176,7 +169,6 @@ class VaultNode:
             limits=config.limits,
             audit=audit,
             metrics=metrics,
-            forwarder=forwarder,
         )
         audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
@@ -202,9 +194,8 @@ class VaultNode:
         await server.stop(config.limits.shutdown_deadline_s)
         if isinstance(replicator, PaxosReplicator):
             bootstrap.cancel()
-            assert replicator.transport is not None and forwarder is not None
+            assert replicator.transport is not None
             await replicator.transport.stop()
-            await forwarder.close()
         await replicator.stop()
         try:
             await audit.close()
@@ -273,19 +264,6 @@ class VaultNode:
                 f"http_tls_cert_file/http_tls_key_file ({config.http_tls_cert_file}, "
                 f"{config.http_tls_key_file}): cannot load the client API certificate: {exc}"
             ) from exc
-
-    def _forwarder_verify(self) -> ssl.SSLContext | bool:
-        """Followers reach the leader's client API as clients do: over HTTPS, checked by the CA."""
-        config = self.config
-        if config.http_plaintext:
-            return False
-        ca_file = config.http_tls_ca_file
-        if ca_file is None:
-            return True  # the system's trust store, for a certificate from a public CA
-        try:
-            return leader_tls_context(ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"http_tls_ca_file ({ca_file}): {exc}") from exc
 
     def _make_transport(self, replicator: PaxosReplicator) -> PeerTransport:
         config = self.config
