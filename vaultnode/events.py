@@ -1,15 +1,28 @@
 """Structured event log: one JSON line per event on stderr, from a fixed vocabulary.
 
-Owns the event names and the line format (docs/observability.md lists them). Callers pass names,
-versions, accessors and outcomes; this module must never be handed a secret value or a token, and
-it drops any field whose name says it might be one.
+Owns the event names, the line format (docs/observability.md lists them) and when lines reach the
+stream. Callers pass names, versions, accessors and outcomes; this module must never be handed a
+secret value or a token, and it drops any field whose name says it might be one.
+
+Lines emitted on a running event loop are written together, in order, in one write at the end of
+the loop turn (a callback queued when the first line of the turn is emitted) instead of one
+write(2) each. The HTTP server queues its response writes the same way, after, so a response
+never leaves before the event line of its request. Without a running loop a line is written at
+once; what is still pending at interpreter exit is written then; a forked child drops its
+parent's pending lines (they are the parent's to write).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import math
+import os
 import sys
 import time
+import weakref
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 EVENTS = frozenset(
@@ -47,30 +60,108 @@ _FORBIDDEN_FIELDS = frozenset({"value", "token", "plaintext", "secret", "body"})
 # Built once: json.dumps with non-default options builds a new encoder on every call, and this
 # runs for every request (bench/README.md has the profile).
 _encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# The fields every line starts with; a caller's field of the same name replaces the value in place.
+_LEADING_FIELDS = frozenset({"ts", "event", "node"})
+# Past this many pending lines, write now rather than hold more for the end of the turn.
+PENDING_LINES_MAX = 512
+
+
+def _json_value(value: Any) -> str:
+    """What _encode_json makes of one value; str, int and finite float without the encoder."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return _encode_json(value)
+
+
+def format_line(node_id: int, event: str, ts: str, fields: dict[str, Any]) -> str:
+    """One event line with its newline, byte for byte what the JSON encoder makes of the record
+    {ts, event, node, **fields} without forbidden or None fields (tests hold the two equal)."""
+    if not _LEADING_FIELDS.isdisjoint(fields):
+        record: dict[str, Any] = {"ts": ts, "event": event, "node": node_id}
+        record.update(
+            (k, v) for k, v in fields.items() if v is not None and k not in _FORBIDDEN_FIELDS
+        )
+        return _encode_json(record) + "\n"
+    parts = [
+        '{"ts":',
+        encode_basestring_ascii(ts),
+        ',"event":',
+        encode_basestring_ascii(event),
+        ',"node":',
+        _json_value(node_id),
+    ]
+    for key, value in fields.items():
+        if value is None or key in _FORBIDDEN_FIELDS:
+            continue
+        parts += (",", encode_basestring_ascii(key), ":", _json_value(value))
+    parts.append("}\n")
+    return "".join(parts)
 
 
 class EventLog:
     def __init__(self, node_id: int, stream: IO[str] | None = None) -> None:
         self.node_id = node_id
         self._stream = stream or sys.stderr
+        self._pending: list[str] = []
+        # The loop on which a flush is queued, or None: a loop closed before running the flush
+        # is told apart from the running one, so its lines are not stranded.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        _open_logs.add(self)
 
     def emit(self, event: str, **fields: Any) -> None:
         assert event in EVENTS, f"unknown event {event!r}"
-        record: dict[str, Any] = {
-            "ts": _now_rfc3339(),
-            "event": event,
-            "node": self.node_id,
-        }
-        for key, value in fields.items():
-            if key in _FORBIDDEN_FIELDS:
-                continue
-            if value is not None:
-                record[key] = value
+        self._pending.append(format_line(self.node_id, event, _now_rfc3339(), fields))
         try:
-            self._stream.write(_encode_json(record) + "\n")
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_loop is loop and len(self._pending) < PENDING_LINES_MAX:
+            return
+        if self._flush_loop is not None:
+            self.flush()  # queued on a loop that is gone, or the batch is full: write now
+            return
+        self._flush_loop = loop
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every pending line, in order, in one write; safe to call at any time."""
+        self._flush_loop = None
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        text = "".join(pending)
+        try:
+            self._stream.write(text)
             self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed stderr must not take the node down
+
+    def _forget_pending(self) -> None:
+        self._pending.clear()
+        self._flush_loop = None
+
+
+_open_logs: weakref.WeakSet[EventLog] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_logs() -> None:
+    for events in list(_open_logs):
+        events.flush()
+
+
+def _forget_parents_pending_lines() -> None:
+    for events in list(_open_logs):
+        events._forget_pending()
+
+
+os.register_at_fork(after_in_child=_forget_parents_pending_lines)
 
 
 # (whole second, its "YYYY-MM-DDTHH:MM:SS" text): strftime is the costly part of a timestamp and

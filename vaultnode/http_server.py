@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -90,8 +91,19 @@ def _encode_response(response: Response, keep_alive: bool) -> bytes:
     return (head + "\r\n").encode("latin-1") + response.body
 
 
+# A parsed request with its keep-alive flag, an answer decided by the parser, or None: no more.
+_Work = tuple[Request | Response, bool] | None
+
+
 class _HttpConnection(asyncio.Protocol):
-    """One client connection; requests are answered one after another, in order."""
+    """One client connection; requests are answered one after another, in order.
+
+    Parsed requests wait in a deque for the connection's one worker task, which sleeps on a
+    future only while the deque is empty (an asyncio.Queue did the same with more machinery per
+    request). Answers are written at the end of the loop turn in which they are ready, all of a
+    turn's answers in one write: pipelined answers leave together, and an answer leaves after
+    the event lines its handler emitted (vaultnode/events.py writes those the same way, earlier).
+    """
 
     def __init__(self, handler: Handler, body_bytes_max: int, server: HttpServer) -> None:
         self._handler = handler
@@ -104,8 +116,12 @@ class _HttpConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._too_large = False
-        self._queue: asyncio.Queue[tuple[Request | Response, bool] | None] = asyncio.Queue()
+        self._work: deque[_Work] = deque()
+        self._work_arrived: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._outgoing: list[bytes] = []
+        self._close_after_outgoing = False
+        self._write_queued = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,25 +132,21 @@ class _HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
-        self._queue.put_nowait(None)
+        self._put(None)
 
     def eof_received(self) -> bool:
         # A client may half-close once it has sent its last request (shutdown(SHUT_WR)): answer
         # everything it sent, then close, rather than drop the answers (and a write's outcome).
-        self._queue.put_nowait(None)
+        self._put(None)
         return True
 
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._queue.put_nowait(
-                (error_response(400, "bad_request", "upgrades are not supported"), False)
-            )
+            self._put((error_response(400, "bad_request", "upgrades are not supported"), False))
         except httptools.HttpParserError:
-            self._queue.put_nowait(
-                (error_response(400, "bad_request", "malformed HTTP request"), False)
-            )
+            self._put((error_response(400, "bad_request", "malformed HTTP request"), False))
             if self._transport is not None:
                 self._transport.pause_reading()
 
@@ -164,7 +176,7 @@ class _HttpConnection(asyncio.Protocol):
         keep_alive = self._parser.should_keep_alive() and not self._server.closing
         if self._too_large:
             limit = self._body_bytes_max
-            self._queue.put_nowait(
+            self._put(
                 (
                     error_response(413, "payload_too_large", f"request body exceeds {limit} bytes"),
                     False,
@@ -178,14 +190,51 @@ class _HttpConnection(asyncio.Protocol):
         )
         method = self._parser.get_method().decode("latin-1")
         request = Request(method, path, query, self._headers, b"".join(self._body))
-        self._queue.put_nowait((request, keep_alive))
+        self._put((request, keep_alive))
+
+    def _put(self, work: _Work) -> None:
+        self._work.append(work)
+        waiter = self._work_arrived
+        if waiter is not None:
+            self._work_arrived = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _next_work(self) -> _Work:
+        while not self._work:
+            waiter = asyncio.get_running_loop().create_future()
+            self._work_arrived = waiter
+            await waiter
+        return self._work.popleft()
+
+    def _send(self, data: bytes, *, then_close: bool = False) -> None:
+        """Queue bytes for the end-of-turn write; `then_close` closes the connection after it."""
+        if data:
+            self._outgoing.append(data)
+        self._close_after_outgoing |= then_close
+        if not self._write_queued:
+            self._write_queued = True
+            asyncio.get_running_loop().call_soon(self._write_outgoing)
+
+    def _write_outgoing(self) -> None:
+        self._write_queued = False
+        transport = self._transport
+        if transport is None:
+            self._outgoing.clear()
+            return
+        if self._outgoing:
+            data = self._outgoing[0] if len(self._outgoing) == 1 else b"".join(self._outgoing)
+            self._outgoing.clear()
+            transport.write(data)
+        if self._close_after_outgoing:
+            transport.close()
 
     async def _serve(self) -> None:
         while True:
-            item = await self._queue.get()
+            item = await self._next_work()
             if item is None or self._transport is None:
                 if self._transport is not None:
-                    self._transport.close()  # the client's EOF, after every queued answer
+                    self._send(b"", then_close=True)  # the client's EOF, after every answer
                 return
             work, keep_alive = item
             self._server.in_flight += 1
@@ -202,18 +251,19 @@ class _HttpConnection(asyncio.Protocol):
                 self._server.in_flight -= 1
             if self._transport is None:
                 return
-            self._transport.write(_encode_response(response, keep_alive))
+            self._send(_encode_response(response, keep_alive), then_close=not keep_alive)
             if not keep_alive:
-                self._transport.close()
                 return
 
     def close_if_idle(self) -> None:
-        if self._transport is not None and self._queue.empty():
+        if self._transport is not None and not self._work:
+            self._write_outgoing()  # answers already made leave before the close
             self._transport.close()
 
     def close(self) -> None:
         """Past the shutdown deadline: cut the connection; queued requests are never started."""
         if self._transport is not None:
+            self._write_outgoing()
             self._transport.close()
 
 
