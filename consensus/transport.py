@@ -95,7 +95,6 @@ class PeerTransport:
         self._server: asyncio.Server | None = None
         self._inbound: set[asyncio.StreamWriter] = set()
         self.connected: dict[int, bool] = {peer: False for peer in self._peers}
-        self._connected_events = {peer: asyncio.Event() for peer in self._peers}
         self.frames_dropped = 0
 
     async def start(self) -> None:
@@ -120,16 +119,6 @@ class PeerTransport:
     def can_send_to(self, peer_id: int) -> bool:
         """Whether a frame sent now would leave on a connection (else `send` drops it)."""
         return peer_id in self._writers
-
-    async def wait_until_connected(self, peer_id: int, timeout_s: float) -> bool:
-        """Whether the outbound connection to `peer_id` is up within `timeout_s`."""
-        event = self._connected_events.get(peer_id)
-        if event is None:
-            return False
-        if not event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
-        return event.is_set()
 
     def send(self, message: Message) -> None:
         """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
@@ -184,7 +173,6 @@ class PeerTransport:
                 writer.write(self._handshake())
                 self._writers[peer_id] = writer
                 self.connected[peer_id] = True
-                self._connected_events[peer_id].set()
                 self._on_event("peer.connected", peer=peer_id, direction="out")
                 await reader.read(1)  # peers never answer on this connection: this is its close
             except (OSError, ConnectionError, ssl.SSLError):
@@ -192,7 +180,6 @@ class PeerTransport:
             finally:
                 self._writers.pop(peer_id, None)
                 self.connected[peer_id] = False
-                self._connected_events[peer_id].clear()
                 writer.close()
                 self._on_event("peer.disconnected", peer=peer_id, direction="out")
             await asyncio.sleep(backoff_s)

@@ -119,12 +119,12 @@ def test_https_to_a_plaintext_node_says_it_does_not_speak_tls(vault: Cluster) ->
     assert "does not speak TLS" in refused.stderr
 
 
-def test_a_follower_forwards_over_https_to_the_leader(tmp_path: Path) -> None:
+def test_a_follower_serves_a_write_over_https_in_a_tls_cluster(tmp_path: Path) -> None:
     for cluster in started_cluster(tmp_path / "cluster", nodes=3, tls=True):
         leader = wait_for_leader(cluster.nodes)
         follower = next(n for n in cluster.nodes if n is not leader)
         env = cluster.cli_env()
-        env["VAULT_ADDR"] = follower.url  # only the follower: the write must be forwarded
+        env["VAULT_ADDR"] = follower.url  # only the follower: it must reach the leader itself
         created = vault_cli(env, "create", "tls/forwarded", "through-a-follower")
         assert created.returncode == 0, created.stderr + follower.log_text()
         with cluster.client(cluster.nodes.index(leader)) as client:

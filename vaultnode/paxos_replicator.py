@@ -60,6 +60,7 @@ PROPOSAL_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
 LEADER_REDIAL_WAIT_S = 2.0
+LEADER_REDIAL_POLL_S = 0.02
 # Commands whose fields are only str, int, bytes, None and flat dicts of those, which msgpack
 # gives back exactly: applying the proposer's own object equals applying the decoded bytes.
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
@@ -239,21 +240,25 @@ class PaxosReplicator:
     # ---- requests ----------------------------------------------------------------------
     async def _ensure_can_order(self) -> None:
         """Raise unless this node leads, or follows a leader it is connected to: then a command
-        or read handed to the core reaches the node that orders it. A connection to the leader
-        being redialled (a peer just restarted) is waited for, briefly."""
-        if self._stopped is not None:
-            raise ReplicationStopped(str(self._stopped))
-        replica = self.replica
-        if replica.role == Role.LEADER:
-            return
-        leader = replica.leader_id
-        if replica.role != Role.FOLLOWER or leader is None or self.transport is None:
-            raise NotLeader(leader)
-        if self.transport.can_send_to(leader):
-            return
-        connected = await self.transport.wait_until_connected(leader, LEADER_REDIAL_WAIT_S)
-        if not connected or replica.leader_id != leader or replica.role != Role.FOLLOWER:
-            raise NotLeader(replica.leader_id)
+        or read handed to the core reaches the node that orders it. While the connection to a
+        known leader is being redialled (a peer just restarted) it waits, briefly; a leader that
+        died is no longer known once the election timeout passes, which ends the wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEADER_REDIAL_WAIT_S
+        while True:
+            if self._stopped is not None:
+                raise ReplicationStopped(str(self._stopped))
+            replica = self.replica
+            if replica.role == Role.LEADER:
+                return
+            leader = replica.leader_id
+            if replica.role != Role.FOLLOWER or leader is None or self.transport is None:
+                raise NotLeader(leader)
+            if self.transport.can_send_to(leader):
+                return
+            if loop.time() >= deadline:
+                raise NotLeader(leader)
+            await asyncio.sleep(LEADER_REDIAL_POLL_S)
 
     async def submit(self, command: Command) -> Outcome:
         """Order `command` and return its outcome once this node has applied it. A follower
