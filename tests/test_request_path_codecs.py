@@ -1,5 +1,6 @@
 """The request path's faster codecs write the bytes the old ones wrote: commands in the log, audit
-lines; and record ids drawn a block at a time stay unique, also across a fork."""
+lines, the sealed records' associated data; and record ids drawn a block at a time stay unique,
+also across a fork."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.envelope import RECORD_ID_SIZE_BYTES, new_record_id
+from storage import envelope
+from storage.envelope import RECORD_ID_SIZE_BYTES, encode_aad, new_record_id
 from vaultnode.audit import GENESIS_PREV, AuditTrail, format_record
 from vaultnode.commands import (
     Command,
@@ -138,3 +140,19 @@ def test_a_forked_child_never_hands_out_the_record_id_its_parent_hands_out_next(
     with os.fdopen(read_end, "rb") as pipe:
         childs = pipe.read()
     assert len(childs) == RECORD_ID_SIZE_BYTES and childs != parents_next
+
+
+@pytest.mark.parametrize(
+    ("name", "created_by", "number"),
+    [("app/db", "acc-1", 1), ("caf\u00e9/\u5bc6\u94a5", "acc-\u00e9", 2**63 - 1), ("x", "y", 0)],
+)
+def test_record_aads_are_the_bytes_encode_aad_makes(
+    name: str, created_by: str, number: int
+) -> None:
+    record_id = bytes(range(16))
+    assert envelope._value_aad(1, "A256GCM", record_id, name, number, created_by) == (
+        encode_aad(envelope._VALUE_AAD_LABEL, 1, "A256GCM", record_id, name, number, created_by)
+    )
+    assert envelope._dek_aad(1, "A256GCMKW", number, record_id, name) == (
+        encode_aad(envelope._DEK_AAD_LABEL, 1, "A256GCMKW", number, record_id, name)
+    )
