@@ -62,6 +62,9 @@ _FORBIDDEN_FIELDS = frozenset({"value", "token", "plaintext", "secret", "body"})
 _encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 # The fields every line starts with; a caller's field of the same name replaces the value in place.
 _LEADING_FIELDS = frozenset({"ts", "event", "node"})
+# ',"name":' per field name: the names come from code, a few dozen of them.
+_field_prefixes: dict[str, str] = {}
+FIELD_PREFIXES_MAX = 1024
 # Past this many pending lines, write now rather than hold more for the end of the turn.
 PENDING_LINES_MAX = 512
 
@@ -80,26 +83,29 @@ def _json_value(value: Any) -> str:
 
 def format_line(node_id: int, event: str, ts: str, fields: dict[str, Any]) -> str:
     """One event line with its newline, byte for byte what the JSON encoder makes of the record
-    {ts, event, node, **fields} without forbidden or None fields (tests hold the two equal)."""
+    {ts, event, node, **fields} without forbidden or None fields (tests hold the two equal).
+
+    `ts` is _now_rfc3339's text (digits and "-:.TZ"), written as it is."""
     if not _LEADING_FIELDS.isdisjoint(fields):
         record: dict[str, Any] = {"ts": ts, "event": event, "node": node_id}
         record.update(
             (k, v) for k, v in fields.items() if v is not None and k not in _FORBIDDEN_FIELDS
         )
         return _encode_json(record) + "\n"
-    parts = [
-        '{"ts":',
-        encode_basestring_ascii(ts),
-        ',"event":',
-        encode_basestring_ascii(event),
-        ',"node":',
-        _json_value(node_id),
-    ]
+    parts = ['{"ts":"', ts, '","event":', encode_basestring_ascii(event), ',"node":']
+    parts.append(_json_value(node_id))
+    append = parts.append
     for key, value in fields.items():
         if value is None or key in _FORBIDDEN_FIELDS:
             continue
-        parts += (",", encode_basestring_ascii(key), ":", _json_value(value))
-    parts.append("}\n")
+        prefix = _field_prefixes.get(key)
+        if prefix is None:
+            prefix = "," + encode_basestring_ascii(key) + ":"
+            if len(_field_prefixes) < FIELD_PREFIXES_MAX:
+                _field_prefixes[key] = prefix
+        append(prefix)
+        append(_json_value(value))
+    append("}\n")
     return "".join(parts)
 
 
