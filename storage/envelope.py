@@ -274,7 +274,12 @@ class SealedValue:
 
     def to_wire(self) -> dict[str, Any]:
         """A msgpack-friendly dict: str keys; bytes, int and str values."""
-        return {field: getattr(self, field) for field in _SEALED_WIRE_TYPES}
+        # The instance dict holds exactly the fields, set by __init__ in declaration order (the
+        # wire's key order): copying it is a fifth of the cost of reading each field by name.
+        wire: dict[str, Any] = self.__dict__.copy()
+        if len(wire) != len(_SEALED_WIRE_TYPES):  # an attribute set outside __init__
+            wire = {field: getattr(self, field) for field in _SEALED_WIRE_TYPES}
+        return wire
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> SealedValue:

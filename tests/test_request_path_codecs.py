@@ -156,3 +156,16 @@ def test_record_aads_are_the_bytes_encode_aad_makes(
     assert envelope._dek_aad(1, "A256GCMKW", number, record_id, name) == (
         encode_aad(envelope._DEK_AAD_LABEL, 1, "A256GCMKW", number, record_id, name)
     )
+
+
+def test_to_wire_lists_every_field_in_the_wire_order_after_seal_and_rewrap() -> None:
+    keks = {1: bytes(32), 2: bytes(range(32))}
+    sealed = envelope.seal(
+        b"v", name="a/b", record_id=new_record_id(), created_at_us=1, created_by="acc",
+        kek_id=1, kek=keks[1],
+    )
+    rewrapped = envelope.rewrap(sealed, kek_for=keks.__getitem__, new_kek_id=2, new_kek=keks[2])
+    for record in (sealed, rewrapped):
+        wire = record.to_wire()
+        assert list(wire) == list(envelope._SEALED_WIRE_TYPES)
+        assert wire == {field: getattr(record, field) for field in envelope._SEALED_WIRE_TYPES}
