@@ -17,6 +17,7 @@ import gc
 import itertools
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from random import Random
@@ -66,25 +67,8 @@ LEADER_REDIAL_POLL_S = 0.02
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
 
 
-async def _settled_within(future: asyncio.Future[Any], timeout_s: float) -> bool:
-    """Wait for `future` (settled by the driver) for at most `timeout_s`; never cancels it.
-    Cheaper per request than asyncio.wait_for(asyncio.shield(...)): one timer, no extra task."""
-    if future.done():
-        return True
-    waiter = asyncio.get_running_loop().create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    timer = asyncio.get_running_loop().call_later(timeout_s, wake)
-    future.add_done_callback(wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        future.remove_done_callback(wake)
-    return future.done()
+class _Expired(Exception):
+    """A request's wait outlived its deadline (internal: becomes OutcomeUnknown or a 503)."""
 
 
 class NotLeader(Exception):
@@ -145,6 +129,11 @@ class PaxosReplicator:
         self._snapshot_writing = False
         self._syncing = False
         self._kick_scheduled = False
+        # (deadline, future) in the order requests started; every wait of a kind has the same
+        # timeout, so deadlines increase along each deque and a tick expires a prefix. A timer
+        # per request (asyncio.wait_for) cost more than the rest of submit.
+        self._write_deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._read_deadlines: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._stopped: BaseException | None = None
         self._proposals: list[bytes] = []
         # Encoded command -> (its future, the command) per waiting request; the command itself
@@ -238,6 +227,20 @@ class PaxosReplicator:
         )
 
     # ---- requests ----------------------------------------------------------------------
+    def _can_order_now(self) -> bool:
+        if self._stopped is not None:
+            return False
+        replica = self.replica
+        if replica.role == Role.LEADER:
+            return True
+        leader = replica.leader_id
+        return (
+            replica.role == Role.FOLLOWER
+            and leader is not None
+            and self.transport is not None
+            and self.transport.can_send_to(leader)
+        )
+
     async def _ensure_can_order(self) -> None:
         """Raise unless this node leads, or follows a leader it is connected to: then a command
         or read handed to the core reaches the node that orders it. While the connection to a
@@ -263,35 +266,42 @@ class PaxosReplicator:
     async def submit(self, command: Command) -> Outcome:
         """Order `command` and return its outcome once this node has applied it. A follower
         forwards it to the leader (consensus.messages.Forward) and answers from its own apply."""
-        await self._ensure_can_order()
+        if not self._can_order_now():
+            await self._ensure_can_order()
         raw = encode_command(command)
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
         self._waiting.setdefault(raw, []).append((future, command))
         self._proposals.append(raw)
         self.proposals_total += 1
         self._kick()
-        if await _settled_within(future, PROPOSAL_TIMEOUT_S):
-            return future.result()
-        self._forget_waiter(raw, future)
-        raise OutcomeUnknown(
-            "the write was proposed but not chosen in time; retry with the same "
-            "Idempotency-Key to learn its outcome"
-        )
+        self._write_deadlines.append((loop.time() + PROPOSAL_TIMEOUT_S, future))
+        try:
+            return await future
+        except _Expired:
+            self._forget_waiter(raw, future)
+            raise OutcomeUnknown(
+                "the write was proposed but not chosen in time; retry with the same "
+                "Idempotency-Key to learn its outcome"
+            ) from None
 
     async def read_barrier(self) -> None:
         """Return once the applied state reflects every write acknowledged before the call. A
         follower gets the read point from the leader and waits until it has applied through it."""
-        await self._ensure_can_order()
+        if not self._can_order_now():
+            await self._ensure_can_order()
         read_id = next(self._read_ids)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._reads[read_id] = future
         self.replica.request_read(read_id)
         self._kick()
-        if await _settled_within(future, READ_TIMEOUT_S):
-            future.result()
-            return
-        self._reads.pop(read_id, None)
-        raise ReplicationStopped("leadership could not be confirmed in time")
+        self._read_deadlines.append((loop.time() + READ_TIMEOUT_S, future))
+        try:
+            await future
+        except _Expired:
+            self._reads.pop(read_id, None)
+            raise ReplicationStopped("leadership could not be confirmed in time") from None
 
     def _forget_waiter(self, raw: bytes, future: asyncio.Future[Outcome]) -> None:
         waiters = self._waiting.get(raw)
@@ -315,6 +325,9 @@ class PaxosReplicator:
             return
         self.replica.tick()
         self._kick()
+        now = asyncio.get_running_loop().time()
+        _expire_waits(self._write_deadlines, now)
+        _expire_waits(self._read_deadlines, now)
         self._schedule_tick()
 
     def _kick(self) -> None:
@@ -347,24 +360,39 @@ class PaxosReplicator:
         self._send(ready.messages)
         if ready.records:
             self._syncing = True
-            started = time.perf_counter()
-            assert self._log is not None
-            fut = asyncio.get_running_loop().run_in_executor(self._fsync_thread, self._log.sync)
-            fut.add_done_callback(lambda f: self._synced(f, ready, started))
+            self._start_sync(ready)
         else:
             self._after_persist(ready)
         self._apply(ready)
         self._note_role_change()
 
-    def _synced(self, fut: asyncio.Future[int], ready: Ready, started: float) -> None:
+    def _start_sync(self, ready: Ready) -> None:
+        """fsync on the fsync thread, which reports straight to the loop: one loop turn after
+        the fsync rather than two (run_in_executor's future, then its done callback), and the
+        duration measured is the fsync's own."""
+        loop = asyncio.get_running_loop()
+        log = self._log
+        assert log is not None
+
+        def sync_and_report() -> None:
+            started = time.perf_counter()
+            try:
+                log.sync()
+            except Exception as exc:  # reported to the loop, which stops the node
+                loop.call_soon_threadsafe(self._synced, ready, 0.0, exc)
+                return
+            loop.call_soon_threadsafe(self._synced, ready, time.perf_counter() - started, None)
+
+        self._fsync_thread.submit(sync_and_report)
+
+    def _synced(self, ready: Ready, elapsed_s: float, error: Exception | None) -> None:
         self._syncing = False
         if self._stopped is not None:
             return
-        if fut.exception() is not None:
-            self._fatal(fut.exception() or RuntimeError("fsync failed"))
+        if error is not None:
+            self._fatal(error)
             return
         self.fsync_count += 1
-        elapsed_s = time.perf_counter() - started
         self.fsync_seconds_total += elapsed_s
         self.on_fsync(elapsed_s)
         self.replica.persisted(ready.persist_through)
@@ -508,3 +536,13 @@ class PaxosReplicator:
         self._stopped = exc
         self._fail_waiters(ReplicationStopped("the node stopped: disk failure"))
         self._on_fatal(exc)
+
+
+def _expire_waits(deadlines: deque[tuple[float, asyncio.Future[Any]]], now: float) -> None:
+    while deadlines:
+        deadline, future = deadlines[0]
+        if not future.done():
+            if deadline > now:
+                return
+            future.set_exception(_Expired())
+        deadlines.popleft()
