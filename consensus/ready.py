@@ -2,7 +2,8 @@
 
 Owns: `Ready` and the small result values in it. The driver's duties, in order, for one Ready:
 1. if `snapshot` is set, make it durable and restore the application from it;
-2. append `records` to the log and make them durable, then call `persisted(persist_through)`;
+2. append `records` to the log and make them durable, then call `persisted(persist_through)`
+   (unless `needs_fsync` says the next fsync may cover them);
 3. send `messages` at once, and `messages_after_persist` only once step 2 is durable;
 4. apply `chosen` in order and call `applied(slot)`; answer `reads` (already applied);
 5. once step 2 is durable, drop log records before `compact_log_before` if it is set.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from consensus.messages import Batch, Message
-from consensus.records import Record
+from consensus.records import Record, WatermarkRecord
 
 
 class DropReason(StrEnum):
@@ -92,3 +93,13 @@ class Ready:
             or self.rejected_reads
             or self.compact_log_before is not None
         )
+
+
+def needs_fsync(ready: Ready) -> bool:
+    """Whether the driver must fsync before this Ready's after-persist duties. Records that only
+    move the chosen watermark may wait for the next fsync: nothing is sent on the strength of
+    them, and a watermark lost in a crash is learned again from the peers (a slot is never
+    taken as chosen without one), so an fsync per chosen slot would only cost latency."""
+    if ready.messages_after_persist or ready.compact_log_before is not None:
+        return True
+    return any(type(record) is not WatermarkRecord for record in ready.records)

@@ -24,7 +24,7 @@ import msgpack
 from consensus.codec import decode_message, decode_record, encode_message, encode_record
 from consensus.config import ClusterConfig, Limits
 from consensus.messages import Accepted, Message, Promise
-from consensus.ready import Ready, Snapshot
+from consensus.ready import Ready, Snapshot, needs_fsync
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
@@ -225,7 +225,7 @@ class SimNode:
             self._send(message)
         if ready.compact_log_before is not None:
             self._compact_pending = ready.compact_log_before
-        if ready.persist_through > self.log.synced_index:
+        if ready.persist_through > self.log.synced_index and needs_fsync(ready):
             self._held.extend((ready.persist_through, m) for m in ready.messages_after_persist)
             self._schedule_sync()
         else:

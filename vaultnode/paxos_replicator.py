@@ -27,7 +27,7 @@ from consensus.codec import decode_record, encode_record
 from consensus.config import ClusterConfig
 from consensus.config import Limits as ConsensusLimits
 from consensus.messages import Message
-from consensus.ready import Ready, Snapshot
+from consensus.ready import Ready, Snapshot, needs_fsync
 from consensus.records import recover
 from consensus.replica import Replica, Role
 from consensus.transport import PeerTransport
@@ -358,7 +358,7 @@ class PaxosReplicator:
             self._fatal(exc)
             return
         self._send(ready.messages)
-        if ready.records:
+        if needs_fsync(ready):
             self._syncing = True
             self._start_sync(ready)
         else:
