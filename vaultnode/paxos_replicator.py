@@ -519,7 +519,25 @@ class PaxosReplicator:
                 self._events.emit("leader.lost", role=str(replica.role))
             self._role_seen = replica.role
         if replica.leader_id != self._leader_seen:
+            if self._leader_seen is not None and self._waiting:
+                self._answer_writes_in_flight_as_unknown()
             self._leader_seen = replica.leader_id
+
+    def _answer_writes_in_flight_as_unknown(self) -> None:
+        """Leadership moved. A write still waiting may yet be chosen by the next leader, or may
+        have been lost with the old one (a follower's Forward to a leader that died): say so now,
+        so that the client retries with its Idempotency-Key at once instead of after the 10 s
+        deadline."""
+        for waiters in self._waiting.values():
+            for future, _ in waiters:
+                if not future.done():
+                    future.set_exception(
+                        OutcomeUnknown(
+                            "leadership moved while the write was in flight; retry with the "
+                            "same Idempotency-Key to learn its outcome"
+                        )
+                    )
+        self._waiting.clear()
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for waiters in self._waiting.values():
