@@ -2,7 +2,8 @@
 
 Owns: the acceptor (promised ballot, accepted values), the learner (chosen values and the chosen
 watermark) and the proposer roles (follower, pre-candidate, candidate, leader), the election and
-heartbeat timers in ticks, batching, the in-flight pipeline, catch-up, compaction and read-index.
+heartbeat timers in ticks, batching, the in-flight pipeline, catch-up, compaction and read-index,
+and a follower's side of both: its proposals and read-index requests go to the leader it knows.
 
 Inputs: `tick()`, `step(message)`, `propose(commands)`, `request_read(read_id)`,
 `persisted(record_index)`, `applied(slot)`, `snapshot_taken(slot, data)`,
