@@ -274,7 +274,7 @@ class VaultApi:
         they are applied. For those only an unknown token may be news not yet applied here."""
         if _is_plain_write(call.request):
             try:
-                authenticate(self.state, call.request.headers, self.clock_us())
+                call.principal = authenticate(self.state, call.request.headers, self.clock_us())
                 return
             except AuthError as exc:
                 if exc.status != 401:
@@ -284,7 +284,8 @@ class VaultApi:
 
     # ---- helpers ----------------------------------------------------------------------
     def _authenticate(self, call: Call) -> Principal:
-        call.principal = authenticate(self.state, call.request.headers, self.clock_us())
+        if call.principal is None:  # a follower may have done it already for this request
+            call.principal = authenticate(self.state, call.request.headers, self.clock_us())
         return call.principal
 
     def _json_body(self, call: Call, allowed: set[str]) -> dict[str, Any]:
