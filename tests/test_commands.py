@@ -58,3 +58,35 @@ def test_every_command_survives_encode_then_decode(command: Command) -> None:
 def test_bytes_that_are_not_a_command_raise_a_typed_error(data: bytes) -> None:
     with pytest.raises(CommandDecodeError):
         decode_command(data)
+
+
+def test_the_commands_a_leader_applies_without_decoding_equal_their_decoded_bytes() -> None:
+    # vaultnode/paxos_replicator.py applies its own CreateSecret/UpdateSecret objects instead of
+    # decoding the chosen bytes; that is only sound if decoding gives back an equal command
+    # (same types too: a tuple that came back as a list would make replicas differ).
+    import os
+
+    from storage.envelope import new_record_id, seal
+    from vaultnode.paxos_replicator import _DECODES_TO_ITSELF
+
+    sealed = seal(
+        b"s3cret",
+        name="db/password",
+        record_id=new_record_id(),
+        created_at_us=1_764_000_000_000_000,
+        created_by="acc_0123",
+        kek_id=1,
+        kek=os.urandom(32),
+    ).to_wire()
+    header = CommandHeader("0f" * 16, "acc_0123", 1_764_000_000_000_000,
+                           Idempotency("retry-1", b"\x07" * 32))
+    built = [
+        CreateSecret(header, "db/password", sealed),
+        UpdateSecret(header, "db/password", sealed, expected_version=4),
+        UpdateSecret(CommandHeader("r", "acc", 1), "db/password", sealed),
+    ]
+    assert {type(command) for command in built} == set(_DECODES_TO_ITSELF)
+    for command in built:
+        decoded = decode_command(encode_command(command))
+        assert decoded == command
+        assert [type(v) for v in decoded.sealed.values()] == [type(v) for v in sealed.values()]

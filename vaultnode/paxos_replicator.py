@@ -248,19 +248,14 @@ class PaxosReplicator:
         died is no longer known once the election timeout passes, which ends the wait."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LEADER_REDIAL_WAIT_S
-        while True:
+        while not self._can_order_now():
             if self._stopped is not None:
                 raise ReplicationStopped(str(self._stopped))
             replica = self.replica
-            if replica.role == Role.LEADER:
-                return
-            leader = replica.leader_id
-            if replica.role != Role.FOLLOWER or leader is None or self.transport is None:
-                raise NotLeader(leader)
-            if self.transport.can_send_to(leader):
-                return
+            if replica.role != Role.FOLLOWER or replica.leader_id is None:
+                raise NotLeader(replica.leader_id)
             if loop.time() >= deadline:
-                raise NotLeader(leader)
+                raise NotLeader(replica.leader_id)
             await asyncio.sleep(LEADER_REDIAL_POLL_S)
 
     async def submit(self, command: Command) -> Outcome:
