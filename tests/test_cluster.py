@@ -500,3 +500,31 @@ def test_a_retry_after_the_leader_dies_replays_the_original_answer(fresh3: Clust
     assert retry.json() == first.json()
     history = httpx.get(f"{survivors[1].url}/v1/history/failover/idem", headers=auth(fresh3))
     assert [v["version"] for v in history.json()["versions"]] == [1]
+
+
+def test_a_write_forwarded_to_a_leader_that_stops_answers_504_when_leadership_moves(
+    fresh3: Cluster,
+) -> None:
+    # The follower hands the write to a leader that is frozen (SIGSTOP: its sockets stay open, so
+    # the Forward leaves). The follower cannot know whether the command will ever be chosen; once
+    # the others elect a new leader it answers 504 outcome_unknown at once (not at the 10 s
+    # deadline), and a retry with the same key settles it: applied exactly once.
+    leader = wait_for_leader(fresh3.nodes)
+    follower = next(n for n in fresh3.nodes if n is not leader)
+    assert leader.process is not None
+    key = uuid.uuid4().hex
+    headers = {**auth(fresh3), "Idempotency-Key": key}
+    leader.process.send_signal(signal.SIGSTOP)
+    try:
+        reply = httpx.post(f"{follower.url}/v1/secrets/frozen/x", json={"value": "v"},
+                           headers=headers, timeout=30)
+        assert reply.status_code == 504, reply.text
+        assert reply.json()["error"]["code"] == "outcome_unknown"
+        assert "leadership moved" in reply.json()["error"]["message"]
+    finally:
+        leader.process.send_signal(signal.SIGCONT)
+    wait_for_leader(fresh3.nodes)
+    retry = retrying_request(fresh3, "POST", "/v1/secrets/frozen/x", {"value": "v"}, key, 30, 0)
+    assert retry is not None and retry.status_code == 201, retry
+    history = httpx.get(f"{follower.url}/v1/history/frozen/x", headers=auth(fresh3)).json()
+    assert [v["version"] for v in history["versions"]] == [1]
