@@ -170,7 +170,8 @@ class Replica:
         self._forwarded_read_round = 0
         # round -> (the leader asked, tick sent, the driver's read ids)
         self._forwarded_reads: dict[int, tuple[int, int, list[int]]] = {}
-        # (read_id, read_index) granted by a leader: valid whoever leads later; await apply.
+        # (read_id, read_index) confirmed by a quorum round, here or at the leader a follower
+        # asked: valid whoever leads later, so they only await the local apply.
         self._reads_awaiting_apply: list[tuple[int, int]] = []
         self._reset_leader_state()
         self._role = Role.FOLLOWER
@@ -260,7 +261,7 @@ class Replica:
             else:
                 self._reads_to_forward.append(read_id)
             return
-        if len(self._pending_reads) + len(self._confirmed_reads) >= self.limits.reads_pending_max:
+        if self._leader_reads_full():
             self._reject_read(read_id, DropReason.OVERLOADED)
             return
         self._queue_read(read_id, self.node_id)
@@ -430,7 +431,6 @@ class Replica:
         self._read_round = 0
         self._read_acks: dict[int, int] = {}
         self._pending_reads: list[_PendingRead] = []
-        self._confirmed_reads: list[_PendingRead] = []
         self._read_round_due = False
         self._watermark_notified = 0
 
@@ -447,7 +447,7 @@ class Replica:
                 self._send_now(
                     ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
                 )
-        for read in (*self._pending_reads, *self._confirmed_reads):
+        for read in self._pending_reads:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
             else:
@@ -855,7 +855,7 @@ class Replica:
                 break
             confirmed_count += 1
             if read.origin == self.node_id:
-                self._confirmed_reads.append(read)
+                self._reads_awaiting_apply.append((read.read_id, read.read_index))
             else:
                 self._send_now(
                     ReadIndexReply(
@@ -867,14 +867,6 @@ class Replica:
         self._release_reads()
 
     def _release_reads(self) -> None:
-        if self._confirmed_reads:
-            still_waiting = []
-            for read in self._confirmed_reads:
-                if read.read_index <= self._applied_through:
-                    self._out_reads.append(ReadConfirmation(read.read_id, read.read_index))
-                else:
-                    still_waiting.append(read)
-            self._confirmed_reads = still_waiting
         if self._reads_awaiting_apply:
             still_awaiting = []
             for read_id, read_index in self._reads_awaiting_apply:
@@ -885,7 +877,7 @@ class Replica:
             self._reads_awaiting_apply = still_awaiting
 
     def _on_read_index_request(self, message: ReadIndexRequest) -> None:
-        if len(self._pending_reads) + len(self._confirmed_reads) >= self.limits.reads_pending_max:
+        if self._leader_reads_full():
             self._refuse_read_index(message)
             return
         self._queue_read(message.round, message.sender)
@@ -935,6 +927,10 @@ class Replica:
             return
         self._hear_from_leader(message.sender)
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
+
+    def _leader_reads_full(self) -> bool:
+        reads = len(self._pending_reads) + len(self._reads_awaiting_apply)
+        return reads >= self.limits.reads_pending_max
 
     def _follower_reads_count(self) -> int:
         forwarded = sum(len(read_ids) for _, _, read_ids in self._forwarded_reads.values())

@@ -159,7 +159,6 @@ def test_the_client_certificate_defaults_to_the_node_certificate() -> None:
     assert config.http_scheme == "https"
     assert config.http_tls_cert_file == Path("/etc/vault/node.pem")
     assert config.http_tls_key_file == Path("/etc/vault/node.key")
-    assert config.http_tls_ca_file == Path("/etc/vault/ca.pem")
 
 
 def test_own_client_certificate_keys_win_over_the_node_certificate() -> None:
@@ -176,7 +175,13 @@ def test_own_client_certificate_keys_win_over_the_node_certificate() -> None:
         Path("/etc/ssl/api.pem"),
         Path("/etc/ssl/api.key"),
     )
-    assert config.http_tls_ca_file is None  # the system trust store then
+
+
+def test_the_client_api_ca_key_is_refused_now_that_no_node_calls_another_over_http() -> None:
+    # Only the follower->leader HTTP hop read it; that hop is gone (docs/replication.md), and a
+    # key the node would silently ignore is refused like any unknown key.
+    with pytest.raises(ConfigError, match=r"^http_tls_ca_file: unknown key$"):
+        parse_config(config_data(http_tls_ca_file="ca.pem", http_plaintext=True), Path("/x"))
 
 
 def test_plaintext_must_be_said_explicitly_with_a_boolean() -> None:

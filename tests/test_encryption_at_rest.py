@@ -25,7 +25,7 @@ import pytest
 
 from storage.log import HEADER, frame
 from storage.rootkey import generate_root_key
-from tests.harness import Cluster, started_cluster
+from tests.harness import Cluster, started_cluster, wait_for_leader
 from vaultnode.sealing import Sealer
 from vaultnode.state import VaultState
 
@@ -121,7 +121,11 @@ def test_no_value_or_token_reaches_any_file_or_the_log_in_any_encoding(
         "scan/keyed": [distinctive("idempotent")],
     }
     for cluster in started_cluster(tmp_path / "cluster", nodes, limits=limits):
-        with cluster.client() as client:
+        # In a cluster, through a follower: it seals and sends the leader only the sealed
+        # command, whose bytes the log then holds (docs/encryption.md).
+        leader = wait_for_leader(cluster.nodes)
+        writer = next(i for i, n in enumerate(cluster.nodes) if nodes == 1 or n is not leader)
+        with cluster.client(writer) as client:
             created = [
                 client.post("/v1/secrets/scan/multi", json={"value": values["scan/multi"][0]})
             ]

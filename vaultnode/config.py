@@ -64,11 +64,10 @@ class NodeConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # Client API: HTTPS unless `http_plaintext = true` (local development only). Without their
-    # own keys the certificate and key are the node's, and the CA is the cluster CA.
+    # own keys the certificate and key are the node's.
     http_plaintext: bool = False
     http_tls_cert_file: Path | None = None
     http_tls_key_file: Path | None = None
-    http_tls_ca_file: Path | None = None
 
     @property
     def http_scheme(self) -> str:
@@ -129,7 +128,7 @@ KNOWN_KEYS = frozenset({
     "node_id", "cluster_id", "data_dir", "http_listen", "peer_listen", "root_key_file",
     "root_token_sha256", "root_accessor", "peers", "limits", "log_level", "audit_file",
     "tls_ca_file", "tls_cert_file", "tls_key_file", "http_plaintext", "http_tls_cert_file",
-    "http_tls_key_file", "http_tls_ca_file",
+    "http_tls_key_file",
 })
 
 
@@ -217,12 +216,11 @@ def _http_tls(data: dict[str, Any], path_of: Any) -> dict[str, Any]:
     for own_key, fallback_key in (
         ("http_tls_cert_file", "tls_cert_file"),
         ("http_tls_key_file", "tls_key_file"),
-        ("http_tls_ca_file", "tls_ca_file"),
     ):
         key = own_key if own_key in data else fallback_key
         if key in data:
             chosen[own_key] = path_of(key)
-        elif own_key != "http_tls_ca_file":  # optional: clients and tools check against it
+        else:
             raise ConfigError(
                 f"{own_key}: missing: the client API serves HTTPS, so it needs {own_key} "
                 f"(or {fallback_key}); set http_plaintext = true only for local development"
