@@ -4,15 +4,20 @@ Owns how the CLI talks to the vault: which address to try, when a retry is safe 
 carries an Idempotency-Key, so a retry after a lost reply returns the original answer), and how a
 server error becomes a `ServerError` with its stable code, and how servers are verified (HTTPS
 checked against VAULT_CACERT; a certificate that cannot be verified is refused at once, never
-retried or ignored). Never prints or logs a token or value.
+retried or ignored). An address without a scheme means HTTPS; plain HTTP only when written
+`http://`, and then with a warning on stderr unless the host is loopback, so a token never
+crosses a network in clear without the user being told. Never prints or logs a token or value.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import ssl
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +28,49 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 class ClientError(Exception):
     """The vault could not be reached, or answered something that is not the API."""
+
+
+def node_url(address: str) -> str:
+    """The URL to reach a node at `address`: `https://` unless the address names its scheme.
+
+    Never plain HTTP by default: a bare address sent to a plain-HTTP listener then fails the TLS
+    handshake before any token is written, instead of handing the token to the network.
+    """
+    url = address if "://" in address else f"https://{address}"
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        raise ClientError(f"{address!r} is not a node address") from None
+    if scheme not in ("http", "https"):
+        raise ClientError(
+            f"{address!r}: a node address starts with http:// or https://, or has no scheme"
+        )
+    return url
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url` names this machine only (localhost, 127.0.0.0/8, ::1), never resolving."""
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_warning(url: str) -> str | None:
+    """What to tell the user before talking plain HTTP to `url`, if anything."""
+    if httpx.URL(url).scheme != "http" or is_loopback(url):
+        return None
+    return (
+        f"Warning: {url} is plain HTTP: the token and every value cross the network "
+        "unencrypted; use https:// (the default for an address without a scheme)"
+    )
+
+
+def _print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def tls_verification(verify: str | bool | ssl.SSLContext) -> bool | ssl.SSLContext:
@@ -82,12 +130,15 @@ class VaultClient:
         timeout_s: float = 10.0,
         deadline_s: float = 30.0,
         verify: str | bool | ssl.SSLContext = True,
+        warn: Callable[[str], None] = _print_to_stderr,
     ) -> None:
         if not addresses:
             raise ClientError("no vault address: set VAULT_ADDR or pass --addr")
-        # A CA file given means the nodes serve HTTPS; a bare address then means https.
-        default_scheme = "https" if isinstance(verify, str) else "http"
-        self.addresses = [a if "://" in a else f"{default_scheme}://{a}" for a in addresses]
+        self.addresses = [node_url(a) for a in addresses]
+        for url in self.addresses:
+            warning = plain_http_warning(url)
+            if warning is not None:
+                warn(warning)
         self.token = token
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s

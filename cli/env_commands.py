@@ -3,7 +3,8 @@
 Owns the file side of the `.env` workflows of docs/env.md: reading a file as UTF-8, turning its
 entries into one `POST /v1/batch/create` or one `POST /v1/batch/read`, writing output files
 atomically with mode 0600, and starting the child of `env run` with the expanded environment.
-The grammar itself lives in cli/dotenv.py.
+A FILE or `--out` of `-` is standard input or output. The grammar itself lives in
+cli/dotenv.py; what `env run` lets a file put into the child's environment, in cli/env_policy.py.
 
 Must never: create some secrets of a file but not others, write an output file for a command that
 failed, leave a partly written output file behind, write expanded values anywhere on disk for
@@ -39,7 +40,15 @@ from cli.dotenv import (
     parse,
     replace_values,
 )
-from vaultnode.names import InvalidInput, check_name
+from cli.env_policy import (
+    RunPolicy,
+    dangerous_name_problems,
+    outside_prefix_problems,
+)
+from cli.env_policy import (
+    child_environment as compose_environment,
+)
+from vaultnode.names import InvalidInput, check_name, check_prefix
 
 EXIT_FAILED = 1  # the server, the network or a file's content said no
 EXIT_USAGE = 2  # the command line itself is wrong (click uses 2 for its usage errors too)
@@ -48,6 +57,12 @@ EXIT_COMMAND_NOT_EXECUTABLE = 126
 EXIT_COMMAND_NOT_FOUND = 127
 OUTPUT_MODE = 0o600
 VAULT_SUFFIX = ".vault"
+STDIO = Path("-")  # as FILE: standard input; as --out: standard output
+
+
+def source_name(path: Path) -> str:
+    """How messages name FILE: its path, or <stdin> (as compilers do) for `-`."""
+    return "<stdin>" if path == STDIO else str(path)
 
 
 class HasClient(Protocol):
@@ -70,22 +85,35 @@ class EnvCommandError(Exception):
 
 # ---- reading ---------------------------------------------------------------------------------
 def read_document(path: Path) -> Document:
-    """The parsed file; EnvCommandError listing every problem (with line numbers) otherwise."""
+    """The parsed file (standard input for `-`); EnvCommandError listing every problem (with
+    line numbers) otherwise."""
+    source = source_name(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = sys.stdin.buffer.read() if path == STDIO else path.read_bytes()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EnvCommandError(
-            f"{path} is not UTF-8 text (byte offset {exc.start})", [], EXIT_FAILED
+            f"{source} is not UTF-8 text (byte offset {exc.start})", [], EXIT_FAILED
         ) from None
     except OSError as exc:
-        raise EnvCommandError(f"cannot read {path}: {exc.strerror or exc}", []) from None
+        raise EnvCommandError(f"cannot read {source}: {exc.strerror or exc}", []) from None
     try:
         return parse(text)
     except DotenvError as exc:
-        raise EnvCommandError(
-            f"{path} is not a valid .env file",
-            [f"{path}:{problem.line}: {problem.message}" for problem in exc.problems],
-        ) from None
+        raise _located(exc, source, f"{source} is not a valid .env file") from None
+
+
+def _located(error: DotenvError, source: str, summary: str) -> EnvCommandError:
+    """The refusal for a file's defects, each named `source:LINE`."""
+    problems = [f"{source}:{problem.line}: {problem.message}" for problem in error.problems]
+    return EnvCommandError(summary, problems)
+
+
+def write_stdout(text: str) -> None:
+    # Bytes, not text: the console's encoding must not alter or refuse a value.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8"))
+    sys.stdout.buffer.flush()
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -175,12 +203,13 @@ def encrypt_problems(path: Path, doc: Document, prefix: str | None) -> list[str]
     """Every reason the entries cannot become `prefix/KEY` secrets, checked before any call
     (names are checked only with a valid prefix, else every key would repeat its problem)."""
     problems: list[str] = []
+    source = source_name(path)
     if not doc.entries():
-        problems.append(f"{path}: the file defines no keys, so there is nothing to encrypt")
+        problems.append(f"{source}: the file defines no keys, so there is nothing to encrypt")
     for entry in doc.entries():
         if entry.value.startswith(REFERENCE_PREFIX):
             problems.append(
-                f"{path}:{entry.line}: key {entry.key!r} already holds a vault reference; "
+                f"{source}:{entry.line}: key {entry.key!r} already holds a vault reference; "
                 "expand the file first instead of storing the reference text as a secret"
             )
         if prefix is None:
@@ -188,18 +217,20 @@ def encrypt_problems(path: Path, doc: Document, prefix: str | None) -> list[str]
         try:
             check_name(secret_name(prefix, entry.key))
         except InvalidInput as exc:
-            problems.append(f"{path}:{entry.line}: key {entry.key!r}: {exc.message}")
+            problems.append(f"{source}:{entry.line}: key {entry.key!r}: {exc.message}")
     return problems
 
 
 def default_encrypt_output(path: Path) -> Path:
-    return path.with_name(path.name + VAULT_SUFFIX)
+    """FILE.vault; standard output when FILE is standard input."""
+    return STDIO if path == STDIO else path.with_name(path.name + VAULT_SUFFIX)
 
 
 def encrypt_file(
     client: VaultClient, path: Path, prefix: str, out: Path, *, force: bool
 ) -> dict[str, Any]:
-    """Create `prefix/KEY` for every entry with one batch call and write the reference file.
+    """Create `prefix/KEY` for every entry with one batch call and write the reference file
+    (to standard output when `out` is `-`).
 
     The reference file is staged (complete and fsynced) before the batch call, so after the
     call succeeds only a same-directory rename remains. On any failure nothing is created and
@@ -212,7 +243,8 @@ def encrypt_file(
     except InvalidInput as exc:
         valid_prefix = None
         usage_problems.append(f"--prefix {prefix!r}: {exc.message} (give it without a final '/')")
-    if out.exists() and not force:
+    to_stdout = out == STDIO
+    if not to_stdout and out.exists() and not force:
         usage_problems.append(f"{out} already exists; pass --force to replace it")
     try:
         doc = read_document(path)
@@ -229,8 +261,11 @@ def encrypt_file(
         )
     entries = doc.entries()
     references = {entry.key: str(Reference(secret_name(prefix, entry.key), 1)) for entry in entries}
+    reference_text = replace_values(doc, references)
+    staged: StagedFile | None = None
     try:
-        staged = stage_file(out, replace_values(doc, references))
+        if not to_stdout:
+            staged = stage_file(out, reference_text)
     except OSError as exc:
         raise EnvCommandError(
             f"cannot write {out} ({exc.strerror or exc}); nothing was created", []
@@ -247,7 +282,8 @@ def encrypt_file(
             },
         )
     except (ServerError, ClientError) as exc:
-        staged.discard()
+        if staged is not None:
+            staged.discard()
         if isinstance(exc, ServerError) and exc.status < 500:
             raise _batch_create_refused(exc, path, prefix, entries) from None
         # A 5xx after the client's retries, or no answer: the batch may have been applied.
@@ -258,8 +294,13 @@ def encrypt_file(
             [],
         ) from None
     except BaseException:
-        staged.discard()
+        if staged is not None:
+            staged.discard()
         raise
+    if staged is None:
+        write_stdout(reference_text)
+        body: dict[str, Any] = reply.body
+        return body
     try:
         staged.publish(replace=force)
     except OSError as exc:
@@ -268,8 +309,8 @@ def encrypt_file(
             f"({exc.strerror or exc})",
             [f"every value of key KEY is now the reference {REFERENCE_PREFIX}{prefix}/KEY@1"],
         ) from None
-    body: dict[str, Any] = reply.body
-    return body
+    published: dict[str, Any] = reply.body
+    return published
 
 
 # What a refusal means for each name it lists, where the error code says it all; for other
@@ -284,7 +325,7 @@ def _batch_create_refused(
     line_of = {secret_name(prefix, entry.key): entry.line for entry in entries}
     reason = _CREATE_REFUSALS.get(error.code, "is refused")
     problems = [
-        f"{path}:{line_of.get(name, '?')}: secret {name} {reason}"
+        f"{source_name(path)}:{line_of.get(name, '?')}: secret {name} {reason}"
         for name in (str(n) for n in error.details.get("names", []))
     ]
     return EnvCommandError(
@@ -300,6 +341,16 @@ def _reference_label(reference: Reference) -> str:
     return reference.name if reference.version is None else f"{reference.name}@{reference.version}"
 
 
+def references_of(path: Path, doc: Document) -> dict[str, Reference]:
+    """Every referring key's reference; EnvCommandError listing each malformed one."""
+    source = source_name(path)
+    try:
+        return find_references(doc)
+    except DotenvError as exc:
+        summary = f"{source} has malformed vault references; nothing was written"
+        raise _located(exc, source, summary) from None
+
+
 def resolve_references(
     client: VaultClient, path: Path, doc: Document
 ) -> tuple[dict[str, str], int | None]:
@@ -307,13 +358,7 @@ def resolve_references(
 
     Returns (values by key, the index they were read at; None if the file has no references).
     """
-    try:
-        references = find_references(doc)
-    except DotenvError as exc:
-        raise EnvCommandError(
-            f"{path} has malformed vault references; nothing was written",
-            [f"{path}:{problem.line}: {problem.message}" for problem in exc.problems],
-        ) from None
+    references = references_of(path, doc)
     if not references:
         return {}, None
     unique = list(dict.fromkeys(references.values()))
@@ -344,7 +389,7 @@ def _batch_read_refused(
     line_of = {entry.key: entry.line for entry in doc.entries()}
     reason = _READ_REFUSALS.get(error.code, "is refused")
     problems = [
-        f"{path}:{line_of[key]}: key {key!r}: {reference} {reason}"
+        f"{source_name(path)}:{line_of[key]}: key {key!r}: {reference} {reason}"
         for key, reference in references.items()
         if reference.name in named or _reference_label(reference) in named
     ]
@@ -363,7 +408,10 @@ def _cause(error: ServerError, explained: Mapping[str, str], problems: list[str]
 
 def expand_text(client: VaultClient, path: Path) -> tuple[str, dict[str, str]]:
     """(the expanded file text, every key's final value); references resolved, rest verbatim."""
-    doc = read_document(path)
+    return expand_document(client, path, read_document(path))
+
+
+def expand_document(client: VaultClient, path: Path, doc: Document) -> tuple[str, dict[str, str]]:
     resolved, _ = resolve_references(client, path, doc)
     text = replace_values(doc, resolved)
     values = parse(text).values()
@@ -375,15 +423,31 @@ def expand_text(client: VaultClient, path: Path) -> tuple[str, dict[str, str]]:
 
 
 # ---- run -------------------------------------------------------------------------------------
-def child_environment(values: Mapping[str, str]) -> dict[str, str]:
-    """The current environment with the file's values on top (the file wins)."""
+def check_run_policy(path: Path, doc: Document, policy: RunPolicy) -> None:
+    """Refuse, before any request, a file that sets a dangerous name the caller did not allow
+    or refers to a secret outside the caller's prefixes; every problem is listed."""
+    source = source_name(path)
+    problems = dangerous_name_problems(source, doc.entries(), policy.allowed_names)
+    if policy.allowed_prefixes:
+        line_of = {entry.key: entry.line for entry in doc.entries()}
+        problems += outside_prefix_problems(
+            source, references_of(path, doc), line_of, policy.allowed_prefixes
+        )
+    if problems:
+        in_file_order = [message for _, message in sorted(problems)]
+        raise EnvCommandError(f"{source} may not set these; nothing was read or run", in_file_order)
+
+
+def child_environment(values: Mapping[str, str], *, keep_vault_env: bool) -> dict[str, str]:
+    """The current environment (less the caller's VAULT_* unless kept) with the file's values
+    on top (the file wins)."""
     unusable = [key for key, value in values.items() if "\0" in value]
     if unusable:
         raise EnvCommandError(
             "an environment variable cannot hold a NUL character; nothing was run",
             [f"key {key!r}" for key in unusable],
         )
-    return {**os.environ, **values}
+    return compose_environment(os.environ, values, keep_vault_env=keep_vault_env)
 
 
 def exec_command(command: list[str], environment: dict[str, str]) -> NoReturn:
@@ -414,8 +478,8 @@ def _reported() -> Iterator[None]:
         _exit_with(str(exc), exc.exit_code)
 
 
-_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-_OUT = click.Path(dir_okay=False, writable=True, path_type=Path)
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path, allow_dash=True)
+_OUT = click.Path(dir_okay=False, writable=True, path_type=Path, allow_dash=True)
 
 
 @click.group()
@@ -426,11 +490,17 @@ def env() -> None:
 @env.command()
 @click.argument("file", type=_FILE)
 @click.option("--prefix", required=True, help="Store KEY as the secret PREFIX/KEY.")
-@click.option("--out", type=_OUT, default=None, help="Reference file (default: FILE.vault).")
+@click.option(
+    "--out",
+    type=_OUT,
+    default=None,
+    help="Reference file, '-' for standard output (default: FILE.vault; stdout for FILE -).",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.pass_obj
 def encrypt(obj: HasClient, file: Path, prefix: str, out: Path | None, force: bool) -> None:
-    """Create one secret per key of FILE in one batch, and write a file of references.
+    """Create one secret per key of FILE ('-': standard input) in one batch, and write a file
+    of references.
 
     Every key or none: a duplicate key, a syntax error or an existing secret fails the whole
     command, and then nothing is created and nothing is written.
@@ -439,28 +509,30 @@ def encrypt(obj: HasClient, file: Path, prefix: str, out: Path | None, force: bo
     with _reported():
         body = encrypt_file(obj.client, file, prefix, destination, force=force)
     count = len(body["secrets"])
+    wrote = "the references to standard output" if destination == STDIO else str(destination)
     click.echo(
         f"created {count} secrets under {prefix}/ in one batch (index {body['index']}); "
-        f"wrote {destination}"
+        f"wrote {wrote}",
+        err=destination == STDIO,  # stdout holds the reference file itself
     )
 
 
 @env.command()
 @click.argument("file", type=_FILE)
-@click.option("--out", type=_OUT, default=None, help="Write here (mode 0600), not to stdout.")
+@click.option(
+    "--out", type=_OUT, default=None, help="Write here (mode 0600), not to stdout ('-')."
+)
 @click.pass_obj
 def expand(obj: HasClient, file: Path, out: Path | None) -> None:
-    """Resolve every vault:NAME[@N] of FILE with one consistent read and print a .env file.
+    """Resolve every vault:NAME[@N] of FILE ('-': standard input) with one consistent read and
+    print a .env file.
 
     Any reference that cannot be resolved fails the whole command; nothing is written.
     """
     with _reported():
         text, _ = expand_text(obj.client, file)
-        if out is None:
-            # Bytes, not text: the console's encoding must not alter or refuse a value.
-            sys.stdout.flush()
-            sys.stdout.buffer.write(text.encode("utf-8"))
-            sys.stdout.buffer.flush()
+        if out is None or out == STDIO:
+            write_stdout(text)
             return
         try:
             write_file_atomically(out, text)
@@ -468,16 +540,64 @@ def expand(obj: HasClient, file: Path, out: Path | None) -> None:
             raise EnvCommandError(f"cannot write {out}: {exc.strerror or exc}", []) from None
 
 
+def _allowed_prefix(
+    _: click.Context, __: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for prefix in value:
+        try:
+            check_prefix(prefix)
+        except InvalidInput as exc:
+            raise click.BadParameter(f"{prefix!r}: {exc.message}") from None
+    return value
+
+
 @env.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--keep-vault-env",
+    is_flag=True,
+    help="Hand the caller's VAULT_* variables (token, address, CA) to COMMAND too.",
+)
+@click.option(
+    "--allow-name",
+    "allowed_names",
+    multiple=True,
+    metavar="KEY",
+    help="Let FILE set KEY although it is a dangerous name (LD_*, PATH, *_PROXY... see"
+    " docs/env.md); repeatable.",
+)
+@click.option(
+    "--allow-prefix",
+    "allowed_prefixes",
+    multiple=True,
+    metavar="PREFIX",
+    callback=_allowed_prefix,
+    help="Refuse FILE unless every reference names a secret starting with PREFIX, e.g. app/;"
+    " repeatable.",
+)
 @click.argument("file", type=_FILE)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run(obj: HasClient, file: Path, command: tuple[str, ...]) -> None:
-    """Run COMMAND with FILE's expanded values added to its environment: vault env run FILE --
-    CMD ARGS... The command's exit code is vault's; nothing is written to disk."""
+def run(
+    obj: HasClient,
+    keep_vault_env: bool,
+    allowed_names: tuple[str, ...],
+    allowed_prefixes: tuple[str, ...],
+    file: Path,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND with FILE's expanded values added to its environment: vault env run
+    [OPTIONS] FILE -- CMD ARGS... FILE may be '-' (standard input, which the command then
+    finds at its end). The command's exit code is vault's; nothing is written to disk.
+
+    The caller's VAULT_* variables are removed from the command's environment, and a FILE
+    that sets a dangerous name or refers outside --allow-prefix is refused before any request.
+    """
+    policy = RunPolicy(keep_vault_env, frozenset(allowed_names), allowed_prefixes)
     with _reported():
-        _, values = expand_text(obj.client, file)
-        environment = child_environment(values)
+        doc = read_document(file)
+        check_run_policy(file, doc, policy)
+        _, values = expand_document(obj.client, file, doc)
+        environment = child_environment(values, keep_vault_env=policy.keep_vault_env)
     obj.client.close()
     # Option parsing stops at FILE, so click hands a `--` separator through as an argument.
     argv = list(command[1:] if command[0] == "--" else command)

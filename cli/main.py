@@ -13,15 +13,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from cli.audit_commands import audit
-from cli.client import ClientError, Reply, ServerError, VaultClient
+from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
 
-# No scheme: https when a CA is given (VAULT_CACERT), plain http otherwise.
+# No scheme means https, always; plain HTTP must be written http:// (cli/client.py).
 DEFAULT_ADDR = "127.0.0.1:8200"
 
 
@@ -51,7 +51,7 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
@@ -75,27 +75,35 @@ def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
 
 
+STDIN = Path("-")  # `-` for a file means standard input, as everywhere on the command line
+
+
 def read_value(value: str | None, from_file: Path | None) -> str:
     given = [v for v in (value, from_file) if v is not None]
     if len(given) > 1:
         raise click.UsageError("give the value as an argument or with --from-file, not both")
     if value is not None:
         return value
-    if from_file is not None:
+    if from_file is not None and from_file != STDIN:
         try:
-            return from_file.read_text(encoding="utf-8")
+            return decode_value(from_file.read_bytes(), str(from_file))
         except OSError as exc:
             fail(f"cannot read {from_file}: {exc.strerror}", 2)
-        except UnicodeDecodeError as exc:
-            # The codec's own message quotes the offending byte, which is part of the secret.
-            fail(f"cannot read {from_file}: not UTF-8 (at byte {exc.start})", 2)
-    if sys.stdin.isatty():
+    if from_file is None and sys.stdin.isatty():
         raise click.UsageError("no value: pass it as an argument, with --from-file, or on stdin")
-    piped = sys.stdin.read()
+    piped = decode_value(sys.stdin.buffer.read(), "standard input")
     if not piped:
         # An empty pipe is far more often a failed command upstream than a wanted empty secret.
         raise click.UsageError("stdin was empty; to store an empty value, pass '' as VALUE")
     return piped
+
+
+def decode_value(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # The codec's own message quotes the offending byte, which is part of the secret.
+        fail(f"cannot read {source}: not UTF-8 (at byte {exc.start})", 2)
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:
@@ -114,15 +122,16 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
     envvar="VAULT_ADDR",
     default=DEFAULT_ADDR,
     show_default=True,
-    help="Node address(es), comma-separated (env VAULT_ADDR).",
+    help="Node address(es), comma-separated; without a scheme an address means https://"
+    " (env VAULT_ADDR).",
 )
 @click.option("--token", envvar="VAULT_TOKEN", default=None, help="Token (env VAULT_TOKEN).")
 @click.option(
     "--cacert",
     envvar="VAULT_CACERT",
     default=None,
-    help="CA certificate to verify HTTPS nodes, e.g. ca.pem from `vault operator init`;"
-    " addresses without a scheme then mean https (env VAULT_CACERT).",
+    help="CA certificate to verify HTTPS nodes, e.g. ca.pem from `vault operator init`"
+    " (env VAULT_CACERT).",
 )
 @click.option(
     "--timeout",
@@ -141,6 +150,11 @@ def main(
     ctx.obj = Context(addr, token, cacert, deadline_s)
     if not ctx.obj.addresses:
         raise click.BadParameter("give at least one node address", param_hint="'--addr'")
+    for address in ctx.obj.addresses:
+        try:
+            node_url(address)
+        except ClientError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--addr'") from None
 
 
 @main.command()
@@ -243,8 +257,8 @@ def _write_command(verb: str) -> Callable[..., Any]:
         function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
         function = click.option(
             "--from-file",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="Read the value from this file.",
+            type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+            help="Read the value from this file ('-' for standard input).",
         )(function)
         function = click.argument("value", required=False)(function)
         function = click.argument("name")(function)

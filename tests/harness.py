@@ -163,7 +163,7 @@ class Cluster:
 
     def cli_env(self, token: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
-        env["VAULT_ADDR"] = ",".join(n.http_addr for n in self.nodes)
+        env["VAULT_ADDR"] = ",".join(n.url for n in self.nodes)
         env["VAULT_TOKEN"] = token or self.root_token
         ca_file = self.nodes[0].ca_file if self.nodes else None
         if ca_file is not None:

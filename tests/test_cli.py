@@ -90,7 +90,7 @@ def assert_server_error(finished: subprocess.CompletedProcess[str], code: str) -
 
 
 def test_status_prints_a_table_and_json_for_a_healthy_node(shared_vault: Cluster) -> None:
-    address = shared_vault.nodes[0].http_addr
+    address = shared_vault.nodes[0].url
     finished = vault_cli(shared_vault, "status")
     assert finished.returncode == 0, finished.stderr
     header, row = finished.stdout.splitlines()
@@ -107,7 +107,7 @@ def test_status_prints_a_table_and_json_for_a_healthy_node(shared_vault: Cluster
 
 def test_status_exits_1_when_a_listed_node_is_unreachable(shared_vault: Cluster) -> None:
     dead = f"127.0.0.1:{free_port_block(1)}"
-    live = shared_vault.nodes[0].http_addr
+    live = shared_vault.nodes[0].url
     finished = vault_cli(
         shared_vault, "--addr", f"{live},{dead}", "--timeout", "0.5", "status", "--json"
     )
@@ -453,7 +453,7 @@ def test_a_node_that_accepts_but_never_answers_cannot_outlast_the_deadline(
 def test_a_dead_first_address_falls_through_to_the_next(shared_vault: Cluster) -> None:
     seed(shared_vault, "cli/fallthrough", "reachable")
     dead = f"127.0.0.1:{free_port_block(1)}"
-    live = shared_vault.nodes[0].http_addr
+    live = shared_vault.nodes[0].url
     finished = vault_cli(shared_vault, "--addr", f"{dead},{live}", "get", "cli/fallthrough")
     assert (finished.returncode, finished.stdout) == (0, "reachable\n")
     written = vault_cli(shared_vault, "--addr", f"{dead},{live}", "update", "cli/fallthrough", "2")

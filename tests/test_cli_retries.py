@@ -54,7 +54,7 @@ class FakeNode:
     @property
     def address(self) -> str:
         assert self.server is not None
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.server.server_address[1]}"  # fakes speak plain HTTP
 
     def next_action(self, seen: Seen) -> tuple[Action, bool]:
         repeated = any(s.idempotency_key == seen.idempotency_key for s in self.seen)
@@ -128,7 +128,7 @@ def run_cli(addresses: list[str], token: str, *args: str) -> tuple[int, str]:
 
 # ---- against a real node -------------------------------------------------------------------
 def test_the_cli_skips_a_dead_address_and_writes_once_on_the_live_node(vault: Cluster) -> None:
-    addresses = [dead_address(), vault.nodes[0].http_addr]
+    addresses = [dead_address(), vault.nodes[0].url]
     code, output = run_cli(addresses, vault.root_token, "create", "cli/retry", "s3cret")
     assert code == 0, output
     assert output.startswith("created cli/retry version 1")

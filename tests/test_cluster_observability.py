@@ -423,11 +423,11 @@ def test_status_marks_a_stopped_node_unreachable_and_exits_1(session: Session) -
     finished = session.status_json
     assert finished.returncode == 1
     views = {v["address"]: v for v in json.loads(finished.stdout)["nodes"]}
-    assert views[killed.http_addr]["status"] == "unreachable"
-    assert views[killed.http_addr]["lag"] is None
+    assert views[killed.url]["status"] == "unreachable"
+    assert views[killed.url]["lag"] is None
     alive = [n for n in session.cluster.nodes if n is not killed]
     for node in alive:
-        view = views[node.http_addr]
+        view = views[node.url]
         assert (view["status"], view["leader_id"]) == ("ok", session.third_leader.node_id)
         assert isinstance(view["lag"], int) and view["lag"] >= 0
 
@@ -438,11 +438,11 @@ def test_status_marks_a_stopped_node_unreachable_and_exits_1(session: Session) -
         "ADDRESS", "NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED", "LAG"
     ]
     by_address = {row.split()[0]: row.split() for row in rows}
-    assert by_address[killed.http_addr][2] == "unreachable"
-    assert by_address[killed.http_addr][7] == "-"
+    assert by_address[killed.url][2] == "unreachable"
+    assert by_address[killed.url][7] == "-"
     for node in alive:
-        assert by_address[node.http_addr][2] == "ok"
-        assert by_address[node.http_addr][7].isdigit()
+        assert by_address[node.url][2] == "ok"
+        assert by_address[node.url][7].isdigit()
     assert killed.http_addr in table.stderr  # why it is unreachable goes to stderr
 
 

@@ -246,7 +246,7 @@ def test_sigterm_to_the_leader_of_three_under_writes_loses_nothing(cluster3: Clu
     leader = wait_for_leader(cluster3.nodes)
     others = [n for n in cluster3.nodes if n is not leader]
     writers = Writers()
-    addresses = [n.http_addr for n in cluster3.nodes]
+    addresses = [n.url for n in cluster3.nodes]
 
     def write(number: int) -> None:
         # The CLI's client: every address, retries with one Idempotency-Key per write.
