@@ -2,8 +2,9 @@
 
 Owns argument parsing, output formatting (human tables by default, `--json` for scripts) and exit
 codes: 0 success, 1 an error the server or network reported (code and message on stderr), 2 a
-usage error. Values may come from an argument, `--from-file` or stdin, so they need not land in
-shell history; this module never echoes a value it was given.
+usage error. Values may come from an argument, `--from-file FILE` or stdin (`--from-file -`
+too), so they need not land in shell history or `ps`; this module never echoes a value it was
+given.
 """
 
 from __future__ import annotations
@@ -125,7 +126,12 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
     help="Node address(es), comma-separated; without a scheme an address means https://"
     " (env VAULT_ADDR).",
 )
-@click.option("--token", envvar="VAULT_TOKEN", default=None, help="Token (env VAULT_TOKEN).")
+@click.option(
+    "--token",
+    envvar="VAULT_TOKEN",
+    default=None,
+    help="Token (env VAULT_TOKEN; prefer it: a command line is visible to ps and in history).",
+)
 @click.option(
     "--cacert",
     envvar="VAULT_CACERT",

@@ -1,7 +1,8 @@
 """`make run`: start a local vault in the foreground, initialising it on the first run.
 
-Prints each node's address and the root token, then waits; Ctrl-C (or SIGTERM) stops every node
-it started. The cluster lives in ./local-cluster (git-ignored); delete it to start afresh.
+Prints each node's address and the file holding the root token (never the token), then waits;
+Ctrl-C (or SIGTERM) stops every node it started. The cluster lives in ./local-cluster
+(git-ignored); delete it to start afresh.
 A new cluster serves clients plain HTTP, said explicitly in its configs (`http_plaintext = true`):
 it is a development cluster on 127.0.0.1. `--tls` makes a new one serve HTTPS like a deployment;
 an existing cluster serves whatever its configs say, and VAULT_CACERT is printed when it is HTTPS.
@@ -62,7 +63,7 @@ def main() -> int:
     if not node_configs(cluster_dir):
         init_cluster(cluster_dir, args.nodes, args.base_port, plaintext_http=not args.tls)
         print(f"initialised a new {args.nodes}-node vault in {cluster_dir}")
-    token = (cluster_dir / TOKEN_FILE_NAME).read_text().strip()
+    token_file = (cluster_dir / TOKEN_FILE_NAME).resolve()
     ca_file = cluster_dir / "ca.pem"
     urls = [node_url(config) for config in node_configs(cluster_dir)]
     tls = any(url.startswith("https://") for url in urls)
@@ -91,9 +92,10 @@ def main() -> int:
         print("\nvault is running:" + ("" if tls else " plain HTTP, for local development only"))
         for url in urls:
             print(f"  {url}")
-        print(f"\nroot token: {token}")
+        # The token is read from its file when exported, so it lands in no terminal or history.
+        print(f"\nroot token in {token_file} (mode 0600)")
         print(f"\n  export VAULT_ADDR={','.join(urls)}")
-        print(f"  export VAULT_TOKEN={token}")
+        print(f'  export VAULT_TOKEN="$(cat {token_file})"')
         if tls:
             print(f"  export VAULT_CACERT={ca_file}")
         print("  .venv/bin/vault status\n\nCtrl-C stops every node.", flush=True)

@@ -3,7 +3,7 @@
 An address without a scheme means HTTPS, whether or not a CA file is given: a listener that
 only speaks plain HTTP receives a TLS handshake and never a token. Plain HTTP is used only when
 the address says `http://`, and then the CLI warns on stderr unless the host is loopback.
-`--from-file -` reads the value from standard input (docs/api.md, "The CLI").
+`--from-file -` reads the value from standard input (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -180,10 +180,14 @@ def test_an_unknown_scheme_is_refused_before_any_request(address: str) -> None:
 # ---- `-` means standard input ---------------------------------------------------------------
 def test_from_file_dash_reads_the_value_from_stdin(plain_vault: Cluster) -> None:
     env = plain_vault.cli_env()
-    created = vault_cli(
-        "create", "hardening/stdin", "--from-file", "-", env=env, stdin_text="from stdin\n"
+    created = subprocess.run(
+        [sys.executable, "-m", "cli.main", "create", "hardening/stdin", "--from-file", "-"],
+        input=b"from stdin\r\n",  # bytes: kept exactly, no newline translation
+        capture_output=True,
+        env=env,
+        timeout=CLI_DEADLINE_S,
     )
-    assert created.returncode == 0, created.stderr
+    assert created.returncode == 0, created.stderr.decode()
     updated = vault_cli(
         "update", "hardening/stdin", "--from-file", "-", env=env, stdin_text="second"
     )
@@ -191,7 +195,7 @@ def test_from_file_dash_reads_the_value_from_stdin(plain_vault: Cluster) -> None
     with plain_vault.client() as client:
         first = client.get("/v1/secrets/hardening/stdin", params={"version": 1}).json()
         current = client.get("/v1/secrets/hardening/stdin").json()
-    assert (first["value"], current["value"]) == ("from stdin\n", "second")
+    assert (first["value"], current["value"]) == ("from stdin\r\n", "second")
 
 
 def test_from_file_dash_with_an_empty_stdin_is_refused(plain_vault: Cluster) -> None:
