@@ -103,10 +103,12 @@ class Demo:
 
     # ---- running the CLI -----------------------------------------------------------------
     def vault(
-        self, *args: str, show: bool = True, stdin: str | None = None
+        self, *args: str, show: bool = True, stdin: str | None = None, piped_from: str = ""
     ) -> subprocess.CompletedProcess[str]:
+        """Run the CLI; `piped_from` is the shell command shown feeding `stdin` to it."""
         if show:
-            self.show("$ vault " + shlex.join(args))
+            pipe = f"{piped_from} | " if piped_from else ""
+            self.show(f"$ {pipe}vault {shlex.join(args)}")
         finished = subprocess.run(
             [sys.executable, "-m", "cli.main", *args],
             env=self.env,
@@ -122,6 +124,14 @@ class Demo:
                 if text.strip():
                     self.show(text)
         return finished
+
+    def value_file(self, name: str, value: str) -> str:
+        """A file holding `value` (0600), as a user would keep a secret to store."""
+        path = self.root / "values" / f"{name}.txt"
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.write_text(value)
+        path.chmod(0o600)
+        return str(path)
 
     def client(self) -> VaultClient:
         return VaultClient(
@@ -197,12 +207,16 @@ class Demo:
         self.check(roles == ["follower", "follower", "leader"], "one leader, two followers")
 
     def create_and_update(self) -> None:
-        self.step("Create a secret, then update it")
-        created = self.vault("create", "demo/db", "s3cret-v1")
+        self.step("Create a secret, then update it (values from files, never the command line)")
+        first_value = self.value_file("db-v1", "s3cret-v1")
+        created = self.vault("create", "demo/db", "--from-file", first_value)
         self.check(
             created.returncode == 0 and " version 1 " in created.stdout, "created, version 1"
         )
-        updated = self.vault("update", "demo/db", "s3cret-v2", "--expected-version", "1")
+        new_value = self.value_file("db-v2", "s3cret-v2")
+        updated = self.vault(
+            "update", "demo/db", "--from-file", new_value, "--expected-version", "1"
+        )
         self.check(
             updated.returncode == 0 and " version 2 " in updated.stdout, "updated, version 2"
         )
@@ -213,7 +227,7 @@ class Demo:
 
     def duplicate_create(self) -> None:
         self.step("Create the same name again: refused, nothing changes")
-        again = self.vault("create", "demo/db", "impostor")
+        again = self.vault("create", "demo/db", "--from-file", self.value_file("other", "impostor"))
         self.check(again.returncode == 1, "the CLI exits 1")
         self.check("already_exists" in again.stderr, "the error code is already_exists")
         client = self.client()
@@ -231,16 +245,16 @@ class Demo:
 
     def concurrent_updates(self) -> None:
         self.step(f"{CONCURRENT_WRITERS} concurrent updates, first with --expected-version")
-        self.vault("create", "demo/counter", "start")
+        self.vault("create", "demo/counter", stdin="start\n", piped_from="echo start")
 
         def update(number: int, *options: str) -> subprocess.CompletedProcess[str]:
             return self.vault(
-                "update", "demo/counter", f"writer-{number}", "--json", *options, show=False
+                "update", "demo/counter", "--json", *options, show=False, stdin=f"writer-{number}\n"
             )
 
         self.show(
             f"$ for i in $(seq {CONCURRENT_WRITERS}); do "
-            "vault update demo/counter writer-$i --expected-version 1 & done; wait"
+            "echo writer-$i | vault update demo/counter --expected-version 1 & done; wait"
         )
         results = self.parallel(lambda n: update(n, "--expected-version", "1"))
         winners = [r for r in results if r.returncode == 0]
@@ -251,7 +265,7 @@ class Demo:
 
         self.show(
             f"$ for i in $(seq {CONCURRENT_WRITERS}); do "
-            "vault update demo/counter writer-$i & done; wait"
+            "echo writer-$i | vault update demo/counter & done; wait"
         )
         results = self.parallel(update)
         versions = sorted(json.loads(r.stdout)["version"] for r in results if r.returncode == 0)
@@ -395,10 +409,15 @@ class Demo:
             "expand gives the values back",
         )
         program = 'import os; print(os.environ["DB_PASSWORD"], os.environ["API_KEY"])'
-        self.show(f"$ vault env run {app / '.env.vault'} -- python3 -c {shlex.quote(program)}")
+        self.show(
+            f"$ vault env run --allow-prefix demo/app/ {app / '.env.vault'} -- "
+            f"python3 -c {shlex.quote(program)}"
+        )
         ran = self.vault(
             "env",
             "run",
+            "--allow-prefix",
+            "demo/app/",
             str(app / ".env.vault"),
             "--",
             sys.executable,
