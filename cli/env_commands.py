@@ -592,6 +592,13 @@ def run(
     The caller's VAULT_* variables are removed from the command's environment, and a FILE
     that sets a dangerous name or refers outside --allow-prefix is refused before any request.
     """
+    # Option parsing stops at FILE, so click hands a `--` separator through as an argument.
+    argv = list(command[1:] if command[0] == "--" else command)
+    if not argv:
+        raise click.UsageError("no command to run after '--'")
+    if command[0] != "--" and command[0].startswith("-"):
+        # Most likely an option of ours written after FILE, which would otherwise be run.
+        raise click.UsageError(f"{command[0]}: options go before FILE; the command follows '--'")
     policy = RunPolicy(keep_vault_env, frozenset(allowed_names), allowed_prefixes)
     with _reported():
         doc = read_document(file)
@@ -599,8 +606,4 @@ def run(
         _, values = expand_document(obj.client, file, doc)
         environment = child_environment(values, keep_vault_env=policy.keep_vault_env)
     obj.client.close()
-    # Option parsing stops at FILE, so click hands a `--` separator through as an argument.
-    argv = list(command[1:] if command[0] == "--" else command)
-    if not argv:
-        raise click.UsageError("no command to run after '--'")
     exec_command(argv, environment)

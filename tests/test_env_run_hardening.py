@@ -238,6 +238,18 @@ def test_an_invalid_allow_prefix_is_a_usage_error(tmp_path: Path) -> None:
     assert "--allow-prefix" in result.stderr
 
 
+def test_an_option_written_after_file_is_a_usage_error_not_a_command(tmp_path: Path) -> None:
+    file = tmp_path / ".env.vault"
+    file.write_text("A=vault:other/x\n")
+    result = CliRunner().invoke(
+        env_group,
+        ["run", str(file), "--allow-prefix", "app/", "--", "true"],
+        obj=NoClient(),
+    )
+    assert result.exit_code == 2
+    assert "--allow-prefix: options go before FILE" in result.stderr
+
+
 # ---- FILE `-` is standard input ---------------------------------------------------------------
 def test_encrypt_expand_and_run_read_file_dash_from_stdin(
     node: Cluster, prefix: str, tmp_path: Path
