@@ -84,6 +84,14 @@ def run_and_dump(
     return finished, environment
 
 
+class NoClient:
+    """A context object whose client must not be touched: the refusal comes before any request."""
+
+    @property
+    def client(self) -> VaultClient:
+        raise AssertionError("a request was about to be made")
+
+
 # ---- VAULT_* of the caller ------------------------------------------------------------------
 def test_run_removes_the_callers_vault_variables_from_the_child(
     node: Cluster, prefix: str, tmp_path: Path
@@ -144,17 +152,20 @@ def test_a_vault_variable_the_file_itself_sets_reaches_the_child(
         "SSL_CERT_FILE",
     ],
 )
-def test_run_refuses_a_dangerous_name_from_the_file_and_starts_nothing(
-    node: Cluster, tmp_path: Path, key: str
+def test_run_refuses_a_dangerous_name_from_the_file_before_any_request(
+    tmp_path: Path, key: str
 ) -> None:
     file = tmp_path / ".env.vault"
     file.write_text(f"APP=1\n{key}=/tmp/attacker-value\n")
-    finished, child = run_and_dump(node, tmp_path, file)
-    assert child is None, "the command ran"
-    assert finished.returncode == 1
-    assert f"{file}:2: key {key!r}" in finished.stderr
-    assert "--allow-name" in finished.stderr
-    assert "attacker-value" not in finished.stderr
+    marker = tmp_path / "started"
+    result = CliRunner().invoke(
+        env_group, ["run", str(file), "--", "touch", str(marker)], obj=NoClient()
+    )
+    assert not marker.exists(), "the command ran"
+    assert result.exit_code == 1, result.output
+    assert f"{file}:2: key {key!r}" in result.stderr
+    assert "--allow-name" in result.stderr
+    assert "attacker-value" not in result.stderr
 
 
 def test_every_dangerous_name_is_listed_at_once_and_allowed_one_by_one(
@@ -186,14 +197,6 @@ def test_an_inherited_dangerous_variable_is_not_the_files_doing_and_is_kept(
 
 
 # ---- --allow-prefix ---------------------------------------------------------------------------
-class NoClient:
-    """A context object whose client must not be touched: the refusal comes before any request."""
-
-    @property
-    def client(self) -> VaultClient:
-        raise AssertionError("a request was about to be made")
-
-
 def test_allow_prefix_refuses_a_reference_outside_it_before_any_request(tmp_path: Path) -> None:
     file = tmp_path / ".env.vault"
     file.write_text("DB=vault:app/db\nOTHER=vault:billing/key@2\nPLAIN=x\n")
