@@ -87,6 +87,7 @@ _INT_DIGITS_MAX = 18
 # answer, its lookups and every snapshot failed).
 _VERSION_MAX = 2**63 - 1
 TOKEN_TTL_S_MAX = 100 * 365 * 24 * 3600
+DISPLAY_NAME_LENGTH_MAX = 128
 
 
 class ApiError(Exception):
@@ -659,9 +660,7 @@ class VaultApi:
         principal.require_root()
         body = self._json_body(call, {"display_name", "policies", "ttl"})
         policies = parse_policies(body.get("policies"))
-        display_name = body.get("display_name", "token")
-        if not isinstance(display_name, str) or not 1 <= len(display_name) <= 128:
-            raise InvalidInput("bad_request", "'display_name' must be 1 to 128 characters")
+        display_name = _check_display_name(body.get("display_name", "token"))
         ttl = body.get("ttl")
         if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= TOKEN_TTL_S_MAX):
             raise InvalidInput(
@@ -826,6 +825,10 @@ class VaultApi:
         if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
             raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
         self._authenticate(call).require_root()
+        # Key ids count up from 1, so one of more digits than any id can have names no key; it
+        # would not fit the command's 64-bit integer either (int() of it may even raise).
+        if len(kek_text) > _INT_DIGITS_MAX:
+            raise ApiError(404, "not_found", f"no key with id {kek_text[:_INT_DIGITS_MAX]}...")
         command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
         outcome = await self._submit(command)
         if outcome.ok:
@@ -833,6 +836,24 @@ class VaultApi:
         return self._render(
             call, "key.retired", outcome, lambda d: {"kek_id": d["kek_id"], "retired": True}
         )
+
+
+def _check_display_name(display_name: object) -> str:
+    """A display name is shown in history and token lookups, on terminals: printable characters
+    only (str.isprintable: no controls, escapes, format characters such as bidi overrides or
+    zero-width spaces, and no separator but the plain space), not starting or ending in a space."""
+    if (
+        not isinstance(display_name, str)
+        or not 1 <= len(display_name) <= DISPLAY_NAME_LENGTH_MAX
+        or not display_name.isprintable()
+        or display_name.strip(" ") != display_name
+    ):
+        raise InvalidInput(
+            "bad_request",
+            f"'display_name' must be 1 to {DISPLAY_NAME_LENGTH_MAX} printable characters, "
+            "not starting or ending in a space",
+        )
+    return display_name
 
 
 def _require_each(principal: Principal, capability: str, names: list[str]) -> None:
