@@ -40,6 +40,7 @@ class Limits:
     batch_secrets_max: int = 1000
     idempotency_retention_s: int = 24 * 3600
     idempotency_keys_max: int = 100_000
+    idempotency_keys_per_accessor_max: int = 10_000  # at most idempotency_keys_max
     snapshot_every_slots: int = 10_000
     # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
     shutdown_deadline_s: int = 10
@@ -121,6 +122,11 @@ def _parse_limits(table: object) -> Limits:
         raise ConfigError(f"limits.{unknown[0]}: unknown key")
     defaults = Limits()
     values = {k: _positive_int(table, k, getattr(defaults, k), "limits.") for k in known}
+    if values["idempotency_keys_per_accessor_max"] > values["idempotency_keys_max"]:
+        raise ConfigError(
+            "limits.idempotency_keys_per_accessor_max: must not exceed "
+            f"limits.idempotency_keys_max ({values['idempotency_keys_max']})"
+        )
     return Limits(**values)
 
 

@@ -108,6 +108,7 @@ class VaultNode:
         limits = StateLimits(
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
+            idempotency_keys_per_accessor_max=config.limits.idempotency_keys_per_accessor_max,
         )
         state = VaultState(limits)
         replicator = self._make_replicator(state)
