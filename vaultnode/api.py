@@ -220,8 +220,14 @@ class VaultApi:
         return response
 
     def _observe(self, call: Call, response: Response) -> Response:
-        """Audit and count a served request; if the audit line cannot be written, fail closed."""
-        if self.audit is not None:
+        """Audit and count a served request; if the audit line cannot be written, fail closed.
+        Not audited line by line, only counted: `/health` and `/metrics` (unauthenticated and
+        polled), and authentication failures past the per-client rate limit (summarised)."""
+        unaudited = self._unaudited_reason(call, response)
+        if unaudited is not None:
+            if self.metrics is not None:
+                self.metrics.observe_unaudited(unaudited)
+        elif self.audit is not None:
             try:
                 self.audit.record(
                     request_id=call.request_id,
@@ -247,6 +253,17 @@ class VaultApi:
                 call.request.method, call.route, response.status, latency_s
             )
         return response
+
+    def _unaudited_reason(self, call: Call, response: Response) -> str | None:
+        if call.route in _LOCAL_PATHS:
+            return "health_or_metrics"
+        if (
+            response.status == 401
+            and self.audit is not None
+            and not self.audit.admit_auth_failure(call.request.client)
+        ):
+            return "auth_failure_rate_limited"
+        return None
 
     async def _dispatch(self, call: Call) -> Response:
         if needs_current_state(call.request) and not self.replicator.is_leader():

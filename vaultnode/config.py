@@ -44,6 +44,11 @@ class Limits:
     snapshot_every_slots: int = 10_000
     # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
     shutdown_deadline_s: int = 10
+    # The edge's audit and read bounds (docs/observability.md, docs/api.md): the active audit
+    # file is rotated once it reaches this size; a `consistency=stale` read is served only while
+    # this node heard from a leader (or, leading, from a quorum) within max_stale_ms.
+    audit_rotate_bytes: int = 64 * 1024 * 1024
+    max_stale_ms: int = 5000
 
 
 @dataclass(frozen=True)
