@@ -114,12 +114,16 @@ class Call:
     outcome: str | None = None
     # A follower confirmed its state is current (a read point from the leader) before serving.
     caught_up: bool = False
+    # Set on a `consistency=stale` read served within the bound: the bound, for the answer.
+    stale_bound_ms: int | None = None
 
 
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
 _LOCAL_PATHS = ("/health", "/metrics")
+# On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
+STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
 
 def needs_current_state(request: Request) -> bool:
@@ -217,6 +221,8 @@ class VaultApi:
             response = error_response(500, "internal", "internal error")
         response = self._observe(call, response)
         response.headers.append(("X-Request-Id", request_id))
+        if call.stale_bound_ms is not None:
+            response.headers.append((STALE_BOUND_HEADER, str(call.stale_bound_ms)))
         return response
 
     def _observe(self, call: Call, response: Response) -> Response:
@@ -266,8 +272,11 @@ class VaultApi:
         return None
 
     async def _dispatch(self, call: Call) -> Response:
-        if needs_current_state(call.request) and not self.replicator.is_leader():
-            await self._catch_up_as_follower(call)
+        if needs_current_state(call.request):
+            if not self.replicator.is_leader():
+                await self._catch_up_as_follower(call)
+        elif call.request.path not in _LOCAL_PATHS:
+            self._check_staleness(call)
         method, path = call.request.method, call.request.path
         path_known = False
         for route_method, prefix, exact, handler in self._routes:
@@ -283,6 +292,27 @@ class VaultApi:
         if path_known:
             raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         raise ApiError(404, "not_found", f"no such endpoint: {path}")
+
+    def _check_staleness(self, call: Call) -> None:
+        """A stale read is served only while this node's state is known to lag by at most
+        `max_stale_ms`: it heard from its leader (or, leading, from a quorum) that recently. So a
+        node cut off from the quorum stops serving what may since have changed — a revoked token
+        included — once the bound has passed."""
+        bound_ms = self.limits.max_stale_ms
+        age_s = self.replicator.leader_contact_age_s()
+        if age_s is None or age_s * 1000 > bound_ms:
+            heard = (
+                "it knows no leader"
+                if age_s is None
+                else f"it last heard from its leader or a quorum {age_s * 1000:.0f} ms ago"
+            )
+            raise ApiError(
+                503,
+                "stale_bound_exceeded",
+                f"this node cannot serve a stale read within {bound_ms} ms: {heard}; retry, "
+                "or read from another node",
+            )
+        call.stale_bound_ms = bound_ms
 
     async def _catch_up_as_follower(self, call: Call) -> None:
         """A follower serves every request itself: its writes go to the leader through the
