@@ -438,7 +438,8 @@ class AuditTrail:
         while True:
             await asyncio.sleep(interval_s)
             with contextlib.suppress(AuditError):
-                # A summary that cannot be written stays counted until the file can take it.
+                # A summary the file refuses is lost, like every line meanwhile: requests are
+                # answered 503 audit_unavailable until it takes lines again.
                 self.write_auth_failure_summaries()
             if self._unsynced:
                 self._unsynced = False
