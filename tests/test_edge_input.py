@@ -3,10 +3,18 @@ command, and display names carrying control or other unprintable characters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
 
-from tests.harness import Cluster
+from tests.harness import Cluster, started_cluster
+
+
+@pytest.fixture(scope="module")
+def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One node for the module: each test adds only tokens and uniquely named secrets."""
+    yield from started_cluster(tmp_path_factory.mktemp("edge-input") / "cluster", nodes=1)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +34,8 @@ def test_retiring_a_key_id_too_large_to_exist_is_a_404_not_a_500(
         assert reply.json()["error"]["code"] == "not_found"
         # The node is unharmed: the current key is still listed and a write still works.
         assert client.get("/v1/sys/keys").status_code == 200
-        assert client.post("/v1/secrets/after/retire", json={"value": "v"}).status_code == 201
+        written = client.post(f"/v1/secrets/after/retire-{len(kek_text)}", json={"value": "v"})
+        assert written.status_code == 201
 
 
 def _create_token(vault: Cluster, display_name: str) -> httpx.Response:
