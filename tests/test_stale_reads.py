@@ -5,14 +5,21 @@ there past the bound."""
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
 
+from consensus.replica import Role
 from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
+from vaultnode.events import EventLog
+from vaultnode.paxos_replicator import PaxosReplicator
+from vaultnode.state import VaultState
 
 MAX_STALE_MS = 1000
 # Messages already inside the relay when a link is cut may still arrive; and the client's clock
@@ -123,3 +130,52 @@ def test_a_leader_cut_off_from_its_quorum_refuses_stale_reads_after_the_bound(
     )
     reply = _stale_read(leader.url, cluster.root_token)
     assert reply.json()["error"]["code"] == "stale_bound_exceeded"
+
+
+def _replicator(tmp_path: Path, node_ids: tuple[int, ...], role: Role, leader: int | None) -> Any:
+    replicator = PaxosReplicator(
+        node_id=1,
+        node_ids=node_ids,
+        data_dir=tmp_path,
+        state=VaultState(),
+        events=EventLog(1, io.StringIO()),
+        on_fatal=lambda exc: None,
+        segment_bytes_max=1 << 20,
+        snapshot_every_slots=1000,
+    )
+    replicator._replica = SimpleNamespace(role=role, leader_id=leader)
+    return replicator
+
+
+def _heard(replicator: Any, ages_s: dict[int, float]) -> None:
+    now = time.monotonic()
+    replicator._heard_from.update({peer: now - age for peer, age in ages_s.items()})
+
+
+@pytest.mark.parametrize(
+    ("node_ids", "ages_s", "expected_s"),
+    [
+        ((1, 2, 3), {2: 4.0, 3: 0.5}, 0.5),  # one peer makes a quorum of three with the leader
+        ((1, 2, 3, 4, 5), {2: 9.0, 3: 0.5, 4: 3.0, 5: 7.0}, 3.0),  # two peers make one of five
+        ((1, 2, 3, 4, 5), {2: 0.5}, None),  # one peer heard, never a second: no quorum yet
+    ],
+)
+def test_a_leader_is_as_fresh_as_the_quorum_it_last_heard_from(
+    tmp_path: Path, node_ids: tuple[int, ...], ages_s: dict[int, float], expected_s: float | None
+) -> None:
+    replicator = _replicator(tmp_path, node_ids, Role.LEADER, 1)
+    _heard(replicator, ages_s)
+    age = replicator.leader_contact_age_s()
+    if expected_s is None:
+        assert age is None
+    else:
+        assert age == pytest.approx(expected_s, abs=0.2)
+
+
+def test_a_follower_is_as_fresh_as_its_last_message_from_the_leader(tmp_path: Path) -> None:
+    replicator = _replicator(tmp_path, (1, 2, 3), Role.FOLLOWER, 2)
+    assert replicator.leader_contact_age_s() is None  # not heard from it since start
+    _heard(replicator, {2: 2.0, 3: 0.1})  # a message from another follower does not count
+    assert replicator.leader_contact_age_s() == pytest.approx(2.0, abs=0.2)
+    replicator._replica = SimpleNamespace(role=Role.FOLLOWER, leader_id=None)
+    assert replicator.leader_contact_age_s() is None
