@@ -23,6 +23,7 @@ from vaultnode.audit import (
     AUTH_FAILURE_LINES_PER_WINDOW,
     AUTH_FAILURE_WINDOW_S,
     AuditTrail,
+    AuthFailureLimiter,
     derive_chain_key,
     genesis_prev,
     line_digest,
@@ -383,3 +384,28 @@ def test_authentication_failures_are_rate_limited_per_client_with_a_summary_line
 
 def _root_key_file(node: Node) -> Path:
     return load_config(node.config_path).root_key_file
+
+
+def test_a_summary_line_follows_each_ended_window_and_the_address_table_is_bounded(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    trail = AuditTrail.open(path, node_id=1, chain_key=KEY)
+    # A window that ends at once, 2 lines per window, room for 2 addresses.
+    trail.auth_failures = AuthFailureLimiter(window_s=0.0, lines_per_window=2, clients_max=2)
+    admitted = [trail.admit_auth_failure(client) for client in ["10.0.0.1"] * 5]
+    assert admitted == [True, True, False, False, False]
+    assert trail.admit_auth_failure("10.0.0.2") is True
+    # A third address while two are tracked shares the overflow entry.
+    assert [trail.admit_auth_failure(c) for c in ["10.0.0.3", "10.0.0.4", "10.0.0.5"]] == [
+        True,
+        True,
+        False,
+    ]
+    trail.write_auth_failure_summaries()  # what the periodic task does once a second
+    _close(trail)
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    summaries = {r["client"]: r["count"] for r in records}
+    assert summaries == {"10.0.0.1": 3, "other": 1}
+    assert all(r["event"] == "auth_failures_suppressed" for r in records)
+    assert verify_set(path, KEY).lines_verified == 2
