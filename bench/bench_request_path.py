@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from storage.envelope import SealedValue, new_record_id, open_sealed, seal
-from vaultnode.audit import AuditTrail
+from vaultnode.audit import AuditTrail, derive_chain_key
 from vaultnode.commands import (
     CommandHeader,
     CreateSecret,
@@ -131,7 +131,9 @@ def main() -> None:
             results.append(("EventLog.emit (16 per loop turn)", per_turn_us))
             getattr(events, "flush", lambda: None)()  # buffered lines, when buffering
 
-        trail = AuditTrail.open(Path(scratch) / "audit.log", node_id=1)
+        trail = AuditTrail.open(
+            Path(scratch) / "audit.log", node_id=1, chain_key=derive_chain_key(bytes(32))
+        )
 
         def audit() -> None:
             trail.record(

@@ -40,13 +40,6 @@ def compacting3(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def proxy() -> Iterator[LinkProxy]:
-    relay = LinkProxy()
-    yield relay
-    relay.close()
-
-
-@pytest.fixture
 def proxied3(tmp_path: Path, proxy: LinkProxy) -> Iterator[Cluster]:
     yield from started_cluster(tmp_path / "cluster", nodes=3, proxy=proxy)
 

@@ -157,6 +157,26 @@ def test_known_limits_override_their_defaults() -> None:
     assert config.limits.body_bytes_max == Limits().body_bytes_max
 
 
+def test_the_edge_bounds_have_safe_defaults_and_can_be_set() -> None:
+    defaults = parse_config(valid_data(), BASE_DIR).limits
+    assert (defaults.max_stale_ms, defaults.audit_rotate_bytes) == (5000, 64 * 1024 * 1024)
+    assert defaults.idempotency_keys_per_accessor_max == 10_000
+    limits = {
+        "max_stale_ms": 250,
+        "audit_rotate_bytes": 4096,
+        "idempotency_keys_per_accessor_max": 5,
+    }
+    config = parse_config(valid_data(limits=limits), BASE_DIR)
+    assert (config.limits.max_stale_ms, config.limits.audit_rotate_bytes) == (250, 4096)
+    assert config.limits.idempotency_keys_per_accessor_max == 5
+
+
+def test_a_per_accessor_idempotency_bound_above_the_global_one_is_refused() -> None:
+    limits = {"idempotency_keys_max": 10, "idempotency_keys_per_accessor_max": 11}
+    message = config_error(valid_data(limits=limits))
+    assert message.startswith("limits.idempotency_keys_per_accessor_max: must not exceed")
+
+
 def test_duplicate_peer_ids_are_refused() -> None:
     peers = [peer(1), peer(2), {**peer(3), "id": 2}]
     assert config_error(valid_data(peers=peers)) == "peers: two peers share an id"

@@ -432,3 +432,39 @@ def test_a_retry_after_a_restart_still_replays(vault: Cluster, signum: int) -> N
         assert updated.status_code == 200 and updated.headers["Idempotent-Replayed"] == "true"
         assert len(versions(client, "restart/c")) == 1
         assert len(versions(client, "restart/u")) == 2
+
+
+def test_another_tokens_failed_keyed_requests_do_not_evict_this_tokens_key(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    limits = {"idempotency_keys_max": 8, "idempotency_keys_per_accessor_max": 3}
+    root = tmp_path_factory.mktemp("idempotency-cap") / "cluster"
+    for cluster in started_cluster(root, nodes=1, limits=limits):
+        with cluster.client() as client:
+            first = client.post(
+                "/v1/secrets/cap/db", json={"value": "v1"}, headers={"Idempotency-Key": "mine"}
+            )
+            assert first.status_code == 201
+            created = client.post(
+                "/v1/tokens",
+                json={"policies": [{"prefix": "cap/", "capabilities": ["create"]}]},
+            )
+            other = created.json()["token"]
+        with cluster.client(token=other) as tenant:
+            # 20 creates that can only fail (the name exists), each remembered under a fresh key.
+            for n in range(20):
+                failed = tenant.post(
+                    "/v1/secrets/cap/db", json={"value": "x"}, headers={"Idempotency-Key": f"k{n}"}
+                )
+                assert failed.status_code == 409
+            # The tenant's own oldest keys went: its k0 runs again (a new 409, not a replay).
+            rerun = tenant.post(
+                "/v1/secrets/cap/db", json={"value": "x"}, headers={"Idempotency-Key": "k0"}
+            )
+            assert "Idempotent-Replayed" not in rerun.headers
+        with cluster.client() as client:
+            retry = client.post(
+                "/v1/secrets/cap/db", json={"value": "v1"}, headers={"Idempotency-Key": "mine"}
+            )
+        assert retry.status_code == 201 and retry.headers["Idempotent-Replayed"] == "true"
+        assert retry.content == first.content

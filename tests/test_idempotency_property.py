@@ -329,3 +329,61 @@ def test_histories_equal_one_application_of_each_distinct_request(
             if slot is not None:
                 first_outcome[slot] = outcome
         assert {name: driver.history(name) for name in driver.state.secrets} == model.histories
+
+
+# ---- the bounds per accessor and overall ------------------------------------------------------
+def test_one_accessors_failed_requests_evict_only_its_own_keys() -> None:
+    driver = Driver(StateLimits(idempotency_keys_max=10, idempotency_keys_per_accessor_max=4))
+    driver.create("app/db", "v1")
+    kept = driver.update("app/db", "v2", key="root-key")
+    # Alice retries a create that can only fail, each time with a fresh key: 50 remembered 409s.
+    for n in range(50):
+        assert driver.create("app/db", "x", key=f"alice-{n}", principal=ALICE).code == (
+            "already_exists"
+        )
+    assert driver.update("app/db", "v2", key="root-key").to_wire() == kept.to_wire()
+    alice_keys = [k for (p, k) in driver.state.idempotency if p == ALICE]
+    assert alice_keys == [f"alice-{n}" for n in range(46, 50)]
+    assert driver.history("app/db") == ["v1", "v2"]
+
+
+def test_past_the_global_ceiling_the_heaviest_holder_loses_its_oldest_key() -> None:
+    driver = Driver(StateLimits(idempotency_keys_max=6, idempotency_keys_per_accessor_max=4))
+    driver.create("app/db", "v1")
+    root_first = [driver.update("app/db", f"r{n}", key=f"root-{n}") for n in range(2)]
+    for n in range(4):
+        driver.create("app/db", "x", key=f"alice-{n}", principal=ALICE)
+    assert len(driver.state.idempotency) == 6
+    # Root records a third key: the total passes 6, and Alice (4 keys) holds more than root (3).
+    driver.update("app/db", "r2", key="root-2")
+    assert [k for (p, k) in driver.state.idempotency if p == ALICE] == [
+        f"alice-{n}" for n in range(1, 4)
+    ]
+    # Now both hold 3; one more root key takes the oldest key of the two, root-0.
+    driver.update("app/db", "r3", key="root-3")
+    assert ("root-accessor", "root-0") not in driver.state.idempotency
+    assert len(driver.state.idempotency) == 6
+    assert driver.update("app/db", "r1", key="root-1").to_wire() == root_first[1].to_wire()
+
+
+def test_a_restored_snapshot_evicts_exactly_as_the_state_it_was_taken_from() -> None:
+    limits = StateLimits(idempotency_keys_max=7, idempotency_keys_per_accessor_max=5)
+    live = Driver(limits)
+    live.create("app/db", "v1")
+    restored: Driver | None = None
+    for n in range(40):
+        principal = ALICE if n % 3 else ROOT
+        if n == 20:
+            restored = Driver(limits)
+            restored.state = VaultState.restore(live.state.snapshot(), limits)
+            restored.index, restored.time_us = live.index, live.time_us
+        for driver in [live] + ([restored] if restored else []):
+            driver.update("app/db", f"v{n}", key=f"k{n}", principal=principal)
+    assert restored is not None
+
+    # (Whole snapshots differ: each driver seals its writes with fresh record ids.)
+    def kept(state: VaultState) -> list[tuple[str, str, int]]:
+        return [(p, k, r.expires_at_us) for (p, k), r in state.idempotency.items()]
+
+    assert kept(restored.state) == kept(live.state)
+    assert len(live.state.idempotency) == 7

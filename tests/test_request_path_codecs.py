@@ -12,7 +12,7 @@ import pytest
 
 from storage import envelope
 from storage.envelope import RECORD_ID_SIZE_BYTES, encode_aad, new_record_id
-from vaultnode.audit import GENESIS_PREV, AuditTrail, format_record
+from vaultnode.audit import AuditTrail, derive_chain_key, format_record, genesis_prev
 from vaultnode.commands import (
     Command,
     CommandDecodeError,
@@ -102,7 +102,8 @@ def test_a_header_without_idempotency_decodes_and_one_with_an_unknown_field_is_r
 def test_an_audit_line_is_byte_for_byte_what_format_record_makes_of_its_fields(
     tmp_path: Path, accessor: str | None, name: str | None, version: int | None
 ) -> None:
-    trail = AuditTrail.open(tmp_path / "audit.log", node_id=2)
+    key = derive_chain_key(bytes(32))
+    trail = AuditTrail.open(tmp_path / "audit.log", node_id=2, chain_key=key)
     trail.record(
         request_id="r-1",
         accessor=accessor,
@@ -116,9 +117,9 @@ def test_an_audit_line_is_byte_for_byte_what_format_record_makes_of_its_fields(
     os.close(trail._fd)
     line = (tmp_path / "audit.log").read_bytes()
     fields = json.loads(line)
-    assert fields.pop("prev") == GENESIS_PREV
+    assert fields.pop("prev") == genesis_prev(key)
     assert (fields["accessor"], fields["name"], fields["version"]) == (accessor, name, version)
-    assert line == format_record(GENESIS_PREV, fields) + b"\n"
+    assert line == format_record(genesis_prev(key), fields) + b"\n"
 
 
 def test_record_ids_stay_unique_and_full_size_across_many_refills() -> None:

@@ -87,6 +87,7 @@ _INT_DIGITS_MAX = 18
 # answer, its lookups and every snapshot failed).
 _VERSION_MAX = 2**63 - 1
 TOKEN_TTL_S_MAX = 100 * 365 * 24 * 3600
+DISPLAY_NAME_LENGTH_MAX = 128
 
 
 class ApiError(Exception):
@@ -113,12 +114,16 @@ class Call:
     outcome: str | None = None
     # A follower confirmed its state is current (a read point from the leader) before serving.
     caught_up: bool = False
+    # Set on a `consistency=stale` read served within the bound: the bound, for the answer.
+    stale_bound_ms: int | None = None
 
 
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
 _LOCAL_PATHS = ("/health", "/metrics")
+# On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
+STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
 
 def needs_current_state(request: Request) -> bool:
@@ -216,11 +221,19 @@ class VaultApi:
             response = error_response(500, "internal", "internal error")
         response = self._observe(call, response)
         response.headers.append(("X-Request-Id", request_id))
+        if call.stale_bound_ms is not None:
+            response.headers.append((STALE_BOUND_HEADER, str(call.stale_bound_ms)))
         return response
 
     def _observe(self, call: Call, response: Response) -> Response:
-        """Audit and count a served request; if the audit line cannot be written, fail closed."""
-        if self.audit is not None:
+        """Audit and count a served request; if the audit line cannot be written, fail closed.
+        Not audited line by line, only counted: `/health` and `/metrics` (unauthenticated and
+        polled), and authentication failures past the per-client rate limit (summarised)."""
+        unaudited = self._unaudited_reason(call, response)
+        if unaudited is not None:
+            if self.metrics is not None:
+                self.metrics.observe_unaudited(unaudited)
+        elif self.audit is not None:
             try:
                 self.audit.record(
                     request_id=call.request_id,
@@ -247,9 +260,23 @@ class VaultApi:
             )
         return response
 
+    def _unaudited_reason(self, call: Call, response: Response) -> str | None:
+        if call.route in _LOCAL_PATHS:
+            return "health_or_metrics"
+        if (
+            response.status == 401
+            and self.audit is not None
+            and not self.audit.admit_auth_failure(call.request.client)
+        ):
+            return "auth_failure_rate_limited"
+        return None
+
     async def _dispatch(self, call: Call) -> Response:
-        if needs_current_state(call.request) and not self.replicator.is_leader():
-            await self._catch_up_as_follower(call)
+        if needs_current_state(call.request):
+            if not self.replicator.is_leader():
+                await self._catch_up_as_follower(call)
+        elif call.request.path not in _LOCAL_PATHS:
+            self._check_staleness(call)
         method, path = call.request.method, call.request.path
         path_known = False
         for route_method, prefix, exact, handler in self._routes:
@@ -265,6 +292,27 @@ class VaultApi:
         if path_known:
             raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         raise ApiError(404, "not_found", f"no such endpoint: {path}")
+
+    def _check_staleness(self, call: Call) -> None:
+        """A stale read is served only while this node's state is known to lag by at most
+        `max_stale_ms`: it heard from its leader (or, leading, from a quorum) that recently. So a
+        node cut off from the quorum stops serving what may since have changed — a revoked token
+        included — once the bound has passed."""
+        bound_ms = self.limits.max_stale_ms
+        age_s = self.replicator.leader_contact_age_s()
+        if age_s is None or age_s * 1000 > bound_ms:
+            heard = (
+                "it knows no leader"
+                if age_s is None
+                else f"it last heard from its leader or a quorum {age_s * 1000:.0f} ms ago"
+            )
+            raise ApiError(
+                503,
+                "stale_bound_exceeded",
+                f"this node cannot serve a stale read within {bound_ms} ms: {heard}; retry, "
+                "or read from another node",
+            )
+        call.stale_bound_ms = bound_ms
 
     async def _catch_up_as_follower(self, call: Call) -> None:
         """A follower serves every request itself: its writes go to the leader through the
@@ -659,9 +707,7 @@ class VaultApi:
         principal.require_root()
         body = self._json_body(call, {"display_name", "policies", "ttl"})
         policies = parse_policies(body.get("policies"))
-        display_name = body.get("display_name", "token")
-        if not isinstance(display_name, str) or not 1 <= len(display_name) <= 128:
-            raise InvalidInput("bad_request", "'display_name' must be 1 to 128 characters")
+        display_name = _check_display_name(body.get("display_name", "token"))
         ttl = body.get("ttl")
         if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= TOKEN_TTL_S_MAX):
             raise InvalidInput(
@@ -826,6 +872,10 @@ class VaultApi:
         if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
             raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
         self._authenticate(call).require_root()
+        # Key ids count up from 1, so one of more digits than any id can have names no key; it
+        # would not fit the command's 64-bit integer either (int() of it may even raise).
+        if len(kek_text) > _INT_DIGITS_MAX:
+            raise ApiError(404, "not_found", f"no key with id {kek_text[:_INT_DIGITS_MAX]}...")
         command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
         outcome = await self._submit(command)
         if outcome.ok:
@@ -833,6 +883,24 @@ class VaultApi:
         return self._render(
             call, "key.retired", outcome, lambda d: {"kek_id": d["kek_id"], "retired": True}
         )
+
+
+def _check_display_name(display_name: object) -> str:
+    """A display name is shown in history and token lookups, on terminals: printable characters
+    only (str.isprintable: no controls, escapes, format characters such as bidi overrides or
+    zero-width spaces, and no separator but the plain space), not starting or ending in a space."""
+    if (
+        not isinstance(display_name, str)
+        or not 1 <= len(display_name) <= DISPLAY_NAME_LENGTH_MAX
+        or not display_name.isprintable()
+        or display_name.strip(" ") != display_name
+    ):
+        raise InvalidInput(
+            "bad_request",
+            f"'display_name' must be 1 to {DISPLAY_NAME_LENGTH_MAX} printable characters, "
+            "not starting or ending in a space",
+        )
+    return display_name
 
 
 def _require_each(principal: Principal, capability: str, names: list[str]) -> None:

@@ -40,9 +40,15 @@ class Limits:
     batch_secrets_max: int = 1000
     idempotency_retention_s: int = 24 * 3600
     idempotency_keys_max: int = 100_000
+    idempotency_keys_per_accessor_max: int = 10_000  # at most idempotency_keys_max
     snapshot_every_slots: int = 10_000
     # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
     shutdown_deadline_s: int = 10
+    # The edge's audit and read bounds (docs/observability.md, docs/api.md): the active audit
+    # file is rotated once it reaches this size; a `consistency=stale` read is served only while
+    # this node heard from a leader (or, leading, from a quorum) within max_stale_ms.
+    audit_rotate_bytes: int = 64 * 1024 * 1024
+    max_stale_ms: int = 5000
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,11 @@ def _parse_limits(table: object) -> Limits:
         raise ConfigError(f"limits.{unknown[0]}: unknown key")
     defaults = Limits()
     values = {k: _positive_int(table, k, getattr(defaults, k), "limits.") for k in known}
+    if values["idempotency_keys_per_accessor_max"] > values["idempotency_keys_max"]:
+        raise ConfigError(
+            "limits.idempotency_keys_per_accessor_max: must not exceed "
+            f"limits.idempotency_keys_max ({values['idempotency_keys_max']})"
+        )
     return Limits(**values)
 
 

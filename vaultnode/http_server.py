@@ -34,6 +34,7 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-cased names
     body: bytes
+    client: str = ""  # the peer's IP address: the audit's rate limit on auth failures is per client
 
 
 @dataclass
@@ -189,7 +190,9 @@ class _HttpConnection(asyncio.Protocol):
             parse_qs(parsed.query.decode("latin-1"), keep_blank_values=True) if parsed.query else {}
         )
         method = self._parser.get_method().decode("latin-1")
-        request = Request(method, path, query, self._headers, b"".join(self._body))
+        request = Request(
+            method, path, query, self._headers, b"".join(self._body), _peer_host(self._transport)
+        )
         self._put((request, keep_alive))
 
     def _put(self, work: _Work) -> None:
@@ -301,3 +304,8 @@ class HttpServer:
                 connection.close()
             else:
                 connection.close_if_idle()
+
+
+def _peer_host(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""

@@ -163,12 +163,22 @@ class NodeMetrics:
             buckets=_FSYNC_BUCKETS_S,
             registry=self.registry,
         )
+        self._unaudited = Counter(
+            "vault_unaudited_requests",
+            "requests counted here instead of written to the audit file, by reason: "
+            "health_or_metrics, auth_failure_rate_limited",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_GaugeCollector(node_id, gauges, consensus))
 
     def observe_request(self, method: str, route: str, status: int, latency_s: float) -> None:
         """`route` must be a route pattern (e.g. /v1/secrets/{name}), never a concrete path."""
         self._requests.labels(method, route, str(status)).inc()
         self._latency.labels(method, route).observe(latency_s)
+
+    def observe_unaudited(self, reason: str) -> None:
+        self._unaudited.labels(reason).inc()
 
     def observe_fsync(self, duration_s: float) -> None:
         self._fsync.observe(duration_s)

@@ -24,7 +24,7 @@ from storage.crypto_errors import RootKeyError
 from storage.errors import StorageError
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
-from vaultnode.audit import AuditError, AuditTrail
+from vaultnode.audit import AuditError, AuditTrail, derive_chain_key
 from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
@@ -108,6 +108,7 @@ class VaultNode:
         limits = StateLimits(
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
+            idempotency_keys_per_accessor_max=config.limits.idempotency_keys_per_accessor_max,
         )
         state = VaultState(limits)
         replicator = self._make_replicator(state)
@@ -125,11 +126,22 @@ class VaultNode:
                 f"(key file {config.root_key_file})"
             )
         try:
-            audit = AuditTrail.open(config.audit_path, config.node_id)
+            audit = AuditTrail.open(
+                config.audit_path,
+                config.node_id,
+                derive_chain_key(root_key),
+                config.limits.audit_rotate_bytes,
+            )
         except AuditError as exc:
             raise StartupError(f"audit trail: {exc}") from exc
         if audit.repaired_torn_tail:
             self.events.emit("audit.repaired", file=str(audit.path), reason="torn last line")
+        if audit.unkeyed_set_aside is not None:
+            self.events.emit(
+                "audit.repaired",
+                file=str(audit.unkeyed_set_aside),
+                reason="unkeyed chain set aside; a keyed chain starts",
+            )
         metrics = NodeMetrics(
             config.node_id,
             NodeGauges(

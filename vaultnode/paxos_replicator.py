@@ -144,6 +144,8 @@ class PaxosReplicator:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._last_snapshot_slot = 0
         self._role_seen = Role.FOLLOWER
+        # Peer id -> time.monotonic() of its last message: how stale this node's view may be.
+        self._heard_from: dict[int, float] = {}
         self._leader_seen: int | None = None
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
@@ -225,6 +227,27 @@ class PaxosReplicator:
         return ReplicaStatus(
             str(replica.role), replica.leader_id, replica.chosen_through, replica.applied_through
         )
+
+    def leader_contact_age_s(self) -> float | None:
+        """How long ago this node last knew its state current: a follower, since it heard from
+        its leader; the leader, since it heard from enough peers to make a quorum with itself.
+        None when no leader is known (or this node is neither)."""
+        replica = self.replica
+        now = time.monotonic()
+        if replica.role == Role.LEADER:
+            peers_needed = self._config.quorum_size - 1  # the leader counts itself
+            ages = sorted(
+                now - self._heard_from.get(peer, float("-inf"))
+                for peer in self._config.peers_of(self.node_id)
+            )
+            if peers_needed == 0:
+                return 0.0
+            age = ages[peers_needed - 1]
+            return None if age == float("inf") else age  # not yet heard from a quorum
+        leader = replica.leader_id
+        if replica.role != Role.FOLLOWER or leader is None or leader not in self._heard_from:
+            return None
+        return now - self._heard_from[leader]
 
     # ---- requests ----------------------------------------------------------------------
     def _can_order_now(self) -> bool:
@@ -309,6 +332,7 @@ class PaxosReplicator:
     def on_message(self, message: Message) -> None:
         if self._stopped is not None:
             return
+        self._heard_from[message.sender] = time.monotonic()
         self.replica.step(message)
         self._kick()
 

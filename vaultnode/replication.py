@@ -119,6 +119,9 @@ class LocalReplicator:
     def is_leader(self) -> bool:
         return True
 
+    def leader_contact_age_s(self) -> float | None:
+        return 0.0  # a single node is its own quorum: its state is always current
+
     def leader_id(self) -> int | None:
         return self.node_id
 

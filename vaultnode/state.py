@@ -137,7 +137,9 @@ class StateLimits:
     """Limits every replica must share (they shape the state), from the cluster configuration."""
 
     idempotency_retention_us: int = 24 * 3600 * 1_000_000
-    idempotency_keys_max: int = 100_000
+    idempotency_keys_max: int = 100_000  # all accessors together
+    # One accessor's keys, so its requests (failed ones included) evict only its own keys.
+    idempotency_keys_per_accessor_max: int = 10_000
 
 
 class VaultState:
@@ -157,6 +159,11 @@ class VaultState:
         self.current_kek_id = 0
         # Insertion order is expiry order, because command time only grows along the log.
         self.idempotency: OrderedDict[tuple[str, str], IdempotencyRecord] = OrderedDict()
+        # Derived from `idempotency` (rebuilt on restore, never in a snapshot): each accessor's
+        # keys in recording order, and the accessors holding each number of keys.
+        self._keys_of: dict[str, OrderedDict[str, None]] = {}
+        self._holders: dict[int, set[str]] = {}
+        self._most_held = 0
 
     # ---- apply -------------------------------------------------------------------------
     def apply(self, index: int, command: Command) -> Outcome:
@@ -184,19 +191,63 @@ class VaultState:
         # A transient outcome changed nothing and asks the client to retry; remembering it would
         # answer every retry with the same 503 until the key expired.
         if slot is not None and idem is not None and outcome.code not in TRANSIENT_CODES:
-            self.idempotency[slot] = IdempotencyRecord(
-                idem.fingerprint, outcome.to_wire(), now_us + self.limits.idempotency_retention_us
+            self._remember(
+                slot,
+                IdempotencyRecord(
+                    idem.fingerprint,
+                    outcome.to_wire(),
+                    now_us + self.limits.idempotency_retention_us,
+                ),
             )
-            while len(self.idempotency) > self.limits.idempotency_keys_max:
-                self.idempotency.popitem(last=False)
         return outcome
 
     def _expire_idempotency(self, now_us: int) -> None:
         while self.idempotency:
-            first = next(iter(self.idempotency.values()))
+            slot, first = next(iter(self.idempotency.items()))
             if first.expires_at_us > now_us:
                 break
-            self.idempotency.popitem(last=False)
+            self._forget(slot)
+
+    def _remember(self, slot: tuple[str, str], record: IdempotencyRecord) -> None:
+        """Record a key, then enforce the bounds: past its own cap an accessor loses its oldest
+        key; past the global ceiling the accessor holding the most keys loses its oldest one (of
+        several such, the one whose oldest key is oldest). So no accessor can push out the keys
+        of one that holds fewer than it does."""
+        accessor, key = slot
+        self.idempotency[slot] = record
+        keys = self._keys_of.setdefault(accessor, OrderedDict())
+        keys[key] = None
+        self._move_holder(accessor, len(keys) - 1, len(keys))
+        if len(keys) > self.limits.idempotency_keys_per_accessor_max:
+            self._forget((accessor, next(iter(keys))))
+        while len(self.idempotency) > self.limits.idempotency_keys_max:
+            # Expiry times strictly increase along the log, so they order the oldest keys.
+            heaviest = min(
+                self._holders[self._most_held],
+                key=lambda a: self.idempotency[(a, next(iter(self._keys_of[a])))].expires_at_us,
+            )
+            self._forget((heaviest, next(iter(self._keys_of[heaviest]))))
+
+    def _forget(self, slot: tuple[str, str]) -> None:
+        accessor, key = slot
+        del self.idempotency[slot]
+        keys = self._keys_of[accessor]
+        del keys[key]
+        self._move_holder(accessor, len(keys) + 1, len(keys))
+        if not keys:
+            del self._keys_of[accessor]
+
+    def _move_holder(self, accessor: str, held_before: int, held_now: int) -> None:
+        if held_before:
+            holders = self._holders[held_before]
+            holders.discard(accessor)
+            if not holders:
+                del self._holders[held_before]
+                if self._most_held == held_before and held_now < held_before:
+                    self._most_held = held_now
+        if held_now:
+            self._holders.setdefault(held_now, set()).add(accessor)
+        self._most_held = max(self._most_held, held_now)
 
     def _apply_command(self, index: int, now_us: int, command: Command) -> Outcome:
         if isinstance(command, InitVault):
@@ -496,5 +547,7 @@ class VaultState:
             state.keks[k[0]] = Kek(*k)
         state.current_kek_id = body["current_kek_id"]
         for p, k, fingerprint, outcome_wire, expires in body["idempotency"]:
-            state.idempotency[(p, k)] = IdempotencyRecord(fingerprint, outcome_wire, expires)
+            # The bounds are enforced as if recorded now, so a snapshot taken under larger
+            # limits comes back within these ones.
+            state._remember((p, k), IdempotencyRecord(fingerprint, outcome_wire, expires))
         return state
