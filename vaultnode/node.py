@@ -169,6 +169,8 @@ class VaultNode:
             limits=config.limits,
             audit=audit,
             metrics=metrics,
+            kv_v2_mount=config.kv_v2_mount,
+            cluster_id=config.cluster_id,
         )
         audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
