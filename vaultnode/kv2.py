@@ -40,6 +40,11 @@ CUSTOM_METADATA_VALUE_BYTES_MAX = 512
 MAX_VERSIONS_MAX = 1_000_000
 # A merge-patch re-reads and retries when another write lands between its read and its write.
 PATCH_ATTEMPTS = 3
+_CHANGE_EVENTS = {
+    DeleteVersions: "secret.deleted",
+    UndeleteVersions: "secret.undeleted",
+    DestroyVersions: "secret.destroyed",
+}
 CAS_MISMATCH = "check-and-set parameter did not match the current version"
 
 
@@ -280,7 +285,7 @@ class Kv2Api:
         # Vault answers 204 for a key that does not exist, too.
         if not outcome.ok and outcome.code != "not_found":
             return self._failed(call, outcome)
-        self.api._log(call, "secret." + outcome.code, 204, outcome.code)
+        self.api._log(call, _CHANGE_EVENTS[command_type], 204, outcome.code)
         return no_content()
 
     # ---- metadata -------------------------------------------------------------------------
@@ -320,7 +325,7 @@ class Kv2Api:
         secret = self.api.state.secrets.get(name)
         if secret is None and name not in self.api.state.kv_metadata:
             return errors_response(404, [])
-        self.api._log(call, "secret.metadata", 200, "ok")
+        self.api._log(call, "secret.metadata_read", 200, "ok")
         return Response.json(200, wrap(call, self.metadata_body(name, secret)))
 
     def _custom_metadata(self, raw: object, *, allow_null: bool) -> dict[str, Any]:
@@ -402,7 +407,7 @@ class Kv2Api:
         outcome = await self.api._submit(command)
         if not outcome.ok:
             return self._failed(call, outcome)
-        self.api._log(call, "secret.deleted", 204, outcome.code)
+        self.api._log(call, "secret.removed", 204, outcome.code)
         return no_content()
 
     async def _list(self, call: Call, principal: Principal, path: str) -> Response:

@@ -77,7 +77,7 @@ class DeletionRoutes:
         outcome = await self.api._submit(command)
         return self.api._render(
             call,
-            f"secret.{action}d" if action != "destroy" else "secret.destroyed",
+            "secret.destroyed" if action == "destroy" else f"secret.{action}d",
             outcome,
             lambda data: {"name": data["name"], "versions": data["versions"]},
         )

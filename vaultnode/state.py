@@ -226,6 +226,11 @@ class VaultState:
         self.current_kek_id = 0
         # Insertion order is expiry order, because command time only grows along the log.
         self.idempotency: OrderedDict[tuple[str, str], IdempotencyRecord] = OrderedDict()
+        # Not replicated state (never in a snapshot): the last index whose command destroyed a
+        # sealed record, which tells the replicator to snapshot, roll and compact its log now so
+        # the record's bytes leave the disk (docs/encryption.md, crypto-shredding).
+        self.destroyed_at_index = 0
+        self._destroyed_records = 0
 
     # ---- apply -------------------------------------------------------------------------
     def apply(self, index: int, command: Command) -> Outcome:
@@ -248,7 +253,10 @@ class VaultState:
                     )
                 return Outcome.from_wire(known.outcome_wire, replayed=True)
 
+        destroyed_before = self._destroyed_records
         outcome = self._apply_command(index, now_us, command)
+        if self._destroyed_records != destroyed_before:
+            self.destroyed_at_index = index
 
         # A transient outcome changed nothing and asks the client to retry; remembering it would
         # answer every retry with the same 503 until the key expired.
@@ -521,8 +529,12 @@ class VaultState:
         keep_from = current - metadata.max_versions + 1
         for version in secret.versions[max(metadata.oldest_version, 1) - 1 : max(keep_from, 1) - 1]:
             if not version.destroyed:
-                version.destroy()
+                self._destroy(version)
         metadata.oldest_version = max(metadata.oldest_version, keep_from, 1)
+
+    def _destroy(self, version: Version) -> None:
+        version.destroy()
+        self._destroyed_records += 1
 
     def _change_versions(
         self, now_us: int, command: DeleteVersions | UndeleteVersions | DestroyVersions
@@ -548,7 +560,7 @@ class VaultState:
                     version.deleted_at_us = None
                     changed.append(number)
             else:
-                version.destroy()
+                self._destroy(version)
                 changed.append(number)
         code = {
             DeleteVersions: "versions_deleted",
@@ -577,6 +589,10 @@ class VaultState:
     def _delete_secret(self, command: DeleteSecret) -> Outcome:
         # The record ids stay in record_ids (and in snapshots): a replayed record stays refused.
         secret = self.secrets.pop(command.name, None)
+        if secret is not None:
+            for version in secret.versions:
+                if not version.destroyed:
+                    self._destroy(version)
         existed = self.kv_metadata.pop(command.name, None) is not None or secret is not None
         return Outcome("secret_deleted", data={"name": command.name, "existed": existed})
 

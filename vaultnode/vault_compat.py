@@ -37,6 +37,7 @@ _HEALTH_CODE_PARAMS = (
     "uninitcode",
     "drsecondarycode",
     "perfstandbyokcode",
+    "performancestandbycode",
 )
 
 
@@ -81,7 +82,12 @@ def as_vault_error(response: Response) -> Response:
         return response  # already Vault-shaped (or a 404 carrying metadata)
     # Vault answers a missing secret or path with an empty list; clients test for that.
     messages = [] if error.get("code") == "not_found" else [str(error.get("message", ""))]
-    shaped = errors_response(response.status, messages)
+    status = response.status
+    if status == 401:
+        # Vault has no 401: a missing, unknown or expired token is 403 "permission denied", and
+        # clients (hvac's is_authenticated) rely on it.
+        status, messages = 403, ["permission denied"]
+    shaped = errors_response(status, messages)
     shaped.headers = response.headers
     return shaped
 
