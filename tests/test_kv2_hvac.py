@@ -8,6 +8,7 @@ InvalidPath) and Vault's `{"errors": [...]}` shape. One module-scoped cluster se
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -267,3 +268,57 @@ def test_errors_use_vaults_shape_and_content_type(cluster: Cluster, roles: dict[
     assert (denied.status_code, denied.json()) == (403, {"errors": ["permission denied"]})
     missing = raw(node, cluster.root_token, "GET", "/v1/secret/data/none/such")
     assert (missing.status_code, missing.json()) == (404, {"errors": []})
+
+
+def test_one_store_across_kv2_native_api_and_cli(cluster: Cluster, roles: dict[str, Node]) -> None:
+    kv = client_for(roles["follower"], cluster.root_token).secrets.kv.v2
+    native = cluster.client(cluster.nodes.index(roles["leader"]))
+    with native:
+        # KV v2 -> native: an object is its canonical JSON text, with a field saying so.
+        kv.create_or_update_secret(path="shared/obj", secret={"b": "2", "a": "1"})
+        kv.create_or_update_secret(path="shared/obj", secret={"a": "3"})
+        read_back = native.get("/v1/secrets/shared/obj").json()
+        assert (read_back["value"], read_back["value_format"]) == ('{"a":"3"}', "json")
+        assert native.get("/v1/secrets/shared/obj?version=1").json()["value"] == (
+            '{"a":"1","b":"2"}'
+        )
+        history = native.get("/v1/history/shared/obj").json()["versions"]
+        assert [v["version"] for v in history] == [1, 2]
+        # A KV v2 {"value": s} is the native string s, both ways.
+        kv.create_or_update_secret(path="shared/plain", secret={"value": "from-kv2"})
+        plain = native.get("/v1/secrets/shared/plain").json()
+        assert plain["value"] == "from-kv2" and "value_format" not in plain
+        # native -> KV v2
+        assert native.post("/v1/secrets/shared/str", json={"value": "native"}).status_code == 201
+        assert native.put("/v1/secrets/shared/str", json={"value": "native2"}).status_code == 200
+        follower = client_for(roles["follower"], cluster.root_token)
+        assert read(follower, "shared/str")["data"]["data"] == {"value": "native2"}
+        metadata = kv.read_secret_metadata(path="shared/str")["data"]
+        assert metadata["current_version"] == 2
+        listed = {s["name"] for s in native.get("/v1/secrets?prefix=shared/").json()["secrets"]}
+        assert listed == {"shared/obj", "shared/plain", "shared/str"}
+        assert kv.list_secrets(path="shared")["data"]["keys"] == ["obj", "plain", "str"]
+
+    # The CLI sees the same store, and its deletions are KV v2 deletions.
+    from tests.test_cli import vault_cli
+
+    got = vault_cli(cluster, "get", "shared/plain")
+    assert (got.returncode, got.stdout) == (0, "from-kv2\n"), got.stderr
+    listing = vault_cli(cluster, "list", "shared/")
+    assert listing.returncode == 0 and "shared/obj" in listing.stdout
+    deleted = vault_cli(cluster, "delete", "shared/str")
+    assert (deleted.returncode, deleted.stdout) == (0, "deleted shared/str versions: 2\n")
+    gone = kv.read_secret_version(path="shared/str", raise_on_deleted_version=False)
+    assert gone["data"]["metadata"]["deletion_time"] != ""
+    table = vault_cli(cluster, "history", "shared/str")
+    assert "STATE" in table.stdout and "deleted 20" in table.stdout.splitlines()[-1]
+    missing = vault_cli(cluster, "get", "shared/str")
+    assert missing.returncode != 0 and "deleted" in missing.stderr
+    assert vault_cli(cluster, "undelete", "shared/str", "--version", "2").returncode == 0
+    assert vault_cli(cluster, "get", "shared/str").stdout == "native2\n"
+    kv.delete_latest_version_of_secret(path="shared/obj")
+    history_json = json.loads(vault_cli(cluster, "history", "shared/obj", "--json").stdout)
+    assert "deletion_time" in history_json["versions"][-1]
+    destroyed = vault_cli(cluster, "destroy", "shared/obj", "--version", "1", "--yes")
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert kv.read_secret_metadata(path="shared/obj")["data"]["versions"]["1"]["destroyed"]
