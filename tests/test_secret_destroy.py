@@ -1,8 +1,9 @@
-"""Destroy is crypto-shredding on a real three-node cluster (issue 15).
+"""Destroy is crypto-shredding, on a real single node and three-node cluster (issue 15).
 
 After a version is destroyed (natively, and a whole secret through KV v2's metadata delete), each
 node snapshots, rolls and compacts its log on its own, and then no file under any node's data
-directory holds a sealed record that the root key opens to a destroyed value. The scan does not
+directory holds a sealed record that the root key opens to a destroyed value; the nodes restart
+from what is left. The scan does not
 trust any file format: it finds every msgpack-encoded sealed record anywhere in any file, by its
 leading bytes, and decrypts it with the root key (and also greps for the plaintext). A control
 secret that was not destroyed is found and opened by the same scan on every node, so a scan that
@@ -64,14 +65,15 @@ def openable_values(node: Node) -> list[bytes]:
     return values
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    yield from started_cluster(tmp_path_factory.mktemp("shred"), 3)
+@pytest.fixture(params=[1, 3], ids=["single-node", "three-nodes"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    yield from started_cluster(tmp_path_factory.mktemp("shred"), request.param)
 
 
 def test_destroyed_versions_leave_every_file_of_every_node(cluster: Cluster) -> None:
     leader = wait_for_leader(cluster.nodes)
-    follower = next(i for i, n in enumerate(cluster.nodes) if n is not leader)
+    # Through a follower when there is one: it seals and forwards; the leader never sees a value.
+    follower = next((i for i, n in enumerate(cluster.nodes) if n is not leader), 0)
     doomed = [distinctive("destroyed-v1"), distinctive("gone-v1"), distinctive("gone-v2")]
     kept = [distinctive("kept-v2"), distinctive("control")]
     with cluster.client(follower) as client:
@@ -113,6 +115,15 @@ def test_destroyed_versions_leave_every_file_of_every_node(cluster: Cluster) -> 
         assert not opened & set(doomed), node.node_id
         # The scan works: it still finds and opens what was not destroyed.
         assert set(kept) <= opened, (node.node_id, opened)
+    # The compacted log and the snapshot are a sound start: the node restarts from them.
+    for node in cluster.nodes:
+        node.start(wait=False)
+    wait_for_leader(cluster.nodes)
+    with cluster.client(0) as client:
+        assert client.get("/v1/secrets/shred/me").json()["value"] == kept[0]
+        assert client.get("/v1/secrets/shred/me?version=1").json()["error"]["destroyed"] is True
+        assert client.get("/v1/secrets/shred/gone").status_code == 404
+    cluster.stop_all()
     logs = [node.log_path for node in cluster.nodes]
     data_files = [p for node in cluster.nodes for p in files_under(node.data_dir)]
     assert find_plaintext(data_files + logs, [v.encode() for v in doomed + kept]) == []

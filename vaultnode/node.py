@@ -110,8 +110,8 @@ class VaultNode:
             idempotency_keys_max=config.limits.idempotency_keys_max,
         )
         state = VaultState(limits)
-        replicator = self._make_replicator(state)
         try:
+            replicator = self._make_replicator(state)
             replayed = replicator.replay()
         except StorageError as exc:
             raise StartupError(f"the log cannot be opened: {exc}") from exc
