@@ -322,3 +322,29 @@ def test_one_store_across_kv2_native_api_and_cli(cluster: Cluster, roles: dict[s
     destroyed = vault_cli(cluster, "destroy", "shared/obj", "--version", "1", "--yes")
     assert destroyed.returncode == 0, destroyed.stderr
     assert kv.read_secret_metadata(path="shared/obj")["data"]["versions"]["1"]["destroyed"]
+
+
+def test_kv2_paths_check_the_native_capabilities(cluster: Cluster, roles: dict[str, Node]) -> None:
+    node = roles["leader"]
+    root = client_for(node, cluster.root_token).secrets.kv.v2
+    root.create_or_update_secret(path="scoped/app/a", secret={"k": "1"})
+    root.create_or_update_secret(path="other/b", secret={"k": "2"})
+    with cluster.client(cluster.nodes.index(node)) as native:
+        policies = [{"prefix": "scoped/", "capabilities": ["read", "list", "delete"]}]
+        reply = native.post("/v1/tokens", json={"display_name": "reader", "policies": policies})
+        token = reply.json()["token"]
+    kv = client_for(node, token).secrets.kv.v2
+    assert read(client_for(node, token), "scoped/app/a")["data"]["data"] == {"k": "1"}
+    assert kv.list_secrets(path="scoped")["data"]["keys"] == ["app/"]
+    with pytest.raises(hvac.exceptions.Forbidden):
+        read(client_for(node, token), "other/b")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        kv.create_or_update_secret(path="scoped/app/a", secret={"k": "x"})  # no update
+    with pytest.raises(hvac.exceptions.Forbidden):
+        kv.destroy_secret_versions(path="scoped/app/a", versions=[1])  # no destroy
+    with pytest.raises(hvac.exceptions.Forbidden):
+        kv.read_secret_metadata(path="scoped/app/a")  # metadata needs history
+    assert kv.delete_latest_version_of_secret(path="scoped/app/a").status_code == 204
+    assert kv.undelete_secret_versions(path="scoped/app/a", versions=[1]).status_code == 204
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client_for(node, token).auth.token.create()  # only root creates tokens
