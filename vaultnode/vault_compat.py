@@ -14,7 +14,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from storage.crypto_errors import CryptoError
-from vaultnode.auth import hash_token, new_accessor, new_token, parse_policies
+from vaultnode.auth import (
+    hash_token,
+    new_accessor,
+    new_token,
+    parse_policies,
+    token_from_headers,
+)
 from vaultnode.commands import CreateToken, RevokeToken
 from vaultnode.http_server import Response
 from vaultnode.names import InvalidInput, format_time
@@ -393,6 +399,4 @@ def _ttl_of(expires_at_us: int | None, now_us: int) -> int | None:
 
 
 def _token_text(call: Call) -> str | None:
-    from vaultnode.auth import token_from_headers
-
     return token_from_headers(call.request.headers)
