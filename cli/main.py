@@ -369,10 +369,67 @@ def history(
             v["valid_to"] or "(current)",
             str(v["index"]),
             v["created_by"].get("display_name") or v["created_by"]["accessor"],
+            _version_state(v),
         ]
         for v in reply.body["versions"]
     ]
-    table(rows, ["VERSION", "VALID FROM", "VALID TO", "INDEX", "CREATED BY"])
+    table(rows, ["VERSION", "VALID FROM", "VALID TO", "INDEX", "CREATED BY", "STATE"])
+
+
+def _version_state(version: dict[str, Any]) -> str:
+    if version.get("destroyed"):
+        return "destroyed"
+    if version.get("deletion_time"):
+        return f"deleted {version['deletion_time']}"
+    return ""
+
+
+def _change_versions(ctx: Context, action: str, name: str, versions: tuple[int, ...]) -> None:
+    if action == "delete" and not versions:
+        reply = run(lambda: ctx.client.request("DELETE", f"/v1/secrets/{name}"))
+    else:
+        if not versions:
+            raise click.UsageError(f"name the versions to {action} with --version N")
+        body = {"versions": list(versions)}
+        reply = run(lambda: ctx.client.request("POST", f"/v1/{action}/{name}", json_body=body))
+    changed = ", ".join(str(v) for v in reply.body["versions"]) or "none (already so)"
+    past = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[action]
+    click.echo(f"{past} {name} versions: {changed}")
+
+
+_VERSIONS_OPTION = click.option(
+    "--version", "versions", type=click.IntRange(min=1), multiple=True, help="Repeatable."
+)
+
+
+@main.command()
+@click.argument("name")
+@_VERSIONS_OPTION
+@pass_ctx
+def delete(ctx: Context, name: str, versions: tuple[int, ...]) -> None:
+    """Soft-delete versions of NAME (the current one by default); undelete reverses it."""
+    _change_versions(ctx, "delete", name, versions)
+
+
+@main.command()
+@click.argument("name")
+@_VERSIONS_OPTION
+@pass_ctx
+def undelete(ctx: Context, name: str, versions: tuple[int, ...]) -> None:
+    """Make soft-deleted versions of NAME readable again."""
+    _change_versions(ctx, "undelete", name, versions)
+
+
+@main.command()
+@click.argument("name")
+@_VERSIONS_OPTION
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def destroy(ctx: Context, name: str, versions: tuple[int, ...], yes: bool) -> None:
+    """Destroy versions of NAME for good: their data keys are dropped on every node."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"destroy {name} versions {list(versions)} for good?", abort=True)
+    _change_versions(ctx, "destroy", name, versions)
 
 
 @main.command(name="list")

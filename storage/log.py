@@ -265,6 +265,14 @@ class SegmentedLog:
             self._cache_put(self.last_index, bytes(payload))
         segment.size_bytes = offset
 
+    def roll(self) -> None:
+        """Start a new segment now (unless the active one is empty), so that the next
+        `compact_before` past everything written so far deletes all of it: how the records of a
+        destroyed secret version leave the disk instead of waiting for the size-based roll."""
+        self._check_usable()
+        if self._segments[-1].size_bytes > 0:
+            self._roll()
+
     def _roll(self) -> None:
         # The old segment must be complete on disk before the new one exists: otherwise a crash
         # could keep the new segment and lose the old one's tail, leaving a gap.

@@ -94,7 +94,7 @@ def test_only_the_root_token_may_create_tokens(shared_vault: Cluster) -> None:
         {},
         {"policies": []},
         {"policies": [{"prefix": "a/"}]},
-        {"policies": [{"prefix": "a/", "capabilities": ["delete"]}]},
+        {"policies": [{"prefix": "a/", "capabilities": ["sudo"]}]},
         {"policies": [{"prefix": "a b/", "capabilities": ["read"]}]},
         {"policies": [{"prefix": "a/", "capabilities": ["read"], "extra": 1}]},
         {"policies": [{"prefix": "a/", "capabilities": ["read"]}], "ttl": 0},

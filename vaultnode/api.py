@@ -42,6 +42,7 @@ from vaultnode.commands import (
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
 from vaultnode.http_server import Request, Response, error_response
+from vaultnode.kv2 import Kv2Api
 from vaultnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vaultnode.metrics import NodeMetrics
 from vaultnode.names import (
@@ -52,10 +53,17 @@ from vaultnode.names import (
     format_time,
     parse_time,
 )
+from vaultnode.native_deletion import DeletionRoutes
 from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown
 from vaultnode.replication import ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
+from vaultnode.vault_compat import (
+    DEFAULT_KV_V2_MOUNT,
+    VaultCompatApi,
+    as_vault_error,
+    vault_paths,
+)
 
 OUTCOME_STATUS: dict[str, int] = {
     "created": 201,
@@ -66,6 +74,13 @@ OUTCOME_STATUS: dict[str, int] = {
     "kek_rotated": 200,
     "rewrapped": 200,
     "kek_retired": 200,
+    "version_written": 200,
+    "versions_deleted": 200,
+    "versions_undeleted": 200,
+    "versions_destroyed": 200,
+    "metadata_written": 200,
+    "secret_deleted": 200,
+    "cas_required": 400,
     "already_exists": 409,
     "version_conflict": 409,
     "key_in_use": 409,
@@ -121,7 +136,7 @@ class Call:
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
-_LOCAL_PATHS = ("/health", "/metrics")
+_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health")
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
 STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
@@ -153,6 +168,8 @@ class VaultApi:
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         audit: AuditTrail | None = None,
         metrics: NodeMetrics | None = None,
+        kv_v2_mount: str = DEFAULT_KV_V2_MOUNT,
+        cluster_id: str = "",
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -181,7 +198,11 @@ class VaultApi:
             ("POST", "/v1/sys/rewrap", True, self._rewrap),
             ("GET", "/v1/sys/keys", True, self._keys),
             ("POST", "/v1/sys/keys/", False, self._retire),
+            *DeletionRoutes(self).routes(),
+            *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
+            *Kv2Api(self, kv_v2_mount).routes(),
         ]
+        self._vault_paths = vault_paths(kv_v2_mount)
 
     # ---- dispatch ---------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -219,6 +240,8 @@ class VaultApi:
             # Answered here rather than in the HTTP server so the request is still audited.
             self._log(call, "request.failed", 500, "internal", error=type(exc).__name__)
             response = error_response(500, "internal", "internal error")
+        if request.path.startswith(self._vault_paths):
+            response = as_vault_error(response)
         response = self._observe(call, response)
         response.headers.append(("X-Request-Id", request_id))
         if call.stale_bound_ms is not None:
@@ -412,8 +435,19 @@ class VaultApi:
         self._log(call, event, status, code)
 
     def _open(self, call: Call, name: str, version: Version) -> str:
+        return self._open_bytes(call, name, version).decode("utf-8")
+
+    def _open_bytes(self, call: Call, name: str, version: Version) -> bytes:
+        if not version.readable:
+            raise ApiError(
+                404,
+                "not_found",
+                f"version {version.version} of {name!r} is "
+                + ("destroyed" if version.destroyed else "deleted"),
+                {"version": version.version, "destroyed": version.destroyed},
+            )
         try:
-            return self.sealer.open(name, version.sealed).decode("utf-8")
+            return self.sealer.open(name, version.sealed)
         except CryptoError as exc:
             call.fields["version"] = version.version
             self._log_integrity_error(call, name, version.version, exc)
@@ -536,6 +570,9 @@ class VaultApi:
             "valid_to": format_time(secret.valid_to_us(position)),
             "index": version.index,
         }
+        if version.value_format != "text":
+            # A KV v2 object: `value` is its canonical JSON text (docs/api.md, value mapping).
+            body["value_format"] = version.value_format
         if call.request.query.get("consistency") == ["stale"]:
             body["applied_index"] = self.state.applied_index  # what this answer reflects
         return Response.json(200, body)
@@ -577,18 +614,22 @@ class VaultApi:
                 # Only a further matching version earns a next page, never an empty one.
                 more_match = True
                 break
-            versions.append(
-                {
-                    "version": version.version,
-                    "valid_from": format_time(version.valid_from_us),
-                    "valid_to": format_time(valid_to),
-                    "index": version.index,
-                    "created_by": {
-                        "accessor": version.created_by,
-                        "display_name": self.state.display_names.get(version.created_by),
-                    },
-                }
-            )
+            entry: dict[str, Any] = {
+                "version": version.version,
+                "valid_from": format_time(version.valid_from_us),
+                "valid_to": format_time(valid_to),
+                "index": version.index,
+                "created_by": {
+                    "accessor": version.created_by,
+                    "display_name": self.state.display_names.get(version.created_by),
+                },
+            }
+            # Only on versions deleted or destroyed, so older clients' view is unchanged.
+            if version.deleted_at_us is not None:
+                entry["deletion_time"] = format_time(version.deleted_at_us)
+            if version.destroyed:
+                entry["destroyed"] = True
+            versions.append(entry)
         body: dict[str, Any] = {"name": name, "versions": versions}
         if more_match:
             body["next_after_version"] = versions[-1]["version"]
@@ -683,7 +724,11 @@ class VaultApi:
             if secret is None or (version is not None and version > len(secret.versions)):
                 missing.append(name if version is None else f"{name}@{version}")
                 continue
-            found.append((name, secret, (version or len(secret.versions)) - 1))
+            position = (version or len(secret.versions)) - 1
+            if not secret.versions[position].readable:
+                missing.append(f"{name}@{position + 1}")
+                continue
+            found.append((name, secret, position))
         if missing:
             raise ApiError(404, "not_found", "not found: " + ", ".join(missing), {"names": missing})
         result = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from vaultnode.state import Token, VaultState
 
 TOKEN_PREFIX = "vlt_"
-CAPABILITIES = ("create", "update", "read", "history", "list")
+CAPABILITIES = ("create", "update", "read", "history", "list", "delete", "destroy")
 
 
 def new_token() -> str:

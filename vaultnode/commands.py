@@ -118,6 +118,64 @@ class RetireKek(Command):
     kek_id: int = 0
 
 
+@dataclass(frozen=True)
+class PutVersion(Command):
+    """A KV v2 write: a new version whether or not the secret exists, decided at apply time.
+
+    `cas` is Vault's check-and-set: None writes blindly, 0 only creates, N only follows version N.
+    """
+
+    TAG: ClassVar[str] = "put_version"
+    name: str = ""
+    sealed: dict[str, Any] = field(default_factory=dict)
+    value_format: str = "text"  # "text": a native string; "json": canonical JSON object text
+    cas: int | None = None
+
+
+@dataclass(frozen=True)
+class DeleteVersions(Command):
+    """Soft-delete versions (an empty list means the latest): they stop being readable."""
+
+    TAG: ClassVar[str] = "delete_versions"
+    name: str = ""
+    versions: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UndeleteVersions(Command):
+    TAG: ClassVar[str] = "undelete_versions"
+    name: str = ""
+    versions: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DestroyVersions(Command):
+    """Drop versions' sealed records (their wrapped data keys) from the state for good."""
+
+    TAG: ClassVar[str] = "destroy_versions"
+    name: str = ""
+    versions: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WriteMetadata(Command):
+    """KV v2 key settings; a None field is left as it is."""
+
+    TAG: ClassVar[str] = "write_metadata"
+    name: str = ""
+    max_versions: int | None = None
+    cas_required: bool | None = None
+    custom_metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class DeleteSecret(Command):
+    """Remove a secret with every version and its metadata (every version destroyed)."""
+
+    TAG: ClassVar[str] = "delete_secret"
+    name: str = ""
+
+
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.TAG: cls
     for cls in (
@@ -130,6 +188,12 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         RotateKek,
         RewrapVersions,
         RetireKek,
+        PutVersion,
+        DeleteVersions,
+        UndeleteVersions,
+        DestroyVersions,
+        WriteMetadata,
+        DeleteSecret,
     )
 }
 

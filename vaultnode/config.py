@@ -6,6 +6,7 @@ reason, and is raised before the node touches its data directory or opens a port
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class NodeConfig:
     http_plaintext: bool = False
     http_tls_cert_file: Path | None = None
     http_tls_key_file: Path | None = None
+    # The path of the KV v2 API (docs/api.md): /v1/<kv_v2_mount>/data/..., one path segment.
+    kv_v2_mount: str = "secret"
 
     @property
     def http_scheme(self) -> str:
@@ -139,7 +142,7 @@ KNOWN_KEYS = frozenset({
     "node_id", "cluster_id", "data_dir", "http_listen", "peer_listen", "root_key_file",
     "root_token_sha256", "root_accessor", "peers", "limits", "log_level", "audit_file",
     "tls_ca_file", "tls_cert_file", "tls_key_file", "http_plaintext", "http_tls_cert_file",
-    "http_tls_key_file",
+    "http_tls_key_file", "kv_v2_mount",
 })
 
 
@@ -207,7 +210,24 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         audit_file=path_of("audit_file") if "audit_file" in data else None,
         **_tls_paths(data, path_of, len(peers) > 1),
         **_http_tls(data, path_of),
+        kv_v2_mount=_kv_v2_mount(data),
     )
+
+
+# Mount names that would shadow the native API's own paths.
+_RESERVED_MOUNTS = frozenset(
+    {"secrets", "history", "tokens", "batch", "sys", "auth", "delete", "undelete", "destroy"}
+)
+
+
+def _kv_v2_mount(data: dict[str, Any]) -> str:
+    mount = _require(data, "kv_v2_mount", str) if "kv_v2_mount" in data else "secret"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mount) or mount in _RESERVED_MOUNTS:
+        raise ConfigError(
+            "kv_v2_mount: one path segment of 1 to 64 letters, digits, '_' or '-', "
+            f"not one of {', '.join(sorted(_RESERVED_MOUNTS))}"
+        )
+    return mount
 
 
 def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str, Any]:

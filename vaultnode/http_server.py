@@ -92,6 +92,12 @@ def _encode_response(response: Response, keep_alive: bool) -> bytes:
     return (head + "\r\n").encode("latin-1") + response.body
 
 
+# llhttp knows a fixed set of methods, and LIST (Vault's listing method) is not among them: a
+# request that starts with it is fed to the parser as GET and handed on as LIST.
+_LIST_START = b"LIST "
+_LIST_AS_GET = b"GET "
+
+
 # A parsed request with its keep-alive flag, an answer decided by the parser, or None: no more.
 _Work = tuple[Request | Response, bool] | None
 
@@ -123,6 +129,10 @@ class _HttpConnection(asyncio.Protocol):
         self._outgoing: list[bytes] = []
         self._close_after_outgoing = False
         self._write_queued = False
+        self._in_message = False
+        self._held = b""  # the start of a request too short to tell whether it is a LIST
+        self._next_is_list = False
+        self._is_list = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,6 +152,17 @@ class _HttpConnection(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_message:
+            data = self._held + data
+            self._held = b""
+            if len(data) < len(_LIST_START) and _LIST_START.startswith(data):
+                self._held = data
+                return
+            if data.startswith(_LIST_START):
+                # Only at a request's start: a LIST pipelined behind another request in the
+                # same read is refused as malformed (clients that send LIST do not pipeline).
+                data = _LIST_AS_GET + data[len(_LIST_START) :]
+                self._next_is_list = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -153,6 +174,8 @@ class _HttpConnection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._in_message = True
+        self._is_list, self._next_is_list = self._next_is_list, False
         self._url = b""
         self._headers = {}
         self._body = []
@@ -174,6 +197,7 @@ class _HttpConnection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         keep_alive = self._parser.should_keep_alive() and not self._server.closing
         if self._too_large:
             limit = self._body_bytes_max
@@ -189,7 +213,7 @@ class _HttpConnection(asyncio.Protocol):
         query = (
             parse_qs(parsed.query.decode("latin-1"), keep_blank_values=True) if parsed.query else {}
         )
-        method = self._parser.get_method().decode("latin-1")
+        method = "LIST" if self._is_list else self._parser.get_method().decode("latin-1")
         request = Request(
             method, path, query, self._headers, b"".join(self._body), _peer_host(self._transport)
         )

@@ -111,8 +111,8 @@ class VaultNode:
             idempotency_keys_per_accessor_max=config.limits.idempotency_keys_per_accessor_max,
         )
         state = VaultState(limits)
-        replicator = self._make_replicator(state)
         try:
+            replicator = self._make_replicator(state)
             replayed = replicator.replay()
         except StorageError as exc:
             raise StartupError(f"the log cannot be opened: {exc}") from exc
@@ -181,6 +181,8 @@ class VaultNode:
             limits=config.limits,
             audit=audit,
             metrics=metrics,
+            kv_v2_mount=config.kv_v2_mount,
+            cluster_id=config.cluster_id,
         )
         audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)

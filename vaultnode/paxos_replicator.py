@@ -480,7 +480,11 @@ class PaxosReplicator:
         )
 
     def _maybe_snapshot(self, slot: int) -> None:
-        if self._snapshot_writing or slot - self._last_snapshot_slot < self._snapshot_every_slots:
+        if self._snapshot_writing:
+            return
+        # A destroyed record must leave the disk at the next snapshot, not thousands of slots on.
+        shred = self.state.destroyed_at_index > self._last_snapshot_slot
+        if not shred and slot - self._last_snapshot_slot < self._snapshot_every_slots:
             return
         # Serialising the whole state on the event loop stalled a leader past the election
         # timeout once the state reached tens of MB (bench/bench_cluster.py soak: an election at
@@ -521,11 +525,23 @@ class PaxosReplicator:
         data = fut.result()
         if data is None:
             return
+        destroyed_at = self.state.destroyed_at_index
+        if self._last_snapshot_slot < destroyed_at <= slot and self._log is not None:
+            # The restatement snapshot_taken appends then opens a new segment, so compaction
+            # deletes every segment that held the destroyed records (the active one too).
+            try:
+                self._log.roll()
+            except Exception as exc:  # a disk error stops the node
+                self._fatal(exc)
+                return
         self._last_snapshot_slot = slot
         self.snapshots_total["local"] += 1
         self.snapshot_size_bytes = len(data)
         self.replica.snapshot_taken(slot, data)
         self._events.emit("snapshot.taken", slot=slot, size_bytes=len(data), source="local")
+        self._kick()  # persist the restatement and compact now, not at the next message
+        if self.state.destroyed_at_index > slot:  # destroyed while this one was being written
+            self._maybe_snapshot(self.state.applied_index)
 
     def _note_role_change(self) -> None:
         replica = self.replica

@@ -21,6 +21,7 @@ import msgpack
 
 from storage.disk import RealDisk
 from storage.log import SegmentedLog
+from storage.snapshot_file import load_latest_snapshot, remove_snapshots_before, write_snapshot
 from vaultnode.commands import Command, decode_command, encode_command
 from vaultnode.events import EventLog
 from vaultnode.state import Outcome, VaultState
@@ -55,8 +56,14 @@ class LocalReplicator:
         on_fatal: Callable[[BaseException], None],
         *,
         entry_commands_max: int = 2048,
+        snapshot_dir: str | None = None,
+        snapshot_index: int = 0,
     ) -> None:
         self._log = log
+        # The log is never compacted for size here; only a destroy makes this node snapshot and
+        # compact, so the destroyed records' bytes leave the disk (docs/encryption.md).
+        self._snapshot_dir = snapshot_dir
+        self._snapshot_index = snapshot_index
         self.state = state
         self.node_id = node_id
         self._on_fatal = on_fatal
@@ -82,9 +89,19 @@ class LocalReplicator:
         *,
         segment_bytes_max: int,
     ) -> LocalReplicator:
-        """Open (repairing a torn tail, refusing corruption) the node's log in `directory`."""
+        """Open (repairing a torn tail, refusing corruption) the node's log in `directory`, after
+        restoring the state from the snapshot beside it, if a destroy made one."""
+        snapshot_dir = str(directory.parent / "snapshots")
+        snapshot = load_latest_snapshot(RealDisk(), snapshot_dir)
+        snapshot_index = 0
+        if snapshot is not None:
+            state.replace_with(VaultState.restore(snapshot.payload, state.limits))
+            snapshot_index = snapshot.log_index
         log, report = SegmentedLog.open(
-            RealDisk(), str(directory), segment_size_bytes_max=segment_bytes_max
+            RealDisk(),
+            str(directory),
+            segment_size_bytes_max=segment_bytes_max,
+            first_index_if_empty=snapshot_index + 1,
         )
         if report.torn_tail is not None:
             tail = report.torn_tail
@@ -95,7 +112,14 @@ class LocalReplicator:
                 dropped_bytes=tail.dropped_size_bytes,
                 reason=tail.reason,
             )
-        return cls(log, state, node_id, on_fatal)
+        return cls(
+            log,
+            state,
+            node_id,
+            on_fatal,
+            snapshot_dir=snapshot_dir,
+            snapshot_index=snapshot_index,
+        )
 
     def log_paths(self) -> list[str]:
         return self._log.segment_paths
@@ -173,6 +197,28 @@ class LocalReplicator:
                 outcome = self.state.apply(index, command)
                 if not future.done():
                     future.set_result(outcome)
+            if self.state.destroyed_at_index > self._snapshot_index and self._snapshot_dir:
+                try:
+                    await self._shred(loop, self._snapshot_dir)
+                except BaseException as exc:
+                    self._fail_everything(exc, [])
+                    return
+
+    async def _shred(self, loop: asyncio.AbstractEventLoop, snapshot_dir: str) -> None:
+        """Snapshot the state (which no longer holds the destroyed records), start a new log
+        segment and delete every older one and every older snapshot."""
+        index = self.state.applied_index
+        payload = self.state.snapshot()
+
+        def write_and_compact() -> None:
+            disk = RealDisk()
+            write_snapshot(disk, snapshot_dir, index, payload)
+            self._log.roll()
+            self._log.compact_before(index + 1)
+            remove_snapshots_before(disk, snapshot_dir, index)
+
+        await loop.run_in_executor(self._fsync_thread, write_and_compact)
+        self._snapshot_index = index
 
     def _timed_sync(self) -> float:
         # Timed on the fsync thread, so the figure excludes the hop to and from the event loop.

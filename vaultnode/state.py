@@ -21,15 +21,24 @@ from vaultnode.commands import (
     Command,
     CreateSecret,
     CreateToken,
+    DeleteSecret,
+    DeleteVersions,
+    DestroyVersions,
     InitVault,
+    PutVersion,
     RetireKek,
     RevokeToken,
     RewrapVersions,
     RotateKek,
+    UndeleteVersions,
     UpdateSecret,
+    WriteMetadata,
 )
 
-SNAPSHOT_FORMAT_VERSION = 1
+# 2 added version deletion, destruction and value formats, KV v2 metadata and the record ids of
+# removed versions; format 1 snapshots still load (they have none of these).
+SNAPSHOT_FORMAT_VERSION = 2
+SNAPSHOT_FORMATS_READ = frozenset({1, 2})
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,12 @@ SUCCESS_CODES = frozenset(
         "kek_rotated",
         "rewrapped",
         "kek_retired",
+        "version_written",
+        "versions_deleted",
+        "versions_undeleted",
+        "versions_destroyed",
+        "metadata_written",
+        "secret_deleted",
     }
 )
 
@@ -75,10 +90,34 @@ TRANSIENT_CODES = frozenset({"retry", "unavailable"})
 @dataclass
 class Version:
     version: int
+    # Destroyed: only {"record_id"} is left, so nothing (not the wrapped data key) can open it.
     sealed: dict[str, Any]
     valid_from_us: int
     index: int
     created_by: str
+    deleted_at_us: int | None = None
+    destroyed: bool = False
+    value_format: str = "text"  # "json": a KV v2 object stored as canonical JSON text
+
+    @property
+    def readable(self) -> bool:
+        return self.deleted_at_us is None and not self.destroyed
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.version,
+            self.sealed,
+            self.valid_from_us,
+            self.index,
+            self.created_by,
+            self.deleted_at_us,
+            self.destroyed,
+            self.value_format,
+        ]
+
+    def destroy(self) -> None:
+        self.destroyed = True
+        self.sealed = {"record_id": self.sealed["record_id"]}
 
 
 @dataclass
@@ -87,13 +126,41 @@ class Secret:
     versions: list[Version] = field(default_factory=list)
 
     def valid_to_us(self, position: int) -> int | None:
+        """When the version stopped being valid: the next version's start, or its soft
+        deletion if that came first (undeleting reopens it)."""
         nxt = position + 1
-        return self.versions[nxt].valid_from_us if nxt < len(self.versions) else None
+        end = self.versions[nxt].valid_from_us if nxt < len(self.versions) else None
+        deleted = self.versions[position].deleted_at_us
+        if deleted is not None and (end is None or deleted < end):
+            return deleted
+        return end
 
     def version_at(self, at_us: int) -> Version | None:
         starts = [v.valid_from_us for v in self.versions]
         position = bisect.bisect_right(starts, at_us) - 1
         return self.versions[position] if position >= 0 else None
+
+
+@dataclass
+class KvMetadata:
+    """KV v2 settings of one name; they may exist before the name's first version."""
+
+    max_versions: int = 0  # 0: keep every version
+    cas_required: bool = False
+    custom_metadata: dict[str, str] = field(default_factory=dict)
+    created_at_us: int = 0
+    updated_at_us: int = 0
+    oldest_version: int = 0  # versions below it were destroyed by max_versions
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.max_versions,
+            self.cas_required,
+            self.custom_metadata,
+            self.created_at_us,
+            self.updated_at_us,
+            self.oldest_version,
+        ]
 
 
 @dataclass
@@ -150,6 +217,8 @@ class VaultState:
         self.initialized = False
         self.key_check_value = b""
         self.secrets: dict[str, Secret] = {}
+        self.kv_metadata: dict[str, KvMetadata] = {}
+        # Every sealed record id ever applied, destroyed ones too: a replayed record stays refused.
         self.record_ids: set[bytes] = set()
         self.tokens_by_hash: dict[bytes, Token] = {}
         self.tokens_by_accessor: dict[str, Token] = {}
@@ -164,6 +233,11 @@ class VaultState:
         self._keys_of: dict[str, OrderedDict[str, None]] = {}
         self._holders: dict[int, set[str]] = {}
         self._most_held = 0
+        # Not replicated state (never in a snapshot): the last index whose command destroyed a
+        # sealed record, which tells the replicator to snapshot, roll and compact its log now so
+        # the record's bytes leave the disk (docs/encryption.md, crypto-shredding).
+        self.destroyed_at_index = 0
+        self._destroyed_records = 0
 
     # ---- apply -------------------------------------------------------------------------
     def apply(self, index: int, command: Command) -> Outcome:
@@ -186,7 +260,10 @@ class VaultState:
                     )
                 return Outcome.from_wire(known.outcome_wire, replayed=True)
 
+        destroyed_before = self._destroyed_records
         outcome = self._apply_command(index, now_us, command)
+        if self._destroyed_records != destroyed_before:
+            self.destroyed_at_index = index
 
         # A transient outcome changed nothing and asks the client to retry; remembering it would
         # answer every retry with the same 503 until the key expired.
@@ -275,6 +352,14 @@ class VaultState:
             return self._rewrap(command)
         if isinstance(command, RetireKek):
             return self._retire(command)
+        if isinstance(command, PutVersion):
+            return self._put_version(index, now_us, principal, command)
+        if isinstance(command, DeleteVersions | UndeleteVersions | DestroyVersions):
+            return self._change_versions(now_us, command)
+        if isinstance(command, WriteMetadata):
+            return self._write_metadata(now_us, command)
+        if isinstance(command, DeleteSecret):
+            return self._delete_secret(command)
         raise AssertionError(f"unhandled command type {type(command).__name__}")
 
     def _init(self, now_us: int, command: InitVault) -> Outcome:
@@ -361,14 +446,18 @@ class VaultState:
         if problem is not None:
             return Outcome("retry", message=problem)
         version = Version(current + 1, command.sealed, now_us, index, principal)
+        return self._append(index, secret, version, "updated")
+
+    def _append(self, index: int, secret: Secret, version: Version, code: str) -> Outcome:
         secret.versions.append(version)
-        self.record_ids.add(command.sealed["record_id"])
+        self.record_ids.add(version.sealed["record_id"])
+        self._prune(secret)
         return Outcome(
-            "updated",
+            code,
             data={
-                "name": command.name,
+                "name": secret.name,
                 "version": version.version,
-                "valid_from_us": now_us,
+                "valid_from_us": version.valid_from_us,
                 "index": index,
             },
         )
@@ -427,6 +516,8 @@ class VaultState:
             if secret is None or not 1 <= item["version"] <= len(secret.versions):
                 continue
             version = secret.versions[item["version"] - 1]
+            if version.destroyed:  # destroyed after the rewrap read it: it stays destroyed
+                continue
             sealed = item["sealed"]
             if sealed.get("record_id") != version.sealed.get("record_id"):
                 continue
@@ -452,6 +543,110 @@ class VaultState:
         kek.wrapped = b""  # a retired key is gone for good, not merely unused
         return Outcome("kek_retired", data={"kek_id": command.kek_id})
 
+    def _put_version(
+        self, index: int, now_us: int, principal: str, command: PutVersion
+    ) -> Outcome:
+        secret = self.secrets.get(command.name)
+        current = secret.versions[-1].version if secret is not None else 0
+        metadata = self.kv_metadata.get(command.name)
+        if command.cas is None and metadata is not None and metadata.cas_required:
+            return Outcome(
+                "cas_required",
+                message="check-and-set parameter required for this call",
+            )
+        if command.cas is not None and command.cas != current:
+            return Outcome(
+                "version_conflict",
+                data={"current_version": current},
+                message="check-and-set parameter did not match the current version",
+            )
+        problem = self._sealed_problem(command.name, command.sealed, fresh=True)
+        if problem is not None:
+            return Outcome("retry", message=problem)
+        if secret is None:
+            secret = Secret(command.name)
+            self.secrets[command.name] = secret
+        version = Version(
+            current + 1, command.sealed, now_us, index, principal, value_format=command.value_format
+        )
+        return self._append(index, secret, version, "version_written")
+
+    def _prune(self, secret: Secret) -> None:
+        """Destroy the oldest versions beyond the name's max_versions."""
+        metadata = self.kv_metadata.get(secret.name)
+        if metadata is None or metadata.max_versions == 0:
+            return
+        current = secret.versions[-1].version
+        keep_from = current - metadata.max_versions + 1
+        for version in secret.versions[max(metadata.oldest_version, 1) - 1 : max(keep_from, 1) - 1]:
+            if not version.destroyed:
+                self._destroy(version)
+        metadata.oldest_version = max(metadata.oldest_version, keep_from, 1)
+
+    def _destroy(self, version: Version) -> None:
+        version.destroy()
+        self._destroyed_records += 1
+
+    def _change_versions(
+        self, now_us: int, command: DeleteVersions | UndeleteVersions | DestroyVersions
+    ) -> Outcome:
+        secret = self.secrets.get(command.name)
+        if secret is None:
+            return Outcome("not_found", message=f"no secret named {command.name!r}")
+        wanted = command.versions or [secret.versions[-1].version]
+        changed: list[int] = []
+        # Versions that do not exist are skipped, as Vault does: the request names a set.
+        for number in sorted(set(wanted)):
+            if not 1 <= number <= len(secret.versions):
+                continue
+            version = secret.versions[number - 1]
+            if version.destroyed:
+                continue
+            if isinstance(command, DeleteVersions):
+                if version.deleted_at_us is None:
+                    version.deleted_at_us = now_us
+                    changed.append(number)
+            elif isinstance(command, UndeleteVersions):
+                if version.deleted_at_us is not None:
+                    version.deleted_at_us = None
+                    changed.append(number)
+            else:
+                self._destroy(version)
+                changed.append(number)
+        code = {
+            DeleteVersions: "versions_deleted",
+            UndeleteVersions: "versions_undeleted",
+            DestroyVersions: "versions_destroyed",
+        }[type(command)]
+        return Outcome(code, data={"name": command.name, "versions": changed})
+
+    def _write_metadata(self, now_us: int, command: WriteMetadata) -> Outcome:
+        metadata = self.kv_metadata.get(command.name)
+        if metadata is None:
+            metadata = KvMetadata(created_at_us=now_us)
+            self.kv_metadata[command.name] = metadata
+        if command.max_versions is not None:
+            metadata.max_versions = command.max_versions
+        if command.cas_required is not None:
+            metadata.cas_required = command.cas_required
+        if command.custom_metadata is not None:
+            metadata.custom_metadata = dict(command.custom_metadata)
+        metadata.updated_at_us = now_us
+        secret = self.secrets.get(command.name)
+        if secret is not None:
+            self._prune(secret)
+        return Outcome("metadata_written", data={"name": command.name})
+
+    def _delete_secret(self, command: DeleteSecret) -> Outcome:
+        # The record ids stay in record_ids (and in snapshots): a replayed record stays refused.
+        secret = self.secrets.pop(command.name, None)
+        if secret is not None:
+            for version in secret.versions:
+                if not version.destroyed:
+                    self._destroy(version)
+        existed = self.kv_metadata.pop(command.name, None) is not None or secret is not None
+        return Outcome("secret_deleted", data={"name": command.name, "existed": existed})
+
     def mark_applied(self, index: int) -> None:
         """Every command of log position `index` is applied (a no-op slot has none)."""
         assert index >= self.applied_index, f"applied out of order: {index} < {self.applied_index}"
@@ -466,6 +661,8 @@ class VaultState:
         counts: dict[int, int] = {}
         for secret in self.secrets.values():
             for version in secret.versions:
+                if version.destroyed:
+                    continue
                 kek_id = version.sealed["kek_id"]
                 counts[kek_id] = counts.get(kek_id, 0) + 1
         return counts
@@ -474,7 +671,7 @@ class VaultState:
         found: list[tuple[str, Version]] = []
         for secret in self.secrets.values():
             for version in secret.versions:
-                if version.sealed["kek_id"] != kek_id:
+                if not version.destroyed and version.sealed["kek_id"] != kek_id:
                     found.append((secret.name, version))
                     if len(found) >= limit:
                         return found
@@ -488,22 +685,18 @@ class VaultState:
 
     # ---- snapshots ---------------------------------------------------------------------
     def snapshot(self) -> bytes:
+        live_record_ids = {
+            v.sealed["record_id"] for s in self.secrets.values() for v in s.versions
+        }
         body = {
             "format": SNAPSHOT_FORMAT_VERSION,
             "applied_index": self.applied_index,
             "last_time_us": self.last_time_us,
             "initialized": self.initialized,
             "kcv": self.key_check_value,
-            "secrets": [
-                [
-                    s.name,
-                    [
-                        [v.version, v.sealed, v.valid_from_us, v.index, v.created_by]
-                        for v in s.versions
-                    ],
-                ]
-                for s in self.secrets.values()
-            ],
+            "secrets": [[s.name, [v.to_wire() for v in s.versions]] for s in self.secrets.values()],
+            "kv_metadata": [[name, m.to_wire()] for name, m in self.kv_metadata.items()],
+            "removed_record_ids": sorted(self.record_ids - live_record_ids),
             "tokens": [
                 [
                     t.accessor,
@@ -529,7 +722,7 @@ class VaultState:
     @classmethod
     def restore(cls, data: bytes, limits: StateLimits | None = None) -> VaultState:
         body = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        if body.get("format") != SNAPSHOT_FORMAT_VERSION:
+        if body.get("format") not in SNAPSHOT_FORMATS_READ:
             raise ValueError(f"unsupported vault snapshot format {body.get('format')!r}")
         state = cls(limits)
         state.applied_index = body["applied_index"]
@@ -540,6 +733,9 @@ class VaultState:
             secret = Secret(name, [Version(*v) for v in versions])
             state.secrets[name] = secret
             state.record_ids.update(v.sealed["record_id"] for v in secret.versions)
+        for name, metadata in body.get("kv_metadata", []):
+            state.kv_metadata[name] = KvMetadata(*metadata)
+        state.record_ids.update(body.get("removed_record_ids", []))
         for t in body["tokens"]:
             state._add_token(Token(*t))
         state.display_names.update(body["display_names"])
