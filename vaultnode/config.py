@@ -41,6 +41,9 @@ class Limits:
     idempotency_retention_s: int = 24 * 3600
     idempotency_keys_max: int = 100_000
     snapshot_every_slots: int = 10_000
+    # A node whose wall clock is further than this from a majority's proposes nothing, stands
+    # for no election and refuses requests (docs/consensus.md, "Clocks").
+    max_clock_offset_ms: int = 500
     # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
     shutdown_deadline_s: int = 10
 
