@@ -15,6 +15,8 @@ from consensus.driver import ApplyFailed, ReadyDriver
 from consensus.messages import Accept, Accepted, HeartbeatAck, Message
 from consensus.ready import ChosenSlot, Ready, Snapshot
 from consensus.replica import Replica, Role
+from simulations.simulator import SimConfig, _Simulation
+from simulations.vault_machine import VaultMachine
 
 LIMITS = Limits(election_ticks=10, heartbeat_ticks=2)
 
@@ -219,3 +221,28 @@ def test_a_node_whose_clock_is_off_steps_down_and_never_campaigns(cluster: Clust
     cluster.tick(6 * LIMITS.election_ticks)
     assert cluster.replicas[leader].role == Role.FOLLOWER
     assert any(replica.role == Role.LEADER for replica in cluster.replicas.values())
+
+
+def test_the_simulator_fails_a_run_in_which_a_node_cannot_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One apply somewhere in the run raises: that node stops for good (it is never restarted)
+    # and the run fails, rather than the cluster riding it out like a crash.
+    applies = 0
+    real_apply = VaultMachine.apply
+
+    def apply_once_broken(self: VaultMachine, index: int, command: bytes) -> bytes:
+        nonlocal applies
+        applies += 1
+        if applies == 40:
+            raise RuntimeError("planted apply error")
+        return real_apply(self, index, command)
+
+    monkeypatch.setattr(VaultMachine, "apply", apply_once_broken)
+    simulation = _Simulation(SimConfig(seed=3, node_count=3))
+    result = simulation.run()
+    stopped = [node for node in simulation.nodes.values() if node.stats.apply_errors]
+    assert len(stopped) == 1 and not stopped[0].up and stopped[0].failure is not None
+    assert "ApplyFailed" not in stopped[0].failure and "applying chosen slot" in stopped[0].failure
+    assert not result.ok
+    assert any(v.checker == "liveness" and "down" in v.detail for v in result.violations)
