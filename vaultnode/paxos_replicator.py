@@ -525,9 +525,14 @@ class PaxosReplicator:
             waiter = self._take_waiter(raw)
             if waiter is not None:
                 future, command = waiter
-                if type(command) not in _DECODES_TO_ITSELF:
-                    command = decode_command(raw)
-                outcome = self.state.apply(chosen.slot, command)
+                try:
+                    if type(command) not in _DECODES_TO_ITSELF:
+                        command = decode_command(raw)
+                    outcome = self.state.apply(chosen.slot, command)
+                except Exception:  # the driver stops the node; this request must not hang
+                    if not future.done():
+                        future.set_exception(ReplicationStopped("the node stopped while applying"))
+                    raise
                 if not future.done():
                     future.set_result(outcome)
             else:
