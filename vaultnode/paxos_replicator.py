@@ -135,9 +135,10 @@ def split_by_clock_bound(
     refused: list[bytes] = []
     for raw in commands:
         proposed_at_us = _proposed_at_us(raw)
-        (refused if proposed_at_us is not None and proposed_at_us > latest_us else accepted).append(
-            raw
-        )
+        if proposed_at_us is not None and proposed_at_us > latest_us:
+            refused.append(raw)
+        else:
+            accepted.append(raw)
     return tuple(accepted), tuple(refused)
 
 
