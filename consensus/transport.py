@@ -145,7 +145,10 @@ class PeerTransport:
         self._queue_frame(message.to, _frame(encode_message(message)))
 
     def send_clock_ping(self, peer_id: int) -> None:
-        """Ask the peer for its wall clock; its answer becomes an `on_clock_reading` call."""
+        """Ask the peer for its wall clock; its answer becomes an `on_clock_reading` call. Not
+        sent (nor counted as a dropped frame) while the link is down."""
+        if peer_id not in self._writers:
+            return
         ping = {_PING: time.monotonic_ns()}
         self._queue_frame(peer_id, _frame(msgpack.packb(ping, use_bin_type=True)))
 
