@@ -7,7 +7,8 @@ and a follower's side of both: its proposals and read-index requests go to the l
 
 Inputs: `tick()`, `step(message)`, `propose(commands)`, `request_read(read_id)`,
 `persisted(record_index)`, `applied(slot)`, `snapshot_taken(slot, data)`,
-`install_snapshot(slot, data)`. Output: `ready()` (see `consensus.ready` for the driver's duties).
+`install_snapshot(slot, data)`, `set_clock_ok(ok)`. Output: `ready()` (see `consensus.ready` for
+the driver's duties).
 
 Rules kept here: a Promise or Accepted leaves only after the records behind it are durable (they
 travel in `messages_after_persist`, and messages to self wait for `persisted`); a new leader
@@ -155,6 +156,7 @@ class Replica:
         self._draining = False
         # Timers and proposer state.
         self._tick_count = 0
+        self._clock_ok = True
         self._max_round_seen = state.promised.round
         self._leader_id: int | None = None
         self._ballot = BALLOT_ZERO
@@ -218,6 +220,12 @@ class Replica:
         if self._forwarded_reads:
             self._expire_forwarded_reads()
         self._drain_inbox()
+
+    def set_clock_ok(self, ok: bool) -> None:
+        """Whether the driver finds this node's wall clock within bounds of a majority's. A node
+        whose clock is not stands for no election and, leading, steps down at its next tick:
+        the application stamps commands with the proposer's clock."""
+        self._clock_ok = ok
 
     def step(self, message: Message) -> None:
         """Feed one message received from a peer."""
@@ -542,9 +550,17 @@ class Replica:
     def _tick_election(self) -> None:
         self._election_elapsed += 1
         if self._election_elapsed >= self._election_timeout:
-            self._become_pre_candidate()
+            if self._clock_ok:
+                self._become_pre_candidate()
+            elif self._role != Role.FOLLOWER:
+                self._become_follower(None)
+            else:
+                self._election_elapsed = 0
 
     def _tick_leader(self) -> None:
+        if not self._clock_ok:
+            self._become_follower(None)
+            return
         self._heartbeat_elapsed += 1
         if self._heartbeat_elapsed >= self.limits.heartbeat_ticks:
             self._heartbeat_elapsed = 0

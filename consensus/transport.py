@@ -2,9 +2,13 @@
 
 Owns the peer connections: one outbound connection per peer (dialled, redialled with backoff)
 for sending and the inbound ones for receiving; the handshake (cluster id, node id, protocol
-version), the frame format (4-byte little-endian length + msgpack message, bounded size) and TLS
-identity checks. It must never interpret a message: it delivers what arrives to `on_message` and
-drops what it cannot send — the protocol retransmits, so a lost frame is only a delay.
+version), the frame format (4-byte little-endian length + msgpack message, bounded size), TLS
+identity checks, and clock pings: a transport-level frame (a msgpack map, where a consensus
+message is an array) carrying the sender's monotonic time, answered with the receiver's wall
+clock, which yields a reading of the peer's clock (`on_clock_reading`: the peer's wall clock
+minus ours, corrected by half the round trip). It must never interpret a consensus message: it
+delivers what arrives to `on_message` and drops what it cannot send — the protocol retransmits,
+so a lost frame is only a delay.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +28,8 @@ from consensus.codec import decode_message, encode_message
 from consensus.errors import RemoteProtocolError
 from consensus.messages import Message
 
-PROTOCOL_VERSION = 2  # 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply
+# 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply; 3: clock pings
+PROTOCOL_VERSION = 3
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
@@ -31,6 +37,8 @@ OUTBOX_BYTES_MAX = 64 << 20  # beyond this a peer is not keeping up: drop, it wi
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 1.0
 CONNECT_TIMEOUT_S = 2.0
+# A pong answering a ping older than this says little about the clock offset: ignored.
+CLOCK_ROUND_TRIP_NS_MAX = 2_000_000_000
 
 
 def node_tls_name(node_id: int) -> str:
@@ -50,6 +58,15 @@ class HandshakeError(Exception):
 
 
 EventSink = Callable[..., None]
+# (peer id, the peer's wall clock minus ours in µs, round trip in µs)
+ClockReadingSink = Callable[[int, int, int], None]
+_PING = "ping"  # {"ping": the sender's monotonic ns}
+_PONG = "pong"  # {"pong": the ping's monotonic ns, echoed, "wall_ns": the answerer's wall clock}
+
+
+def _is_clock_frame(payload: bytes) -> bool:
+    """Clock frames are msgpack maps; consensus messages are msgpack arrays."""
+    return bool(payload) and (payload[0] & 0xF0 == 0x80 or payload[0] in (0xDE, 0xDF))
 
 
 def _frame(payload: bytes) -> bytes:
@@ -78,6 +95,7 @@ class PeerTransport:
         server_ssl: ssl.SSLContext | None = None,
         client_ssl: ssl.SSLContext | None = None,
         frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
+        on_clock_reading: ClockReadingSink | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -88,6 +106,7 @@ class PeerTransport:
         self._server_ssl = server_ssl
         self._client_ssl = client_ssl
         self._frame_size_bytes_max = frame_size_bytes_max
+        self._on_clock_reading = on_clock_reading
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._unsent: dict[int, list[bytes]] = {}
         self._flush_scheduled = False
@@ -123,10 +142,21 @@ class PeerTransport:
     def send(self, message: Message) -> None:
         """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
         write. Dropped (and counted) when the peer is not connected or its buffer is full."""
-        if message.to not in self._writers:
+        self._queue_frame(message.to, _frame(encode_message(message)))
+
+    def send_clock_ping(self, peer_id: int) -> None:
+        """Ask the peer for its wall clock; its answer becomes an `on_clock_reading` call. Not
+        sent (nor counted as a dropped frame) while the link is down."""
+        if peer_id not in self._writers:
+            return
+        ping = {_PING: time.monotonic_ns()}
+        self._queue_frame(peer_id, _frame(msgpack.packb(ping, use_bin_type=True)))
+
+    def _queue_frame(self, peer_id: int, frame: bytes) -> None:
+        if peer_id not in self._writers:
             self.frames_dropped += 1
             return
-        self._unsent.setdefault(message.to, []).append(_frame(encode_message(message)))
+        self._unsent.setdefault(peer_id, []).append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -184,6 +214,33 @@ class PeerTransport:
                 self._on_event("peer.disconnected", peer=peer_id, direction="out")
             await asyncio.sleep(backoff_s)
 
+    # ---- clock pings -----------------------------------------------------------------
+    def _on_clock_frame(self, peer_id: int, payload: bytes) -> None:
+        try:
+            frame: Any = msgpack.unpackb(payload, raw=False)
+            if not isinstance(frame, dict):
+                raise TypeError("not a map")
+            if _PING in frame:
+                sent_ns = frame[_PING]
+                if type(sent_ns) is not int:
+                    raise TypeError("ping time is not an integer")
+                pong = {_PONG: sent_ns, "wall_ns": time.time_ns()}
+                self._queue_frame(peer_id, _frame(msgpack.packb(pong, use_bin_type=True)))
+            elif _PONG in frame:
+                sent_ns, wall_ns = frame[_PONG], frame["wall_ns"]
+                if type(sent_ns) is not int or type(wall_ns) is not int:
+                    raise TypeError("pong times are not integers")
+                round_trip_ns = time.monotonic_ns() - sent_ns
+                if not 0 <= round_trip_ns <= CLOCK_ROUND_TRIP_NS_MAX:
+                    return  # not an answer to a ping of ours, or too old to say anything
+                offset_ns = wall_ns + round_trip_ns // 2 - time.time_ns()
+                if self._on_clock_reading is not None:
+                    self._on_clock_reading(peer_id, offset_ns // 1000, round_trip_ns // 1000)
+            else:
+                raise KeyError("neither ping nor pong")
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise RemoteProtocolError(f"malformed clock frame: {exc}") from exc
+
     # ---- inbound ---------------------------------------------------------------------
     def _check_hello(self, raw: bytes, writer: asyncio.StreamWriter) -> int:
         try:
@@ -218,6 +275,9 @@ class PeerTransport:
             self._on_event("peer.connected", peer=peer_id, direction="in")
             while True:
                 payload = await _read_frame(reader, self._frame_size_bytes_max)
+                if _is_clock_frame(payload):
+                    self._on_clock_frame(peer_id, payload)
+                    continue
                 message = decode_message(payload)
                 if message.sender != peer_id or message.to != self.node_id:
                     continue  # a peer may only speak for itself, to us

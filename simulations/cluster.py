@@ -1,12 +1,13 @@
 """One simulated replica process: the real core, the real log, a simulated disk.
 
-Owns: `SimNode`, the driver that carries out the core's `Ready` duties exactly as the daemon
-will (snapshot first, records appended then fsynced, after-persist messages released only once
-the fsync completed, chosen slots applied in order, reads answered once confirmed, log compacted
-after the restatement is durable), over `storage.log.SegmentedLog` and `storage.snapshot_file`
-on a `SimDisk`. Crashes lose unsynced writes (and may tear the last one); a failed fsync stops the
-node, which later recovers from its disk and its peers. Also the node's side of the client
-protocol (propose a write, ask for a read, answer or redirect).
+Owns: `SimNode`, the host of `consensus.driver.ReadyDriver` — the same driver rules the daemon
+runs (sends never wait for an fsync, after-persist messages only once durable, one fsync at a
+time, apply errors and disk errors stop the node) — over `storage.log.SegmentedLog` and
+`storage.snapshot_file` on a `SimDisk`, with fsyncs completing after a simulated latency.
+Crashes lose unsynced writes (and may tear the last one); a failed fsync stops the node, which
+later recovers from its disk and its peers; an exception while applying stops it for good (the
+run then fails its liveness check). Also the node's side of the client protocol (propose a
+write, ask for a read, answer or redirect).
 
 Must never: talk to another node except through `SimNetwork`, keep state across a crash other
 than what is on its `SimDisk`, or retry a failed disk operation.
@@ -21,10 +22,11 @@ from typing import Any
 
 import msgpack
 
-from consensus.codec import decode_message, decode_record, encode_message, encode_record
+from consensus.codec import decode_message, decode_record, encode_message
 from consensus.config import ClusterConfig, Limits
+from consensus.driver import ReadyDriver
 from consensus.messages import Accepted, Message, Promise
-from consensus.ready import Ready, Snapshot, needs_fsync
+from consensus.ready import ChosenSlot, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
@@ -50,6 +52,7 @@ class NodeStats:
     disk_errors: int = 0
     snapshots_taken: int = 0
     snapshots_installed: int = 0
+    apply_errors: int = 0
 
 
 @dataclass
@@ -86,18 +89,18 @@ class SimNode:
         self.incarnation = 0
         self._deferred: list[Callable[[], None]] = []
         self.replica: Replica | None = None
+        self.failure: str | None = None  # why the node stopped for good (an apply error)
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Boot (or reboot) from whatever the disk holds."""
+        """Boot (or reboot) from whatever the disk holds; never after an apply error."""
+        if self.failure is not None:
+            return
         self.incarnation += 1
         self.up = True
         self.paused = False
         self._deferred = []
-        self._held: list[tuple[int, Message]] = []
-        self._sync_scheduled = False
-        self._compact_pending: int | None = None
         self._pending_writes: dict[tuple[int, int], int] = {}
         self._pending_reads: dict[int, _PendingRead] = {}
         self._next_read_id = 0
@@ -131,6 +134,7 @@ class SimNode:
             snapshot,
         )
         self.applied_through = snapshot.slot if snapshot else 0
+        self.driver = ReadyDriver(self.replica, self.log, self)
 
     def crash(self) -> None:
         """Power loss: unsynced writes are gone, maybe the last one torn."""
@@ -201,39 +205,55 @@ class SimNode:
         self._when_running(read)
 
     # ---------------------------------------------------------------- the driver's duties
+    # consensus.driver.ReadyDriver holds the rules (the daemon's too); these are its host calls.
 
     def _process(self) -> None:
+        if self.replica is not None and self.driver.error is None:
+            self.driver.process()
+
+    def send(self, message: Message) -> None:
+        if isinstance(message, Promise | Accepted):
+            self.observer.on_acceptor_reply(self.node_id, message)
+        self.network.send(self.node_id, message.to, encode_message(message))
+
+    def start_sync(self) -> None:
+        incarnation = self.incarnation
+        latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown
+
+        def complete() -> None:
+            if incarnation == self.incarnation:
+                self._when_running(self._sync)
+
+        self.loop.after(latency_ms, complete)
+
+    def _sync(self) -> None:
         try:
-            while self.replica is not None and self.replica.has_ready():
-                self._handle(self.replica.ready())
-        except DiskError:
+            synced = self.log.sync()
+        except DiskError as exc:
+            self.driver.failed(exc)
+            return
+        self.driver.synced(synced)
+
+    def stopped(self, error: BaseException) -> None:
+        if isinstance(error, DiskError):
             # Never retried: the node stops and recovers from its disk and its peers.
             self.stats.disk_errors += 1
             self.crash()
+            return
+        # Anything else (an exception while applying) is a bug in the node, not a fault the
+        # cluster should ride out: the node stays down, so the run fails its liveness check.
+        self.stats.apply_errors += 1
+        self.failure = f"node {self.node_id}: {error}"
+        self.crash()
 
-    def _handle(self, ready: Ready) -> None:
-        assert self.replica is not None
-        if ready.snapshot is not None:
-            write_snapshot(self.disk, SNAPSHOT_DIR, ready.snapshot.slot, ready.snapshot.data)
-            remove_snapshots_before(self.disk, SNAPSHOT_DIR, ready.snapshot.slot)
-            self._restore(ready.snapshot)
-            self.applied_through = ready.snapshot.slot
-            self.stats.snapshots_installed += 1
-        if ready.records:
-            self.log.append([encode_record(record) for record in ready.records])
-        for message in ready.messages:
-            self._send(message)
-        if ready.compact_log_before is not None:
-            self._compact_pending = ready.compact_log_before
-        if ready.persist_through > self.log.synced_index and needs_fsync(ready):
-            self._held.extend((ready.persist_through, m) for m in ready.messages_after_persist)
-            self._schedule_sync()
-        else:
-            for message in ready.messages_after_persist:
-                self._send(message)
-        for chosen in ready.chosen:
-            self._apply(chosen.slot, chosen.value)
-            self.replica.applied(chosen.slot)
+    def install_snapshot(self, snapshot: Snapshot) -> None:
+        write_snapshot(self.disk, SNAPSHOT_DIR, snapshot.slot, snapshot.data)
+        remove_snapshots_before(self.disk, SNAPSHOT_DIR, snapshot.slot)
+        self._restore(snapshot)
+        self.applied_through = snapshot.slot
+        self.stats.snapshots_installed += 1
+
+    def answer(self, ready: Ready) -> None:
         for confirmation in ready.reads:
             self._answer_read(confirmation.read_id)
         for dropped in ready.dropped_proposals:
@@ -246,50 +266,14 @@ class SimNode:
             pending = self._pending_reads.pop(rejected.read_id, None)
             if pending is not None:
                 self.reply(pending.client_id, pending.op_id, "redirect", rejected.leader_hint)
+
+    def after_apply(self) -> None:
         self._maybe_take_snapshot()
-
-    def _send(self, message: Message) -> None:
-        if isinstance(message, Promise | Accepted):
-            self.observer.on_acceptor_reply(self.node_id, message)
-        self.network.send(self.node_id, message.to, encode_message(message))
-
-    def _schedule_sync(self) -> None:
-        if self._sync_scheduled:
-            return
-        self._sync_scheduled = True
-        incarnation = self.incarnation
-        latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown
-
-        def complete() -> None:
-            if incarnation == self.incarnation:
-                self._when_running(self._sync)
-
-        self.loop.after(latency_ms, complete)
-
-    def _sync(self) -> None:
-        assert self.replica is not None
-        self._sync_scheduled = False
-        try:
-            synced = self.log.sync()
-            if self._compact_pending is not None and self._compact_pending <= synced:
-                self.log.compact_before(self._compact_pending)
-                self._compact_pending = None
-        except DiskError:
-            self.stats.disk_errors += 1
-            self.crash()
-            return
-        self.replica.persisted(synced)
-        released = [m for through, m in self._held if through <= synced]
-        self._held = [(through, m) for through, m in self._held if through > synced]
-        for message in released:
-            self._send(message)
-        if self._held or self.log.synced_index < self.log.last_index:
-            self._schedule_sync()
-        self._process()
 
     # ---------------------------------------------------------------- the application
 
-    def _apply(self, slot: int, value: tuple[bytes, ...]) -> None:
+    def apply(self, chosen: ChosenSlot) -> None:
+        slot, value = chosen.slot, chosen.value
         if slot <= self.applied_through:
             return  # covered by a snapshot installed after this slot was handed out
         assert slot == self.applied_through + 1, (slot, self.applied_through)

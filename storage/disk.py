@@ -11,6 +11,11 @@ the kernel):
 - bytes written through an `AppendHandle` survive a crash only after `fsync()` on that handle;
 - a created, removed or renamed name survives a crash only after `fsync_dir` of its directory;
 - `make_dirs` and `truncate` are durable when they return.
+- after a failed fsync the kernel may mark the pages it could not write clean (fsyncgate): they
+  stay readable from the page cache, a later fsync reports success without writing them, and a
+  crash loses them. `drop_cache` flushes a file and drops its cached pages, so that what is read
+  next comes from the device (SimDisk models this: the failed bytes read back as zeros after a
+  `drop_cache` or a crash).
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class Disk(Protocol):
 
     def read_file(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         """Bytes from offset: size of them, or to end of file. Short only at end of file."""
+        ...
+
+    def drop_cache(self, path: str) -> None:
+        """fsync the file, then drop its cached pages: later reads come from the device."""
         ...
 
     def open_append(self, path: str) -> AppendHandle:
@@ -174,6 +183,17 @@ class RealDisk:
 
         return _os_call("read", path, read)
 
+    def drop_cache(self, path: str) -> None:
+        fd = _os_call("open", path, lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            # DONTNEED drops clean pages only: the fsync first writes back the dirty ones.
+            _os_call("fsync", path, lambda: os.fsync(fd))
+            _os_call(
+                "fadvise", path, lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            )
+        finally:
+            _os_call("close", path, lambda: os.close(fd))
+
     def open_append(self, path: str) -> AppendHandle:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = _os_call("open", path, lambda: os.open(path, flags, 0o600))
@@ -206,10 +226,20 @@ class RealDisk:
 
 @dataclass(eq=False)
 class _Inode:
-    """File content; `synced_size_bytes` of `data` would survive a power cut."""
+    """File content; `synced_size_bytes` of `data` would survive a power cut, except the
+    `lost_ranges` (start, end) a failed fsync left cached but never wrote (zeros on the device)."""
 
     data: bytearray = field(default_factory=bytearray)
     synced_size_bytes: int = 0
+    lost_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    def forget_lost_bytes(self) -> None:
+        """Read what the device holds: the bytes a failed fsync never wrote are zeros there."""
+        for start, end in self.lost_ranges:
+            end = min(end, len(self.data))
+            if start < end:
+                self.data[start:end] = bytes(end - start)
+        self.lost_ranges.clear()
 
 
 @dataclass(frozen=True)
@@ -247,8 +277,15 @@ class SimAppendHandle:
 
     def fsync(self) -> None:
         self._check_usable("fsync")
-        self._disk.maybe_fail("fsync", self._path)
-        self._inode.synced_size_bytes = len(self._inode.data)
+        inode = self._inode
+        try:
+            self._disk.maybe_fail("fsync", self._path)
+        except DiskError:
+            # fsyncgate: the pages are marked clean though they never reached the device, so
+            # the next fsync that succeeds does not write them either.
+            inode.lost_ranges.append((inode.synced_size_bytes, len(inode.data)))
+            raise
+        inode.synced_size_bytes = len(inode.data)
 
     def close(self) -> None:
         self._closed = True
@@ -295,6 +332,7 @@ class SimDisk:
         self._files = dict(self._durable_files)
         for path in sorted(self._files):
             inode = self._files[path]
+            inode.forget_lost_bytes()
             surviving_size_bytes = inode.synced_size_bytes
             unsynced_size_bytes = len(inode.data) - inode.synced_size_bytes
             if unsynced_size_bytes and rng.random() < torn_write_probability:
@@ -366,6 +404,12 @@ class SimDisk:
         data = self._inode(path, "read").data
         end = len(data) if size is None else offset + size
         return bytes(data[offset:end])
+
+    def drop_cache(self, path: str) -> None:
+        inode = self._inode(path, "fsync")
+        self.maybe_fail("fsync", path)
+        inode.synced_size_bytes = len(inode.data)
+        inode.forget_lost_bytes()
 
     def open_append(self, path: str) -> AppendHandle:
         path = _normalize(path)

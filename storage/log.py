@@ -173,6 +173,10 @@ class SegmentedLog:
                     f"overlapping segment)",
                 )
             is_last = position == len(segment_starts) - 1
+            # Read what the device holds, not the page cache: after a failed fsync the kernel
+            # may keep pages that never reached the disk as clean (fsyncgate), and a restarted
+            # node must not trust records that a crash would lose.
+            disk.drop_cache(segment.path)
             scan = _scan_segment(disk, segment.path, record_size_bytes_max, is_last=is_last)
             segment.offsets = scan.offsets
             segment.size_bytes = scan.valid_size_bytes

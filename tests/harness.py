@@ -87,6 +87,7 @@ class Node:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
 
     @property
     def url(self) -> str:
@@ -106,6 +107,7 @@ class Node:
             stdout=log,
             stderr=log,
             cwd=self.config_path.parent,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         if wait:
@@ -300,7 +302,9 @@ def make_cluster(
     limits: dict[str, int] | None = None,
     proxy: LinkProxy | None = None,
     tls: bool = False,
+    env: dict[int, dict[str, str]] | None = None,
 ) -> Cluster:
+    """`env`: environment variables added per node id (e.g. test-only fault hooks)."""
     base = free_port_block(2 * nodes)
     # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
     result = init_cluster(root, nodes, base, plaintext_http=not tls)
@@ -326,6 +330,7 @@ def make_cluster(
                 root / f"node{node_id}" / "data",
                 root / f"node{node_id}.log",
                 ca_file=result.ca_path if tls else None,
+                env=(env or {}).get(node_id, {}),
             )
         )
     return cluster
@@ -338,8 +343,9 @@ def started_cluster(
     limits: dict[str, int] | None = None,
     proxy: LinkProxy | None = None,
     tls: bool = False,
+    env: dict[int, dict[str, str]] | None = None,
 ) -> Iterator[Cluster]:
-    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy, tls=tls)
+    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy, tls=tls, env=env)
     try:
         for node in cluster.nodes:
             node.start(wait=False)

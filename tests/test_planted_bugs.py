@@ -92,12 +92,26 @@ PLANTED = {
     "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 30),
     "skips_phase_one": (SkipsPhaseOne, recover, 25),
     "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40),
-    "reads_without_quorum": (ReadsWithoutQuorum, recover, 200),
+    # Caught at seed 291 since the simulator runs the daemon's driver (consensus/driver.py):
+    # records made during an fsync wait for the next one, as in the daemon, where the old
+    # simulated fsync also covered them, which acknowledged writes sooner in the stale window.
+    "reads_without_quorum": (ReadsWithoutQuorum, recover, 600),
     "acks_before_durable": (AcksBeforeDurable, recover, 60),
 }
 
 
-@pytest.mark.parametrize("bug", sorted(PLANTED))
+# The read-without-quorum scan runs 292 seeds: 3 to 6 minutes on a 2-core machine, past the
+# suite's 300 s per-test timeout when the machine is busy.
+SLOW_SCANS = {"reads_without_quorum"}
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        pytest.param(bug, marks=[pytest.mark.timeout(1200)] if bug in SLOW_SCANS else [])
+        for bug in sorted(PLANTED)
+    ],
+)
 def test_planted_bug_is_caught(bug: str, capsys: pytest.CaptureFixture[str]) -> None:
     factory, recover_records, seeds_max = PLANTED[bug]
     seed, result = first_caught_seed(seeds_max, factory, recover_records)

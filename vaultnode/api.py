@@ -54,7 +54,7 @@ from vaultnode.names import (
     parse_time,
 )
 from vaultnode.native_deletion import DeletionRoutes
-from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown
+from vaultnode.paxos_replicator import ClockOutOfBounds, NotLeader, OutcomeUnknown, PaxosReplicator
 from vaultnode.replication import ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
@@ -231,6 +231,9 @@ class VaultApi:
             response = error_response(
                 503, "unavailable", "leadership moved while serving; retry", [("Retry-After", "1")]
             )
+        except ClockOutOfBounds as exc:
+            self._log_failure(call, "request.failed", 503, "clock_offset")
+            response = error_response(503, "clock_offset", str(exc), [("Retry-After", "1")])
         except ReplicationStopped:
             self._log_failure(call, "request.failed", 503, "unavailable")
             response = error_response(
@@ -485,6 +488,17 @@ class VaultApi:
             "commit_index": status.commit_index,
             "applied_index": status.applied_index,
         }
+        if isinstance(self.replicator, PaxosReplicator):
+            clock = self.replicator.clock_status
+            body["clock"] = {
+                "within_bounds": clock.within_bounds,
+                "offset_ms": None if clock.offset_us is None else clock.offset_us // 1000,
+                "max_offset_ms": self.replicator.max_clock_offset_us // 1000,
+                "peers_read": clock.peers_read,
+            }
+            if not clock.within_bounds:
+                serving = False
+                body["status"] = "unavailable"
         return Response.json(200 if serving else 503, body)
 
     async def _metrics(self, call: Call, _: str) -> Response:

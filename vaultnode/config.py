@@ -43,6 +43,9 @@ class Limits:
     idempotency_keys_max: int = 100_000
     idempotency_keys_per_accessor_max: int = 10_000  # at most idempotency_keys_max
     snapshot_every_slots: int = 10_000
+    # A node whose wall clock is further than this from a majority's proposes nothing, stands
+    # for no election and refuses requests (docs/consensus.md, "Clocks").
+    max_clock_offset_ms: int = 500
     # On SIGTERM, how long in-flight requests may take; keep it below systemd's TimeoutStopSec.
     shutdown_deadline_s: int = 10
     # The edge's audit and read bounds (docs/observability.md, docs/api.md): the active audit

@@ -62,6 +62,9 @@ EVENTS = frozenset(
         "peer.refused",
         "peer.disconnected",
         "snapshot.taken",
+        "clock.out_of_bounds",
+        "clock.within_bounds",
+        "clock.command_refused",
     }
 )
 _FORBIDDEN_FIELDS = frozenset({"value", "token", "plaintext", "secret", "body"})

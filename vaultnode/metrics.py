@@ -49,6 +49,8 @@ class ConsensusGauges:
     snapshot_size_bytes: Callable[[], int]
     peers_connected: Callable[[], dict[int, bool]]
     frames_dropped: Callable[[], int]
+    clock_offset_us: Callable[[], int | None]  # ours minus the median clock; None: no reading
+    clock_within_bounds: Callable[[], bool]
 
 
 class _GaugeCollector(Collector):
@@ -136,6 +138,17 @@ class _GaugeCollector(Collector):
             "vault_peer_frames_dropped",
             "consensus frames not sent: link down or outbox full (the protocol retransmits)",
             value=c.frames_dropped(),
+        )
+        offset_us = c.clock_offset_us()
+        yield GaugeMetricFamily(
+            "vault_clock_offset_seconds",
+            "this node's wall clock minus the median of the cluster's (NaN before a reading)",
+            value=float("nan") if offset_us is None else offset_us / 1e6,
+        )
+        yield GaugeMetricFamily(
+            "vault_clock_within_bounds",
+            "1 while this node's clock is within max_clock_offset_ms of a majority's, else 0",
+            value=1.0 if c.clock_within_bounds() else 0.0,
         )
 
 

@@ -183,6 +183,8 @@ class VaultNode:
             metrics=metrics,
             kv_v2_mount=config.kv_v2_mount,
             cluster_id=config.cluster_id,
+            **({"clock_us": replicator.clock_us} if isinstance(replicator, PaxosReplicator)
+               else {}),
         )
         audit.start()
         server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
@@ -237,6 +239,7 @@ class VaultNode:
                 on_fatal=self._fatal,
                 segment_bytes_max=config.limits.segment_bytes_max,
                 snapshot_every_slots=config.limits.snapshot_every_slots,
+                max_clock_offset_ms=config.limits.max_clock_offset_ms,
             )
         return LocalReplicator.open(
             config.data_dir / "log", state, config.node_id, self._fatal, self.events,
@@ -264,6 +267,8 @@ class VaultNode:
             # The transport is attached after the metrics are built; until then no link is up.
             peers_connected=lambda: dict(paxos.transport.connected) if paxos.transport else {},
             frames_dropped=lambda: paxos.transport.frames_dropped if paxos.transport else 0,
+            clock_offset_us=lambda: paxos.clock_status.offset_us,
+            clock_within_bounds=lambda: paxos.clock_status.within_bounds,
         )
 
     def _http_tls_context(self) -> ssl.SSLContext | None:
@@ -301,6 +306,7 @@ class VaultNode:
             ],
             on_message=replicator.on_message,
             on_event=self.events.emit,
+            on_clock_reading=replicator.on_clock_reading,
             server_ssl=server_ssl,
             client_ssl=client_ssl,
         )

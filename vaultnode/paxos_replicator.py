@@ -1,12 +1,11 @@
 """The multi-node replicator: drives the sans-IO Multi-Paxos core on the node's event loop.
 
-Owns the driver's duties for each `Ready` of `consensus.replica.Replica`, in the order
-`consensus/ready.py` lists them: install a snapshot, append the records and fsync them (one fsync
-at a time, off the event loop; everything produced meanwhile waits and goes in the next fsync,
-which is group commit), send messages (those that promise durability only after the fsync), apply
-chosen slots to the vault state in order and resolve the requests waiting for them, answer reads,
-and compact. It also owns the tick timer and periodic snapshots. A disk error is never retried:
-the node stops.
+Owns the daemon's side of `consensus.driver.ReadyDriver` (which holds the rules that turn each
+`Ready` into log writes, fsyncs, sends and applies, shared with the simulator): sending through
+the peer transport, running each fsync on a thread off the event loop, applying chosen slots to
+the vault state and resolving the requests waiting for them, answering reads, and writing
+snapshots (in a forked child). It also owns the tick timer and the request deadlines. A disk
+error or an exception while applying is never retried: the node stops (exit code 1).
 """
 
 from __future__ import annotations
@@ -23,11 +22,15 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
-from consensus.codec import decode_record, encode_record
+import msgpack
+
+from consensus.clock_offsets import ClockOffsets
+from consensus.codec import decode_record
 from consensus.config import ClusterConfig
 from consensus.config import Limits as ConsensusLimits
-from consensus.messages import Message
-from consensus.ready import Ready, Snapshot, needs_fsync
+from consensus.driver import ReadyDriver
+from consensus.messages import Forward, ForwardRefused, Message
+from consensus.ready import ChosenSlot, Ready, Snapshot
 from consensus.records import recover
 from consensus.replica import Replica, Role
 from consensus.transport import PeerTransport
@@ -65,6 +68,24 @@ LEADER_REDIAL_POLL_S = 0.02
 # Commands whose fields are only str, int, bytes, None and flat dicts of those, which msgpack
 # gives back exactly: applying the proposer's own object equals applying the decoded bytes.
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
+# Clock readings: each peer is pinged every CLOCK_PING_TICKS ticks (0.1 s); a reading older than
+# CLOCK_READING_TTL_S no longer counts towards "my clock agrees with a majority's".
+CLOCK_PING_TICKS = 10
+CLOCK_READING_TTL_S = 3.0
+MAX_CLOCK_OFFSET_MS_DEFAULT = 500
+# Test-only fault hook: when this variable names a file that exists, every fsync first sleeps
+# for the number of seconds the file holds (a slow disk, switchable while the node runs).
+FSYNC_STALL_ENV = "VAULT_TEST_FSYNC_STALL_FILE"
+
+
+def _test_fsync_stall_s(path: str | None) -> float:
+    if path is None:
+        return 0.0
+    try:
+        with open(path) as file:
+            return float(file.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0.0
 
 
 class _Expired(Exception):
@@ -81,6 +102,44 @@ class NotLeader(Exception):
 
 class OutcomeUnknown(Exception):
     """The command was proposed but not seen chosen in time: it may still be applied, once."""
+
+
+class ClockOutOfBounds(Exception):
+    """This node's wall clock is not confirmed within the bound of a majority's: it serves no
+    request that reads the clock (token expiry, command time) and proposes nothing."""
+
+
+def _proposed_at_us(raw: bytes) -> int | None:
+    """A command's proposer time, read from its wire form without building the command: the
+    header comes before the payload fields (vaultnode.commands), which are skipped unread."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(raw)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "header":
+                value = unpacker.unpack()["proposed_at_us"]
+                return value if type(value) is int else None
+            unpacker.skip()
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+        return None
+    return None
+
+
+def split_by_clock_bound(
+    commands: tuple[bytes, ...], now_us: int, max_offset_us: int
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """(commands a leader may order, commands stamped further ahead of its clock than the bound).
+    A command this node cannot read a time from is left to the state machine to refuse."""
+    latest_us = now_us + max_offset_us
+    accepted: list[bytes] = []
+    refused: list[bytes] = []
+    for raw in commands:
+        proposed_at_us = _proposed_at_us(raw)
+        if proposed_at_us is not None and proposed_at_us > latest_us:
+            refused.append(raw)
+        else:
+            accepted.append(raw)
+    return tuple(accepted), tuple(refused)
 
 
 class SnapshotFailed(Exception):
@@ -110,6 +169,7 @@ class PaxosReplicator:
         on_fatal: Callable[[BaseException], None],
         segment_bytes_max: int,
         snapshot_every_slots: int,
+        max_clock_offset_ms: int = MAX_CLOCK_OFFSET_MS_DEFAULT,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -127,7 +187,16 @@ class PaxosReplicator:
         self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-fsync")
         self._snapshot_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-snapshot")
         self._snapshot_writing = False
-        self._syncing = False
+        self._fsync_stall_path = os.environ.get(FSYNC_STALL_ENV)
+        self.max_clock_offset_us = max_clock_offset_ms * 1000
+        self._clock = ClockOffsets(
+            node_id, self._config, max_offset_us=self.max_clock_offset_us,
+            reading_ttl_us=int(CLOCK_READING_TTL_S * 1_000_000),
+        )
+        self.clock_status = self._clock.status(_monotonic_us())
+        self._clock_reported_bad = False
+        self._ticks = 0
+        self._driver: ReadyDriver | None = None
         self._kick_scheduled = False
         # (deadline, future) in the order requests started; every wait of a kind has the same
         # timeout, so deadlines increase along each deque and a tick expires a prefix. A timer
@@ -187,6 +256,8 @@ class PaxosReplicator:
             last_record_index=log.last_index,
             snapshot=core_snapshot,
         )
+        self._replica.set_clock_ok(self.clock_status.within_bounds)
+        self._driver = ReadyDriver(self._replica, log, self)
         return len(records)
 
     def log_paths(self) -> list[str]:
@@ -215,6 +286,11 @@ class PaxosReplicator:
     def replica(self) -> Replica:
         assert self._replica is not None, "replay() first"
         return self._replica
+
+    @property
+    def driver(self) -> ReadyDriver:
+        assert self._driver is not None, "replay() first"
+        return self._driver
 
     def is_leader(self) -> bool:
         return self.replica.role == Role.LEADER
@@ -333,8 +409,60 @@ class PaxosReplicator:
         if self._stopped is not None:
             return
         self._heard_from[message.sender] = time.monotonic()
+        if type(message) is Forward and self.replica.role == Role.LEADER:
+            message = self._within_clock_bound(message)
+            if not message.commands:
+                return
         self.replica.step(message)
         self._kick()
+
+    def _within_clock_bound(self, forward: Forward) -> Forward:
+        """Refuse forwarded commands stamped further ahead of this leader's clock than the bound
+        (the sender's clock is off, or jumped since the last ping): command time never jumps
+        further ahead than that. The sender answers them as not ordered (503)."""
+        accepted, refused = split_by_clock_bound(
+            forward.commands, time.time_ns() // 1000, self.max_clock_offset_us
+        )
+        if refused:
+            self._events.emit("clock.command_refused", peer=forward.sender, commands=len(refused))
+            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False))
+            forward = Forward(forward.sender, forward.to, forward.ballot, accepted)
+        return forward
+
+    # ---- clock -------------------------------------------------------------------------
+    def on_clock_reading(self, peer_id: int, offset_us: int, round_trip_us: int) -> None:
+        """The transport read `peer_id`'s clock (its wall clock minus ours)."""
+        self._clock.record(peer_id, offset_us, round_trip_us, _monotonic_us())
+        self._update_clock_status()
+
+    def clock_us(self) -> int:
+        """This node's wall clock in µs, for command time and token expiry; raises
+        ClockOutOfBounds unless it is confirmed within the bound of a majority's."""
+        if not self.clock_status.within_bounds:
+            raise ClockOutOfBounds(
+                f"this node's clock is not confirmed within {self.max_clock_offset_us // 1000} ms "
+                "of a majority of the cluster's"
+            )
+        return time.time_ns() // 1000
+
+    def _update_clock_status(self) -> None:
+        status = self._clock.status(_monotonic_us())
+        previous, self.clock_status = self.clock_status, status
+        if status.within_bounds != previous.within_bounds and self._replica is not None:
+            self._replica.set_clock_ok(status.within_bounds)
+            self._kick()
+        # Report a measured disagreement, not the wait for the first readings after a start.
+        measured_bad = not status.within_bounds and status.peers_read > 0
+        if measured_bad and not self._clock_reported_bad:
+            self._clock_reported_bad = True
+            self._events.emit(
+                "clock.out_of_bounds", offset_ms=_ms(status.offset_us),
+                max_offset_ms=self.max_clock_offset_us // 1000,
+                peers_agreeing=status.peers_agreeing, peers_read=status.peers_read,
+            )
+        elif status.within_bounds and self._clock_reported_bad:
+            self._clock_reported_bad = False
+            self._events.emit("clock.within_bounds", offset_ms=_ms(status.offset_us))
 
     def _schedule_tick(self) -> None:
         self._tick_handle = asyncio.get_running_loop().call_later(TICK_S, self._on_tick)
@@ -343,114 +471,103 @@ class PaxosReplicator:
         if self._stopped is not None:
             return
         self.replica.tick()
+        self._ticks += 1
+        if self._ticks % CLOCK_PING_TICKS == 0:
+            self._ping_clocks()
         self._kick()
         now = asyncio.get_running_loop().time()
         _expire_waits(self._write_deadlines, now)
         _expire_waits(self._read_deadlines, now)
         self._schedule_tick()
 
+    def _ping_clocks(self) -> None:
+        if self.transport is not None:
+            for peer_id in self._config.peers_of(self.node_id):
+                self.transport.send_clock_ping(peer_id)
+        self._update_clock_status()  # readings age out
+
     def _kick(self) -> None:
         if not self._kick_scheduled and self._stopped is None:
             self._kick_scheduled = True
             asyncio.get_running_loop().call_soon(self._process)
 
-    # ---- the driver's duties -----------------------------------------------------------
+    # ---- the driver's duties (consensus.driver.ReadyDriver calls the host methods) ---------
     def _process(self) -> None:
         self._kick_scheduled = False
         if self._stopped is not None:
             return
-        replica = self.replica
         if self._proposals:
             proposals, self._proposals = self._proposals, []
-            replica.propose(proposals)
-        if self._syncing or not replica.has_ready():
-            self._note_role_change()
-            return
-        ready = replica.ready()
-        try:
-            if ready.snapshot is not None:
-                self._install_snapshot(ready.snapshot)
-            if ready.records:
-                assert self._log is not None
-                self._log.append([encode_record(record) for record in ready.records])
-        except Exception as exc:  # a disk error stops the node
-            self._fatal(exc)
-            return
-        self._send(ready.messages)
-        if needs_fsync(ready):
-            self._syncing = True
-            self._start_sync(ready)
-        else:
-            self._after_persist(ready)
-        self._apply(ready)
+            self.replica.propose(proposals)
+        self.driver.process()
         self._note_role_change()
 
-    def _start_sync(self, ready: Ready) -> None:
+    def send(self, message: Message) -> None:
+        if self.transport is not None:
+            self.transport.send(message)
+
+    def start_sync(self) -> None:
         """fsync on the fsync thread, which reports straight to the loop: one loop turn after
         the fsync rather than two (run_in_executor's future, then its done callback), and the
         duration measured is the fsync's own."""
         loop = asyncio.get_running_loop()
         log = self._log
         assert log is not None
+        stall_path = self._fsync_stall_path
 
         def sync_and_report() -> None:
             started = time.perf_counter()
             try:
-                log.sync()
+                if stall_path is not None:
+                    time.sleep(_test_fsync_stall_s(stall_path))
+                synced_index = log.sync()
             except Exception as exc:  # reported to the loop, which stops the node
-                loop.call_soon_threadsafe(self._synced, ready, 0.0, exc)
+                loop.call_soon_threadsafe(self._sync_failed, exc)
                 return
-            loop.call_soon_threadsafe(self._synced, ready, time.perf_counter() - started, None)
+            loop.call_soon_threadsafe(self._synced, synced_index, time.perf_counter() - started)
 
         self._fsync_thread.submit(sync_and_report)
 
-    def _synced(self, ready: Ready, elapsed_s: float, error: Exception | None) -> None:
-        self._syncing = False
+    def _synced(self, synced_index: int, elapsed_s: float) -> None:
         if self._stopped is not None:
-            return
-        if error is not None:
-            self._fatal(error)
             return
         self.fsync_count += 1
         self.fsync_seconds_total += elapsed_s
         self.on_fsync(elapsed_s)
-        self.replica.persisted(ready.persist_through)
-        self._after_persist(ready)
+        self.driver.synced(synced_index)
+        self._note_role_change()
         self._kick()
 
-    def _after_persist(self, ready: Ready) -> None:
-        self._send(ready.messages_after_persist)
-        if ready.compact_log_before is not None and self._log is not None:
-            try:
-                self._log.compact_before(min(ready.compact_log_before, self._log.last_index + 1))
-            except Exception as exc:  # a disk error stops the node
-                self._fatal(exc)
+    def _sync_failed(self, error: Exception) -> None:
+        if self._stopped is None:
+            self.driver.failed(error)
 
-    def _send(self, messages: tuple[Message, ...]) -> None:
-        if self.transport is None:
-            return
-        for message in messages:
-            self.transport.send(message)
+    def stopped(self, error: BaseException) -> None:
+        self._fatal(error)
 
-    def _apply(self, ready: Ready) -> None:
-        for chosen in ready.chosen:
-            for raw in chosen.value:
-                waiters = self._waiting.get(raw)
-                if waiters:
-                    future, command = waiters.pop(0)
-                    if not waiters:
-                        del self._waiting[raw]
+    def apply(self, chosen: ChosenSlot) -> None:
+        for raw in chosen.value:
+            waiter = self._take_waiter(raw)
+            if waiter is not None:
+                future, command = waiter
+                try:
                     if type(command) not in _DECODES_TO_ITSELF:
                         command = decode_command(raw)
                     outcome = self.state.apply(chosen.slot, command)
+                except Exception:  # the driver stops the node; this request must not hang
                     if not future.done():
-                        future.set_result(outcome)
-                else:
-                    self.state.apply(chosen.slot, decode_command(raw))
-            self.state.mark_applied(chosen.slot)
-            self.replica.applied(chosen.slot)
-        if ready.chosen:
-            self._maybe_snapshot(ready.chosen[-1].slot)
+                        future.set_exception(ReplicationStopped("the node stopped while applying"))
+                    raise
+                if not future.done():
+                    future.set_result(outcome)
+            else:
+                self.state.apply(chosen.slot, decode_command(raw))
+        self.state.mark_applied(chosen.slot)
+
+    def after_apply(self) -> None:
+        self._maybe_snapshot(self.replica.applied_through)
+
+    def answer(self, ready: Ready) -> None:
         for confirmation in ready.reads:
             read = self._reads.pop(confirmation.read_id, None)
             if read is not None and not read.done():
@@ -461,15 +578,21 @@ class PaxosReplicator:
                 read.set_exception(NotLeader(rejected.leader_hint))
         for dropped in ready.dropped_proposals:
             for raw in dropped.commands:
-                waiters = self._waiting.get(raw)
-                if waiters:
-                    future, _ = waiters.pop(0)
-                    if not waiters:
-                        del self._waiting[raw]
-                    if not future.done():
-                        future.set_exception(NotLeader(dropped.leader_hint))
+                waiter = self._take_waiter(raw)
+                if waiter is not None and not waiter[0].done():
+                    waiter[0].set_exception(NotLeader(dropped.leader_hint))
 
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
+    def _take_waiter(self, raw: bytes) -> tuple[asyncio.Future[Outcome], Command] | None:
+        """The oldest request waiting for this encoded command, no longer waiting."""
+        waiters = self._waiting.get(raw)
+        if not waiters:
+            return None
+        waiter = waiters.pop(0)
+        if not waiters:
+            del self._waiting[raw]
+        return waiter
+
+    def install_snapshot(self, snapshot: Snapshot) -> None:
         write_snapshot(self._disk, self._snapshot_dir, snapshot.slot, snapshot.data)
         self.state.replace_with(VaultState.restore(snapshot.data, self.state.limits))
         self._last_snapshot_slot = snapshot.slot
@@ -587,8 +710,16 @@ class PaxosReplicator:
 
     def _fatal(self, exc: BaseException) -> None:
         self._stopped = exc
-        self._fail_waiters(ReplicationStopped("the node stopped: disk failure"))
+        self._fail_waiters(ReplicationStopped(f"the node stopped: {type(exc).__name__}"))
         self._on_fatal(exc)
+
+
+def _monotonic_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def _ms(offset_us: int | None) -> int | None:
+    return None if offset_us is None else offset_us // 1000
 
 
 def _expire_waits(deadlines: deque[tuple[float, asyncio.Future[Any]]], now: float) -> None:

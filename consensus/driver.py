@@ -1,0 +1,205 @@
+"""The rules that turn the core's `Ready` batches into log writes, fsyncs, sends and applies.
+
+Owns: `ReadyDriver`, used by the daemon (`vaultnode/paxos_replicator.py`) and by the simulator
+(`simulations/cluster.py`), so that a rule written for the daemon runs under every simulated
+fault. The host supplies what differs between them (`DriverHost`): how a message leaves, how an
+fsync is run (a thread, or a simulated disk latency), how a chosen slot is applied and how a
+snapshot is stored.
+
+The rules, for each Ready in the order `consensus/ready.py` lists the duties:
+- Sends never wait for an fsync. `messages` leave at once whatever the disk is doing, so
+  heartbeats, pre-vote replies, acks of records that are already durable and a leader's Accepts
+  keep flowing through a disk stall (a leader's own vote is counted only once its fsync is done:
+  the core delivers a message to itself after `persisted`; Raft thesis §10.2.1). Only
+  `messages_after_persist` wait, each until the records up to its Ready's `persist_through` are
+  durable, so an acceptor acknowledges only what it persisted.
+- One fsync at a time (group commit). Records produced while it runs are kept in memory and
+  appended when it completes (the log is not thread-safe and the daemon fsyncs off the event
+  loop); the next fsync covers all of them.
+- A Ready whose records only move the chosen watermark (`needs_fsync` false) starts no fsync.
+- Log compaction waits until the records of its Ready are durable.
+- Chosen slots are applied in order; an exception while applying stops the node (`ApplyFailed`):
+  the slot may be half applied, and carrying on would let this replica's state diverge.
+- A disk error stops the node too and is never retried (a retried fsync may report success
+  for pages the kernel already dropped).
+After a stop the driver does nothing more; the host exits (daemon) or records a failure
+(simulator).
+
+Must never: read a clock, sleep, or decide anything the core decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from consensus.codec import encode_record
+from consensus.messages import Message
+from consensus.ready import ChosenSlot, Ready, Snapshot, needs_fsync
+from consensus.replica import Replica
+
+
+class ApplyFailed(Exception):
+    """Applying a chosen slot raised. The message names the slot and the error's type only:
+    the error's own text may quote command fields."""
+
+    def __init__(self, slot: int, cause: BaseException) -> None:
+        super().__init__(
+            f"applying chosen slot {slot} raised {type(cause).__name__}; the node stops "
+            "rather than carry on with a state that may differ from its peers'"
+        )
+        self.slot = slot
+
+
+class DurableLog(Protocol):
+    """What the driver needs of `storage.log.SegmentedLog`."""
+
+    last_index: int
+    synced_index: int
+
+    def append(self, payloads: Sequence[bytes]) -> int: ...
+
+    def compact_before(self, index: int) -> None: ...
+
+
+class DriverHost(Protocol):
+    def send(self, message: Message) -> None:
+        """Hand a message to the network; may drop it (the protocol retransmits)."""
+
+    def start_sync(self) -> None:
+        """Arrange for the log's `sync()` to run and for `ReadyDriver.synced` (or
+        `ReadyDriver.failed`) to be called with its result, later, on the driver's thread."""
+
+    def install_snapshot(self, snapshot: Snapshot) -> None:
+        """Make the snapshot durable and restore the application from it."""
+
+    def apply(self, chosen: ChosenSlot) -> None:
+        """Apply one chosen slot to the application (and answer the requests it settles)."""
+
+    def answer(self, ready: Ready) -> None:
+        """Answer the Ready's confirmed and rejected reads and its dropped proposals."""
+
+    def after_apply(self) -> None:
+        """Chosen slots were applied: a chance to take a snapshot."""
+
+    def stopped(self, error: BaseException) -> None:
+        """The driver hit `error` and stopped for good."""
+
+
+class ReadyDriver:
+    def __init__(self, replica: Replica, log: DurableLog, host: DriverHost) -> None:
+        self.replica = replica
+        self._log = log
+        self._host = host
+        self._sync_in_flight = False
+        # Encoded records produced while an fsync ran, in order; appended when it completes.
+        self._unwritten: list[bytes] = []
+        # (records that must be durable first, message), in the order the core produced them.
+        self._held: list[tuple[int, Message]] = []
+        # (records that must be durable first, compact the log before this record index).
+        self._compaction: tuple[int, int] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def sync_in_flight(self) -> bool:
+        return self._sync_in_flight
+
+    def process(self) -> None:
+        """Carry out every Ready the core has."""
+        replica = self.replica
+        while self.error is None and replica.has_ready():
+            self._handle(replica.ready())
+
+    def synced(self, synced_index: int) -> None:
+        """The fsync the host started completed: the log is durable through `synced_index`."""
+        self._sync_in_flight = False
+        if self.error is not None:
+            return
+        self.replica.persisted(synced_index)
+        if self._held:
+            released = [message for through, message in self._held if through <= synced_index]
+            self._held = [(through, m) for through, m in self._held if through > synced_index]
+            for message in released:
+                self._host.send(message)
+        try:
+            if self._compaction is not None and self._compaction[0] <= synced_index:
+                before = self._compaction[1]
+                self._compaction = None
+                self._log.compact_before(min(before, self._log.last_index + 1))
+            if self._unwritten:
+                unwritten, self._unwritten = self._unwritten, []
+                self._log.append(unwritten)
+        except Exception as exc:
+            self.failed(exc)
+            return
+        if self._held or self._compaction is not None or (
+            self._log.synced_index < self._log.last_index
+        ):
+            self._start_sync()
+        self.process()
+
+    def failed(self, error: BaseException) -> None:
+        """Stop for good (a disk error, or an fsync the host saw fail)."""
+        self._sync_in_flight = False
+        if self.error is not None:
+            return
+        self.error = error
+        self._held = []
+        self._unwritten = []
+        self._host.stopped(error)
+
+    # ---- one Ready -------------------------------------------------------------------------
+    def _handle(self, ready: Ready) -> None:
+        host = self._host
+        try:
+            if ready.snapshot is not None:
+                host.install_snapshot(ready.snapshot)
+            if ready.records:
+                encoded = [encode_record(record) for record in ready.records]
+                if self._sync_in_flight:
+                    self._unwritten.extend(encoded)
+                else:
+                    self._log.append(encoded)
+        except Exception as exc:
+            self.failed(exc)
+            return
+        for message in ready.messages:
+            host.send(message)
+        durable_through = self._log.synced_index
+        if ready.compact_log_before is not None:
+            self._compaction = (ready.persist_through, ready.compact_log_before)
+        if ready.persist_through > durable_through and needs_fsync(ready):
+            self._held.extend((ready.persist_through, m) for m in ready.messages_after_persist)
+            if not self._sync_in_flight:
+                self._start_sync()
+        else:
+            for message in ready.messages_after_persist:
+                host.send(message)
+            if ready.compact_log_before is not None and not self._sync_in_flight:
+                self._compact_now()
+        for chosen in ready.chosen:
+            try:
+                host.apply(chosen)
+            except Exception as exc:
+                self.failed(ApplyFailed(chosen.slot, exc))
+                return
+            self.replica.applied(chosen.slot)
+        host.answer(ready)
+        if ready.chosen:
+            try:
+                host.after_apply()
+            except Exception as exc:  # writing a snapshot failed: a disk error
+                self.failed(exc)
+
+    def _start_sync(self) -> None:
+        self._sync_in_flight = True
+        self._host.start_sync()
+
+    def _compact_now(self) -> None:
+        assert self._compaction is not None
+        before = self._compaction[1]
+        self._compaction = None
+        try:
+            self._log.compact_before(min(before, self._log.last_index + 1))
+        except Exception as exc:
+            self.failed(exc)

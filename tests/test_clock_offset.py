@@ -1,0 +1,194 @@
+"""Issue 12, item 8: a proposer's wall clock must not move command time for everyone.
+
+Unit tests of the rule (consensus/clock_offsets.py, the leader's bound on forwarded commands;
+the core's clock input is in tests/test_driver_rules.py), then three real `vaultnode` processes
+with the third started a day ahead under libfaketime: it reports its offset, proposes and serves
+nothing, so it neither expires tokens nor re-executes idempotent retries, and no version is
+stamped in the future."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+
+from consensus.clock_offsets import ClockOffsets
+from consensus.config import ClusterConfig
+from tests.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
+from vaultnode.commands import CommandHeader, CreateSecret, encode_command
+from vaultnode.paxos_replicator import split_by_clock_bound
+
+MS = 1000
+DAY_US = 86_400 * 1_000_000
+
+
+# ---- the rule ----------------------------------------------------------------------------------
+
+def offsets(size: int = 3) -> ClockOffsets:
+    config = ClusterConfig(tuple(range(1, size + 1)))
+    return ClockOffsets(1, config, max_offset_us=500 * MS, reading_ttl_us=3_000 * MS)
+
+
+def test_a_clock_agreeing_with_one_peer_of_three_is_within_bounds() -> None:
+    clock = offsets()
+    assert not clock.status(0).within_bounds  # no reading yet: cannot tell
+    clock.record(2, 100 * MS, 2 * MS, now_us=0)
+    clock.record(3, DAY_US, 2 * MS, now_us=0)
+    status = clock.status(0)
+    assert status.within_bounds and status.peers_agreeing == 1 and status.offset_us == -100 * MS
+
+
+def test_a_clock_a_day_ahead_of_both_peers_is_out_of_bounds_and_says_by_how_much() -> None:
+    clock = offsets()
+    clock.record(2, -DAY_US, 2 * MS, now_us=0)
+    clock.record(3, -DAY_US + 7 * MS, 2 * MS, now_us=0)
+    status = clock.status(0)
+    assert not status.within_bounds and status.peers_read == 2
+    assert status.offset_us == DAY_US - 7 * MS  # ours minus the median clock
+
+
+def test_half_the_round_trip_counts_as_measurement_error() -> None:
+    clock = offsets()
+    clock.record(2, 600 * MS, 300 * MS, now_us=0)  # 600 ms, but ±150 ms: maybe 450 ms
+    assert clock.status(0).within_bounds
+    clock.record(2, 700 * MS, 300 * MS, now_us=0)
+    assert not clock.status(0).within_bounds
+
+
+def test_old_readings_stop_counting() -> None:
+    clock = offsets()
+    clock.record(2, 0, 0, now_us=0)
+    assert clock.status(3_000 * MS).within_bounds
+    assert not clock.status(3_000 * MS + 1).within_bounds
+
+
+def command_at(proposed_at_us: int) -> bytes:
+    header = CommandHeader(uuid.uuid4().hex, "acc", proposed_at_us)
+    return encode_command(CreateSecret(header, name="n", sealed={}))
+
+
+def test_a_leader_refuses_forwarded_commands_stamped_beyond_the_bound() -> None:
+    now = 1_700_000_000 * 1_000_000
+    on_time, behind = command_at(now), command_at(now - DAY_US)
+    at_bound, ahead = command_at(now + 500 * MS), command_at(now + 501 * MS)
+    accepted, refused = split_by_clock_bound((on_time, ahead, behind, at_bound), now, 500 * MS)
+    assert accepted == (on_time, behind, at_bound)
+    assert refused == (ahead,)
+    garbage = msgpack.packb({"t": 1})
+    assert split_by_clock_bound((garbage,), now, 0) == ((garbage,), ())
+
+
+# ---- three real nodes, the third a day ahead ---------------------------------------------------
+
+FAKETIME_LIBS = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+
+
+@pytest.fixture
+def skewed3(tmp_path: Path) -> Iterator[Cluster]:
+    if not FAKETIME_LIBS:
+        pytest.skip("libfaketime is not installed (`make test` installs it: apt-get install "
+                    "-y faketime)")
+    # CLOCK_MONOTONIC stays true: only the wall clock is a day ahead, as after a bad NTP step.
+    day_ahead = {
+        "LD_PRELOAD": FAKETIME_LIBS[0],
+        "FAKETIME": "+1d",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    cluster = make_cluster(tmp_path / "cluster", 3, env={3: day_ahead})
+    try:
+        for node in cluster.nodes:
+            node.start(wait=False)
+        for node in cluster.nodes[:2]:
+            node.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def health(node: Any) -> dict[str, Any]:
+    """The /health body, 200 or 503 (a node with a bad clock answers 503 with its reasons)."""
+    response = httpx.get(node.url + "/health", timeout=5.0)
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def rfc3339_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_a_node_a_day_ahead_reports_it_and_changes_no_ones_time(skewed3: Cluster) -> None:
+    cluster = skewed3
+    good1, good2, skewed = cluster.nodes
+    root = {"Authorization": f"Bearer {cluster.root_token}"}
+
+    def skew_reported() -> bool:
+        clock = health(skewed).get("clock") or {}
+        return clock.get("within_bounds") is False and clock.get("peers_read") == 2
+
+    wait_until(skew_reported, 30.0, "node 3 to report its clock out of bounds")
+    clock = health(skewed)["clock"]
+    assert abs(clock["offset_ms"] - 86_400_000) < 5_000, clock
+    assert health(skewed)["status"] == "unavailable"
+    for node in (good1, good2):
+        good_clock = health(node)["clock"]
+        assert good_clock["within_bounds"] and abs(good_clock["offset_ms"]) < 500, good_clock
+    metrics = httpx.get(skewed.url + "/metrics", timeout=5.0).text
+    assert re.search(r"^vault_clock_within_bounds 0\.0$", metrics, re.M), metrics
+    offset_s = float(re.search(r"^vault_clock_offset_seconds (\S+)$", metrics, re.M)[1])  # type: ignore[index]
+    assert abs(offset_s - 86_400) < 5
+    wait_until(lambda: "clock.out_of_bounds" in skewed.log_text(), 10.0, "the log line")
+
+    leader = wait_for_leader([good1, good2])
+    assert leader in (good1, good2)
+
+    # A token that lives an hour is not expired by node 3's clock.
+    made = httpx.post(f"{good1.url}/v1/tokens", headers=root, timeout=30.0, json={
+        "policies": [{"prefix": "skew/", "capabilities": ["create", "read", "update"]}],
+        "ttl": 3600,
+    })
+    assert made.status_code == 201, made.text
+    bearer = {"Authorization": f"Bearer {made.json()['token']}"}
+    name = f"skew/{uuid.uuid4().hex}"
+    refused = httpx.post(f"{skewed.url}/v1/secrets/{name}", json={"value": "v"}, headers=bearer,
+                         timeout=30.0)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "clock_offset", (
+        refused.text
+    )
+    read_refused = httpx.get(f"{skewed.url}/v1/secrets/{name}", headers=bearer, timeout=30.0)
+    assert read_refused.status_code == 503, read_refused.text
+
+    # An idempotent write, retried through every node: applied once, never by node 3.
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = httpx.post(f"{good1.url}/v1/secrets/{name}", json={"value": "v1"},
+                       headers={**bearer, **key}, timeout=30.0)
+    assert first.status_code == 201, first.text
+    retry_skewed = httpx.post(f"{skewed.url}/v1/secrets/{name}", json={"value": "v1"},
+                              headers={**bearer, **key}, timeout=30.0)
+    assert retry_skewed.status_code == 503, retry_skewed.text
+    retry = httpx.post(f"{good2.url}/v1/secrets/{name}", json={"value": "v1"},
+                       headers={**bearer, **key}, timeout=30.0)
+    assert retry.status_code == 201 and retry.headers.get("Idempotent-Replayed") == "true", (
+        retry.text
+    )
+
+    # The token still writes on both healthy nodes, and no version is stamped in the future:
+    # a secret written a moment ago existed "now".
+    for node in (good1, good2):
+        updated = httpx.put(f"{node.url}/v1/secrets/{name}", json={"value": f"by {node.node_id}"},
+                            headers=bearer, timeout=30.0)
+        assert updated.status_code == 200, updated.text
+    time.sleep(0.01)  # "now" below must be after the last write on the machine's clock
+    at_now = httpx.get(f"{good2.url}/v1/secrets/{name}", params={"at": rfc3339_now()},
+                       headers=bearer, timeout=30.0)
+    assert at_now.status_code == 200, at_now.text
+    assert at_now.json()["version"] == 3
+    assert node_health(good1) is not None
