@@ -57,7 +57,11 @@ def openable_values(node: Node) -> list[bytes]:
     sealer = Sealer(load_root_key_file(config.root_key_file), VaultState.restore(snapshot.payload))
     values = []
     for path in files_under(node.data_dir):
-        for record in sealed_records(path.read_bytes()):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # compacted away between the listing and the read
+            continue
+        for record in sealed_records(data):
             try:
                 values.append(sealer.open(record["name"], record))
             except (CryptoError, StorageError, KeyError, TypeError):
