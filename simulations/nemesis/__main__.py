@@ -10,6 +10,7 @@ With `--expect-violation` (the teeth check) the status is inverted: 0 once a run
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     _print_totals(results)
     failed = any(not result.ok for result in results)
+    if not failed and args.dir is None and not args.keep:
+        shutil.rmtree(base, ignore_errors=True)  # nothing to look at: leave no litter in /tmp
     if args.expect_violation:
         return 0 if failed else 1
     return 1 if failed else 0

@@ -66,18 +66,13 @@ class FaultProxy(LinkProxy):
         self.bytes_held_total = 0
         self.connections_closed_total = 0
 
-    # ---- the relay ---------------------------------------------------------------------
-    def add_link(self, source: int, target: int, target_port: int) -> int:
-        async def start() -> int:
-            self._links[(source, target)] = _LinkState()
-            server = await asyncio.start_server(
-                lambda r, w: self._relay(source, target, target_port, r, w), "127.0.0.1", 0
-            )
-            self._servers.append(server)
-            return int(server.sockets[0].getsockname()[1])
-
-        port: int = self._call(start())
-        return port
+    # ---- the relay (the harness's `add_link` starts one server per link on this) --------
+    def _state(self, link: Link) -> _LinkState:
+        """The link's state, made on first use (always on the proxy's own loop)."""
+        state = self._links.get(link)
+        if state is None:
+            state = self._links[link] = _LinkState()
+        return state
 
     async def _relay(
         self,
@@ -87,7 +82,7 @@ class FaultProxy(LinkProxy):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        state = self._links[(source, target)]
+        state = self._state((source, target))
         if state.mode == LinkMode.CUT:
             writer.close()
             return
@@ -184,7 +179,7 @@ class FaultProxy(LinkProxy):
 
         async def apply() -> None:
             for link in links:
-                state = self._links[link]
+                state = self._state(link)
                 state.set(mode, delay_s)
                 if mode == LinkMode.CUT:
                     self._close_all(state)

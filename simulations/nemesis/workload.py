@@ -41,6 +41,7 @@ GROUP_MEMBERS = ("a", "b", "c")
 KEYED_RETRIES_MAX = 3
 REQUEST_TIMEOUT = httpx.Timeout(12.0, connect=2.0)  # beyond the 10 s proposal deadline
 THINK_S = (0.0, 0.03)
+FAIL_BACKOFF_S = (0.2, 0.6)
 
 
 @dataclass
@@ -121,8 +122,11 @@ class Workers:
         try:
             while not self._stop.is_set():
                 node = home if rng.random() < 0.8 else rng.choice(node_ids)
-                self._one_op(worker, rng, node, node_ids, clients, known_versions)
-                time.sleep(rng.uniform(*THINK_S))
+                outcome = self._one_op(worker, rng, node, node_ids, clients, known_versions)
+                # After "unavailable", back off as Retry-After asks, rather than spin on a
+                # node that cannot serve (it would only burn the CPU the cluster needs).
+                pause = FAIL_BACKOFF_S if outcome == Outcome.FAIL else THINK_S
+                time.sleep(rng.uniform(*pause))
         finally:
             for client in clients.values():
                 client.close()
@@ -164,10 +168,9 @@ class Workers:
         node_ids: list[int],
         clients: dict[int, httpx.Client],
         known: dict[str, int],
-    ) -> None:
-        with self._lock:
-            op_id = self._next_op
-            self._next_op += 1
+    ) -> Outcome:
+        """Run one operation (and perhaps an unkeyed resend of it); its final outcome."""
+        op_id = self._take_id()
         input = self._choose(rng, worker, op_id, known)
         is_write = input.kind in ("create", "update", "batch_create")
         key = f"nm-{self.seed}-{op_id}" if is_write and rng.random() < 0.5 else None
@@ -213,6 +216,8 @@ class Workers:
             self.history.complete(again)
             with self._lock:
                 self.ops.append(again)
+            return answer.outcome
+        return op.outcome
 
     def _take_id(self) -> int:
         with self._lock:
