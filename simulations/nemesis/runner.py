@@ -110,33 +110,14 @@ class Run:
         workers: Workers | None = None
         states: dict[int, NodeState] = {}
         try:
-            campaign.start()
-            self.log("cluster healthy")
-            self._started = time.monotonic()  # the schedule counts from the first client op
-            workers = Workers(
-                seed=options.seed,
-                count=options.workers_per_node * options.nodes,
-                node_urls={node.node_id: node.url for node in campaign.nodes},
-                token=campaign.cluster.root_token,
-                history=self.history,
-                clock=self.clock,
-                options=options.workload,
-            )
-            workers.start()
-            self._run_schedule(campaign, schedule)
-            self._heal_all(campaign)
-            self._wait(RECOVERY_S, campaign)
-            workers.stop()
-            campaign.note_unexpected_exits()
             try:
-                campaign.wait_converged(CONVERGE_DEADLINE_S)
-                states = {
-                    node.node_id: read_state(node.url, campaign.cluster.root_token, workers.ops)
-                    for node in campaign.nodes
-                }
-            except (TimeoutError, httpx.HTTPError) as error:
-                findings.append(Finding("convergence", f"no convergence: {error}"))
-            campaign.note_unexpected_exits()
+                campaign.start()
+            except (TimeoutError, RuntimeError) as error:
+                findings.append(Finding("start", f"the cluster did not start: {error}"))
+            if not findings:
+                workers = self._run_clients_and_faults(campaign, schedule)
+                states, unconverged = self._converge(campaign, workers)
+                findings += unconverged
         finally:
             if workers is not None:
                 workers.stop()
@@ -144,10 +125,11 @@ class Run:
             campaign.stop_all()
             self.history.close()
         findings += [Finding("unexpected-exit", text) for text in campaign.unexpected_exits]
-        assert workers is not None
-        findings += [Finding("unexpected-answer", text) for text in workers.unexpected]
+        ops = workers.ops if workers is not None else []
+        if workers is not None:
+            findings += [Finding("unexpected-answer", text) for text in workers.unexpected]
         report_parts = []
-        verdict = check_linearizable(workers.ops)
+        verdict = check_linearizable(ops)
         if verdict.result.ok is None:
             findings.append(Finding("linearizability", "the checker ran out of time: unknown"))
         elif not verdict.result.ok:
@@ -155,17 +137,17 @@ class Run:
             report_parts.append(verdict.report(CampaignModel()))
         if states:
             findings += check_convergence(states)
-            findings += check_writes(workers.ops, states[min(states)])
+            findings += check_writes(ops, states[min(states)])
         findings += scan_for_secrets(
             campaign.root / "cluster", skip=[self.log_path, self.history.path]
         )
-        outcomes = Counter(str(op.outcome) for op in workers.ops)
+        outcomes = Counter(str(op.outcome) for op in ops)
         result = RunResult(
             seed=options.seed,
             directory=self.directory,
             findings=findings,
             faults=self.fault_counts,
-            operations=len(workers.ops),
+            operations=len(ops),
             outcomes=outcomes,
             elapsed_s=time.monotonic() - self._started,
         )
@@ -181,6 +163,45 @@ class Run:
         if result.ok and not options.keep:
             shutil.rmtree(campaign.root / "cluster", ignore_errors=True)
         return result
+
+    def _run_clients_and_faults(self, campaign: CampaignCluster, schedule: Schedule) -> Workers:
+        """Clients from the first fault's lead-in to `RECOVERY_S` after the last heal."""
+        self.log("cluster healthy")
+        self._started = time.monotonic()  # the schedule counts from the first client op
+        workers = Workers(
+            seed=self.options.seed,
+            count=self.options.workers_per_node * self.options.nodes,
+            node_urls={node.node_id: node.url for node in campaign.nodes},
+            token=campaign.cluster.root_token,
+            history=self.history,
+            clock=self.clock,
+            options=self.options.workload,
+        )
+        workers.start()
+        try:
+            self._run_schedule(campaign, schedule)
+            self._heal_all(campaign)
+            self._wait(RECOVERY_S, campaign)
+        finally:
+            workers.stop()
+        return workers
+
+    def _converge(
+        self, campaign: CampaignCluster, workers: Workers
+    ) -> tuple[dict[int, NodeState], list[Finding]]:
+        """Each node's final state once all agree on leader and indexes; or why not."""
+        campaign.note_unexpected_exits()
+        try:
+            campaign.wait_converged(CONVERGE_DEADLINE_S)
+            token = campaign.cluster.root_token
+            states = {
+                node.node_id: read_state(node.url, token, workers.ops) for node in campaign.nodes
+            }
+        except (TimeoutError, httpx.HTTPError) as error:
+            return {}, [Finding("convergence", f"no convergence: {error}")]
+        finally:
+            campaign.note_unexpected_exits()
+        return states, []
 
     def _wait(self, seconds: float, campaign: CampaignCluster) -> None:
         """Let time pass while watching for nodes that die on their own."""
