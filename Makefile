@@ -33,13 +33,17 @@ typecheck: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m simulations --seeds 10000 --jobs 2
 
-# Debian packages tests need: faketime (the nemesis's clock jumps). CI runs as root and installs
-# it; elsewhere the step only says what is missing, and the nemesis runs without clock faults.
+# Debian packages tests need: faketime (the nemesis's clock jumps) and gcc (its fsync-stall shim).
+# CI runs as root and installs them; elsewhere the step only says what is missing, and the
+# nemesis runs without those faults.
+SYSTEM_PACKAGES := faketime:faketime gcc:gcc
 system-packages:
-	@command -v faketime >/dev/null 2>&1 || { \
+	@for pair in $(SYSTEM_PACKAGES); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 && continue; package="$${pair#*:}"; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y faketime || { apt-get update && apt-get install -y faketime; }; \
-	  else echo "missing Debian package faketime: sudo apt-get install -y faketime"; fi; }
+	    apt-get install -y "$$package" || { apt-get update && apt-get install -y "$$package"; }; \
+	  else echo "missing Debian package $$package: sudo apt-get install -y $$package"; fi; \
+	done
 
 # The real-process campaign, short mode: 3 nodes, 75 s of faults, a fresh seed each time (it is
 # printed; `make nemesis NEMESIS_SEED=N` replays one). docs/nemesis.md has the long mode.

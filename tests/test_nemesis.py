@@ -5,8 +5,11 @@ runs in `make nemesis` (docs/nemesis.md)."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +27,12 @@ from simulations.nemesis.checks import (
     prefix_until,
     scan_for_secrets,
 )
-from simulations.nemesis.cluster import LIBFAKETIME_ENV, find_libfaketime
+from simulations.nemesis.cluster import (
+    DISK_STALL_ENV,
+    LIBFAKETIME_ENV,
+    build_fsync_stall,
+    find_libfaketime,
+)
 from simulations.nemesis.history import BatchInput, Op, Outcome
 from simulations.nemesis.proxy import FaultProxy, LinkMode, links_between
 from simulations.nemesis.schedule import (
@@ -244,6 +252,41 @@ def test_libfaketime_is_found_from_the_override(
     assert find_libfaketime() == str(library)
     monkeypatch.setenv(LIBFAKETIME_ENV, str(tmp_path / "missing.so"))
     assert find_libfaketime() is None
+
+
+_FSYNC_ONCE = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY)
+print("before", flush=True)
+os.fsync(fd)
+print("after", flush=True)
+"""
+
+
+def test_the_fsync_shim_holds_fsync_while_the_stall_file_exists(tmp_path: Path) -> None:
+    library = build_fsync_stall(tmp_path)
+    if library is None:
+        pytest.skip("no C compiler (apt-get install gcc): the disk-stall shim cannot be built")
+    stall = tmp_path / "stall"
+    stall.touch()
+    env = {**os.environ, "LD_PRELOAD": library, DISK_STALL_ENV: str(stall)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FSYNC_ONCE, str(tmp_path / "file")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "before\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)  # still inside fsync
+        stall.unlink()
+        assert child.wait(timeout=30) == 0
+        assert child.stdout.read() == "after\n"
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ---- the checks ------------------------------------------------------------------------

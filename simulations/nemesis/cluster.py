@@ -3,7 +3,8 @@ each that the nemesis can move, and a record of every exit the nemesis did not c
 
 Owns finding libfaketime, each node's clock file, starting a node with the environment the
 campaign needs (libfaketime preloaded; optionally the test-only unsafe switch), and the
-process-level faults (kill -9 and restart, SIGSTOP and SIGCONT). Configs and ports come from
+process-level faults (kill -9 and restart, SIGSTOP and SIGCONT), and disk stalls through a
+preloaded shim (`fsync_stall.c`, compiled at the start of a run). Configs and ports come from
 tests/harness.py's `make_cluster`, so the campaign runs the same daemons the tests do.
 
 Must never: stop a process it did not start, or leave one running: `stop_all` ends them all,
@@ -25,6 +26,9 @@ from tests.harness import Cluster, Node, make_cluster, node_health, wait_until
 from vaultnode.paxos_replicator import UNSAFE_LOCAL_READS_ENV
 
 LIBFAKETIME_ENV = "NEMESIS_LIBFAKETIME"
+DISK_STALL_ENV = "NEMESIS_DISK_STALL_FILE"
+"""Read by the fsync_stall.c shim: while the file it names exists, fsync and fdatasync wait."""
+_FSYNC_STALL_SOURCE = Path(__file__).with_name("fsync_stall.c")
 
 _LIBFAKETIME_GLOBS = (
     "/usr/lib/*/faketime/libfaketimeMT.so.1",
@@ -54,16 +58,38 @@ def find_libfaketime() -> str | None:
     return None
 
 
+def build_fsync_stall(directory: Path) -> str | None:
+    """Compile the fsync-stall shim into `directory` with the system's C compiler; None (disk
+    stalls are skipped) when there is no compiler or it fails."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    library = directory / "fsync_stall.so"
+    built = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(_FSYNC_STALL_SOURCE), "-ldl"],
+        capture_output=True,
+        check=False,
+    )
+    return str(library) if built.returncode == 0 else None
+
+
 class CampaignCluster:
     """A cluster of `node_count` nodes under a `FaultProxy`, started by `start()`."""
 
     def __init__(
-        self, root: Path, node_count: int, *, libfaketime: str | None, unsafe_local_reads: bool
+        self,
+        root: Path,
+        node_count: int,
+        *,
+        libfaketime: str | None,
+        fsync_stall: str | None,
+        unsafe_local_reads: bool,
     ) -> None:
         self.root = root
         self.proxy = FaultProxy()
         self.cluster: Cluster = make_cluster(root / "cluster", node_count, proxy=self.proxy)
         self.libfaketime = libfaketime
+        self.fsync_stall = fsync_stall
         self.unsafe_local_reads = unsafe_local_reads
         self.paused: set[int] = set()
         self.killed: set[int] = set()  # killed by the nemesis and not yet restarted
@@ -93,11 +119,26 @@ class CampaignCluster:
         temporary.write_text(f"{offset_s:+d}\n")
         temporary.replace(path)  # a reader never sees a half-written file
 
+    def disk_stall_file(self, node_id: int) -> Path:
+        return self.root / f"disk-stall-{node_id}"
+
+    def stall_disk(self, node_id: int) -> None:
+        """From now on the node's fsyncs wait (those already waiting keep waiting)."""
+        self.disk_stall_file(node_id).touch()
+
+    def unstall_disks(self) -> None:
+        for node_id in self.node_ids:
+            self.disk_stall_file(node_id).unlink(missing_ok=True)
+
     def _environment(self, node_id: int) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(UNSAFE_LOCAL_READS_ENV, None)
+        preload = [lib for lib in (self.fsync_stall, self.libfaketime) if lib is not None]
+        if preload:
+            env["LD_PRELOAD"] = " ".join(preload)
+        if self.fsync_stall is not None:
+            env[DISK_STALL_ENV] = str(self.disk_stall_file(node_id))
         if self.libfaketime is not None:
-            env["LD_PRELOAD"] = self.libfaketime
             env["FAKETIME_TIMESTAMP_FILE"] = str(self.clock_file(node_id))
             env["FAKETIME_NO_CACHE"] = "1"
             # Only the wall clock jumps, as with an NTP step: the monotonic clock that drives
@@ -196,5 +237,6 @@ class CampaignCluster:
     def stop_all(self) -> None:
         for node_id in list(self.paused):
             self.resume(node_id)
+        self.unstall_disks()
         self.cluster.stop_all()
         self.proxy.close()

@@ -29,7 +29,7 @@ from simulations.nemesis.checks import (
     check_writes,
     scan_for_secrets,
 )
-from simulations.nemesis.cluster import CampaignCluster, find_libfaketime
+from simulations.nemesis.cluster import CampaignCluster, build_fsync_stall, find_libfaketime
 from simulations.nemesis.history import HistoryFile
 from simulations.nemesis.proxy import LinkMode, links_between
 from simulations.nemesis.schedule import LEADER, Fault, FaultKind, Schedule, make_schedule
@@ -98,10 +98,15 @@ class Run:
         if FaultKind.CLOCK in kinds and libfaketime is None:
             print("nemesis: libfaketime not found (apt-get install faketime): no clock faults")
             kinds = tuple(k for k in kinds if k != FaultKind.CLOCK)
+        fsync_stall = build_fsync_stall(self.directory) if FaultKind.DISK_STALL in kinds else None
+        if FaultKind.DISK_STALL in kinds and fsync_stall is None:
+            print("nemesis: no C compiler for the fsync shim (apt-get install gcc): no disk stalls")
+            kinds = tuple(k for k in kinds if k != FaultKind.DISK_STALL)
         campaign = CampaignCluster(
             self.directory,
             options.nodes,
             libfaketime=libfaketime,
+            fsync_stall=fsync_stall,
             unsafe_local_reads=options.unsafe_local_reads,
         )
         schedule = make_schedule(options.seed, campaign.node_ids, options.fault_seconds, kinds)
@@ -266,6 +271,8 @@ class Run:
             campaign.pause(node)
         elif kind == FaultKind.CLOCK:
             campaign.set_clock_offset(node, int(fault.amount))
+        elif kind == FaultKind.DISK_STALL:
+            campaign.stall_disk(node)
         return f"{fault.describe()} (node {node})"
 
     def _heal_all(self, campaign: CampaignCluster) -> None:
@@ -274,6 +281,7 @@ class Run:
             campaign.resume(node_id)
         for node_id in campaign.node_ids:
             campaign.set_clock_offset(node_id, 0)
+        campaign.unstall_disks()
         for node_id in sorted(campaign.killed):
             campaign.restart(node_id)
 

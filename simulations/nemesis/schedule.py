@@ -28,6 +28,7 @@ class FaultKind(StrEnum):
     KILL = "kill"  # kill -9 of one node (the leader half the time), restarted at the heal
     PAUSE = "pause"  # SIGSTOP of one node (the leader half the time), SIGCONT at the heal
     CLOCK = "clock"  # one node's wall clock jumps forward or back; set right at the heal
+    DISK_STALL = "disk-stall"  # one node's fsyncs wait (the leader half the time) until the heal
 
 
 ALL_KINDS: tuple[FaultKind, ...] = tuple(FaultKind)
@@ -115,7 +116,7 @@ def _fault(rng: random.Random, kind: FaultKind, start_s: float, node_ids: list[i
         return Fault(kind, start_s, duration_s, nodes=(rng.choice(node_ids),), amount=delay)
     if kind == FaultKind.RESET:
         return Fault(kind, start_s, duration_s)
-    if kind in (FaultKind.KILL, FaultKind.PAUSE):
+    if kind in (FaultKind.KILL, FaultKind.PAUSE, FaultKind.DISK_STALL):
         return Fault(kind, start_s, duration_s, nodes=(target,))
     if kind == FaultKind.CLOCK:
         jump = rng.randint(*CLOCK_JUMP_SECONDS) * (1 if rng.random() < 0.5 else -1)
