@@ -26,6 +26,7 @@ from simulations.nemesis.checks import (
     check_writes,
     prefix_until,
     scan_for_secrets,
+    smallest_failing_prefix,
 )
 from simulations.nemesis.cluster import (
     DISK_STALL_ENV,
@@ -327,6 +328,21 @@ def test_a_prefix_makes_running_writes_unknown_and_drops_running_reads() -> None
     later = _op(vault_read("k"), (1, "v1"), 10, 11)
     prefix = prefix_until([done, running_write, running_read, later], 5)
     assert prefix == [done, Operation(0, running_write.input, 2, UNKNOWN, math.inf)]
+
+
+def test_the_smallest_failing_prefix_fails_and_is_cut_where_the_stale_read_returns() -> None:
+    # The stale read is the last call: a cut at calls only would make it unknown and drop it.
+    model = CampaignModel()
+    history = [
+        _op(vault_create("k", "v1"), VaultOutcome.CREATED, 0, 1),
+        _op(vault_update("k", "v2"), (VaultOutcome.UPDATED, 2), 2, 3),
+        _op(vault_read("k"), (1, "v1"), 4, 6),
+        _op(vault_read("k"), (2, "v2"), 4.5, 5),
+    ]
+    cut_s, prefix = smallest_failing_prefix(model, history)
+    assert check_operations(model, prefix).ok is False
+    assert cut_s == 6
+    assert history[2] in prefix
 
 
 def _write(op_id: int, value: str, outcome: Outcome, output: object = None) -> Op:

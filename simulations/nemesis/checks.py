@@ -101,6 +101,7 @@ class Finding:
 class LinearizabilityVerdict:
     result: CheckResult
     smallest_failing_prefix: tuple[Operation, ...] = ()
+    prefix_end_s: float = 0.0  # the instant the smallest failing prefix is cut at
 
     def report(self, model: CampaignModel, tail: int = 40) -> str:
         lines = [self.result.report()]
@@ -108,7 +109,7 @@ class LinearizabilityVerdict:
             prefix = self.smallest_failing_prefix
             lines.append(
                 f"smallest failing prefix of that sub-history: {len(prefix)} operations "
-                f"(ends at t={prefix[-1].call:.3f}s); its last {min(tail, len(prefix))}:"
+                f"(cut at t={self.prefix_end_s:.3f}s); its last {min(tail, len(prefix))}:"
             )
             for op in prefix[-tail:]:
                 ret = "…" if not math.isfinite(op.ret) else f"{op.ret:.3f}"
@@ -135,17 +136,21 @@ def prefix_until(ops: Sequence[Operation], until: float) -> list[Operation]:
     return prefix
 
 
-def smallest_failing_prefix(model: CampaignModel, ops: Sequence[Operation]) -> list[Operation]:
-    """Binary search over call times for the shortest prefix that is still not linearizable."""
-    calls = sorted({op.call for op in ops})
-    low, high = 0, len(calls) - 1
+def smallest_failing_prefix(
+    model: CampaignModel, ops: Sequence[Operation]
+) -> tuple[float, list[Operation]]:
+    """Bisect the instants at which something happened (calls and returns) for the earliest
+    cut whose prefix is still not linearizable; that instant and the prefix. `ops` must not be
+    linearizable."""
+    instants = sorted({op.call for op in ops} | {op.ret for op in ops if math.isfinite(op.ret)})
+    low, high = 0, len(instants) - 1
     while low < high:
         middle = (low + high) // 2
-        if check_operations(model, prefix_until(ops, calls[middle]), 30.0).ok is False:
+        if check_operations(model, prefix_until(ops, instants[middle]), 30.0).ok is False:
             high = middle
         else:
             low = middle + 1
-    return prefix_until(ops, calls[low])
+    return instants[low], prefix_until(ops, instants[low])
 
 
 def check_linearizable(
@@ -157,7 +162,8 @@ def check_linearizable(
     if result.ok is not False:
         return LinearizabilityVerdict(result)
     failing = sorted(result.failing_partition, key=lambda op: op.call)
-    return LinearizabilityVerdict(result, tuple(smallest_failing_prefix(model, failing)))
+    cut_s, prefix = smallest_failing_prefix(model, failing)
+    return LinearizabilityVerdict(result, tuple(prefix), cut_s)
 
 
 NodeState = dict[str, list[str]]

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from simulations.linearizability import Operation
 from simulations.nemesis.checks import (
     CampaignModel,
     Finding,
@@ -79,6 +80,7 @@ class Run:
         self._log_file = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
         self._started = time.monotonic()
         self.fault_counts: Counter[str] = Counter()
+        self.fault_events: list[tuple[float, str]] = []  # (campaign time, "start …" / "heal …")
 
     def clock(self) -> float:
         return time.monotonic() - self._started
@@ -140,6 +142,9 @@ class Run:
         elif not verdict.result.ok:
             findings.append(Finding("linearizability", "the history is not linearizable"))
             report_parts.append(verdict.report(CampaignModel()))
+            report_parts.append(
+                self._faults_around(verdict.smallest_failing_prefix, verdict.prefix_end_s)
+            )
         if states:
             findings += check_convergence(states)
             findings += check_writes(ops, states[min(states)])
@@ -208,6 +213,17 @@ class Run:
             campaign.note_unexpected_exits()
         return states, []
 
+    def _faults_around(
+        self, window: tuple[Operation, ...], end: float, lead_s: float = 10.0
+    ) -> str:
+        """The nemesis events from `lead_s` before the failing window's last 40 calls to its end."""
+        if not window:
+            return ""
+        start = window[-min(40, len(window))].call - lead_s
+        events = [f"  t={t:.3f}s {text}" for t, text in self.fault_events if start <= t <= end]
+        listed = "\n".join(events) or "  (none)"
+        return f"nemesis events from t={start:.3f}s to t={end:.3f}s:\n{listed}"
+
     def _wait(self, seconds: float, campaign: CampaignCluster) -> None:
         """Let time pass while watching for nodes that die on their own."""
         until = time.monotonic() + seconds
@@ -221,6 +237,7 @@ class Run:
             description = self._start_fault(campaign, fault)
             self.fault_counts[str(fault.kind)] += 1
             self.log(f"start {description}")
+            self.fault_events.append((self.clock(), f"start {description}"))
             heal_at = time.monotonic() + fault.duration_s
             while time.monotonic() < heal_at:
                 if fault.kind == FaultKind.RESET:
@@ -228,6 +245,7 @@ class Run:
                 self._wait(min(RESET_EVERY_S, max(0.0, heal_at - time.monotonic())), campaign)
             self._heal_all(campaign)
             self.log(f"heal {fault.kind}")
+            self.fault_events.append((self.clock(), f"heal {fault.kind}"))
 
     def _target(self, campaign: CampaignCluster, node: int) -> int:
         if node != LEADER:
