@@ -34,7 +34,7 @@ from simulations.nemesis.cluster import (
     build_fsync_stall,
     find_libfaketime,
 )
-from simulations.nemesis.history import BatchInput, Op, Outcome
+from simulations.nemesis.history import BatchInput, HistoryFile, Op, Outcome, load_history
 from simulations.nemesis.proxy import FaultProxy, LinkMode, links_between
 from simulations.nemesis.schedule import (
     ALL_KINDS,
@@ -365,6 +365,31 @@ def test_write_accounting_finds_lost_failed_and_duplicated_writes() -> None:
     assert [f.check for f in check_writes(ops, {"k3": ["v-refused"], "k1": ["v-ack"]})] == [
         "failed-write-applied"
     ]
+
+
+def test_a_history_file_reads_back_as_the_ops_it_recorded(tmp_path: Path) -> None:
+    finished = [
+        (vault_create("k", "v1"), Outcome.OK, VaultOutcome.CREATED),
+        (vault_update("k", "v2", 1), Outcome.OK, (VaultOutcome.UPDATED, 2)),
+        (vault_update("k", "v3", 1), Outcome.OK, VaultOutcome.VERSION_CONFLICT),
+        (vault_read("k"), Outcome.OK, (2, "v2")),
+        (vault_read("gone"), Outcome.OK, VaultOutcome.NOT_FOUND),
+        (BatchInput("batch_create", ("g/a", "g/b"), ("va", "vb")), Outcome.INFO, None),
+        (BatchInput("batch_read", ("g/a", "g/b")), Outcome.OK, ((1, "va"), (1, "vb"))),
+        (vault_create("k", "v4"), Outcome.FAIL, None),
+    ]
+    history = HistoryFile(tmp_path / "history.jsonl")
+    recorded = []
+    for op_id, (input, outcome, output) in enumerate(finished):
+        op = Op(op_id, op_id % 3, input, float(op_id), idempotency_key=f"key-{op_id}")
+        history.invoke(op)
+        op.outcome, op.output, op.nodes, op.detail = outcome, output, [1, 2], "201"
+        op.ret_s = op.call_s + 0.5 if outcome != Outcome.INFO else math.inf
+        history.complete(op)
+        recorded.append(op)
+    history.note(3.0, "start kill")
+    history.close()
+    assert load_history(tmp_path / "history.jsonl") == recorded
 
 
 def test_convergence_names_the_node_and_secret_that_differ() -> None:

@@ -10,6 +10,7 @@ With `--expect-violation` (the teeth check) the status is inverted: 0 once a run
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from simulations.nemesis.runner import Run, RunOptions, RunResult
+from simulations.nemesis.checks import (
+    CampaignModel,
+    check_convergence,
+    check_linearizable,
+    check_writes,
+)
+from simulations.nemesis.history import load_history
+from simulations.nemesis.runner import FINAL_STATE_FILE, Run, RunOptions, RunResult
 from simulations.nemesis.schedule import parse_kinds
 from simulations.nemesis.workload import WorkloadOptions
 
@@ -49,11 +57,19 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="succeed once a run finds a problem (the teeth check)",
     )
+    parser.add_argument(
+        "--check-history",
+        type=Path,
+        default=None,
+        help="check a recorded history.jsonl again (and final-state.json beside it), run nothing",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
+    if args.check_history is not None:
+        return _check_recorded(args.check_history)
     try:
         kinds = parse_kinds(args.faults)
     except ValueError as error:
@@ -97,6 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.expect_violation:
         return 0 if failed else 1
     return 1 if failed else 0
+
+
+def _check_recorded(history_path: Path) -> int:
+    """Linearizability of a recorded history, and write accounting against the first node's
+    final state when the run saved one; 0 when both pass."""
+    ops = load_history(history_path)
+    verdict = check_linearizable(ops)
+    print(verdict.report(CampaignModel()))
+    findings = []
+    state_path = history_path.with_name(FINAL_STATE_FILE)
+    if state_path.exists():
+        states = {int(node): state for node, state in json.loads(state_path.read_text()).items()}
+        findings = check_convergence(states) + check_writes(ops, states[min(states)])
+        for finding in findings:
+            print(f"- {finding.check}: {finding.message}")
+        print(f"write accounting and convergence: {len(findings)} findings")
+    return 0 if verdict.result.ok and not findings else 1
 
 
 def _summary_line(result: RunResult) -> str:

@@ -134,3 +134,48 @@ class HistoryFile:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _input_from_json(kind: str, fields: list[Any]) -> Input:
+    if kind in ("batch_create", "batch_read"):
+        return BatchInput(kind, tuple(fields[1]), tuple(fields[2]))
+    return VaultInput(*fields)
+
+
+def _output_from_json(kind: str, output: Any) -> Any:
+    """Undo `_jsonable`: outcome words become `VaultOutcome`s, lists become tuples."""
+    if isinstance(output, str):
+        return VaultOutcome(output)  # values only ever appear inside (version, value) pairs
+    if isinstance(output, list):
+        if kind == "update":
+            return (VaultOutcome(output[0]), output[1])
+        if kind == "batch_read":
+            return tuple(tuple(read) for read in output)
+        return tuple(output)
+    return output
+
+
+def load_history(path: Path) -> list[Op]:
+    """The finished and unfinished ops of a history file, as the run recorded them."""
+    ops: dict[int, Op] = {}
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            kind = record["type"]
+            if kind == "invoke":
+                op = Op(
+                    record["op"],
+                    record["worker"],
+                    _input_from_json(record["f"], record["input"]),
+                    record["t"],
+                    idempotency_key=record["idempotency_key"],
+                )
+                ops[op.op_id] = op
+            elif kind in ("ok", "fail", "info"):
+                op = ops[record["op"]]
+                op.outcome = Outcome(kind)
+                op.output = _output_from_json(record["f"], record["output"])
+                op.ret_s = record["t"] if record["t"] is not None else math.inf
+                op.nodes = record["nodes"]
+                op.detail = record["detail"]
+    return list(ops.values())

@@ -10,6 +10,7 @@ checks did not all finish.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -40,6 +41,8 @@ RECOVERY_S = 5.0
 """Clients keep running this long after the last heal: the cluster must serve again."""
 CONVERGE_DEADLINE_S = 90.0
 RESET_EVERY_S = 0.7
+FINAL_STATE_FILE = "final-state.json"
+"""Each node's final state (name -> values of its versions), beside history.jsonl."""
 
 
 @dataclass
@@ -125,6 +128,8 @@ class Run:
                 workers = self._run_clients_and_faults(campaign, schedule)
                 states, unconverged = self._converge(campaign, workers)
                 findings += unconverged
+                if states:
+                    (self.directory / FINAL_STATE_FILE).write_text(json.dumps(states))
         finally:
             if workers is not None:
                 workers.stop()
