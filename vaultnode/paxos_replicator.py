@@ -65,6 +65,10 @@ READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
 LEADER_REDIAL_WAIT_S = 2.0
 LEADER_REDIAL_POLL_S = 0.02
+# Test-only and unsafe: set to "1" in a node's environment, its linearizable reads skip the read
+# barrier and answer from the local applied state. Only the nemesis's teeth check sets it
+# (docs/nemesis.md); no configuration file can.
+UNSAFE_LOCAL_READS_ENV = "VAULT_UNSAFE_LOCAL_READS_FOR_TESTS"
 # Commands whose fields are only str, int, bytes, None and flat dicts of those, which msgpack
 # gives back exactly: applying the proposer's own object equals applying the decoded bytes.
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
@@ -225,6 +229,7 @@ class PaxosReplicator:
         # Snapshots written, by source: "local" (taken here) or "leader" (installed from it).
         self.snapshots_total = {"local": 0, "leader": 0}
         self.snapshot_size_bytes = 0  # state bytes of the latest snapshot
+        self._unsafe_local_reads = os.environ.get(UNSAFE_LOCAL_READS_ENV) == "1"
 
     # ---- start-up ----------------------------------------------------------------------
     def replay(self) -> int:
@@ -382,6 +387,8 @@ class PaxosReplicator:
     async def read_barrier(self) -> None:
         """Return once the applied state reflects every write acknowledged before the call. A
         follower gets the read point from the leader and waits until it has applied through it."""
+        if self._unsafe_local_reads:
+            return
         if not self._can_order_now():
             await self._ensure_can_order()
         read_id = next(self._read_ids)

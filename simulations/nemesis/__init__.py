@@ -1,0 +1,1 @@
+"""A Jepsen-style nemesis for real `vaultnode` processes (docs/nemesis.md)."""
