@@ -131,6 +131,15 @@ class RecordingTransport:
     def pause_reading(self) -> None:
         pass
 
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
 
 def test_an_answer_leaves_after_its_event_line_and_pipelined_answers_leave_in_one_write() -> None:
     stream = io.StringIO()
