@@ -25,6 +25,8 @@ import pytest
 
 from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from tests.test_http_wire import RawResponse, _read_response, assert_error
+from vaultnode.config import Limits
+from vaultnode.http_server import FILES_RESERVED_FOR_THE_NODE
 
 ANSWER_BOUND_S = 1.0  # the bound for /health during an attack, and for each refusal
 RSS_GROWTH_MAX_BYTES = 100 * 1024 * 1024
@@ -416,3 +418,11 @@ def test_a_flood_aimed_at_the_leader_causes_no_election(tmp_path: Path) -> None:
         assert consensus_view(cluster) == before, "a ballot moved or an election was won"
         assert worst_s < ANSWER_BOUND_S, f"/health took {worst_s:.3f}s during the flood"
         assert growth < RSS_GROWTH_MAX_BYTES
+
+
+def test_the_units_open_files_limit_fits_the_connection_cap_and_no_more_than_twice() -> None:
+    unit = Path(__file__).parent.parent / "deploy" / "systemd" / "vaultnode.service"
+    (line,) = [x for x in unit.read_text().splitlines() if x.startswith("LimitNOFILE=")]
+    nofile = int(line.partition("=")[2])
+    needed = Limits().http_connections_max + FILES_RESERVED_FOR_THE_NODE
+    assert needed <= nofile <= 2 * needed

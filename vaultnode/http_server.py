@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import ssl
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -108,6 +109,9 @@ _WRITE_COALESCE_BYTES = 64 * 1024
 # it was told is too large) is read and dropped for up to this long, so that closing with unread
 # data does not reset the connection and destroy the answer before the client reads it.
 _LINGER_S = 2.0
+# Open files the node needs besides client connections: log segments, snapshots, the audit
+# trail, peer links and listeners (the unit's LimitNOFILE is the cap plus this, with headroom).
+FILES_RESERVED_FOR_THE_NODE = 1024
 
 
 class ConnectionObserver(Protocol):
@@ -606,6 +610,15 @@ class _HttpConnection(asyncio.Protocol):
             self._raw_transport.close()
 
 
+def _allow_open_files(wanted: int) -> None:
+    """Raise the soft open-files limit towards `wanted` (never past the hard one): a shell's
+    default of 1,024 would otherwise refuse connections well below the configured cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, ceiling), hard))
+
+
 class HttpServer:
     def __init__(
         self,
@@ -658,6 +671,7 @@ class HttpServer:
     async def start(self, host: str, port: int, ssl: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.tls = ssl
+        _allow_open_files(self.limits.http_connections_max + FILES_RESERVED_FOR_THE_NODE)
         self._server = await loop.create_server(
             lambda: _HttpConnection(self._handler, self._body_bytes_max, self),
             host,
