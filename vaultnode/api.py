@@ -826,6 +826,8 @@ class VaultApi:
         if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
             raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
         self._authenticate(call).require_root()
+        if len(kek_text) > 18:  # no key has such an id, and the log's integers cannot carry it
+            raise ApiError(404, "not_found", f"no key with id {kek_text}")
         command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
         outcome = await self._submit(command)
         if outcome.ok:

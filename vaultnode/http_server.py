@@ -81,7 +81,7 @@ def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
-def _encode_response(response: Response, keep_alive: bool) -> bytes:
+def _encode_response(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     status_line = _status_lines.get(response.status)
     if status_line is None:
         status_line = f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}"
@@ -94,7 +94,8 @@ def _encode_response(response: Response, keep_alive: bool) -> bytes:
     )
     for name, value in response.headers:
         head += f"{name}: {value}\r\n"
-    return (head + "\r\n").encode("latin-1") + response.body
+    # A HEAD answer says the body's length but carries none (RFC 9110 9.3.2).
+    return (head + "\r\n").encode("latin-1") + (b"" if head_only else response.body)
 
 
 # A parsed request with its keep-alive flag, an answer decided by the wire, or None: no more.
@@ -584,7 +585,8 @@ class _HttpConnection(asyncio.Protocol):
                 self._busy = False
             if self._transport is None:
                 return
-            self._send(_encode_response(response, keep_alive), then_close=not keep_alive)
+            head_only = isinstance(work, Request) and work.method == "HEAD"
+            self._send(_encode_response(response, keep_alive, head_only), then_close=not keep_alive)
             if not keep_alive:
                 return
             # Fairness: every other connection gets a turn before this one's next request.
