@@ -136,6 +136,9 @@ def _hand_over(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         view = view[size:]
 
 
+_TOKEN_HEADERS = frozenset({"authorization", "x-vault-token"})
+
+
 class _Refusal(Exception):
     """Raised inside a parser callback to stop parsing; the connection answers and closes."""
 
@@ -156,8 +159,9 @@ class _HttpConnection(asyncio.Protocol):
     leave after the event lines their handlers emitted (vaultnode/events.py writes those at the
     end of the loop turn in which they were emitted, earlier).
 
-    One timer per connection bounds the phase it is in: waiting for a request (idle), reading a
-    head, reading a body, or waiting for the client to read its answers.
+    One deadline per connection bounds the phase it is in: waiting for a request (idle), reading
+    a head, reading a body, waiting for the client to read its answers (send), or lingering after
+    a refusal; the server's sweep acts on deadlines that passed.
     """
 
     def __init__(self, handler: Handler, body_bytes_max: int, server: HttpServer) -> None:
@@ -190,8 +194,9 @@ class _HttpConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._busy = False
         self._lingering = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_phase = ""
+        self._loop = asyncio.get_running_loop()
+        self._phase = ""  # what the deadline bounds: "", idle, head, body, send or linger
+        self._deadline = 0.0  # loop time; HttpServer's sweep acts on it
         self._work: deque[_Work] = deque()
         self._work_arrived: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -240,8 +245,8 @@ class _HttpConnection(asyncio.Protocol):
             _hand_over(tls_protocol, early)  # type: ignore[arg-type]  # uvloop's: not a subclass
         try:
             secured = await starting
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            if isinstance(exc, ConnectionAbortedError | asyncio.TimeoutError):
+        except Exception as exc:  # any failed handshake only ends this connection
+            if isinstance(exc, ConnectionAbortedError | TimeoutError):
                 self._server.observe_closed("tls_handshake_timeout")
             raw.abort()  # type: ignore[attr-defined]
             return
@@ -265,7 +270,7 @@ class _HttpConnection(asyncio.Protocol):
             self._server.release(self, self._client)
         self._transport = None
         self._raw_transport = None
-        self._cancel_timer()
+        self._phase = ""
         self._pending = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -396,16 +401,15 @@ class _HttpConnection(asyncio.Protocol):
         self._url_parts.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self._limits
         self._header_count += 1
-        if self._header_count > limits.http_headers_max:
-            limit = limits.http_headers_max
+        if self._header_count > self._limits.http_headers_max:
+            limit = self._limits.http_headers_max
             self._stop_with(431, "headers_too_large", f"more than {limit} headers")
-        if len(name) + len(value) > limits.http_header_bytes_max:
-            limit = limits.http_header_bytes_max
+        if len(name) + len(value) > self._limits.http_header_bytes_max:
+            limit = self._limits.http_header_bytes_max
             self._stop_with(431, "headers_too_large", f"a header exceeds {limit} bytes")
         key = name.decode("latin-1").lower()
-        if key in self._headers and key in ("authorization", "x-vault-token"):
+        if key in _TOKEN_HEADERS and key in self._headers:
             # A dict keeps one of two tokens; which one a proxy or the API sees must not differ.
             self._message_refusal = _refusal_response(
                 400, "bad_request", f"the {name.decode('latin-1')} header is given twice"
@@ -466,7 +470,7 @@ class _HttpConnection(asyncio.Protocol):
 
     # timeouts
     def _rearm(self) -> None:
-        """Point the connection's one timer at the phase it is in now (kept if unchanged)."""
+        """Point the connection's deadline at the phase it is in now (kept if unchanged)."""
         if self._transport is None:
             phase = ""
         elif self._lingering:
@@ -479,32 +483,18 @@ class _HttpConnection(asyncio.Protocol):
             phase = ""
         else:
             phase = "idle"
-        if phase == self._timer_phase:
+        if phase == self._phase:
             return
-        self._cancel_timer()
-        self._timer_phase = phase
+        self._phase = phase
         if phase:
-            limits = self._limits
-            delay_s = {
-                "idle": limits.http_idle_timeout_ms / 1000,
-                "send": limits.http_idle_timeout_ms / 1000,
-                "head": limits.http_head_timeout_ms / 1000,
-                "body": limits.http_body_timeout_ms / 1000,
-                "linger": _LINGER_S,
-            }[phase]
-            self._timer = asyncio.get_running_loop().call_later(delay_s, self._timed_out, phase)
+            self._deadline = self._loop.time() + self._server.phase_timeouts_s[phase]
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_phase = ""
-
-    def _timed_out(self, phase: str) -> None:
-        self._timer = None
-        self._timer_phase = ""
-        if self._transport is None:
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: act on a phase that outlived its deadline."""
+        phase = self._phase
+        if not phase or now < self._deadline or self._transport is None:
             return
+        self._phase = ""
         if phase in ("head", "body"):
             self._refuse(408, "request_timeout", f"the request {phase} took too long to arrive")
             self._rearm()
@@ -589,8 +579,9 @@ class _HttpConnection(asyncio.Protocol):
             self._send(_encode_response(response, keep_alive, head_only), then_close=not keep_alive)
             if not keep_alive:
                 return
-            # Fairness: every other connection gets a turn before this one's next request.
-            await asyncio.sleep(0)
+            if self._work:
+                # Fairness: every other connection gets a turn before this one's next request.
+                await asyncio.sleep(0)
             while self._writing_paused and self._transport is not None:
                 # The client is not reading its answers: serve it no more until it does.
                 self._writable = asyncio.get_running_loop().create_future()
@@ -640,6 +631,39 @@ class HttpServer:
         self._per_client: Counter[str] = Counter()
         self.in_flight = 0
         self.closing = False
+        self._sweeper: asyncio.Task[None] | None = None
+        limits = self.limits
+        self.phase_timeouts_s = {
+            "idle": limits.http_idle_timeout_ms / 1000,
+            "send": limits.http_idle_timeout_ms / 1000,
+            "head": limits.http_head_timeout_ms / 1000,
+            "body": limits.http_body_timeout_ms / 1000,
+            "linger": _LINGER_S,
+        }
+
+    def _sweep_interval_s(self) -> float:
+        """A quarter of the shortest timeout, within 50 ms .. 1 s: how late a timeout may act."""
+        limits = self.limits
+        shortest_ms = min(
+            limits.http_head_timeout_ms,
+            limits.http_body_timeout_ms,
+            limits.http_idle_timeout_ms,
+            _LINGER_S * 1000,
+        )
+        return min(1.0, max(0.05, shortest_ms / 4000))
+
+    async def _sweep(self) -> None:
+        """Time connections out from one periodic task: cheaper than a timer per phase change."""
+        loop = asyncio.get_running_loop()
+        interval_s = self._sweep_interval_s()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for connection in list(self.connections):
+                try:
+                    connection.check_deadline(now)
+                except Exception:  # one connection's bug must not end every timeout
+                    log.exception("error while timing out a connection")
 
     def admit(self, connection: _HttpConnection, client: str) -> bool:
         """Count a new connection in, or say it is refused (the caller drops it at once)."""
@@ -681,12 +705,15 @@ class HttpServer:
             reuse_address=True,
             backlog=1024,
         )
+        self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self, deadline_s: float) -> None:
         """Stop accepting, let in-flight requests finish within the deadline, close the rest."""
         self.closing = True
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + deadline_s
         while self.in_flight and loop.time() < give_up_at:
