@@ -143,10 +143,6 @@ class _Refusal(Exception):
     """Raised inside a parser callback to stop parsing; the connection answers and closes."""
 
 
-def _refusal_response(status: int, code: str, message: str) -> Response:
-    return error_response(status, code, message)
-
-
 class _HttpConnection(asyncio.Protocol):
     """One client connection; requests are answered one after another, in order.
 
@@ -373,7 +369,7 @@ class _HttpConnection(asyncio.Protocol):
         self._in_message = self._in_head = False
         self._server.observe_closed(code)
         self._pause_reading()
-        self._put((_refusal_response(status, code, message), False))
+        self._put((error_response(status, code, message), False))
 
     def _stop_with(self, status: int, code: str, message: str) -> None:
         """From inside a parser callback: refuse, and make the parser stop where it is."""
@@ -411,7 +407,7 @@ class _HttpConnection(asyncio.Protocol):
         key = name.decode("latin-1").lower()
         if key in _TOKEN_HEADERS and key in self._headers:
             # A dict keeps one of two tokens; which one a proxy or the API sees must not differ.
-            self._message_refusal = _refusal_response(
+            self._message_refusal = error_response(
                 400, "bad_request", f"the {name.decode('latin-1')} header is given twice"
             )
         self._headers[key] = value.decode("latin-1")
