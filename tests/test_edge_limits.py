@@ -426,3 +426,19 @@ def test_the_units_open_files_limit_fits_the_connection_cap_and_no_more_than_twi
     nofile = int(line.partition("=")[2])
     needed = Limits().http_connections_max + FILES_RESERVED_FOR_THE_NODE
     assert needed <= nofile <= 2 * needed
+
+
+def test_a_pipelined_burst_past_the_depth_limit_is_answered_whole_and_in_order(
+    edge: Node,
+) -> None:
+    """Pausing and resuming reading at the depth limit loses and reorders nothing."""
+    count = 40 * Limits().http_pipeline_depth_max
+    burst = b"".join(
+        b"GET /health HTTP/1.1\r\nHost: v\r\nX-Request-Id: r%d\r\n\r\n" % i for i in range(count)
+    )
+    with open_stream(edge) as stream:
+        stream.sendall(burst)
+        buffered = bytearray()
+        answers = [_read_response(stream, buffered) for _ in range(count)]
+    assert [a.status for a in answers] == [200] * count
+    assert [a.headers["x-request-id"] for a in answers] == [f"r{i}" for i in range(count)]
