@@ -131,8 +131,14 @@ class RecordingTransport:
     def pause_reading(self) -> None:
         pass
 
+    def resume_reading(self) -> None:
+        pass
+
     def get_extra_info(self, name: str, default: object = None) -> object:
         return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
 
 
 def test_an_answer_leaves_after_its_event_line_and_pipelined_answers_leave_in_one_write() -> None:

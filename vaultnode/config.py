@@ -53,6 +53,20 @@ class Limits:
     # this node heard from a leader (or, leading, from a quorum) within max_stale_ms.
     audit_rotate_bytes: int = 64 * 1024 * 1024
     max_stale_ms: int = 5000
+    # The HTTP edge (vaultnode/http_server.py; docs/api.md "Limits" says what each refusal is).
+    # Sizes in bytes, times in milliseconds, connection counts per node and per client address.
+    http_url_bytes_max: int = 8 * 1024
+    http_header_bytes_max: int = 8 * 1024  # one header line: name and value
+    http_headers_max: int = 100
+    http_head_bytes_max: int = 32 * 1024  # request line and every header together
+    http_pipeline_depth_max: int = 16  # parsed requests waiting on one connection
+    http_write_buffer_bytes_max: int = 256 * 1024  # unsent answers before a connection stalls
+    http_head_timeout_ms: int = 10_000
+    http_body_timeout_ms: int = 30_000
+    http_idle_timeout_ms: int = 60_000  # also: how long a client may leave answers unread
+    http_tls_handshake_timeout_ms: int = 10_000
+    http_connections_max: int = 4096  # keep below the unit's LimitNOFILE (8192)
+    http_connections_per_client_max: int = 256
 
 
 @dataclass(frozen=True)

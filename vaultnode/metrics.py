@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -183,6 +183,24 @@ class NodeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # The HTTP edge's connection bounds (vaultnode/http_server.py): reasons are fixed words.
+        self._connections_open = Gauge(
+            "vault_http_connections_open",
+            "client connections open now (admitted, TLS handshakes included)",
+            registry=self.registry,
+        )
+        self._connections_refused = Counter(
+            "vault_http_connections_refused",
+            "client connections dropped at accept: node_cap or client_cap (per address) reached",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._connections_closed = Counter(
+            "vault_http_connections_closed",
+            "client connections the node closed for a limit or timeout, by the reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_GaugeCollector(node_id, gauges, consensus))
 
     def observe_request(self, method: str, route: str, status: int, latency_s: float) -> None:
@@ -192,6 +210,15 @@ class NodeMetrics:
 
     def observe_unaudited(self, reason: str) -> None:
         self._unaudited.labels(reason).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self._connections_refused.labels(reason).inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self._connections_closed.labels(reason).inc()
+
+    def connections_open(self, count: int) -> None:
+        self._connections_open.set(count)
 
     def observe_fsync(self, duration_s: float) -> None:
         self._fsync.observe(duration_s)

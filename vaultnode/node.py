@@ -187,7 +187,7 @@ class VaultNode:
                else {}),
         )
         audit.start()
-        server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
+        server = HttpServer(api.handle, limits=config.limits, observer=metrics)
         try:
             await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
         except OSError as exc:
