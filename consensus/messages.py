@@ -210,18 +210,21 @@ class Commit:
 
 @dataclass(frozen=True)
 class ReadIndexRequest:
-    """A follower asks for a linearizable read point for the reads it gathered in `round`."""
+    """A follower asks for a linearizable read point for the reads it gathered in `round` of
+    its `incarnation` (rounds restart in every incarnation; the pair names one request)."""
 
     sender: int
     to: int
     ballot: Ballot
     round: int
+    incarnation: int
 
 
 @dataclass(frozen=True)
 class ReadIndexReply:
     """`granted`: every write acknowledged before the request lies at or below `read_index`,
-    confirmed by a quorum round started after the request arrived."""
+    confirmed by a quorum round started after the request arrived. `round` and `incarnation`
+    repeat the request's, so the follower matches the reply on the request's full identity."""
 
     sender: int
     to: int
@@ -229,6 +232,7 @@ class ReadIndexReply:
     round: int
     read_index: int
     granted: bool
+    incarnation: int
 
 
 Message = (

@@ -29,7 +29,7 @@ from random import Random
 from typing import Any
 
 from consensus.config import ClusterConfig, Limits
-from consensus.errors import LocalProtocolError
+from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.messages import (
     BALLOT_ZERO,
     NOOP,
@@ -56,6 +56,7 @@ from consensus.messages import (
     ReadIndexRequest,
     Reject,
 )
+from consensus.read_only import ForwardedReads, LeaderReads, ReadsAwaitingApply
 from consensus.ready import (
     ChosenSlot,
     DroppedProposal,
@@ -89,20 +90,16 @@ class _InflightSlot:
     acks: set[int] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class _PendingRead:
-    read_id: int  # the driver's id, or for a follower's request the follower's round
-    read_index: int
-    read_round: int
-    origin: int  # the node whose driver asked: this one, or a follower via ReadIndexRequest
-
-
 _Handler = Callable[[Any], None]
 
 
 class Replica:
     """A replica of a static cluster. Build a fresh one with `Replica(...)`, or after a restart
-    with `durable=recover(records, snapshot_slot)` and the index of the last record read back."""
+    with `durable=recover(records, snapshot_slot)` and the index of the last record read back.
+
+    `incarnation` must differ between two runs of one node (the driver may pass a random
+    64-bit number, or leave it to be drawn from `rng`): a follower's read-index requests are
+    named by it, so a reply to a request of a previous run never answers a read of this one."""
 
     def __init__(
         self,
@@ -113,6 +110,7 @@ class Replica:
         durable: DurableState | None = None,
         last_record_index: int = 0,
         snapshot: Snapshot | None = None,
+        incarnation: int | None = None,
     ) -> None:
         if node_id not in config.node_ids:
             raise LocalProtocolError(f"node {node_id} is not a member of {config.node_ids}")
@@ -126,6 +124,7 @@ class Replica:
         self.config = config
         self.limits = limits if limits is not None else Limits()
         self._rng = rng
+        self._incarnation = incarnation if incarnation is not None else self._draw_incarnation()
         self._peers = config.peers_of(node_id)
         # Acceptor and learner state (durable through records).
         self._promised = state.promised
@@ -166,16 +165,13 @@ class Replica:
         self._prepare_from_slot = 0
         # Follower side of forwarding: commands and reads taken here, ordered by the leader.
         self._forward_queue: list[bytes] = []
-        self._reads_to_forward: list[int] = []
-        self._forwarded_read_round = 0
-        # round -> (the leader asked, tick sent, the driver's read ids)
-        self._forwarded_reads: dict[int, tuple[int, int, list[int]]] = {}
-        # (read_id, read_index) confirmed by a quorum round, here or at the leader a follower
-        # asked: valid whoever leads later, so they only await the local apply.
-        self._reads_awaiting_apply: list[tuple[int, int]] = []
+        self._forwarded_reads = ForwardedReads(self._incarnation)
+        # Read points confirmed by a quorum round, here or at the leader a follower asked.
+        self._reads_awaiting_apply = ReadsAwaitingApply()
         self._reset_leader_state()
         self._role = Role.FOLLOWER
-        self._handlers: dict[type[Any], _Handler] = {}
+        self._role_tables = self._build_role_tables()
+        self._handlers = self._role_tables[Role.FOLLOWER]
         self._tick_role: Callable[[], None] = self._tick_election
         self._become_follower(None)
 
@@ -209,13 +205,17 @@ class Replica:
     def last_record_index(self) -> int:
         return self._last_record_index
 
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
     # ---------------------------------------------------------------- driver API
 
     def tick(self) -> None:
         """One unit of logical time has passed."""
         self._tick_count += 1
         self._tick_role()
-        if self._forwarded_reads:
+        if self._forwarded_reads.in_flight:
             self._expire_forwarded_reads()
         self._drain_inbox()
 
@@ -259,12 +259,12 @@ class Replica:
             elif self._follower_reads_count() >= self.limits.reads_pending_max:
                 self._reject_read(read_id, DropReason.OVERLOADED)
             else:
-                self._reads_to_forward.append(read_id)
+                self._forwarded_reads.to_forward.append(read_id)
             return
         if self._leader_reads_full():
             self._reject_read(read_id, DropReason.OVERLOADED)
             return
-        self._queue_read(read_id, self.node_id)
+        self._queue_read(read_id, self.node_id, self._incarnation)
         self._drain_inbox()
 
     def persisted(self, record_index: int) -> None:
@@ -313,8 +313,8 @@ class Replica:
     def has_ready(self) -> bool:
         return (
             bool(self._out_records or self._out_messages or self._out_after_persist)
-            or self._read_round_due
-            or bool(self._forward_queue or self._reads_to_forward)
+            or self._leader_reads.round_due
+            or bool(self._forward_queue or self._forwarded_reads.to_forward)
             or (self._role == Role.LEADER and self._chosen_through > self._watermark_notified)
             or self._out_snapshot is not None
             or self._chosen_through > self._emitted_through
@@ -329,7 +329,7 @@ class Replica:
             self._append_record(WatermarkRecord(self._chosen_through))
             self._recorded_watermark = self._chosen_through
         chosen = tuple(
-            ChosenSlot(slot, self._chosen[slot])
+            ChosenSlot(slot, self._chosen_value(slot))
             for slot in range(self._emitted_through + 1, self._chosen_through + 1)
         )
         self._emitted_through = self._chosen_through
@@ -391,6 +391,9 @@ class Replica:
         self._out_records.append(record)
         self._last_record_index += 1
 
+    def _draw_incarnation(self) -> int:
+        return self._rng.getrandbits(63)
+
     def _random_election_timeout(self) -> int:
         ticks = self.limits.election_ticks
         return ticks + self._rng.randrange(ticks)
@@ -403,20 +406,36 @@ class Replica:
 
     # ---------------------------------------------------------------- role transitions
 
-    def _acceptor_handlers(self) -> dict[type[Any], _Handler]:
-        return {
+    def _build_role_tables(self) -> dict[Role, dict[type[Any], _Handler]]:
+        """Each role's step function as one table (etcd's stepFollower/stepCandidate/
+        stepLeader): every role keeps the acceptor and learner, and a proposer role adds or
+        overrides what only it handles. A message type missing from a table is ignored."""
+        acceptor: dict[type[Any], _Handler] = {
             PreVote: self._on_pre_vote,
             Prepare: self._on_prepare,
             Accept: self._on_accept,
             Heartbeat: self._on_heartbeat,
+            Commit: self._on_commit,
             CatchUpRequest: self._on_catch_up_request,
             Learn: self._on_learn,
             InstallSnapshot: self._on_install_snapshot,
-            Commit: self._on_commit,
             Forward: self._refuse_forward,
             ForwardRefused: self._on_forward_refused,
             ReadIndexRequest: self._refuse_read_index,
             ReadIndexReply: self._on_read_index_reply,
+        }
+        return {
+            Role.FOLLOWER: acceptor,
+            Role.PRE_CANDIDATE: {**acceptor, PreVoteReply: self._on_pre_vote_reply},
+            Role.CANDIDATE: {**acceptor, Promise: self._on_promise, Reject: self._on_reject},
+            Role.LEADER: {
+                **acceptor,
+                Accepted: self._on_accepted,
+                HeartbeatAck: self._on_heartbeat_ack,
+                Reject: self._on_reject,
+                Forward: self._on_forward,
+                ReadIndexRequest: self._on_read_index_request,
+            },
         }
 
     def _reset_leader_state(self) -> None:
@@ -428,10 +447,7 @@ class Replica:
         self._heartbeat_elapsed = 0
         self._check_quorum_elapsed = 0
         self._active_peers: set[int] = set()
-        self._read_round = 0
-        self._read_acks: dict[int, int] = {}
-        self._pending_reads: list[_PendingRead] = []
-        self._read_round_due = False
+        self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
     def _step_down_from_leadership(self) -> None:
@@ -447,12 +463,20 @@ class Replica:
                 self._send_now(
                     ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
                 )
-        for read in self._pending_reads:
+        for read in self._leader_reads.pending:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
             else:
                 self._send_now(
-                    ReadIndexReply(self.node_id, read.origin, self._ballot, read.read_id, 0, False)
+                    ReadIndexReply(
+                        self.node_id,
+                        read.origin,
+                        self._ballot,
+                        read.read_id,
+                        0,
+                        False,
+                        read.incarnation,
+                    )
                 )
         self._reset_leader_state()
 
@@ -466,7 +490,7 @@ class Replica:
         self._ballot = BALLOT_ZERO
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
-        self._handlers = self._acceptor_handlers()
+        self._handlers = self._role_tables[Role.FOLLOWER]
         self._tick_role = self._tick_election
 
     def _next_ballot(self) -> Ballot:
@@ -479,7 +503,7 @@ class Replica:
         self._votes = {self.node_id}
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
-        self._handlers = {**self._acceptor_handlers(), PreVoteReply: self._on_pre_vote_reply}
+        self._handlers = self._role_tables[Role.PRE_CANDIDATE]
         self._tick_role = self._tick_election
         for peer in self._peers:
             self._send_now(PreVote(self.node_id, peer, self._ballot, self._chosen_through))
@@ -492,11 +516,7 @@ class Replica:
         self._promises = {}
         self._prepare_from_slot = self._chosen_through + 1
         self._election_elapsed = 0
-        self._handlers = {
-            **self._acceptor_handlers(),
-            Promise: self._on_promise,
-            Reject: self._on_reject,
-        }
+        self._handlers = self._role_tables[Role.CANDIDATE]
         self._tick_role = self._tick_election
         for node in self.config.node_ids:
             prepare = Prepare(self.node_id, node, self._ballot, self._prepare_from_slot)
@@ -506,14 +526,7 @@ class Replica:
         self._role = Role.LEADER
         self._leader_id = self.node_id
         self._reset_leader_state()
-        self._handlers = {
-            **self._acceptor_handlers(),
-            Accepted: self._on_accepted,
-            HeartbeatAck: self._on_heartbeat_ack,
-            Reject: self._on_reject,
-            Forward: self._on_forward,
-            ReadIndexRequest: self._on_read_index_request,
-        }
+        self._handlers = self._role_tables[Role.LEADER]
         self._tick_role = self._tick_leader
         values = self._repropose_values(promises)
         last_slot = max(values, default=self._chosen_through)
@@ -524,8 +537,9 @@ class Replica:
         self._broadcast_heartbeat()
 
     def _repropose_values(self, promises: Iterable[Promise]) -> dict[int, Batch]:
-        """Phase 1's verdict per slot above our own watermark: a value some acceptor knows is
-        chosen, else the value accepted at the highest ballot. Unlisted slots become no-ops."""
+        """Phase 1's verdict per slot above our own watermark: a value we know is chosen, else
+        one some acceptor knows is chosen, else the value accepted at the highest ballot.
+        Unlisted slots become no-ops."""
         best: dict[int, tuple[bool, Ballot, Batch]] = {}
         for promise in promises:
             for entry in promise.entries:
@@ -535,7 +549,11 @@ class Replica:
                 current = best.get(entry.slot)
                 if current is None or rank[:2] > current[:2]:
                     best[entry.slot] = rank
-        return {slot: rank[2] for slot, rank in best.items()}
+        values = {slot: rank[2] for slot, rank in best.items()}
+        # Learned while the promises came in (a Learn keeps every role's learner busy): what we
+        # know chosen is the only value any ballot may propose there.
+        values.update((slot, v) for slot, v in self._chosen.items() if slot > self._chosen_through)
+        return values
 
     # ---------------------------------------------------------------- timers
 
@@ -686,24 +704,59 @@ class Replica:
             self._send_now(Learn(self.node_id, message.sender, message.ballot, entries))
 
     def _on_learn(self, message: Learn) -> None:
+        if self._role == Role.LEADER and self._learn_outranks_own_ballot(message.entries):
+            # A higher ballot chose these slots. Our watermark vouches, at our ballot, for the
+            # values we proposed at it: it must never cover a slot chosen with another value.
+            self._become_follower(None)
         for entry in message.entries:
-            if entry.slot > self._chosen_through and entry.slot not in self._chosen:
+            if entry.slot > self._snapshot_slot:
                 self._mark_chosen(entry.slot, entry.value)
         self._advance_chosen_through()
 
+    def _learn_outranks_own_ballot(self, entries: Iterable[ChosenEntry]) -> bool:
+        """Whether a leader learns a slot it has not proposed, or a value other than the one it
+        proposed: either was chosen at a higher ballot (a value chosen at a lower ballot is the
+        one phase 1 made us propose, Paxos P2c), so we no longer lead."""
+        for entry in entries:
+            if entry.slot <= self._chosen_through or entry.slot in self._chosen:
+                continue
+            inflight = self._inflight.get(entry.slot)
+            if inflight is None or inflight.value != entry.value:
+                return True
+        return False
+
     def _on_install_snapshot(self, message: InstallSnapshot) -> None:
-        if message.slot > self._chosen_through:
-            self._adopt_snapshot(Snapshot(message.slot, message.data))
+        if message.slot <= self._chosen_through:
+            return
+        if self._role == Role.LEADER:
+            # A snapshot past our watermark covers slots we proposed without telling us the
+            # values chosen there; they were chosen at a higher ballot (see `_on_learn`).
+            self._become_follower(None)
+        self._adopt_snapshot(Snapshot(message.slot, message.data))
 
     # ---------------------------------------------------------------- learner
 
     def _mark_chosen(self, slot: int, value: Batch) -> None:
+        known = self._chosen.get(slot)
+        if known is not None:
+            if known != value:
+                raise InvariantViolation(f"slot {slot} was chosen with two different values")
+            return
+        if slot <= self._chosen_through:
+            # Below the watermark and above the snapshot every value is in `_chosen`.
+            raise InvariantViolation(f"slot {slot} below watermark {self._chosen_through} unknown")
         self._chosen[slot] = value
         accepted = self._accepted.get(slot)
         if accepted is None or accepted[1] != value:
             # The watermark record replays chosen values from accept records; this slot's
             # chosen value is not among ours, so it needs its own record.
             self._append_record(LearnRecord(slot, value))
+
+    def _chosen_value(self, slot: int) -> Batch:
+        value = self._chosen.get(slot)
+        if value is None:
+            raise InvariantViolation(f"watermark {self._chosen_through} passed unknown slot {slot}")
+        return value
 
     def _advance_chosen_through(self) -> None:
         while self._chosen_through + 1 in self._chosen:
@@ -717,6 +770,8 @@ class Replica:
         self._applied_through = max(self._applied_through, snapshot.slot)
         self._compact(snapshot.slot)
         self._advance_chosen_through()
+        # The applied point moved without an `applied()` call: release what it now covers.
+        self._release_reads()
 
     def _compact(self, slot: int) -> None:
         """Forget slots up to `slot` and restate what the log must still say, so the driver can
@@ -766,6 +821,9 @@ class Replica:
     # ---------------------------------------------------------------- leader
 
     def _propose_slot(self, slot: int, value: Batch) -> None:
+        known = self._chosen.get(slot)
+        if slot <= self._chosen_through or (known is not None and known != value):
+            raise InvariantViolation(f"slot {slot} would be proposed again with another value")
         self._inflight[slot] = _InflightSlot(value, self._tick_count)
         for node in self.config.node_ids:
             self._send_now(
@@ -804,7 +862,13 @@ class Replica:
     def _broadcast_heartbeat(self) -> None:
         for peer in self._peers:
             self._send_now(
-                Heartbeat(self.node_id, peer, self._ballot, self._chosen_through, self._read_round)
+                Heartbeat(
+                    self.node_id,
+                    peer,
+                    self._ballot,
+                    self._chosen_through,
+                    self._leader_reads.round,
+                )
             )
 
     def _on_accepted(self, message: Accepted) -> None:
@@ -818,8 +882,7 @@ class Replica:
         if not self.config.is_quorum(inflight.acks):
             return
         del self._inflight[message.slot]
-        if message.slot > self._chosen_through and message.slot not in self._chosen:
-            self._mark_chosen(message.slot, inflight.value)
+        self._mark_chosen(message.slot, inflight.value)
         self._advance_chosen_through()
         self._maybe_send_accepts()
 
@@ -827,60 +890,46 @@ class Replica:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
-        previous = self._read_acks.get(message.sender, 0)
-        self._read_acks[message.sender] = max(previous, message.read_round)
+        self._leader_reads.ack(message.sender, message.read_round)
         self._maybe_confirm_reads()
 
-    def _read_confirmed(self, read_round: int) -> bool:
-        acked = {node for node, acked_round in self._read_acks.items() if acked_round >= read_round}
+    def _read_confirmed(self, acked: set[int]) -> bool:
+        """Whether the peers that acknowledged a round, with this leader, form a quorum."""
         return self.config.is_quorum({*acked, self.node_id})
 
-    def _queue_read(self, read_id: int, origin: int) -> None:
+    def _queue_read(self, read_id: int, origin: int, incarnation: int) -> None:
         # Everything chosen before this leader lies at or below phase1_end; everything it
         # acknowledged lies at or below chosen_through.
         read_index = max(self._chosen_through, self._phase1_end)
-        # Reads asked within one turn share the quorum round that `ready()` starts.
-        self._pending_reads.append(_PendingRead(read_id, read_index, self._read_round + 1, origin))
-        self._read_round_due = True
+        self._leader_reads.queue(read_id, read_index, origin, incarnation)
         self._maybe_confirm_reads()
 
     def _maybe_confirm_reads(self) -> None:
-        # Rounds never decrease along the list, so the confirmed reads are a prefix of it.
-        confirmed_count = 0
-        last_round, last_confirmed = -1, False
-        for read in self._pending_reads:
-            if read.read_round != last_round:
-                last_round, last_confirmed = read.read_round, self._read_confirmed(read.read_round)
-            if not last_confirmed:
-                break
-            confirmed_count += 1
+        for read in self._leader_reads.take_confirmed(self._read_confirmed):
             if read.origin == self.node_id:
-                self._reads_awaiting_apply.append((read.read_id, read.read_index))
+                self._reads_awaiting_apply.add(read.read_id, read.read_index)
             else:
-                self._send_now(
-                    ReadIndexReply(
-                        self.node_id, read.origin, self._ballot, read.read_id, read.read_index, True
-                    )
+                reply = ReadIndexReply(
+                    self.node_id,
+                    read.origin,
+                    self._ballot,
+                    read.read_id,
+                    read.read_index,
+                    True,
+                    read.incarnation,
                 )
-        if confirmed_count:
-            del self._pending_reads[:confirmed_count]
+                self._send_now(reply)
         self._release_reads()
 
     def _release_reads(self) -> None:
         if self._reads_awaiting_apply:
-            still_awaiting = []
-            for read_id, read_index in self._reads_awaiting_apply:
-                if read_index <= self._applied_through:
-                    self._out_reads.append(ReadConfirmation(read_id, read_index))
-                else:
-                    still_awaiting.append((read_id, read_index))
-            self._reads_awaiting_apply = still_awaiting
+            self._out_reads.extend(self._reads_awaiting_apply.release(self._applied_through))
 
     def _on_read_index_request(self, message: ReadIndexRequest) -> None:
         if self._leader_reads_full():
             self._refuse_read_index(message)
             return
-        self._queue_read(message.round, message.sender)
+        self._queue_read(message.round, message.sender, message.incarnation)
 
     def _on_forward(self, message: Forward) -> None:
         if len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
@@ -904,22 +953,23 @@ class Replica:
         self._drop(message.commands, reason)
 
     def _refuse_read_index(self, message: ReadIndexRequest) -> None:
-        self._send_now(
-            ReadIndexReply(self.node_id, message.sender, message.ballot, message.round, 0, False)
+        refusal = ReadIndexReply(
+            self.node_id, message.sender, message.ballot, message.round, 0, False,
+            message.incarnation,
         )
+        self._send_now(refusal)
 
     def _on_read_index_reply(self, message: ReadIndexReply) -> None:
-        forwarded = self._forwarded_reads.get(message.round)
-        if forwarded is None or forwarded[0] != message.sender:
-            return  # already given up on (leader change or expiry): its reads were answered
-        del self._forwarded_reads[message.round]
-        read_ids = forwarded[2]
+        read_ids = self._forwarded_reads.take_answered(
+            message.sender, message.incarnation, message.round
+        )
         if not message.granted:
             for read_id in read_ids:
                 self._reject_read(read_id, DropReason.NOT_LEADER)
             return
         # A grant stays true whoever leads later: the point was confirmed while this leader led.
-        self._reads_awaiting_apply.extend((read_id, message.read_index) for read_id in read_ids)
+        for read_id in read_ids:
+            self._reads_awaiting_apply.add(read_id, message.read_index)
         self._release_reads()
 
     def _on_commit(self, message: Commit) -> None:
@@ -929,31 +979,25 @@ class Replica:
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
     def _leader_reads_full(self) -> bool:
-        reads = len(self._pending_reads) + len(self._reads_awaiting_apply)
+        reads = len(self._leader_reads.pending) + len(self._reads_awaiting_apply)
         return reads >= self.limits.reads_pending_max
 
     def _follower_reads_count(self) -> int:
-        forwarded = sum(len(read_ids) for _, _, read_ids in self._forwarded_reads.values())
-        return len(self._reads_to_forward) + forwarded + len(self._reads_awaiting_apply)
+        return self._forwarded_reads.count() + len(self._reads_awaiting_apply)
 
     def _expire_forwarded_reads(self) -> None:
         """Reads sent to a node that no longer leads, or unanswered for two election timeouts
         (a lost message), are rejected: the driver answers them rather than waiting for ever."""
         leader = self._leader_id if self._role == Role.FOLLOWER else None
         expired_before = self._tick_count - 2 * self.limits.election_ticks
-        for read_round, (sent_to, sent_tick, read_ids) in list(self._forwarded_reads.items()):
-            if sent_to != leader or sent_tick <= expired_before:
-                del self._forwarded_reads[read_round]
-                for read_id in read_ids:
-                    self._reject_read(read_id, DropReason.LEADERSHIP_LOST)
+        for read_id in self._forwarded_reads.take_expired(leader, expired_before):
+            self._reject_read(read_id, DropReason.LEADERSHIP_LOST)
 
     def _send_gathered(self) -> None:
         """What this turn gathered leaves in one message per kind: a quorum round for the
         leader's reads, a Forward and a ReadIndexRequest for a follower's, and the leader's new
         watermark to each follower that no Accept of this turn tells."""
-        if self._read_round_due:
-            self._read_round_due = False
-            self._read_round += 1
+        if self._leader_reads.start_round_if_due():
             self._broadcast_heartbeat()
         leader = self._leader_id if self._role == Role.FOLLOWER else None
         if self._forward_queue:
@@ -963,17 +1007,18 @@ class Replica:
                 self._drop(commands, DropReason.NOT_LEADER)
             else:
                 self._send_now(Forward(self.node_id, leader, self._promised, commands))
-        if self._reads_to_forward:
-            read_ids, self._reads_to_forward = self._reads_to_forward, []
-            if leader is None:
-                for read_id in read_ids:
-                    self._reject_read(read_id, DropReason.NOT_LEADER)
-            else:
-                self._forwarded_read_round += 1
-                read_round = self._forwarded_read_round
-                self._forwarded_reads[read_round] = (leader, self._tick_count, read_ids)
-                self._send_now(ReadIndexRequest(self.node_id, leader, self._promised, read_round))
-        if self._forwarded_reads:
+        read_ids = self._forwarded_reads.take_gathered()
+        if read_ids and leader is None:
+            for read_id in read_ids:
+                self._reject_read(read_id, DropReason.NOT_LEADER)
+        elif read_ids and leader is not None:
+            read_round = self._forwarded_reads.send_round(leader, self._tick_count, read_ids)
+            self._send_now(
+                ReadIndexRequest(
+                    self.node_id, leader, self._promised, read_round, self._incarnation
+                )
+            )
+        if self._forwarded_reads.in_flight:
             self._expire_forwarded_reads()
         if self._role == Role.LEADER and self._chosen_through > self._watermark_notified:
             told = {

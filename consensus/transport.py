@@ -23,7 +23,9 @@ from consensus.codec import decode_message, encode_message
 from consensus.errors import RemoteProtocolError
 from consensus.messages import Message
 
-PROTOCOL_VERSION = 2  # 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply
+# 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply.
+# 3: ReadIndexRequest and ReadIndexReply carry the requester's incarnation.
+PROTOCOL_VERSION = 3
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
