@@ -126,32 +126,43 @@ class Reject:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Leader liveness, chosen watermark, and the read-index confirmation round."""
+    """Leader liveness, chosen watermark, and the read-index confirmation round. `echo` is the
+    latest `HeartbeatAck.token` the leader received from this follower (0: none yet), so the
+    follower can tell whether the leader hears it, not only whether it hears the leader."""
 
     sender: int
     to: int
     ballot: Ballot
     chosen_through: int
     read_round: int
+    echo: int
 
 
 @dataclass(frozen=True)
 class HeartbeatAck:
+    """`token` names this ack (the sender's incarnation plus its tick count); the leader echoes
+    the latest one it received in its heartbeats."""
+
     sender: int
     to: int
     ballot: Ballot
     read_round: int
     chosen_through: int
+    token: int
 
 
 @dataclass(frozen=True)
 class CatchUpRequest:
-    """Send me the chosen values from `from_slot` on (or a snapshot if you compacted them)."""
+    """Send me the chosen values from `from_slot` on, or your snapshot if you compacted them.
+    `snapshot_offset` > 0 resumes a snapshot of slot `snapshot_slot` the receiver was sending:
+    the requester holds its first `snapshot_offset` bytes."""
 
     sender: int
     to: int
     ballot: Ballot
     from_slot: int
+    snapshot_slot: int
+    snapshot_offset: int
 
 
 @dataclass(frozen=True)
@@ -166,13 +177,17 @@ class Learn:
 
 @dataclass(frozen=True)
 class InstallSnapshot:
-    """The application state at `slot` (every slot up to it applied); opaque to the core."""
+    """One chunk of the application state at `slot` (every slot up to it applied), opaque to
+    the core: the bytes at `offset` of `total_bytes`. Chunks keep every frame under the
+    transport's limit; the requester asks for the next one from where it stands."""
 
     sender: int
     to: int
     ballot: Ballot
     slot: int
     data: bytes
+    offset: int
+    total_bytes: int
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,13 @@ from enum import StrEnum
 from random import Random
 from typing import Any
 
-from consensus.config import ClusterConfig, Limits
+from consensus.config import (
+    ENTRY_OVERHEAD_BYTES,
+    ENVELOPE_BYTES,
+    ClusterConfig,
+    Limits,
+    encoded_command_bytes,
+)
 from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.messages import (
     BALLOT_ZERO,
@@ -91,6 +97,7 @@ class _InflightSlot:
 
 
 _Handler = Callable[[Any], None]
+_TOKEN_MODULUS = 1 << 63
 
 
 class Replica:
@@ -160,6 +167,14 @@ class Replica:
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
         self._last_catchup_request_tick = -self.limits.election_ticks
+        # Catch-up asks the leader first; if a request brought nothing (a one-way cut, a slow
+        # leader), the next one asks the next peer: any peer that chose the slots can answer.
+        self._catchup_progress_at_request: tuple[int, int] = (-1, 0)
+        self._catchup_peer: int | None = None
+        # A snapshot arriving in chunks: (its sender, slot, total bytes, the bytes so far).
+        self._incoming_snapshot: tuple[int, int, int, bytearray] | None = None
+        # The latest token of ours the leader echoed, as ticks of this run (-1: none yet).
+        self._leader_echo_tick = -1
         self._votes: set[int] = set()
         self._promises: dict[int, Promise] = {}
         self._prepare_from_slot = 0
@@ -209,6 +224,18 @@ class Replica:
     def incarnation(self) -> int:
         return self._incarnation
 
+    @property
+    def leader_reachable(self) -> bool:
+        """Whether this node leads, or follows a leader that echoed one of our heartbeat acks
+        within the last election timeout: judged from replies, not from connections, so a
+        follower behind a one-way cut (it hears the leader, the leader does not hear it) knows
+        that what it forwards will not arrive."""
+        if self._role == Role.LEADER:
+            return True
+        if self._role != Role.FOLLOWER or self._leader_id is None or self._leader_echo_tick < 0:
+            return False
+        return self._tick_count - self._leader_echo_tick <= self.limits.election_ticks
+
     # ---------------------------------------------------------------- driver API
 
     def tick(self) -> None:
@@ -235,6 +262,9 @@ class Replica:
         batch = tuple(commands)
         if not batch:
             raise LocalProtocolError("propose needs at least one command")
+        batch = self._drop_too_large(batch)
+        if not batch:
+            return
         if self._role != Role.LEADER:
             if self._role != Role.FOLLOWER or self._leader_id is None:
                 self._drop(batch, DropReason.NOT_LEADER)
@@ -401,6 +431,27 @@ class Replica:
     def _drop(self, commands: tuple[bytes, ...], reason: DropReason) -> None:
         self._out_dropped.append(DroppedProposal(commands, reason, self._leader_id))
 
+    def _drop_too_large(self, commands: Batch) -> Batch:
+        """Drop the commands no slot can hold (`Limits.batch_bytes_max`); return the rest."""
+        limit = self.limits.batch_bytes_max
+        if all(encoded_command_bytes(command) <= limit for command in commands):
+            return commands
+        too_large = tuple(c for c in commands if encoded_command_bytes(c) > limit)
+        self._drop(too_large, DropReason.TOO_LARGE)
+        return tuple(c for c in commands if encoded_command_bytes(c) <= limit)
+
+    def _batch_length(self, commands: Iterable[bytes], count_max: int) -> int:
+        """How many leading `commands` one slot's value takes: at most `count_max` commands
+        and `batch_bytes_max` bytes, and at least one (each command fits alone)."""
+        length = 0
+        size = 0
+        for command in commands:
+            size += encoded_command_bytes(command)
+            if length == count_max or (length and size > self.limits.batch_bytes_max):
+                break
+            length += 1
+        return length
+
     def _reject_read(self, read_id: int, reason: DropReason) -> None:
         self._out_rejected_reads.append(RejectedRead(read_id, reason, self._leader_id))
 
@@ -447,6 +498,7 @@ class Replica:
         self._heartbeat_elapsed = 0
         self._check_quorum_elapsed = 0
         self._active_peers: set[int] = set()
+        self._peer_tokens: dict[int, int] = {}  # each peer's latest HeartbeatAck token
         self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
@@ -487,6 +539,7 @@ class Replica:
             self._step_down_from_leadership()
         self._role = Role.FOLLOWER
         self._leader_id = leader_id
+        self._leader_echo_tick = -1
         self._ballot = BALLOT_ZERO
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
@@ -653,15 +706,31 @@ class Replica:
         if not self._raise_promise_or_reject(message):
             return
         self._hear_from_leader(message.sender)
+        self._note_echo(message.echo)
+        token = (self._incarnation + self._tick_count) % _TOKEN_MODULUS
         ack = HeartbeatAck(
-            self.node_id, message.sender, message.ballot, message.read_round, self._chosen_through
+            self.node_id,
+            message.sender,
+            message.ballot,
+            message.read_round,
+            self._chosen_through,
+            token,
         )
         self._send_now(ack)
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
+    def _note_echo(self, echo: int) -> None:
+        # Tokens are this run's incarnation plus a tick count: an echo of a previous run's
+        # token maps to a tick far outside this run's range (63 random bits) and is ignored.
+        echoed_tick = (echo - self._incarnation) % _TOKEN_MODULUS
+        if echo != 0 and echoed_tick <= self._tick_count:
+            self._leader_echo_tick = max(self._leader_echo_tick, echoed_tick)
+
     def _hear_from_leader(self, leader_id: int) -> None:
         if self._role != Role.FOLLOWER:
             self._become_follower(leader_id)
+        if self._leader_id != leader_id:
+            self._leader_echo_tick = -1
         self._leader_id = leader_id
         self._election_elapsed = 0
 
@@ -681,27 +750,69 @@ class Replica:
         if self._chosen_through < chosen_through:
             self._maybe_request_catch_up(leader_id, ballot)
 
-    def _maybe_request_catch_up(self, peer: int, ballot: Ballot) -> None:
+    def _maybe_request_catch_up(self, leader: int, ballot: Ballot) -> None:
         if self._tick_count - self._last_catchup_request_tick < self.limits.heartbeat_ticks:
             return
         self._last_catchup_request_tick = self._tick_count
-        self._send_now(CatchUpRequest(self.node_id, peer, ballot, self._chosen_through + 1))
+        incoming = self._incoming_snapshot
+        progress = (self._chosen_through, len(incoming[3]) if incoming is not None else 0)
+        candidates = (leader, *(peer for peer in self._peers if peer != leader))
+        if progress == self._catchup_progress_at_request and self._catchup_peer in candidates:
+            # Nothing arrived since the last request: ask the next peer in turn.
+            turn = candidates.index(self._catchup_peer) + 1
+            peer = candidates[turn % len(candidates)]
+        elif incoming is not None:
+            peer = incoming[0]  # its chunks are arriving: resume there
+        else:
+            peer = leader
+        self._catchup_progress_at_request = progress
+        self._catchup_peer = peer
+        self._request_catch_up(peer, ballot)
+
+    def _request_catch_up(self, peer: int, ballot: Ballot) -> None:
+        snapshot_slot, snapshot_offset = 0, 0
+        incoming = self._incoming_snapshot
+        if incoming is not None and incoming[0] == peer:
+            # Resume from where that peer's chunks stopped (another peer's bytes may differ).
+            snapshot_slot, snapshot_offset = incoming[1], len(incoming[3])
+        request = CatchUpRequest(
+            self.node_id, peer, ballot, self._chosen_through + 1, snapshot_slot, snapshot_offset
+        )
+        self._send_now(request)
 
     def _on_catch_up_request(self, message: CatchUpRequest) -> None:
-        if message.from_slot <= self._snapshot_slot and self._snapshot is not None:
-            snapshot = self._snapshot
-            self._send_now(
-                InstallSnapshot(
-                    self.node_id, message.sender, message.ballot, snapshot.slot, snapshot.data
-                )
+        snapshot = self._snapshot
+        if message.from_slot <= self._snapshot_slot and snapshot is not None:
+            resumes = message.snapshot_slot == snapshot.slot
+            offset = message.snapshot_offset if resumes else 0
+            if not 0 <= offset < len(snapshot.data):
+                offset = 0
+            # A slice of the bytes the driver handed over: nothing is re-encoded per request.
+            chunk = snapshot.data[offset : offset + self.limits.snapshot_chunk_bytes]
+            install = InstallSnapshot(
+                self.node_id,
+                message.sender,
+                message.ballot,
+                snapshot.slot,
+                chunk,
+                offset,
+                len(snapshot.data),
             )
+            self._send_now(install)
             return
-        last = min(self._chosen_through, message.from_slot + self.limits.catchup_slots_max - 1)
-        entries = tuple(
-            ChosenEntry(slot, self._chosen[slot]) for slot in range(message.from_slot, last + 1)
-        )
+        if message.from_slot <= self._snapshot_slot:
+            return  # compacted, and no snapshot to send instead
+        # Within catchup_slots_max entries and one frame (each value fits one alone).
+        budget = self.limits.frame_bytes_max - ENVELOPE_BYTES
+        entries: list[ChosenEntry] = []
+        for slot in range(message.from_slot, self._chosen_through + 1):
+            value = self._chosen[slot]
+            budget -= ENTRY_OVERHEAD_BYTES + sum(encoded_command_bytes(c) for c in value)
+            if len(entries) == self.limits.catchup_slots_max or (entries and budget < 0):
+                break
+            entries.append(ChosenEntry(slot, value))
         if entries:
-            self._send_now(Learn(self.node_id, message.sender, message.ballot, entries))
+            self._send_now(Learn(self.node_id, message.sender, message.ballot, tuple(entries)))
 
     def _on_learn(self, message: Learn) -> None:
         if self._role == Role.LEADER and self._learn_outranks_own_ballot(message.entries):
@@ -728,11 +839,34 @@ class Replica:
     def _on_install_snapshot(self, message: InstallSnapshot) -> None:
         if message.slot <= self._chosen_through:
             return
+        data = self._assemble_snapshot(message)
+        if data is None:
+            return
         if self._role == Role.LEADER:
             # A snapshot past our watermark covers slots we proposed without telling us the
             # values chosen there; they were chosen at a higher ballot (see `_on_learn`).
             self._become_follower(None)
-        self._adopt_snapshot(Snapshot(message.slot, message.data))
+        self._adopt_snapshot(Snapshot(message.slot, data))
+
+    def _assemble_snapshot(self, chunk: InstallSnapshot) -> bytes | None:
+        """Add a chunk to the snapshot being received from its sender; the whole snapshot once
+        the last chunk is in, else None after asking that sender for the next chunk. A chunk
+        that does not continue what we hold starts over only at offset 0."""
+        incoming = self._incoming_snapshot
+        if chunk.offset == 0:
+            incoming = (chunk.sender, chunk.slot, chunk.total_bytes, bytearray())
+        elif incoming is None or incoming[:3] != (chunk.sender, chunk.slot, chunk.total_bytes):
+            return None
+        if chunk.offset != len(incoming[3]) or chunk.offset + len(chunk.data) > chunk.total_bytes:
+            return None
+        incoming[3].extend(chunk.data)
+        if len(incoming[3]) == chunk.total_bytes:
+            self._incoming_snapshot = None
+            return bytes(incoming[3])
+        self._incoming_snapshot = incoming
+        if chunk.data:
+            self._request_catch_up(chunk.sender, chunk.ballot)
+        return None
 
     # ---------------------------------------------------------------- learner
 
@@ -768,6 +902,8 @@ class Replica:
         self._chosen_through = max(self._chosen_through, snapshot.slot)
         self._emitted_through = max(self._emitted_through, snapshot.slot)
         self._applied_through = max(self._applied_through, snapshot.slot)
+        if self._incoming_snapshot is not None and self._incoming_snapshot[1] <= snapshot.slot:
+            self._incoming_snapshot = None
         self._compact(snapshot.slot)
         self._advance_chosen_through()
         # The applied point moved without an `applied()` call: release what it now covers.
@@ -807,8 +943,7 @@ class Replica:
         if message.snapshot_slot >= self._prepare_from_slot:
             # That acceptor compacted slots we never learned; we cannot lead until caught up.
             self._become_follower(None)
-            from_slot = self._chosen_through + 1
-            self._send_now(CatchUpRequest(self.node_id, message.sender, message.ballot, from_slot))
+            self._request_catch_up(message.sender, message.ballot)
             return
         self._promises[message.sender] = message
         if self.config.is_quorum(self._promises):
@@ -832,8 +967,10 @@ class Replica:
 
     def _maybe_send_accepts(self) -> None:
         while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
-            count = min(len(self._queue), self.limits.batch_commands_max)
-            batch = tuple(self._queue.popleft()[0] for _ in range(count))
+            length = self._batch_length(
+                (command for command, _ in self._queue), self.limits.batch_commands_max
+            )
+            batch = tuple(self._queue.popleft()[0] for _ in range(length))
             slot = self._next_slot
             self._next_slot += 1
             self._propose_slot(slot, batch)
@@ -868,6 +1005,7 @@ class Replica:
                     self._ballot,
                     self._chosen_through,
                     self._leader_reads.round,
+                    self._peer_tokens.get(peer, 0),
                 )
             )
 
@@ -890,6 +1028,7 @@ class Replica:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
+        self._peer_tokens[message.sender] = message.token
         self._leader_reads.ack(message.sender, message.read_round)
         self._maybe_confirm_reads()
 
@@ -932,7 +1071,11 @@ class Replica:
         self._queue_read(message.round, message.sender, message.incarnation)
 
     def _on_forward(self, message: Forward) -> None:
-        if len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
+        too_large = any(
+            encoded_command_bytes(command) > self.limits.batch_bytes_max
+            for command in message.commands
+        )  # only from a follower configured with other limits: refuse rather than split
+        if too_large or len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
             refused = ForwardRefused(
                 self.node_id, message.sender, message.ballot, message.commands, True
             )
@@ -1001,12 +1144,14 @@ class Replica:
             self._broadcast_heartbeat()
         leader = self._leader_id if self._role == Role.FOLLOWER else None
         if self._forward_queue:
-            commands = tuple(self._forward_queue)
-            self._forward_queue = []
+            commands, self._forward_queue = self._forward_queue, []
             if leader is None:
-                self._drop(commands, DropReason.NOT_LEADER)
-            else:
-                self._send_now(Forward(self.node_id, leader, self._promised, commands))
+                self._drop(tuple(commands), DropReason.NOT_LEADER)
+            while commands and leader is not None:
+                # Each Forward within one slot's byte budget, hence within a frame.
+                length = self._batch_length(commands, len(commands))
+                piece, commands = tuple(commands[:length]), commands[length:]
+                self._send_now(Forward(self.node_id, leader, self._promised, piece))
         read_ids = self._forwarded_reads.take_gathered()
         if read_ids and leader is None:
             for read_id in read_ids:

@@ -60,6 +60,7 @@ class Network:
         self.nodes: dict[int, Replica] = {}
         self.logs: dict[int, NodeLog] = {}
         self.mailbox: list[Message] = []
+        self.sent: list[Message] = []  # every message ever sent, for tests that inspect frames
         self.cut: set[tuple[int, int]] = set()
         self.held_disks: set[int] = set()
         self.restarts = 0
@@ -108,6 +109,7 @@ class Network:
         for message in messages:
             # Through the codec, as the real transport does.
             self.mailbox.append(decode_message(encode_message(message)))
+            self.sent.append(message)
 
     # -- test controls
 
@@ -215,7 +217,9 @@ class LeaderTrustsEveryLearn(Replica):
 
     def _on_install_snapshot(self, message: InstallSnapshot) -> None:
         if message.slot > self.chosen_through:
-            self._adopt_snapshot(Snapshot(message.slot, message.data))
+            data = self._assemble_snapshot(message)
+            if data is not None:
+                self._adopt_snapshot(Snapshot(message.slot, data))
 
 
 class ReadRoundsRestartEachIncarnation(Replica):

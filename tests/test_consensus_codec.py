@@ -44,11 +44,11 @@ MESSAGES: list[Message] = [
     Accept(1, 2, B, 7, (b"x",), 6),
     Accepted(2, 1, B, 7),
     Reject(2, 1, B, Ballot(9, 3)),
-    Heartbeat(1, 2, B, 6, 11),
-    HeartbeatAck(2, 1, B, 11, 6),
-    CatchUpRequest(2, 1, B, 3),
+    Heartbeat(1, 2, B, 6, 11, 1 << 62),
+    HeartbeatAck(2, 1, B, 11, 6, (1 << 63) - 1),
+    CatchUpRequest(2, 1, B, 3, 2, 4096),
     Learn(1, 2, B, (ChosenEntry(3, ()),)),
-    InstallSnapshot(1, 2, B, 10, b"\x00state"),
+    InstallSnapshot(1, 2, B, 10, b"\x00state", 4096, 8192),
 ]
 RECORDS: list[Record] = [
     PromiseRecord(B),
