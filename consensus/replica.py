@@ -12,8 +12,12 @@ Inputs: `tick()`, `step(message)`, `propose(commands)`, `request_read(read_id)`,
 Rules kept here: a Promise or Accepted leaves only after the records behind it are durable (they
 travel in `messages_after_persist`, and messages to self wait for `persisted`); a new leader
 re-proposes, above *its own* chosen watermark, the highest-ballot value each slot reported in
-phase 1 and fills holes with no-ops; followers trust a leader's watermark only for slots they
-accepted at that leader's ballot. A role change swaps the handler table and the tick function.
+phase 1 (or the value it knows chosen) and fills holes with no-ops; followers trust a leader's
+watermark only for slots they accepted at that leader's ballot, which is sound because a leader
+that learns a slot it did not propose, or another value than its own, steps down before its
+watermark covers it (docs/consensus.md, "Learning"). A role change swaps the handler table
+and the tick function. Read-index bookkeeping lives in `consensus.read_only`. Safety
+invariants are checked at run time and raise `InvariantViolation`.
 
 Must never: read a clock, sleep, draw global randomness (the `Random` is passed in), do I/O, or
 retry a failed write (the driver stops the node and rebuilds it with `recover`).

@@ -15,6 +15,9 @@ from consensus.messages import (
     Ballot,
     CatchUpRequest,
     ChosenEntry,
+    Commit,
+    Forward,
+    ForwardRefused,
     Heartbeat,
     HeartbeatAck,
     InstallSnapshot,
@@ -24,6 +27,8 @@ from consensus.messages import (
     PreVote,
     PreVoteReply,
     Promise,
+    ReadIndexReply,
+    ReadIndexRequest,
     Reject,
 )
 from consensus.records import (
@@ -49,6 +54,11 @@ MESSAGES: list[Message] = [
     CatchUpRequest(2, 1, B, 3, 2, 4096),
     Learn(1, 2, B, (ChosenEntry(3, ()),)),
     InstallSnapshot(1, 2, B, 10, b"\x00state", 4096, 8192),
+    Forward(2, 1, B, (b"c1", b"c2")),
+    ForwardRefused(1, 2, B, (b"c1",), True),
+    Commit(1, 2, B, 9),
+    ReadIndexRequest(2, 1, B, 4, (1 << 63) - 1),
+    ReadIndexReply(1, 2, B, 4, 9, True, (1 << 63) - 1),
 ]
 RECORDS: list[Record] = [
     PromiseRecord(B),
