@@ -177,6 +177,23 @@ def test_a_leader_never_hands_out_a_slot_it_learned_was_chosen() -> None:
     assert reused == []
 
 
+def test_a_snapshot_past_its_watermark_deposes_a_leader_before_it_is_adopted() -> None:
+    # The core cannot compare the values inside a snapshot with its own proposals, and a
+    # snapshot past a leader's watermark can only come from a higher ballot's choices.
+    net = Network(3)
+    net.elect(1)
+    net.take()
+    net.nodes[1].propose([b"mine"])
+    net.process(1)
+    net.take()  # slot 1 stays in flight at this leader's ballot
+    ballot = net.nodes[1].promised
+    net.nodes[1].step(InstallSnapshot(2, 1, ballot, 1, b"theirs", 0, 6))
+    assert net.nodes[1].role == Role.FOLLOWER
+    ready = net.process(1)
+    assert ready.snapshot is not None and ready.snapshot.data == b"theirs"
+    assert not any(isinstance(m, Commit | Heartbeat | Accept) for m in ready.messages)
+
+
 def test_a_leader_keeps_leading_when_a_learn_confirms_its_own_proposal() -> None:
     net = Network(3)
     net.elect(1)
