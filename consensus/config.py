@@ -54,15 +54,20 @@ def quorum_size(voters_total: int) -> int:
 # Room the fields of a message or record take besides the command bytes it carries: tag,
 # ballot, slot numbers and array headers are a few dozen bytes; 1 KiB leaves a wide margin.
 ENVELOPE_BYTES = 1024
-# What msgpack adds to one command (a bin 32 header) and to one entry of a Learn (its array
-# header, slot number and the value's array header).
+# What msgpack adds to one command (a bin 32 header) and to one entry of a Learn or a Promise
+# (array headers, slot number, ballot, flag: at most 35 bytes).
 COMMAND_OVERHEAD_BYTES = 5
-ENTRY_OVERHEAD_BYTES = 16
+ENTRY_OVERHEAD_BYTES = 48
 
 
 def encoded_command_bytes(command: bytes) -> int:
     """An upper bound on what one command adds to an encoded message or record."""
     return len(command) + COMMAND_OVERHEAD_BYTES
+
+
+def encoded_entry_bytes(value: tuple[bytes, ...]) -> int:
+    """An upper bound on what one slot's entry with `value` adds to a Learn or a Promise."""
+    return ENTRY_OVERHEAD_BYTES + sum(encoded_command_bytes(command) for command in value)
 
 
 @dataclass(frozen=True)

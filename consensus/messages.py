@@ -82,7 +82,10 @@ class Prepare:
 @dataclass(frozen=True)
 class Promise:
     """Phase 1b. Sent only once the promise is durable. `snapshot_slot` >= the prepare's
-    `from_slot` means the acceptor no longer holds the values the candidate asked about."""
+    `from_slot` means the acceptor no longer holds the values the candidate asked about.
+    Entries too large for one frame travel in several messages: each lists every slot the
+    acceptor holds in [covers_from, covers_through] (`UNBOUNDED`: no upper end), and the
+    promise counts once the parts received cover every slot from the prepare's `from_slot`."""
 
     sender: int
     to: int
@@ -90,6 +93,12 @@ class Promise:
     entries: tuple[AcceptedEntry, ...]
     chosen_through: int
     snapshot_slot: int
+    covers_from: int
+    covers_through: int
+
+
+UNBOUNDED = -1
+"""`Promise.covers_through` of the last part: every slot from `covers_from` on."""
 
 
 @dataclass(frozen=True)

@@ -26,23 +26,24 @@ retry a failed write (the driver stops the node and rebuilds it with `recover`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from random import Random
-from typing import Any
+from typing import Any, TypeVar
 
 from consensus.config import (
-    ENTRY_OVERHEAD_BYTES,
     ENVELOPE_BYTES,
     ClusterConfig,
     Limits,
     encoded_command_bytes,
+    encoded_entry_bytes,
 )
 from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.messages import (
     BALLOT_ZERO,
     NOOP,
+    UNBOUNDED,
     Accept,
     Accepted,
     AcceptedEntry,
@@ -101,6 +102,7 @@ class _InflightSlot:
 
 
 _Handler = Callable[[Any], None]
+_Entry = TypeVar("_Entry", AcceptedEntry, ChosenEntry)
 _TOKEN_MODULUS = 1 << 63
 
 
@@ -181,6 +183,7 @@ class Replica:
         self._leader_echo_tick = -1
         self._votes: set[int] = set()
         self._promises: dict[int, Promise] = {}
+        self._promise_parts: dict[int, list[Promise]] = {}  # sender -> parts received
         self._prepare_from_slot = 0
         # Follower side of forwarding: commands and reads taken here, ordered by the leader.
         self._forward_queue: list[bytes] = []
@@ -571,6 +574,7 @@ class Replica:
         self._promised = self._ballot
         self._append_record(PromiseRecord(self._ballot))
         self._promises = {}
+        self._promise_parts = {}
         self._prepare_from_slot = self._chosen_through + 1
         self._election_elapsed = 0
         self._handlers = self._role_tables[Role.CANDIDATE]
@@ -667,15 +671,40 @@ class Replica:
         if message.sender != self.node_id:
             self._leader_id = None
             self._election_elapsed = 0
-        promise = Promise(
-            self.node_id,
-            message.sender,
-            message.ballot,
-            self._entries_from(message.from_slot),
-            self._chosen_through,
-            self._snapshot_slot,
-        )
-        self._send_after_persist(promise)
+        parts = list(self._within_frames(self._entries_from(message.from_slot)))
+        for index, entries in enumerate(parts):
+            covers_from = entries[0].slot if index else message.from_slot
+            last = index == len(parts) - 1
+            covers_through = UNBOUNDED if last else parts[index + 1][0].slot - 1
+            promise = Promise(
+                self.node_id,
+                message.sender,
+                message.ballot,
+                entries,
+                self._chosen_through,
+                self._snapshot_slot,
+                covers_from,
+                covers_through,
+            )
+            self._send_after_persist(promise)
+
+    def _within_frames(
+        self, entries: Iterable[_Entry], count_max: int | None = None
+    ) -> Iterator[tuple[_Entry, ...]]:
+        """`entries` cut into consecutive parts that each fit a frame (and hold at most
+        `count_max` entries); always at least one part, possibly empty. Lazy, so a caller that
+        wants only the first part never builds the rest."""
+        budget = self.limits.frame_bytes_max - ENVELOPE_BYTES
+        part: list[_Entry] = []
+        size = 0
+        for entry in entries:
+            cost = encoded_entry_bytes(entry.value)
+            if part and (len(part) == count_max or size + cost > budget):
+                yield tuple(part)
+                part, size = [], 0
+            part.append(entry)
+            size += cost
+        yield tuple(part)
 
     def _entries_from(self, from_slot: int) -> tuple[AcceptedEntry, ...]:
         slots = sorted(slot for slot in {*self._accepted, *self._chosen} if slot >= from_slot)
@@ -807,16 +836,13 @@ class Replica:
         if message.from_slot <= self._snapshot_slot:
             return  # compacted, and no snapshot to send instead
         # Within catchup_slots_max entries and one frame (each value fits one alone).
-        budget = self.limits.frame_bytes_max - ENVELOPE_BYTES
-        entries: list[ChosenEntry] = []
-        for slot in range(message.from_slot, self._chosen_through + 1):
-            value = self._chosen[slot]
-            budget -= ENTRY_OVERHEAD_BYTES + sum(encoded_command_bytes(c) for c in value)
-            if len(entries) == self.limits.catchup_slots_max or (entries and budget < 0):
-                break
-            entries.append(ChosenEntry(slot, value))
+        chosen = (
+            ChosenEntry(slot, self._chosen[slot])
+            for slot in range(message.from_slot, self._chosen_through + 1)
+        )
+        entries = next(self._within_frames(chosen, self.limits.catchup_slots_max))
         if entries:
-            self._send_now(Learn(self.node_id, message.sender, message.ballot, tuple(entries)))
+            self._send_now(Learn(self.node_id, message.sender, message.ballot, entries))
 
     def _on_learn(self, message: Learn) -> None:
         if self._role == Role.LEADER and self._learn_outranks_own_ballot(message.entries):
@@ -949,9 +975,36 @@ class Replica:
             self._become_follower(None)
             self._request_catch_up(message.sender, message.ballot)
             return
-        self._promises[message.sender] = message
+        parts = self._promise_parts.setdefault(message.sender, [])
+        parts.append(message)
+        if not self._promise_parts_cover(parts):
+            return
+        # Parts may come from two answers to one Prepare (a duplicate): each is true for the
+        # slots it covers, so their union is, and phase 1 ranks duplicates by ballot anyway.
+        entries = tuple(entry for part in parts for entry in part.entries)
+        self._promises[message.sender] = Promise(
+            message.sender,
+            message.to,
+            message.ballot,
+            entries,
+            max(part.chosen_through for part in parts),
+            message.snapshot_slot,
+            self._prepare_from_slot,
+            UNBOUNDED,
+        )
         if self.config.is_quorum(self._promises):
             self._become_leader(self._promises.values())
+
+    def _promise_parts_cover(self, parts: list[Promise]) -> bool:
+        """Whether the parts received cover every slot from our prepare's `from_slot` on."""
+        needed = self._prepare_from_slot
+        for part in sorted(parts, key=lambda p: p.covers_from):
+            if part.covers_from > needed:
+                return False
+            if part.covers_through == UNBOUNDED:
+                return True
+            needed = max(needed, part.covers_through + 1)
+        return False
 
     def _on_reject(self, message: Reject) -> None:
         if message.ballot == self._ballot and message.promised > self._ballot:

@@ -45,7 +45,7 @@ MESSAGES: list[Message] = [
     PreVote(1, 2, B, 4),
     PreVoteReply(2, 1, B, True),
     Prepare(1, 2, B, 5),
-    Promise(2, 1, B, (AcceptedEntry(5, Ballot(1, 1), (b"a", b""), False),), 4, 0),
+    Promise(2, 1, B, (AcceptedEntry(5, Ballot(1, 1), (b"a", b""), False),), 4, 0, 5, -1),
     Accept(1, 2, B, 7, (b"x",), 6),
     Accepted(2, 1, B, 7),
     Reject(2, 1, B, Ballot(9, 3)),

@@ -98,8 +98,8 @@ def test_new_leader_reproposes_highest_ballot_value_and_fills_holes_with_noops()
     old = Ballot(2, 2)
     older = Ballot(1, 3)
     promises = [
-        Promise(2, 1, leader._ballot, (AcceptedEntry(3, old, (b"new",), False),), 0, 0),
-        Promise(3, 1, leader._ballot, (AcceptedEntry(3, older, (b"old",), False),), 0, 0),
+        Promise(2, 1, leader._ballot, (AcceptedEntry(3, old, (b"new",), False),), 0, 0, 1, -1),
+        Promise(3, 1, leader._ballot, (AcceptedEntry(3, older, (b"old",), False),), 0, 0, 1, -1),
     ]
     values = leader._repropose_values(promises)
     assert values == {3: (b"new",)}
@@ -113,8 +113,8 @@ def test_a_value_known_chosen_outranks_any_ballot_in_phase_1() -> None:
     leader = fresh()
     low, high = Ballot(1, 2), Ballot(9, 3)
     promises = [
-        Promise(2, 1, high, (AcceptedEntry(1, low, (b"chosen",), True),), 1, 0),
-        Promise(3, 1, high, (AcceptedEntry(1, high, (b"other",), False),), 0, 0),
+        Promise(2, 1, high, (AcceptedEntry(1, low, (b"chosen",), True),), 1, 0, 1, -1),
+        Promise(3, 1, high, (AcceptedEntry(1, high, (b"other",), False),), 0, 0, 1, -1),
     ]
     assert leader._repropose_values(promises) == {1: (b"chosen",)}
 

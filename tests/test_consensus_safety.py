@@ -214,7 +214,8 @@ def test_a_candidate_reproposes_the_value_it_knows_is_chosen() -> None:
     replica = Replica(1, ClusterConfig((1, 2, 3)), Random(1))
     replica.step(Learn(2, 1, Ballot(1, 2), (ChosenEntry(2, (b"chosen",)),)))
     assert replica.chosen_through == 0
-    other = Promise(2, 1, Ballot(9, 1), (AcceptedEntry(2, Ballot(8, 3), (b"other",), False),), 0, 0)
+    other_value = (AcceptedEntry(2, Ballot(8, 3), (b"other",), False),)
+    other = Promise(2, 1, Ballot(9, 1), other_value, 0, 0, 1, -1)
     assert replica._repropose_values([other]) == {2: (b"chosen",)}
 
 
@@ -420,6 +421,29 @@ def test_a_snapshot_larger_than_a_frame_travels_in_chunks_and_resumes_after_a_lo
     # Resumed from the peer that was sending, not restarted: one chunk only from offset 0.
     assert [c.offset for c in chunks_seen].count(0) == 1
     assert net.nodes[3].chosen_through == 1
+
+
+def test_a_promise_too_large_for_a_frame_travels_in_parts_and_counts_once_all_are_in() -> None:
+    # N1 leads; N2 and N3 accept four 1.5 KB values whose Accepted never reach N1, so none is
+    # chosen. N2's phase 1 must recover all four from N3's promise, which needs four frames.
+    net = Network(3, limits=SMALL)
+    net.elect(1)
+    net.settle()
+    net.cut |= {(2, 1), (3, 1)}
+    values = [(bytes([i]) * 1500,) for i in range(4)]
+    for value in values:
+        net.nodes[1].propose(list(value))
+        net.settle()
+    assert net.nodes[3].chosen_through == 0
+    net.isolate(1)
+    net.tick(3, SMALL.election_ticks)  # N1 is no longer fresh for N3
+    net.process(3)
+    discard_from(net, 3)
+    net.elect(2)
+    promises = [m for m in net.sent if isinstance(m, Promise) and m.sender == 3 and m.to == 2]
+    assert len(promises) == 4 and max(frames(promises)) <= SMALL.frame_bytes_max
+    net.settle()
+    assert [batch for _, batch in net.logs[3].applied if batch] == values
 
 
 # ---------------------------------------------------------------- one-way cut (item 7)
