@@ -853,6 +853,11 @@ class Replica:
             if entry.slot > self._snapshot_slot:
                 self._mark_chosen(entry.slot, entry.value)
         self._advance_chosen_through()
+        if self._role == Role.LEADER:
+            # Our own proposals, learned chosen: no need to wait for (or retransmit) them.
+            for entry in message.entries:
+                self._inflight.pop(entry.slot, None)
+            self._maybe_send_accepts()
 
     def _learn_outranks_own_ballot(self, entries: Iterable[ChosenEntry]) -> bool:
         """Whether a leader learns a slot it has not proposed, or a value other than the one it

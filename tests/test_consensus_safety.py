@@ -205,6 +205,8 @@ def test_a_leader_keeps_leading_when_a_learn_confirms_its_own_proposal() -> None
     net.nodes[1].step(Learn(2, 1, ballot, (ChosenEntry(1, (b"a",)),)))
     assert net.nodes[1].role == Role.LEADER
     assert net.nodes[1].chosen_through == 1
+    net.tick(1, 4 * net.limits.heartbeat_ticks)
+    assert not any(isinstance(m, Accept) for m in net.process(1).messages)  # nothing in flight
 
 
 def test_a_candidate_reproposes_the_value_it_knows_is_chosen() -> None:
