@@ -467,3 +467,19 @@ def test_a_follower_behind_a_one_way_cut_knows_the_leader_is_unreachable_and_cat
     # N3 accepted nothing (its Accepted never arrived, so it stays behind) yet applied both,
     # learned from N2 when its requests to N1 brought nothing.
     assert [batch for _, batch in net.logs[3].applied if batch] == [(b"a",), (b"b",)]
+
+
+def test_an_echo_of_a_previous_runs_ack_does_not_make_the_leader_reachable() -> None:
+    net = Network(3)
+    net.elect(1)
+    net.tick_all(2 * net.limits.heartbeat_ticks)
+    assert net.nodes[2].leader_reachable
+    net.restart(2)
+    net.tick(1, net.limits.heartbeat_ticks)
+    net.process(1)
+    echoing = hold(net, Heartbeat, 1, 2)
+    assert echoing and echoing[0].echo != 0  # type: ignore[union-attr]  # the old run's token
+    net.nodes[2].step(echoing[0])
+    assert net.nodes[2].leader_id == 1 and not net.nodes[2].leader_reachable
+    net.tick_all(2 * net.limits.heartbeat_ticks)  # this run's acks are echoed in turn
+    assert net.nodes[2].leader_reachable
