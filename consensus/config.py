@@ -51,12 +51,38 @@ def quorum_size(voters_total: int) -> int:
     return voters_total // 2 + 1
 
 
+# Room the fields of a message or record take besides the command bytes it carries: tag,
+# ballot, slot numbers and array headers are a few dozen bytes; 1 KiB leaves a wide margin.
+ENVELOPE_BYTES = 1024
+# What msgpack adds to one command (a bin 32 header) and to one entry of a Learn or a Promise
+# (array headers, slot number, ballot, flag: at most 35 bytes).
+COMMAND_OVERHEAD_BYTES = 5
+ENTRY_OVERHEAD_BYTES = 48
+
+
+def encoded_command_bytes(command: bytes) -> int:
+    """An upper bound on what one command adds to an encoded message or record."""
+    return len(command) + COMMAND_OVERHEAD_BYTES
+
+
+def encoded_entry_bytes(value: tuple[bytes, ...]) -> int:
+    """An upper bound on what one slot's entry with `value` adds to a Learn or a Promise."""
+    return ENTRY_OVERHEAD_BYTES + sum(encoded_command_bytes(command) for command in value)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Timing in ticks and bounds on work per message; the defaults suit a 10 ms tick.
 
     `election_ticks` is the minimum election timeout; each follower draws its own timeout
     uniformly from [election_ticks, 2 * election_ticks) so that candidates rarely collide.
+
+    Sizes are in bytes. `record_bytes_max` is the log's record limit and `frame_bytes_max` the
+    transport's frame limit: the driver passes the ones it really uses. `batch_bytes_max`
+    bounds one slot's value (its commands as encoded): an Accept, an AcceptRecord, a Forward
+    and one Learn entry each fit in both limits, and a command too large for it is dropped
+    (`DropReason.TOO_LARGE`). A Learn stops adding entries before `frame_bytes_max`; a snapshot
+    travels in chunks of at most `snapshot_chunk_bytes`.
     """
 
     election_ticks: int = 10
@@ -66,6 +92,10 @@ class Limits:
     proposal_queue_max: int = 1024
     catchup_slots_max: int = 64
     reads_pending_max: int = 1024
+    record_bytes_max: int = 64 << 20
+    frame_bytes_max: int = 64 << 20
+    batch_bytes_max: int = 8 << 20
+    snapshot_chunk_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
@@ -79,6 +109,14 @@ class Limits:
             "proposal_queue_max",
             "catchup_slots_max",
             "reads_pending_max",
+            "batch_bytes_max",
+            "snapshot_chunk_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        envelope_max = min(self.record_bytes_max, self.frame_bytes_max) - ENVELOPE_BYTES
+        if self.batch_bytes_max > envelope_max or self.snapshot_chunk_bytes > envelope_max:
+            raise ConfigError(
+                f"batch_bytes_max and snapshot_chunk_bytes must leave {ENVELOPE_BYTES} bytes "
+                "of room within record_bytes_max and frame_bytes_max"
+            )

@@ -2,7 +2,8 @@
 
 Owns: `LocalProtocolError` (the driver misused the API), `RemoteProtocolError` (a peer or the
 wire sent something malformed), `CorruptRecordError` (a persisted record does not decode),
-`ConfigError` (an impossible configuration).
+`ConfigError` (an impossible configuration), `InvariantViolation` (the core caught itself or a
+peer breaking a safety invariant).
 
 Must never: carry command bytes or secret material in a message; errors name slots, ballots and
 types only.
@@ -29,3 +30,9 @@ class RemoteProtocolError(ConsensusError):
 
 class CorruptRecordError(ConsensusError):
     """A persisted record does not decode; recovery must stop rather than guess."""
+
+
+class InvariantViolation(ConsensusError):
+    """A safety invariant of the protocol no longer holds (a chosen value would change, or the
+    watermark would cover a slot whose value is unknown). Agreement may already be lost, so
+    the node must stop rather than apply, answer or send anything more."""

@@ -82,7 +82,10 @@ class Prepare:
 @dataclass(frozen=True)
 class Promise:
     """Phase 1b. Sent only once the promise is durable. `snapshot_slot` >= the prepare's
-    `from_slot` means the acceptor no longer holds the values the candidate asked about."""
+    `from_slot` means the acceptor no longer holds the values the candidate asked about.
+    Entries too large for one frame travel in several messages: each lists every slot the
+    acceptor holds in [covers_from, covers_through] (`UNBOUNDED`: no upper end), and the
+    promise counts once the parts received cover every slot from the prepare's `from_slot`."""
 
     sender: int
     to: int
@@ -90,6 +93,12 @@ class Promise:
     entries: tuple[AcceptedEntry, ...]
     chosen_through: int
     snapshot_slot: int
+    covers_from: int
+    covers_through: int
+
+
+UNBOUNDED = -1
+"""`Promise.covers_through` of the last part: every slot from `covers_from` on."""
 
 
 @dataclass(frozen=True)
@@ -126,32 +135,43 @@ class Reject:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Leader liveness, chosen watermark, and the read-index confirmation round."""
+    """Leader liveness, chosen watermark, and the read-index confirmation round. `echo` is the
+    latest `HeartbeatAck.token` the leader received from this follower (0: none yet), so the
+    follower can tell whether the leader hears it, not only whether it hears the leader."""
 
     sender: int
     to: int
     ballot: Ballot
     chosen_through: int
     read_round: int
+    echo: int
 
 
 @dataclass(frozen=True)
 class HeartbeatAck:
+    """`token` names this ack (the sender's incarnation plus its tick count); the leader echoes
+    the latest one it received in its heartbeats."""
+
     sender: int
     to: int
     ballot: Ballot
     read_round: int
     chosen_through: int
+    token: int
 
 
 @dataclass(frozen=True)
 class CatchUpRequest:
-    """Send me the chosen values from `from_slot` on (or a snapshot if you compacted them)."""
+    """Send me the chosen values from `from_slot` on, or your snapshot if you compacted them.
+    `snapshot_offset` > 0 resumes a snapshot of slot `snapshot_slot` the receiver was sending:
+    the requester holds its first `snapshot_offset` bytes."""
 
     sender: int
     to: int
     ballot: Ballot
     from_slot: int
+    snapshot_slot: int
+    snapshot_offset: int
 
 
 @dataclass(frozen=True)
@@ -166,13 +186,17 @@ class Learn:
 
 @dataclass(frozen=True)
 class InstallSnapshot:
-    """The application state at `slot` (every slot up to it applied); opaque to the core."""
+    """One chunk of the application state at `slot` (every slot up to it applied), opaque to
+    the core: the bytes at `offset` of `total_bytes`. Chunks keep every frame under the
+    transport's limit; the requester asks for the next one from where it stands."""
 
     sender: int
     to: int
     ballot: Ballot
     slot: int
     data: bytes
+    offset: int
+    total_bytes: int
 
 
 @dataclass(frozen=True)
@@ -210,18 +234,21 @@ class Commit:
 
 @dataclass(frozen=True)
 class ReadIndexRequest:
-    """A follower asks for a linearizable read point for the reads it gathered in `round`."""
+    """A follower asks for a linearizable read point for the reads it gathered in `round` of
+    its `incarnation` (rounds restart in every incarnation; the pair names one request)."""
 
     sender: int
     to: int
     ballot: Ballot
     round: int
+    incarnation: int
 
 
 @dataclass(frozen=True)
 class ReadIndexReply:
     """`granted`: every write acknowledged before the request lies at or below `read_index`,
-    confirmed by a quorum round started after the request arrived."""
+    confirmed by a quorum round started after the request arrived. `round` and `incarnation`
+    repeat the request's, so the follower matches the reply on the request's full identity."""
 
     sender: int
     to: int
@@ -229,6 +256,7 @@ class ReadIndexReply:
     round: int
     read_index: int
     granted: bool
+    incarnation: int
 
 
 Message = (

@@ -24,6 +24,7 @@ class DropReason(StrEnum):
     NOT_LEADER = "not_leader"
     OVERLOADED = "overloaded"
     LEADERSHIP_LOST = "leadership_lost"
+    TOO_LARGE = "too_large"  # a command over `Limits.batch_bytes_max`: no slot can hold it
 
 
 @dataclass(frozen=True)

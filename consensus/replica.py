@@ -13,8 +13,12 @@ the driver's duties).
 Rules kept here: a Promise or Accepted leaves only after the records behind it are durable (they
 travel in `messages_after_persist`, and messages to self wait for `persisted`); a new leader
 re-proposes, above *its own* chosen watermark, the highest-ballot value each slot reported in
-phase 1 and fills holes with no-ops; followers trust a leader's watermark only for slots they
-accepted at that leader's ballot. A role change swaps the handler table and the tick function.
+phase 1 (or the value it knows chosen) and fills holes with no-ops; followers trust a leader's
+watermark only for slots they accepted at that leader's ballot, which is sound because a leader
+that learns a slot it did not propose, or another value than its own, steps down before its
+watermark covers it (docs/consensus.md, "Learning"). A role change swaps the handler table
+and the tick function. Read-index bookkeeping lives in `consensus.read_only`. Safety
+invariants are checked at run time and raise `InvariantViolation`.
 
 Must never: read a clock, sleep, draw global randomness (the `Random` is passed in), do I/O, or
 retry a failed write (the driver stops the node and rebuilds it with `recover`).
@@ -23,17 +27,24 @@ retry a failed write (the driver stops the node and rebuilds it with `recover`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from random import Random
-from typing import Any
+from typing import Any, TypeVar
 
-from consensus.config import ClusterConfig, Limits
-from consensus.errors import LocalProtocolError
+from consensus.config import (
+    ENVELOPE_BYTES,
+    ClusterConfig,
+    Limits,
+    encoded_command_bytes,
+    encoded_entry_bytes,
+)
+from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.messages import (
     BALLOT_ZERO,
     NOOP,
+    UNBOUNDED,
     Accept,
     Accepted,
     AcceptedEntry,
@@ -57,6 +68,7 @@ from consensus.messages import (
     ReadIndexRequest,
     Reject,
 )
+from consensus.read_only import ForwardedReads, LeaderReads, ReadsAwaitingApply
 from consensus.ready import (
     ChosenSlot,
     DroppedProposal,
@@ -90,20 +102,18 @@ class _InflightSlot:
     acks: set[int] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class _PendingRead:
-    read_id: int  # the driver's id, or for a follower's request the follower's round
-    read_index: int
-    read_round: int
-    origin: int  # the node whose driver asked: this one, or a follower via ReadIndexRequest
-
-
 _Handler = Callable[[Any], None]
+_Entry = TypeVar("_Entry", AcceptedEntry, ChosenEntry)
+_TOKEN_MODULUS = 1 << 63
 
 
 class Replica:
     """A replica of a static cluster. Build a fresh one with `Replica(...)`, or after a restart
-    with `durable=recover(records, snapshot_slot)` and the index of the last record read back."""
+    with `durable=recover(records, snapshot_slot)` and the index of the last record read back.
+
+    `incarnation` must differ between two runs of one node (the driver may pass a random
+    64-bit number, or leave it to be drawn from `rng`): a follower's read-index requests are
+    named by it, so a reply to a request of a previous run never answers a read of this one."""
 
     def __init__(
         self,
@@ -114,6 +124,7 @@ class Replica:
         durable: DurableState | None = None,
         last_record_index: int = 0,
         snapshot: Snapshot | None = None,
+        incarnation: int | None = None,
     ) -> None:
         if node_id not in config.node_ids:
             raise LocalProtocolError(f"node {node_id} is not a member of {config.node_ids}")
@@ -127,6 +138,7 @@ class Replica:
         self.config = config
         self.limits = limits if limits is not None else Limits()
         self._rng = rng
+        self._incarnation = incarnation if incarnation is not None else self._draw_incarnation()
         self._peers = config.peers_of(node_id)
         # Acceptor and learner state (durable through records).
         self._promised = state.promised
@@ -163,21 +175,27 @@ class Replica:
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
         self._last_catchup_request_tick = -self.limits.election_ticks
+        # Catch-up asks the leader first; if a request brought nothing (a one-way cut, a slow
+        # leader), the next one asks the next peer: any peer that chose the slots can answer.
+        self._catchup_progress_at_request: tuple[int, int] = (-1, 0)
+        self._catchup_peer: int | None = None
+        # A snapshot arriving in chunks: (its sender, slot, total bytes, the bytes so far).
+        self._incoming_snapshot: tuple[int, int, int, bytearray] | None = None
+        # The latest token of ours the leader echoed, as ticks of this run (-1: none yet).
+        self._leader_echo_tick = -1
         self._votes: set[int] = set()
         self._promises: dict[int, Promise] = {}
+        self._promise_parts: dict[int, list[Promise]] = {}  # sender -> parts received
         self._prepare_from_slot = 0
         # Follower side of forwarding: commands and reads taken here, ordered by the leader.
         self._forward_queue: list[bytes] = []
-        self._reads_to_forward: list[int] = []
-        self._forwarded_read_round = 0
-        # round -> (the leader asked, tick sent, the driver's read ids)
-        self._forwarded_reads: dict[int, tuple[int, int, list[int]]] = {}
-        # (read_id, read_index) confirmed by a quorum round, here or at the leader a follower
-        # asked: valid whoever leads later, so they only await the local apply.
-        self._reads_awaiting_apply: list[tuple[int, int]] = []
+        self._forwarded_reads = ForwardedReads(self._incarnation)
+        # Read points confirmed by a quorum round, here or at the leader a follower asked.
+        self._reads_awaiting_apply = ReadsAwaitingApply()
         self._reset_leader_state()
         self._role = Role.FOLLOWER
-        self._handlers: dict[type[Any], _Handler] = {}
+        self._role_tables = self._build_role_tables()
+        self._handlers = self._role_tables[Role.FOLLOWER]
         self._tick_role: Callable[[], None] = self._tick_election
         self._become_follower(None)
 
@@ -211,13 +229,29 @@ class Replica:
     def last_record_index(self) -> int:
         return self._last_record_index
 
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def leader_reachable(self) -> bool:
+        """Whether this node leads, or follows a leader that echoed one of our heartbeat acks
+        within the last election timeout: judged from replies, not from connections, so a
+        follower behind a one-way cut (it hears the leader, the leader does not hear it) knows
+        that what it forwards will not arrive."""
+        if self._role == Role.LEADER:
+            return True
+        if self._role != Role.FOLLOWER or self._leader_id is None or self._leader_echo_tick < 0:
+            return False
+        return self._tick_count - self._leader_echo_tick <= self.limits.election_ticks
+
     # ---------------------------------------------------------------- driver API
 
     def tick(self) -> None:
         """One unit of logical time has passed."""
         self._tick_count += 1
         self._tick_role()
-        if self._forwarded_reads:
+        if self._forwarded_reads.in_flight:
             self._expire_forwarded_reads()
         self._drain_inbox()
 
@@ -243,6 +277,9 @@ class Replica:
         batch = tuple(commands)
         if not batch:
             raise LocalProtocolError("propose needs at least one command")
+        batch = self._drop_too_large(batch)
+        if not batch:
+            return
         if self._role != Role.LEADER:
             if self._role != Role.FOLLOWER or self._leader_id is None:
                 self._drop(batch, DropReason.NOT_LEADER)
@@ -267,12 +304,12 @@ class Replica:
             elif self._follower_reads_count() >= self.limits.reads_pending_max:
                 self._reject_read(read_id, DropReason.OVERLOADED)
             else:
-                self._reads_to_forward.append(read_id)
+                self._forwarded_reads.to_forward.append(read_id)
             return
         if self._leader_reads_full():
             self._reject_read(read_id, DropReason.OVERLOADED)
             return
-        self._queue_read(read_id, self.node_id)
+        self._queue_read(read_id, self.node_id, self._incarnation)
         self._drain_inbox()
 
     def persisted(self, record_index: int) -> None:
@@ -321,8 +358,8 @@ class Replica:
     def has_ready(self) -> bool:
         return (
             bool(self._out_records or self._out_messages or self._out_after_persist)
-            or self._read_round_due
-            or bool(self._forward_queue or self._reads_to_forward)
+            or self._leader_reads.round_due
+            or bool(self._forward_queue or self._forwarded_reads.to_forward)
             or (self._role == Role.LEADER and self._chosen_through > self._watermark_notified)
             or self._out_snapshot is not None
             or self._chosen_through > self._emitted_through
@@ -337,7 +374,7 @@ class Replica:
             self._append_record(WatermarkRecord(self._chosen_through))
             self._recorded_watermark = self._chosen_through
         chosen = tuple(
-            ChosenSlot(slot, self._chosen[slot])
+            ChosenSlot(slot, self._chosen_value(slot))
             for slot in range(self._emitted_through + 1, self._chosen_through + 1)
         )
         self._emitted_through = self._chosen_through
@@ -399,6 +436,9 @@ class Replica:
         self._out_records.append(record)
         self._last_record_index += 1
 
+    def _draw_incarnation(self) -> int:
+        return self._rng.getrandbits(63)
+
     def _random_election_timeout(self) -> int:
         ticks = self.limits.election_ticks
         return ticks + self._rng.randrange(ticks)
@@ -406,25 +446,62 @@ class Replica:
     def _drop(self, commands: tuple[bytes, ...], reason: DropReason) -> None:
         self._out_dropped.append(DroppedProposal(commands, reason, self._leader_id))
 
+    def _drop_too_large(self, commands: Batch) -> Batch:
+        """Drop the commands no slot can hold (`Limits.batch_bytes_max`); return the rest."""
+        limit = self.limits.batch_bytes_max
+        if all(encoded_command_bytes(command) <= limit for command in commands):
+            return commands
+        too_large = tuple(c for c in commands if encoded_command_bytes(c) > limit)
+        self._drop(too_large, DropReason.TOO_LARGE)
+        return tuple(c for c in commands if encoded_command_bytes(c) <= limit)
+
+    def _batch_length(self, commands: Iterable[bytes], count_max: int) -> int:
+        """How many leading `commands` one slot's value takes: at most `count_max` commands
+        and `batch_bytes_max` bytes, and at least one (each command fits alone)."""
+        length = 0
+        size = 0
+        for command in commands:
+            size += encoded_command_bytes(command)
+            if length == count_max or (length and size > self.limits.batch_bytes_max):
+                break
+            length += 1
+        return length
+
     def _reject_read(self, read_id: int, reason: DropReason) -> None:
         self._out_rejected_reads.append(RejectedRead(read_id, reason, self._leader_id))
 
     # ---------------------------------------------------------------- role transitions
 
-    def _acceptor_handlers(self) -> dict[type[Any], _Handler]:
-        return {
+    def _build_role_tables(self) -> dict[Role, dict[type[Any], _Handler]]:
+        """Each role's step function as one table (etcd's stepFollower/stepCandidate/
+        stepLeader): every role keeps the acceptor and learner, and a proposer role adds or
+        overrides what only it handles. A message type missing from a table is ignored."""
+        acceptor: dict[type[Any], _Handler] = {
             PreVote: self._on_pre_vote,
             Prepare: self._on_prepare,
             Accept: self._on_accept,
             Heartbeat: self._on_heartbeat,
+            Commit: self._on_commit,
             CatchUpRequest: self._on_catch_up_request,
             Learn: self._on_learn,
             InstallSnapshot: self._on_install_snapshot,
-            Commit: self._on_commit,
             Forward: self._refuse_forward,
             ForwardRefused: self._on_forward_refused,
             ReadIndexRequest: self._refuse_read_index,
             ReadIndexReply: self._on_read_index_reply,
+        }
+        return {
+            Role.FOLLOWER: acceptor,
+            Role.PRE_CANDIDATE: {**acceptor, PreVoteReply: self._on_pre_vote_reply},
+            Role.CANDIDATE: {**acceptor, Promise: self._on_promise, Reject: self._on_reject},
+            Role.LEADER: {
+                **acceptor,
+                Accepted: self._on_accepted,
+                HeartbeatAck: self._on_heartbeat_ack,
+                Reject: self._on_reject,
+                Forward: self._on_forward,
+                ReadIndexRequest: self._on_read_index_request,
+            },
         }
 
     def _reset_leader_state(self) -> None:
@@ -436,10 +513,8 @@ class Replica:
         self._heartbeat_elapsed = 0
         self._check_quorum_elapsed = 0
         self._active_peers: set[int] = set()
-        self._read_round = 0
-        self._read_acks: dict[int, int] = {}
-        self._pending_reads: list[_PendingRead] = []
-        self._read_round_due = False
+        self._peer_tokens: dict[int, int] = {}  # each peer's latest HeartbeatAck token
+        self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
     def _step_down_from_leadership(self) -> None:
@@ -455,12 +530,20 @@ class Replica:
                 self._send_now(
                     ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
                 )
-        for read in self._pending_reads:
+        for read in self._leader_reads.pending:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
             else:
                 self._send_now(
-                    ReadIndexReply(self.node_id, read.origin, self._ballot, read.read_id, 0, False)
+                    ReadIndexReply(
+                        self.node_id,
+                        read.origin,
+                        self._ballot,
+                        read.read_id,
+                        0,
+                        False,
+                        read.incarnation,
+                    )
                 )
         self._reset_leader_state()
 
@@ -471,10 +554,11 @@ class Replica:
             self._step_down_from_leadership()
         self._role = Role.FOLLOWER
         self._leader_id = leader_id
+        self._leader_echo_tick = -1
         self._ballot = BALLOT_ZERO
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
-        self._handlers = self._acceptor_handlers()
+        self._handlers = self._role_tables[Role.FOLLOWER]
         self._tick_role = self._tick_election
 
     def _next_ballot(self) -> Ballot:
@@ -487,7 +571,7 @@ class Replica:
         self._votes = {self.node_id}
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
-        self._handlers = {**self._acceptor_handlers(), PreVoteReply: self._on_pre_vote_reply}
+        self._handlers = self._role_tables[Role.PRE_CANDIDATE]
         self._tick_role = self._tick_election
         for peer in self._peers:
             self._send_now(PreVote(self.node_id, peer, self._ballot, self._chosen_through))
@@ -498,13 +582,10 @@ class Replica:
         self._promised = self._ballot
         self._append_record(PromiseRecord(self._ballot))
         self._promises = {}
+        self._promise_parts = {}
         self._prepare_from_slot = self._chosen_through + 1
         self._election_elapsed = 0
-        self._handlers = {
-            **self._acceptor_handlers(),
-            Promise: self._on_promise,
-            Reject: self._on_reject,
-        }
+        self._handlers = self._role_tables[Role.CANDIDATE]
         self._tick_role = self._tick_election
         for node in self.config.node_ids:
             prepare = Prepare(self.node_id, node, self._ballot, self._prepare_from_slot)
@@ -514,14 +595,7 @@ class Replica:
         self._role = Role.LEADER
         self._leader_id = self.node_id
         self._reset_leader_state()
-        self._handlers = {
-            **self._acceptor_handlers(),
-            Accepted: self._on_accepted,
-            HeartbeatAck: self._on_heartbeat_ack,
-            Reject: self._on_reject,
-            Forward: self._on_forward,
-            ReadIndexRequest: self._on_read_index_request,
-        }
+        self._handlers = self._role_tables[Role.LEADER]
         self._tick_role = self._tick_leader
         values = self._repropose_values(promises)
         last_slot = max(values, default=self._chosen_through)
@@ -532,8 +606,9 @@ class Replica:
         self._broadcast_heartbeat()
 
     def _repropose_values(self, promises: Iterable[Promise]) -> dict[int, Batch]:
-        """Phase 1's verdict per slot above our own watermark: a value some acceptor knows is
-        chosen, else the value accepted at the highest ballot. Unlisted slots become no-ops."""
+        """Phase 1's verdict per slot above our own watermark: a value we know is chosen, else
+        one some acceptor knows is chosen, else the value accepted at the highest ballot.
+        Unlisted slots become no-ops."""
         best: dict[int, tuple[bool, Ballot, Batch]] = {}
         for promise in promises:
             for entry in promise.entries:
@@ -543,7 +618,11 @@ class Replica:
                 current = best.get(entry.slot)
                 if current is None or rank[:2] > current[:2]:
                     best[entry.slot] = rank
-        return {slot: rank[2] for slot, rank in best.items()}
+        values = {slot: rank[2] for slot, rank in best.items()}
+        # Learned while the promises came in (a Learn keeps every role's learner busy): what we
+        # know chosen is the only value any ballot may propose there.
+        values.update((slot, v) for slot, v in self._chosen.items() if slot > self._chosen_through)
+        return values
 
     # ---------------------------------------------------------------- timers
 
@@ -608,15 +687,40 @@ class Replica:
         if message.sender != self.node_id:
             self._leader_id = None
             self._election_elapsed = 0
-        promise = Promise(
-            self.node_id,
-            message.sender,
-            message.ballot,
-            self._entries_from(message.from_slot),
-            self._chosen_through,
-            self._snapshot_slot,
-        )
-        self._send_after_persist(promise)
+        parts = list(self._within_frames(self._entries_from(message.from_slot)))
+        for index, entries in enumerate(parts):
+            covers_from = entries[0].slot if index else message.from_slot
+            last = index == len(parts) - 1
+            covers_through = UNBOUNDED if last else parts[index + 1][0].slot - 1
+            promise = Promise(
+                self.node_id,
+                message.sender,
+                message.ballot,
+                entries,
+                self._chosen_through,
+                self._snapshot_slot,
+                covers_from,
+                covers_through,
+            )
+            self._send_after_persist(promise)
+
+    def _within_frames(
+        self, entries: Iterable[_Entry], count_max: int | None = None
+    ) -> Iterator[tuple[_Entry, ...]]:
+        """`entries` cut into consecutive parts that each fit a frame (and hold at most
+        `count_max` entries); always at least one part, possibly empty. Lazy, so a caller that
+        wants only the first part never builds the rest."""
+        budget = self.limits.frame_bytes_max - ENVELOPE_BYTES
+        part: list[_Entry] = []
+        size = 0
+        for entry in entries:
+            cost = encoded_entry_bytes(entry.value)
+            if part and (len(part) == count_max or size + cost > budget):
+                yield tuple(part)
+                part, size = [], 0
+            part.append(entry)
+            size += cost
+        yield tuple(part)
 
     def _entries_from(self, from_slot: int) -> tuple[AcceptedEntry, ...]:
         slots = sorted(slot for slot in {*self._accepted, *self._chosen} if slot >= from_slot)
@@ -651,15 +755,31 @@ class Replica:
         if not self._raise_promise_or_reject(message):
             return
         self._hear_from_leader(message.sender)
+        self._note_echo(message.echo)
+        token = (self._incarnation + self._tick_count) % _TOKEN_MODULUS
         ack = HeartbeatAck(
-            self.node_id, message.sender, message.ballot, message.read_round, self._chosen_through
+            self.node_id,
+            message.sender,
+            message.ballot,
+            message.read_round,
+            self._chosen_through,
+            token,
         )
         self._send_now(ack)
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
+    def _note_echo(self, echo: int) -> None:
+        # Tokens are this run's incarnation plus a tick count: an echo of a previous run's
+        # token maps to a tick far outside this run's range (63 random bits) and is ignored.
+        echoed_tick = (echo - self._incarnation) % _TOKEN_MODULUS
+        if echo != 0 and echoed_tick <= self._tick_count:
+            self._leader_echo_tick = max(self._leader_echo_tick, echoed_tick)
+
     def _hear_from_leader(self, leader_id: int) -> None:
         if self._role != Role.FOLLOWER:
             self._become_follower(leader_id)
+        if self._leader_id != leader_id:
+            self._leader_echo_tick = -1
         self._leader_id = leader_id
         self._election_elapsed = 0
 
@@ -679,47 +799,149 @@ class Replica:
         if self._chosen_through < chosen_through:
             self._maybe_request_catch_up(leader_id, ballot)
 
-    def _maybe_request_catch_up(self, peer: int, ballot: Ballot) -> None:
+    def _maybe_request_catch_up(self, leader: int, ballot: Ballot) -> None:
         if self._tick_count - self._last_catchup_request_tick < self.limits.heartbeat_ticks:
             return
         self._last_catchup_request_tick = self._tick_count
-        self._send_now(CatchUpRequest(self.node_id, peer, ballot, self._chosen_through + 1))
+        incoming = self._incoming_snapshot
+        progress = (self._chosen_through, len(incoming[3]) if incoming is not None else 0)
+        candidates = (leader, *(peer for peer in self._peers if peer != leader))
+        if progress == self._catchup_progress_at_request and self._catchup_peer in candidates:
+            # Nothing arrived since the last request: ask the next peer in turn.
+            turn = candidates.index(self._catchup_peer) + 1
+            peer = candidates[turn % len(candidates)]
+        elif incoming is not None:
+            peer = incoming[0]  # its chunks are arriving: resume there
+        else:
+            peer = leader
+        self._catchup_progress_at_request = progress
+        self._catchup_peer = peer
+        self._request_catch_up(peer, ballot)
+
+    def _request_catch_up(self, peer: int, ballot: Ballot) -> None:
+        snapshot_slot, snapshot_offset = 0, 0
+        incoming = self._incoming_snapshot
+        if incoming is not None and incoming[0] == peer:
+            # Resume from where that peer's chunks stopped (another peer's bytes may differ).
+            snapshot_slot, snapshot_offset = incoming[1], len(incoming[3])
+        request = CatchUpRequest(
+            self.node_id, peer, ballot, self._chosen_through + 1, snapshot_slot, snapshot_offset
+        )
+        self._send_now(request)
 
     def _on_catch_up_request(self, message: CatchUpRequest) -> None:
-        if message.from_slot <= self._snapshot_slot and self._snapshot is not None:
-            snapshot = self._snapshot
-            self._send_now(
-                InstallSnapshot(
-                    self.node_id, message.sender, message.ballot, snapshot.slot, snapshot.data
-                )
+        snapshot = self._snapshot
+        if message.from_slot <= self._snapshot_slot and snapshot is not None:
+            resumes = message.snapshot_slot == snapshot.slot
+            offset = message.snapshot_offset if resumes else 0
+            if not 0 <= offset < len(snapshot.data):
+                offset = 0
+            # A slice of the bytes the driver handed over: nothing is re-encoded per request.
+            chunk = snapshot.data[offset : offset + self.limits.snapshot_chunk_bytes]
+            install = InstallSnapshot(
+                self.node_id,
+                message.sender,
+                message.ballot,
+                snapshot.slot,
+                chunk,
+                offset,
+                len(snapshot.data),
             )
+            self._send_now(install)
             return
-        last = min(self._chosen_through, message.from_slot + self.limits.catchup_slots_max - 1)
-        entries = tuple(
-            ChosenEntry(slot, self._chosen[slot]) for slot in range(message.from_slot, last + 1)
+        if message.from_slot <= self._snapshot_slot:
+            return  # compacted, and no snapshot to send instead
+        # Within catchup_slots_max entries and one frame (each value fits one alone).
+        chosen = (
+            ChosenEntry(slot, self._chosen[slot])
+            for slot in range(message.from_slot, self._chosen_through + 1)
         )
+        entries = next(self._within_frames(chosen, self.limits.catchup_slots_max))
         if entries:
             self._send_now(Learn(self.node_id, message.sender, message.ballot, entries))
 
     def _on_learn(self, message: Learn) -> None:
+        if self._role == Role.LEADER and self._learn_outranks_own_ballot(message.entries):
+            # A higher ballot chose these slots. Our watermark vouches, at our ballot, for the
+            # values we proposed at it: it must never cover a slot chosen with another value.
+            self._become_follower(None)
         for entry in message.entries:
-            if entry.slot > self._chosen_through and entry.slot not in self._chosen:
+            if entry.slot > self._snapshot_slot:
                 self._mark_chosen(entry.slot, entry.value)
         self._advance_chosen_through()
+        if self._role == Role.LEADER:
+            # Our own proposals, learned chosen: no need to wait for (or retransmit) them.
+            for entry in message.entries:
+                self._inflight.pop(entry.slot, None)
+            self._maybe_send_accepts()
+
+    def _learn_outranks_own_ballot(self, entries: Iterable[ChosenEntry]) -> bool:
+        """Whether a leader learns a slot it has not proposed, or a value other than the one it
+        proposed: either was chosen at a higher ballot (a value chosen at a lower ballot is the
+        one phase 1 made us propose, Paxos P2c), so we no longer lead."""
+        for entry in entries:
+            if entry.slot <= self._chosen_through or entry.slot in self._chosen:
+                continue
+            inflight = self._inflight.get(entry.slot)
+            if inflight is None or inflight.value != entry.value:
+                return True
+        return False
 
     def _on_install_snapshot(self, message: InstallSnapshot) -> None:
-        if message.slot > self._chosen_through:
-            self._adopt_snapshot(Snapshot(message.slot, message.data))
+        if message.slot <= self._chosen_through:
+            return
+        data = self._assemble_snapshot(message)
+        if data is None:
+            return
+        if self._role == Role.LEADER:
+            # A snapshot past our watermark covers slots we proposed without telling us the
+            # values chosen there; they were chosen at a higher ballot (see `_on_learn`).
+            self._become_follower(None)
+        self._adopt_snapshot(Snapshot(message.slot, data))
+
+    def _assemble_snapshot(self, chunk: InstallSnapshot) -> bytes | None:
+        """Add a chunk to the snapshot being received from its sender; the whole snapshot once
+        the last chunk is in, else None after asking that sender for the next chunk. A chunk
+        that does not continue what we hold starts over only at offset 0."""
+        incoming = self._incoming_snapshot
+        if chunk.offset == 0:
+            incoming = (chunk.sender, chunk.slot, chunk.total_bytes, bytearray())
+        elif incoming is None or incoming[:3] != (chunk.sender, chunk.slot, chunk.total_bytes):
+            return None
+        if chunk.offset != len(incoming[3]) or chunk.offset + len(chunk.data) > chunk.total_bytes:
+            return None
+        incoming[3].extend(chunk.data)
+        if len(incoming[3]) == chunk.total_bytes:
+            self._incoming_snapshot = None
+            return bytes(incoming[3])
+        self._incoming_snapshot = incoming
+        if chunk.data:
+            self._request_catch_up(chunk.sender, chunk.ballot)
+        return None
 
     # ---------------------------------------------------------------- learner
 
     def _mark_chosen(self, slot: int, value: Batch) -> None:
+        known = self._chosen.get(slot)
+        if known is not None:
+            if known != value:
+                raise InvariantViolation(f"slot {slot} was chosen with two different values")
+            return
+        if slot <= self._chosen_through:
+            # Below the watermark and above the snapshot every value is in `_chosen`.
+            raise InvariantViolation(f"slot {slot} below watermark {self._chosen_through} unknown")
         self._chosen[slot] = value
         accepted = self._accepted.get(slot)
         if accepted is None or accepted[1] != value:
             # The watermark record replays chosen values from accept records; this slot's
             # chosen value is not among ours, so it needs its own record.
             self._append_record(LearnRecord(slot, value))
+
+    def _chosen_value(self, slot: int) -> Batch:
+        value = self._chosen.get(slot)
+        if value is None:
+            raise InvariantViolation(f"watermark {self._chosen_through} passed unknown slot {slot}")
+        return value
 
     def _advance_chosen_through(self) -> None:
         while self._chosen_through + 1 in self._chosen:
@@ -731,8 +953,12 @@ class Replica:
         self._chosen_through = max(self._chosen_through, snapshot.slot)
         self._emitted_through = max(self._emitted_through, snapshot.slot)
         self._applied_through = max(self._applied_through, snapshot.slot)
+        if self._incoming_snapshot is not None and self._incoming_snapshot[1] <= snapshot.slot:
+            self._incoming_snapshot = None
         self._compact(snapshot.slot)
         self._advance_chosen_through()
+        # The applied point moved without an `applied()` call: release what it now covers.
+        self._release_reads()
 
     def _compact(self, slot: int) -> None:
         """Forget slots up to `slot` and restate what the log must still say, so the driver can
@@ -768,12 +994,38 @@ class Replica:
         if message.snapshot_slot >= self._prepare_from_slot:
             # That acceptor compacted slots we never learned; we cannot lead until caught up.
             self._become_follower(None)
-            from_slot = self._chosen_through + 1
-            self._send_now(CatchUpRequest(self.node_id, message.sender, message.ballot, from_slot))
+            self._request_catch_up(message.sender, message.ballot)
             return
-        self._promises[message.sender] = message
+        parts = self._promise_parts.setdefault(message.sender, [])
+        parts.append(message)
+        if not self._promise_parts_cover(parts):
+            return
+        # Parts may come from two answers to one Prepare (a duplicate): each is true for the
+        # slots it covers, so their union is, and phase 1 ranks duplicates by ballot anyway.
+        entries = tuple(entry for part in parts for entry in part.entries)
+        self._promises[message.sender] = Promise(
+            message.sender,
+            message.to,
+            message.ballot,
+            entries,
+            max(part.chosen_through for part in parts),
+            message.snapshot_slot,
+            self._prepare_from_slot,
+            UNBOUNDED,
+        )
         if self.config.is_quorum(self._promises):
             self._become_leader(self._promises.values())
+
+    def _promise_parts_cover(self, parts: list[Promise]) -> bool:
+        """Whether the parts received cover every slot from our prepare's `from_slot` on."""
+        needed = self._prepare_from_slot
+        for part in sorted(parts, key=lambda p: p.covers_from):
+            if part.covers_from > needed:
+                return False
+            if part.covers_through == UNBOUNDED:
+                return True
+            needed = max(needed, part.covers_through + 1)
+        return False
 
     def _on_reject(self, message: Reject) -> None:
         if message.ballot == self._ballot and message.promised > self._ballot:
@@ -782,6 +1034,9 @@ class Replica:
     # ---------------------------------------------------------------- leader
 
     def _propose_slot(self, slot: int, value: Batch) -> None:
+        known = self._chosen.get(slot)
+        if slot <= self._chosen_through or (known is not None and known != value):
+            raise InvariantViolation(f"slot {slot} would be proposed again with another value")
         self._inflight[slot] = _InflightSlot(value, self._tick_count)
         for node in self.config.node_ids:
             self._send_now(
@@ -790,8 +1045,10 @@ class Replica:
 
     def _maybe_send_accepts(self) -> None:
         while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
-            count = min(len(self._queue), self.limits.batch_commands_max)
-            batch = tuple(self._queue.popleft()[0] for _ in range(count))
+            length = self._batch_length(
+                (command for command, _ in self._queue), self.limits.batch_commands_max
+            )
+            batch = tuple(self._queue.popleft()[0] for _ in range(length))
             slot = self._next_slot
             self._next_slot += 1
             self._propose_slot(slot, batch)
@@ -820,7 +1077,14 @@ class Replica:
     def _broadcast_heartbeat(self) -> None:
         for peer in self._peers:
             self._send_now(
-                Heartbeat(self.node_id, peer, self._ballot, self._chosen_through, self._read_round)
+                Heartbeat(
+                    self.node_id,
+                    peer,
+                    self._ballot,
+                    self._chosen_through,
+                    self._leader_reads.round,
+                    self._peer_tokens.get(peer, 0),
+                )
             )
 
     def _on_accepted(self, message: Accepted) -> None:
@@ -834,8 +1098,7 @@ class Replica:
         if not self.config.is_quorum(inflight.acks):
             return
         del self._inflight[message.slot]
-        if message.slot > self._chosen_through and message.slot not in self._chosen:
-            self._mark_chosen(message.slot, inflight.value)
+        self._mark_chosen(message.slot, inflight.value)
         self._advance_chosen_through()
         self._maybe_send_accepts()
 
@@ -843,63 +1106,54 @@ class Replica:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
-        previous = self._read_acks.get(message.sender, 0)
-        self._read_acks[message.sender] = max(previous, message.read_round)
+        self._peer_tokens[message.sender] = message.token
+        self._leader_reads.ack(message.sender, message.read_round)
         self._maybe_confirm_reads()
 
-    def _read_confirmed(self, read_round: int) -> bool:
-        acked = {node for node, acked_round in self._read_acks.items() if acked_round >= read_round}
+    def _read_confirmed(self, acked: set[int]) -> bool:
+        """Whether the peers that acknowledged a round, with this leader, form a quorum."""
         return self.config.is_quorum({*acked, self.node_id})
 
-    def _queue_read(self, read_id: int, origin: int) -> None:
+    def _queue_read(self, read_id: int, origin: int, incarnation: int) -> None:
         # Everything chosen before this leader lies at or below phase1_end; everything it
         # acknowledged lies at or below chosen_through.
         read_index = max(self._chosen_through, self._phase1_end)
-        # Reads asked within one turn share the quorum round that `ready()` starts.
-        self._pending_reads.append(_PendingRead(read_id, read_index, self._read_round + 1, origin))
-        self._read_round_due = True
+        self._leader_reads.queue(read_id, read_index, origin, incarnation)
         self._maybe_confirm_reads()
 
     def _maybe_confirm_reads(self) -> None:
-        # Rounds never decrease along the list, so the confirmed reads are a prefix of it.
-        confirmed_count = 0
-        last_round, last_confirmed = -1, False
-        for read in self._pending_reads:
-            if read.read_round != last_round:
-                last_round, last_confirmed = read.read_round, self._read_confirmed(read.read_round)
-            if not last_confirmed:
-                break
-            confirmed_count += 1
+        for read in self._leader_reads.take_confirmed(self._read_confirmed):
             if read.origin == self.node_id:
-                self._reads_awaiting_apply.append((read.read_id, read.read_index))
+                self._reads_awaiting_apply.add(read.read_id, read.read_index)
             else:
-                self._send_now(
-                    ReadIndexReply(
-                        self.node_id, read.origin, self._ballot, read.read_id, read.read_index, True
-                    )
+                reply = ReadIndexReply(
+                    self.node_id,
+                    read.origin,
+                    self._ballot,
+                    read.read_id,
+                    read.read_index,
+                    True,
+                    read.incarnation,
                 )
-        if confirmed_count:
-            del self._pending_reads[:confirmed_count]
+                self._send_now(reply)
         self._release_reads()
 
     def _release_reads(self) -> None:
         if self._reads_awaiting_apply:
-            still_awaiting = []
-            for read_id, read_index in self._reads_awaiting_apply:
-                if read_index <= self._applied_through:
-                    self._out_reads.append(ReadConfirmation(read_id, read_index))
-                else:
-                    still_awaiting.append((read_id, read_index))
-            self._reads_awaiting_apply = still_awaiting
+            self._out_reads.extend(self._reads_awaiting_apply.release(self._applied_through))
 
     def _on_read_index_request(self, message: ReadIndexRequest) -> None:
         if self._leader_reads_full():
             self._refuse_read_index(message)
             return
-        self._queue_read(message.round, message.sender)
+        self._queue_read(message.round, message.sender, message.incarnation)
 
     def _on_forward(self, message: Forward) -> None:
-        if len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
+        too_large = any(
+            encoded_command_bytes(command) > self.limits.batch_bytes_max
+            for command in message.commands
+        )  # only from a follower configured with other limits: refuse rather than split
+        if too_large or len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
             refused = ForwardRefused(
                 self.node_id, message.sender, message.ballot, message.commands, True
             )
@@ -920,22 +1174,23 @@ class Replica:
         self._drop(message.commands, reason)
 
     def _refuse_read_index(self, message: ReadIndexRequest) -> None:
-        self._send_now(
-            ReadIndexReply(self.node_id, message.sender, message.ballot, message.round, 0, False)
+        refusal = ReadIndexReply(
+            self.node_id, message.sender, message.ballot, message.round, 0, False,
+            message.incarnation,
         )
+        self._send_now(refusal)
 
     def _on_read_index_reply(self, message: ReadIndexReply) -> None:
-        forwarded = self._forwarded_reads.get(message.round)
-        if forwarded is None or forwarded[0] != message.sender:
-            return  # already given up on (leader change or expiry): its reads were answered
-        del self._forwarded_reads[message.round]
-        read_ids = forwarded[2]
+        read_ids = self._forwarded_reads.take_answered(
+            message.sender, message.incarnation, message.round
+        )
         if not message.granted:
             for read_id in read_ids:
                 self._reject_read(read_id, DropReason.NOT_LEADER)
             return
         # A grant stays true whoever leads later: the point was confirmed while this leader led.
-        self._reads_awaiting_apply.extend((read_id, message.read_index) for read_id in read_ids)
+        for read_id in read_ids:
+            self._reads_awaiting_apply.add(read_id, message.read_index)
         self._release_reads()
 
     def _on_commit(self, message: Commit) -> None:
@@ -945,51 +1200,48 @@ class Replica:
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
     def _leader_reads_full(self) -> bool:
-        reads = len(self._pending_reads) + len(self._reads_awaiting_apply)
+        reads = len(self._leader_reads.pending) + len(self._reads_awaiting_apply)
         return reads >= self.limits.reads_pending_max
 
     def _follower_reads_count(self) -> int:
-        forwarded = sum(len(read_ids) for _, _, read_ids in self._forwarded_reads.values())
-        return len(self._reads_to_forward) + forwarded + len(self._reads_awaiting_apply)
+        return self._forwarded_reads.count() + len(self._reads_awaiting_apply)
 
     def _expire_forwarded_reads(self) -> None:
         """Reads sent to a node that no longer leads, or unanswered for two election timeouts
         (a lost message), are rejected: the driver answers them rather than waiting for ever."""
         leader = self._leader_id if self._role == Role.FOLLOWER else None
         expired_before = self._tick_count - 2 * self.limits.election_ticks
-        for read_round, (sent_to, sent_tick, read_ids) in list(self._forwarded_reads.items()):
-            if sent_to != leader or sent_tick <= expired_before:
-                del self._forwarded_reads[read_round]
-                for read_id in read_ids:
-                    self._reject_read(read_id, DropReason.LEADERSHIP_LOST)
+        for read_id in self._forwarded_reads.take_expired(leader, expired_before):
+            self._reject_read(read_id, DropReason.LEADERSHIP_LOST)
 
     def _send_gathered(self) -> None:
         """What this turn gathered leaves in one message per kind: a quorum round for the
         leader's reads, a Forward and a ReadIndexRequest for a follower's, and the leader's new
         watermark to each follower that no Accept of this turn tells."""
-        if self._read_round_due:
-            self._read_round_due = False
-            self._read_round += 1
+        if self._leader_reads.start_round_if_due():
             self._broadcast_heartbeat()
         leader = self._leader_id if self._role == Role.FOLLOWER else None
         if self._forward_queue:
-            commands = tuple(self._forward_queue)
-            self._forward_queue = []
+            commands, self._forward_queue = self._forward_queue, []
             if leader is None:
-                self._drop(commands, DropReason.NOT_LEADER)
-            else:
-                self._send_now(Forward(self.node_id, leader, self._promised, commands))
-        if self._reads_to_forward:
-            read_ids, self._reads_to_forward = self._reads_to_forward, []
-            if leader is None:
-                for read_id in read_ids:
-                    self._reject_read(read_id, DropReason.NOT_LEADER)
-            else:
-                self._forwarded_read_round += 1
-                read_round = self._forwarded_read_round
-                self._forwarded_reads[read_round] = (leader, self._tick_count, read_ids)
-                self._send_now(ReadIndexRequest(self.node_id, leader, self._promised, read_round))
-        if self._forwarded_reads:
+                self._drop(tuple(commands), DropReason.NOT_LEADER)
+            while commands and leader is not None:
+                # Each Forward within one slot's byte budget, hence within a frame.
+                length = self._batch_length(commands, len(commands))
+                piece, commands = tuple(commands[:length]), commands[length:]
+                self._send_now(Forward(self.node_id, leader, self._promised, piece))
+        read_ids = self._forwarded_reads.take_gathered()
+        if read_ids and leader is None:
+            for read_id in read_ids:
+                self._reject_read(read_id, DropReason.NOT_LEADER)
+        elif read_ids and leader is not None:
+            read_round = self._forwarded_reads.send_round(leader, self._tick_count, read_ids)
+            self._send_now(
+                ReadIndexRequest(
+                    self.node_id, leader, self._promised, read_round, self._incarnation
+                )
+            )
+        if self._forwarded_reads.in_flight:
             self._expire_forwarded_reads()
         if self._role == Role.LEADER and self._chosen_through > self._watermark_notified:
             told = {

@@ -11,13 +11,15 @@ from the seeded `Random` per replica. It is test scaffolding, not the simulator.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from random import Random
+from typing import Any
 
 from consensus.codec import decode_message, decode_record, encode_message, encode_record
 from consensus.config import ClusterConfig, Limits
-from consensus.messages import Batch, Message
+from consensus.messages import Batch, ChosenEntry, InstallSnapshot, Message
+from consensus.read_only import ForwardedReads
 from consensus.ready import ReadConfirmation, Ready, RejectedRead, Snapshot
 from consensus.records import recover
 from consensus.replica import Replica
@@ -58,8 +60,10 @@ class Network:
         self.nodes: dict[int, Replica] = {}
         self.logs: dict[int, NodeLog] = {}
         self.mailbox: list[Message] = []
+        self.sent: list[Message] = []  # every message ever sent, for tests that inspect frames
         self.cut: set[tuple[int, int]] = set()
         self.held_disks: set[int] = set()
+        self.restarts = 0
         for node_id in self.config.node_ids:
             self.logs[node_id] = NodeLog()
             self.nodes[node_id] = factory(
@@ -105,6 +109,7 @@ class Network:
         for message in messages:
             # Through the codec, as the real transport does.
             self.mailbox.append(decode_message(encode_message(message)))
+            self.sent.append(message)
 
     # -- test controls
 
@@ -180,10 +185,11 @@ class Network:
         durable = recover(records, snapshot.slot if snapshot else 0)
         last_index = log.first_record_index + len(log.records) - 1
         log.applied = []
+        self.restarts += 1  # each incarnation draws its own randomness, as a real node does
         self.nodes[node_id] = self.factory(
             node_id,
             self.config,
-            Random(self.seed * 100 + node_id + 50),
+            Random(self.seed * 100_000 + self.restarts * 100 + node_id),
             self.limits,
             durable,
             last_index,
@@ -193,3 +199,35 @@ class Network:
     def leader(self) -> int | None:
         leaders = [n for n, r in self.nodes.items() if r.role == "leader"]
         return leaders[0] if len(leaders) == 1 else None
+
+
+
+# ---------------------------------------------------------------- planted safety bugs
+# Switches that restore the behaviour behind the bugs of issue 12, for tests and simulator
+# campaigns that must show they catch them (tests/test_consensus_safety.py scripts each one).
+
+
+class LeaderTrustsEveryLearn(Replica):
+    """Bug 1: a leader takes a peer's Learn or snapshot as it comes, even for slots it proposed
+    a different value in, and keeps leading; its watermark then vouches, at its ballot, for
+    the value a follower accepted from it there, which was never chosen."""
+
+    def _learn_outranks_own_ballot(self, entries: Iterable[ChosenEntry]) -> bool:
+        return False
+
+    def _on_install_snapshot(self, message: InstallSnapshot) -> None:
+        if message.slot > self.chosen_through:
+            data = self._assemble_snapshot(message)
+            if data is not None:
+                self._adopt_snapshot(Snapshot(message.slot, data))
+
+
+class ReadRoundsRestartEachIncarnation(Replica):
+    """Bug 2: a follower's read-index requests are told apart by round alone, and rounds
+    restart in every incarnation, so a reply to a read of the previous run releases a read of
+    this one at the old (possibly stale) read point."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._incarnation = 0
+        self._forwarded_reads = ForwardedReads(0)

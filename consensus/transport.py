@@ -28,7 +28,9 @@ from consensus.codec import decode_message, encode_message
 from consensus.errors import RemoteProtocolError
 from consensus.messages import Message
 
-# 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply; 3: clock pings
+# 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply.
+# 3: clock pings; ReadIndexRequest and ReadIndexReply carry the requester's incarnation;
+#    heartbeat echoes, chunked snapshots and promises in parts.
 PROTOCOL_VERSION = 3
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20

@@ -98,8 +98,8 @@ def test_new_leader_reproposes_highest_ballot_value_and_fills_holes_with_noops()
     old = Ballot(2, 2)
     older = Ballot(1, 3)
     promises = [
-        Promise(2, 1, leader._ballot, (AcceptedEntry(3, old, (b"new",), False),), 0, 0),
-        Promise(3, 1, leader._ballot, (AcceptedEntry(3, older, (b"old",), False),), 0, 0),
+        Promise(2, 1, leader._ballot, (AcceptedEntry(3, old, (b"new",), False),), 0, 0, 1, -1),
+        Promise(3, 1, leader._ballot, (AcceptedEntry(3, older, (b"old",), False),), 0, 0, 1, -1),
     ]
     values = leader._repropose_values(promises)
     assert values == {3: (b"new",)}
@@ -113,8 +113,8 @@ def test_a_value_known_chosen_outranks_any_ballot_in_phase_1() -> None:
     leader = fresh()
     low, high = Ballot(1, 2), Ballot(9, 3)
     promises = [
-        Promise(2, 1, high, (AcceptedEntry(1, low, (b"chosen",), True),), 1, 0),
-        Promise(3, 1, high, (AcceptedEntry(1, high, (b"other",), False),), 0, 0),
+        Promise(2, 1, high, (AcceptedEntry(1, low, (b"chosen",), True),), 1, 0, 1, -1),
+        Promise(3, 1, high, (AcceptedEntry(1, high, (b"other",), False),), 0, 0, 1, -1),
     ]
     assert leader._repropose_values(promises) == {1: (b"chosen",)}
 
@@ -245,7 +245,7 @@ def test_leader_cut_off_from_quorum_steps_down() -> None:
 def test_follower_trusts_watermark_only_for_slots_accepted_at_the_leaders_ballot() -> None:
     replica = fresh(2)
     replica.step(Accept(3, 2, Ballot(1, 3), 1, (b"stale",), 0))
-    replica.step(Heartbeat(1, 2, Ballot(2, 1), 1, 0))
+    replica.step(Heartbeat(1, 2, Ballot(2, 1), 1, 0, 0))
     assert replica.chosen_through == 0
     requests = [m for m in replica.ready().messages if type(m).__name__ == "CatchUpRequest"]
     assert [(m.to, m.from_slot) for m in requests] == [(1, 1)]  # type: ignore[union-attr]
@@ -315,7 +315,7 @@ def test_install_snapshot_below_own_watermark_is_ignored() -> None:
     net.settle()
     net.tick_all(net.limits.heartbeat_ticks)
     assert net.nodes[2].chosen_through == 1
-    net.nodes[2].step(InstallSnapshot(1, 2, Ballot(1, 1), 1, b"old"))
+    net.nodes[2].step(InstallSnapshot(1, 2, Ballot(1, 1), 1, b"old", 0, 3))
     assert net.nodes[2].ready().snapshot is None
 
 
