@@ -87,6 +87,7 @@ class Node:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
+    env: dict[str, str] | None = None  # extra environment, e.g. CREDENTIALS_DIRECTORY
 
     @property
     def url(self) -> str:
@@ -106,6 +107,7 @@ class Node:
             stdout=log,
             stderr=log,
             cwd=self.config_path.parent,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         if wait:
@@ -152,6 +154,7 @@ class Cluster:
     root: Path
     root_token: str
     nodes: list[Node] = field(default_factory=list)
+    key_shares: list[str] = field(default_factory=list)  # root_key_source = "shamir" only
 
     def client(self, node: int = 0, token: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -300,11 +303,12 @@ def make_cluster(
     limits: dict[str, int] | None = None,
     proxy: LinkProxy | None = None,
     tls: bool = False,
+    init_options: dict[str, Any] | None = None,
 ) -> Cluster:
     base = free_port_block(2 * nodes)
     # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
-    result = init_cluster(root, nodes, base, plaintext_http=not tls)
-    cluster = Cluster(root, result.root_token)
+    result = init_cluster(root, nodes, base, plaintext_http=not tls, **(init_options or {}))
+    cluster = Cluster(root, result.root_token, key_shares=result.key_shares)
     for i, (config, http) in enumerate(
         zip(result.config_paths, result.http_addresses, strict=True)
     ):

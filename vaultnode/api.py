@@ -118,7 +118,7 @@ class Call:
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
-_LOCAL_PATHS = ("/health", "/metrics")
+_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/seal")
 
 
 def needs_current_state(request: Request) -> bool:
@@ -148,6 +148,7 @@ class VaultApi:
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
         audit: AuditTrail | None = None,
         metrics: NodeMetrics | None = None,
+        on_seal: Callable[[], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -158,6 +159,7 @@ class VaultApi:
         self.clock_us = clock_us
         self.audit = audit
         self.metrics = metrics
+        self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
         # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
         self._routes: list[tuple[str, str, bool, Route]] = [
             ("GET", "/health", True, self._health),
@@ -176,6 +178,8 @@ class VaultApi:
             ("POST", "/v1/sys/rewrap", True, self._rewrap),
             ("GET", "/v1/sys/keys", True, self._keys),
             ("POST", "/v1/sys/keys/", False, self._retire),
+            ("PUT", "/v1/sys/seal", True, self._seal),
+            ("POST", "/v1/sys/seal", True, self._seal),
         ]
 
     # ---- dispatch ---------------------------------------------------------------------
@@ -402,6 +406,7 @@ class VaultApi:
             "leader_id": status.leader_id,
             "commit_index": status.commit_index,
             "applied_index": status.applied_index,
+            "sealed": False,
         }
         return Response.json(200 if serving else 503, body)
 
@@ -745,6 +750,18 @@ class VaultApi:
         )
         outcome = await self._submit(command)
         return self._render(call, "key.rotated", outcome, lambda d: {"kek_id": d["kek_id"]})
+
+    async def _seal(self, call: Call, _: str) -> Response:
+        self._authenticate(call).require_root()
+        if self.on_seal is None:
+            raise ApiError(
+                400, "seal_unsupported",
+                "this node's root key comes from a file or credential and would unseal at the "
+                "next start; stop the node instead",
+            )
+        self.on_seal()
+        call.outcome = "ok"
+        return Response(204)
 
     async def _rewrap(self, call: Call, _: str) -> Response:
         """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""

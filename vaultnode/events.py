@@ -29,6 +29,8 @@ EVENTS = frozenset(
     {
         "node.started",
         "node.stopped",
+        "node.sealed",
+        "node.unsealed",
         "node.fatal",
         "log.repaired",
         "audit.repaired",

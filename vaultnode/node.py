@@ -1,8 +1,10 @@
 """Wiring: one vault node on one event loop — storage, state machine, replicator and HTTP edge.
 
-Owns the start-up order (config is already valid; lock the data directory, load the root key,
-open and repair the log, replay, check the root key against the vault, bootstrap a new vault,
-serve) and the shutdown order (stop accepting, finish in-flight requests, flush, close).
+Owns the start-up order (config is already valid; lock the data directory, load the root key
+or, for key shares, replay and serve only seal status until shares arrive; open and repair the
+log, replay, check the root key against the vault, bootstrap a new vault, serve), the shutdown
+order (stop accepting, finish in-flight requests, flush, close) and sealing a running node
+(stop consensus, drop keys and state, wait for shares again).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError
 from storage.errors import StorageError
+from storage.keysource import root_key_from_credential
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
 from vaultnode.audit import AuditError, AuditTrail
@@ -35,6 +38,7 @@ from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
+from vaultnode.unseal import SealGate
 
 GC_FREEZE_INTERVAL_S = 10.0
 
@@ -96,15 +100,92 @@ class VaultNode:
         self.events = events or EventLog(config.node_id)
         self._stop = asyncio.Event()
         self._exit_code = 0
+        self._serving_http = False
 
     async def run(self) -> int:
         config = self.config
         http_ssl = self._http_tls_context()  # a certificate problem is reported before any file
         lock = lock_data_dir(config.data_dir)
+        root_key = self._load_root_key()  # None: the node starts sealed and waits for shares
+        gate = SealGate(config)
+        server = HttpServer(gate.handle, body_bytes_max=config.limits.body_bytes_max)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        # Each pass serves until stopped (False) or sealed by an operator (True); a sealed node
+        # drops its keys and state and rebuilds both from the log once shares arrive again.
+        while await self._serve(root_key, gate, server, http_ssl):
+            root_key = None
+        lock.close()
+        return self._exit_code
+
+    def _load_root_key(self) -> bytes | None:
+        config = self.config
         try:
-            root_key = load_root_key_file(config.root_key_file)
+            if config.root_key_source == "shamir":
+                return None
+            if config.root_key_source == "systemd-credential":
+                return root_key_from_credential(config.root_key_credential, os.environ)
+            assert config.root_key_file is not None
+            return load_root_key_file(config.root_key_file)
         except RootKeyError as exc:
             raise StartupError(f"root key: {exc}") from exc
+
+    def _key_origin(self) -> str:
+        config = self.config
+        if config.root_key_source == "file":
+            return f"key file {config.root_key_file}"
+        if config.root_key_source == "systemd-credential":
+            return f"systemd credential {config.root_key_credential}"
+        return "key shares"
+
+    async def _start_server(self, server: HttpServer, http_ssl: ssl.SSLContext | None) -> None:
+        if self._serving_http:
+            return
+        config = self.config
+        try:
+            await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
+        except OSError as exc:
+            raise StartupError(f"http_listen {config.http_listen}: {exc.strerror or exc}") from exc
+        self._serving_http = True
+
+    async def _wait_for_shares(
+        self, state: VaultState, gate: SealGate, server: HttpServer,
+        http_ssl: ssl.SSLContext | None,
+    ) -> bytes | None:
+        """Serve only seal status until shares rebuild the root key; None if stopped first.
+
+        No peer transport exists meanwhile: a sealed node takes no part in elections or slots.
+        """
+        config = self.config
+        assert config.root_key_check_value is not None
+        # The replicated check value wins: after a root-key rotation the config's is stale.
+        check_value = (
+            state.key_check_value if state.initialized else config.root_key_check_value
+        )
+        unsealed = gate.await_shares(check_value)
+        await self._start_server(server, http_ssl)
+        self.events.emit("node.sealed", applied_index=state.applied_index, pid=os.getpid())
+        sd_notify("READY=1\nSTATUS=sealed: waiting for key shares (vault operator unseal)")
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        waiters: set[asyncio.Future[Any]] = {unsealed, stopping}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not unsealed.done():
+            unsealed.cancel()
+            return None
+        self.events.emit("node.unsealed")
+        return unsealed.result()
+
+    async def _serve(
+        self,
+        root_key: bytes | None,
+        gate: SealGate,
+        server: HttpServer,
+        http_ssl: ssl.SSLContext | None,
+    ) -> bool:
+        """Serve until stopped (False) or sealed by an operator (True)."""
+        config = self.config
         limits = StateLimits(
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
@@ -117,12 +198,20 @@ class VaultNode:
             raise StartupError(f"the log cannot be opened: {exc}") from exc
         gc.collect()
         gc.freeze()
+        if root_key is None:
+            root_key = await self._wait_for_shares(state, gate, server, http_ssl)
+            if root_key is None:
+                sd_notify("STOPPING=1")
+                await server.stop(config.limits.shutdown_deadline_s)
+                await replicator.stop()
+                return False
         freezer = asyncio.get_running_loop().create_task(_freeze_long_lived_objects())
         sealer = Sealer(root_key, state)
+        del root_key  # the Sealer holds the only reference, dropped when the node seals
         if state.initialized and state.key_check_value != sealer.key_check_value:
             raise StartupError(
                 "wrong root key: its check value does not match this vault's "
-                f"(key file {config.root_key_file})"
+                f"({self._key_origin()})"
             )
         try:
             audit = AuditTrail.open(config.audit_path, config.node_id)
@@ -169,16 +258,11 @@ class VaultNode:
             limits=config.limits,
             audit=audit,
             metrics=metrics,
+            on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
         )
         audit.start()
-        server = HttpServer(api.handle, body_bytes_max=config.limits.body_bytes_max)
-        try:
-            await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
-        except OSError as exc:
-            raise StartupError(f"http_listen {config.http_listen}: {exc.strerror or exc}") from exc
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+        gate.open(api.handle)
+        await self._start_server(server, http_ssl)
         self.events.emit(
             "node.started",
             http=str(config.http_listen),
@@ -188,10 +272,19 @@ class VaultNode:
             scheme=config.http_scheme,
         )
         sd_notify("READY=1\nSTATUS=serving " + f"{config.http_scheme}://{config.http_listen}")
-        await self._stop.wait()
+        stopping = asyncio.ensure_future(self._stop.wait())
+        sealing = asyncio.ensure_future(gate.seal_requested.wait())
+        await asyncio.wait({stopping, sealing}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        sealing.cancel()
+        sealed_again = not self._stop.is_set()
         freezer.cancel()
-        sd_notify("STOPPING=1")
-        await server.stop(config.limits.shutdown_deadline_s)
+        if sealed_again:
+            gate.close()  # already answering 503 `sealed`; in-flight requests fail as unavailable
+            sd_notify("STATUS=sealing")
+        else:
+            sd_notify("STOPPING=1")
+            await server.stop(config.limits.shutdown_deadline_s)
         if isinstance(replicator, PaxosReplicator):
             bootstrap.cancel()
             assert replicator.transport is not None
@@ -207,9 +300,9 @@ class VaultNode:
             applied_index=state.applied_index,
             exit_code=self._exit_code,
             audit_head=audit.head,
+            sealed=sealed_again,
         )
-        lock.close()
-        return self._exit_code
+        return sealed_again and not self._stop.is_set()
 
     def _make_replicator(self, state: VaultState) -> LocalReplicator | PaxosReplicator:
         config = self.config
@@ -304,7 +397,7 @@ class VaultNode:
         if state.key_check_value != sealer.key_check_value:
             self._fatal(StartupError(
                 "wrong root key: its check value does not match this vault's "
-                f"(key file {self.config.root_key_file})"
+                f"({self._key_origin()})"
             ))
 
     async def _bootstrap(
