@@ -147,7 +147,9 @@ def init_cluster(
     for node_id, host, peer_addr, http_addr in addresses:
         node_dir = out_dir / f"node{node_id}"
         node_dir.mkdir()
-        key_lines = _write_node_key(node_dir, node_id, root_key, root_key_source)
+        key_lines = _write_node_key(
+            node_dir, node_id, root_key, root_key_source, encrypt_here=hosts is None
+        )
         if shares:
             key_lines += (
                 f"# {key_threshold} of the {key_shares} key shares unseal this node.\n"
@@ -192,13 +194,22 @@ def init_cluster(
     )
 
 
-def _write_node_key(node_dir: Path, node_id: int, root_key: bytes, source: str) -> str:
-    """Give one node the root key as `source` says; return its config lines."""
-    if source == "file":
+def _write_node_key(
+    node_dir: Path, node_id: int, root_key: bytes, source: str, *, encrypt_here: bool
+) -> str:
+    """Give one node the root key as `source` says; return its config lines.
+
+    A credential is encrypted with the key of the machine that will decrypt it. For nodes on
+    this machine that is done here; for other hosts (--hosts) init writes `root.key` for the
+    admin to pipe into `systemd-creds encrypt` on each VM and then delete (docs/deploy.md).
+    """
+    if source == "file" or (source == "systemd-credential" and not encrypt_here):
         write_root_key_file(node_dir / "root.key", root_key)
+    if source == "file":
         return f'root_key_file = "node{node_id}/root.key"\n'
     if source == "systemd-credential":
-        encrypt_credential(root_key, node_dir / CREDENTIAL_FILE_NAME)
+        if encrypt_here:
+            encrypt_credential(root_key, node_dir / CREDENTIAL_FILE_NAME)
         return (
             'root_key_source = "systemd-credential"\n'
             f'root_key_credential = "{CREDENTIAL_NAME}"\n'

@@ -651,6 +651,50 @@ def operator_seal(ctx: Context) -> None:
         sys.exit(1)
 
 
+@operator.command(name="rotate-root")
+@click.option(
+    "--shares-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Shamir nodes: write the new shares here (share-1, ..., 0600) instead of printing them.",
+)
+@click.option(
+    "--key-file-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="File or credential nodes: write the new root key to this new 0600 file, for"
+    " `systemd-creds encrypt` on each node (docs/deploy.md) or as a development key file.",
+)
+@pass_ctx
+def operator_rotate_root(ctx: Context, shares_dir: Path | None, key_file_out: Path | None) -> None:
+    """Re-wrap every key-encryption key under a new root key; the old key material stops working."""
+    client = ctx.client
+    status = run(lambda: client.request("GET", "/v1/sys/seal-status", authenticated=False)).body
+    if status.get("type") == "shamir":
+        if shares_dir is not None and shares_dir.exists() and any(shares_dir.iterdir()):
+            fail(f"{shares_dir} is not empty; refusing to overwrite key shares", 2)
+    elif key_file_out is None:
+        raise click.UsageError("the nodes read the root key from a file or credential: give"
+                               " --key-file-out PATH for the new key")
+    elif key_file_out.exists():
+        fail(f"{key_file_out} exists; refusing to overwrite it", 2)
+    reply = run(lambda: client.request("POST", "/v1/sys/rotate-root"))
+    body = reply.body
+    click.echo(f"root key rotated: {body['rewrapped_keks']} key-encryption keys re-wrapped")
+    if body.get("type") == "shamir":
+        _hand_out_shares(body["keys"], body["t"], shares_dir)
+    else:
+        from storage.crypto_errors import RootKeyError
+        from storage.rootkey import ROOT_KEY_FILE_PREFIX, write_root_key_file
+
+        assert key_file_out is not None
+        new_key = bytes.fromhex(body["root_key"].removeprefix(ROOT_KEY_FILE_PREFIX))
+        try:
+            write_root_key_file(key_file_out, new_key)
+        except RootKeyError as exc:
+            fail(f"the root key WAS rotated but the new key could not be saved: {exc}")
+        click.echo(f"new root key written to {key_file_out} (mode 0600): install it on every"
+                   " node (docs/deploy.md), then delete it here")
+    click.echo("nodes other than the one that answered seal (shares) or stop (file, credential)"
+               " until given the new key material")
+
+
 @operator.command(name="rotate")
 @pass_ctx
 def operator_rotate(ctx: Context) -> None:

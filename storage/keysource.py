@@ -10,15 +10,29 @@ checked against the vault's check value.
 
 from __future__ import annotations
 
+import os
+import re
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from storage import shamir
 from storage.crypto_errors import RootKeyError, WrongRootKeyError
-from storage.rootkey import ROOT_KEY_SIZE_BYTES, check_root_key, load_root_key_file
+from storage.rootkey import (
+    KEY_CHECK_VALUE_SIZE_BYTES,
+    ROOT_KEY_SIZE_BYTES,
+    check_root_key,
+    load_root_key_file,
+)
 
 # One share of a root key: one y byte per key byte, then its x coordinate.
 SHARE_SIZE_BYTES = ROOT_KEY_SIZE_BYTES + 1
+# `<data_dir>/root-key-check`: the check value of the newest root key this node has applied.
+# Public (like the replicated KCV); it lets a sealed node refuse pre-rotation shares although its
+# replay has not re-applied the rotation yet. One line, ~65 bytes, CRC32 of the hex.
+CHECK_VALUE_FILE_NAME = "root-key-check"
+_CHECK_VALUE_FILE_BYTES_MAX = 256
+_CHECK_LINE = re.compile(r"vault-root-key-check-v1:([0-9a-f]{32}) crc32:([0-9a-f]{8})\n")
 
 
 def root_key_from_credential(name: str, environ: Mapping[str, str]) -> bytes:
@@ -63,3 +77,41 @@ def root_key_from_shares(shares: Sequence[bytes], expected_kcv: bytes) -> bytes:
             "is wrong, from another vault, or from before a root key rotation"
         ) from None
     return candidate
+
+
+def write_check_value_file(data_dir: Path, check_value: bytes) -> None:
+    """Replace `<data_dir>/root-key-check` durably: write a temp file, fsync, rename, fsync dir."""
+    text = check_value.hex()
+    line = f"vault-root-key-check-v1:{text} crc32:{zlib.crc32(text.encode()):08x}\n"
+    final = data_dir / CHECK_VALUE_FILE_NAME
+    temp = data_dir / (CHECK_VALUE_FILE_NAME + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, line.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, final)
+    dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_check_value_file(data_dir: Path) -> bytes | None:
+    """The recorded check value; None if there is none. A damaged file is an error, not None."""
+    try:
+        with open(data_dir / CHECK_VALUE_FILE_NAME, "rb") as handle:
+            raw = handle.read(_CHECK_VALUE_FILE_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return None
+    match = _CHECK_LINE.fullmatch(raw.decode("ascii", errors="replace"))
+    if match is None or int(match.group(2), 16) != zlib.crc32(match.group(1).encode()):
+        raise RootKeyError(
+            f"{data_dir / CHECK_VALUE_FILE_NAME} is damaged (format or CRC); it holds only the "
+            "public check value: delete it to fall back to the log's and the config's"
+        )
+    value = bytes.fromhex(match.group(1))
+    assert len(value) == KEY_CHECK_VALUE_SIZE_BYTES
+    return value

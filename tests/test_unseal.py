@@ -274,3 +274,100 @@ def test_a_node_starts_from_an_encrypted_systemd_credential(tmp_path: Path) -> N
         assert find_plaintext(files_under(cluster.root), [root_key]) == []
     finally:
         cluster.stop_all()
+
+
+# ---- root key rotation ----------------------------------------------------------------------
+
+
+def test_rotate_root_under_write_load_keeps_every_version_and_retires_the_old_shares(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    cluster = make_cluster(tmp_path / "cluster", 3, init_options=SHAMIR)
+    old_shares = cluster.key_shares
+    written: dict[str, str] = {}
+    stop_writing = threading.Event()
+
+    def write_load() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {cluster.root_token}"},
+                          timeout=10.0) as client:
+            number = 0
+            while not stop_writing.is_set():
+                for node in cluster.nodes:
+                    name, value = f"load/k{number}", f"value-{number}"
+                    try:
+                        answer = client.post(f"{node.url}/v1/secrets/{name}",
+                                             json={"value": value})
+                    except httpx.HTTPError:
+                        continue
+                    # 409: an earlier attempt whose answer was lost (504) did apply.
+                    if answer.status_code in (201, 409):
+                        written[name] = value
+                        number += 1
+                        break
+                else:
+                    stop_writing.wait(0.05)
+
+    writer = threading.Thread(target=write_load, daemon=True)
+    try:
+        for node in cluster.nodes:
+            node.start(wait=False)
+        for node in cluster.nodes:
+            wait_sealed(node)
+            unseal(node, old_shares[:3])
+        wait_for_leader(cluster.nodes, deadline_s=DEADLINE_S)
+        with cluster.client(0) as client:
+            assert client.post("/v1/sys/rotate").status_code == 200  # two KEKs to re-wrap
+        writer.start()
+        wait_until(lambda: len(written) >= 10, DEADLINE_S, "writes before the rotation")
+
+        result = CliRunner().invoke(
+            cli_main, ["--addr", ",".join(n.url for n in cluster.nodes), "operator",
+                       "rotate-root", "--shares-dir", str(tmp_path / "new-shares")],
+            env={"VAULT_TOKEN": cluster.root_token},
+        )
+        assert result.exit_code == 0, (result.output, repr(result.exception))
+        assert "2 key-encryption keys re-wrapped" in result.output
+        new_shares = [p.read_text().strip() for p in sorted((tmp_path / "new-shares").iterdir())]
+        assert len(new_shares) == 5 and not set(new_shares) & set(old_shares)
+        count_at_rotation = len(written)
+
+        # The two nodes that did not rotate seal themselves: their key is the old one.
+        wait_until(lambda: sum(bool((s := seal_status(n)) and s["sealed"])
+                               for n in cluster.nodes) == 2, DEADLINE_S, "two nodes to seal")
+        sealed_nodes = [n for n in cluster.nodes if (seal_status(n) or {}).get("sealed")]
+        for node in sealed_nodes:
+            for share in old_shares[:2]:
+                submit(node, share)
+            refused = submit(node, old_shares[2])
+            assert refused.json()["error"]["code"] == "wrong_shares"
+            unseal(node, new_shares[2:5])
+        wait_until(lambda: len(written) >= count_at_rotation + 10, DEADLINE_S,
+                   "writes after the rotation")
+        stop_writing.set()
+        writer.join(timeout=30)
+
+        # Across a restart, only the new shares unseal, and every version reads back.
+        cluster.stop_all()
+        for node in cluster.nodes:
+            node.start(wait=False)
+        for node in cluster.nodes:
+            wait_sealed(node)
+            for share in old_shares[1:3]:
+                submit(node, share)
+            assert submit(node, old_shares[3]).json()["error"]["code"] == "wrong_shares"
+            unseal(node, new_shares[:3])
+        wait_for_leader(cluster.nodes, deadline_s=DEADLINE_S)
+        with cluster.client(1) as client:
+            for name, value in written.items():
+                answer = client.get(f"/v1/secrets/{name}")
+                assert answer.status_code == 200, (name, answer.text)
+                assert answer.json()["value"] == value
+        cluster.stop_all()
+        old_key = shamir.combine([bytes.fromhex(s) for s in old_shares[:3]])
+        new_key = shamir.combine([bytes.fromhex(s) for s in new_shares[:3]])
+        assert find_plaintext(files_under(cluster.root), [old_key, new_key]) == []
+    finally:
+        stop_writing.set()
+        cluster.stop_all()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage.crypto_errors import CryptoError
+from storage.rootkey import generate_root_key, key_check_value
 from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.auth import (
     AuthError,
@@ -37,6 +38,7 @@ from vaultnode.commands import (
     RevokeToken,
     RewrapVersions,
     RotateKek,
+    RotateRoot,
     UpdateSecret,
 )
 from vaultnode.config import Limits
@@ -66,6 +68,7 @@ OUTCOME_STATUS: dict[str, int] = {
     "kek_rotated": 200,
     "rewrapped": 200,
     "kek_retired": 200,
+    "root_rotated": 200,
     "already_exists": 409,
     "version_conflict": 409,
     "key_in_use": 409,
@@ -149,6 +152,7 @@ class VaultApi:
         audit: AuditTrail | None = None,
         metrics: NodeMetrics | None = None,
         on_seal: Callable[[], None] | None = None,
+        root_key_handout: Callable[[bytes], dict[str, Any]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -160,6 +164,7 @@ class VaultApi:
         self.audit = audit
         self.metrics = metrics
         self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
+        self.root_key_handout = root_key_handout
         # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
         self._routes: list[tuple[str, str, bool, Route]] = [
             ("GET", "/health", True, self._health),
@@ -178,6 +183,7 @@ class VaultApi:
             ("POST", "/v1/sys/rewrap", True, self._rewrap),
             ("GET", "/v1/sys/keys", True, self._keys),
             ("POST", "/v1/sys/keys/", False, self._retire),
+            ("POST", "/v1/sys/rotate-root", True, self._rotate_root),
             ("PUT", "/v1/sys/seal", True, self._seal),
             ("POST", "/v1/sys/seal", True, self._seal),
         ]
@@ -750,6 +756,42 @@ class VaultApi:
         )
         outcome = await self._submit(command)
         return self._render(call, "key.rotated", outcome, lambda d: {"kek_id": d["kek_id"]})
+
+    async def _rotate_root(self, call: Call, _: str) -> Response:
+        """A new root key: every live KEK re-wrapped under it in one command (docs/encryption.md).
+
+        The answer carries the new key material once (shares, or the key for a credential);
+        nothing else keeps it. Other nodes seal or stop until they are given it.
+        """
+        self._authenticate(call).require_root()
+        if self.root_key_handout is None:
+            raise ApiError(404, "not_found", "root key rotation is not enabled on this node")
+        await self._read_point(call)
+        new_root_key = generate_root_key()
+        handout = self.root_key_handout(new_root_key)
+        command = RotateRoot(
+            self._header(call, self.clock_us(), None),
+            old_key_check_value=self.state.key_check_value,
+            key_check_value=key_check_value(new_root_key),
+            keks_wrapped=self.sealer.wrap_live_keks_under(new_root_key),
+        )
+        # Adopted when the state names it, even if this answer is lost (OutcomeUnknown).
+        self.sealer.expect_root_key(new_root_key)
+        del new_root_key
+        try:
+            outcome = await self._submit(command)
+        except OutcomeUnknown:
+            self._log_failure(call, "request.failed", 504, "outcome_unknown")
+            return error_response(
+                504, "outcome_unknown",
+                "the rotation may or may not have applied: keep the old and the new key material "
+                "until the new one unseals a node", details={"new_key": handout},
+            )
+        self.sealer.holds_current_root_key()
+        return self._render(
+            call, "key.root_rotated", outcome,
+            lambda d: {"rewrapped_keks": d["keks"], **handout},
+        )
 
     async def _seal(self, call: Call, _: str) -> Response:
         self._authenticate(call).require_root()

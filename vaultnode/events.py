@@ -31,6 +31,7 @@ EVENTS = frozenset(
         "node.stopped",
         "node.sealed",
         "node.unsealed",
+        "key.root_rotated",
         "node.fatal",
         "log.repaired",
         "audit.repaired",

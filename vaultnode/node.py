@@ -24,7 +24,11 @@ from typing import IO, Any
 from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError
 from storage.errors import StorageError
-from storage.keysource import root_key_from_credential
+from storage.keysource import (
+    read_check_value_file,
+    root_key_from_credential,
+    write_check_value_file,
+)
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
 from vaultnode.audit import AuditError, AuditTrail
@@ -38,9 +42,11 @@ from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
-from vaultnode.unseal import SealGate
+from vaultnode.unseal import SealGate, root_key_handout
 
 GC_FREEZE_INTERVAL_S = 10.0
+# How soon a node notices that another rotated the root key (a comparison of two 16-byte values).
+ROOT_KEY_CHECK_INTERVAL_S = 0.2
 
 
 async def _freeze_long_lived_objects() -> None:
@@ -163,6 +169,15 @@ class VaultNode:
         check_value = (
             state.key_check_value if state.initialized else config.root_key_check_value
         )
+        # A replay restores only the latest snapshot (the log is re-applied once consensus runs),
+        # so the newest check value this node applied is kept beside the data: without it, shares
+        # from before a root-key rotation would unseal the node until it caught up.
+        try:
+            recorded = read_check_value_file(config.data_dir)
+        except RootKeyError as exc:
+            raise StartupError(f"root key: {exc}") from exc
+        if recorded is not None:
+            check_value = recorded
         unsealed = gate.await_shares(check_value)
         await self._start_server(server, http_ssl)
         self.events.emit("node.sealed", applied_index=state.applied_index, pid=os.getpid())
@@ -259,6 +274,7 @@ class VaultNode:
             audit=audit,
             metrics=metrics,
             on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
+            root_key_handout=lambda new_key: root_key_handout(config, new_key),
         )
         audit.start()
         gate.open(api.handle)
@@ -272,6 +288,9 @@ class VaultNode:
             scheme=config.http_scheme,
         )
         sd_notify("READY=1\nSTATUS=serving " + f"{config.http_scheme}://{config.http_listen}")
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch_root_key(state, sealer, gate)
+        )
         stopping = asyncio.ensure_future(self._stop.wait())
         sealing = asyncio.ensure_future(gate.seal_requested.wait())
         await asyncio.wait({stopping, sealing}, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +298,7 @@ class VaultNode:
         sealing.cancel()
         sealed_again = not self._stop.is_set()
         freezer.cancel()
+        watcher.cancel()
         if sealed_again:
             gate.close()  # already answering 503 `sealed`; in-flight requests fail as unavailable
             sd_notify("STATUS=sealing")
@@ -303,6 +323,37 @@ class VaultNode:
             sealed=sealed_again,
         )
         return sealed_again and not self._stop.is_set()
+
+    async def _watch_root_key(self, state: VaultState, sealer: Sealer, gate: SealGate) -> None:
+        """Record each check value the state names (for the next sealed start), and notice when
+        another node rotated the root key: this node's key then opens nothing new, so a node with
+        shares seals (operators unseal it with the new shares) and others stop with the reason
+        (install the new credential or key file, then start)."""
+        data_dir = self.config.data_dir
+        try:
+            recorded = read_check_value_file(data_dir)
+        except RootKeyError:
+            recorded = None  # rewritten below from the state
+        while True:
+            current = state.key_check_value if state.initialized else None
+            if current is not None and current != recorded:
+                try:
+                    write_check_value_file(data_dir, current)
+                except OSError as exc:
+                    self._fatal(exc)
+                    return
+                recorded = current
+            if not sealer.holds_current_root_key():
+                break
+            await asyncio.sleep(ROOT_KEY_CHECK_INTERVAL_S)
+        if self.config.root_key_source == "shamir":
+            self.events.emit("node.sealed", reason="root key rotated by another node")
+            gate.request_seal()
+        else:
+            self._fatal(StartupError(
+                f"the root key was rotated; this node's {self._key_origin()} holds the old one: "
+                "install the new one and start again"
+            ))
 
     def _make_replicator(self, state: VaultState) -> LocalReplicator | PaxosReplicator:
         config = self.config

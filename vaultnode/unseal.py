@@ -20,7 +20,8 @@ from importlib import metadata
 from typing import Any
 
 from storage.crypto_errors import RootKeyError
-from storage.keysource import SHARE_SIZE_BYTES, root_key_from_shares
+from storage.keysource import SHARE_SIZE_BYTES, root_key_from_shares, split_root_key
+from storage.rootkey import ROOT_KEY_FILE_PREFIX
 from vaultnode.config import NodeConfig
 from vaultnode.http_server import Request, Response, error_response
 
@@ -56,6 +57,24 @@ def decode_share(text: str) -> bytes:
     if len(raw) != SHARE_SIZE_BYTES:
         raise ValueError(f"a key share is {SHARE_SIZE_BYTES} bytes")
     return raw
+
+
+def root_key_handout(config: NodeConfig, root_key: bytes) -> dict[str, Any]:
+    """A new root key (rotate-root) in the form this node's key source takes it, shown once.
+
+    Shamir: fresh shares with the configured threshold. File or credential: the key file's line,
+    for `vault operator rotate-root` to write as a key file or an encrypted credential.
+    """
+    if config.root_key_source == "shamir":
+        shares = split_root_key(root_key, config.unseal_shares, config.unseal_threshold)
+        return {
+            "type": "shamir",
+            "t": config.unseal_threshold,
+            "n": config.unseal_shares,
+            "keys": [share.hex() for share in shares],
+            "keys_base64": [base64.b64encode(share).decode() for share in shares],
+        }
+    return {"type": config.root_key_source, "root_key": ROOT_KEY_FILE_PREFIX + root_key.hex()}
 
 
 class SealGate:
