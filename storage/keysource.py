@@ -29,10 +29,13 @@ from storage.rootkey import (
 SHARE_SIZE_BYTES = ROOT_KEY_SIZE_BYTES + 1
 # `<data_dir>/root-key-check`: the check value of the newest root key this node has applied.
 # Public (like the replicated KCV); it lets a sealed node refuse pre-rotation shares although its
-# replay has not re-applied the rotation yet. One line, ~65 bytes, CRC32 of the hex.
+# replay has not re-applied the rotation yet. With it, the log index at which it was current
+# (the newer of it and a replayed state wins). One line, under 100 bytes, CRC32 of the rest.
 CHECK_VALUE_FILE_NAME = "root-key-check"
 _CHECK_VALUE_FILE_BYTES_MAX = 256
-_CHECK_LINE = re.compile(r"vault-root-key-check-v1:([0-9a-f]{32}) crc32:([0-9a-f]{8})\n")
+_CHECK_LINE = re.compile(
+    r"(vault-root-key-check-v1:([0-9a-f]{32}) index:([0-9]{1,19})) crc32:([0-9a-f]{8})\n"
+)
 
 
 def root_key_from_credential(name: str, environ: Mapping[str, str]) -> bytes:
@@ -79,10 +82,10 @@ def root_key_from_shares(shares: Sequence[bytes], expected_kcv: bytes) -> bytes:
     return candidate
 
 
-def write_check_value_file(data_dir: Path, check_value: bytes) -> None:
+def write_check_value_file(data_dir: Path, check_value: bytes, applied_index: int) -> None:
     """Replace `<data_dir>/root-key-check` durably: write a temp file, fsync, rename, fsync dir."""
-    text = check_value.hex()
-    line = f"vault-root-key-check-v1:{text} crc32:{zlib.crc32(text.encode()):08x}\n"
+    body = f"vault-root-key-check-v1:{check_value.hex()} index:{applied_index}"
+    line = f"{body} crc32:{zlib.crc32(body.encode()):08x}\n"
     final = data_dir / CHECK_VALUE_FILE_NAME
     temp = data_dir / (CHECK_VALUE_FILE_NAME + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -99,19 +102,29 @@ def write_check_value_file(data_dir: Path, check_value: bytes) -> None:
         os.close(dir_fd)
 
 
-def read_check_value_file(data_dir: Path) -> bytes | None:
-    """The recorded check value; None if there is none. A damaged file is an error, not None."""
+def read_check_value_file(data_dir: Path) -> tuple[bytes, int] | None:
+    """The recorded (check value, applied index); None if there is none. Damage is an error."""
     try:
         with open(data_dir / CHECK_VALUE_FILE_NAME, "rb") as handle:
             raw = handle.read(_CHECK_VALUE_FILE_BYTES_MAX + 1)
     except FileNotFoundError:
         return None
     match = _CHECK_LINE.fullmatch(raw.decode("ascii", errors="replace"))
-    if match is None or int(match.group(2), 16) != zlib.crc32(match.group(1).encode()):
+    if match is None or int(match.group(4), 16) != zlib.crc32(match.group(1).encode()):
         raise RootKeyError(
             f"{data_dir / CHECK_VALUE_FILE_NAME} is damaged (format or CRC); it holds only the "
             "public check value: delete it to fall back to the log's and the config's"
         )
-    value = bytes.fromhex(match.group(1))
+    value = bytes.fromhex(match.group(2))
     assert len(value) == KEY_CHECK_VALUE_SIZE_BYTES
-    return value
+    return value, int(match.group(3))
+
+
+def newest_check_value(
+    state_check_value: bytes | None, state_applied_index: int,
+    recorded: tuple[bytes, int] | None,
+) -> bytes | None:
+    """The newer of a replayed state's check value and the recorded one (by applied index)."""
+    if recorded is not None and (state_check_value is None or recorded[1] > state_applied_index):
+        return recorded[0]
+    return state_check_value

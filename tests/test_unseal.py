@@ -371,3 +371,42 @@ def test_rotate_root_under_write_load_keeps_every_version_and_retires_the_old_sh
     finally:
         stop_writing.set()
         cluster.stop_all()
+
+
+def test_rotate_root_on_a_key_file_node_hands_out_a_new_file_and_the_old_one_stops_working(
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(tmp_path / "cluster", 1)
+    node = cluster.nodes[0]
+    key_file = cluster.root / "node1" / "root.key"
+    new_key_file = tmp_path / "new-root.key"
+    env = {"VAULT_TOKEN": cluster.root_token}
+    runner = CliRunner()
+    try:
+        node.start()
+        with cluster.client(0) as client:
+            assert client.post("/v1/secrets/before", json={"value": "v-before"}).status_code == 201
+        refused = runner.invoke(cli_main, ["--addr", node.url, "operator", "rotate-root"], env=env)
+        assert refused.exit_code == 2 and "--key-file-out" in refused.output
+        result = runner.invoke(cli_main, ["--addr", node.url, "operator", "rotate-root",
+                                          "--key-file-out", str(new_key_file)], env=env)
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE(new_key_file.stat().st_mode) == 0o600
+        assert new_key_file.read_text() != key_file.read_text()
+        with cluster.client(0) as client:
+            assert client.post("/v1/secrets/after", json={"value": "v-after"}).status_code == 201
+        node.stop()
+
+        node.start(wait=False)
+        assert node.process is not None
+        assert node.process.wait(timeout=DEADLINE_S) != 0
+        assert "wrong root key" in node.log_text()
+
+        key_file.unlink()
+        shutil.copy2(new_key_file, key_file)
+        node.start()
+        with cluster.client(0) as client:
+            assert client.get("/v1/secrets/before").json()["value"] == "v-before"
+            assert client.get("/v1/secrets/after").json()["value"] == "v-after"
+    finally:
+        cluster.stop_all()

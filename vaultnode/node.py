@@ -25,6 +25,7 @@ from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError
 from storage.errors import StorageError
 from storage.keysource import (
+    newest_check_value,
     read_check_value_file,
     root_key_from_credential,
     write_check_value_file,
@@ -172,12 +173,7 @@ class VaultNode:
         # A replay restores only the latest snapshot (the log is re-applied once consensus runs),
         # so the newest check value this node applied is kept beside the data: without it, shares
         # from before a root-key rotation would unseal the node until it caught up.
-        try:
-            recorded = read_check_value_file(config.data_dir)
-        except RootKeyError as exc:
-            raise StartupError(f"root key: {exc}") from exc
-        if recorded is not None:
-            check_value = recorded
+        check_value = self._newest_check_value(state) or check_value
         unsealed = gate.await_shares(check_value)
         await self._start_server(server, http_ssl)
         self.events.emit("node.sealed", applied_index=state.applied_index, pid=os.getpid())
@@ -223,7 +219,9 @@ class VaultNode:
         freezer = asyncio.get_running_loop().create_task(_freeze_long_lived_objects())
         sealer = Sealer(root_key, state)
         del root_key  # the Sealer holds the only reference, dropped when the node seals
-        if state.initialized and state.key_check_value != sealer.key_check_value:
+        # May be newer than a replayed snapshot after a root-key rotation (_wait_for_shares).
+        expected = self._newest_check_value(state)
+        if expected is not None and expected != sealer.key_check_value:
             raise StartupError(
                 "wrong root key: its check value does not match this vault's "
                 f"({self._key_origin()})"
@@ -324,6 +322,14 @@ class VaultNode:
         )
         return sealed_again and not self._stop.is_set()
 
+    def _newest_check_value(self, state: VaultState) -> bytes | None:
+        try:
+            recorded = read_check_value_file(self.config.data_dir)
+        except RootKeyError as exc:
+            raise StartupError(f"root key: {exc}") from exc
+        in_state = state.key_check_value if state.initialized else None
+        return newest_check_value(in_state, state.applied_index, recorded)
+
     async def _watch_root_key(self, state: VaultState, sealer: Sealer, gate: SealGate) -> None:
         """Record each check value the state names (for the next sealed start), and notice when
         another node rotated the root key: this node's key then opens nothing new, so a node with
@@ -331,14 +337,21 @@ class VaultNode:
         (install the new credential or key file, then start)."""
         data_dir = self.config.data_dir
         try:
-            recorded = read_check_value_file(data_dir)
+            on_file = read_check_value_file(data_dir)
         except RootKeyError:
-            recorded = None  # rewritten below from the state
+            on_file = None  # rewritten below from the state
+        recorded = on_file[0] if on_file is not None else None
+        # Until the state re-applies past the recorded index it may name an older key than the
+        # one this node was started with; only a state at least that new is compared.
+        floor = on_file[1] if on_file is not None else 0
         while True:
+            if state.applied_index < floor:
+                await asyncio.sleep(ROOT_KEY_CHECK_INTERVAL_S)
+                continue
             current = state.key_check_value if state.initialized else None
             if current is not None and current != recorded:
                 try:
-                    write_check_value_file(data_dir, current)
+                    write_check_value_file(data_dir, current, state.applied_index)
                 except OSError as exc:
                     self._fatal(exc)
                     return
