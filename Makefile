@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	# systemd-creds (package systemd) for tests/test_unseal.py's credential test; CI runs as root.
+	@command -v systemd-creds >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || apt-get install -y systemd
 	$(BIN)/ruff check .
 	$(BIN)/mypy consensus storage
 	$(BIN)/pytest
