@@ -93,6 +93,8 @@ def test_three_shamir_nodes_start_sealed_and_unseal_with_any_three_of_five_share
         # Nothing but status while sealed: health says sealed, every other route 503 `sealed`.
         health = httpx.get(node1.url + "/health", timeout=5.0)
         assert health.status_code == 503 and health.json()["sealed"] is True
+        shown = CliRunner().invoke(cli_main, ["--addr", node1.url, "status"])
+        assert shown.exit_code == 1 and " sealed " in shown.output, shown.output
         with cluster.client(0) as client:
             for method, path in (("GET", "/v1/secrets"), ("POST", "/v1/secrets/a"),
                                  ("GET", "/v1/sys/keys"), ("GET", "/metrics")):

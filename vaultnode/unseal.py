@@ -137,6 +137,8 @@ class SealGate:
             return Response.json(503, {
                 "status": "sealed", "sealed": True, "node_id": self._config.node_id,
                 "role": "sealed", "leader_id": None,
+                # `vault status` shows an error response's code: "sealed", not "unknown".
+                "error": {"code": "sealed", "message": "this node is sealed"},
             })
         return error_response(
             503, "sealed",
