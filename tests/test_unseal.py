@@ -412,3 +412,26 @@ def test_rotate_root_on_a_key_file_node_hands_out_a_new_file_and_the_old_one_sto
             assert client.get("/v1/secrets/after").json()["value"] == "v-after"
     finally:
         cluster.stop_all()
+
+
+def test_hvac_reads_the_seal_status_and_unseals_a_node(tmp_path: Path) -> None:
+    """Vault's own client library speaks our seal routes (hvac: sys.read_seal_status and
+    sys.submit_unseal_keys)."""
+    hvac = pytest.importorskip("hvac", reason="hvac is not installed (it is a test dependency)")
+    cluster = make_cluster(tmp_path / "cluster", 1, init_options=SHAMIR)
+    node = cluster.nodes[0]
+    try:
+        node.start(wait=False)
+        wait_sealed(node)
+        client = hvac.Client(url=node.url)
+        status = client.sys.read_seal_status()
+        assert (status["sealed"], status["t"], status["n"], status["type"]) == (
+            True, 3, 5, "shamir"
+        )
+        assert client.sys.is_sealed() is True
+        answer = client.sys.submit_unseal_keys(cluster.key_shares[1:4])
+        assert answer["sealed"] is False
+        wait_until(lambda: node.health() is not None, DEADLINE_S, "the node to serve")
+        assert client.sys.is_sealed() is False
+    finally:
+        cluster.stop_all()
