@@ -543,6 +543,11 @@ def operator_init(
     click.echo(f"initialised {nodes}-node cluster in {result.out_dir}")
     if result.key_shares:
         _hand_out_shares(result.key_shares, threshold_wanted, shares_dir)
+    elif root_key_source == "systemd-credential" and host_list is None:
+        click.echo("root key: nodeN/root-key.cred, encrypted by systemd-creds with this host's key")
+    elif root_key_source == "systemd-credential":
+        click.echo("root key: nodeN/root.key, to pipe into `systemd-creds encrypt` on each VM and"
+                   " delete here (docs/deploy.md, step 3)")
     for path, url in zip(result.config_paths, result.urls, strict=True):
         click.echo(f"  vaultnode --config {path}    # serves {url}")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
