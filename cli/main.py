@@ -681,7 +681,11 @@ def operator_rotate_root(ctx: Context, shares_dir: Path | None, key_file_out: Pa
         fail(f"{key_file_out} exists; refusing to overwrite it", 2)
     reply = run(lambda: client.request("POST", "/v1/sys/rotate-root"))
     body = reply.body
-    click.echo(f"root key rotated: {body['rewrapped_keks']} key-encryption keys re-wrapped")
+    if body.get("outcome_unknown"):
+        click.echo("the rotation's outcome is unknown (the node lost its leader meanwhile): keep"
+                   " the old AND this new key material until one of them unseals a node", err=True)
+    else:
+        click.echo(f"root key rotated: {body['rewrapped_keks']} key-encryption keys re-wrapped")
     if body.get("type") == "shamir":
         _hand_out_shares(body["keys"], body["t"], shares_dir)
     else:

@@ -769,8 +769,11 @@ class VaultApi:
         await self._read_point(call)
         new_root_key = generate_root_key()
         handout = self.root_key_handout(new_root_key)
+        principal = self._authenticate(call)
+        # No Idempotency-Key: a replayed "root_rotated" would come with this attempt's fresh,
+        # never-applied key material. A retry is a new rotation, whose key is then the current.
         command = RotateRoot(
-            self._header(call, self.clock_us(), None),
+            CommandHeader(call.request_id, principal.accessor, self.clock_us(), None),
             old_key_check_value=self.state.key_check_value,
             key_check_value=key_check_value(new_root_key),
             keks_wrapped=self.sealer.wrap_live_keks_under(new_root_key),
@@ -781,12 +784,10 @@ class VaultApi:
         try:
             outcome = await self._submit(command)
         except OutcomeUnknown:
-            self._log_failure(call, "request.failed", 504, "outcome_unknown")
-            return error_response(
-                504, "outcome_unknown",
-                "the rotation may or may not have applied: keep the old and the new key material "
-                "until the new one unseals a node", details={"new_key": handout},
-            )
+            # 202, not 504: a client would retry a 504 and lose this material, which the vault
+            # may already require.
+            self._log(call, "key.root_rotated", 202, "outcome_unknown")
+            return Response.json(202, {"outcome_unknown": True, "rewrapped_keks": None, **handout})
         self.sealer.holds_current_root_key()
         return self._render(
             call, "key.root_rotated", outcome,
