@@ -33,10 +33,11 @@ typecheck: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m simulations --seeds 10000 --jobs 2
 
-# Debian packages tests need: faketime (the nemesis's clock jumps) and gcc (its fsync-stall shim).
+# Debian packages tests need: faketime (clock jumps and offsets), gcc (the nemesis fsync-stall
+# shim) and systemd-creds (tests/test_unseal.py encrypts a root-key credential).
 # CI runs as root and installs them; elsewhere the step only says what is missing, and the
 # nemesis runs without those faults.
-SYSTEM_PACKAGES := faketime:faketime gcc:gcc
+SYSTEM_PACKAGES := faketime:faketime gcc:gcc systemd-creds:systemd
 system-packages:
 	@for pair in $(SYSTEM_PACKAGES); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 && continue; package="$${pair#*:}"; \

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.rootkey import generate_root_key, write_root_key_file
+from storage.crypto_errors import RootKeyError
+from storage.keysource import split_root_key
+from storage.rootkey import (
+    ROOT_KEY_FILE_PREFIX,
+    generate_root_key,
+    key_check_value,
+    write_root_key_file,
+)
 from vaultnode.auth import hash_token, new_accessor, new_token
 from vaultnode.tls import generate_ca, issue_node_cert
 
 TOKEN_FILE_NAME = "root-token"
+CREDENTIAL_NAME = "vault-root-key"  # the name the unit's LoadCredentialEncrypted= uses
+CREDENTIAL_FILE_NAME = "root-key.cred"
 
 
 class InitError(Exception):
@@ -34,13 +45,15 @@ class InitResult:
     root_token: str
     ca_path: Path
     scheme: str  # "https", or "http" for a plaintext development cluster
+    # root_key_source = "shamir": the key shares (hex), to hand out; stored nowhere by init.
+    key_shares: list[str] = field(default_factory=list)
 
     @property
     def urls(self) -> list[str]:
         return [f"{self.scheme}://{address}" for address in self.http_addresses]
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -84,8 +97,22 @@ def init_cluster(
     plaintext_http: bool = False,
     hosts: list[str] | None = None,
     data_dir: str | None = None,
+    root_key_source: str = "file",
+    key_shares: int = 5,
+    key_threshold: int = 3,
 ) -> InitResult:
-    """Write a new cluster's files. `data_dir`, when given, is every node's (absolute) data path."""
+    """Write a new cluster's files. `data_dir`, when given, is every node's (absolute) data path.
+
+    `root_key_source` says how nodes get the root key: "file" (a 0600 key file per node),
+    "systemd-credential" (a credential file per node, encrypted by `systemd-creds` with this
+    host's key) or "shamir" (`key_shares` shares, `key_threshold` of which unseal; no key file).
+    """
+    if root_key_source not in ("file", "systemd-credential", "shamir"):
+        raise InitError(f"unknown root key source {root_key_source!r}")
+    if root_key_source == "shamir" and not 2 <= key_threshold <= key_shares <= 255:
+        raise InitError("need 2 <= --key-threshold <= --key-shares <= 255")
+    if root_key_source == "systemd-credential" and shutil.which("systemd-creds") is None:
+        raise InitError("--root-key-source systemd-credential needs systemd-creds (systemd 250+)")
     if nodes not in (1, 3, 5):
         raise InitError("--nodes must be 1, 3 or 5 (a majority must survive a failure)")
     if data_dir is not None and not Path(data_dir).is_absolute():
@@ -109,16 +136,29 @@ def init_cluster(
         client_api = "# The client API serves HTTPS with the node certificate (clients: ca.pem).\n"
     ca_cert, ca_key = generate_ca(cluster_id)
     (out_dir / "ca.pem").write_bytes(ca_cert)
-    _write_private(out_dir / "ca.key", ca_key.decode())  # only for issuing more certificates
+    write_private(out_dir / "ca.key", ca_key.decode())  # only for issuing more certificates
+    shares: list[str] = []
+    if root_key_source == "shamir":
+        try:
+            shares = [share.hex() for share in split_root_key(root_key, key_shares, key_threshold)]
+        except RootKeyError as exc:
+            raise InitError(str(exc)) from None
     config_paths = []
     for node_id, host, peer_addr, http_addr in addresses:
         node_dir = out_dir / f"node{node_id}"
         node_dir.mkdir()
-        write_root_key_file(node_dir / "root.key", root_key)
+        key_lines = _write_node_key(
+            node_dir, node_id, root_key, root_key_source, encrypt_here=hosts is None
+        )
+        if shares:
+            key_lines += (
+                f"# {key_threshold} of the {key_shares} key shares unseal this node.\n"
+                f"unseal_shares = {key_shares}\nunseal_threshold = {key_threshold}\n"
+            )
         cert, key = issue_node_cert(ca_cert, ca_key, node_id, [host])
         (node_dir / "ca.pem").write_bytes(ca_cert)
         (node_dir / "node.pem").write_bytes(cert)
-        _write_private(node_dir / "node.key", key.decode())
+        write_private(node_dir / "node.key", key.decode())
         node_data_dir = data_dir or f"node{node_id}/data"
         config = (
             f"# vaultnode configuration written by `vault operator init`\n"
@@ -127,7 +167,7 @@ def init_cluster(
             f'data_dir = "{node_data_dir}"\n'
             f'http_listen = "{http_addr}"\n'
             f'peer_listen = "{peer_addr}"\n'
-            f'root_key_file = "node{node_id}/root.key"\n'
+            + key_lines +
             f'tls_ca_file = "node{node_id}/ca.pem"\n'
             f'tls_cert_file = "node{node_id}/node.pem"\n'
             f'tls_key_file = "node{node_id}/node.key"\n'
@@ -139,8 +179,9 @@ def init_cluster(
         path = out_dir / f"node{node_id}.toml"
         path.write_text(config)
         config_paths.append(path)
+    del root_key
     token_path = out_dir / TOKEN_FILE_NAME
-    _write_private(token_path, root_token + "\n")
+    write_private(token_path, root_token + "\n")
     return InitResult(
         out_dir,
         config_paths,
@@ -149,4 +190,63 @@ def init_cluster(
         root_token,
         out_dir / "ca.pem",
         "http" if plaintext_http else "https",
+        shares,
     )
+
+
+def _write_node_key(
+    node_dir: Path, node_id: int, root_key: bytes, source: str, *, encrypt_here: bool
+) -> str:
+    """Give one node the root key as `source` says; return its config lines.
+
+    A credential is encrypted with the key of the machine that will decrypt it. For nodes on
+    this machine that is done here; for other hosts (--hosts) init writes `root.key` for the
+    admin to pipe into `systemd-creds encrypt` on each VM and then delete (docs/deploy.md).
+    """
+    if source == "file" or (source == "systemd-credential" and not encrypt_here):
+        write_root_key_file(node_dir / "root.key", root_key)
+    if source == "file":
+        return f'root_key_file = "node{node_id}/root.key"\n'
+    if source == "systemd-credential":
+        if encrypt_here:
+            encrypt_credential(root_key, node_dir / CREDENTIAL_FILE_NAME)
+        return (
+            'root_key_source = "systemd-credential"\n'
+            f'root_key_credential = "{CREDENTIAL_NAME}"\n'
+        )
+    # Shamir: only the check value, so a node can refuse a wrong share set before the vault
+    # exists; the key itself goes nowhere but into the shares.
+    return (
+        'root_key_source = "shamir"\n'
+        f'root_key_check_value = "{key_check_value(root_key).hex()}"\n'
+    )
+
+
+def encrypt_credential(root_key: bytes, path: Path, with_key: str = "host") -> None:
+    """Write `path`: the root key as a systemd credential, encrypted by `systemd-creds`.
+
+    `--with-key=host` uses /var/lib/systemd/credential.secret (root only), so it works on VMs
+    without a TPM; "auto" would add the TPM2 where one exists, binding the file to that chip.
+    Either way only this machine can decrypt it. The key reaches systemd-creds on a pipe.
+    """
+    contents = f"{ROOT_KEY_FILE_PREFIX}{root_key.hex()}\n".encode("ascii")
+    try:
+        result = subprocess.run(
+            [
+                "systemd-creds", "encrypt", f"--with-key={with_key}",
+                f"--name={CREDENTIAL_NAME}", "-", str(path),
+            ],
+            input=contents,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InitError(f"systemd-creds encrypt failed: {exc}") from None
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise InitError(
+            f"systemd-creds encrypt failed (exit {result.returncode}): "
+            f"{detail[-1] if detail else 'no message'}; it needs root for --with-key={with_key}"
+        )
+    os.chmod(path, 0o600)

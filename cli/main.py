@@ -540,6 +540,23 @@ def operator() -> None:
     is_flag=True,
     help="Serve clients plain HTTP instead of HTTPS: local development only.",
 )
+@click.option(
+    "--root-key-source",
+    type=click.Choice(["file", "systemd-credential", "shamir"]),
+    default=None,
+    help="How nodes get the root key (docs/encryption.md). Default: shamir when --key-shares"
+    " is given, else file (development only).",
+)
+@click.option("--key-shares", type=click.IntRange(2, 255), default=None, help="Shamir shares.")
+@click.option(
+    "--key-threshold", type=click.IntRange(2, 255), default=None, help="Shares that unseal."
+)
+@click.option(
+    "--shares-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Write one 0600 file per share (share-1, ...) here instead of printing them.",
+)
 def operator_init(
     nodes: int,
     out_dir: Path,
@@ -547,9 +564,22 @@ def operator_init(
     hosts: str | None,
     data_dir: str | None,
     plaintext_http: bool,
+    root_key_source: str | None,
+    key_shares: int | None,
+    key_threshold: int | None,
+    shares_dir: Path | None,
 ) -> None:
     """Write configs, keys, certificates and the root token for a new cluster."""
     from cli.cluster_init import InitError, init_cluster
+
+    if root_key_source is None:
+        root_key_source = "shamir" if key_shares is not None else "file"
+    if root_key_source != "shamir" and (key_shares or key_threshold or shares_dir):
+        fail("--key-shares, --key-threshold and --shares-dir need --root-key-source shamir", 2)
+    shares_wanted = key_shares or 5
+    threshold_wanted = key_threshold or min(3, shares_wanted)
+    if shares_dir is not None and shares_dir.exists() and any(shares_dir.iterdir()):
+        fail(f"{shares_dir} is not empty; refusing to overwrite key shares", 2)
 
     host_list = [h.strip() for h in hosts.split(",")] if hosts is not None else None
     try:
@@ -560,11 +590,21 @@ def operator_init(
             plaintext_http=plaintext_http,
             hosts=host_list,
             data_dir=data_dir,
+            root_key_source=root_key_source,
+            key_shares=shares_wanted,
+            key_threshold=threshold_wanted,
         )
     except (InitError, OSError) as exc:
         fail(str(exc), 2 if isinstance(exc, InitError) else 1)
         return
     click.echo(f"initialised {nodes}-node cluster in {result.out_dir}")
+    if result.key_shares:
+        _hand_out_shares(result.key_shares, threshold_wanted, shares_dir)
+    elif root_key_source == "systemd-credential" and host_list is None:
+        click.echo("root key: nodeN/root-key.cred, encrypted by systemd-creds with this host's key")
+    elif root_key_source == "systemd-credential":
+        click.echo("root key: nodeN/root.key, to pipe into `systemd-creds encrypt` on each VM and"
+                   " delete here (docs/deploy.md, step 3)")
     for path, url in zip(result.config_paths, result.urls, strict=True):
         click.echo(f"  vaultnode --config {path}    # serves {url}")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
@@ -573,6 +613,152 @@ def operator_init(
         click.echo(f"  export VAULT_CACERT={result.ca_path}    # clients verify nodes with it")
     else:
         click.echo("clients are served plain HTTP (--plaintext-http): for local development only")
+
+
+def _hand_out_shares(shares: list[str], threshold: int, shares_dir: Path | None) -> None:
+    """Print the shares once, or write one 0600 file per operator; the whole key is kept nowhere."""
+    from cli.cluster_init import write_private
+
+    click.echo(
+        f"the root key is split into {len(shares)} shares; any {threshold} unseal a node"
+        " (vault operator unseal); nothing stores the whole key"
+    )
+    if shares_dir is None:
+        for number, share in enumerate(shares, start=1):
+            click.echo(f"  unseal key share {number}: {share}")
+        click.echo("give each share to a different operator; they are not shown again")
+        return
+    try:
+        shares_dir.mkdir(parents=True, exist_ok=True)
+        for number, share in enumerate(shares, start=1):
+            write_private(shares_dir / f"share-{number}", share + "\n")
+    except OSError as exc:
+        fail(f"cannot write key shares to {shares_dir}: {exc.strerror or exc}")
+    click.echo(f"wrote shares {shares_dir}/share-1 .. share-{len(shares)} (mode 0600),"
+               " one per operator: move each to its operator and delete it here")
+
+
+def _node_clients(ctx: Context) -> list[VaultClient]:
+    """One client per address: unsealing and sealing are per node, never forwarded."""
+    verify: str | bool = ctx.cacert if ctx.cacert else True
+    return [
+        VaultClient([address], ctx.token, deadline_s=ctx.deadline_s, verify=verify)
+        for address in ctx.addresses
+    ]
+
+
+def _read_share(share_file: Path | None) -> str:
+    if share_file is not None:
+        try:
+            return share_file.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read {share_file}: {exc.strerror}")
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    return str(click.prompt("Unseal key share", hide_input=True)).strip()
+
+
+@operator.command(name="unseal")
+@click.option(
+    "--share-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="Read the share from this file (default: standard input, or a hidden prompt).",
+)
+@click.option("--reset", is_flag=True, help="Forget the shares submitted so far.")
+@pass_ctx
+def operator_unseal(ctx: Context, share_file: Path | None, reset: bool) -> None:
+    """Submit one key share to every node in VAULT_ADDR; each node must be unsealed."""
+    body: dict[str, Any] = {"reset": True} if reset else {"key": _read_share(share_file)}
+    failures = 0
+    for client in _node_clients(ctx):
+        address = client.addresses[0]
+        try:
+            reply = client.request("PUT", "/v1/sys/unseal", json_body=body, authenticated=False)
+        except ServerError as exc:
+            failures += 1
+            click.echo(f"{address}: {exc.code}: {exc.message}", err=True)
+            continue
+        except ClientError as exc:
+            failures += 1
+            click.echo(f"{address}: {exc}", err=True)
+            continue
+        finally:
+            client.close()
+        status = reply.body
+        if status.get("sealed"):
+            click.echo(f"{address}: sealed, {status['progress']}/{status['t']} shares")
+        else:
+            click.echo(f"{address}: unsealed")
+    if failures:
+        sys.exit(1)
+
+
+@operator.command(name="seal")
+@pass_ctx
+def operator_seal(ctx: Context) -> None:
+    """Seal every node in VAULT_ADDR: each drops its keys until unsealed again (root token)."""
+    if not ctx.token:
+        raise click.UsageError("no token: set VAULT_TOKEN or pass --token")
+    failures = 0
+    for client in _node_clients(ctx):
+        try:
+            client.request("PUT", "/v1/sys/seal")
+            click.echo(f"{client.addresses[0]}: sealed")
+        except (ServerError, ClientError) as exc:
+            failures += 1
+            message = f"{exc.code}: {exc.message}" if isinstance(exc, ServerError) else str(exc)
+            click.echo(f"{client.addresses[0]}: {message}", err=True)
+        finally:
+            client.close()
+    if failures:
+        sys.exit(1)
+
+
+@operator.command(name="rotate-root")
+@click.option(
+    "--shares-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Shamir nodes: write the new shares here (share-1, ..., 0600) instead of printing them.",
+)
+@click.option(
+    "--key-file-out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="File or credential nodes: write the new root key to this new 0600 file, for"
+    " `systemd-creds encrypt` on each node (docs/deploy.md) or as a development key file.",
+)
+@pass_ctx
+def operator_rotate_root(ctx: Context, shares_dir: Path | None, key_file_out: Path | None) -> None:
+    """Re-wrap every key-encryption key under a new root key; the old key material stops working."""
+    client = ctx.client
+    status = run(lambda: client.request("GET", "/v1/sys/seal-status", authenticated=False)).body
+    if status.get("type") == "shamir":
+        if shares_dir is not None and shares_dir.exists() and any(shares_dir.iterdir()):
+            fail(f"{shares_dir} is not empty; refusing to overwrite key shares", 2)
+    elif key_file_out is None:
+        raise click.UsageError("the nodes read the root key from a file or credential: give"
+                               " --key-file-out PATH for the new key")
+    elif key_file_out.exists():
+        fail(f"{key_file_out} exists; refusing to overwrite it", 2)
+    reply = run(lambda: client.request("POST", "/v1/sys/rotate-root"))
+    body = reply.body
+    if body.get("outcome_unknown"):
+        click.echo("the rotation's outcome is unknown (the node lost its leader meanwhile): keep"
+                   " the old AND this new key material until one of them unseals a node", err=True)
+    else:
+        click.echo(f"root key rotated: {body['rewrapped_keks']} key-encryption keys re-wrapped")
+    if body.get("type") == "shamir":
+        _hand_out_shares(body["keys"], body["t"], shares_dir)
+    else:
+        from storage.crypto_errors import RootKeyError
+        from storage.rootkey import ROOT_KEY_FILE_PREFIX, write_root_key_file
+
+        assert key_file_out is not None
+        new_key = bytes.fromhex(body["root_key"].removeprefix(ROOT_KEY_FILE_PREFIX))
+        try:
+            write_root_key_file(key_file_out, new_key)
+        except RootKeyError as exc:
+            fail(f"the root key WAS rotated but the new key could not be saved: {exc}")
+        click.echo(f"new root key written to {key_file_out} (mode 0600): install it on every"
+                   " node (docs/deploy.md), then delete it here")
+    click.echo("nodes other than the one that answered seal (shares) or stop (file, credential)"
+               " until given the new key material")
 
 
 @operator.command(name="rotate")

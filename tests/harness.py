@@ -154,6 +154,7 @@ class Cluster:
     root: Path
     root_token: str
     nodes: list[Node] = field(default_factory=list)
+    key_shares: list[str] = field(default_factory=list)  # root_key_source = "shamir" only
 
     def client(self, node: int = 0, token: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -303,12 +304,13 @@ def make_cluster(
     proxy: LinkProxy | None = None,
     tls: bool = False,
     env: dict[int, dict[str, str]] | None = None,
+    init_options: dict[str, Any] | None = None,
 ) -> Cluster:
     """`env`: environment variables added per node id (e.g. test-only fault hooks)."""
     base = free_port_block(2 * nodes)
     # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
-    result = init_cluster(root, nodes, base, plaintext_http=not tls)
-    cluster = Cluster(root, result.root_token)
+    result = init_cluster(root, nodes, base, plaintext_http=not tls, **(init_options or {}))
+    cluster = Cluster(root, result.root_token, key_shares=result.key_shares)
     for i, (config, http) in enumerate(
         zip(result.config_paths, result.http_addresses, strict=True)
     ):

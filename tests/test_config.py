@@ -266,3 +266,52 @@ def test_an_unknown_top_level_key_is_refused_by_name(tmp_path: Path) -> None:
     data["http_plaintxt"] = True
     with pytest.raises(ConfigError, match=r"^http_plaintxt: unknown key$"):
         parse_config(data, tmp_path)
+
+
+# ---- root key sources (issue 17) ----------------------------------------------------------
+
+SHAMIR_KEYS = {
+    "root_key_file": None,
+    "root_key_source": "shamir",
+    "root_key_check_value": "00" * 16,
+    "unseal_shares": 5,
+    "unseal_threshold": 3,
+}
+
+
+def test_a_shamir_config_needs_no_key_file_and_carries_its_threshold() -> None:
+    config = parse_config(valid_data(**SHAMIR_KEYS), BASE_DIR)
+    assert config.root_key_source == "shamir" and config.root_key_file is None
+    assert (config.unseal_threshold, config.unseal_shares) == (3, 5)
+    assert config.root_key_check_value == bytes(16)
+    assert config.unseal_progress_timeout_s == 600
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"root_key_source": "tpm"}, "root_key_source"),
+        ({**SHAMIR_KEYS, "unseal_threshold": 6}, "unseal_threshold"),
+        ({**SHAMIR_KEYS, "unseal_threshold": 1}, "unseal_threshold"),
+        ({**SHAMIR_KEYS, "root_key_check_value": "zz" * 16}, "root_key_check_value"),
+        ({**SHAMIR_KEYS, "root_key_check_value": None}, "root_key_check_value"),
+        ({**SHAMIR_KEYS, "root_key_file": "node1/root.key"}, "root_key_file"),
+        ({"root_key_file": None}, "root_key_file"),
+        (
+            {"root_key_file": None, "root_key_source": "systemd-credential",
+             "root_key_credential": "../etc/key"},
+            "root_key_credential",
+        ),
+    ],
+)
+def test_a_wrong_root_key_source_setting_is_named(overrides: dict[str, Any], named: str) -> None:
+    assert config_error(valid_data(**overrides)).startswith(named)
+
+
+def test_a_credential_config_names_its_credential() -> None:
+    config = parse_config(
+        valid_data(root_key_file=None, root_key_source="systemd-credential"), BASE_DIR
+    )
+    assert (config.root_key_source, config.root_key_credential) == (
+        "systemd-credential", "vault-root-key"
+    )

@@ -106,8 +106,11 @@ def test_health_needs_no_token_and_has_the_documented_shape(vault: Cluster) -> N
     response = httpx.get(vault.nodes[0].url + "/health")
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"status", "node_id", "role", "leader_id", "commit_index", "applied_index"}
+    assert set(body) == {
+        "status", "node_id", "role", "leader_id", "commit_index", "applied_index", "sealed"
+    }
     assert body["status"] == "ok" and body["node_id"] == 1 and body["leader_id"] == 1
+    assert body["sealed"] is False
     assert body["applied_index"] >= 1  # the bootstrap entry
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage.crypto_errors import CryptoError
+from storage.rootkey import generate_root_key, key_check_value
 from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.auth import (
     AuthError,
@@ -37,6 +38,7 @@ from vaultnode.commands import (
     RevokeToken,
     RewrapVersions,
     RotateKek,
+    RotateRoot,
     UpdateSecret,
 )
 from vaultnode.config import Limits
@@ -81,6 +83,7 @@ OUTCOME_STATUS: dict[str, int] = {
     "metadata_written": 200,
     "secret_deleted": 200,
     "cas_required": 400,
+    "root_rotated": 200,
     "already_exists": 409,
     "version_conflict": 409,
     "key_in_use": 409,
@@ -136,7 +139,7 @@ class Call:
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
-_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health")
+_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health", "/v1/sys/seal")
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
 STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
@@ -170,6 +173,8 @@ class VaultApi:
         metrics: NodeMetrics | None = None,
         kv_v2_mount: str = DEFAULT_KV_V2_MOUNT,
         cluster_id: str = "",
+        on_seal: Callable[[], None] | None = None,
+        root_key_handout: Callable[[bytes], dict[str, Any]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -180,6 +185,8 @@ class VaultApi:
         self.clock_us = clock_us
         self.audit = audit
         self.metrics = metrics
+        self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
+        self.root_key_handout = root_key_handout
         # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
         self._routes: list[tuple[str, str, bool, Route]] = [
             ("GET", "/health", True, self._health),
@@ -201,6 +208,9 @@ class VaultApi:
             *DeletionRoutes(self).routes(),
             *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
+            ("POST", "/v1/sys/rotate-root", True, self._rotate_root),
+            ("PUT", "/v1/sys/seal", True, self._seal),
+            ("POST", "/v1/sys/seal", True, self._seal),
         ]
         self._vault_paths = vault_paths(kv_v2_mount)
 
@@ -487,6 +497,7 @@ class VaultApi:
             "leader_id": status.leader_id,
             "commit_index": status.commit_index,
             "applied_index": status.applied_index,
+            "sealed": False,
         }
         if isinstance(self.replicator, PaxosReplicator):
             clock = self.replicator.clock_status
@@ -850,6 +861,55 @@ class VaultApi:
         )
         outcome = await self._submit(command)
         return self._render(call, "key.rotated", outcome, lambda d: {"kek_id": d["kek_id"]})
+
+    async def _rotate_root(self, call: Call, _: str) -> Response:
+        """A new root key: every live KEK re-wrapped under it in one command (docs/encryption.md).
+
+        The answer carries the new key material once (shares, or the key for a credential);
+        nothing else keeps it. Other nodes seal or stop until they are given it.
+        """
+        self._authenticate(call).require_root()
+        if self.root_key_handout is None:
+            raise ApiError(404, "not_found", "root key rotation is not enabled on this node")
+        await self._read_point(call)
+        new_root_key = generate_root_key()
+        handout = self.root_key_handout(new_root_key)
+        principal = self._authenticate(call)
+        # No Idempotency-Key: a replayed "root_rotated" would come with this attempt's fresh,
+        # never-applied key material. A retry is a new rotation, whose key is then the current.
+        command = RotateRoot(
+            CommandHeader(call.request_id, principal.accessor, self.clock_us(), None),
+            old_key_check_value=self.state.key_check_value,
+            key_check_value=key_check_value(new_root_key),
+            keks_wrapped=self.sealer.wrap_live_keks_under(new_root_key),
+        )
+        # Adopted when the state names it, even if this answer is lost (OutcomeUnknown).
+        self.sealer.expect_root_key(new_root_key)
+        del new_root_key
+        try:
+            outcome = await self._submit(command)
+        except OutcomeUnknown:
+            # 202, not 504: a client would retry a 504 and lose this material, which the vault
+            # may already require.
+            self._log(call, "key.root_rotated", 202, "outcome_unknown")
+            return Response.json(202, {"outcome_unknown": True, "rewrapped_keks": None, **handout})
+        self.sealer.holds_current_root_key()
+        return self._render(
+            call, "key.root_rotated", outcome,
+            lambda d: {"rewrapped_keks": d["keks"], **handout},
+        )
+
+    async def _seal(self, call: Call, _: str) -> Response:
+        self._authenticate(call).require_root()
+        if self.on_seal is None:
+            raise ApiError(
+                400, "seal_unsupported",
+                "this node's root key comes from a file or credential and would unseal at the "
+                "next start; stop the node instead",
+            )
+        self.on_seal()
+        call.outcome = "ok"
+        return Response(204)
 
     async def _rewrap(self, call: Call, _: str) -> Response:
         """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""

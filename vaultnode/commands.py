@@ -113,6 +113,20 @@ class RewrapVersions(Command):
 
 
 @dataclass(frozen=True)
+class RotateRoot(Command):
+    """A new root key, generated on the proposer: every live KEK re-wrapped under it.
+
+    Carries only wrapped KEKs and check values, never the key. Applies only if the vault's check
+    value is still `old_key_check_value` and `keks_wrapped` covers exactly the live KEKs.
+    """
+
+    TAG: ClassVar[str] = "root_rotate"
+    old_key_check_value: bytes = b""
+    key_check_value: bytes = b""
+    keks_wrapped: list[dict[str, Any]] = field(default_factory=list)  # [{"kek_id","wrapped"}]
+
+
+@dataclass(frozen=True)
 class RetireKek(Command):
     TAG: ClassVar[str] = "kek_retire"
     kek_id: int = 0
@@ -194,6 +208,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         DestroyVersions,
         WriteMetadata,
         DeleteSecret,
+        RotateRoot,
     )
 }
 

@@ -76,7 +76,7 @@ class NodeConfig:
     data_dir: Path
     http_listen: Address
     peer_listen: Address
-    root_key_file: Path
+    root_key_file: Path | None  # only with root_key_source = "file"
     root_token_sha256: bytes
     root_accessor: str
     peers: tuple[PeerConfig, ...] = ()
@@ -94,6 +94,13 @@ class NodeConfig:
     http_tls_key_file: Path | None = None
     # The path of the KV v2 API (docs/api.md): /v1/<kv_v2_mount>/data/..., one path segment.
     kv_v2_mount: str = "secret"
+    # Where the root key comes from (storage/keysource.py, docs/encryption.md).
+    root_key_source: str = "file"
+    root_key_credential: str = "vault-root-key"  # systemd-credential: the credential's name
+    root_key_check_value: bytes | None = None  # shamir: checks shares before the vault exists
+    unseal_threshold: int = 0  # shamir: shares needed
+    unseal_shares: int = 0  # shamir: shares handed out
+    unseal_progress_timeout_s: int = 600  # shamir: submitted shares are forgotten after this
 
     @property
     def http_scheme(self) -> str:
@@ -129,6 +136,18 @@ def _require(table: dict[str, Any], key: str, kind: type, where: str = "") -> An
     return value
 
 
+def _hex_bytes(data: dict[str, Any], key: str, size: int, what: str = "") -> bytes:
+    text = _require(data, key, str)
+    try:
+        # fromhex skips whitespace, so the length check is on the text, not only the bytes.
+        value = bytes.fromhex(text) if len(text) == 2 * size else b""
+    except ValueError:
+        value = b""
+    if len(value) != size:
+        raise ConfigError(f"{key}: expected {2 * size} hex digits{what}")
+    return value
+
+
 def _positive_int(table: dict[str, Any], key: str, default: int, where: str) -> int:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -159,7 +178,8 @@ KNOWN_KEYS = frozenset({
     "node_id", "cluster_id", "data_dir", "http_listen", "peer_listen", "root_key_file",
     "root_token_sha256", "root_accessor", "peers", "limits", "log_level", "audit_file",
     "tls_ca_file", "tls_cert_file", "tls_key_file", "http_plaintext", "http_tls_cert_file",
-    "http_tls_key_file", "kv_v2_mount",
+    "http_tls_key_file", "kv_v2_mount", "root_key_source", "root_key_credential",
+    "root_key_check_value", "unseal_threshold", "unseal_shares", "unseal_progress_timeout_s",
 })
 
 
@@ -171,14 +191,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
     node_id = _require(data, "node_id", int)
     if node_id <= 0:
         raise ConfigError(f"node_id: expected a positive integer, got {node_id}")
-    token_hex = _require(data, "root_token_sha256", str)
-    try:
-        # fromhex skips whitespace, so the length check is on the text, not only the bytes.
-        token_hash = bytes.fromhex(token_hex) if len(token_hex) == 64 else b""
-    except ValueError:
-        token_hash = b""
-    if len(token_hash) != 32:
-        raise ConfigError("root_token_sha256: expected 64 hex digits (a SHA-256)")
+    token_hash = _hex_bytes(data, "root_token_sha256", 32, " (a SHA-256)")
     raw_peers = data.get("peers", [])
     if not isinstance(raw_peers, list):
         raise ConfigError("peers: expected an array of tables ([[peers]])")
@@ -218,7 +231,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         data_dir=path_of("data_dir"),
         http_listen=parse_address("http_listen", _require(data, "http_listen", str)),
         peer_listen=parse_address("peer_listen", data.get("peer_listen", "127.0.0.1:1")),
-        root_key_file=path_of("root_key_file"),
+        root_key_file=path_of("root_key_file") if "root_key_file" in data else None,
         root_token_sha256=token_hash,
         root_accessor=_require(data, "root_accessor", str),
         peers=tuple(peers),
@@ -228,6 +241,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         **_tls_paths(data, path_of, len(peers) > 1),
         **_http_tls(data, path_of),
         kv_v2_mount=_kv_v2_mount(data),
+        **_root_key_source(data),
     )
 
 
@@ -245,6 +259,40 @@ def _kv_v2_mount(data: dict[str, Any]) -> str:
             f"not one of {', '.join(sorted(_RESERVED_MOUNTS))}"
         )
     return mount
+
+
+
+
+ROOT_KEY_SOURCES = ("file", "systemd-credential", "shamir")
+
+
+def _root_key_source(data: dict[str, Any]) -> dict[str, Any]:
+    source = data.get("root_key_source", "file")
+    if source not in ROOT_KEY_SOURCES:
+        raise ConfigError(f"root_key_source: expected one of {', '.join(ROOT_KEY_SOURCES)}")
+    chosen: dict[str, Any] = {"root_key_source": source}
+    if source == "file":
+        _require(data, "root_key_file", str)
+    elif "root_key_file" in data:
+        raise ConfigError(f"root_key_file: not used with root_key_source = {source!r}; remove it")
+    if source == "systemd-credential" and "root_key_credential" in data:
+        name = _require(data, "root_key_credential", str)
+        if "/" in name or name in (".", ".."):
+            raise ConfigError("root_key_credential: a credential name, not a path")
+        chosen["root_key_credential"] = name
+    if source == "shamir":
+        chosen["root_key_check_value"] = _hex_bytes(data, "root_key_check_value", 16)
+        shares = _positive_int(data, "unseal_shares", 0, "")
+        threshold = _positive_int(data, "unseal_threshold", 0, "")
+        if not 2 <= threshold <= shares <= 255:
+            raise ConfigError(
+                "unseal_threshold: need 2 <= unseal_threshold <= unseal_shares <= 255"
+            )
+        chosen.update(unseal_shares=shares, unseal_threshold=threshold)
+        chosen["unseal_progress_timeout_s"] = _positive_int(
+            data, "unseal_progress_timeout_s", 600, ""
+        )
+    return chosen
 
 
 def _tls_paths(data: dict[str, Any], path_of: Any, clustered: bool) -> dict[str, Any]:

@@ -29,6 +29,9 @@ EVENTS = frozenset(
     {
         "node.started",
         "node.stopped",
+        "node.sealed",
+        "node.unsealed",
+        "key.root_rotated",
         "node.fatal",
         "log.repaired",
         "audit.repaired",

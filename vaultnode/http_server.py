@@ -650,6 +650,10 @@ class HttpServer:
         self.in_flight = 0
         self.closing = False
         self._sweeper: asyncio.Task[None] | None = None
+
+    def observe_connections_with(self, observer: ConnectionObserver) -> None:
+        """The node's metrics exist only once it is unsealed; the listener may start before."""
+        self._observer = observer
         limits = self.limits
         self.phase_timeouts_s = {
             "idle": limits.http_idle_timeout_ms / 1000,

@@ -1,8 +1,10 @@
 """Wiring: one vault node on one event loop — storage, state machine, replicator and HTTP edge.
 
-Owns the start-up order (config is already valid; lock the data directory, load the root key,
-open and repair the log, replay, check the root key against the vault, bootstrap a new vault,
-serve) and the shutdown order (stop accepting, finish in-flight requests, flush, close).
+Owns the start-up order (config is already valid; lock the data directory, load the root key
+or, for key shares, replay and serve only seal status until shares arrive; open and repair the
+log, replay, check the root key against the vault, bootstrap a new vault, serve), the shutdown
+order (stop accepting, finish in-flight requests, flush, close) and sealing a running node
+(stop consensus, drop keys and state, wait for shares again).
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError
 from storage.errors import StorageError
+from storage.keysource import (
+    newest_check_value,
+    read_check_value_file,
+    root_key_from_credential,
+    write_check_value_file,
+)
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
 from vaultnode.audit import AuditError, AuditTrail, derive_chain_key
@@ -35,8 +43,11 @@ from vaultnode.replication import LocalReplicator, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
+from vaultnode.unseal import SealGate, root_key_handout
 
 GC_FREEZE_INTERVAL_S = 10.0
+# How soon a node notices that another rotated the root key (a comparison of two 16-byte values).
+ROOT_KEY_CHECK_INTERVAL_S = 0.2
 
 
 async def _freeze_long_lived_objects() -> None:
@@ -96,15 +107,96 @@ class VaultNode:
         self.events = events or EventLog(config.node_id)
         self._stop = asyncio.Event()
         self._exit_code = 0
+        self._serving_http = False
 
     async def run(self) -> int:
         config = self.config
         http_ssl = self._http_tls_context()  # a certificate problem is reported before any file
         lock = lock_data_dir(config.data_dir)
+        root_key = self._load_root_key()  # None: the node starts sealed and waits for shares
+        gate = SealGate(config)
+        server = HttpServer(gate.handle, limits=config.limits)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        # Each pass serves until stopped (False) or sealed by an operator (True); a sealed node
+        # drops its keys and state and rebuilds both from the log once shares arrive again.
+        while await self._serve(root_key, gate, server, http_ssl):
+            root_key = None
+        lock.close()
+        return self._exit_code
+
+    def _load_root_key(self) -> bytes | None:
+        config = self.config
         try:
-            root_key = load_root_key_file(config.root_key_file)
+            if config.root_key_source == "shamir":
+                return None
+            if config.root_key_source == "systemd-credential":
+                return root_key_from_credential(config.root_key_credential, os.environ)
+            assert config.root_key_file is not None
+            return load_root_key_file(config.root_key_file)
         except RootKeyError as exc:
             raise StartupError(f"root key: {exc}") from exc
+
+    def _key_origin(self) -> str:
+        config = self.config
+        if config.root_key_source == "file":
+            return f"key file {config.root_key_file}"
+        if config.root_key_source == "systemd-credential":
+            return f"systemd credential {config.root_key_credential}"
+        return "key shares"
+
+    async def _start_server(self, server: HttpServer, http_ssl: ssl.SSLContext | None) -> None:
+        if self._serving_http:
+            return
+        config = self.config
+        try:
+            await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
+        except OSError as exc:
+            raise StartupError(f"http_listen {config.http_listen}: {exc.strerror or exc}") from exc
+        self._serving_http = True
+
+    async def _wait_for_shares(
+        self, state: VaultState, gate: SealGate, server: HttpServer,
+        http_ssl: ssl.SSLContext | None,
+    ) -> bytes | None:
+        """Serve only seal status until shares rebuild the root key; None if stopped first.
+
+        No peer transport exists meanwhile: a sealed node takes no part in elections or slots.
+        """
+        config = self.config
+        assert config.root_key_check_value is not None
+        # The replicated check value wins: after a root-key rotation the config's is stale.
+        check_value = (
+            state.key_check_value if state.initialized else config.root_key_check_value
+        )
+        # A replay restores only the latest snapshot (the log is re-applied once consensus runs),
+        # so the newest check value this node applied is kept beside the data: without it, shares
+        # from before a root-key rotation would unseal the node until it caught up.
+        check_value = self._newest_check_value(state) or check_value
+        unsealed = gate.await_shares(check_value)
+        await self._start_server(server, http_ssl)
+        self.events.emit("node.sealed", applied_index=state.applied_index, pid=os.getpid())
+        sd_notify("READY=1\nSTATUS=sealed: waiting for key shares (vault operator unseal)")
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        waiters: set[asyncio.Future[Any]] = {unsealed, stopping}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not unsealed.done():
+            unsealed.cancel()
+            return None
+        self.events.emit("node.unsealed")
+        return unsealed.result()
+
+    async def _serve(
+        self,
+        root_key: bytes | None,
+        gate: SealGate,
+        server: HttpServer,
+        http_ssl: ssl.SSLContext | None,
+    ) -> bool:
+        """Serve until stopped (False) or sealed by an operator (True)."""
+        config = self.config
         limits = StateLimits(
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
@@ -118,18 +210,29 @@ class VaultNode:
             raise StartupError(f"the log cannot be opened: {exc}") from exc
         gc.collect()
         gc.freeze()
+        if root_key is None:
+            root_key = await self._wait_for_shares(state, gate, server, http_ssl)
+            if root_key is None:
+                sd_notify("STOPPING=1")
+                await server.stop(config.limits.shutdown_deadline_s)
+                await replicator.stop()
+                return False
         freezer = asyncio.get_running_loop().create_task(_freeze_long_lived_objects())
         sealer = Sealer(root_key, state)
-        if state.initialized and state.key_check_value != sealer.key_check_value:
+        audit_chain_key = derive_chain_key(root_key)
+        del root_key  # the Sealer holds the only reference, dropped when the node seals
+        # May be newer than a replayed snapshot after a root-key rotation (_wait_for_shares).
+        expected = self._newest_check_value(state)
+        if expected is not None and expected != sealer.key_check_value:
             raise StartupError(
                 "wrong root key: its check value does not match this vault's "
-                f"(key file {config.root_key_file})"
+                f"({self._key_origin()})"
             )
         try:
             audit = AuditTrail.open(
                 config.audit_path,
                 config.node_id,
-                derive_chain_key(root_key),
+                audit_chain_key,
                 config.limits.audit_rotate_bytes,
             )
         except AuditError as exc:
@@ -185,16 +288,13 @@ class VaultNode:
             cluster_id=config.cluster_id,
             **({"clock_us": replicator.clock_us} if isinstance(replicator, PaxosReplicator)
                else {}),
+            on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
+            root_key_handout=lambda new_key: root_key_handout(config, new_key),
         )
         audit.start()
-        server = HttpServer(api.handle, limits=config.limits, observer=metrics)
-        try:
-            await server.start(config.http_listen.host, config.http_listen.port, ssl=http_ssl)
-        except OSError as exc:
-            raise StartupError(f"http_listen {config.http_listen}: {exc.strerror or exc}") from exc
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop.set)
+        server.observe_connections_with(metrics)
+        gate.open(api.handle)
+        await self._start_server(server, http_ssl)
         self.events.emit(
             "node.started",
             http=str(config.http_listen),
@@ -204,10 +304,23 @@ class VaultNode:
             scheme=config.http_scheme,
         )
         sd_notify("READY=1\nSTATUS=serving " + f"{config.http_scheme}://{config.http_listen}")
-        await self._stop.wait()
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch_root_key(state, sealer, gate)
+        )
+        stopping = asyncio.ensure_future(self._stop.wait())
+        sealing = asyncio.ensure_future(gate.seal_requested.wait())
+        await asyncio.wait({stopping, sealing}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        sealing.cancel()
+        sealed_again = not self._stop.is_set()
         freezer.cancel()
-        sd_notify("STOPPING=1")
-        await server.stop(config.limits.shutdown_deadline_s)
+        watcher.cancel()
+        if sealed_again:
+            gate.close()  # already answering 503 `sealed`; in-flight requests fail as unavailable
+            sd_notify("STATUS=sealing")
+        else:
+            sd_notify("STOPPING=1")
+            await server.stop(config.limits.shutdown_deadline_s)
         if isinstance(replicator, PaxosReplicator):
             bootstrap.cancel()
             assert replicator.transport is not None
@@ -223,9 +336,55 @@ class VaultNode:
             applied_index=state.applied_index,
             exit_code=self._exit_code,
             audit_head=audit.head,
+            sealed=sealed_again,
         )
-        lock.close()
-        return self._exit_code
+        return sealed_again and not self._stop.is_set()
+
+    def _newest_check_value(self, state: VaultState) -> bytes | None:
+        try:
+            recorded = read_check_value_file(self.config.data_dir)
+        except RootKeyError as exc:
+            raise StartupError(f"root key: {exc}") from exc
+        in_state = state.key_check_value if state.initialized else None
+        return newest_check_value(in_state, state.applied_index, recorded)
+
+    async def _watch_root_key(self, state: VaultState, sealer: Sealer, gate: SealGate) -> None:
+        """Record each check value the state names (for the next sealed start), and notice when
+        another node rotated the root key: this node's key then opens nothing new, so a node with
+        shares seals (operators unseal it with the new shares) and others stop with the reason
+        (install the new credential or key file, then start)."""
+        data_dir = self.config.data_dir
+        try:
+            on_file = read_check_value_file(data_dir)
+        except RootKeyError:
+            on_file = None  # rewritten below from the state
+        recorded = on_file[0] if on_file is not None else None
+        # Until the state re-applies past the recorded index it may name an older key than the
+        # one this node was started with; only a state at least that new is compared.
+        floor = on_file[1] if on_file is not None else 0
+        while True:
+            if state.applied_index < floor:
+                await asyncio.sleep(ROOT_KEY_CHECK_INTERVAL_S)
+                continue
+            current = state.key_check_value if state.initialized else None
+            if current is not None and current != recorded:
+                try:
+                    write_check_value_file(data_dir, current, state.applied_index)
+                except OSError as exc:
+                    self._fatal(exc)
+                    return
+                recorded = current
+            if not sealer.holds_current_root_key():
+                break
+            await asyncio.sleep(ROOT_KEY_CHECK_INTERVAL_S)
+        if self.config.root_key_source == "shamir":
+            self.events.emit("node.sealed", reason="root key rotated by another node")
+            gate.request_seal()
+        else:
+            self._fatal(StartupError(
+                f"the root key was rotated; this node's {self._key_origin()} holds the old one: "
+                "install the new one and start again"
+            ))
 
     def _make_replicator(self, state: VaultState) -> LocalReplicator | PaxosReplicator:
         config = self.config
@@ -324,7 +483,7 @@ class VaultNode:
         if state.key_check_value != sealer.key_check_value:
             self._fatal(StartupError(
                 "wrong root key: its check value does not match this vault's "
-                f"(key file {self.config.root_key_file})"
+                f"({self._key_origin()})"
             ))
 
     async def _bootstrap(

@@ -17,15 +17,50 @@ from storage.envelope import SealedValue, new_record_id, open_sealed, rewrap, se
 from vaultnode.state import VaultState
 
 
+def _fingerprint_key(root_key: bytes) -> bytes:
+    return hmac.new(root_key, b"vault idempotency fingerprint v1", hashlib.sha256).digest()
+
+
 class Sealer:
     def __init__(self, root_key: bytes, state: VaultState) -> None:
         self._root_key = root_key
         self._state = state
         self._keks: dict[int, bytes] = {}
         self.key_check_value = rootkey.key_check_value(root_key)
-        self._fingerprint_key = hmac.new(
-            root_key, b"vault idempotency fingerprint v1", hashlib.sha256
-        ).digest()
+        self._fingerprint_key = _fingerprint_key(root_key)
+        # A root key this node proposed (rotate-root) and adopts once the state names it.
+        self._pending_root_key: bytes | None = None
+
+    def wrap_live_keks_under(self, new_root_key: bytes) -> list[dict[str, Any]]:
+        """Every live KEK wrapped under `new_root_key`, for a RotateRoot command."""
+        return [
+            {"kek_id": kek_id, "wrapped": keyring.wrap_kek(new_root_key, kek_id, self.kek(kek_id))}
+            for kek_id, record in sorted(self._state.keks.items())
+            if not record.retired
+        ]
+
+    def expect_root_key(self, new_root_key: bytes) -> None:
+        self._pending_root_key = new_root_key
+
+    def holds_current_root_key(self) -> bool:
+        """Whether this node's root key is the one the state names, adopting a pending one.
+
+        False after another node rotated the root key: this node's key no longer unwraps the
+        state's KEKs (its cached KEKs still do, until it seals or stops).
+        """
+        current = self._state.key_check_value
+        if not self._state.initialized or current == self.key_check_value:
+            return True
+        pending = self._pending_root_key
+        if pending is not None and rootkey.key_check_value(pending) == current:
+            self._root_key = pending
+            self.key_check_value = current
+            # Keyed by the new root key like every node unsealed with it: an idempotent retry
+            # that spans the rotation is answered as a reused key (docs/encryption.md).
+            self._fingerprint_key = _fingerprint_key(pending)
+            self._pending_root_key = None
+            return True
+        return False
 
     def kek(self, kek_id: int) -> bytes:
         cached = self._keks.get(kek_id)

@@ -30,6 +30,7 @@ from vaultnode.commands import (
     RevokeToken,
     RewrapVersions,
     RotateKek,
+    RotateRoot,
     UndeleteVersions,
     UpdateSecret,
     WriteMetadata,
@@ -79,6 +80,7 @@ SUCCESS_CODES = frozenset(
         "versions_destroyed",
         "metadata_written",
         "secret_deleted",
+        "root_rotated",
     }
 )
 
@@ -360,6 +362,8 @@ class VaultState:
             return self._write_metadata(now_us, command)
         if isinstance(command, DeleteSecret):
             return self._delete_secret(command)
+        if isinstance(command, RotateRoot):
+            return self._rotate_root(command)
         raise AssertionError(f"unhandled command type {type(command).__name__}")
 
     def _init(self, now_us: int, command: InitVault) -> Outcome:
@@ -526,6 +530,18 @@ class VaultState:
             version.sealed = sealed
             changed += 1
         return Outcome("rewrapped", data={"rewrapped": changed})
+
+    def _rotate_root(self, command: RotateRoot) -> Outcome:
+        if command.old_key_check_value != self.key_check_value:
+            return Outcome("retry", message="the root key was rotated meanwhile")
+        live = {kek_id for kek_id, kek in self.keks.items() if not kek.retired}
+        given = [item["kek_id"] for item in command.keks_wrapped]
+        if sorted(given) != sorted(live):
+            return Outcome("retry", message="the set of keys changed meanwhile; run it again")
+        for item in command.keks_wrapped:
+            self.keks[item["kek_id"]].wrapped = item["wrapped"]
+        self.key_check_value = command.key_check_value
+        return Outcome("root_rotated", data={"keks": len(given)})
 
     def _retire(self, command: RetireKek) -> Outcome:
         kek = self.keks.get(command.kek_id)
