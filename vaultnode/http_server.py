@@ -650,10 +650,6 @@ class HttpServer:
         self.in_flight = 0
         self.closing = False
         self._sweeper: asyncio.Task[None] | None = None
-
-    def observe_connections_with(self, observer: ConnectionObserver) -> None:
-        """The node's metrics exist only once it is unsealed; the listener may start before."""
-        self._observer = observer
         limits = self.limits
         self.phase_timeouts_s = {
             "idle": limits.http_idle_timeout_ms / 1000,
@@ -662,6 +658,10 @@ class HttpServer:
             "body": limits.http_body_timeout_ms / 1000,
             "linger": _LINGER_S,
         }
+
+    def observe_connections_with(self, observer: ConnectionObserver) -> None:
+        """The node's metrics exist only once it is unsealed; the listener may start before."""
+        self._observer = observer
 
     def _sweep_interval_s(self) -> float:
         """A quarter of the shortest timeout, within 50 ms .. 1 s: how late a timeout may act."""
