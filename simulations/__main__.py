@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -41,7 +42,15 @@ def _nodes_for(seed: int, nodes: str) -> int:
 
 def _run_one(args: tuple[int, str]) -> _Outcome:
     seed, nodes = args
-    result: SimResult = run_simulation(SimConfig(seed=seed, node_count=_nodes_for(seed, nodes)))
+    config = SimConfig(seed=seed, node_count=_nodes_for(seed, nodes))
+    try:
+        result: SimResult = run_simulation(config)
+    except Exception:  # a crash of the simulator itself is a failing seed, not a lost campaign
+        report = (
+            f"seed {seed} ({config.node_count} nodes): SIMULATOR ERROR\n"
+            f"{traceback.format_exc()}replay: {config.replay_command()}"
+        )
+        return _Outcome(seed, config.node_count, False, report, 0, 0, 0, 0, 1, False)
     return _Outcome(
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),

@@ -35,9 +35,12 @@ from simulations.linearizability import Operation, unknown_outcome
 from simulations.models import VaultInput, vault_create, vault_read, vault_update
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, decode_result
+from storage.disk import SimDisk
 from storage.errors import DiskError
 
 CLIENT_ATTEMPT_TIMEOUT_MS = 250
+# How long a `crash_reader` fault waits for a follower with a client read in flight.
+CRASH_READER_WAIT_MS = 300
 # A write is retried (same client id and seq, so the state machine applies it at most once)
 # until this deadline; only then is its outcome unknown. Unknown writes are what makes the
 # linearizability search expensive, so they are kept rare.
@@ -127,6 +130,7 @@ class _InFlight:
     call_ms: int
     is_write: bool
     command: bytes | None
+    sent_to: int | None = None  # the node the latest attempt went to
 
 
 class _Client:
@@ -175,6 +179,7 @@ class _Client:
     def _send(self) -> None:
         current = self.current
         assert current is not None
+        current.sent_to = self.target
         self.sim.client_to_node(self.client_id, self.target, current)
 
     def on_reply(self, op_id: int, kind: str, payload: Any) -> None:
@@ -248,7 +253,11 @@ class _Simulation:
         self.history: list[Operation] = []
         self.client_faulty = True
         self.network = SimNetwork(
-            self.loop, Random(self.rng.getrandbits(64)), self.plan.intensities, self._deliver
+            self.loop,
+            Random(self.rng.getrandbits(64)),
+            self.plan.intensities,
+            self._deliver,
+            self._incarnation,
         )
         cluster = ClusterConfig(self.node_ids)
         intensities = self.plan.intensities
@@ -284,6 +293,9 @@ class _Simulation:
 
     def _deliver(self, receiver: int, sender: int, data: bytes) -> None:
         self.nodes[receiver].receive(sender, data)
+
+    def _incarnation(self, node_id: int) -> int:
+        return self.nodes[node_id].incarnation
 
     def _client_delay_ms(self) -> int:
         delay_max = self.plan.intensities.delay_ms_max if self.client_faulty else 2
@@ -337,7 +349,7 @@ class _Simulation:
         if fault.kind in ("partition", "stale_leader"):
             return replace(fault, nodes=(leader,))
         rest = tuple(node_id for node_id in fault.nodes[1:] if node_id != leader)
-        if fault.kind == "one_way" and not rest:
+        if fault.kind in ("one_way", "slow_link") and not rest:
             rest = (next(node_id for node_id in self.node_ids if node_id != leader),)
         return replace(fault, nodes=(leader, *rest))
 
@@ -373,6 +385,30 @@ class _Simulation:
                         self.network.uncut(*link)
 
             return cut, uncut
+        if fault.kind == "slow_link":
+            sender, receiver = fault.nodes[0], fault.nodes[1]
+
+            def slow_link() -> None:
+                self.network.slow(sender, receiver, fault.magnitude_ms)
+
+            def fast_link() -> None:
+                if self.network.faulty:
+                    self.network.slow(sender, receiver, 0)
+
+            return slow_link, fast_link
+        if fault.kind == "crash_reader":
+            return self._crash_reader_actions(fault)
+        if fault.kind == "flapping":
+            return self._flapping_actions(fault)
+        if fault.kind == "amnesia":
+            victim = self.nodes[fault.nodes[0]]
+
+            def wipe() -> None:
+                victim.crash()
+                victim.disk = SimDisk()
+                self.observer.on_wiped(victim.node_id, self.loop.now_ms)
+
+            return wipe, self._restart_if_down(victim)
         if fault.kind == "power_loss":
             victims = [self.nodes[node_id] for node_id in fault.nodes]
 
@@ -412,6 +448,64 @@ class _Simulation:
         if fault.kind == "disk_error":
             return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _crash_reader_actions(
+        self, fault: Fault
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Crash a follower while a client read it took is still pending (its read point may
+        still be open at the leader), and restart it `duration_ms` later. Waits up to
+        `CRASH_READER_WAIT_MS` for such a follower."""
+        give_up_ms = fault.start_ms + CRASH_READER_WAIT_MS
+
+        def crash_one() -> None:
+            readers = sorted({
+                client.current.sent_to for client in self.clients.values()
+                if client.current is not None and not client.current.is_write
+                and client.current.sent_to is not None
+            })
+            for node_id in readers:
+                node = self.nodes[node_id]
+                if node.up and node.replica is not None and node.replica.role == "follower":
+                    node.crash()
+                    self.loop.after(fault.duration_ms, self._restart_if_down(node))
+                    return
+            if self.loop.now_ms < give_up_ms and self.network.faulty:
+                self.loop.after(1, crash_one)
+
+        return crash_one, lambda: None
+
+    def _flapping_actions(
+        self, fault: Fault
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Every `magnitude_ms` a new random split, two-way or one-way, replaces the last one
+        until the fault ends: held messages from one split arrive during the next, after the
+        elections it caused (Jepsen's partition-random-halves, with TCP holding the bytes)."""
+        current: list[tuple[int, int]] = []
+        end_ms = fault.start_ms + fault.duration_ms
+
+        def uncut_current() -> None:
+            if self.network.faulty:
+                for link in current:
+                    self.network.uncut(*link)
+            current.clear()
+
+        def flap() -> None:
+            uncut_current()
+            if self.loop.now_ms >= end_ms or not self.network.faulty:
+                return
+            side = set(self.rng.sample(self.node_ids, self.rng.randint(1, len(self.node_ids) // 2)))
+            direction = self.rng.choice(("both", "out", "in"))
+            for a in self.node_ids:
+                for b in self.node_ids:
+                    outward = a in side and b not in side and direction != "in"
+                    inward = b in side and a not in side and direction != "out"
+                    if outward or inward:
+                        current.append((a, b))
+            for link in current:
+                self.network.cut(*link)
+            self.loop.after(max(1, fault.magnitude_ms), flap)
+
+        return flap, uncut_current
 
     def _restart_if_down(self, node: SimNode) -> Callable[[], None]:
         def restart() -> None:
