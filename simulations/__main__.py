@@ -32,6 +32,9 @@ class _Outcome:
     crashes: int
     violations: int
     lin_unknown: bool
+    crashed_readers: int = 0
+    messages_held: int = 0
+    messages_late: int = 0
 
 
 def _nodes_for(seed: int, nodes: str) -> int:
@@ -54,7 +57,8 @@ def _run_one(args: tuple[int, str]) -> _Outcome:
     return _Outcome(
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),
-        result.linearizability_unknown,
+        result.linearizability_unknown, result.crashed_readers, result.messages_held,
+        result.messages_late,
     )
 
 
@@ -109,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         f"simulated time: {simulated_s:.0f} s\n"
         f"operations: {operations}\n"
         f"faults injected: {sum(o.faults for o in outcomes)} "
-        f"(crashes: {sum(o.crashes for o in outcomes)})\n"
+        f"(crashes: {sum(o.crashes for o in outcomes)}, of followers with a read in flight: "
+        f"{sum(o.crashed_readers for o in outcomes)}; messages held by cuts: "
+        f"{sum(o.messages_held for o in outcomes)}, delivered late: "
+        f"{sum(o.messages_late for o in outcomes)})\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"
         f"linearizability unknown (checker timeout): {sum(o.lin_unknown for o in outcomes)}\n"
         f"real time: {elapsed_s:.1f} s; {operations / elapsed_s:.0f} simulated ops/s; "

@@ -58,9 +58,10 @@ class Fault:
     from the others): the classic way a deposed leader keeps believing it leads. A `slow_link`
     adds `magnitude_ms` to every message on its link, in order (a congested route: messages
     cross elections). `flapping` replaces a random split (two-way or one-way) by another every
-    `magnitude_ms`. A `crash_reader` waits for a follower that has a client read in flight
-    (its `nodes` are ignored), crashes it and restarts it. `amnesia` wipes a node's disk before
-    it restarts. The fault lasts `duration_ms` (a crashed node restarts after it)."""
+    `magnitude_ms`. A `crash_reader` keeps `nodes` down and meanwhile, again and again,
+    crashes a follower that has a client read in flight and restarts it `magnitude_ms` later.
+    `amnesia` wipes a node's disk before it restarts. The fault lasts `duration_ms` (a crashed
+    node restarts after it)."""
 
     kind: str
     start_ms: int
@@ -156,6 +157,9 @@ def random_fault(
         # A new split every 30–300 ms: held messages cross the elections the splits cause.
         return Fault(kind, start_ms, rng.randint(200, safety_ms), (), False, rng.randint(30, 300))
     if kind == "crash_reader":
-        # A quick restart: the leader still holds the old incarnation's read when it is back.
-        return Fault(kind, start_ms, rng.randint(5, 100), (), False)
+        # Quick restarts, mostly while another node is down: the leader then still holds the
+        # old incarnation's read point when the follower is back.
+        kept_down = (rng.choice(node_ids),) if rng.random() < 0.7 else ()
+        duration_ms = rng.randint(200, max(201, safety_ms // 2))
+        return Fault(kind, start_ms, duration_ms, kept_down, False, rng.randint(5, 60))
     return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),), at_leader)

@@ -39,8 +39,6 @@ from storage.disk import SimDisk
 from storage.errors import DiskError
 
 CLIENT_ATTEMPT_TIMEOUT_MS = 250
-# How long a `crash_reader` fault waits for a follower with a client read in flight.
-CRASH_READER_WAIT_MS = 300
 # A write is retried (same client id and seq, so the state machine applies it at most once)
 # until this deadline; only then is its outcome unknown. Unknown writes are what makes the
 # linearizability search expensive, so they are kept rare.
@@ -92,6 +90,9 @@ class SimResult:
     crashes: int
     linearizability_unknown: bool
     elapsed_s: float
+    crashed_readers: int = 0
+    messages_held: int = 0
+    messages_late: int = 0
     history: list[Operation] = field(repr=False, default_factory=list)
 
     @property
@@ -103,7 +104,9 @@ class SimResult:
             f"seed {self.config.seed} ({self.config.node_count} nodes): "
             f"{'ok' if self.ok else 'VIOLATIONS'}; {self.operations} ops "
             f"({self.operations_unknown} unknown), {self.faults_injected} faults, "
-            f"{self.crashes} crashes, {self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
+            f"{self.crashes} crashes ({self.crashed_readers} with a read in flight), "
+            f"{self.messages_held} messages held by cuts ({self.messages_late} delivered late), "
+            f"{self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
         ]
         lines += [f"  {violation}" for violation in self.violations]
         if not self.ok:
@@ -130,7 +133,8 @@ class _InFlight:
     call_ms: int
     is_write: bool
     command: bytes | None
-    sent_to: int | None = None  # the node the latest attempt went to
+    sent_to: int | None = None  # the node the latest attempt went to, and when
+    sent_ms: int = 0
 
 
 class _Client:
@@ -152,7 +156,7 @@ class _Client:
             return
         spec = self.ops[self.next_op]
         self.next_op += 1
-        if self.sim.rng.random() < 0.3:
+        if self.sim.rng.random() < self.sim.load_balanced:
             # Like a load balancer: some requests land on any node, not the last known leader.
             self.target = self.sim.rng.choice(self.sim.node_ids)
         self.seq += 1
@@ -180,6 +184,7 @@ class _Client:
         current = self.current
         assert current is not None
         current.sent_to = self.target
+        current.sent_ms = self.sim.loop.now_ms
         self.sim.client_to_node(self.client_id, self.target, current)
 
     def on_reply(self, op_id: int, kind: str, payload: Any) -> None:
@@ -280,6 +285,9 @@ class _Simulation:
             )
             for position, node_id in enumerate(self.node_ids)
         }
+        # The share of operations a load balancer sends to any node rather than the last known
+        # leader: high, so that followers serve reads right after writes through the leader.
+        self.load_balanced = self.rng.choice((0.3, 0.7))
         workload = config.workload or random_workload(
             Random(self.rng.getrandbits(64)), config.client_count, config.secret_count
         )
@@ -288,6 +296,7 @@ class _Simulation:
             for client_id, ops in enumerate(workload, start=1)
         }
         self.probe_done_ms: int | None = None
+        self.crashed_readers = 0
 
     # -- wiring
 
@@ -452,27 +461,59 @@ class _Simulation:
     def _crash_reader_actions(
         self, fault: Fault
     ) -> tuple[Callable[[], None], Callable[[], None]]:
-        """Crash a follower while a client read it took is still pending (its read point may
-        still be open at the leader), and restart it `duration_ms` later. Waits up to
-        `CRASH_READER_WAIT_MS` for such a follower."""
-        give_up_ms = fault.start_ms + CRASH_READER_WAIT_MS
+        """A rolling restart of readers: while the fault lasts, a follower with a client read in
+        flight is crashed and restarted `magnitude_ms` later (its read point may still be open
+        at the leader), again and again. The nodes in `nodes` are down meanwhile: a degraded
+        cluster, exactly when a quorum needs the restarted follower."""
+        end_ms = fault.start_ms + fault.duration_ms
+        kept_down = [self.nodes[node_id] for node_id in fault.nodes]
 
         def crash_one() -> None:
+            if self.loop.now_ms >= end_ms or not self.network.faulty:
+                return
+            # Strike at a random point of the read's round trips, not as it leaves the client.
+            age_ms = self.rng.randint(1, 3 * self.plan.intensities.delay_ms_max + 5)
             readers = sorted({
                 client.current.sent_to for client in self.clients.values()
                 if client.current is not None and not client.current.is_write
                 and client.current.sent_to is not None
+                and self.loop.now_ms - client.current.sent_ms >= age_ms
             })
             for node_id in readers:
                 node = self.nodes[node_id]
                 if node.up and node.replica is not None and node.replica.role == "follower":
                     node.crash()
-                    self.loop.after(fault.duration_ms, self._restart_if_down(node))
+                    self.crashed_readers += 1
+                    restart_ms = max(1, fault.magnitude_ms)
+                    self.loop.after(restart_ms, self._restart_if_down(node))
+                    self._reconnect_readers(node_id, restart_ms)
+                    # Then a pause: the restarted follower must rejoin before the next strike.
+                    self.loop.after(restart_ms + self.rng.randint(20, 200), crash_one)
                     return
-            if self.loop.now_ms < give_up_ms and self.network.faulty:
-                self.loop.after(1, crash_one)
+            self.loop.after(1, crash_one)
 
-        return crash_one, lambda: None
+        def start() -> None:
+            for node in kept_down:
+                node.crash()
+            crash_one()
+
+        def end() -> None:
+            for node in kept_down:
+                self._restart_if_down(node)()
+
+        return start, end
+
+    def _reconnect_readers(self, node_id: int, restart_ms: int) -> None:
+        """Clients reading from a node that crashed see their connection reset: the read is
+        abandoned (a read has no effect) and they reconnect to the same node once it is back,
+        with their next operation."""
+        for client in self.clients.values():
+            current = client.current
+            if current is None or current.is_write or current.sent_to != node_id:
+                continue
+            client.current = None
+            client.target = node_id
+            self.loop.after(restart_ms + self.rng.randint(1, 20), client.start_next)
 
     def _flapping_actions(
         self, fault: Fault
@@ -569,6 +610,9 @@ class _Simulation:
             crashes=sum(node.stats.crashes for node in self.nodes.values()),
             linearizability_unknown=lin_result.ok is None,
             elapsed_s=time.monotonic() - started,
+            crashed_readers=self.crashed_readers,
+            messages_held=self.network.stats.held,
+            messages_late=self.network.stats.delivered_late,
             history=self.history,
         )
 
