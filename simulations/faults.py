@@ -36,7 +36,7 @@ CONFIGURATION_FAULT_KINDS = ("amnesia",)
 @dataclass(frozen=True)
 class Intensities:
     loss: float = 0.0  # probability a peer message is dropped
-    duplication: float = 0.0  # probability a peer message is delivered twice
+    duplication: float = 0.0  # probability a peer message is delivered twice (with reorder)
     delay_ms_max: int = 4  # peer message delay is uniform in [1, delay_ms_max]
     client_loss: float = 0.0  # probability a client request or reply is dropped
     disk_latency_ms_max: int = 3  # fsync completes uniformly within [1, this]

@@ -151,7 +151,8 @@ class SimNetwork:
             if self.rng.random() < self.intensities.loss:
                 self.stats.dropped += 1
                 return
-            if self.rng.random() < self.intensities.duplication:
+            # TCP never duplicates: only the datagram model (reordering) does.
+            if self.intensities.reorder and self.rng.random() < self.intensities.duplication:
                 self.stats.duplicated += 1
                 copies = 2
         link = self._link(sender, receiver)

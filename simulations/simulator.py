@@ -17,10 +17,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from random import Random
 from typing import Any
 
+from consensus.codec import decode_message
 from consensus.config import ClusterConfig, Limits
+from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
 from simulations.checkers import (
@@ -135,6 +138,7 @@ class _InFlight:
     command: bytes | None
     sent_to: int | None = None  # the node the latest attempt went to, and when
     sent_ms: int = 0
+    uncertain: bool = False  # an attempt timed out: it may still take effect
 
 
 class _Client:
@@ -150,13 +154,17 @@ class _Client:
         self.current: _InFlight | None = None
         self.versions_seen: dict[str, int] = {}
         self.stopped = False
+        # Such a client believes a definite "not applied" (the command was dropped, so no slot
+        # will ever hold it) and sends the operation again under a new Idempotency-Key: a
+        # wrong "not applied" then shows up as a double effect in the history.
+        self.trusts_not_applied = sim.rng.random() < 0.5 and not sim.plan.intensities.reorder
 
-    def start_next(self) -> None:
+    def start_next(self, keep_target: bool = False) -> None:
         if self.stopped or self.next_op >= len(self.ops):
             return
         spec = self.ops[self.next_op]
         self.next_op += 1
-        if self.sim.rng.random() < self.sim.load_balanced:
+        if not keep_target and self.sim.rng.random() < self.sim.load_balanced:
             # Like a load balancer: some requests land on any node, not the last known leader.
             self.target = self.sim.rng.choice(self.sim.node_ids)
         self.seq += 1
@@ -194,6 +202,14 @@ class _Client:
         if kind == "redirect":
             hint = payload if payload in self.sim.node_ids else None
             self.target = hint if hint is not None else self.sim.rng.choice(self.sim.node_ids)
+            if current.is_write and not current.uncertain and self.trusts_not_applied:
+                # Every attempt so far was refused, so the operation had no effect: it leaves
+                # no trace in the history, and the same operation is issued anew. (Only on
+                # TCP-like links: a duplicated Forward can be refused once and queued once.)
+                self.current = None
+                self.next_op -= 1
+                self.sim.loop.after(5, self.start_next)
+                return
             self.sim.loop.after(5, lambda: self._retry(op_id))
             return
         output = decode_result(payload)
@@ -224,6 +240,7 @@ class _Client:
         self.target = self.sim.rng.choice(self.sim.node_ids)
         elapsed_ms = self.sim.loop.now_ms - current.call_ms
         if current.is_write and elapsed_ms < CLIENT_WRITE_DEADLINE_MS:
+            current.uncertain = True  # this attempt may still take effect
             self._send()
             self.sim.loop.after(CLIENT_ATTEMPT_TIMEOUT_MS, lambda: self._timeout(op_id))
             return
@@ -297,10 +314,13 @@ class _Simulation:
         }
         self.probe_done_ms: int | None = None
         self.crashed_readers = 0
+        self._reader_strikes: list[Fault] = []
 
     # -- wiring
 
     def _deliver(self, receiver: int, sender: int, data: bytes) -> None:
+        if self._reader_strikes:
+            self._strike_reader(receiver, sender, data)
         self.nodes[receiver].receive(sender, data)
 
     def _incarnation(self, node_id: int) -> int:
@@ -355,9 +375,16 @@ class _Simulation:
         if not leaders:
             return fault
         leader = leaders[0]
-        if fault.kind in ("partition", "stale_leader"):
-            return replace(fault, nodes=(leader,))
         rest = tuple(node_id for node_id in fault.nodes[1:] if node_id != leader)
+        if fault.kind in ("partition", "stale_leader"):
+            # The leader takes the side's first place; a side of two keeps a follower with it,
+            # which then still hears the deposed leader.
+            side = (leader, *rest)[: max(1, len(fault.nodes))]
+            return replace(fault, nodes=side)
+        if fault.kind == "slow_link" and fault.nodes[0] > fault.nodes[-1]:
+            # Half of the slow links aimed at the leader slow what reaches it instead.
+            sender = next(node_id for node_id in fault.nodes if node_id != leader)
+            return replace(fault, nodes=(sender, leader))
         if fault.kind in ("one_way", "slow_link") and not rest:
             rest = (next(node_id for node_id in self.node_ids if node_id != leader),)
         return replace(fault, nodes=(leader, *rest))
@@ -461,59 +488,61 @@ class _Simulation:
     def _crash_reader_actions(
         self, fault: Fault
     ) -> tuple[Callable[[], None], Callable[[], None]]:
-        """A rolling restart of readers: while the fault lasts, a follower with a client read in
-        flight is crashed and restarted `magnitude_ms` later (its read point may still be open
-        at the leader), again and again. The nodes in `nodes` are down meanwhile: a degraded
-        cluster, exactly when a quorum needs the restarted follower."""
-        end_ms = fault.start_ms + fault.duration_ms
+        """A rolling restart of readers: while the fault lasts, a follower whose read-index
+        request just reached the leader is crashed at that moment (the leader holds the read
+        point open, waiting for a quorum) and restarted `magnitude_ms` later; then, after a
+        pause, the next one. The nodes in `nodes` are down meanwhile: a degraded cluster, in
+        which the quorum needs the restarted follower."""
         kept_down = [self.nodes[node_id] for node_id in fault.nodes]
-
-        def crash_one() -> None:
-            if self.loop.now_ms >= end_ms or not self.network.faulty:
-                return
-            # Strike at a random point of the read's round trips, not as it leaves the client.
-            age_ms = self.rng.randint(1, 3 * self.plan.intensities.delay_ms_max + 5)
-            readers = sorted({
-                client.current.sent_to for client in self.clients.values()
-                if client.current is not None and not client.current.is_write
-                and client.current.sent_to is not None
-                and self.loop.now_ms - client.current.sent_ms >= age_ms
-            })
-            for node_id in readers:
-                node = self.nodes[node_id]
-                if node.up and node.replica is not None and node.replica.role == "follower":
-                    node.crash()
-                    self.crashed_readers += 1
-                    restart_ms = max(1, fault.magnitude_ms)
-                    self.loop.after(restart_ms, self._restart_if_down(node))
-                    self._reconnect_readers(node_id, restart_ms)
-                    # Then a pause: the restarted follower must rejoin before the next strike.
-                    self.loop.after(restart_ms + self.rng.randint(20, 200), crash_one)
-                    return
-            self.loop.after(1, crash_one)
 
         def start() -> None:
             for node in kept_down:
                 node.crash()
-            crash_one()
+            self._reader_strikes.append(fault)
 
         def end() -> None:
+            if fault in self._reader_strikes:
+                self._reader_strikes.remove(fault)
             for node in kept_down:
                 self._restart_if_down(node)()
 
         return start, end
 
+    def _strike_reader(self, leader_id: int, sender: int, data: bytes) -> None:
+        """Called while a `crash_reader` fault is armed, for each peer message delivered."""
+        if not isinstance(decode_message(data), ReadIndexRequest):
+            return
+        node = self.nodes[sender]
+        if not node.up or node.replica is None or node.replica.role != "follower":
+            return
+        fault = self._reader_strikes.pop(0)
+        node.crash()
+        self.crashed_readers += 1
+        restart_ms = max(1, fault.magnitude_ms)
+        self.loop.after(restart_ms, self._restart_if_down(node))
+        self._reconnect_readers(sender, restart_ms)
+
+        def rearm() -> None:
+            if self.network.faulty and self.loop.now_ms < fault.start_ms + fault.duration_ms:
+                self._reader_strikes.append(fault)
+
+        # A pause, so that the restarted follower rejoins before the next strike.
+        self.loop.after(restart_ms + self.rng.randint(20, 200), rearm)
+
     def _reconnect_readers(self, node_id: int, restart_ms: int) -> None:
         """Clients reading from a node that crashed see their connection reset: the read is
-        abandoned (a read has no effect) and they reconnect to the same node once it is back,
-        with their next operation."""
+        abandoned (a read has no effect) and issued anew, as a new operation, to the same node
+        once it is back."""
         for client in self.clients.values():
             current = client.current
             if current is None or current.is_write or current.sent_to != node_id:
                 continue
             client.current = None
+            client.next_op -= 1
             client.target = node_id
-            self.loop.after(restart_ms + self.rng.randint(1, 20), client.start_next)
+            # Reconnects spread over the first round trips of the new incarnation.
+            reconnect_ms = self.rng.randint(1, 20 + 3 * self.plan.intensities.delay_ms_max)
+            self.loop.after(restart_ms + reconnect_ms, partial(client.start_next, True))
 
     def _flapping_actions(
         self, fault: Fault
