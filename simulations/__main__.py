@@ -1,6 +1,7 @@
 """`python -m simulations`: run a campaign of seeds, or replay one seed in detail.
 
-Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`)
+Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`,
+`--amnesia`)
 and the campaign summary: seeds, simulated time, operations, faults injected, violations, and
 throughput in simulated operations per second of real time. Exits non-zero on any violation and
 prints each failing seed with its replay command.
@@ -33,6 +34,7 @@ class _Outcome:
     violations: int
     lin_unknown: bool
     crashed_readers: int = 0
+    apply_errors: int = 0
     messages_held: int = 0
     messages_late: int = 0
 
@@ -43,9 +45,11 @@ def _nodes_for(seed: int, nodes: str) -> int:
     return int(nodes)
 
 
-def _run_one(args: tuple[int, str]) -> _Outcome:
-    seed, nodes = args
-    config = SimConfig(seed=seed, node_count=_nodes_for(seed, nodes))
+def _run_one(args: tuple[int, str, bool]) -> _Outcome:
+    seed, nodes, amnesia = args
+    config = SimConfig(
+        seed=seed, node_count=_nodes_for(seed, nodes), configuration_faults=amnesia
+    )
     try:
         result: SimResult = run_simulation(config)
     except Exception:  # a crash of the simulator itself is a failing seed, not a lost campaign
@@ -57,8 +61,8 @@ def _run_one(args: tuple[int, str]) -> _Outcome:
     return _Outcome(
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),
-        result.linearizability_unknown, result.crashed_readers, result.messages_held,
-        result.messages_late,
+        result.linearizability_unknown, result.crashed_readers, result.apply_errors,
+        result.messages_held, result.messages_late,
     )
 
 
@@ -83,18 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, help="replay this one seed and print its report")
     parser.add_argument("--nodes", choices=["3", "5", "mixed"], default="mixed")
+    parser.add_argument(
+        "--amnesia", action="store_true",
+        help="let plans wipe nodes (reported as configuration errors, never as passes)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--progress-every", type=int, default=500, help="seeds per progress line")
     options = parser.parse_args(argv)
     if options.seed is not None:
         result = run_simulation(
-            SimConfig(seed=options.seed, node_count=_nodes_for(options.seed, options.nodes))
+            SimConfig(
+                seed=options.seed,
+                node_count=_nodes_for(options.seed, options.nodes),
+                configuration_faults=options.amnesia,
+            )
         )
         print(result.report())
         print(result.plan.describe())
         return 0 if result.ok else 1
     started = time.monotonic()
-    work = [(seed, options.nodes) for seed in range(options.start, options.start + options.seeds)]
+    seeds = range(options.start, options.start + options.seeds)
+    work = [(seed, options.nodes, options.amnesia) for seed in seeds]
     outcomes: list[_Outcome] = []
     if options.jobs > 1:
         with ProcessPoolExecutor(options.jobs) as pool:
@@ -114,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         f"operations: {operations}\n"
         f"faults injected: {sum(o.faults for o in outcomes)} "
         f"(crashes: {sum(o.crashes for o in outcomes)}, of followers with a read in flight: "
-        f"{sum(o.crashed_readers for o in outcomes)}; messages held by cuts: "
+        f"{sum(o.crashed_readers for o in outcomes)}; apply errors: "
+        f"{sum(o.apply_errors for o in outcomes)}; messages held by cuts: "
         f"{sum(o.messages_held for o in outcomes)}, delivered late: "
         f"{sum(o.messages_late for o in outcomes)})\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"

@@ -27,6 +27,7 @@ FAULT_KINDS = (
     "slow_link",
     "crash_reader",
     "flapping",
+    "apply_error",
 )
 # Faults outside the model the core is built for: a run with one is reported as a configuration
 # error by the checkers, never as a pass. Random plans draw them only when asked.
@@ -60,6 +61,7 @@ class Fault:
     cross elections). `flapping` replaces a random split (two-way or one-way) by another every
     `magnitude_ms`. A `crash_reader` keeps `nodes` down and meanwhile, again and again,
     crashes a follower that has a client read in flight and restarts it `magnitude_ms` later.
+    An `apply_error` makes the node's next apply raise (the node must stop).
     `amnesia` wipes a node's disk before it restarts. The fault lasts `duration_ms` (a crashed
     node restarts after it)."""
 
@@ -159,7 +161,9 @@ def random_fault(
     if kind == "crash_reader":
         # Quick restarts, mostly while another node is down: the leader then still holds the
         # old incarnation's read point when the follower is back.
-        kept_down = (rng.choice(node_ids),) if rng.random() < 0.7 else ()
+        # As many down as the cluster tolerates: then the quorum needs the restarted follower.
+        tolerated = (len(node_ids) - 1) // 2
+        kept_down = tuple(sorted(rng.sample(node_ids, tolerated))) if rng.random() < 0.7 else ()
         duration_ms = rng.randint(200, max(201, safety_ms // 2))
         return Fault(kind, start_ms, duration_ms, kept_down, False, rng.randint(5, 60))
     return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),), at_leader)

@@ -38,6 +38,7 @@ from simulations.linearizability import Operation, unknown_outcome
 from simulations.models import VaultInput, vault_create, vault_read, vault_update
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, decode_result
+from simulations.vault_machine import InjectedApplyError
 from storage.disk import SimDisk
 from storage.errors import DiskError
 
@@ -74,9 +75,11 @@ class SimConfig:
     replica_factory: ReplicaFactory = Replica
     recover_records: RecoverFn = recover
     linearizability_timeout_s: float = 10.0
+    configuration_faults: bool = False  # random plans may wipe a node (amnesia)
 
     def replay_command(self) -> str:
-        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}"
+        amnesia = " --amnesia" if self.configuration_faults else ""
+        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}{amnesia}"
 
 
 @dataclass
@@ -94,6 +97,7 @@ class SimResult:
     linearizability_unknown: bool
     elapsed_s: float
     crashed_readers: int = 0
+    apply_errors: int = 0
     messages_held: int = 0
     messages_late: int = 0
     history: list[Operation] = field(repr=False, default_factory=list)
@@ -269,7 +273,9 @@ class _Simulation:
         self.rng = Random(config.seed)
         self.node_ids = tuple(range(1, config.node_count + 1))
         plan_rng = Random(self.rng.getrandbits(64))
-        self.plan = config.plan or random_plan(plan_rng, self.node_ids, config.safety_ms)
+        self.plan = config.plan or random_plan(
+            plan_rng, self.node_ids, config.safety_ms, config.configuration_faults
+        )
         self.loop = EventLoop()
         self.observer = Observer()
         self.history: list[Operation] = []
@@ -314,6 +320,7 @@ class _Simulation:
         }
         self.probe_done_ms: int | None = None
         self.crashed_readers = 0
+        self.apply_errors = 0
         self._reader_strikes: list[Fault] = []
 
     # -- wiring
@@ -481,6 +488,9 @@ class _Simulation:
                 node.clock_slowdown = 1
 
             return slow_clock, normal_clock
+        if fault.kind == "apply_error":
+            return (lambda: node.state.fail_next_apply(node.node_id),
+                    self._restart_if_down(node))
         if fault.kind == "disk_error":
             return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
@@ -589,6 +599,8 @@ class _Simulation:
         self.client_faulty = False
         for node in self.nodes.values():
             _disarm_fsync_errors(node)
+            if node.up:
+                node.state.fail_next_apply(None)
             node.disk_slowdown = 1
             node.clock_slowdown = 1
             if node.paused:
@@ -607,13 +619,13 @@ class _Simulation:
             self._schedule(fault)
         for client in self.clients.values():
             self.loop.at(self.rng.randint(0, 50), client.start_next)
-        self.loop.run_until(config.safety_ms)
+        self._run_until(config.safety_ms)
         self._heal()
         self._start_probe()
         quiet_from_ms = config.safety_ms + config.liveness_ms // 2
         self.loop.at(quiet_from_ms, self._stop_clients)
         end_ms = config.safety_ms + config.liveness_ms
-        self.loop.run_until(end_ms)
+        self._run_until(end_ms)
         for client in self.clients.values():
             client.abandon()
         violations = list(self.observer.violations)
@@ -640,10 +652,22 @@ class _Simulation:
             linearizability_unknown=lin_result.ok is None,
             elapsed_s=time.monotonic() - started,
             crashed_readers=self.crashed_readers,
+            apply_errors=self.apply_errors,
             messages_held=self.network.stats.held,
             messages_late=self.network.stats.delivered_late,
             history=self.history,
         )
+
+    def _run_until(self, end_ms: int) -> None:
+        """Run the loop; an exception while a node applies stops that node (it restarts from
+        its disk later, like any crashed node) and the run goes on."""
+        while True:
+            try:
+                self.loop.run_until(end_ms)
+                return
+            except InjectedApplyError as error:
+                self.apply_errors += 1
+                self.nodes[error.node_id].crash()
 
     def _stop_clients(self) -> None:
         for client in self.clients.values():

@@ -242,3 +242,11 @@ def test_readers_are_crashed_while_another_node_is_down() -> None:
     result = run_simulation(SimConfig(seed=5, node_count=3, plan=plan))
     assert result.crashed_readers > 0
     assert result.ok, result.report()
+
+
+def test_an_apply_error_stops_the_node_and_the_run_goes_on() -> None:
+    plan = FaultPlan(faults=(Fault("apply_error", 300, 200, (2,)),))
+    result = run_simulation(SimConfig(seed=11, node_count=3, plan=plan))
+    assert result.apply_errors == 1
+    assert result.crashes >= 1  # the node stopped instead of skipping the command
+    assert result.ok, result.report()
