@@ -2,8 +2,9 @@
 
 Owns: `SimConfig` (what to run: seed, cluster size, phases, an optional fault plan and workload,
 and hooks to swap the replica class or the recovery function so tests can plant bugs),
-`run_simulation(config) -> SimResult`, and the simulated clients. A run has a safety phase in
-which the plan's faults fire, then a liveness phase in which every fault stops: links heal,
+`run_simulation(config) -> SimResult`, the simulated clients, and carrying out the plan's faults
+(an exception while a node applies stops that node, as the daemon must). A run has a safety
+phase in which the plan's faults fire, then a liveness phase in which every fault stops: links heal,
 crashed and paused nodes come back, and a probe write must complete within a bound while every
 replica converges. Then the checkers in `simulations.checkers` judge the whole history.
 
