@@ -521,6 +521,9 @@ class _Simulation:
 
     def _strike_reader(self, leader_id: int, sender: int, data: bytes) -> None:
         """Called while a `crash_reader` fault is armed, for each peer message delivered."""
+        if not self.network.faulty:
+            self._reader_strikes.clear()  # the faults are over
+            return
         if not isinstance(decode_message(data), ReadIndexRequest):
             return
         node = self.nodes[sender]
