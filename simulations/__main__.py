@@ -1,6 +1,7 @@
 """`python -m simulations`: run a campaign of seeds, or replay one seed in detail.
 
-Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`)
+Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`,
+`--amnesia`)
 and the campaign summary: seeds, simulated time, operations, faults injected, violations, and
 throughput in simulated operations per second of real time. Exits non-zero on any violation and
 prints each failing seed with its replay command.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -31,6 +33,10 @@ class _Outcome:
     crashes: int
     violations: int
     lin_unknown: bool
+    crashed_readers: int = 0
+    apply_errors: int = 0
+    messages_held: int = 0
+    messages_late: int = 0
 
 
 def _nodes_for(seed: int, nodes: str) -> int:
@@ -39,13 +45,24 @@ def _nodes_for(seed: int, nodes: str) -> int:
     return int(nodes)
 
 
-def _run_one(args: tuple[int, str]) -> _Outcome:
-    seed, nodes = args
-    result: SimResult = run_simulation(SimConfig(seed=seed, node_count=_nodes_for(seed, nodes)))
+def _run_one(args: tuple[int, str, bool]) -> _Outcome:
+    seed, nodes, amnesia = args
+    config = SimConfig(
+        seed=seed, node_count=_nodes_for(seed, nodes), configuration_faults=amnesia
+    )
+    try:
+        result: SimResult = run_simulation(config)
+    except Exception:  # a crash of the simulator itself is a failing seed, not a lost campaign
+        report = (
+            f"seed {seed} ({config.node_count} nodes): SIMULATOR ERROR\n"
+            f"{traceback.format_exc()}replay: {config.replay_command()}"
+        )
+        return _Outcome(seed, config.node_count, False, report, 0, 0, 0, 0, 1, False)
     return _Outcome(
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),
-        result.linearizability_unknown,
+        result.linearizability_unknown, result.crashed_readers, result.apply_errors,
+        result.messages_held, result.messages_late,
     )
 
 
@@ -70,18 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, help="replay this one seed and print its report")
     parser.add_argument("--nodes", choices=["3", "5", "mixed"], default="mixed")
+    parser.add_argument(
+        "--amnesia", action="store_true",
+        help="let plans wipe nodes (reported as configuration errors, never as passes)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--progress-every", type=int, default=500, help="seeds per progress line")
     options = parser.parse_args(argv)
     if options.seed is not None:
         result = run_simulation(
-            SimConfig(seed=options.seed, node_count=_nodes_for(options.seed, options.nodes))
+            SimConfig(
+                seed=options.seed,
+                node_count=_nodes_for(options.seed, options.nodes),
+                configuration_faults=options.amnesia,
+            )
         )
         print(result.report())
         print(result.plan.describe())
         return 0 if result.ok else 1
     started = time.monotonic()
-    work = [(seed, options.nodes) for seed in range(options.start, options.start + options.seeds)]
+    seeds = range(options.start, options.start + options.seeds)
+    work = [(seed, options.nodes, options.amnesia) for seed in seeds]
     outcomes: list[_Outcome] = []
     if options.jobs > 1:
         with ProcessPoolExecutor(options.jobs) as pool:
@@ -100,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         f"simulated time: {simulated_s:.0f} s\n"
         f"operations: {operations}\n"
         f"faults injected: {sum(o.faults for o in outcomes)} "
-        f"(crashes: {sum(o.crashes for o in outcomes)})\n"
+        f"(crashes: {sum(o.crashes for o in outcomes)}, of followers with a read in flight: "
+        f"{sum(o.crashed_readers for o in outcomes)}; apply errors: "
+        f"{sum(o.apply_errors for o in outcomes)}; messages held by cuts: "
+        f"{sum(o.messages_held for o in outcomes)}, delivered late: "
+        f"{sum(o.messages_late for o in outcomes)})\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"
         f"linearizability unknown (checker timeout): {sum(o.lin_unknown for o in outcomes)}\n"
         f"real time: {elapsed_s:.1f} s; {operations / elapsed_s:.0f} simulated ops/s; "

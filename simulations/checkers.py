@@ -3,7 +3,8 @@
 Owns: `Observer` (fed by every simulated node as it learns chosen slots, applies them, and
 answers as an acceptor) and the checks: acceptor promises (no Promise or Accepted below a
 ballot the same acceptor already answered for, across crashes), agreement (no slot chosen with
-two values on any two replicas), identical applied prefixes (a chain digest per slot must agree
+two values on any two replicas), configuration errors (a node whose disk was wiped), identical
+applied prefixes (a chain digest per slot must agree
 everywhere, snapshots included), durability (every write acknowledged to a client is in the
 final state), linearizability of the client history (through `simulations.linearizability` and
 `VaultModel`), and liveness (after the faults stop, a probe write completes within a bound and
@@ -66,6 +67,18 @@ class Observer:
             )
         else:
             self.promised_on_wire[node_id] = message.ballot
+
+    def on_wiped(self, node_id: int, at_ms: int) -> None:
+        """A node lost its disk and rejoins as a blank acceptor (amnesia): Paxos cannot keep
+        its promises, so the run is not evidence about the core either way. Flagged as a
+        configuration error (the operator must re-add such a node as a new member), never
+        accepted silently."""
+        self.violations.append(Violation(
+            "configuration_error",
+            f"node {node_id} restarted with a wiped disk at {at_ms} ms (amnesia): its promises "
+            "and accepts are gone, which Paxos does not tolerate; later verdicts of this run "
+            "say nothing about the core",
+        ))
 
     def on_chosen(self, node_id: int, slot: int, value: Batch) -> None:
         known = self.chosen.get(slot)

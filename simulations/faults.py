@@ -1,7 +1,8 @@
 """Fault plans: what goes wrong in one simulated run, and how hard, as plain data.
 
 Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
-one-way link cut, crash with restart, pause, slow disk, fsync error), `FaultPlan`, and
+one-way link cut, slow link, crash with restart, crash of a follower with a read in flight,
+pause, slow disk, fsync error, slow clock; and amnesia, a configuration error), `FaultPlan`, and
 `random_plan(seed, ...)`, which derives a whole plan from one integer. Hypothesis builds the
 same dataclasses in the tests, so a shrunk failure is a readable plan.
 
@@ -23,26 +24,46 @@ FAULT_KINDS = (
     "disk_error",
     "slow_clock",
     "stale_leader",
+    "slow_link",
+    "crash_reader",
+    "flapping",
+    "apply_error",
 )
+# Faults outside the model the core is built for: a run with one is reported as a configuration
+# error by the checkers, never as a pass. Random plans draw them only when asked.
+CONFIGURATION_FAULT_KINDS = ("amnesia",)
 
 
 @dataclass(frozen=True)
 class Intensities:
     loss: float = 0.0  # probability a peer message is dropped
-    duplication: float = 0.0  # probability a peer message is delivered twice
+    duplication: float = 0.0  # probability a peer message is delivered twice (with reorder)
     delay_ms_max: int = 4  # peer message delay is uniform in [1, delay_ms_max]
     client_loss: float = 0.0  # probability a client request or reply is dropped
     disk_latency_ms_max: int = 3  # fsync completes uniformly within [1, this]
     torn_write_probability: float = 0.5
+    # Links are TCP-like: each direction delivers in order unless `reorder` is set (datagram
+    # chaos, the older model). A cut holds what is queued; when it heals the connection resets
+    # (dropping it) with `reset_probability`, else the held bytes arrive after a retransmission
+    # delay uniform in [1, retransmit_ms_max], before anything sent later.
+    reorder: bool = False
+    reset_probability: float = 0.5
+    retransmit_ms_max: int = 200
 
 
 @dataclass(frozen=True)
 class Fault:
-    """`nodes` is the partitioned side, the (sender, receiver) of a cut link, the nodes that
-    lose power together, or the one node that crashes, pauses, slows down or fails to fsync.
-    A `stale_leader` is isolated *and* its clock runs 5x slow (a stalled VM cut off from the
-    others): the classic way a deposed leader keeps believing it leads. The fault lasts
-    `duration_ms` (a crashed node restarts after it)."""
+    """`nodes` is the partitioned side, the (sender, receiver) of a cut or slow link, the nodes
+    that lose power together, or the one node that crashes, pauses, slows down, fails to fsync
+    or is wiped. A `stale_leader` is isolated *and* its clock runs 5x slow (a stalled VM cut off
+    from the others): the classic way a deposed leader keeps believing it leads. A `slow_link`
+    adds `magnitude_ms` to every message on its link, in order (a congested route: messages
+    cross elections). `flapping` replaces a random split (two-way or one-way) by another every
+    `magnitude_ms`. A `crash_reader` keeps `nodes` down and meanwhile, again and again,
+    crashes a follower that has a client read in flight and restarts it `magnitude_ms` later.
+    An `apply_error` makes the node's next apply raise (the node must stop).
+    `amnesia` wipes a node's disk before it restarts. The fault lasts `duration_ms` (a crashed
+    node restarts after it)."""
 
     kind: str
     start_ms: int
@@ -51,6 +72,7 @@ class Fault:
     # Aim at whoever leads when the fault starts (Jepsen's partition-leader / kill-leader):
     # the leader replaces nodes[0] (and is the isolated side of a partition).
     at_leader: bool = False
+    magnitude_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,19 +89,25 @@ class FaultPlan:
         parts = [
             f"loss={i.loss:.2f} dup={i.duplication:.2f} delay<={i.delay_ms_max}ms "
             f"client_loss={i.client_loss:.2f} disk<={i.disk_latency_ms_max}ms "
-            f"ticks={self.tick_period_ms} snapshot_every={self.snapshot_every_slots}"
+            f"ticks={self.tick_period_ms} snapshot_every={self.snapshot_every_slots} "
+            f"{'reorder' if i.reorder else 'ordered'} reset={i.reset_probability:.2f} "
+            f"retransmit<={i.retransmit_ms_max}ms"
         ]
         parts += [
             f"  {f.kind}{list(f.nodes)}{' at leader' if f.at_leader else ''} "
             f"@{f.start_ms}ms for {f.duration_ms}ms"
+            + (f" +{f.magnitude_ms}ms" if f.magnitude_ms else "")
             for f in self.faults
         ]
         return "\n".join(parts)
 
 
-def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> FaultPlan:
-    """A plan with per-seed intensities: 0–30% loss, 0–50% duplication, and a handful of
-    timed faults spread over the safety phase."""
+def random_plan(
+    rng: Random, node_ids: tuple[int, ...], safety_ms: int, configuration_faults: bool = False
+) -> FaultPlan:
+    """A plan with per-seed intensities: 0–30% loss, 0–50% duplication, TCP-like links (a
+    quarter of the seeds reorder instead), and a handful of timed faults spread over the safety
+    phase. `configuration_faults` adds amnesia to the kinds drawn."""
     intensities = Intensities(
         loss=rng.choice([0.0, rng.uniform(0.0, 0.3)]),
         duplication=rng.choice([0.0, rng.uniform(0.0, 0.5)]),
@@ -87,8 +115,15 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
         client_loss=rng.choice([0.0, rng.uniform(0.0, 0.1)]),
         disk_latency_ms_max=rng.choice([1, 5, 20, 50]),
         torn_write_probability=rng.random(),
+        reorder=rng.random() < 0.25,
+        reset_probability=rng.choice([0.0, 0.5, 1.0]),
+        # Up to several election timeouts: held bytes then cross elections.
+        retransmit_ms_max=rng.choice([20, 200, 600]),
     )
-    faults = tuple(random_fault(rng, node_ids, safety_ms) for _ in range(rng.randint(0, 12)))
+    kinds = (*FAULT_KINDS, *(CONFIGURATION_FAULT_KINDS if configuration_faults else ()))
+    faults = tuple(
+        random_fault(rng, node_ids, safety_ms, kinds) for _ in range(rng.randint(0, 12))
+    )
     # Drift up to 3x either way: without leases it may only shift timeouts, never break safety.
     drifting = rng.random() < 0.3
     tick_period_ms = tuple(rng.randint(4, 30) if drifting else 10 for _ in node_ids)
@@ -96,10 +131,12 @@ def random_plan(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault
     return FaultPlan(intensities, faults, tick_period_ms, snapshot_every_slots)
 
 
-def random_fault(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Fault:
+def random_fault(
+    rng: Random, node_ids: tuple[int, ...], safety_ms: int, kinds: tuple[str, ...] = FAULT_KINDS
+) -> Fault:
     # Whole-cluster power loss is the one fault that exposes a write acknowledged before it
     # was durable, so it is drawn twice as often as the others.
-    kind = rng.choice((*FAULT_KINDS, "power_loss"))
+    kind = rng.choice((*kinds, "power_loss"))
     start_ms = rng.randrange(safety_ms)
     # A slow clock matters most on a leader: it is what keeps a deposed leader serving.
     leader_bias = 0.8 if kind == "slow_clock" else 0.4
@@ -113,7 +150,20 @@ def random_fault(rng: Random, node_ids: tuple[int, ...], safety_ms: int) -> Faul
         quorum = len(node_ids) // 2 + 1
         victims = tuple(sorted(rng.sample(node_ids, rng.randint(quorum, len(node_ids)))))
         return Fault(kind, start_ms, duration_ms, victims)
-    if kind == "one_way":
+    if kind in ("one_way", "slow_link"):
         sender, receiver = rng.sample(node_ids, 2)
-        return Fault(kind, start_ms, duration_ms, (sender, receiver), at_leader)
+        # A slow link delays by up to several election timeouts (100–200 ms at 10 ms ticks).
+        magnitude_ms = rng.randint(50, 600) if kind == "slow_link" else 0
+        return Fault(kind, start_ms, duration_ms, (sender, receiver), at_leader, magnitude_ms)
+    if kind == "flapping":
+        # A new split every 30–300 ms: held messages cross the elections the splits cause.
+        return Fault(kind, start_ms, rng.randint(200, safety_ms), (), False, rng.randint(30, 300))
+    if kind == "crash_reader":
+        # Quick restarts, mostly while another node is down: the leader then still holds the
+        # old incarnation's read point when the follower is back.
+        # As many down as the cluster tolerates: then the quorum needs the restarted follower.
+        tolerated = (len(node_ids) - 1) // 2
+        kept_down = tuple(sorted(rng.sample(node_ids, tolerated))) if rng.random() < 0.7 else ()
+        duration_ms = rng.randint(200, max(201, safety_ms // 2))
+        return Fault(kind, start_ms, duration_ms, kept_down, False, rng.randint(5, 60))
     return Fault(kind, start_ms, duration_ms, (rng.choice(node_ids),), at_leader)

@@ -1,8 +1,10 @@
 """The simulator's virtual clock and network.
 
 Owns: `EventLoop` (integer milliseconds of virtual time and a heap of callbacks, ties broken by
-insertion order so a seed replays exactly) and `SimNetwork` (peer links with partitions, one-way
-cuts, loss, duplication, delay and therefore reordering, all drawn from the run's `Random`).
+insertion order so a seed replays exactly) and `SimNetwork` (TCP-like peer links: in-order
+delivery per direction, partitions and one-way cuts that hold queued messages and deliver them
+late or lose them in a connection reset, slow links, resets on crashes; plus loss, duplication
+and, when a plan asks, reordering; all drawn from the run's `Random`).
 
 Must never: read the real clock or the global `random` module; every choice comes from the seeded
 `Random` handed in, in a fixed order.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import Random
 
 from simulations.faults import Intensities
@@ -45,11 +47,32 @@ class NetworkStats:
     sent: int = 0
     dropped: int = 0
     duplicated: int = 0
-    cut: int = 0
+    cut: int = 0  # dropped by a connection reset (a cut that healed by resetting, or a crash)
+    held: int = 0  # stopped by a cut and kept for delivery after it heals
+    delivered_late: int = 0  # held messages that did arrive after the heal
+
+
+@dataclass
+class _Link:
+    """One direction of a peer connection (sender -> receiver)."""
+
+    last_arrival_ms: int = 0  # in-order delivery: nothing arrives before this
+    extra_delay_ms: int = 0  # a slow route
+    resets: int = 0  # a reset closes the connection: what was queued on it is gone
+    held: list[tuple[tuple[int, int, int], bytes]] = field(default_factory=list)
+
+
+# (sender incarnation, receiver incarnation, link resets): a message belongs to one connection.
+_Connection = tuple[int, int, int]
 
 
 class SimNetwork:
-    """Peer-to-peer links. `deliver(receiver, sender, data)` is called on arrival."""
+    """Peer-to-peer links, TCP-like: per direction, messages arrive in the order sent (unless
+    the plan asks for reordering). A cut holds what is in flight or sent while it lasts; when
+    it heals the connection either resets (the held messages are lost) or retransmits them,
+    late, before anything sent after. A crash or restart of either end resets its connections.
+    `deliver(receiver, sender, data)` is called on arrival; `incarnation(node_id)` says which
+    life of a node is running (it changes at each crash and start)."""
 
     def __init__(
         self,
@@ -57,15 +80,28 @@ class SimNetwork:
         rng: Random,
         intensities: Intensities,
         deliver: Callable[[int, int, bytes], None],
+        incarnation: Callable[[int], int] = lambda node_id: 0,
     ) -> None:
         self.loop = loop
         self.rng = rng
         self.intensities = intensities
         self.deliver = deliver
+        self.incarnation = incarnation
         self.faulty = True
         self.stats = NetworkStats()
         # A link may be cut by several overlapping faults; it heals when all have ended.
         self._cuts: Counter[tuple[int, int]] = Counter()
+        self._links: dict[tuple[int, int], _Link] = {}
+
+    def _link(self, sender: int, receiver: int) -> _Link:
+        link = self._links.get((sender, receiver))
+        if link is None:
+            link = self._links[(sender, receiver)] = _Link()
+        return link
+
+    def _connection(self, sender: int, receiver: int) -> _Connection:
+        resets = self._link(sender, receiver).resets
+        return (self.incarnation(sender), self.incarnation(receiver), resets)
 
     def cut(self, sender: int, receiver: int) -> None:
         self._cuts[(sender, receiver)] += 1
@@ -74,35 +110,76 @@ class SimNetwork:
         self._cuts[(sender, receiver)] -= 1
         if self._cuts[(sender, receiver)] <= 0:
             del self._cuts[(sender, receiver)]
+            self._heal_link(sender, receiver, self.intensities.retransmit_ms_max)
+
+    def slow(self, sender: int, receiver: int, extra_delay_ms: int) -> None:
+        self._link(sender, receiver).extra_delay_ms = extra_delay_ms
 
     def heal_all(self) -> None:
+        cut_links = list(self._cuts)
         self._cuts.clear()
         self.faulty = False
+        for link in self._links.values():
+            link.extra_delay_ms = 0
+        for sender, receiver in cut_links:
+            # The liveness phase keeps retransmissions short so that it measures the core.
+            self._heal_link(sender, receiver, min(self.intensities.retransmit_ms_max, 100))
 
     def is_cut(self, sender: int, receiver: int) -> bool:
         return (sender, receiver) in self._cuts
 
+    def _heal_link(self, sender: int, receiver: int, retransmit_ms_max: int) -> None:
+        link = self._link(sender, receiver)
+        held, link.held = link.held, []
+        if not held:
+            return
+        if self.rng.random() < self.intensities.reset_probability:
+            link.resets += 1
+            self.stats.cut += len(held)
+            return
+        arrival_ms = self.loop.now_ms + self.rng.randint(1, max(1, retransmit_ms_max))
+        link.last_arrival_ms = max(link.last_arrival_ms, arrival_ms)
+        for connection, data in held:
+            self.loop.at(
+                arrival_ms, self._arrival(sender, receiver, connection, data, late=True)
+            )
+
     def send(self, sender: int, receiver: int, data: bytes) -> None:
         self.stats.sent += 1
-        if self.is_cut(sender, receiver):
-            self.stats.cut += 1
-            return
         copies = 1
         if self.faulty:
             if self.rng.random() < self.intensities.loss:
                 self.stats.dropped += 1
                 return
-            if self.rng.random() < self.intensities.duplication:
+            # TCP never duplicates: only the datagram model (reordering) does.
+            if self.intensities.reorder and self.rng.random() < self.intensities.duplication:
                 self.stats.duplicated += 1
                 copies = 2
+        link = self._link(sender, receiver)
+        connection = self._connection(sender, receiver)
         delay_max = self.intensities.delay_ms_max if self.faulty else 2
         for _ in range(copies):
-            delay_ms = self.rng.randint(1, max(1, delay_max))
-            self.loop.after(delay_ms, lambda: self._arrive(sender, receiver, data))
+            arrival_ms = self.loop.now_ms + self.rng.randint(1, max(1, delay_max))
+            arrival_ms += link.extra_delay_ms
+            if not self.intensities.reorder or not self.faulty:
+                arrival_ms = max(arrival_ms, link.last_arrival_ms)
+                link.last_arrival_ms = arrival_ms
+            self.loop.at(arrival_ms, self._arrival(sender, receiver, connection, data))
 
-    def _arrive(self, sender: int, receiver: int, data: bytes) -> None:
-        # A partition that formed while the message was in flight still stops it.
-        if self.is_cut(sender, receiver):
-            self.stats.cut += 1
-            return
-        self.deliver(receiver, sender, data)
+    def _arrival(
+        self, sender: int, receiver: int, connection: _Connection, data: bytes, late: bool = False
+    ) -> Callable[[], None]:
+        def arrive() -> None:
+            if connection != self._connection(sender, receiver):
+                self.stats.cut += 1  # the connection it travelled on is gone
+                return
+            if self.is_cut(sender, receiver):
+                # A partition that formed while the message was in flight holds it, in order.
+                self.stats.held += 1
+                self._link(sender, receiver).held.append((connection, data))
+                return
+            if late:
+                self.stats.delivered_late += 1
+            self.deliver(receiver, sender, data)
+
+        return arrive

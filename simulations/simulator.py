@@ -2,8 +2,9 @@
 
 Owns: `SimConfig` (what to run: seed, cluster size, phases, an optional fault plan and workload,
 and hooks to swap the replica class or the recovery function so tests can plant bugs),
-`run_simulation(config) -> SimResult`, and the simulated clients. A run has a safety phase in
-which the plan's faults fire, then a liveness phase in which every fault stops: links heal,
+`run_simulation(config) -> SimResult`, the simulated clients, and carrying out the plan's faults
+(an exception while a node applies stops that node, as the daemon must). A run has a safety
+phase in which the plan's faults fire, then a liveness phase in which every fault stops: links heal,
 crashed and paused nodes come back, and a probe write must complete within a bound while every
 replica converges. Then the checkers in `simulations.checkers` judge the whole history.
 
@@ -17,10 +18,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from random import Random
 from typing import Any
 
+from consensus.codec import decode_message
 from consensus.config import ClusterConfig, Limits
+from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
 from simulations.checkers import (
@@ -35,6 +39,8 @@ from simulations.linearizability import Operation, unknown_outcome
 from simulations.models import VaultInput, vault_create, vault_read, vault_update
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, decode_result
+from simulations.vault_machine import InjectedApplyError
+from storage.disk import SimDisk
 from storage.errors import DiskError
 
 CLIENT_ATTEMPT_TIMEOUT_MS = 250
@@ -70,9 +76,11 @@ class SimConfig:
     replica_factory: ReplicaFactory = Replica
     recover_records: RecoverFn = recover
     linearizability_timeout_s: float = 10.0
+    configuration_faults: bool = False  # random plans may wipe a node (amnesia)
 
     def replay_command(self) -> str:
-        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}"
+        amnesia = " --amnesia" if self.configuration_faults else ""
+        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}{amnesia}"
 
 
 @dataclass
@@ -89,6 +97,10 @@ class SimResult:
     crashes: int
     linearizability_unknown: bool
     elapsed_s: float
+    crashed_readers: int = 0
+    apply_errors: int = 0
+    messages_held: int = 0
+    messages_late: int = 0
     history: list[Operation] = field(repr=False, default_factory=list)
 
     @property
@@ -100,7 +112,9 @@ class SimResult:
             f"seed {self.config.seed} ({self.config.node_count} nodes): "
             f"{'ok' if self.ok else 'VIOLATIONS'}; {self.operations} ops "
             f"({self.operations_unknown} unknown), {self.faults_injected} faults, "
-            f"{self.crashes} crashes, {self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
+            f"{self.crashes} crashes ({self.crashed_readers} with a read in flight), "
+            f"{self.messages_held} messages held by cuts ({self.messages_late} delivered late), "
+            f"{self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
         ]
         lines += [f"  {violation}" for violation in self.violations]
         if not self.ok:
@@ -127,6 +141,9 @@ class _InFlight:
     call_ms: int
     is_write: bool
     command: bytes | None
+    sent_to: int | None = None  # the node the latest attempt went to, and when
+    sent_ms: int = 0
+    uncertain: bool = False  # an attempt timed out: it may still take effect
 
 
 class _Client:
@@ -142,13 +159,17 @@ class _Client:
         self.current: _InFlight | None = None
         self.versions_seen: dict[str, int] = {}
         self.stopped = False
+        # Such a client believes a definite "not applied" (the command was dropped, so no slot
+        # will ever hold it) and sends the operation again under a new Idempotency-Key: a
+        # wrong "not applied" then shows up as a double effect in the history.
+        self.trusts_not_applied = sim.rng.random() < 0.5 and not sim.plan.intensities.reorder
 
-    def start_next(self) -> None:
+    def start_next(self, keep_target: bool = False) -> None:
         if self.stopped or self.next_op >= len(self.ops):
             return
         spec = self.ops[self.next_op]
         self.next_op += 1
-        if self.sim.rng.random() < 0.3:
+        if not keep_target and self.sim.rng.random() < self.sim.load_balanced:
             # Like a load balancer: some requests land on any node, not the last known leader.
             self.target = self.sim.rng.choice(self.sim.node_ids)
         self.seq += 1
@@ -175,6 +196,8 @@ class _Client:
     def _send(self) -> None:
         current = self.current
         assert current is not None
+        current.sent_to = self.target
+        current.sent_ms = self.sim.loop.now_ms
         self.sim.client_to_node(self.client_id, self.target, current)
 
     def on_reply(self, op_id: int, kind: str, payload: Any) -> None:
@@ -184,6 +207,14 @@ class _Client:
         if kind == "redirect":
             hint = payload if payload in self.sim.node_ids else None
             self.target = hint if hint is not None else self.sim.rng.choice(self.sim.node_ids)
+            if current.is_write and not current.uncertain and self.trusts_not_applied:
+                # Every attempt so far was refused, so the operation had no effect: it leaves
+                # no trace in the history, and the same operation is issued anew. (Only on
+                # TCP-like links: a duplicated Forward can be refused once and queued once.)
+                self.current = None
+                self.next_op -= 1
+                self.sim.loop.after(5, self.start_next)
+                return
             self.sim.loop.after(5, lambda: self._retry(op_id))
             return
         output = decode_result(payload)
@@ -214,6 +245,7 @@ class _Client:
         self.target = self.sim.rng.choice(self.sim.node_ids)
         elapsed_ms = self.sim.loop.now_ms - current.call_ms
         if current.is_write and elapsed_ms < CLIENT_WRITE_DEADLINE_MS:
+            current.uncertain = True  # this attempt may still take effect
             self._send()
             self.sim.loop.after(CLIENT_ATTEMPT_TIMEOUT_MS, lambda: self._timeout(op_id))
             return
@@ -242,13 +274,19 @@ class _Simulation:
         self.rng = Random(config.seed)
         self.node_ids = tuple(range(1, config.node_count + 1))
         plan_rng = Random(self.rng.getrandbits(64))
-        self.plan = config.plan or random_plan(plan_rng, self.node_ids, config.safety_ms)
+        self.plan = config.plan or random_plan(
+            plan_rng, self.node_ids, config.safety_ms, config.configuration_faults
+        )
         self.loop = EventLoop()
         self.observer = Observer()
         self.history: list[Operation] = []
         self.client_faulty = True
         self.network = SimNetwork(
-            self.loop, Random(self.rng.getrandbits(64)), self.plan.intensities, self._deliver
+            self.loop,
+            Random(self.rng.getrandbits(64)),
+            self.plan.intensities,
+            self._deliver,
+            self._incarnation,
         )
         cluster = ClusterConfig(self.node_ids)
         intensities = self.plan.intensities
@@ -271,6 +309,9 @@ class _Simulation:
             )
             for position, node_id in enumerate(self.node_ids)
         }
+        # The share of operations a load balancer sends to any node rather than the last known
+        # leader: high, so that followers serve reads right after writes through the leader.
+        self.load_balanced = self.rng.choice((0.3, 0.7))
         workload = config.workload or random_workload(
             Random(self.rng.getrandbits(64)), config.client_count, config.secret_count
         )
@@ -279,11 +320,19 @@ class _Simulation:
             for client_id, ops in enumerate(workload, start=1)
         }
         self.probe_done_ms: int | None = None
+        self.crashed_readers = 0
+        self.apply_errors = 0
+        self._reader_strikes: list[Fault] = []
 
     # -- wiring
 
     def _deliver(self, receiver: int, sender: int, data: bytes) -> None:
+        if self._reader_strikes:
+            self._strike_reader(receiver, sender, data)
         self.nodes[receiver].receive(sender, data)
+
+    def _incarnation(self, node_id: int) -> int:
+        return self.nodes[node_id].incarnation
 
     def _client_delay_ms(self) -> int:
         delay_max = self.plan.intensities.delay_ms_max if self.client_faulty else 2
@@ -334,10 +383,17 @@ class _Simulation:
         if not leaders:
             return fault
         leader = leaders[0]
-        if fault.kind in ("partition", "stale_leader"):
-            return replace(fault, nodes=(leader,))
         rest = tuple(node_id for node_id in fault.nodes[1:] if node_id != leader)
-        if fault.kind == "one_way" and not rest:
+        if fault.kind in ("partition", "stale_leader"):
+            # The leader takes the side's first place; a side of two keeps a follower with it,
+            # which then still hears the deposed leader.
+            side = (leader, *rest)[: max(1, len(fault.nodes))]
+            return replace(fault, nodes=side)
+        if fault.kind == "slow_link" and fault.nodes[0] > fault.nodes[-1]:
+            # Half of the slow links aimed at the leader slow what reaches it instead.
+            sender = next(node_id for node_id in fault.nodes if node_id != leader)
+            return replace(fault, nodes=(sender, leader))
+        if fault.kind in ("one_way", "slow_link") and not rest:
             rest = (next(node_id for node_id in self.node_ids if node_id != leader),)
         return replace(fault, nodes=(leader, *rest))
 
@@ -373,6 +429,30 @@ class _Simulation:
                         self.network.uncut(*link)
 
             return cut, uncut
+        if fault.kind == "slow_link":
+            sender, receiver = fault.nodes[0], fault.nodes[1]
+
+            def slow_link() -> None:
+                self.network.slow(sender, receiver, fault.magnitude_ms)
+
+            def fast_link() -> None:
+                if self.network.faulty:
+                    self.network.slow(sender, receiver, 0)
+
+            return slow_link, fast_link
+        if fault.kind == "crash_reader":
+            return self._crash_reader_actions(fault)
+        if fault.kind == "flapping":
+            return self._flapping_actions(fault)
+        if fault.kind == "amnesia":
+            victim = self.nodes[fault.nodes[0]]
+
+            def wipe() -> None:
+                victim.crash()
+                victim.disk = SimDisk()
+                self.observer.on_wiped(victim.node_id, self.loop.now_ms)
+
+            return wipe, self._restart_if_down(victim)
         if fault.kind == "power_loss":
             victims = [self.nodes[node_id] for node_id in fault.nodes]
 
@@ -409,9 +489,107 @@ class _Simulation:
                 node.clock_slowdown = 1
 
             return slow_clock, normal_clock
+        if fault.kind == "apply_error":
+            return (lambda: node.state.fail_next_apply(node.node_id),
+                    self._restart_if_down(node))
         if fault.kind == "disk_error":
             return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _crash_reader_actions(
+        self, fault: Fault
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A rolling restart of readers: while the fault lasts, a follower whose read-index
+        request just reached the leader is crashed at that moment (the leader holds the read
+        point open, waiting for a quorum) and restarted `magnitude_ms` later; then, after a
+        pause, the next one. The nodes in `nodes` are down meanwhile: a degraded cluster, in
+        which the quorum needs the restarted follower."""
+        kept_down = [self.nodes[node_id] for node_id in fault.nodes]
+
+        def start() -> None:
+            for node in kept_down:
+                node.crash()
+            self._reader_strikes.append(fault)
+
+        def end() -> None:
+            if fault in self._reader_strikes:
+                self._reader_strikes.remove(fault)
+            for node in kept_down:
+                self._restart_if_down(node)()
+
+        return start, end
+
+    def _strike_reader(self, leader_id: int, sender: int, data: bytes) -> None:
+        """Called while a `crash_reader` fault is armed, for each peer message delivered."""
+        if not self.network.faulty:
+            self._reader_strikes.clear()  # the faults are over
+            return
+        if not isinstance(decode_message(data), ReadIndexRequest):
+            return
+        node = self.nodes[sender]
+        if not node.up or node.replica is None or node.replica.role != "follower":
+            return
+        fault = self._reader_strikes.pop(0)
+        node.crash()
+        self.crashed_readers += 1
+        restart_ms = max(1, fault.magnitude_ms)
+        self.loop.after(restart_ms, self._restart_if_down(node))
+        self._reconnect_readers(sender, restart_ms)
+
+        def rearm() -> None:
+            if self.network.faulty and self.loop.now_ms < fault.start_ms + fault.duration_ms:
+                self._reader_strikes.append(fault)
+
+        # A pause, so that the restarted follower rejoins before the next strike.
+        self.loop.after(restart_ms + self.rng.randint(20, 200), rearm)
+
+    def _reconnect_readers(self, node_id: int, restart_ms: int) -> None:
+        """Clients reading from a node that crashed see their connection reset: the read is
+        abandoned (a read has no effect) and issued anew, as a new operation, to the same node
+        once it is back."""
+        for client in self.clients.values():
+            current = client.current
+            if current is None or current.is_write or current.sent_to != node_id:
+                continue
+            client.current = None
+            client.next_op -= 1
+            client.target = node_id
+            # Reconnects spread over the first round trips of the new incarnation.
+            reconnect_ms = self.rng.randint(1, 20 + 3 * self.plan.intensities.delay_ms_max)
+            self.loop.after(restart_ms + reconnect_ms, partial(client.start_next, True))
+
+    def _flapping_actions(
+        self, fault: Fault
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Every `magnitude_ms` a new random split, two-way or one-way, replaces the last one
+        until the fault ends: held messages from one split arrive during the next, after the
+        elections it caused (Jepsen's partition-random-halves, with TCP holding the bytes)."""
+        current: list[tuple[int, int]] = []
+        end_ms = fault.start_ms + fault.duration_ms
+
+        def uncut_current() -> None:
+            if self.network.faulty:
+                for link in current:
+                    self.network.uncut(*link)
+            current.clear()
+
+        def flap() -> None:
+            uncut_current()
+            if self.loop.now_ms >= end_ms or not self.network.faulty:
+                return
+            side = set(self.rng.sample(self.node_ids, self.rng.randint(1, len(self.node_ids) // 2)))
+            direction = self.rng.choice(("both", "out", "in"))
+            for a in self.node_ids:
+                for b in self.node_ids:
+                    outward = a in side and b not in side and direction != "in"
+                    inward = b in side and a not in side and direction != "out"
+                    if outward or inward:
+                        current.append((a, b))
+            for link in current:
+                self.network.cut(*link)
+            self.loop.after(max(1, fault.magnitude_ms), flap)
+
+        return flap, uncut_current
 
     def _restart_if_down(self, node: SimNode) -> Callable[[], None]:
         def restart() -> None:
@@ -425,6 +603,8 @@ class _Simulation:
         self.client_faulty = False
         for node in self.nodes.values():
             _disarm_fsync_errors(node)
+            if node.up:
+                node.state.fail_next_apply(None)
             node.disk_slowdown = 1
             node.clock_slowdown = 1
             if node.paused:
@@ -443,13 +623,13 @@ class _Simulation:
             self._schedule(fault)
         for client in self.clients.values():
             self.loop.at(self.rng.randint(0, 50), client.start_next)
-        self.loop.run_until(config.safety_ms)
+        self._run_until(config.safety_ms)
         self._heal()
         self._start_probe()
         quiet_from_ms = config.safety_ms + config.liveness_ms // 2
         self.loop.at(quiet_from_ms, self._stop_clients)
         end_ms = config.safety_ms + config.liveness_ms
-        self.loop.run_until(end_ms)
+        self._run_until(end_ms)
         for client in self.clients.values():
             client.abandon()
         violations = list(self.observer.violations)
@@ -475,8 +655,23 @@ class _Simulation:
             crashes=sum(node.stats.crashes for node in self.nodes.values()),
             linearizability_unknown=lin_result.ok is None,
             elapsed_s=time.monotonic() - started,
+            crashed_readers=self.crashed_readers,
+            apply_errors=self.apply_errors,
+            messages_held=self.network.stats.held,
+            messages_late=self.network.stats.delivered_late,
             history=self.history,
         )
+
+    def _run_until(self, end_ms: int) -> None:
+        """Run the loop; an exception while a node applies stops that node (it restarts from
+        its disk later, like any crashed node) and the run goes on."""
+        while True:
+            try:
+                self.loop.run_until(end_ms)
+                return
+            except InjectedApplyError as error:
+                self.apply_errors += 1
+                self.nodes[error.node_id].crash()
 
     def _stop_clients(self) -> None:
         for client in self.clients.values():

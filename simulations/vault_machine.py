@@ -41,11 +41,28 @@ def _sealed(name: str, value: str, record_id: bytes) -> dict[str, Any]:
     return {"name": name, "kek_id": KEK_ID, "record_id": record_id, "ciphertext": value.encode()}
 
 
+class InjectedApplyError(RuntimeError):
+    """An apply that raised (a bug, a command the state machine cannot take): the node that hit
+    it must stop, never skip the command and carry on."""
+
+    def __init__(self, node_id: int, index: int) -> None:
+        super().__init__(f"injected apply error on node {node_id} at log index {index}")
+        self.node_id = node_id
+
+
 class VaultMachine:
     def __init__(self) -> None:
         self.state = _fresh_state()
+        self._fail_next_apply_for: int | None = None
+
+    def fail_next_apply(self, node_id: int | None) -> None:
+        """Make the next `apply` raise `InjectedApplyError` for `node_id` (None disarms)."""
+        self._fail_next_apply_for = node_id
 
     def apply(self, index: int, command: bytes) -> bytes:
+        if self._fail_next_apply_for is not None:
+            node_id, self._fail_next_apply_for = self._fail_next_apply_for, None
+            raise InjectedApplyError(node_id, index)
         request = KvCommand.decode(command)
         outcome = self.state.apply(index, self._vault_command(index, request, command))
         if outcome.code == "created":

@@ -12,6 +12,7 @@ import pytest
 from consensus.messages import BALLOT_ZERO, NOOP, Accepted, Batch, Message, Promise
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
+from consensus.testing import LeaderTrustsEveryLearn, ReadRoundsRestartEachIncarnation
 from simulations.simulator import SimConfig, SimResult, run_simulation
 
 
@@ -66,10 +67,13 @@ class AcksBeforeDurable(Replica):
             super()._send_after_persist(message)
 
 
+RecoverFn = Callable[[list[Record], int], DurableState]
+
+
 def first_caught_seed(
     seeds_max: int,
     factory: type[Replica] = Replica,
-    recover_records: Callable[[list[Record], int], DurableState] = recover,
+    recover_records: RecoverFn = recover,
     node_counts: tuple[int, ...] = (3, 5),
 ) -> tuple[int | None, SimResult | None]:
     for seed in range(seeds_max):
@@ -86,17 +90,19 @@ def first_caught_seed(
     return None, None
 
 
+# Issue 12's bugs 1 and 2, restored by the core's switches (consensus/testing.py).
+LearnVouchesForUnchosenValue = LeaderTrustsEveryLearn  # bug 1: a Learn-moved watermark (5 nodes)
+ReadRoundReusedAfterRestart = ReadRoundsRestartEachIncarnation  # bug 2: read rounds restart at 0
+
 # Bounds are about twice the seed at which the bug was first caught when this was written
-# (see docs/consensus.md), so a simulator that loses its teeth fails here.
-PLANTED = {
-    "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 30),
-    "skips_phase_one": (SkipsPhaseOne, recover, 25),
-    "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40),
-    # Caught at seed 291 since the simulator runs the daemon's driver (consensus/driver.py):
-    # records made during an fsync wait for the next one, as in the daemon, where the old
-    # simulated fsync also covered them, which acknowledged writes sooner in the stale window.
-    "reads_without_quorum": (ReadsWithoutQuorum, recover, 600),
-    "acks_before_durable": (AcksBeforeDurable, recover, 60),
+# (see docs/consensus.md), so a simulator that loses its teeth fails here. The node counts are
+# alternated seed by seed.
+PLANTED: dict[str, tuple[type[Replica], RecoverFn, int, tuple[int, ...]]] = {
+    "forgets_promise_on_restart": (ForgetsPromiseOnRestart, forgetful_recover, 30, (3, 5)),
+    "skips_phase_one": (SkipsPhaseOne, recover, 25, (3, 5)),
+    "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40, (3, 5)),
+    "reads_without_quorum": (ReadsWithoutQuorum, recover, 200, (3, 5)),
+    "acks_before_durable": (AcksBeforeDurable, recover, 60, (3, 5)),
 }
 
 
@@ -113,12 +119,33 @@ SLOW_SCANS = {"reads_without_quorum"}
     ],
 )
 def test_planted_bug_is_caught(bug: str, capsys: pytest.CaptureFixture[str]) -> None:
-    factory, recover_records, seeds_max = PLANTED[bug]
-    seed, result = first_caught_seed(seeds_max, factory, recover_records)
+    factory, recover_records, seeds_max, node_counts = PLANTED[bug]
+    seed, result = first_caught_seed(seeds_max, factory, recover_records, node_counts)
     assert seed is not None and result is not None, f"{bug} survived {seeds_max} seeds"
     with capsys.disabled():
         checkers = sorted({v.checker for v in result.violations})
         print(f"\n{bug}: caught at seed {seed} ({seed + 1} seeds) by {checkers}")
+
+
+# The random campaign does not catch these yet (figures in docs/consensus.md): each scan is
+# expected to come up empty, and strictly so, so that the day it catches one this test fails
+# and the entry moves into PLANTED with its figure.
+NOT_YET_CAUGHT: dict[str, tuple[type[Replica], int, tuple[int, ...]]] = {
+    "learn_vouches_for_unchosen_value": (LearnVouchesForUnchosenValue, 12, (5,)),
+    "read_round_reused_after_restart": (ReadRoundReusedAfterRestart, 16, (3,)),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12 bugs 1 and 2: the random campaign did not catch them in 300 seeds at "
+    "3 and at 5 nodes (docs/consensus.md)",
+)
+@pytest.mark.parametrize("bug", sorted(NOT_YET_CAUGHT))
+def test_issue_12_bug_is_caught(bug: str) -> None:
+    factory, seeds_max, node_counts = NOT_YET_CAUGHT[bug]
+    seed, result = first_caught_seed(seeds_max, factory, recover, node_counts)
+    assert seed is not None and result is not None, f"{bug} survived {seeds_max} seeds"
 
 
 def test_the_correct_core_passes_the_same_seeds() -> None:

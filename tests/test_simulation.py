@@ -5,14 +5,17 @@ checkers' own teeth on hand-made histories, and the campaign command line. The l
 
 from __future__ import annotations
 
+from random import Random
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simulations.__main__ import main as campaign_main
 from simulations.checkers import Observer, check_durability
-from simulations.faults import FAULT_KINDS, Fault, FaultPlan, Intensities
+from simulations.faults import FAULT_KINDS, Fault, FaultPlan, Intensities, random_plan
 from simulations.linearizability import Operation
 from simulations.models import vault_create
+from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import VersionedKv
 from simulations.simulator import OpSpec, SimConfig, run_simulation
 
@@ -29,6 +32,9 @@ def plans(node_count: int) -> st.SearchStrategy[FaultPlan]:
         client_loss=st.floats(0.0, 0.1),
         disk_latency_ms_max=st.integers(1, 20),
         torn_write_probability=st.floats(0.0, 1.0),
+        reorder=st.booleans(),
+        reset_probability=st.floats(0.0, 1.0),
+        retransmit_ms_max=st.integers(1, 600),
     )
     fault = st.builds(
         Fault,
@@ -38,6 +44,7 @@ def plans(node_count: int) -> st.SearchStrategy[FaultPlan]:
         nodes=st.lists(st.sampled_from(node_ids), min_size=2, max_size=node_count, unique=True)
         .map(tuple),
         at_leader=st.booleans(),
+        magnitude_ms=st.integers(0, 600),
     )
     return st.builds(
         FaultPlan,
@@ -130,3 +137,116 @@ def test_campaign_prints_a_summary(capsys: object) -> None:
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     for field in ("seeds: 2", "simulated time", "operations", "faults injected", "violations: 0"):
         assert field in out
+
+
+def _network(**intensities: object) -> tuple[EventLoop, SimNetwork, list[tuple[int, bytes]]]:
+    loop = EventLoop()
+    arrived: list[tuple[int, bytes]] = []
+    network = SimNetwork(
+        loop, Random(7), Intensities(delay_ms_max=50, **intensities),  # type: ignore[arg-type]
+        lambda receiver, sender, data: arrived.append((loop.now_ms, data)),
+    )
+    return loop, network, arrived
+
+
+def test_links_deliver_in_order_despite_random_delays() -> None:
+    loop, network, arrived = _network()
+    for n in range(200):
+        network.send(1, 2, n.to_bytes(2, "big"))
+    loop.run_until(10_000)
+    assert [int.from_bytes(data, "big") for _, data in arrived] == list(range(200))
+
+
+def test_a_cut_holds_messages_and_delivers_them_late_in_order_after_it_heals() -> None:
+    loop, network, arrived = _network(reset_probability=0.0, retransmit_ms_max=300)
+    network.send(1, 2, b"in flight")  # arrives while the cut is on: held too
+    network.cut(1, 2)
+    network.send(1, 2, b"sent during the cut")
+    loop.run_until(1000)
+    assert arrived == []
+    network.uncut(1, 2)
+    network.send(1, 2, b"sent after the heal")
+    loop.run_until(3000)
+    assert [data for _, data in arrived] == [
+        b"in flight", b"sent during the cut", b"sent after the heal"
+    ]
+    assert arrived[0][0] > 1000  # late: after the heal, by a retransmission delay
+    assert network.stats.held == 2 and network.stats.delivered_late == 2
+
+
+def test_a_cut_that_heals_by_resetting_the_connection_loses_what_it_held() -> None:
+    loop, network, arrived = _network(reset_probability=1.0)
+    network.cut(1, 2)
+    network.send(1, 2, b"lost in the reset")
+    loop.run_until(1000)
+    network.uncut(1, 2)
+    network.send(1, 2, b"new connection")
+    loop.run_until(3000)
+    assert [data for _, data in arrived] == [b"new connection"]
+
+
+def test_a_one_way_cut_leaves_the_other_direction_flowing() -> None:
+    loop, network, arrived = _network()
+    network.cut(1, 2)
+    network.send(2, 1, b"back")
+    loop.run_until(1000)
+    assert [data for _, data in arrived] == [b"back"]
+
+
+def test_a_restart_of_the_receiver_resets_its_connections() -> None:
+    loop = EventLoop()
+    incarnations = {1: 1, 2: 1}
+    arrived: list[bytes] = []
+    network = SimNetwork(
+        loop, Random(1), Intensities(delay_ms_max=50),
+        lambda receiver, sender, data: arrived.append(data), incarnations.__getitem__,
+    )
+    network.send(1, 2, b"to the old incarnation")
+    incarnations[2] = 3  # crashed and restarted while the message was in flight
+    network.send(1, 2, b"to the new one")
+    loop.run_until(1000)
+    assert arrived == [b"to the new one"]
+
+
+def test_a_slow_link_delays_by_its_magnitude_and_keeps_order() -> None:
+    loop, network, arrived = _network()
+    network.slow(1, 2, 400)
+    network.send(1, 2, b"slow")
+    network.slow(1, 2, 0)
+    network.send(1, 2, b"queued behind it")
+    loop.run_until(2000)
+    assert [data for _, data in arrived] == [b"slow", b"queued behind it"]
+    assert arrived[0][0] > 400 and arrived[1][0] >= arrived[0][0]
+
+
+def test_amnesia_is_reported_as_a_configuration_error() -> None:
+    plan = FaultPlan(faults=(Fault("amnesia", 500, 100, (2,)),))
+    result = run_simulation(SimConfig(seed=3, node_count=3, plan=plan))
+    assert "configuration_error" in {v.checker for v in result.violations}
+    assert not result.ok
+    assert "amnesia" in result.report() and "replay:" in result.report()
+
+
+def test_random_plans_leave_out_amnesia_unless_asked() -> None:
+    kinds = {f.kind for seed in range(200)
+             for f in random_plan(Random(seed), (1, 2, 3), 2000).faults}
+    assert "amnesia" not in kinds
+    assert {"slow_link", "flapping", "crash_reader"} <= kinds
+    asked = {f.kind for seed in range(200)
+             for f in random_plan(Random(seed), (1, 2, 3), 2000, True).faults}
+    assert "amnesia" in asked
+
+
+def test_readers_are_crashed_while_another_node_is_down() -> None:
+    plan = FaultPlan(faults=(Fault("crash_reader", 200, 1500, (3,), False, 20),))
+    result = run_simulation(SimConfig(seed=5, node_count=3, plan=plan))
+    assert result.crashed_readers > 0
+    assert result.ok, result.report()
+
+
+def test_an_apply_error_stops_the_node_and_the_run_goes_on() -> None:
+    plan = FaultPlan(faults=(Fault("apply_error", 300, 200, (2,)),))
+    result = run_simulation(SimConfig(seed=11, node_count=3, plan=plan))
+    assert result.apply_errors == 1
+    assert result.crashes >= 1  # the node stopped instead of skipping the command
+    assert result.ok, result.report()
