@@ -20,18 +20,49 @@ async def _never_called(request: Request) -> Response:
     raise AssertionError("the handler is not run in these tests")
 
 
-def fed(*chunks: bytes) -> list[Any]:
+class _SilentTransport:
+    """Enough of asyncio.Transport for _HttpConnection to parse; nothing is ever written here."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+
+async def fed(*chunks: bytes) -> list[Any]:
     """What the connection queued for its worker after receiving `chunks`: (request or error
-    response, keep-alive) pairs."""
+    response, keep-alive) pairs. Nothing here awaits, so the worker never takes one."""
     server = HttpServer(_never_called, body_bytes_max=1 << 20)
     connection = _HttpConnection(_never_called, 1 << 20, server)
+    connection.connection_made(_SilentTransport())  # type: ignore[arg-type]
     for chunk in chunks:
         connection.data_received(chunk)
-    return list(connection._work)
+    queued = list(connection._work)
+    connection.connection_lost(None)
+    return queued
 
 
-def test_list_is_handed_on_as_list_even_when_its_first_bytes_arrive_alone() -> None:
-    queued = fed(
+async def test_list_is_handed_on_as_list_even_when_its_first_bytes_arrive_alone() -> None:
+    queued = await fed(
         b"LI",
         b"ST /v1/secret/metadata/app?x=1 HTTP/1.1\r\nHost: v\r\nX-Vault-Token: t\r\n\r\n",
         b"GET /v1/secret/data/app HTTP/1.1\r\nHost: v\r\n\r\n",
@@ -46,8 +77,8 @@ def test_list_is_handed_on_as_list_even_when_its_first_bytes_arrive_alone() -> N
     assert requests[0].query == {"x": ["1"]} and requests[0].headers["x-vault-token"] == "t"
 
 
-def test_a_list_pipelined_behind_another_request_in_one_read_is_refused_as_malformed() -> None:
-    queued = fed(
+async def test_a_list_pipelined_behind_another_request_in_one_read_is_refused_as_malformed() -> None:
+    queued = await fed(
         b"GET /a HTTP/1.1\r\nHost: v\r\n\r\nLIST /b HTTP/1.1\r\nHost: v\r\n\r\n",
     )
     assert isinstance(queued[0][0], Request) and queued[0][0].method == "GET"
@@ -56,8 +87,8 @@ def test_a_list_pipelined_behind_another_request_in_one_read_is_refused_as_malfo
 
 
 @pytest.mark.parametrize("method", [b"LISTS", b"LIS", b"XLIST"])
-def test_other_unknown_methods_stay_malformed(method: bytes) -> None:
-    queued = fed(method + b" /v1/secret/metadata/ HTTP/1.1\r\nHost: v\r\n\r\n")
+async def test_other_unknown_methods_stay_malformed(method: bytes) -> None:
+    queued = await fed(method + b" /v1/secret/metadata/ HTTP/1.1\r\nHost: v\r\n\r\n")
     assert len(queued) == 1 and isinstance(queued[0][0], Response)
     assert queued[0][0].status == 400
 
