@@ -304,10 +304,8 @@ class _HttpConnection(asyncio.Protocol):
         self._feed()
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is None:
-            if self._tls_taken_over:  # decrypted before start_tls returned: parse it then
-                self._pending = memoryview(bytes(self._pending or b"") + data)
-            elif self._raw_transport is not None:  # TLS not started yet: keep it for start_tls
+        if self._transport is None and not self._tls_taken_over:
+            if self._raw_transport is not None:  # TLS not started yet: keep it for start_tls
                 self._early_tls_bytes += data
                 self._raw_transport.pause_reading()  # type: ignore[attr-defined]
             return
@@ -328,6 +326,8 @@ class _HttpConnection(asyncio.Protocol):
             self._pending = memoryview(bytes(self._pending) + data)
         else:
             self._pending = memoryview(data)
+        if self._transport is None:
+            return  # decrypted before start_tls returned: parsed once it has
         self._feed()
 
     def _feed(self) -> None:
