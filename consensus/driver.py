@@ -49,6 +49,7 @@ class ApplyFailed(Exception):
             "rather than carry on with a state that may differ from its peers'"
         )
         self.slot = slot
+        self.cause = cause
 
 
 class DurableLog(Protocol):

@@ -24,7 +24,7 @@ import msgpack
 
 from consensus.codec import decode_message, decode_record, encode_message
 from consensus.config import ClusterConfig, Limits
-from consensus.driver import ReadyDriver
+from consensus.driver import ApplyFailed, ReadyDriver
 from consensus.messages import Accepted, Message, Promise
 from consensus.ready import ChosenSlot, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
@@ -32,7 +32,7 @@ from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand
-from simulations.vault_machine import VaultMachine
+from simulations.vault_machine import InjectedApplyError, VaultMachine
 from storage.disk import SimDisk
 from storage.errors import DiskError
 from storage.log import SegmentedLog
@@ -240,9 +240,14 @@ class SimNode:
             self.stats.disk_errors += 1
             self.crash()
             return
+        self.stats.apply_errors += 1
+        if isinstance(error, ApplyFailed) and isinstance(error.cause, InjectedApplyError):
+            # The simulator's apply-error fault: the node stops at once, as the daemon does, and
+            # is restarted from its disk like any crashed node (simulator.py heals the fault).
+            self.crash()
+            return
         # Anything else (an exception while applying) is a bug in the node, not a fault the
         # cluster should ride out: the node stays down, so the run fails its liveness check.
-        self.stats.apply_errors += 1
         self.failure = f"node {self.node_id}: {error}"
         self.crash()
 
