@@ -7,11 +7,13 @@ arrive alone. These drive the connection protocol directly, so the chunking is e
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 
 from tests.test_config import BASE_DIR, config_error, valid_data
+from tests.test_events_buffering import RecordingTransport
 from vaultnode.config import parse_config
 from vaultnode.http_server import HttpServer, Request, Response, _HttpConnection
 
@@ -20,40 +22,12 @@ async def _never_called(request: Request) -> Response:
     raise AssertionError("the handler is not run in these tests")
 
 
-class _SilentTransport:
-    """Enough of asyncio.Transport for _HttpConnection to parse; nothing is ever written here."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-
 async def fed(*chunks: bytes) -> list[Any]:
     """What the connection queued for its worker after receiving `chunks`: (request or error
     response, keep-alive) pairs. Nothing here awaits, so the worker never takes one."""
     server = HttpServer(_never_called, body_bytes_max=1 << 20)
     connection = _HttpConnection(_never_called, 1 << 20, server)
-    connection.connection_made(_SilentTransport())  # type: ignore[arg-type]
+    connection.connection_made(RecordingTransport(io.StringIO()))  # type: ignore[arg-type]
     for chunk in chunks:
         connection.data_received(chunk)
     queued = list(connection._work)
