@@ -4,8 +4,9 @@ Owns the daemon's side of `consensus.driver.ReadyDriver` (which holds the rules 
 `Ready` into log writes, fsyncs, sends and applies, shared with the simulator): sending through
 the peer transport, running each fsync on a thread off the event loop, applying chosen slots to
 the vault state and resolving the requests waiting for them, answering reads, and writing
-snapshots (in a forked child). It also owns the tick timer and the request deadlines. A disk
-error or an exception while applying is never retried: the node stops (exit code 1).
+snapshots (in a forked child). It also owns the tick timer and the request deadlines. Every
+input reaches the core through the driver. A disk error, an exception while applying or an
+`InvariantViolation` raised by the core is never retried: the node stops (exit code 1).
 """
 
 from __future__ import annotations
@@ -395,7 +396,7 @@ class PaxosReplicator:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._reads[read_id] = future
-        self.replica.request_read(read_id)
+        self.driver.request_read(read_id)
         self._kick()
         self._read_deadlines.append((loop.time() + READ_TIMEOUT_S, future))
         try:
@@ -420,7 +421,7 @@ class PaxosReplicator:
             message = self._within_clock_bound(message)
             if not message.commands:
                 return
-        self.replica.step(message)
+        self.driver.step(message)
         self._kick()
 
     def _within_clock_bound(self, forward: Forward) -> Forward:
@@ -477,7 +478,9 @@ class PaxosReplicator:
     def _on_tick(self) -> None:
         if self._stopped is not None:
             return
-        self.replica.tick()
+        self.driver.tick()
+        if self._stopped is not None:
+            return
         self._ticks += 1
         if self._ticks % CLOCK_PING_TICKS == 0:
             self._ping_clocks()
@@ -505,7 +508,7 @@ class PaxosReplicator:
             return
         if self._proposals:
             proposals, self._proposals = self._proposals, []
-            self.replica.propose(proposals)
+            self.driver.propose(proposals)
         self.driver.process()
         self._note_role_change()
 
@@ -667,7 +670,7 @@ class PaxosReplicator:
         self._last_snapshot_slot = slot
         self.snapshots_total["local"] += 1
         self.snapshot_size_bytes = len(data)
-        self.replica.snapshot_taken(slot, data)
+        self.driver.snapshot_taken(slot, data)
         self._events.emit("snapshot.taken", slot=slot, size_bytes=len(data), source="local")
         self._kick()  # persist the restatement and compact now, not at the next message
         if self.state.destroyed_at_index > slot:  # destroyed while this one was being written
