@@ -27,10 +27,14 @@ from vaultnode.state import VaultState
 class CountingTransport(LoopbackTransport):
     def __init__(self, node_id: int, replicators: dict[int, PaxosReplicator]) -> None:
         super().__init__(node_id, replicators)
-        self.sent = 0
+        self.messages: list[Message] = []
+
+    @property
+    def sent(self) -> int:
+        return len(self.messages)
 
     def send(self, message: Message) -> None:
-        self.sent += 1
+        self.messages.append(message)
         super().send(message)
 
 
@@ -49,22 +53,30 @@ def plant_violation(replicator: PaxosReplicator, core_input: str) -> None:
     setattr(replica, core_input, violating)
 
 
-@pytest.mark.parametrize("core_input", ["step", "tick", "ready"])
-async def test_an_invariant_violation_stops_the_node(tmp_path: Path, core_input: str) -> None:
-    fatal: dict[int, list[BaseException]] = {n: [] for n in NODES}
+def start_replicators(
+    data_dir: Path, fatal: dict[int, list[BaseException]], **options: Any
+) -> tuple[dict[int, PaxosReplicator], dict[int, CountingTransport]]:
+    """Three replicators on this loop, wired by counting loopback transports."""
     replicators: dict[int, PaxosReplicator] = {}
     transports: dict[int, CountingTransport] = {}
     for node_id in NODES:
         replicators[node_id] = PaxosReplicator(
-            node_id=node_id, node_ids=NODES, data_dir=tmp_path / f"n{node_id}",
+            node_id=node_id, node_ids=NODES, data_dir=data_dir / f"n{node_id}",
             state=VaultState(),
             events=EventLog(node_id, io.StringIO()), on_fatal=fatal[node_id].append,
-            segment_bytes_max=1 << 20, snapshot_every_slots=1_000_000,
+            segment_bytes_max=1 << 20, snapshot_every_slots=1_000_000, **options,
         )
         replicators[node_id].replay()
     for node_id, replicator in replicators.items():
         transports[node_id] = CountingTransport(node_id, replicators)
         replicator.start(transports[node_id])  # type: ignore[arg-type]
+    return replicators, transports
+
+
+@pytest.mark.parametrize("core_input", ["step", "tick", "ready"])
+async def test_an_invariant_violation_stops_the_node(tmp_path: Path, core_input: str) -> None:
+    fatal: dict[int, list[BaseException]] = {n: [] for n in NODES}
+    replicators, transports = start_replicators(tmp_path, fatal)
     try:
         await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
         await wait_for(lambda: all(r.leader_id() is not None for r in replicators.values()),

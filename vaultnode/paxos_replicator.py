@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import itertools
 import os
@@ -27,16 +28,16 @@ import msgpack
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_record
-from consensus.config import ClusterConfig
+from consensus.config import ENVELOPE_BYTES, ClusterConfig, encoded_command_bytes
 from consensus.config import Limits as ConsensusLimits
 from consensus.driver import ReadyDriver
 from consensus.messages import Forward, ForwardRefused, Message
-from consensus.ready import ChosenSlot, Ready, Snapshot
+from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import recover
 from consensus.replica import Replica, Role
-from consensus.transport import PeerTransport
+from consensus.transport import FRAME_SIZE_BYTES_MAX_DEFAULT, PeerTransport
 from storage.disk import RealDisk
-from storage.log import SegmentedLog
+from storage.log import RECORD_SIZE_BYTES_MAX_DEFAULT, SegmentedLog
 from storage.snapshot_file import load_latest_snapshot, remove_snapshots_before, write_snapshot
 from vaultnode.commands import (
     Command,
@@ -61,6 +62,22 @@ CONSENSUS_LIMITS = ConsensusLimits(
     catchup_slots_max=256,
     reads_pending_max=8192,
 )
+
+
+def consensus_limits(record_bytes_max: int, frame_bytes_max: int) -> ConsensusLimits:
+    """The core's limits for a log whose records and a transport whose frames hold at most these
+    many bytes: one slot's value and one snapshot chunk are cut to fit both, with the room a
+    message's or record's own fields take (`ENVELOPE_BYTES`)."""
+    room = min(record_bytes_max, frame_bytes_max) - ENVELOPE_BYTES
+    return dataclasses.replace(
+        CONSENSUS_LIMITS,
+        record_bytes_max=record_bytes_max,
+        frame_bytes_max=frame_bytes_max,
+        batch_bytes_max=min(CONSENSUS_LIMITS.batch_bytes_max, room),
+        snapshot_chunk_bytes=min(CONSENSUS_LIMITS.snapshot_chunk_bytes, room),
+    )
+
+
 PROPOSAL_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
@@ -103,6 +120,12 @@ class NotLeader(Exception):
     def __init__(self, leader_id: int | None) -> None:
         super().__init__(f"not the leader (leader: {leader_id})")
         self.leader_id = leader_id
+
+
+class CommandTooLarge(Exception):
+    """The command is larger than one slot may hold (`Limits.batch_bytes_max`, derived from the
+    log's record and the transport's frame limits): it can never be ordered. Nothing was
+    proposed; a retry fails the same way."""
 
 
 class OutcomeUnknown(Exception):
@@ -175,6 +198,8 @@ class PaxosReplicator:
         segment_bytes_max: int,
         snapshot_every_slots: int,
         max_clock_offset_ms: int = MAX_CLOCK_OFFSET_MS_DEFAULT,
+        record_bytes_max: int = RECORD_SIZE_BYTES_MAX_DEFAULT,
+        frame_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -186,6 +211,7 @@ class PaxosReplicator:
         self._log_dir = str(data_dir / "paxos")
         self._segment_bytes_max = segment_bytes_max
         self._snapshot_every_slots = snapshot_every_slots
+        self.limits = consensus_limits(record_bytes_max, frame_bytes_max)
         self.transport: PeerTransport | None = None
         self._log: SegmentedLog | None = None
         self._replica: Replica | None = None
@@ -244,7 +270,8 @@ class PaxosReplicator:
             self._last_snapshot_slot = snapshot.log_index
             self.snapshot_size_bytes = len(snapshot.payload)
         log, report = SegmentedLog.open(
-            self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max
+            self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max,
+            record_size_bytes_max=self.limits.record_bytes_max,
         )
         if report.torn_tail is not None:
             tail = report.torn_tail
@@ -257,7 +284,7 @@ class PaxosReplicator:
             self.node_id,
             self._config,
             Random(int.from_bytes(os.urandom(8), "big")),
-            CONSENSUS_LIMITS,
+            self.limits,
             durable=durable,
             last_record_index=log.last_index,
             snapshot=core_snapshot,
@@ -590,7 +617,16 @@ class PaxosReplicator:
             for raw in dropped.commands:
                 waiter = self._take_waiter(raw)
                 if waiter is not None and not waiter[0].done():
-                    waiter[0].set_exception(NotLeader(dropped.leader_hint))
+                    error = self._drop_error(dropped.reason, raw, dropped.leader_hint)
+                    waiter[0].set_exception(error)
+
+    def _drop_error(self, reason: DropReason, raw: bytes, leader_hint: int | None) -> Exception:
+        if reason == DropReason.TOO_LARGE:
+            return CommandTooLarge(
+                f"the command takes {encoded_command_bytes(raw)} bytes; one slot holds at most "
+                f"{self.limits.batch_bytes_max} (the log's record and the peers' frame limits)"
+            )
+        return NotLeader(leader_hint)
 
     def _take_waiter(self, raw: bytes) -> tuple[asyncio.Future[Outcome], Command] | None:
         """The oldest request waiting for this encoded command, no longer waiting."""
