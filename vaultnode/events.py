@@ -58,6 +58,8 @@ EVENTS = frozenset(
         "request.failed",
         "leader.elected",
         "leader.lost",
+        "leader.unreachable",
+        "leader.reachable",
         "peer.connected",
         "peer.refused",
         "peer.disconnected",

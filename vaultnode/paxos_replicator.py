@@ -82,6 +82,10 @@ PROPOSAL_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
 LEADER_REDIAL_WAIT_S = 2.0
+# A connected leader echoes our heartbeat acks every heartbeat (50 ms); a new follower's first
+# echo takes one round. Past this, a leader we are connected to but that does not echo is not
+# hearing us (a one-way cut, a dead connection): what we would forward would not arrive.
+LEADER_ECHO_WAIT_S = 0.5
 LEADER_REDIAL_POLL_S = 0.02
 # Test-only and unsafe: set to "1" in a node's environment, its linearizable reads skip the read
 # barrier and answer from the local applied state. Only the nemesis's teeth check sets it
@@ -247,6 +251,8 @@ class PaxosReplicator:
         # Peer id -> time.monotonic() of its last message: how stale this node's view may be.
         self._heard_from: dict[int, float] = {}
         self._leader_seen: int | None = None
+        self._leader_reachable_seen = False
+        self._leader_unreachable_reported = False
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
         # Told how long each fsync took (seconds), e.g. by the node's metrics.
@@ -365,29 +371,38 @@ class PaxosReplicator:
         replica = self.replica
         if replica.role == Role.LEADER:
             return True
+        # Whether the leader hears us is judged from its replies (`leader_reachable`: it echoed
+        # one of our heartbeat acks within an election timeout), not from the TCP connection,
+        # which stays up through a one-way cut; a connection that is down rules it out at once.
         leader = replica.leader_id
         return (
             replica.role == Role.FOLLOWER
             and leader is not None
+            and replica.leader_reachable
             and self.transport is not None
             and self.transport.can_send_to(leader)
         )
 
     async def _ensure_can_order(self) -> None:
-        """Raise unless this node leads, or follows a leader it is connected to: then a command
-        or read handed to the core reaches the node that orders it. While the connection to a
-        known leader is being redialled (a peer just restarted) it waits, briefly; a leader that
-        died is no longer known once the election timeout passes, which ends the wait."""
+        """Raise unless this node leads, or follows a leader that hears it: then a command or
+        read handed to the core reaches the node that orders it. While the connection to a known
+        leader is being redialled (a peer just restarted) it waits up to LEADER_REDIAL_WAIT_S; a
+        leader it is connected to gets LEADER_ECHO_WAIT_S to echo (a new leader's first round).
+        A leader that died is no longer known once the election timeout passes, which ends the
+        wait too. Raising NotLeader here means nothing was proposed (503 `unavailable`)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LEADER_REDIAL_WAIT_S
+        started = loop.time()
         while not self._can_order_now():
             if self._stopped is not None:
                 raise ReplicationStopped(str(self._stopped))
             replica = self.replica
-            if replica.role != Role.FOLLOWER or replica.leader_id is None:
-                raise NotLeader(replica.leader_id)
-            if loop.time() >= deadline:
-                raise NotLeader(replica.leader_id)
+            leader = replica.leader_id
+            if replica.role != Role.FOLLOWER or leader is None:
+                raise NotLeader(leader)
+            waited = loop.time() - started
+            connected = self.transport is not None and self.transport.can_send_to(leader)
+            if waited >= LEADER_REDIAL_WAIT_S or (connected and waited >= LEADER_ECHO_WAIT_S):
+                raise NotLeader(leader)
             await asyncio.sleep(LEADER_REDIAL_POLL_S)
 
     async def submit(self, command: Command) -> Outcome:
@@ -508,6 +523,7 @@ class PaxosReplicator:
         self.driver.tick()
         if self._stopped is not None:
             return
+        self._note_role_change()  # leader reachability is judged at ticks
         self._ticks += 1
         if self._ticks % CLOCK_PING_TICKS == 0:
             self._ping_clocks()
@@ -722,12 +738,27 @@ class PaxosReplicator:
             elif self._role_seen == Role.LEADER:
                 self._events.emit("leader.lost", role=str(replica.role))
             self._role_seen = replica.role
-        if replica.leader_id != self._leader_seen:
+        leader_moved = replica.leader_id != self._leader_seen
+        if leader_moved:
             if self._leader_seen is not None and self._waiting:
-                self._answer_writes_in_flight_as_unknown()
+                self._answer_writes_in_flight_as_unknown("leadership moved")
             self._leader_seen = replica.leader_id
+            self._leader_unreachable_reported = False
+        reachable = replica.role == Role.FOLLOWER and replica.leader_reachable
+        if self._leader_reachable_seen and not reachable and not leader_moved:
+            if replica.role == Role.FOLLOWER:
+                # Our leader stopped echoing: it no longer hears us (a one-way cut). What we
+                # forwarded may never arrive, so say so now rather than at the 10 s deadline.
+                self._events.emit("leader.unreachable", leader=replica.leader_id)
+                self._leader_unreachable_reported = True
+            if self._waiting:
+                self._answer_writes_in_flight_as_unknown("the leader stopped answering")
+        elif reachable and self._leader_unreachable_reported:
+            self._events.emit("leader.reachable", leader=replica.leader_id)
+            self._leader_unreachable_reported = False
+        self._leader_reachable_seen = reachable
 
-    def _answer_writes_in_flight_as_unknown(self) -> None:
+    def _answer_writes_in_flight_as_unknown(self, why: str) -> None:
         """Leadership moved. A write still waiting may yet be chosen by the next leader, or may
         have been lost with the old one (a follower's Forward to a leader that died): say so now,
         so that the client retries with its Idempotency-Key at once instead of after the 10 s
@@ -737,7 +768,7 @@ class PaxosReplicator:
                 if not future.done():
                     future.set_exception(
                         OutcomeUnknown(
-                            "leadership moved while the write was in flight; retry with the "
+                            f"{why} while the write was in flight; retry with the "
                             "same Idempotency-Key to learn its outcome"
                         )
                     )
