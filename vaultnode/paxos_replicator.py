@@ -741,24 +741,25 @@ class PaxosReplicator:
         leader_moved = replica.leader_id != self._leader_seen
         if leader_moved:
             if self._leader_seen is not None and self._waiting:
-                self._answer_writes_in_flight_as_unknown("leadership moved")
+                self._answer_writes_in_flight_as_unknown()
             self._leader_seen = replica.leader_id
             self._leader_unreachable_reported = False
         reachable = replica.role == Role.FOLLOWER and replica.leader_reachable
         if self._leader_reachable_seen and not reachable and not leader_moved:
             if replica.role == Role.FOLLOWER:
-                # Our leader stopped echoing: it no longer hears us (a one-way cut). What we
-                # forwarded may never arrive, so say so now rather than at the 10 s deadline.
+                # Our leader stopped echoing: it no longer hears us (a one-way cut), or its
+                # echoes are late (a loaded leader). New requests are refused while it lasts;
+                # writes already forwarded keep their deadline, as a late echo is no proof
+                # that they were lost (failing them at once answered 504 for writes that a
+                # loaded leader was about to choose: tests/test_large_commands.py).
                 self._events.emit("leader.unreachable", leader=replica.leader_id)
                 self._leader_unreachable_reported = True
-            if self._waiting:
-                self._answer_writes_in_flight_as_unknown("the leader stopped answering")
         elif reachable and self._leader_unreachable_reported:
             self._events.emit("leader.reachable", leader=replica.leader_id)
             self._leader_unreachable_reported = False
         self._leader_reachable_seen = reachable
 
-    def _answer_writes_in_flight_as_unknown(self, why: str) -> None:
+    def _answer_writes_in_flight_as_unknown(self) -> None:
         """Leadership moved. A write still waiting may yet be chosen by the next leader, or may
         have been lost with the old one (a follower's Forward to a leader that died): say so now,
         so that the client retries with its Idempotency-Key at once instead of after the 10 s
@@ -768,7 +769,7 @@ class PaxosReplicator:
                 if not future.done():
                     future.set_exception(
                         OutcomeUnknown(
-                            f"{why} while the write was in flight; retry with the "
+                            "leadership moved while the write was in flight; retry with the "
                             "same Idempotency-Key to learn its outcome"
                         )
                     )
