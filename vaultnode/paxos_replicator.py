@@ -539,6 +539,25 @@ class PaxosReplicator:
                 self.transport.send_clock_ping(peer_id)
         self._update_clock_status()  # readings age out
 
+    def _peers_congested(self) -> bool:
+        """Whether a leader should hold new proposals back (until a later tick): the peers it
+        needs for a quorum each have more than two slots' worth of bytes unread. Frames to a
+        peer leave in order, so a heartbeat queued behind tens of MiB of Accepts arrives after
+        the election timeout and the followers depose a healthy leader (200 concurrent 1 MiB
+        creates sent to the leader: 15 acknowledged before this, all 200 with it)."""
+        transport = self.transport
+        if transport is None or self.replica.role != Role.LEADER:
+            return False
+        backlog = sorted(
+            transport.unsent_bytes(peer) for peer in self._config.peers_of(self.node_id)
+        )
+        return backlog[self._config.quorum_size - 2] > 2 * self.limits.batch_bytes_max
+
+    def _kick_next_turn(self) -> None:
+        """Process again after the loop has served timers and I/O once."""
+        if self._stopped is None:
+            asyncio.get_running_loop().call_soon(self._kick)
+
     def _kick(self) -> None:
         if not self._kick_scheduled and self._stopped is None:
             self._kick_scheduled = True
@@ -549,9 +568,18 @@ class PaxosReplicator:
         self._kick_scheduled = False
         if self._stopped is not None:
             return
-        if self._proposals:
-            proposals, self._proposals = self._proposals, []
+        if self._proposals and self._peers_congested():
+            pass  # the next tick proposes them: see _peers_congested
+        elif self._proposals:
+            # At most one slot's worth of bytes per loop turn: a burst of large commands handed
+            # over at once became one turn of encoding, log writes and TLS sends long enough to
+            # silence heartbeats past the election timeout (200 concurrent 1 MiB creates deposed
+            # the leader and every one answered 504).
+            taken = _prefix_within(self._proposals, self.limits.batch_bytes_max)
+            proposals, self._proposals = self._proposals[:taken], self._proposals[taken:]
             self.driver.propose(proposals)
+            if self._proposals:
+                self._kick_next_turn()
         self.driver.process()
         self._note_role_change()
 
@@ -790,6 +818,16 @@ class PaxosReplicator:
         self._stopped = exc
         self._fail_waiters(ReplicationStopped(f"the node stopped: {type(exc).__name__}"))
         self._on_fatal(exc)
+
+
+def _prefix_within(commands: list[bytes], budget_bytes: int) -> int:
+    """How many leading commands fit in `budget_bytes` as encoded; at least one."""
+    total = 0
+    for count, command in enumerate(commands):
+        total += encoded_command_bytes(command)
+        if total > budget_bytes:
+            return max(count, 1)
+    return len(commands)
 
 
 def _monotonic_us() -> int:
