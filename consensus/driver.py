@@ -22,6 +22,10 @@ The rules, for each Ready in the order `consensus/ready.py` lists the duties:
   the slot may be half applied, and carrying on would let this replica's state diverge.
 - A disk error stops the node too and is never retried (a retried fsync may report success
   for pages the kernel already dropped).
+- An `InvariantViolation` from the core, whatever the input that raised it (`step`, `tick`,
+  `propose`, `request_read`, `snapshot_taken`, `ready`, `persisted`, `applied`), stops the node
+  the same way: agreement may already be lost, and a node that carried on would spread it. Hosts
+  feed the core through the driver's input methods so that this holds for every input.
 After a stop the driver does nothing more; the host exits (daemon) or records a failure
 (simulator).
 
@@ -30,10 +34,11 @@ Must never: read a clock, sleep, or decide anything the core decides.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from consensus.codec import encode_record
+from consensus.errors import InvariantViolation
 from consensus.messages import Message
 from consensus.ready import ChosenSlot, Ready, Snapshot, needs_fsync
 from consensus.replica import Replica
@@ -105,18 +110,45 @@ class ReadyDriver:
     def sync_in_flight(self) -> bool:
         return self._sync_in_flight
 
+    # ---- inputs to the core: after a stop they are ignored, and a violation stops ----------
+    def tick(self) -> None:
+        if self.error is None:
+            self._guarded(self.replica.tick)
+
+    def step(self, message: Message) -> None:
+        if self.error is None:
+            self._guarded(self.replica.step, message)
+
+    def propose(self, commands: Sequence[bytes]) -> None:
+        if self.error is None:
+            self._guarded(self.replica.propose, commands)
+
+    def request_read(self, read_id: int) -> None:
+        if self.error is None:
+            self._guarded(self.replica.request_read, read_id)
+
+    def snapshot_taken(self, slot: int, data: bytes) -> None:
+        if self.error is None:
+            self._guarded(self.replica.snapshot_taken, slot, data)
+
     def process(self) -> None:
         """Carry out every Ready the core has."""
         replica = self.replica
         while self.error is None and replica.has_ready():
-            self._handle(replica.ready())
+            try:
+                ready = replica.ready()
+            except InvariantViolation as exc:
+                self.failed(exc)
+                return
+            self._handle(ready)
 
     def synced(self, synced_index: int) -> None:
         """The fsync the host started completed: the log is durable through `synced_index`."""
         self._sync_in_flight = False
         if self.error is not None:
             return
-        self.replica.persisted(synced_index)
+        if not self._guarded(self.replica.persisted, synced_index):
+            return
         if self._held:
             released = [message for through, message in self._held if through <= synced_index]
             self._held = [(through, m) for through, m in self._held if through > synced_index]
@@ -139,8 +171,17 @@ class ReadyDriver:
             self._start_sync()
         self.process()
 
+    def _guarded(self, core_input: Callable[..., None], *args: Any) -> bool:
+        """Feed the core one input; False (and stopped) if it raised `InvariantViolation`."""
+        try:
+            core_input(*args)
+        except InvariantViolation as exc:
+            self.failed(exc)
+            return False
+        return True
+
     def failed(self, error: BaseException) -> None:
-        """Stop for good (a disk error, or an fsync the host saw fail)."""
+        """Stop for good (a disk error, an fsync the host saw fail, a violated invariant)."""
         self._sync_in_flight = False
         if self.error is not None:
             return
@@ -184,7 +225,8 @@ class ReadyDriver:
             except Exception as exc:
                 self.failed(ApplyFailed(chosen.slot, exc))
                 return
-            self.replica.applied(chosen.slot)
+            if not self._guarded(self.replica.applied, chosen.slot):
+                return
         host.answer(ready)
         if ready.chosen:
             try:

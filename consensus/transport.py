@@ -141,6 +141,12 @@ class PeerTransport:
         """Whether a frame sent now would leave on a connection (else `send` drops it)."""
         return peer_id in self._writers
 
+    def unsent_bytes(self, peer_id: int) -> int:
+        """Bytes queued for the peer that it has not read yet (0 while not connected)."""
+        writer = self._writers.get(peer_id)
+        queued = sum(len(frame) for frame in self._unsent.get(peer_id, ()))
+        return queued + (writer.transport.get_write_buffer_size() if writer is not None else 0)
+
     def send(self, message: Message) -> None:
         """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
         write. Dropped (and counted) when the peer is not connected or its buffer is full."""

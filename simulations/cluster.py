@@ -173,13 +173,13 @@ class SimNode:
         period_ms = self.tick_period_ms * self.clock_slowdown
         self.loop.after(period_ms, lambda: self._tick(incarnation))
         if self.up and not self.paused and self.replica is not None:
-            self.replica.tick()
+            self.driver.tick()
             self._process()
 
     def receive(self, sender: int, data: bytes) -> None:
         def step() -> None:
             assert self.replica is not None
-            self.replica.step(decode_message(data))
+            self.driver.step(decode_message(data))
             self._process()
 
         self._when_running(step)
@@ -189,7 +189,7 @@ class SimNode:
             assert self.replica is not None
             decoded = KvCommand.decode(command)
             self._pending_writes[(decoded.client_id, decoded.seq)] = op_id
-            self.replica.propose([command])
+            self.driver.propose([command])
             self._process()
 
         self._when_running(propose)
@@ -199,7 +199,7 @@ class SimNode:
             assert self.replica is not None
             self._next_read_id += 1
             self._pending_reads[self._next_read_id] = _PendingRead(client_id, op_id, name)
-            self.replica.request_read(self._next_read_id)
+            self.driver.request_read(self._next_read_id)
             self._process()
 
         self._when_running(read)
@@ -314,6 +314,6 @@ class SimNode:
         data = msgpack.packb([self.digest, self.state.snapshot()], use_bin_type=True)
         write_snapshot(self.disk, SNAPSHOT_DIR, slot, data)
         remove_snapshots_before(self.disk, SNAPSHOT_DIR, slot)
-        self.replica.snapshot_taken(slot, data)
+        self.driver.snapshot_taken(slot, data)
         self.stats.snapshots_taken += 1
 

@@ -41,6 +41,9 @@ class LoopbackTransport:
     def send(self, message: Message) -> None:
         asyncio.get_running_loop().call_soon(self.replicators[message.to].on_message, message)
 
+    def unsent_bytes(self, peer_id: int) -> int:
+        return 0  # delivered on the next turn: never a backlog
+
     def send_clock_ping(self, peer_id: int) -> None:
         me = self.replicators[self.node_id]
         asyncio.get_running_loop().call_soon(me.on_clock_reading, peer_id, 0, 100)

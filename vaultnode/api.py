@@ -56,7 +56,13 @@ from vaultnode.names import (
     parse_time,
 )
 from vaultnode.native_deletion import DeletionRoutes
-from vaultnode.paxos_replicator import ClockOutOfBounds, NotLeader, OutcomeUnknown, PaxosReplicator
+from vaultnode.paxos_replicator import (
+    ClockOutOfBounds,
+    CommandTooLarge,
+    NotLeader,
+    OutcomeUnknown,
+    PaxosReplicator,
+)
 from vaultnode.replication import ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
@@ -236,6 +242,9 @@ class VaultApi:
         except OutcomeUnknown as exc:
             self._log_failure(call, "request.failed", 504, "outcome_unknown")
             response = error_response(504, "outcome_unknown", str(exc))
+        except CommandTooLarge as exc:  # never ordered, and a retry fails the same way
+            self._log_failure(call, "request.failed", 413, "command_too_large")
+            response = error_response(413, "command_too_large", str(exc))
         except NotLeader:
             self._log_failure(call, "request.failed", 503, "unavailable")
             response = error_response(

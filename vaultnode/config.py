@@ -33,6 +33,11 @@ class PeerConfig:
     http_addr: Address
 
 
+# Below this, a log record or peer frame leaves too little room for a slot's commands beside the
+# consensus message's own fields (consensus.config.ENVELOPE_BYTES).
+CONSENSUS_BYTES_MIN = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     value_bytes_max: int = 64 * 1024
@@ -43,6 +48,11 @@ class Limits:
     idempotency_keys_max: int = 100_000
     idempotency_keys_per_accessor_max: int = 10_000  # at most idempotency_keys_max
     snapshot_every_slots: int = 10_000
+    # The largest consensus log record and the largest peer frame, in bytes (docs/consensus.md,
+    # "Byte limits"): a slot's value, a Forward, a Learn and a snapshot chunk are sized to fit
+    # both, and a command too large for one slot is refused (413 command_too_large).
+    log_record_bytes_max: int = 64 * 1024 * 1024
+    peer_frame_bytes_max: int = 64 * 1024 * 1024
     # A node whose wall clock is further than this from a majority's proposes nothing, stands
     # for no election and refuses requests (docs/consensus.md, "Clocks").
     max_clock_offset_ms: int = 500
@@ -171,6 +181,9 @@ def _parse_limits(table: object) -> Limits:
             "limits.idempotency_keys_per_accessor_max: must not exceed "
             f"limits.idempotency_keys_max ({values['idempotency_keys_max']})"
         )
+    for key in ("log_record_bytes_max", "peer_frame_bytes_max"):
+        if values[key] < CONSENSUS_BYTES_MIN:
+            raise ConfigError(f"limits.{key}: must be at least {CONSENSUS_BYTES_MIN} bytes")
     return Limits(**values)
 
 

@@ -61,6 +61,8 @@ EVENTS = frozenset(
         "request.failed",
         "leader.elected",
         "leader.lost",
+        "leader.unreachable",
+        "leader.reachable",
         "peer.connected",
         "peer.refused",
         "peer.disconnected",

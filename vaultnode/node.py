@@ -399,6 +399,8 @@ class VaultNode:
                 segment_bytes_max=config.limits.segment_bytes_max,
                 snapshot_every_slots=config.limits.snapshot_every_slots,
                 max_clock_offset_ms=config.limits.max_clock_offset_ms,
+                record_bytes_max=config.limits.log_record_bytes_max,
+                frame_bytes_max=config.limits.peer_frame_bytes_max,
             )
         return LocalReplicator.open(
             config.data_dir / "log", state, config.node_id, self._fatal, self.events,
@@ -468,6 +470,7 @@ class VaultNode:
             on_clock_reading=replicator.on_clock_reading,
             server_ssl=server_ssl,
             client_ssl=client_ssl,
+            frame_size_bytes_max=config.limits.peer_frame_bytes_max,
         )
 
     async def _bootstrap_when_leader(

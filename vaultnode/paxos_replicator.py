@@ -4,14 +4,16 @@ Owns the daemon's side of `consensus.driver.ReadyDriver` (which holds the rules 
 `Ready` into log writes, fsyncs, sends and applies, shared with the simulator): sending through
 the peer transport, running each fsync on a thread off the event loop, applying chosen slots to
 the vault state and resolving the requests waiting for them, answering reads, and writing
-snapshots (in a forked child). It also owns the tick timer and the request deadlines. A disk
-error or an exception while applying is never retried: the node stops (exit code 1).
+snapshots (in a forked child). It also owns the tick timer and the request deadlines. Every
+input reaches the core through the driver. A disk error, an exception while applying or an
+`InvariantViolation` raised by the core is never retried: the node stops (exit code 1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import itertools
 import os
@@ -26,16 +28,16 @@ import msgpack
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_record
-from consensus.config import ClusterConfig
+from consensus.config import ENVELOPE_BYTES, ClusterConfig, encoded_command_bytes
 from consensus.config import Limits as ConsensusLimits
 from consensus.driver import ReadyDriver
 from consensus.messages import Forward, ForwardRefused, Message
-from consensus.ready import ChosenSlot, Ready, Snapshot
+from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import recover
 from consensus.replica import Replica, Role
-from consensus.transport import PeerTransport
+from consensus.transport import FRAME_SIZE_BYTES_MAX_DEFAULT, PeerTransport
 from storage.disk import RealDisk
-from storage.log import SegmentedLog
+from storage.log import RECORD_SIZE_BYTES_MAX_DEFAULT, SegmentedLog
 from storage.snapshot_file import load_latest_snapshot, remove_snapshots_before, write_snapshot
 from vaultnode.commands import (
     Command,
@@ -60,10 +62,30 @@ CONSENSUS_LIMITS = ConsensusLimits(
     catchup_slots_max=256,
     reads_pending_max=8192,
 )
+
+
+def consensus_limits(record_bytes_max: int, frame_bytes_max: int) -> ConsensusLimits:
+    """The core's limits for a log whose records and a transport whose frames hold at most these
+    many bytes: one slot's value and one snapshot chunk are cut to fit both, with the room a
+    message's or record's own fields take (`ENVELOPE_BYTES`)."""
+    room = min(record_bytes_max, frame_bytes_max) - ENVELOPE_BYTES
+    return dataclasses.replace(
+        CONSENSUS_LIMITS,
+        record_bytes_max=record_bytes_max,
+        frame_bytes_max=frame_bytes_max,
+        batch_bytes_max=min(CONSENSUS_LIMITS.batch_bytes_max, room),
+        snapshot_chunk_bytes=min(CONSENSUS_LIMITS.snapshot_chunk_bytes, room),
+    )
+
+
 PROPOSAL_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
 LEADER_REDIAL_WAIT_S = 2.0
+# A connected leader echoes our heartbeat acks every heartbeat (50 ms); a new follower's first
+# echo takes one round. Past this, a leader we are connected to but that does not echo is not
+# hearing us (a one-way cut, a dead connection): what we would forward would not arrive.
+LEADER_ECHO_WAIT_S = 0.5
 LEADER_REDIAL_POLL_S = 0.02
 # Test-only and unsafe: set to "1" in a node's environment, its linearizable reads skip the read
 # barrier and answer from the local applied state. Only the nemesis's teeth check sets it
@@ -102,6 +124,12 @@ class NotLeader(Exception):
     def __init__(self, leader_id: int | None) -> None:
         super().__init__(f"not the leader (leader: {leader_id})")
         self.leader_id = leader_id
+
+
+class CommandTooLarge(Exception):
+    """The command is larger than one slot may hold (`Limits.batch_bytes_max`, derived from the
+    log's record and the transport's frame limits): it can never be ordered. Nothing was
+    proposed; a retry fails the same way."""
 
 
 class OutcomeUnknown(Exception):
@@ -174,6 +202,8 @@ class PaxosReplicator:
         segment_bytes_max: int,
         snapshot_every_slots: int,
         max_clock_offset_ms: int = MAX_CLOCK_OFFSET_MS_DEFAULT,
+        record_bytes_max: int = RECORD_SIZE_BYTES_MAX_DEFAULT,
+        frame_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -185,6 +215,7 @@ class PaxosReplicator:
         self._log_dir = str(data_dir / "paxos")
         self._segment_bytes_max = segment_bytes_max
         self._snapshot_every_slots = snapshot_every_slots
+        self.limits = consensus_limits(record_bytes_max, frame_bytes_max)
         self.transport: PeerTransport | None = None
         self._log: SegmentedLog | None = None
         self._replica: Replica | None = None
@@ -220,6 +251,8 @@ class PaxosReplicator:
         # Peer id -> time.monotonic() of its last message: how stale this node's view may be.
         self._heard_from: dict[int, float] = {}
         self._leader_seen: int | None = None
+        self._leader_reachable_seen = False
+        self._leader_unreachable_reported = False
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
         # Told how long each fsync took (seconds), e.g. by the node's metrics.
@@ -243,7 +276,8 @@ class PaxosReplicator:
             self._last_snapshot_slot = snapshot.log_index
             self.snapshot_size_bytes = len(snapshot.payload)
         log, report = SegmentedLog.open(
-            self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max
+            self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max,
+            record_size_bytes_max=self.limits.record_bytes_max,
         )
         if report.torn_tail is not None:
             tail = report.torn_tail
@@ -256,7 +290,7 @@ class PaxosReplicator:
             self.node_id,
             self._config,
             Random(int.from_bytes(os.urandom(8), "big")),
-            CONSENSUS_LIMITS,
+            self.limits,
             durable=durable,
             last_record_index=log.last_index,
             snapshot=core_snapshot,
@@ -337,29 +371,38 @@ class PaxosReplicator:
         replica = self.replica
         if replica.role == Role.LEADER:
             return True
+        # Whether the leader hears us is judged from its replies (`leader_reachable`: it echoed
+        # one of our heartbeat acks within an election timeout), not from the TCP connection,
+        # which stays up through a one-way cut; a connection that is down rules it out at once.
         leader = replica.leader_id
         return (
             replica.role == Role.FOLLOWER
             and leader is not None
+            and replica.leader_reachable
             and self.transport is not None
             and self.transport.can_send_to(leader)
         )
 
     async def _ensure_can_order(self) -> None:
-        """Raise unless this node leads, or follows a leader it is connected to: then a command
-        or read handed to the core reaches the node that orders it. While the connection to a
-        known leader is being redialled (a peer just restarted) it waits, briefly; a leader that
-        died is no longer known once the election timeout passes, which ends the wait."""
+        """Raise unless this node leads, or follows a leader that hears it: then a command or
+        read handed to the core reaches the node that orders it. While the connection to a known
+        leader is being redialled (a peer just restarted) it waits up to LEADER_REDIAL_WAIT_S; a
+        leader it is connected to gets LEADER_ECHO_WAIT_S to echo (a new leader's first round).
+        A leader that died is no longer known once the election timeout passes, which ends the
+        wait too. Raising NotLeader here means nothing was proposed (503 `unavailable`)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + LEADER_REDIAL_WAIT_S
+        started = loop.time()
         while not self._can_order_now():
             if self._stopped is not None:
                 raise ReplicationStopped(str(self._stopped))
             replica = self.replica
-            if replica.role != Role.FOLLOWER or replica.leader_id is None:
-                raise NotLeader(replica.leader_id)
-            if loop.time() >= deadline:
-                raise NotLeader(replica.leader_id)
+            leader = replica.leader_id
+            if replica.role != Role.FOLLOWER or leader is None:
+                raise NotLeader(leader)
+            waited = loop.time() - started
+            connected = self.transport is not None and self.transport.can_send_to(leader)
+            if waited >= LEADER_REDIAL_WAIT_S or (connected and waited >= LEADER_ECHO_WAIT_S):
+                raise NotLeader(leader)
             await asyncio.sleep(LEADER_REDIAL_POLL_S)
 
     async def submit(self, command: Command) -> Outcome:
@@ -395,7 +438,7 @@ class PaxosReplicator:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._reads[read_id] = future
-        self.replica.request_read(read_id)
+        self.driver.request_read(read_id)
         self._kick()
         self._read_deadlines.append((loop.time() + READ_TIMEOUT_S, future))
         try:
@@ -420,7 +463,7 @@ class PaxosReplicator:
             message = self._within_clock_bound(message)
             if not message.commands:
                 return
-        self.replica.step(message)
+        self.driver.step(message)
         self._kick()
 
     def _within_clock_bound(self, forward: Forward) -> Forward:
@@ -477,7 +520,10 @@ class PaxosReplicator:
     def _on_tick(self) -> None:
         if self._stopped is not None:
             return
-        self.replica.tick()
+        self.driver.tick()
+        if self._stopped is not None:
+            return
+        self._note_role_change()  # leader reachability is judged at ticks
         self._ticks += 1
         if self._ticks % CLOCK_PING_TICKS == 0:
             self._ping_clocks()
@@ -493,6 +539,25 @@ class PaxosReplicator:
                 self.transport.send_clock_ping(peer_id)
         self._update_clock_status()  # readings age out
 
+    def _peers_congested(self) -> bool:
+        """Whether a leader should hold new proposals back (until a later tick): the peers it
+        needs for a quorum each have more than two slots' worth of bytes unread. Frames to a
+        peer leave in order, so a heartbeat queued behind tens of MiB of Accepts arrives after
+        the election timeout and the followers depose a healthy leader (200 concurrent 1 MiB
+        creates sent to the leader: 15 acknowledged before this, all 200 with it)."""
+        transport = self.transport
+        if transport is None or self.replica.role != Role.LEADER:
+            return False
+        backlog = sorted(
+            transport.unsent_bytes(peer) for peer in self._config.peers_of(self.node_id)
+        )
+        return backlog[self._config.quorum_size - 2] > 2 * self.limits.batch_bytes_max
+
+    def _kick_next_turn(self) -> None:
+        """Process again after the loop has served timers and I/O once."""
+        if self._stopped is None:
+            asyncio.get_running_loop().call_soon(self._kick)
+
     def _kick(self) -> None:
         if not self._kick_scheduled and self._stopped is None:
             self._kick_scheduled = True
@@ -503,9 +568,18 @@ class PaxosReplicator:
         self._kick_scheduled = False
         if self._stopped is not None:
             return
-        if self._proposals:
-            proposals, self._proposals = self._proposals, []
-            self.replica.propose(proposals)
+        if self._proposals and self._peers_congested():
+            pass  # the next tick proposes them: see _peers_congested
+        elif self._proposals:
+            # At most one slot's worth of bytes per loop turn: a burst of large commands handed
+            # over at once became one turn of encoding, log writes and TLS sends long enough to
+            # silence heartbeats past the election timeout (200 concurrent 1 MiB creates deposed
+            # the leader and every one answered 504).
+            taken = _prefix_within(self._proposals, self.limits.batch_bytes_max)
+            proposals, self._proposals = self._proposals[:taken], self._proposals[taken:]
+            self.driver.propose(proposals)
+            if self._proposals:
+                self._kick_next_turn()
         self.driver.process()
         self._note_role_change()
 
@@ -587,7 +661,16 @@ class PaxosReplicator:
             for raw in dropped.commands:
                 waiter = self._take_waiter(raw)
                 if waiter is not None and not waiter[0].done():
-                    waiter[0].set_exception(NotLeader(dropped.leader_hint))
+                    error = self._drop_error(dropped.reason, raw, dropped.leader_hint)
+                    waiter[0].set_exception(error)
+
+    def _drop_error(self, reason: DropReason, raw: bytes, leader_hint: int | None) -> Exception:
+        if reason == DropReason.TOO_LARGE:
+            return CommandTooLarge(
+                f"the command takes {encoded_command_bytes(raw)} bytes; one slot holds at most "
+                f"{self.limits.batch_bytes_max} (the log's record and the peers' frame limits)"
+            )
+        return NotLeader(leader_hint)
 
     def _take_waiter(self, raw: bytes) -> tuple[asyncio.Future[Outcome], Command] | None:
         """The oldest request waiting for this encoded command, no longer waiting."""
@@ -667,7 +750,7 @@ class PaxosReplicator:
         self._last_snapshot_slot = slot
         self.snapshots_total["local"] += 1
         self.snapshot_size_bytes = len(data)
-        self.replica.snapshot_taken(slot, data)
+        self.driver.snapshot_taken(slot, data)
         self._events.emit("snapshot.taken", slot=slot, size_bytes=len(data), source="local")
         self._kick()  # persist the restatement and compact now, not at the next message
         if self.state.destroyed_at_index > slot:  # destroyed while this one was being written
@@ -683,10 +766,26 @@ class PaxosReplicator:
             elif self._role_seen == Role.LEADER:
                 self._events.emit("leader.lost", role=str(replica.role))
             self._role_seen = replica.role
-        if replica.leader_id != self._leader_seen:
+        leader_moved = replica.leader_id != self._leader_seen
+        if leader_moved:
             if self._leader_seen is not None and self._waiting:
                 self._answer_writes_in_flight_as_unknown()
             self._leader_seen = replica.leader_id
+            self._leader_unreachable_reported = False
+        reachable = replica.role == Role.FOLLOWER and replica.leader_reachable
+        if self._leader_reachable_seen and not reachable and not leader_moved:
+            if replica.role == Role.FOLLOWER:
+                # Our leader stopped echoing: it no longer hears us (a one-way cut), or its
+                # echoes are late (a loaded leader). New requests are refused while it lasts;
+                # writes already forwarded keep their deadline, as a late echo is no proof
+                # that they were lost (failing them at once answered 504 for writes that a
+                # loaded leader was about to choose: tests/test_large_commands.py).
+                self._events.emit("leader.unreachable", leader=replica.leader_id)
+                self._leader_unreachable_reported = True
+        elif reachable and self._leader_unreachable_reported:
+            self._events.emit("leader.reachable", leader=replica.leader_id)
+            self._leader_unreachable_reported = False
+        self._leader_reachable_seen = reachable
 
     def _answer_writes_in_flight_as_unknown(self) -> None:
         """Leadership moved. A write still waiting may yet be chosen by the next leader, or may
@@ -719,6 +818,16 @@ class PaxosReplicator:
         self._stopped = exc
         self._fail_waiters(ReplicationStopped(f"the node stopped: {type(exc).__name__}"))
         self._on_fatal(exc)
+
+
+def _prefix_within(commands: list[bytes], budget_bytes: int) -> int:
+    """How many leading commands fit in `budget_bytes` as encoded; at least one."""
+    total = 0
+    for count, command in enumerate(commands):
+        total += encoded_command_bytes(command)
+        if total > budget_bytes:
+            return max(count, 1)
+    return len(commands)
 
 
 def _monotonic_us() -> int:

@@ -1,0 +1,100 @@
+"""Issue 12, item 7: a follower behind a one-way cut (its messages to the leader vanish, the
+leader's reach it) on three real nodes. The follower judges whether the leader hears it from the
+leader's replies (`Replica.leader_reachable`), not from its TCP connection, which the proxy keeps
+open while it holds every byte (`LinkMode.HOLD`, a dead connection). So it answers writes and
+linearizable reads 503 `unavailable` at once (nothing proposed) instead of forwarding them into
+the dead link; it keeps up from the leader's Accepts and heartbeats and, when it missed slots
+(restarted while the cut holds), catches up from the other peer; and its `consistency=stale`
+reads show a write acknowledged by the leader within 2 s. After the heal it serves everything
+again. Before (checked on the old replicator): a write through the follower, forwarded into the
+dead connection, hung until the 10 s deadline and answered 504 `outcome_unknown`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from simulations.nemesis.proxy import FaultProxy, LinkMode
+from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
+
+ANSWER_WITHIN_S = 2.0
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[FaultProxy]:
+    relay = FaultProxy()
+    yield relay
+    relay.close()
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[Cluster]:
+    yield from started_cluster(tmp_path / "cluster", nodes=3, proxy=fault_proxy)
+
+
+def _stale_value(client: httpx.Client, node: Node, name: str) -> str | None:
+    response = client.get(f"{node.url}/v1/secrets/{name}", params={"consistency": "stale"})
+    return response.json()["value"] if response.status_code == 200 else None
+
+
+def _wait_stale_value(client: httpx.Client, node: Node, name: str, value: str) -> float:
+    """Seconds until `node`'s stale read of `name` shows `value`; fails past ANSWER_WITHIN_S."""
+    started = time.monotonic()
+    wait_until(lambda: _stale_value(client, node, name) == value, ANSWER_WITHIN_S,
+               f"node {node.node_id} to show {name}")
+    return time.monotonic() - started
+
+
+def test_a_follower_behind_a_one_way_cut_catches_up_and_answers(
+    cluster3: Cluster, fault_proxy: FaultProxy
+) -> None:
+    leader = wait_for_leader(cluster3.nodes)
+    follower, other = (n for n in cluster3.nodes if n is not leader)
+    with httpx.Client(
+        headers={"Authorization": f"Bearer {cluster3.root_token}"}, timeout=30
+    ) as client:
+        assert client.post(f"{leader.url}/v1/secrets/cut/a", json={"value": "a"}).is_success
+        _wait_stale_value(client, follower, "cut/a", "a")
+        fault_proxy.set_links([(follower.node_id, leader.node_id)], LinkMode.HOLD)
+
+        assert client.post(f"{leader.url}/v1/secrets/cut/b", json={"value": "b"}).is_success
+        _wait_stale_value(client, follower, "cut/b", "b")
+
+        # Right after the cut the follower cannot know yet (the leader echoed it within the
+        # last election timeout): a write then would be forwarded into the dead link, and wait
+        # for its 10 s deadline (504). It knows once the echoes stop.
+        wait_until(lambda: '"event":"leader.unreachable"' in follower.log_text(), 5.0,
+                   "the follower to notice its leader does not hear it")
+        # From then on what it cannot get to the leader it refuses at once: nothing proposed.
+        started = time.monotonic()
+        write = client.post(f"{follower.url}/v1/secrets/cut/c1", json={"value": "c"})
+        read = client.get(f"{follower.url}/v1/secrets/cut/a")
+        took = time.monotonic() - started
+        assert (write.status_code, write.json()["error"]["code"]) == (503, "unavailable")
+        assert (read.status_code, read.json()["error"]["code"]) == (503, "unavailable")
+        assert took < ANSWER_WITHIN_S, took
+
+        # Missed slots (restarted behind the cut) come from the other peer.
+        follower.kill()
+        for name in ("cut/d", "cut/e"):
+            assert client.post(f"{leader.url}/v1/secrets/{name}", json={"value": name}).is_success
+        follower.start(wait=False)
+        follower.wait_healthy()
+        _wait_stale_value(client, follower, "cut/e", "cut/e")
+        applied = {n.node_id: (n.health() or {}).get("applied_index") for n in cluster3.nodes}
+        assert applied[follower.node_id] == applied[leader.node_id], applied
+
+        fault_proxy.heal()
+        wait_until(
+            lambda: client.post(
+                f"{follower.url}/v1/secrets/cut/f", json={"value": "f"}
+            ).status_code == 201,
+            10.0, "the follower to forward writes again after the heal",
+        )
+        assert client.get(f"{follower.url}/v1/secrets/cut/e").json()["value"] == "cut/e"
+        # The refused write was never applied.
+        assert client.get(f"{other.url}/v1/secrets/cut/c1").status_code == 404
