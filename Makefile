@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Checked by mypy --strict (pyproject.toml).
+TYPED := consensus storage vaultnode cli
+
 .PHONY: run demo test lint typecheck soak bench clean nemesis system-packages
 
 $(STAMP): setup.cfg pyproject.toml
@@ -21,14 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP) system-packages
 	$(BIN)/ruff check .
-	$(BIN)/mypy consensus storage
+	$(BIN)/mypy $(TYPED)
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy consensus storage
+	$(BIN)/mypy $(TYPED)
 
 soak: $(STAMP)
 	$(BIN)/python -m simulations --seeds 10000 --jobs 2

@@ -90,7 +90,7 @@ async def test_an_apply_error_stops_the_node_and_the_others_carry_on(tmp_path: P
         replicator.start(LoopbackTransport(node_id, replicators))  # type: ignore[arg-type]
     try:
         await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
-        await wait_for(lambda: all(r.leader_id() is not None for r in replicators.values()),
+        await wait_for(lambda: all(r.status().leader_id is not None for r in replicators.values()),
                        "everyone to know the leader")
         leader = next(r for r in replicators.values() if r.is_leader())
         broken = next(r for r in replicators.values() if not r.is_leader())

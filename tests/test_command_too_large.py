@@ -39,7 +39,7 @@ async def test_a_command_over_the_slot_limit_is_refused_at_once(tmp_path: Path) 
     )
     try:
         await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
-        await wait_for(lambda: all(r.leader_id() is not None for r in replicators.values()),
+        await wait_for(lambda: all(r.status().leader_id is not None for r in replicators.values()),
                        "everyone to know the leader")
         leader = next(r for r in replicators.values() if r.is_leader())
         follower = next(r for r in replicators.values() if not r.is_leader())

@@ -473,6 +473,6 @@ def test_rewrap_moves_every_sound_record_and_names_those_whose_data_key_fails(
             e.get("outcome") == "integrity_error"
             and e.get("name") == name
             and e.get("version") == int(version)
-            and e.get("path_kind") is None  # the per-record line, not the request summary
+            and e.get("route") is None  # the per-record line, not the request summary
             for e in _log_events(node.log_text())
         ), entry

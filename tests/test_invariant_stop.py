@@ -79,7 +79,7 @@ async def test_an_invariant_violation_stops_the_node(tmp_path: Path, core_input:
     replicators, transports = start_replicators(tmp_path, fatal)
     try:
         await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
-        await wait_for(lambda: all(r.leader_id() is not None for r in replicators.values()),
+        await wait_for(lambda: all(r.status().leader_id is not None for r in replicators.values()),
                        "everyone to know the leader")
         leader = next(r for r in replicators.values() if r.is_leader())
         broken = next(r for r in replicators.values() if not r.is_leader())

@@ -11,8 +11,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from storage.crypto_errors import CryptoError
@@ -56,14 +56,16 @@ from vaultnode.names import (
     parse_time,
 )
 from vaultnode.native_deletion import DeletionRoutes
-from vaultnode.paxos_replicator import (
+from vaultnode.replicator import (
     ClockOutOfBounds,
     CommandTooLarge,
     NotLeader,
     OutcomeUnknown,
-    PaxosReplicator,
+    Overloaded,
+    ReplicationStopped,
+    Replicator,
 )
-from vaultnode.replication import ReplicationStopped
+from vaultnode.routes import Access, Call, Consistency, RouteSpec
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
 from vaultnode.vault_compat import (
@@ -104,7 +106,6 @@ REWRAP_BATCH_VERSIONS = 256
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # What follows a prefix route's prefix, as written in metric labels and audit lines.
-_ROUTE_REST = {"/v1/sys/keys/": "{kek_id}/retire"}
 _INT_DIGITS_MAX = 18
 # Bounds that keep every number a command carries, or the state derives from one, inside msgpack's
 # 64-bit integers and the 4-digit years of RFC 3339 (past them a token was created, then its
@@ -125,43 +126,8 @@ class ApiError(Exception):
         self.details = details
 
 
-@dataclass
-class Call:
-    """One request being served: what the log line about it will say."""
-
-    request: Request
-    request_id: str
-    started: float
-    principal: Principal | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
-    route: str = "unmatched"  # the route pattern, safe as a metric label (never a name)
-    outcome: str | None = None
-    # A follower confirmed its state is current (a read point from the leader) before serving.
-    caught_up: bool = False
-    # Set on a `consistency=stale` read served within the bound: the bound, for the answer.
-    stale_bound_ms: int | None = None
-
-
-Route = Callable[[Call, str], Awaitable[Response]]
-
-
-_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health", "/v1/sys/seal")
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
 STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
-
-
-def needs_current_state(request: Request) -> bool:
-    """Writes and linearizable reads; `/health`, `/metrics` and `?consistency=stale` reads are
-    answered from whatever this node has applied."""
-    if request.path in _LOCAL_PATHS:
-        return False
-    return not (request.method == "GET" and request.query.get("consistency") == ["stale"])
-
-
-def _is_plain_write(request: Request) -> bool:
-    if request.path.startswith("/v1/secrets/"):
-        return request.method in ("POST", "PUT")
-    return request.method == "POST" and request.path == "/v1/batch/create"
 
 
 class VaultApi:
@@ -170,7 +136,7 @@ class VaultApi:
         *,
         node_id: int,
         state: VaultState,
-        replicator: Any,
+        replicator: Replicator,
         sealer: Sealer,
         events: EventLog,
         limits: Limits,
@@ -193,30 +159,35 @@ class VaultApi:
         self.metrics = metrics
         self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
         self.root_key_handout = root_key_handout
-        # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
-        self._routes: list[tuple[str, str, bool, Route]] = [
-            ("GET", "/health", True, self._health),
-            ("GET", "/metrics", True, self._metrics),
-            ("GET", "/v1/secrets", True, self._list),
-            ("POST", "/v1/secrets/", False, self._create),
-            ("PUT", "/v1/secrets/", False, self._update),
-            ("GET", "/v1/secrets/", False, self._read),
-            ("GET", "/v1/history/", False, self._history),
-            ("POST", "/v1/tokens", True, self._token_create),
-            ("GET", "/v1/tokens/self", True, self._token_self),
-            ("DELETE", "/v1/tokens/self", True, self._token_revoke_self),
-            ("POST", "/v1/batch/create", True, self._batch_create),
-            ("POST", "/v1/batch/read", True, self._batch_read),
-            ("POST", "/v1/sys/rotate", True, self._rotate),
-            ("POST", "/v1/sys/rewrap", True, self._rewrap),
-            ("GET", "/v1/sys/keys", True, self._keys),
-            ("POST", "/v1/sys/keys/", False, self._retire),
+        local, read_point, at_apply = (
+            Consistency.LOCAL, Consistency.READ_POINT, Consistency.AT_APPLY
+        )
+        public, token, root = Access.PUBLIC, Access.TOKEN, Access.ROOT
+        self.routes: list[RouteSpec] = [
+            RouteSpec("GET", "/health", self._health, local, public),
+            RouteSpec("GET", "/metrics", self._metrics, local, public),
+            RouteSpec("GET", "/v1/secrets", self._list, read_point, token),
+            RouteSpec("POST", "/v1/secrets/", self._create, at_apply, "create"),
+            RouteSpec("PUT", "/v1/secrets/", self._update, at_apply, "update"),
+            RouteSpec("GET", "/v1/secrets/", self._read, read_point, "read"),
+            RouteSpec("GET", "/v1/history/", self._history, read_point, "history"),
+            RouteSpec("POST", "/v1/tokens", self._token_create, read_point, root),
+            RouteSpec("GET", "/v1/tokens/self", self._token_self, read_point, token),
+            RouteSpec("DELETE", "/v1/tokens/self", self._token_revoke_self, read_point, token),
+            RouteSpec("POST", "/v1/batch/create", self._batch_create, at_apply, token),
+            RouteSpec("POST", "/v1/batch/read", self._batch_read, read_point, token),
+            RouteSpec("POST", "/v1/sys/rotate", self._rotate, read_point, root),
+            RouteSpec("POST", "/v1/sys/rewrap", self._rewrap, read_point, root),
+            RouteSpec("GET", "/v1/sys/keys", self._keys, read_point, root),
+            RouteSpec(
+                "POST", "/v1/sys/keys/", self._retire, read_point, root, "{kek_id}/retire"
+            ),
             *DeletionRoutes(self).routes(),
             *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
-            ("POST", "/v1/sys/rotate-root", True, self._rotate_root),
-            ("PUT", "/v1/sys/seal", True, self._seal),
-            ("POST", "/v1/sys/seal", True, self._seal),
+            RouteSpec("POST", "/v1/sys/rotate-root", self._rotate_root, read_point, root),
+            RouteSpec("PUT", "/v1/sys/seal", self._seal, local, root),
+            RouteSpec("POST", "/v1/sys/seal", self._seal, local, root),
         ]
         self._vault_paths = vault_paths(kv_v2_mount)
 
@@ -250,6 +221,9 @@ class VaultApi:
             response = error_response(
                 503, "unavailable", "leadership moved while serving; retry", [("Retry-After", "1")]
             )
+        except Overloaded as exc:
+            self._log_failure(call, "request.failed", 503, "unavailable")
+            response = error_response(503, "unavailable", str(exc), [("Retry-After", "1")])
         except ClockOutOfBounds as exc:
             self._log_failure(call, "request.failed", 503, "clock_offset")
             response = error_response(503, "clock_offset", str(exc), [("Retry-After", "1")])
@@ -306,8 +280,8 @@ class VaultApi:
         return response
 
     def _unaudited_reason(self, call: Call, response: Response) -> str | None:
-        if call.route in _LOCAL_PATHS:
-            return "health_or_metrics"
+        if call.consistency is Consistency.LOCAL:
+            return "health_or_metrics"  # and seal, which may close the audit trail
         if (
             response.status == 401
             and self.audit is not None
@@ -317,26 +291,46 @@ class VaultApi:
         return None
 
     async def _dispatch(self, call: Call) -> Response:
-        if needs_current_state(call.request):
-            if not self.replicator.is_leader():
-                await self._catch_up_as_follower(call)
-        elif call.request.path not in _LOCAL_PATHS:
-            self._check_staleness(call)
+        spec, rest = self._match(call)
+        await self._reach_consistency(call, spec)
+        self._check_access(call, spec, rest)
+        return await spec.handler(call, rest)
+
+    def _match(self, call: Call) -> tuple[RouteSpec, str]:
         method, path = call.request.method, call.request.path
         path_known = False
-        for route_method, prefix, exact, handler in self._routes:
-            # An empty rest still routes: `/v1/secrets/` names the empty secret name, which the
-            # handler refuses as 400 invalid_name rather than an unknown endpoint.
-            matches = path == prefix if exact else path.startswith(prefix)
-            if not matches:
+        for spec in self.routes:
+            # An empty rest still routes: `/v1/secrets/` names the empty secret name, which is
+            # refused as 400 invalid_name rather than as an unknown endpoint.
+            if not (path == spec.path if spec.exact else path.startswith(spec.path)):
                 continue
             path_known = True
-            call.route = prefix if exact else prefix + _ROUTE_REST.get(prefix, "{name}")
-            if route_method == method:
-                return await handler(call, path[len(prefix) :])
+            call.route, call.consistency = spec.label, spec.consistency
+            if spec.method == method:
+                return spec, path[len(spec.path) :]
         if path_known:
             raise ApiError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         raise ApiError(404, "not_found", f"no such endpoint: {path}")
+
+    async def _reach_consistency(self, call: Call, spec: RouteSpec) -> None:
+        """Apply the route's consistency rule before its handler reads this node's state."""
+        if spec.consistency is Consistency.LOCAL:
+            return
+        request = call.request
+        if request.method == "GET" and request.query.get("consistency") == ["stale"]:
+            self._check_staleness(call)
+        elif not self.replicator.is_leader():
+            await self._catch_up_as_follower(call, spec)
+
+    def _check_access(self, call: Call, spec: RouteSpec, rest: str) -> None:
+        if spec.access == Access.PUBLIC:
+            return
+        principal = self._authenticate(call)
+        if spec.access == Access.ROOT:
+            principal.require_root()
+        elif spec.access != Access.TOKEN:
+            call.fields["name"] = check_name(rest)
+            principal.require(spec.access, rest)
 
     def _check_staleness(self, call: Call) -> None:
         """A stale read is served only while this node's state is known to lag by at most
@@ -359,13 +353,13 @@ class VaultApi:
             )
         call.stale_bound_ms = bound_ms
 
-    async def _catch_up_as_follower(self, call: Call) -> None:
+    async def _catch_up_as_follower(self, call: Call, spec: RouteSpec) -> None:
         """A follower serves every request itself: its writes go to the leader through the
         consensus core and are answered from its own apply. Whatever it decides from its local
         state must be as current as the leader's, so it first waits for a read point from the
         leader, except for plain writes, whose outcome (token liveness included) is decided when
         they are applied. For those only an unknown token may be news not yet applied here."""
-        if _is_plain_write(call.request):
+        if spec.consistency is Consistency.AT_APPLY:
             try:
                 call.principal = authenticate(self.state, call.request.headers, self.clock_us())
                 return
@@ -445,7 +439,7 @@ class VaultApi:
             request_id=call.request_id,
             principal=call.principal.accessor if call.principal else None,
             method=call.request.method,
-            path_kind=_path_kind(call.request.path),
+            route=call.route,
             status=status,
             outcome=outcome,
             latency_ms=round((time.perf_counter() - call.started) * 1000, 3),
@@ -499,7 +493,7 @@ class VaultApi:
     async def _health(self, call: Call, _: str) -> Response:
         status = self.replicator.status()
         serving = self.state.initialized and status.leader_id is not None
-        body = {
+        body: dict[str, Any] = {
             "status": "ok" if serving else "unavailable",
             "node_id": self.node_id,
             "role": status.role,
@@ -508,12 +502,12 @@ class VaultApi:
             "applied_index": status.applied_index,
             "sealed": False,
         }
-        if isinstance(self.replicator, PaxosReplicator):
-            clock = self.replicator.clock_status
+        clock = self.replicator.clock_health()
+        if clock is not None:
             body["clock"] = {
                 "within_bounds": clock.within_bounds,
-                "offset_ms": None if clock.offset_us is None else clock.offset_us // 1000,
-                "max_offset_ms": self.replicator.max_clock_offset_us // 1000,
+                "offset_ms": clock.offset_ms,
+                "max_offset_ms": clock.max_offset_ms,
                 "peers_read": clock.peers_read,
             }
             if not clock.within_bounds:
@@ -533,8 +527,6 @@ class VaultApi:
     # ---- secrets ----------------------------------------------------------------------
     async def _create(self, call: Call, name: str) -> Response:
         principal = self._authenticate(call)
-        call.fields["name"] = check_name(name)
-        principal.require("create", name)
         body = self._json_body(call, {"value"})
         if "value" not in body:
             raise InvalidInput("bad_request", "'value' is required")
@@ -548,8 +540,6 @@ class VaultApi:
 
     async def _update(self, call: Call, name: str) -> Response:
         principal = self._authenticate(call)
-        call.fields["name"] = check_name(name)
-        principal.require("update", name)
         body = self._json_body(call, {"value", "expected_version"})
         if "value" not in body:
             raise InvalidInput("bad_request", "'value' is required")
@@ -569,9 +559,6 @@ class VaultApi:
         return self._render(call, "secret.updated", outcome, _version_written)
 
     async def _read(self, call: Call, name: str) -> Response:
-        principal = self._authenticate(call)
-        call.fields["name"] = check_name(name)
-        principal.require("read", name)
         query = call.request.query
         version_text = _single(query, "version")
         at_text = _single(query, "at")
@@ -612,9 +599,6 @@ class VaultApi:
         return Response.json(200, body)
 
     async def _history(self, call: Call, name: str) -> Response:
-        principal = self._authenticate(call)
-        call.fields["name"] = check_name(name)
-        principal.require("history", name)
         query = call.request.query
         limit = _positive_int(_single(query, "limit"), "limit") if "limit" in query else None
         after = (
@@ -736,7 +720,7 @@ class VaultApi:
 
     async def _batch_read(self, call: Call, _: str) -> Response:
         principal = self._authenticate(call)
-        _, items = self._batch_body(call)
+        items = self._batch_body(call)[1]
         wanted: list[tuple[str, int | None]] = []
         for item in items:
             if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "version"}:
@@ -783,7 +767,6 @@ class VaultApi:
     # ---- tokens -----------------------------------------------------------------------
     async def _token_create(self, call: Call, _: str) -> Response:
         principal = self._authenticate(call)
-        principal.require_root()
         body = self._json_body(call, {"display_name", "policies", "ttl"})
         policies = parse_policies(body.get("policies"))
         display_name = _check_display_name(body.get("display_name", "token"))
@@ -860,7 +843,6 @@ class VaultApi:
 
     # ---- keys -------------------------------------------------------------------------
     async def _rotate(self, call: Call, _: str) -> Response:
-        self._authenticate(call).require_root()
         now_us = self.clock_us()
         kek_id = max(self.state.keks, default=0) + 1
         command = RotateKek(
@@ -877,7 +859,6 @@ class VaultApi:
         The answer carries the new key material once (shares, or the key for a credential);
         nothing else keeps it. Other nodes seal or stop until they are given it.
         """
-        self._authenticate(call).require_root()
         if self.root_key_handout is None:
             raise ApiError(404, "not_found", "root key rotation is not enabled on this node")
         await self._read_point(call)
@@ -909,7 +890,6 @@ class VaultApi:
         )
 
     async def _seal(self, call: Call, _: str) -> Response:
-        self._authenticate(call).require_root()
         if self.on_seal is None:
             raise ApiError(
                 400, "seal_unsupported",
@@ -922,7 +902,6 @@ class VaultApi:
 
     async def _rewrap(self, call: Call, _: str) -> Response:
         """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""
-        self._authenticate(call).require_root()
         await self._read_point(call)
         target = self.state.current_kek_id
         total = 0
@@ -980,7 +959,6 @@ class VaultApi:
         )
 
     async def _keys(self, call: Call, _: str) -> Response:
-        self._authenticate(call).require_root()
         await self._read_point(call)
         counts = self.state.versions_per_kek()
         keys = [
@@ -999,7 +977,6 @@ class VaultApi:
         kek_text, _, action = rest.partition("/")
         if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
             raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
-        self._authenticate(call).require_root()
         # Key ids count up from 1, so one of more digits than any id can have names no key; it
         # would not fit the command's 64-bit integer either (int() of it may even raise).
         if len(kek_text) > _INT_DIGITS_MAX:
@@ -1091,9 +1068,3 @@ def _positive_int(text: str | None, key: str, minimum: int = 1) -> int:
             "bad_request", f"'{key}' must be an integer >= {minimum} of at most 18 digits"
         )
     return int(text)
-
-
-def _path_kind(path: str) -> str:
-    """The route, without the secret name (names are logged in their own field)."""
-    parts = path.split("/")
-    return "/".join(parts[:3]) if len(parts) > 3 else path

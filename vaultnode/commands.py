@@ -273,7 +273,8 @@ def command_from_wire(wire: dict[str, Any]) -> Command:
 
 
 def encode_command(command: Command) -> bytes:
-    return msgpack.packb(command_to_wire(command), use_bin_type=True)
+    encoded: bytes = msgpack.packb(command_to_wire(command), use_bin_type=True)
+    return encoded
 
 
 def decode_command(data: bytes) -> Command:

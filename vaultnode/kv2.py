@@ -25,11 +25,12 @@ from vaultnode.commands import (
 from vaultnode.http_server import Response
 from vaultnode.names import InvalidInput, check_name, check_prefix, format_time
 from vaultnode.native_deletion import parse_versions
+from vaultnode.routes import Access, Call, Consistency, RouteSpec
 from vaultnode.state import KvMetadata, Outcome, Secret, Version
 from vaultnode.vault_compat import errors_response, no_content, wrap
 
 if TYPE_CHECKING:
-    from vaultnode.api import Call, Route, VaultApi
+    from vaultnode.api import VaultApi
     from vaultnode.auth import Principal
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "LIST")
@@ -87,8 +88,13 @@ class Kv2Api:
         self.mount = mount
         self.prefix = f"/v1/{mount}/"
 
-    def routes(self) -> list[tuple[str, str, bool, Route]]:
-        return [(method, self.prefix, False, self.handle) for method in METHODS]
+    def routes(self) -> list[RouteSpec]:
+        # Each KV v2 operation checks its own capability on the name (a write needs `create` or
+        # `update` depending on whether the secret exists), after the path says which it is.
+        return [
+            RouteSpec(method, self.prefix, self.handle, Consistency.READ_POINT, Access.TOKEN)
+            for method in METHODS
+        ]
 
     async def handle(self, call: Call, rest: str) -> Response:
         method = call.request.method

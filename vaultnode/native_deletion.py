@@ -10,19 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vaultnode.commands import DeleteVersions, DestroyVersions, UndeleteVersions
-from vaultnode.names import InvalidInput, check_name
+from vaultnode.names import InvalidInput
+from vaultnode.routes import Call, Consistency, RouteSpec
 
 if TYPE_CHECKING:
-    from vaultnode.api import Call, Route, VaultApi
+    from vaultnode.api import VaultApi
     from vaultnode.http_server import Response
 
 VERSIONS_PER_REQUEST_MAX = 1_000
 _COMMANDS = {"delete": DeleteVersions, "undelete": UndeleteVersions, "destroy": DestroyVersions}
 # Undeleting is the inverse of deleting, so one capability covers both; destroying cannot be
 # undone and has its own.
-_CAPABILITY = {"delete": "delete", "undelete": "delete", "destroy": "destroy"}
-
-
 def parse_versions(raw: object) -> list[int]:
     """The `versions` a deletion names: 1 to VERSIONS_PER_REQUEST_MAX positive integers."""
     if (
@@ -42,12 +40,13 @@ class DeletionRoutes:
     def __init__(self, api: VaultApi) -> None:
         self.api = api
 
-    def routes(self) -> list[tuple[str, str, bool, Route]]:
+    def routes(self) -> list[RouteSpec]:
+        read_point = Consistency.READ_POINT
         return [
-            ("DELETE", "/v1/secrets/", False, self._delete_latest),
-            ("POST", "/v1/delete/", False, self._delete),
-            ("POST", "/v1/undelete/", False, self._undelete),
-            ("POST", "/v1/destroy/", False, self._destroy),
+            RouteSpec("DELETE", "/v1/secrets/", self._delete_latest, read_point, "delete"),
+            RouteSpec("POST", "/v1/delete/", self._delete, read_point, "delete"),
+            RouteSpec("POST", "/v1/undelete/", self._undelete, read_point, "delete"),
+            RouteSpec("POST", "/v1/destroy/", self._destroy, read_point, "destroy"),
         ]
 
     async def _delete_latest(self, call: Call, name: str) -> Response:
@@ -63,9 +62,6 @@ class DeletionRoutes:
         return await self._change(call, "destroy", name, from_body=True)
 
     async def _change(self, call: Call, action: str, name: str, *, from_body: bool) -> Response:
-        principal = self.api._authenticate(call)
-        call.fields["name"] = check_name(name)
-        principal.require(_CAPABILITY[action], name)
         body: dict[str, Any] | None = None
         versions: list[int] = []
         if from_body:

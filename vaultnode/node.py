@@ -38,8 +38,9 @@ from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
 from vaultnode.http_server import HttpServer, server_tls_context
 from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics, files_size_bytes
-from vaultnode.paxos_replicator import NotLeader, OutcomeUnknown, PaxosReplicator
-from vaultnode.replication import LocalReplicator, ReplicationStopped
+from vaultnode.paxos_replicator import PaxosReplicator
+from vaultnode.replication import LocalReplicator
+from vaultnode.replicator import NotLeader, OutcomeUnknown, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
@@ -286,8 +287,7 @@ class VaultNode:
             metrics=metrics,
             kv_v2_mount=config.kv_v2_mount,
             cluster_id=config.cluster_id,
-            **({"clock_us": replicator.clock_us} if isinstance(replicator, PaxosReplicator)
-               else {}),
+            clock_us=replicator.clock_us,
             on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
             root_key_handout=lambda new_key: root_key_handout(config, new_key),
         )

@@ -47,7 +47,16 @@ from vaultnode.commands import (
     encode_command,
 )
 from vaultnode.events import EventLog
-from vaultnode.replication import ReplicaStatus, ReplicationStopped
+from vaultnode.replicator import (
+    ClockHealth,
+    ClockOutOfBounds,
+    CommandTooLarge,
+    NotLeader,
+    OutcomeUnknown,
+    Overloaded,
+    ReplicaStatus,
+    ReplicationStopped,
+)
 from vaultnode.state import Outcome, VaultState
 
 TICK_S = 0.01
@@ -116,29 +125,6 @@ def _test_fsync_stall_s(path: str | None) -> float:
 
 class _Expired(Exception):
     """A request's wait outlived its deadline (internal: becomes OutcomeUnknown or a 503)."""
-
-
-class NotLeader(Exception):
-    """This node does not lead; `leader_id` is who does, when known. Nothing was proposed."""
-
-    def __init__(self, leader_id: int | None) -> None:
-        super().__init__(f"not the leader (leader: {leader_id})")
-        self.leader_id = leader_id
-
-
-class CommandTooLarge(Exception):
-    """The command is larger than one slot may hold (`Limits.batch_bytes_max`, derived from the
-    log's record and the transport's frame limits): it can never be ordered. Nothing was
-    proposed; a retry fails the same way."""
-
-
-class OutcomeUnknown(Exception):
-    """The command was proposed but not seen chosen in time: it may still be applied, once."""
-
-
-class ClockOutOfBounds(Exception):
-    """This node's wall clock is not confirmed within the bound of a majority's: it serves no
-    request that reads the clock (token expiry, command time) and proposes nothing."""
 
 
 def _proposed_at_us(raw: bytes) -> int | None:
@@ -334,8 +320,14 @@ class PaxosReplicator:
     def is_leader(self) -> bool:
         return self.replica.role == Role.LEADER
 
-    def leader_id(self) -> int | None:
-        return self.replica.leader_id
+    def clock_health(self) -> ClockHealth:
+        clock = self.clock_status
+        return ClockHealth(
+            within_bounds=clock.within_bounds,
+            offset_ms=None if clock.offset_us is None else clock.offset_us // 1000,
+            max_offset_ms=self.max_clock_offset_us // 1000,
+            peers_read=clock.peers_read,
+        )
 
     def status(self) -> ReplicaStatus:
         replica = self.replica
@@ -670,6 +662,8 @@ class PaxosReplicator:
                 f"the command takes {encoded_command_bytes(raw)} bytes; one slot holds at most "
                 f"{self.limits.batch_bytes_max} (the log's record and the peers' frame limits)"
             )
+        if reason == DropReason.OVERLOADED:
+            return Overloaded("the leader's proposal queue is full; retry shortly")
         return NotLeader(leader_hint)
 
     def _take_waiter(self, raw: bytes) -> tuple[asyncio.Future[Outcome], Command] | None:

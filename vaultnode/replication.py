@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -24,23 +23,13 @@ from storage.log import SegmentedLog
 from storage.snapshot_file import load_latest_snapshot, remove_snapshots_before, write_snapshot
 from vaultnode.commands import Command, decode_command, encode_command
 from vaultnode.events import EventLog
+from vaultnode.replicator import ClockHealth, ReplicaStatus, ReplicationStopped
 from vaultnode.state import Outcome, VaultState
 
 
-class ReplicationStopped(Exception):
-    """The replicator stopped (disk failure or shutdown) before the command's outcome was known."""
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    role: str
-    leader_id: int | None
-    commit_index: int
-    applied_index: int
-
-
 def encode_entry(encoded_commands: list[bytes]) -> bytes:
-    return msgpack.packb(encoded_commands, use_bin_type=True)
+    encoded: bytes = msgpack.packb(encoded_commands, use_bin_type=True)
+    return encoded
 
 
 def decode_entry(payload: bytes) -> list[Command]:
@@ -146,8 +135,11 @@ class LocalReplicator:
     def leader_contact_age_s(self) -> float | None:
         return 0.0  # a single node is its own quorum: its state is always current
 
-    def leader_id(self) -> int | None:
-        return self.node_id
+    def clock_us(self) -> int:
+        return time.time_ns() // 1000  # one node: its own clock is the cluster's
+
+    def clock_health(self) -> ClockHealth | None:
+        return None  # one node: no peers' clocks to be within bounds of
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

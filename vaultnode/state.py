@@ -733,7 +733,8 @@ class VaultState:
                 for (p, k), r in self.idempotency.items()
             ],
         }
-        return msgpack.packb(body, use_bin_type=True)
+        encoded: bytes = msgpack.packb(body, use_bin_type=True)
+        return encoded
 
     @classmethod
     def restore(cls, data: bytes, limits: StateLimits | None = None) -> VaultState:

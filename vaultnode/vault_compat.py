@@ -24,9 +24,10 @@ from vaultnode.auth import (
 from vaultnode.commands import CreateToken, RevokeToken
 from vaultnode.http_server import Response
 from vaultnode.names import InvalidInput, format_time
+from vaultnode.routes import Access, Call, Consistency, RouteSpec
 
 if TYPE_CHECKING:
-    from vaultnode.api import Call, Route, VaultApi
+    from vaultnode.api import VaultApi
     from vaultnode.state import Token
 
 # What /v1/sys/health and the mount tables report; a semver, as Terraform's provider expects.
@@ -123,20 +124,25 @@ class VaultCompatApi:
         self.mount = mount
         self.cluster_id = cluster_id
 
-    def routes(self) -> list[tuple[str, str, bool, Route]]:
+    def routes(self) -> list[RouteSpec]:
+        local, read_point = Consistency.LOCAL, Consistency.READ_POINT
+        public, token, root = Access.PUBLIC, Access.TOKEN, Access.ROOT
         return [
-            ("GET", "/v1/sys/health", True, self._health),
-            ("HEAD", "/v1/sys/health", True, self._health),
-            ("GET", "/v1/sys/mounts", True, self._mounts),
-            ("GET", "/v1/sys/internal/ui/mounts", True, self._ui_mounts),
-            ("GET", "/v1/sys/internal/ui/mounts/", False, self._ui_mount),
-            ("GET", "/v1/auth/token/lookup-self", True, self._lookup_self),
-            ("POST", "/v1/auth/token/renew-self", True, self._renew_self),
-            ("PUT", "/v1/auth/token/renew-self", True, self._renew_self),
-            ("POST", "/v1/auth/token/revoke-self", True, self._revoke_self),
-            ("PUT", "/v1/auth/token/revoke-self", True, self._revoke_self),
-            ("POST", "/v1/auth/token/create", True, self._create),
-            ("PUT", "/v1/auth/token/create", True, self._create),
+            RouteSpec("GET", "/v1/sys/health", self._health, local, public),
+            RouteSpec("HEAD", "/v1/sys/health", self._health, local, public),
+            RouteSpec("GET", "/v1/sys/mounts", self._mounts, read_point, token),
+            RouteSpec("GET", "/v1/sys/internal/ui/mounts", self._ui_mounts, read_point, token),
+            RouteSpec("GET", "/v1/sys/internal/ui/mounts/", self._ui_mount, read_point, token),
+            RouteSpec("GET", "/v1/auth/token/lookup-self", self._lookup_self, read_point, token),
+            *(
+                RouteSpec(method, path, handler, read_point, access)
+                for method in ("POST", "PUT")
+                for path, handler, access in (
+                    ("/v1/auth/token/renew-self", self._renew_self, token),
+                    ("/v1/auth/token/revoke-self", self._revoke_self, token),
+                    ("/v1/auth/token/create", self._create, root),
+                )
+            ),
         ]
 
     # ---- sys ----------------------------------------------------------------------------
@@ -146,7 +152,7 @@ class VaultCompatApi:
         query = call.request.query
         overrides: dict[str, int] = {}
         for key in _HEALTH_CODE_PARAMS:
-            text = (query.get(key) or [None])[0]
+            text = query[key][0] if query.get(key) else None
             if text is not None:
                 if not (text.isascii() and text.isdigit() and 100 <= int(text) <= 599):
                     raise InvalidInput("bad_request", f"'{key}' must be an HTTP status code")
@@ -196,14 +202,12 @@ class VaultCompatApi:
         }
 
     async def _mounts(self, call: Call, _: str) -> Response:
-        self.api._authenticate(call)
         mounts = {f"{self.mount}/": self._mount_entry()}
         call.outcome = "ok"
         # Vault repeats the table at the top level beside "data" (older clients read that).
         return Response.json(200, {**mounts, **wrap(call, mounts)})
 
     async def _ui_mounts(self, call: Call, _: str) -> Response:
-        self.api._authenticate(call)
         token_mount = {"type": "token", "description": "token based credentials", "options": None}
         data = {"secret": {f"{self.mount}/": self._mount_entry()}, "auth": {"token/": token_mount}}
         call.outcome = "ok"
@@ -212,7 +216,6 @@ class VaultCompatApi:
     async def _ui_mount(self, call: Call, path: str) -> Response:
         """The mount a path lies under: the Vault CLI and consul-template ask this first to learn
         the KV version; any other path is 404, which they read as "no such mount"."""
-        self.api._authenticate(call)
         if path.rstrip("/") != self.mount and not path.startswith(f"{self.mount}/"):
             return errors_response(404, [])
         call.outcome = "ok"
@@ -295,7 +298,6 @@ class VaultCompatApi:
         asked for without policies, or with `root`, gets every secret capability (Vault's child of
         root); `default` alone adds nothing; native policy objects are taken as they are."""
         principal = self.api._authenticate(call)
-        principal.require_root()
         body = self.api._json_body(
             call,
             {
