@@ -82,19 +82,6 @@ class Ready:
     rejected_reads: tuple[RejectedRead, ...] = ()
     compact_log_before: int | None = None
 
-    def is_empty(self) -> bool:
-        return not (
-            self.records
-            or self.messages
-            or self.messages_after_persist
-            or self.snapshot
-            or self.chosen
-            or self.reads
-            or self.dropped_proposals
-            or self.rejected_reads
-            or self.compact_log_before is not None
-        )
-
 
 def needs_fsync(ready: Ready) -> bool:
     """Whether the driver must fsync before this Ready's after-persist duties. Records that only

@@ -226,10 +226,6 @@ class Replica:
         return self._snapshot_slot
 
     @property
-    def last_record_index(self) -> int:
-        return self._last_record_index
-
-    @property
     def incarnation(self) -> int:
         return self._incarnation
 

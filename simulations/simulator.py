@@ -727,12 +727,3 @@ def _tick_period(plan: FaultPlan, position: int) -> int:
 
 def run_simulation(config: SimConfig) -> SimResult:
     return _Simulation(config).run()
-
-
-def describe_history(history: list[Operation]) -> str:  # for failure reports
-    return "\n".join(
-        f"c{op.client_id} {op.input.kind} {op.input.name} -> {op.output!r} "
-        f"[{op.call}, {op.ret}]" for op in history
-    )
-
-

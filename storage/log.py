@@ -350,38 +350,6 @@ class SegmentedLog:
 
     # -- shrinking -------------------------------------------------------------------------
 
-    def truncate_after(self, index: int) -> None:
-        """Durably drop every record after index; afterwards synced_index == index.
-
-        Keeps the first segment (possibly empty) so its name still records first_index.
-        """
-        self._check_usable()
-        if not self.first_index - 1 <= index <= self.last_index:
-            raise LogIndexError(
-                f"truncate_after({index}) outside {self.first_index - 1}..{self.last_index}"
-            )
-        if index == self.last_index:
-            self.sync()
-            return
-        self._close_handle()
-        # Newest first, each removal made durable before the next, so a crash leaves a
-        # contiguous log whatever order the filesystem would persist unsynced removals in.
-        while len(self._segments) > 1 and self._segments[-1].first_index > index:
-            doomed = self._segments.pop()
-            self._segment_first_indexes.pop()
-            self._remove_segment_file(doomed.path)
-        segment = self._segments[-1]
-        keep_count = index + 1 - segment.first_index
-        new_size_bytes = segment.offsets[keep_count] if keep_count < len(segment.offsets) \
-            else segment.size_bytes
-        self._guarded(lambda: self._disk.truncate(segment.path, new_size_bytes))
-        del segment.offsets[keep_count:]
-        segment.size_bytes = new_size_bytes
-        for cached_index in [i for i in self._cache if i > index]:
-            self._cache_size_bytes -= len(self._cache.pop(cached_index))
-        self.last_index = index
-        self.synced_index = index
-
     def compact_before(self, index: int) -> None:
         """Durably delete segments whose records are all below index (a snapshot covers them).
 
@@ -396,29 +364,6 @@ class SegmentedLog:
         self.first_index = self._segments[0].first_index
         for cached_index in [i for i in self._cache if i < self.first_index]:
             self._cache_size_bytes -= len(self._cache.pop(cached_index))
-
-    def reset(self, next_index: int) -> None:
-        """Durably drop every record and restart numbering at next_index.
-
-        For installing a snapshot that is ahead of (or conflicts with) the whole log.
-        """
-        self._check_usable()
-        if next_index < 1:
-            raise ValueError("next_index must be at least 1")
-        self._close_handle()
-        while self._segments:
-            doomed = self._segments.pop()
-            self._remove_segment_file(doomed.path)
-        self._segment_first_indexes.clear()
-        segment = _Segment(posixpath.join(self._directory, segment_name(next_index)), next_index)
-        self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
-        self._segments.append(segment)
-        self._segment_first_indexes.append(next_index)
-        self._cache.clear()
-        self._cache_size_bytes = 0
-        self.first_index = next_index
-        self.last_index = next_index - 1
-        self.synced_index = self.last_index
 
     def close(self) -> None:
         """Release the file handle. Does not sync: call sync first if that is wanted."""

@@ -1,4 +1,4 @@
-"""The key hierarchy: root key file and KCV, KEK wrapping under the root key, the Keyring."""
+"""The key hierarchy: root key file and KCV, KEK wrapping under the root key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import hmac
 import os
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from storage.crypto_errors import (
@@ -18,11 +17,9 @@ from storage.crypto_errors import (
     RootKeyFileMissingError,
     RootKeyFormatError,
     RootKeyPermissionError,
-    UnknownKeyError,
     WrongRootKeyError,
 )
-from storage.envelope import new_record_id, open_sealed, rewrap, seal
-from storage.keyring import KekState, Keyring, WrappedKek, new_kek, unwrap_kek, wrap_kek
+from storage.keyring import new_kek, unwrap_kek, wrap_kek
 from storage.rootkey import (
     check_root_key,
     derive_kek_wrapping_key,
@@ -36,17 +33,6 @@ from storage.rootkey import (
 @pytest.fixture
 def root_key() -> bytes:
     return generate_root_key()
-
-
-def _wrapped(
-    root_key: bytes, kek_id: int, kek: bytes, state: KekState = KekState.ACTIVE
-) -> WrappedKek:
-    return WrappedKek(
-        kek_id=kek_id,
-        wrapped_kek=wrap_kek(root_key, kek_id, kek),
-        created_at_us=1_000 * kek_id,
-        state=state,
-    )
 
 
 # --- root key and key check value --------------------------------------------------------------
@@ -235,141 +221,3 @@ def test_a_flipped_bit_in_a_wrapped_kek_fails(root_key: bytes, index: int) -> No
 def test_a_wrapped_kek_of_the_wrong_length_is_malformed(root_key: bytes) -> None:
     with pytest.raises(MalformedRecordError, match="60 bytes"):
         unwrap_kek(root_key, 1, b"x" * 59)
-
-
-def test_wrapped_kek_record_round_trips_through_msgpack(root_key: bytes) -> None:
-    record = _wrapped(root_key, 4, new_kek(), KekState.RETIRED)
-    wire = msgpack.unpackb(msgpack.packb(record.to_wire()), raw=False)
-    assert wire["state"] == "retired"
-    assert WrappedKek.from_wire(wire) == record
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        ({"state": "destroyed"}, "unknown state"),
-        ({"state": 1}, "field state must be str"),
-        ({"kek_id": 0}, "kek_id must be in"),
-        ({"kek_id": "1"}, "field kek_id must be int"),
-        ({"wrapped_kek": b"short"}, "wrapped_kek must be 60 bytes"),
-        ({"created_at_us": -5}, "created_at_us must be in"),
-        ({"extra": 1}, "unknown field"),
-    ],
-)
-def test_wrapped_kek_from_wire_rejects_malformed_records(
-    root_key: bytes, edit: dict[str, object], message: str
-) -> None:
-    wire = _wrapped(root_key, 1, new_kek()).to_wire()
-    wire.update(edit)
-    with pytest.raises(MalformedRecordError, match=message):
-        WrappedKek.from_wire(wire)
-
-
-def test_wrapped_kek_from_wire_rejects_a_missing_field(root_key: bytes) -> None:
-    wire = _wrapped(root_key, 1, new_kek()).to_wire()
-    del wire["wrapped_kek"]
-    with pytest.raises(MalformedRecordError, match="missing field"):
-        WrappedKek.from_wire(wire)
-
-
-# --- Keyring -----------------------------------------------------------------------------------
-
-
-def test_keyring_unwraps_every_kek_and_seals_under_the_newest_active(root_key: bytes) -> None:
-    keks = {1: new_kek(), 2: new_kek(), 3: new_kek()}
-    keyring = Keyring.from_wrapped(
-        root_key,
-        [
-            _wrapped(root_key, 1, keks[1], KekState.RETIRED),
-            _wrapped(root_key, 2, keks[2]),
-            _wrapped(root_key, 3, keks[3]),
-        ],
-    )
-    assert keyring.kek_ids == (1, 2, 3)
-    assert keyring.current_kek_id == 3
-    assert keyring.current() == (3, keks[3])
-    assert all(keyring.get(kek_id) == kek for kek_id, kek in keks.items())
-    assert keyring.record(1).state is KekState.RETIRED
-    assert keyring.next_kek_id == 4
-    assert 2 in keyring and 4 not in keyring and len(keyring) == 3
-
-
-def test_a_retired_kek_is_never_current(root_key: bytes) -> None:
-    keyring = Keyring.from_wrapped(
-        root_key,
-        [_wrapped(root_key, 1, new_kek()), _wrapped(root_key, 2, new_kek(), KekState.RETIRED)],
-    )
-    assert keyring.current_kek_id == 1
-
-
-def test_a_keyring_without_an_active_kek_has_no_current_kek(root_key: bytes) -> None:
-    for keyring in [
-        Keyring.from_wrapped(root_key, []),
-        Keyring.from_wrapped(root_key, [_wrapped(root_key, 1, new_kek(), KekState.RETIRED)]),
-    ]:
-        with pytest.raises(UnknownKeyError, match="no active KEK"):
-            keyring.current()
-    assert Keyring.from_wrapped(root_key, []).next_kek_id == 1
-
-
-def test_keyring_get_of_an_unknown_id_raises_unknown_key_error(root_key: bytes) -> None:
-    keyring = Keyring.from_wrapped(root_key, [_wrapped(root_key, 1, new_kek())])
-    with pytest.raises(UnknownKeyError) as caught:
-        keyring.get(9)
-    assert caught.value.kek_id == 9
-    with pytest.raises(UnknownKeyError):
-        keyring.record(9)
-
-
-def test_keyring_refuses_a_wrong_root_key(root_key: bytes) -> None:
-    wrapped = [_wrapped(root_key, 1, new_kek())]
-    with pytest.raises(IntegrityError, match="KEK 1 does not unwrap"):
-        Keyring.from_wrapped(generate_root_key(), wrapped)
-
-
-def test_keyring_refuses_duplicate_kek_ids(root_key: bytes) -> None:
-    with pytest.raises(ValueError, match="appears twice"):
-        Keyring.from_wrapped(
-            root_key, [_wrapped(root_key, 1, new_kek()), _wrapped(root_key, 1, new_kek())]
-        )
-
-
-def test_keyring_repr_shows_ids_and_states_but_no_key_material(root_key: bytes) -> None:
-    kek = new_kek()
-    keyring = Keyring.from_wrapped(root_key, [_wrapped(root_key, 1, kek)])
-    assert repr(keyring) == "Keyring({1:active})"
-    assert kek.hex() not in repr(keyring) and repr(kek) not in repr(keyring)
-
-
-def test_rotation_then_rewrap_leaves_the_old_kek_unnecessary(root_key: bytes) -> None:
-    old_kek = new_kek()
-    keyring_before = Keyring.from_wrapped(root_key, [_wrapped(root_key, 1, old_kek)])
-    kek_id, kek = keyring_before.current()
-    sealed = seal(
-        b"s3cret",
-        name="app/token",
-        record_id=new_record_id(),
-        created_at_us=5,
-        created_by="acc",
-        kek_id=kek_id,
-        kek=kek,
-    )
-    # Rotation as the proposer does it: new KEK under the next id, old one retired.
-    new_id = keyring_before.next_kek_id
-    keyring_rotated = Keyring.from_wrapped(
-        root_key,
-        [_wrapped(root_key, 1, old_kek, KekState.RETIRED), _wrapped(root_key, new_id, new_kek())],
-    )
-    current_id, current_kek = keyring_rotated.current()
-    assert current_id == new_id
-    rewrapped = rewrap(
-        sealed, kek_for=keyring_rotated.get, new_kek_id=current_id, new_kek=current_kek
-    )
-    # After every record is rewrapped the old KEK can be dropped from state altogether.
-    keyring_after = Keyring.from_wrapped(root_key, [keyring_rotated.record(current_id)])
-    assert 1 not in keyring_after
-    assert open_sealed(rewrapped, expected_name="app/token", kek_for=keyring_after.get) == (
-        b"s3cret"
-    )
-    with pytest.raises(UnknownKeyError):
-        open_sealed(sealed, expected_name="app/token", kek_for=keyring_after.get)

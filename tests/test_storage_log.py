@@ -148,36 +148,6 @@ def test_append_refuses_empty_and_oversized_payloads_without_writing(store: Stor
     assert store.disk.file_size(log.segment_paths[0]) == 0
 
 
-def test_truncate_after_then_append_across_segments(store: Store) -> None:
-    log = filled(store, 30)
-    log.append([b"unsynced"])
-    log.truncate_after(12)
-    assert (log.last_index, log.synced_index) == (12, 12)
-    assert all(int(p.rsplit("/", 1)[1][:20]) <= 12 for p in log.segment_paths)
-    with pytest.raises(LogIndexError):
-        log.read(13)
-    log.append([b"new-13", b"new-14"])
-    log.sync()
-    log.close()
-    reopened = store.open()
-    expected = [(i, payload(i)) for i in range(1, 13)] + [(13, b"new-13"), (14, b"new-14")]
-    assert all_entries(reopened) == expected
-
-
-def test_truncate_after_everything_keeps_first_index(store: Store) -> None:
-    log = filled(store, 30)
-    log.compact_before(12)
-    first_index = log.first_index
-    assert first_index > 1
-    log.truncate_after(first_index - 1)
-    assert (log.first_index, log.last_index) == (first_index, first_index - 1)
-    log.close()
-    reopened = store.open()
-    assert (reopened.first_index, reopened.last_index) == (first_index, first_index - 1)
-    with pytest.raises(LogIndexError):
-        reopened.truncate_after(first_index - 2)
-
-
 def test_compact_before_drops_only_whole_segments_below_index(store: Store) -> None:
     log = filled(store, 30)
     segment_count = len(log.segment_paths)
@@ -195,18 +165,6 @@ def test_compact_before_drops_only_whole_segments_below_index(store: Store) -> N
     reopened = store.open()
     assert reopened.first_index >= first_index
     assert reopened.last_index == 30
-
-
-def test_reset_restarts_numbering_durably(store: Store) -> None:
-    log = filled(store, 30)
-    log.reset(500)
-    assert (log.first_index, log.last_index) == (500, 499)
-    assert log.append([b"x"]) == 500
-    log.sync()
-    log.close()
-    reopened = store.open()
-    assert all_entries(reopened) == [(500, b"x")]
-    assert len(reopened.segment_paths) == 1
 
 
 def _last_segment_after_writing(store: Store, count: int) -> tuple[str, int]:
@@ -420,9 +378,7 @@ OPERATIONS = st.lists(
         st.tuples(st.just("append"), st.integers(1, 6)),
         st.tuples(st.just("sync"), st.just(0)),
         st.tuples(st.just("crash"), st.integers(0, 2**32 - 1)),
-        st.tuples(st.just("truncate_after"), st.integers(0, 2**16)),
         st.tuples(st.just("compact_before"), st.integers(0, 2**16)),
-        st.tuples(st.just("reset"), st.integers(0, 3)),
         st.tuples(st.just("failed_sync"), st.integers(0, 2**32 - 1)),
     ),
     max_size=40,
@@ -452,20 +408,10 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
             model.payloads.extend(batch)
         elif name == "sync":
             model.synced_index = log.sync()
-        elif name == "truncate_after":
-            index = model.first_index - 1 + argument % span
-            log.truncate_after(index)
-            del model.payloads[index + 1 - model.first_index :]
-            model.synced_index = index
         elif name == "compact_before":
             log.compact_before(model.first_index + argument % span)
             del model.payloads[: log.first_index - model.first_index]
             model.first_index = log.first_index
-        elif name == "reset":
-            model.first_index = model.last_index + 1 + argument
-            log.reset(model.first_index)
-            model.payloads.clear()
-            model.synced_index = model.first_index - 1
         else:
             if name == "failed_sync":
                 # A sync that fails is fatal: the node crashes without retrying.
@@ -490,11 +436,9 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
 @pytest.mark.parametrize(
     "interrupted",
     [
-        lambda log: log.truncate_after(3),
         lambda log: log.compact_before(28),
-        lambda log: log.reset(100),
     ],
-    ids=["truncate_after", "compact_before", "reset"],
+    ids=["compact_before"],
 )
 def test_crash_part_way_through_a_shrinking_operation_leaves_a_contiguous_log(
     interrupted: Callable[[SegmentedLog], None],
