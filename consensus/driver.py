@@ -106,10 +106,6 @@ class ReadyDriver:
         self._compaction: tuple[int, int] | None = None
         self.error: BaseException | None = None
 
-    @property
-    def sync_in_flight(self) -> bool:
-        return self._sync_in_flight
-
     # ---- inputs to the core: after a stop they are ignored, and a violation stops ----------
     def tick(self) -> None:
         if self.error is None:

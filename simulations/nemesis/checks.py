@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,13 +255,3 @@ def scan_for_secrets(root: Path, skip: Sequence[Path] = ()) -> list[Finding]:
         if marker in data:
             findings.append(Finding("secret-in-file", f"{path} holds a secret value in the clear"))
     return findings
-
-
-@dataclass
-class Verdict:
-    findings: list[Finding] = field(default_factory=list)
-    linearizability: LinearizabilityVerdict | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings

@@ -209,13 +209,6 @@ class FaultProxy(LinkProxy):
 
         self._call(apply())
 
-    def modes(self) -> dict[Link, str]:
-        async def read() -> dict[Link, str]:
-            return {link: str(state.mode) for link, state in self._links.items()}
-
-        result: dict[Link, str] = self._call(read())
-        return result
-
     def _close_all(self, state: _LinkState) -> None:
         for end in list(state.writers):
             end.close()

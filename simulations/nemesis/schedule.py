@@ -12,9 +12,8 @@ cluster given a breather, before the next starts), or leave a fault running past
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 
 class FaultKind(StrEnum):
@@ -70,9 +69,6 @@ class Fault:
         if self.amount:
             parts.append(f"amount={self.amount:+g}")
         return " ".join(parts)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
