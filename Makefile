@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Checked by mypy --strict (pyproject.toml).
 TYPED := consensus storage vaultnode cli
 
-.PHONY: run demo test lint typecheck soak bench clean nemesis system-packages
+.PHONY: run demo test test-fast lint typecheck soak bench clean nemesis system-packages
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP) system-packages
 	$(BIN)/vulture
 	$(BIN)/mypy $(TYPED)
 	$(BIN)/pytest
+
+# The fast loop (under a minute): the in-process tests, none that starts a real process
+# (tests/conftest.py marks those `processes`). `make test` is the full suite.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not processes"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -341,16 +341,6 @@ class Replica:
         self._snapshot = Snapshot(slot, data)
         self._compact(slot)
 
-    def install_snapshot(self, slot: int, data: bytes) -> None:
-        """The driver restored the application from a snapshot it holds (for instance one found
-        on disk newer than the records); the core moves its watermark there."""
-        if slot <= self._chosen_through:
-            if slot > self._snapshot_slot:
-                self._snapshot = Snapshot(slot, data)
-                self._compact(slot)
-            return
-        self._adopt_snapshot(Snapshot(slot, data))
-
     def has_ready(self) -> bool:
         return (
             bool(self._out_records or self._out_messages or self._out_after_persist)

@@ -1,3 +1,5 @@
+"""Fixtures shared by the test modules (pytest finds them here without an import)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -5,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, LinkProxy, started_cluster
+from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader
 
 
 @pytest.fixture
@@ -20,3 +22,43 @@ def proxy() -> Iterator[LinkProxy]:
     relay = LinkProxy()
     yield relay
     relay.close()
+
+
+@pytest.fixture(scope="module")
+def shared_vault(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """One initialised node for a whole module (starting one per test costs about a second);
+    tests stay independent by using secret names no other test uses.
+
+    Parametrised indirectly with "follower" (tests/test_api_semantics.py), it is instead a
+    three-node cluster whose `nodes[0]`, and so `client()`, is a follower when the module starts:
+    the same requests then take the follower's path through the API (forwarded writes, read
+    points from the leader).
+    """
+    through = getattr(request, "param", "one_node")
+    root = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-{through}")
+    if through == "one_node":
+        yield from started_cluster(root / "cluster", nodes=1)
+        return
+    assert through == "follower", through
+    for cluster in started_cluster(root / "cluster", nodes=3):
+        leader = wait_for_leader(cluster.nodes)
+        followers = [n for n in cluster.nodes if n is not leader]
+        cluster.nodes[:] = [*followers, leader]
+        yield cluster
+
+
+_PROCESS_FIXTURES = frozenset({"vault", "shared_vault", "proxy"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `processes` every test that starts real processes: it uses a fixture that does, or
+    its module uses tests/harness.py (`make test-fast` leaves them out)."""
+    for item in items:
+        module = getattr(item, "module", None)
+        uses_harness = module is not None and any(
+            getattr(value, "__module__", None) == "tests.harness" for value in vars(module).values()
+        )
+        if uses_harness or _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)

@@ -5,23 +5,17 @@ does not reveal existence); list filtered by capability; /v1/tokens/self; tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster, wait_until
+from tests.harness import Cluster, wait_until
 from tests.test_http_wire import assert_error
 from vaultnode.api import TOKEN_TTL_S_MAX
 
 TTL_EXPIRY_DEADLINE_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def shared_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path_factory.mktemp("auth") / "cluster", nodes=1)
 
 
 def make_token(vault: Cluster, policies: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

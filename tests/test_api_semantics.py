@@ -2,7 +2,9 @@
 values, create-once (also under a 50-way race), update and expected_version (also under a race),
 validity intervals, reads by version and by instant, history and list.
 
-All tests share one node per module, so each writes only names no other test uses.
+The module runs twice: against one node, and through a follower of a three-node cluster (the
+`shared_vault` fixture in tests/conftest.py). Each run shares its vault among the tests, so each
+writes only names no other test uses.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -19,17 +20,16 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster
+from tests.harness import Cluster
 from tests.test_http_wire import assert_error, raw_exchange, raw_request
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 VALUE_BYTES_MAX = 64 * 1024  # the default limit in vaultnode/config.py
 RACERS = 50
 
-
-@pytest.fixture(scope="module")
-def shared_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path_factory.mktemp("semantics") / "cluster", nodes=1)
+pytestmark = pytest.mark.parametrize(
+    "shared_vault", ["one_node", "follower"], indirect=True, scope="module"
+)
 
 
 def to_us(stamp: str) -> int:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main as cli_main
-from tests.harness import Cluster, free_port_block, started_cluster
+from tests.harness import Cluster, free_port_block
 
 CLI_DEADLINE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def shared_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One node for the whole module: starting one per test would cost ~1 s each.
-
-    Tests stay independent by using secret names no other test uses.
-    """
-    yield from started_cluster(tmp_path_factory.mktemp("cli") / "cluster", nodes=1)
 
 
 def vault_cli(

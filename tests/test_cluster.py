@@ -24,7 +24,7 @@ from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, 
 
 
 @pytest.fixture(scope="module")
-def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def shared3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     yield from started_cluster(tmp_path_factory.mktemp("c3") / "cluster", nodes=3)
 
 
@@ -48,64 +48,64 @@ def auth(cluster: Cluster) -> dict[str, str]:
     return {"Authorization": f"Bearer {cluster.root_token}"}
 
 
-def test_a_secret_written_on_one_node_is_read_on_every_other(cluster3: Cluster) -> None:
+def test_a_secret_written_on_one_node_is_read_on_every_other(shared3: Cluster) -> None:
     name = f"repl/{uuid.uuid4().hex}"
-    first = cluster3.nodes[0]
+    first = shared3.nodes[0]
     created = httpx.post(
-        f"{first.url}/v1/secrets/{name}", json={"value": "v1"}, headers=auth(cluster3)
+        f"{first.url}/v1/secrets/{name}", json={"value": "v1"}, headers=auth(shared3)
     )
     assert created.status_code == 201
-    for node in cluster3.nodes:
-        body = httpx.get(f"{node.url}/v1/secrets/{name}", headers=auth(cluster3)).json()
+    for node in shared3.nodes:
+        body = httpx.get(f"{node.url}/v1/secrets/{name}", headers=auth(shared3)).json()
         assert (body["version"], body["value"]) == (1, "v1")
-    leader = wait_for_leader(cluster3.nodes)
-    follower = next(n for n in cluster3.nodes if n is not leader)
+    leader = wait_for_leader(shared3.nodes)
+    follower = next(n for n in shared3.nodes if n is not leader)
     updated = httpx.put(
-        f"{follower.url}/v1/secrets/{name}", json={"value": "v2"}, headers=auth(cluster3)
+        f"{follower.url}/v1/secrets/{name}", json={"value": "v2"}, headers=auth(shared3)
     )
     assert updated.status_code == 200 and updated.json()["version"] == 2
-    for node in cluster3.nodes:
-        body = httpx.get(f"{node.url}/v1/secrets/{name}", headers=auth(cluster3)).json()
+    for node in shared3.nodes:
+        body = httpx.get(f"{node.url}/v1/secrets/{name}", headers=auth(shared3)).json()
         assert (body["version"], body["value"]) == (2, "v2")
-    views = [httpx.get(f"{n.url}/health").json() for n in cluster3.nodes]
+    views = [httpx.get(f"{n.url}/health").json() for n in shared3.nodes]
     assert {v["leader_id"] for v in views} == {leader.node_id}
     assert sorted(v["role"] for v in views) == ["follower", "follower", "leader"]
 
 
-def test_a_stale_read_is_served_locally_and_names_its_index(cluster3: Cluster) -> None:
+def test_a_stale_read_is_served_locally_and_names_its_index(shared3: Cluster) -> None:
     name = f"stale/{uuid.uuid4().hex}"
-    leader = wait_for_leader(cluster3.nodes)
-    httpx.post(f"{leader.url}/v1/secrets/{name}", json={"value": "x"}, headers=auth(cluster3))
-    follower = next(n for n in cluster3.nodes if n is not leader)
+    leader = wait_for_leader(shared3.nodes)
+    httpx.post(f"{leader.url}/v1/secrets/{name}", json={"value": "x"}, headers=auth(shared3))
+    follower = next(n for n in shared3.nodes if n is not leader)
 
     def caught_up() -> bool:
         reply = httpx.get(
             f"{follower.url}/v1/secrets/{name}",
             params={"consistency": "stale"},
-            headers=auth(cluster3),
+            headers=auth(shared3),
         )
         return reply.status_code == 200
 
     wait_until(caught_up, 10, "the follower to apply the write")
     body = httpx.get(
-        f"{follower.url}/v1/secrets/{name}", params={"consistency": "stale"}, headers=auth(cluster3)
+        f"{follower.url}/v1/secrets/{name}", params={"consistency": "stale"}, headers=auth(shared3)
     ).json()
     assert body["value"] == "x" and body["applied_index"] >= body["index"]
 
 
 def test_a_token_works_on_a_follower_at_once_and_is_refused_there_once_revoked(
-    cluster3: Cluster,
+    shared3: Cluster,
 ) -> None:
     # A follower decides from its own state only once it is as current as the leader (a read
     # point, or for a write the apply itself), so it never lags behind a token change that was
     # already acknowledged. Repeated, since a follower lags in some rounds only.
-    leader = wait_for_leader(cluster3.nodes)
-    followers = [n for n in cluster3.nodes if n is not leader]
+    leader = wait_for_leader(shared3.nodes)
+    followers = [n for n in shared3.nodes if n is not leader]
     policy = {"prefix": "tok/", "capabilities": ["create", "read"]}
     for attempt in range(10):
         name = f"tok/{uuid.uuid4().hex}"
         made = httpx.post(f"{leader.url}/v1/tokens", json={"policies": [policy]},
-                          headers=auth(cluster3))
+                          headers=auth(shared3))
         assert made.status_code == 201, made.text
         bearer = {"Authorization": f"Bearer {made.json()['token']}"}
         writer, reader = followers[attempt % 2], followers[(attempt + 1) % 2]
@@ -123,15 +123,15 @@ def test_a_token_works_on_a_follower_at_once_and_is_refused_there_once_revoked(
             assert write.status_code == 401, write.text
 
 
-def test_fifty_concurrent_creates_across_nodes_give_exactly_one_201(cluster3: Cluster) -> None:
+def test_fifty_concurrent_creates_across_nodes_give_exactly_one_201(shared3: Cluster) -> None:
     name = f"race/{uuid.uuid4().hex}"
 
     def create(i: int) -> int:
-        node = cluster3.nodes[i % 3]
+        node = shared3.nodes[i % 3]
         return httpx.post(
             f"{node.url}/v1/secrets/{name}",
             json={"value": f"v{i}"},
-            headers=auth(cluster3),
+            headers=auth(shared3),
             timeout=30,
         ).status_code
 
@@ -142,30 +142,30 @@ def test_fifty_concurrent_creates_across_nodes_give_exactly_one_201(cluster3: Cl
 
 
 def test_two_hundred_concurrent_updates_across_nodes_give_contiguous_versions(
-    cluster3: Cluster,
+    shared3: Cluster,
 ) -> None:
     name = f"updates/{uuid.uuid4().hex}"
-    client = cluster3.nodes[0]
+    client = shared3.nodes[0]
     assert (
         httpx.post(
-            f"{client.url}/v1/secrets/{name}", json={"value": "0"}, headers=auth(cluster3)
+            f"{client.url}/v1/secrets/{name}", json={"value": "0"}, headers=auth(shared3)
         ).status_code
         == 201
     )
 
     def update(i: int) -> int:
-        node = cluster3.nodes[i % 3]
+        node = shared3.nodes[i % 3]
         return httpx.put(
             f"{node.url}/v1/secrets/{name}",
             json={"value": f"u{i}"},
-            headers=auth(cluster3),
+            headers=auth(shared3),
             timeout=30,
         ).status_code
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(update, range(200)))
     assert statuses == [200] * 200
-    history = httpx.get(f"{client.url}/v1/history/{name}", headers=auth(cluster3)).json()
+    history = httpx.get(f"{client.url}/v1/history/{name}", headers=auth(shared3)).json()
     versions = history["versions"]
     assert [v["version"] for v in versions] == list(range(1, 202))
     for earlier, later in itertools.pairwise(versions):
@@ -175,18 +175,18 @@ def test_two_hundred_concurrent_updates_across_nodes_give_contiguous_versions(
 
 
 def test_concurrent_cas_updates_with_one_expected_version_let_exactly_one_win(
-    cluster3: Cluster,
+    shared3: Cluster,
 ) -> None:
     name = f"cas/{uuid.uuid4().hex}"
-    first = cluster3.nodes[0]
-    httpx.post(f"{first.url}/v1/secrets/{name}", json={"value": "0"}, headers=auth(cluster3))
+    first = shared3.nodes[0]
+    httpx.post(f"{first.url}/v1/secrets/{name}", json={"value": "0"}, headers=auth(shared3))
 
     def cas(i: int) -> int:
-        node = cluster3.nodes[i % 3]
+        node = shared3.nodes[i % 3]
         return httpx.put(
             f"{node.url}/v1/secrets/{name}",
             json={"value": f"c{i}", "expected_version": 1},
-            headers=auth(cluster3),
+            headers=auth(shared3),
             timeout=30,
         ).status_code
 

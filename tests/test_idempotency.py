@@ -14,7 +14,6 @@ import json
 import signal
 import socket
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -23,12 +22,6 @@ import pytest
 from tests.harness import Cluster, started_cluster, wait_until
 
 DEADLINE_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def shared_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One node for the tests that do not restart it; each test uses its own secret names."""
-    yield from started_cluster(tmp_path_factory.mktemp("idempotency") / "cluster", nodes=1)
 
 
 def raw_request(
