@@ -13,7 +13,7 @@ import pytest
 
 from tests.harness import Cluster, wait_until
 from tests.test_http_wire import assert_error
-from vaultnode.api import TOKEN_TTL_S_MAX
+from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX
 
 TTL_EXPIRY_DEADLINE_S = 10.0
 

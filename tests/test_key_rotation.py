@@ -24,7 +24,7 @@ import pytest
 from storage.rootkey import generate_root_key, write_root_key_file
 from tests.harness import Cluster, make_cluster, started_cluster
 
-# Above the API's REWRAP_BATCH_VERSIONS (256), so the rewrap needs more than one log entry.
+# Above REWRAP_BATCH_VERSIONS (256, vaultnode/handlers/keys.py): the rewrap takes several entries.
 BULK_SECRETS = 300
 
 

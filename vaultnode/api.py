@@ -1,8 +1,11 @@
-"""The HTTP edge: route, authenticate, validate, turn a request into a command, render the outcome.
+"""The HTTP edge: the route table, dispatch, error mapping and observation of every request.
 
-This module owns the mapping between the JSON API of docs/api.md and the vault's commands and
-queries, and every status code and stable error code. It never mutates the state directly (only
-through the replicator), never returns a stack trace, and never logs a value or a token.
+This module owns dispatch (match a route, apply its consistency rule and access, call its
+handler), the helpers handlers share (body parsing, command headers, read points, rendering an
+outcome), every status code and stable error code, and the event, audit and metric line of each
+request. The handlers live in modules by resource (vaultnode/handlers/, native_deletion.py,
+vault_compat.py, kv2.py). Nothing here mutates the state directly (only through the replicator),
+returns a stack trace, or logs a value or a token.
 """
 
 from __future__ import annotations
@@ -12,49 +15,31 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from storage.crypto_errors import CryptoError
-from storage.rootkey import generate_root_key, key_check_value
 from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.auth import (
     AuthError,
     Principal,
     authenticate,
-    hash_token,
-    new_accessor,
-    new_token,
-    parse_policies,
 )
 from vaultnode.commands import (
-    BatchCreate,
     Command,
     CommandHeader,
-    CreateSecret,
-    CreateToken,
     Idempotency,
-    RetireKek,
-    RevokeToken,
-    RewrapVersions,
-    RotateKek,
-    RotateRoot,
-    UpdateSecret,
 )
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
+from vaultnode.handlers.batch import BatchRoutes
+from vaultnode.handlers.keys import KeyRoutes
+from vaultnode.handlers.secrets import SecretRoutes
+from vaultnode.handlers.system import SystemRoutes
+from vaultnode.handlers.tokens import TokenRoutes
 from vaultnode.http_server import Request, Response, error_response
 from vaultnode.kv2 import Kv2Api
-from vaultnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vaultnode.metrics import NodeMetrics
-from vaultnode.names import (
-    InvalidInput,
-    check_name,
-    check_prefix,
-    check_value,
-    format_time,
-    parse_time,
-)
+from vaultnode.names import InvalidInput, check_name, single_value
 from vaultnode.native_deletion import DeletionRoutes
 from vaultnode.replicator import (
     ClockOutOfBounds,
@@ -65,7 +50,7 @@ from vaultnode.replicator import (
     ReplicationStopped,
     Replicator,
 )
-from vaultnode.routes import Access, Call, Consistency, RouteSpec
+from vaultnode.routes import Access, ApiError, Call, Consistency, RouteSpec
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
 from vaultnode.vault_compat import (
@@ -102,28 +87,8 @@ OUTCOME_STATUS: dict[str, int] = {
     "retry": 503,
     "unavailable": 503,
 }
-REWRAP_BATCH_VERSIONS = 256
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# What follows a prefix route's prefix, as written in metric labels and audit lines.
-_INT_DIGITS_MAX = 18
-# Bounds that keep every number a command carries, or the state derives from one, inside msgpack's
-# 64-bit integers and the 4-digit years of RFC 3339 (past them a token was created, then its
-# answer, its lookups and every snapshot failed).
-_VERSION_MAX = 2**63 - 1
-TOKEN_TTL_S_MAX = 100 * 365 * 24 * 3600
-DISPLAY_NAME_LENGTH_MAX = 128
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
 
 
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
@@ -131,6 +96,8 @@ STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
 
 class VaultApi:
+    """Serves one node's HTTP API: `handle(request) -> response`."""
+
     def __init__(
         self,
         *,
@@ -159,35 +126,17 @@ class VaultApi:
         self.metrics = metrics
         self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
         self.root_key_handout = root_key_handout
-        local, read_point, at_apply = (
-            Consistency.LOCAL, Consistency.READ_POINT, Consistency.AT_APPLY
-        )
-        public, token, root = Access.PUBLIC, Access.TOKEN, Access.ROOT
+        # The route table: handlers live in modules by resource (vaultnode/handlers/); order
+        # matters only among routes whose paths overlap (the first match wins).
         self.routes: list[RouteSpec] = [
-            RouteSpec("GET", "/health", self._health, local, public),
-            RouteSpec("GET", "/metrics", self._metrics, local, public),
-            RouteSpec("GET", "/v1/secrets", self._list, read_point, token),
-            RouteSpec("POST", "/v1/secrets/", self._create, at_apply, "create"),
-            RouteSpec("PUT", "/v1/secrets/", self._update, at_apply, "update"),
-            RouteSpec("GET", "/v1/secrets/", self._read, read_point, "read"),
-            RouteSpec("GET", "/v1/history/", self._history, read_point, "history"),
-            RouteSpec("POST", "/v1/tokens", self._token_create, read_point, root),
-            RouteSpec("GET", "/v1/tokens/self", self._token_self, read_point, token),
-            RouteSpec("DELETE", "/v1/tokens/self", self._token_revoke_self, read_point, token),
-            RouteSpec("POST", "/v1/batch/create", self._batch_create, at_apply, token),
-            RouteSpec("POST", "/v1/batch/read", self._batch_read, read_point, token),
-            RouteSpec("POST", "/v1/sys/rotate", self._rotate, read_point, root),
-            RouteSpec("POST", "/v1/sys/rewrap", self._rewrap, read_point, root),
-            RouteSpec("GET", "/v1/sys/keys", self._keys, read_point, root),
-            RouteSpec(
-                "POST", "/v1/sys/keys/", self._retire, read_point, root, "{kek_id}/retire"
-            ),
+            *SystemRoutes(self).routes(),
+            *SecretRoutes(self).routes(),
+            *TokenRoutes(self).routes(),
+            *BatchRoutes(self).routes(),
+            *KeyRoutes(self).routes(),
             *DeletionRoutes(self).routes(),
             *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
-            RouteSpec("POST", "/v1/sys/rotate-root", self._rotate_root, read_point, root),
-            RouteSpec("PUT", "/v1/sys/seal", self._seal, local, root),
-            RouteSpec("POST", "/v1/sys/seal", self._seal, local, root),
         ]
         self._vault_paths = vault_paths(kv_v2_mount)
 
@@ -407,7 +356,7 @@ class VaultApi:
     async def _read_point(self, call: Call) -> None:
         """Linearizable by default (a read barrier on the leader); `?consistency=stale` answers
         from this node's applied state, whose index the response carries."""
-        consistency = _single(call.request.query, "consistency") or "linearizable"
+        consistency = single_value(call.request.query, "consistency") or "linearizable"
         if consistency not in ("linearizable", "stale"):
             raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
         if consistency == "linearizable" and not call.caught_up:
@@ -489,582 +438,3 @@ class VaultApi:
             raise ApiError(404, "not_found", f"no secret named {name!r}")
         return secret
 
-    # ---- health -----------------------------------------------------------------------
-    async def _health(self, call: Call, _: str) -> Response:
-        status = self.replicator.status()
-        serving = self.state.initialized and status.leader_id is not None
-        body: dict[str, Any] = {
-            "status": "ok" if serving else "unavailable",
-            "node_id": self.node_id,
-            "role": status.role,
-            "leader_id": status.leader_id,
-            "commit_index": status.commit_index,
-            "applied_index": status.applied_index,
-            "sealed": False,
-        }
-        clock = self.replicator.clock_health()
-        if clock is not None:
-            body["clock"] = {
-                "within_bounds": clock.within_bounds,
-                "offset_ms": clock.offset_ms,
-                "max_offset_ms": clock.max_offset_ms,
-                "peers_read": clock.peers_read,
-            }
-            if not clock.within_bounds:
-                serving = False
-                body["status"] = "unavailable"
-        return Response.json(200 if serving else 503, body)
-
-    async def _metrics(self, call: Call, _: str) -> Response:
-        # Unauthenticated on purpose (docs/observability.md): labels carry no names, accessors
-        # or values, and a scraper holding the root token would be the bigger risk.
-        if self.metrics is None:
-            raise ApiError(404, "not_found", "metrics are not enabled on this node")
-        response = Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
-        call.outcome = "ok"
-        return response
-
-    # ---- secrets ----------------------------------------------------------------------
-    async def _create(self, call: Call, name: str) -> Response:
-        principal = self._authenticate(call)
-        body = self._json_body(call, {"value"})
-        if "value" not in body:
-            raise InvalidInput("bad_request", "'value' is required")
-        value = check_value(body["value"], self.limits.value_bytes_max)
-        now_us = self.clock_us()
-        sealed = self.sealer.seal(value, name=name, now_us=now_us, accessor=principal.accessor)
-        command = CreateSecret(self._header(call, now_us, body), name=name, sealed=sealed)
-        outcome = await self._submit(command)
-        call.fields["version"] = outcome.data.get("version")
-        return self._render(call, "secret.created", outcome, _version_written)
-
-    async def _update(self, call: Call, name: str) -> Response:
-        principal = self._authenticate(call)
-        body = self._json_body(call, {"value", "expected_version"})
-        if "value" not in body:
-            raise InvalidInput("bad_request", "'value' is required")
-        value = check_value(body["value"], self.limits.value_bytes_max)
-        expected = body.get("expected_version")
-        if expected is not None and (
-            type(expected) is not int or not 1 <= expected <= _VERSION_MAX
-        ):
-            raise InvalidInput("bad_request", "'expected_version' must be a positive integer")
-        now_us = self.clock_us()
-        sealed = self.sealer.seal(value, name=name, now_us=now_us, accessor=principal.accessor)
-        command = UpdateSecret(
-            self._header(call, now_us, body), name=name, sealed=sealed, expected_version=expected
-        )
-        outcome = await self._submit(command)
-        call.fields["version"] = outcome.data.get("version")
-        return self._render(call, "secret.updated", outcome, _version_written)
-
-    async def _read(self, call: Call, name: str) -> Response:
-        query = call.request.query
-        version_text = _single(query, "version")
-        at_text = _single(query, "at")
-        if version_text is not None and at_text is not None:
-            raise InvalidInput("bad_request", "give either 'version' or 'at', not both")
-        wanted = _positive_int(version_text, "version") if version_text is not None else None
-        at_us = parse_time(at_text) if at_text is not None else None
-        await self._read_point(call)
-        secret = self._secret(name)
-        if wanted is not None:
-            if wanted > len(secret.versions):
-                raise ApiError(404, "not_found", f"{name!r} has no version {wanted}")
-            position = wanted - 1
-        elif at_us is not None:
-            found = secret.version_at(at_us)
-            if found is None:
-                raise ApiError(404, "not_found", f"{name!r} did not exist at {at_text}")
-            position = found.version - 1
-        else:
-            position = len(secret.versions) - 1
-        version = secret.versions[position]
-        call.fields["version"] = version.version
-        value = self._open(call, name, version)
-        self._log(call, "secret.read", 200, "ok")
-        body = {
-            "name": name,
-            "version": version.version,
-            "value": value,
-            "valid_from": format_time(version.valid_from_us),
-            "valid_to": format_time(secret.valid_to_us(position)),
-            "index": version.index,
-        }
-        if version.value_format != "text":
-            # A KV v2 object: `value` is its canonical JSON text (docs/api.md, value mapping).
-            body["value_format"] = version.value_format
-        if call.request.query.get("consistency") == ["stale"]:
-            body["applied_index"] = self.state.applied_index  # what this answer reflects
-        return Response.json(200, body)
-
-    async def _history(self, call: Call, name: str) -> Response:
-        query = call.request.query
-        limit = _positive_int(_single(query, "limit"), "limit") if "limit" in query else None
-        after = (
-            _positive_int(_single(query, "after_version"), "after_version", minimum=0)
-            if "after_version" in query
-            else 0
-        )
-        at_text, from_text, to_text = (_single(query, k) for k in ("at", "from", "to"))
-        if at_text is not None and (from_text is not None or to_text is not None):
-            raise InvalidInput("bad_request", "give either 'at' or 'from'/'to', not both")
-        at_us = parse_time(at_text) if at_text is not None else None
-        from_us = parse_time(from_text) if from_text is not None else None
-        to_us = parse_time(to_text) if to_text is not None else None
-        if from_us is not None and to_us is not None and from_us > to_us:
-            raise InvalidInput("bad_request", "'from' must not be after 'to'")
-        if at_us is not None:
-            from_us = to_us = at_us  # the one version valid at that instant
-        await self._read_point(call)
-        secret = self._secret(name)
-        versions: list[dict[str, Any]] = []
-        more_match = False
-        for position in range(after, len(secret.versions)):
-            version = secret.versions[position]
-            valid_to = secret.valid_to_us(position)
-            # A version is valid over [valid_from, valid_to); the window [from, to] is closed.
-            if to_us is not None and version.valid_from_us > to_us:
-                break
-            if from_us is not None and valid_to is not None and valid_to <= from_us:
-                continue
-            if limit is not None and len(versions) == limit:
-                # Only a further matching version earns a next page, never an empty one.
-                more_match = True
-                break
-            entry: dict[str, Any] = {
-                "version": version.version,
-                "valid_from": format_time(version.valid_from_us),
-                "valid_to": format_time(valid_to),
-                "index": version.index,
-                "created_by": {
-                    "accessor": version.created_by,
-                    "display_name": self.state.display_names.get(version.created_by),
-                },
-            }
-            # Only on versions deleted or destroyed, so older clients' view is unchanged.
-            if version.deleted_at_us is not None:
-                entry["deletion_time"] = format_time(version.deleted_at_us)
-            if version.destroyed:
-                entry["destroyed"] = True
-            versions.append(entry)
-        body: dict[str, Any] = {"name": name, "versions": versions}
-        if more_match:
-            body["next_after_version"] = versions[-1]["version"]
-        self._log(call, "secret.history", 200, "ok", count=len(versions))
-        return Response.json(200, body)
-
-    async def _list(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        prefix = check_prefix(_single(call.request.query, "prefix") or "")
-        await self._read_point(call)
-        listed = [
-            {
-                "name": secret.name,
-                "current_version": secret.versions[-1].version,
-                "updated_at": format_time(secret.versions[-1].valid_from_us),
-            }
-            for secret in self.state.list_names(prefix)
-            if principal.token.allows("list", secret.name)
-        ]
-        self._log(call, "secret.listed", 200, "ok", count=len(listed))
-        return Response.json(200, {"secrets": listed})
-
-    # ---- batches (.env workflows) -------------------------------------------------------
-    def _batch_body(self, call: Call) -> tuple[dict[str, Any], list[Any]]:
-        body = self._json_body(call, {"secrets"})
-        items = body.get("secrets")
-        if not isinstance(items, list) or not items:
-            raise InvalidInput("bad_request", "'secrets' must be a non-empty list")
-        if len(items) > self.limits.batch_secrets_max:
-            raise InvalidInput(
-                "payload_too_large",
-                f"a batch holds at most {self.limits.batch_secrets_max} secrets",
-            )
-        return body, items
-
-    async def _batch_create(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        body, items = self._batch_body(call)
-        names = []
-        for item in items:
-            if not isinstance(item, dict) or set(item) != {"name", "value"}:
-                raise InvalidInput("bad_request", 'each secret is {"name", "value"}')
-            if not isinstance(item["name"], str):
-                raise InvalidInput("invalid_name", "a name must be a string")
-            names.append(check_name(item["name"]))
-        _require_each(principal, "create", names)
-        values = _check_each_value(items, names, self.limits.value_bytes_max)
-        now_us = self.clock_us()
-        sealed = [
-            {
-                "name": name,
-                "sealed": self.sealer.seal(
-                    v, name=name, now_us=now_us, accessor=principal.accessor
-                ),
-            }
-            for name, v in zip(names, values, strict=True)
-        ]
-        command = BatchCreate(self._header(call, now_us, body), items=sealed)
-        outcome = await self._submit(command)
-        call.fields["count"] = len(names)
-        return self._render(
-            call,
-            "secrets.batch_created",
-            outcome,
-            lambda data: {
-                "index": data["index"],
-                "secrets": [_version_written(d) for d in data["secrets"]],
-            },
-        )
-
-    async def _batch_read(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        items = self._batch_body(call)[1]
-        wanted: list[tuple[str, int | None]] = []
-        for item in items:
-            if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "version"}:
-                raise InvalidInput("bad_request", 'each entry is {"name", "version"?}')
-            if not isinstance(item["name"], str):
-                raise InvalidInput("invalid_name", "a name must be a string")
-            version = item.get("version")
-            if version is not None and (type(version) is not int or version < 1):
-                raise InvalidInput("bad_request", "'version' must be a positive integer")
-            wanted.append((check_name(item["name"]), version))
-        _require_each(principal, "read", [name for name, _ in wanted])
-        await self._read_point(call)
-        # No await from here on: every value comes from one applied index.
-        index = self.state.applied_index
-        missing = []
-        found = []
-        for name, version in wanted:
-            secret = self.state.secrets.get(name)
-            if secret is None or (version is not None and version > len(secret.versions)):
-                missing.append(name if version is None else f"{name}@{version}")
-                continue
-            position = (version or len(secret.versions)) - 1
-            if not secret.versions[position].readable:
-                missing.append(f"{name}@{position + 1}")
-                continue
-            found.append((name, secret, position))
-        if missing:
-            raise ApiError(404, "not_found", "not found: " + ", ".join(missing), {"names": missing})
-        result = []
-        for name, secret, position in found:
-            version_record = secret.versions[position]
-            result.append(
-                {
-                    "name": name,
-                    "version": version_record.version,
-                    "value": self._open(call, name, version_record),
-                    "valid_from": format_time(version_record.valid_from_us),
-                    "valid_to": format_time(secret.valid_to_us(position)),
-                }
-            )
-        self._log(call, "secrets.batch_read", 200, "ok", count=len(result))
-        return Response.json(200, {"index": index, "secrets": result})
-
-    # ---- tokens -----------------------------------------------------------------------
-    async def _token_create(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        body = self._json_body(call, {"display_name", "policies", "ttl"})
-        policies = parse_policies(body.get("policies"))
-        display_name = _check_display_name(body.get("display_name", "token"))
-        ttl = body.get("ttl")
-        if ttl is not None and (type(ttl) is not int or not 1 <= ttl <= TOKEN_TTL_S_MAX):
-            raise InvalidInput(
-                "bad_request", f"'ttl' is a number of seconds from 1 to {TOKEN_TTL_S_MAX}"
-            )
-        token = new_token()
-        accessor = new_accessor()
-        now_us = self.clock_us()
-        command = CreateToken(
-            self._header(call, now_us, body),
-            token_sha256=hash_token(token),
-            accessor=accessor,
-            display_name=display_name,
-            policies=policies,
-            ttl_s=ttl,
-            token_sealed=self.sealer.seal(
-                token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
-            ),
-        )
-        outcome = await self._submit(command)
-        call.fields["accessor"] = outcome.data.get("accessor")
-
-        def body_of(data: dict[str, Any]) -> dict[str, Any]:
-            # A replay returns the token too: the state keeps it only sealed, like a value.
-            try:
-                plaintext = self.sealer.open(f"token/{data['accessor']}", data["token_sealed"])
-            except CryptoError:
-                # Rewrap does not reach sealed tokens in remembered answers, so after a retire
-                # the replay cannot show the token; the token itself stays valid.
-                raise ApiError(
-                    410,
-                    "replay_unavailable",
-                    "this token creation already happened, but its token was sealed under a "
-                    "retired key and cannot be shown again",
-                ) from None
-            return {
-                "token": plaintext.decode(),
-                "accessor": data["accessor"],
-                "display_name": data["display_name"],
-                "policies": data["policies"],
-                "expires_at": format_time(data["expires_at_us"]),
-            }
-
-        return self._render(call, "token.created", outcome, body_of)
-
-    async def _token_self(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        token = principal.token
-        self._log(call, "token.looked_up", 200, "ok")
-        return Response.json(
-            200,
-            {
-                "accessor": token.accessor,
-                "display_name": token.display_name,
-                "policies": token.policies,
-                "root": token.is_root,
-                "expires_at": format_time(token.expires_at_us),
-            },
-        )
-
-    async def _token_revoke_self(self, call: Call, _: str) -> Response:
-        principal = self._authenticate(call)
-        if principal.token.is_root:
-            raise ApiError(400, "bad_request", "the root token cannot revoke itself")
-        now_us = self.clock_us()
-        command = RevokeToken(self._header(call, now_us, None), accessor=principal.accessor)
-        outcome = await self._submit(command)
-        return self._render(
-            call, "token.revoked", outcome, lambda d: {"accessor": d["accessor"], "revoked": True}
-        )
-
-    # ---- keys -------------------------------------------------------------------------
-    async def _rotate(self, call: Call, _: str) -> Response:
-        now_us = self.clock_us()
-        kek_id = max(self.state.keks, default=0) + 1
-        command = RotateKek(
-            self._header(call, now_us, None),
-            kek_id=kek_id,
-            kek_wrapped=self.sealer.new_wrapped_kek(kek_id),
-        )
-        outcome = await self._submit(command)
-        return self._render(call, "key.rotated", outcome, lambda d: {"kek_id": d["kek_id"]})
-
-    async def _rotate_root(self, call: Call, _: str) -> Response:
-        """A new root key: every live KEK re-wrapped under it in one command (docs/encryption.md).
-
-        The answer carries the new key material once (shares, or the key for a credential);
-        nothing else keeps it. Other nodes seal or stop until they are given it.
-        """
-        if self.root_key_handout is None:
-            raise ApiError(404, "not_found", "root key rotation is not enabled on this node")
-        await self._read_point(call)
-        new_root_key = generate_root_key()
-        handout = self.root_key_handout(new_root_key)
-        principal = self._authenticate(call)
-        # No Idempotency-Key: a replayed "root_rotated" would come with this attempt's fresh,
-        # never-applied key material. A retry is a new rotation, whose key is then the current.
-        command = RotateRoot(
-            CommandHeader(call.request_id, principal.accessor, self.clock_us(), None),
-            old_key_check_value=self.state.key_check_value,
-            key_check_value=key_check_value(new_root_key),
-            keks_wrapped=self.sealer.wrap_live_keks_under(new_root_key),
-        )
-        # Adopted when the state names it, even if this answer is lost (OutcomeUnknown).
-        self.sealer.expect_root_key(new_root_key)
-        del new_root_key
-        try:
-            outcome = await self._submit(command)
-        except OutcomeUnknown:
-            # 202, not 504: a client would retry a 504 and lose this material, which the vault
-            # may already require.
-            self._log(call, "key.root_rotated", 202, "outcome_unknown")
-            return Response.json(202, {"outcome_unknown": True, "rewrapped_keks": None, **handout})
-        self.sealer.holds_current_root_key()
-        return self._render(
-            call, "key.root_rotated", outcome,
-            lambda d: {"rewrapped_keks": d["keks"], **handout},
-        )
-
-    async def _seal(self, call: Call, _: str) -> Response:
-        if self.on_seal is None:
-            raise ApiError(
-                400, "seal_unsupported",
-                "this node's root key comes from a file or credential and would unseal at the "
-                "next start; stop the node instead",
-            )
-        self.on_seal()
-        call.outcome = "ok"
-        return Response(204)
-
-    async def _rewrap(self, call: Call, _: str) -> Response:
-        """Re-wrap every data key under the newest KEK, a bounded batch per log entry."""
-        await self._read_point(call)
-        target = self.state.current_kek_id
-        total = 0
-        batches = 0
-        # A record whose data key fails to unwrap stays under its old key (which therefore cannot
-        # be retired) and is reported at the end; it must not stop every other record's rewrap.
-        unopenable: list[tuple[str, int]] = []
-        while True:
-            candidates = self.state.versions_not_under(
-                target, REWRAP_BATCH_VERSIONS + len(unopenable)
-            )
-            pending = [(n, v) for n, v in candidates if (n, v.version) not in unopenable]
-            if not pending:
-                break
-            items = []
-            for name, v in pending:
-                try:
-                    sealed = self.sealer.rewrap(v.sealed, target)
-                except CryptoError as exc:
-                    unopenable.append((name, v.version))
-                    self._log_integrity_error(call, name, v.version, exc)
-                    continue
-                items.append({"name": name, "version": v.version, "sealed": sealed})
-            if not items:
-                continue
-            # The batches of one request must not carry its Idempotency-Key: each later batch would
-            # replay the first one's outcome and the loop would never end. Rewrapping is harmless
-            # to repeat anyway (a retry finds nothing left to do).
-            header = replace(self._header(call, self.clock_us(), None), idempotency=None)
-            command = RewrapVersions(header, items=items)
-            outcome = await self._submit(command)
-            if not outcome.ok:
-                return self._render(call, "key.rewrapped", outcome, dict)
-            batches += 1
-            total += outcome.data["rewrapped"]
-            if outcome.data["rewrapped"] == 0:
-                break  # every candidate changed under us; report what is left
-            if target != self.state.current_kek_id:
-                raise ApiError(
-                    409, "key_in_use", "the key was rotated during the rewrap; run it again"
-                )
-        remaining = len(self.state.versions_not_under(target, 1 << 30))
-        if unopenable:
-            failed = [f"{name}@{version}" for name, version in unopenable]
-            raise ApiError(
-                500,
-                "integrity_error",
-                f"{len(failed)} versions failed their integrity check and stay under their old "
-                f"key: {', '.join(failed)}; {total} others were rewrapped, {remaining} remain",
-                {"names": failed},
-            )
-        self._log(call, "key.rewrapped", 200, "ok", count=total)
-        return Response.json(
-            200, {"kek_id": target, "rewrapped": total, "batches": batches, "remaining": remaining}
-        )
-
-    async def _keys(self, call: Call, _: str) -> Response:
-        await self._read_point(call)
-        counts = self.state.versions_per_kek()
-        keys = [
-            {
-                "kek_id": k.kek_id,
-                "created_at": format_time(k.created_at_us),
-                "retired": k.retired,
-                "versions": counts.get(k.kek_id, 0),
-            }
-            for k in sorted(self.state.keks.values(), key=lambda k: k.kek_id)
-        ]
-        self._log(call, "keys.listed", 200, "ok")
-        return Response.json(200, {"current_kek_id": self.state.current_kek_id, "keys": keys})
-
-    async def _retire(self, call: Call, rest: str) -> Response:
-        kek_text, _, action = rest.partition("/")
-        if action != "retire" or not (kek_text.isascii() and kek_text.isdigit()):
-            raise ApiError(404, "not_found", f"no such endpoint: {call.request.path}")
-        # Key ids count up from 1, so one of more digits than any id can have names no key; it
-        # would not fit the command's 64-bit integer either (int() of it may even raise).
-        if len(kek_text) > _INT_DIGITS_MAX:
-            raise ApiError(404, "not_found", f"no key with id {kek_text[:_INT_DIGITS_MAX]}...")
-        command = RetireKek(self._header(call, self.clock_us(), None), kek_id=int(kek_text))
-        outcome = await self._submit(command)
-        if outcome.ok:
-            self.sealer.forget_retired()
-        return self._render(
-            call, "key.retired", outcome, lambda d: {"kek_id": d["kek_id"], "retired": True}
-        )
-
-
-def _check_display_name(display_name: object) -> str:
-    """A display name is shown in history and token lookups, on terminals: printable characters
-    only (str.isprintable: no controls, escapes, format characters such as bidi overrides or
-    zero-width spaces, and no separator but the plain space), not starting or ending in a space."""
-    if (
-        not isinstance(display_name, str)
-        or not 1 <= len(display_name) <= DISPLAY_NAME_LENGTH_MAX
-        or not display_name.isprintable()
-        or display_name.strip(" ") != display_name
-    ):
-        raise InvalidInput(
-            "bad_request",
-            f"'display_name' must be 1 to {DISPLAY_NAME_LENGTH_MAX} printable characters, "
-            "not starting or ending in a space",
-        )
-    return display_name
-
-
-def _require_each(principal: Principal, capability: str, names: list[str]) -> None:
-    """403 naming every name the token may not use, so a batch is refused once, completely."""
-    denied = [n for n in dict.fromkeys(names) if not principal.token.allows(capability, n)]
-    if denied:
-        raise ApiError(
-            403,
-            "forbidden",
-            f"this token may not {capability}: " + ", ".join(denied),
-            {"names": denied},
-        )
-
-
-def _check_each_value(
-    items: list[dict[str, Any]], names: list[str], value_bytes_max: int
-) -> list[bytes]:
-    """Every value of a batch checked, so a refusal names each offending secret at once."""
-    values: list[bytes] = []
-    failures: dict[tuple[str, str], list[str]] = {}
-    for name, item in zip(names, items, strict=True):
-        try:
-            values.append(check_value(item["value"], value_bytes_max))
-        except InvalidInput as exc:
-            failures.setdefault((exc.code, exc.message), []).append(name)
-    if failures:
-        (code, message), offending = next(iter(failures.items()))
-        status = 413 if code == "payload_too_large" else 400
-        raise ApiError(status, code, f"{message}: {', '.join(offending)}", {"names": offending})
-    return values
-
-
-def _version_written(data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": data["name"],
-        "version": data["version"],
-        "valid_from": format_time(data["valid_from_us"]),
-        "index": data["index"],
-    }
-
-
-def _single(query: dict[str, list[str]], key: str) -> str | None:
-    values = query.get(key)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise InvalidInput("bad_request", f"'{key}' given more than once")
-    return values[0]
-
-
-def _positive_int(text: str | None, key: str, minimum: int = 1) -> int:
-    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses; the length
-    # bound keeps int() below its 4300-digit limit (which raises instead of answering 400).
-    if (
-        text is None
-        or not (text.isascii() and text.isdigit() and len(text) <= _INT_DIGITS_MAX)
-        or int(text) < minimum
-    ):
-        raise InvalidInput(
-            "bad_request", f"'{key}' must be an integer >= {minimum} of at most 18 digits"
-        )
-    return int(text)

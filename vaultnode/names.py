@@ -91,3 +91,34 @@ def parse_time(text: str) -> int:
         raise InvalidInput("bad_request", "expected an RFC 3339 time") from exc
     micros = int((frac + "000000")[:6]) if frac else 0
     return int(moment.timestamp()) * 1_000_000 + micros
+
+
+# Bounds that keep every number a command carries, or the state derives from one, inside msgpack's
+# 64-bit integers and the 4-digit years of RFC 3339 (past them a token was created, then its
+# answer, its lookups and every snapshot failed).
+VERSION_MAX = 2**63 - 1
+INT_DIGITS_MAX = 18  # digits of an integer in a path or query; int() of more may even raise
+
+
+def single_value(query: dict[str, list[str]], key: str) -> str | None:
+    """The one value of query parameter `key`, or None; given twice is bad input."""
+    values = query.get(key)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidInput("bad_request", f"'{key}' given more than once")
+    return values[0]
+
+
+def positive_int(text: str | None, key: str, minimum: int = 1) -> int:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses; the length
+    # bound keeps int() below its 4300-digit limit (which raises instead of answering 400).
+    if (
+        text is None
+        or not (text.isascii() and text.isdigit() and len(text) <= INT_DIGITS_MAX)
+        or int(text) < minimum
+    ):
+        raise InvalidInput(
+            "bad_request", f"'{key}' must be an integer >= {minimum} of at most 18 digits"
+        )
+    return int(text)

@@ -84,3 +84,16 @@ class RouteSpec:
     def label(self) -> str:
         """The route as events, audit lines and metrics name it: never a secret's name."""
         return self.path if self.exact else self.path + self.rest_label
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and stable error code (docs/api.md)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details

@@ -343,7 +343,7 @@ class VaultCompatApi:
         else:
             raise InvalidInput("bad_request", "the 'default' policy alone grants nothing here")
         ttl_s = parse_duration_s(body.get("ttl") or body.get("lease"), "ttl")
-        from vaultnode.api import TOKEN_TTL_S_MAX
+        from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX
 
         if ttl_s is not None and ttl_s > TOKEN_TTL_S_MAX:
             raise InvalidInput("bad_request", f"'ttl' is at most {TOKEN_TTL_S_MAX} seconds")
