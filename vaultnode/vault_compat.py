@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from storage.crypto_errors import CryptoError
 from vaultnode.auth import (
-    hash_token,
-    new_accessor,
-    new_token,
     parse_policies,
     token_from_headers,
 )
-from vaultnode.commands import CreateToken, RevokeToken
+from vaultnode.commands import RevokeToken
+from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX, submit_new_token
 from vaultnode.http_server import Response
 from vaultnode.names import InvalidInput, format_time
 from vaultnode.routes import Access, Call, Consistency, RouteSpec
@@ -343,28 +341,20 @@ class VaultCompatApi:
         else:
             raise InvalidInput("bad_request", "the 'default' policy alone grants nothing here")
         ttl_s = parse_duration_s(body.get("ttl") or body.get("lease"), "ttl")
-        from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX
-
         if ttl_s is not None and ttl_s > TOKEN_TTL_S_MAX:
             raise InvalidInput("bad_request", f"'ttl' is at most {TOKEN_TTL_S_MAX} seconds")
         display_name = body.get("display_name") or "token"
         if not isinstance(display_name, str) or len(display_name) > 128:
             raise InvalidInput("bad_request", "'display_name' must be at most 128 characters")
-        token = new_token()
-        accessor = new_accessor()
-        now_us = self.api.clock_us()
-        command = CreateToken(
-            self.api._header(call, now_us, body),
-            token_sha256=hash_token(token),
-            accessor=accessor,
+        outcome, token, accessor, now_us = await submit_new_token(
+            self.api,
+            call,
+            principal,
+            body,
             display_name=display_name,
             policies=policies,
             ttl_s=ttl_s,
-            token_sealed=self.api.sealer.seal(
-                token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
-            ),
         )
-        outcome = await self.api._submit(command)
         if not outcome.ok:
             return self.api._render(call, "token.created", outcome, dict)
         if outcome.replayed:  # an Idempotency-Key retry: the first answer's token, unsealed

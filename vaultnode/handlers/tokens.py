@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from storage.crypto_errors import CryptoError
-from vaultnode.auth import hash_token, new_accessor, new_token, parse_policies
+from vaultnode.auth import Principal, hash_token, new_accessor, new_token, parse_policies
 from vaultnode.commands import (
     CreateToken,
     RevokeToken,
@@ -19,6 +19,7 @@ from vaultnode.names import (
     format_time,
 )
 from vaultnode.routes import Access, ApiError, Call, Consistency, RouteSpec
+from vaultnode.state import Outcome
 
 if TYPE_CHECKING:
     from vaultnode.api import VaultApi
@@ -52,21 +53,9 @@ class TokenRoutes:
             raise InvalidInput(
                 "bad_request", f"'ttl' is a number of seconds from 1 to {TOKEN_TTL_S_MAX}"
             )
-        token = new_token()
-        accessor = new_accessor()
-        now_us = self.api.clock_us()
-        command = CreateToken(
-            self.api._header(call, now_us, body),
-            token_sha256=hash_token(token),
-            accessor=accessor,
-            display_name=display_name,
-            policies=policies,
-            ttl_s=ttl,
-            token_sealed=self.api.sealer.seal(
-                token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
-            ),
+        outcome, _token, _accessor, _now_us = await submit_new_token(
+            self.api, call, principal, body, display_name=display_name, policies=policies, ttl_s=ttl
         )
-        outcome = await self.api._submit(command)
         call.fields["accessor"] = outcome.data.get("accessor")
 
         def body_of(data: dict[str, Any]) -> dict[str, Any]:
@@ -135,3 +124,33 @@ def _check_display_name(display_name: object) -> str:
             "not starting or ending in a space",
         )
     return display_name
+
+
+async def submit_new_token(
+    api: VaultApi,
+    call: Call,
+    principal: Principal,
+    body: dict[str, Any],
+    *,
+    display_name: str,
+    policies: list[dict[str, Any]],
+    ttl_s: int | None,
+) -> tuple[Outcome, str, str, int]:
+    """Draw a token and its accessor and submit its creation (the native API and Vault's
+    `auth/token/create` both): the outcome, the token, its accessor and the command's time. The
+    state keeps the token only hashed, and sealed for a replay."""
+    token = new_token()
+    accessor = new_accessor()
+    now_us = api.clock_us()
+    command = CreateToken(
+        api._header(call, now_us, body),
+        token_sha256=hash_token(token),
+        accessor=accessor,
+        display_name=display_name,
+        policies=policies,
+        ttl_s=ttl_s,
+        token_sealed=api.sealer.seal(
+            token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
+        ),
+    )
+    return await api._submit(command), token, accessor, now_us
