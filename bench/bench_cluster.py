@@ -52,7 +52,7 @@ from bench.loadgen import (  # noqa: E402
     generate_load,
     vault_write,
 )
-from tests.harness import Cluster, free_port_block, make_cluster, wait_for_leader, wait_until  # noqa: E402
+from simulations.harness import Cluster, free_port_block, make_cluster, wait_for_leader, wait_until  # noqa: E402
 
 WARMUP_S = 1.0
 PLACEMENTS = ("all nodes", "leader")

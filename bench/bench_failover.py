@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import LOOPBACK_HOST, http_request  # noqa: E402
-from tests.harness import (  # noqa: E402
+from simulations.harness import (  # noqa: E402
     Cluster,
     Node,
     make_cluster,

@@ -23,8 +23,7 @@ import httpx
 import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The harness lives in tests/, which is not an installed package; bench and tests start nodes the
-# same way, so the bench reuses it rather than keeping a second copy of the start-up logic.
+# bench/ is not an installed package: `python bench/x.py` finds its siblings from the repo root.
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import (  # noqa: E402
@@ -34,7 +33,7 @@ from bench.loadgen import (  # noqa: E402
     vault_read,
     vault_write,
 )
-from tests.harness import Cluster, make_cluster  # noqa: E402
+from simulations.harness import Cluster, make_cluster  # noqa: E402
 
 VALUE = "v" * 32  # a typical small secret (an API key)
 WARMUP_S = 1.0

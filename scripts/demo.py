@@ -28,11 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the harness lives in tests/, which is not an installed package
-
-from cli.client import ClientError, ServerError, VaultClient  # noqa: E402
-from tests.harness import Node, free_port_block, wait_until  # noqa: E402
+from cli.client import ClientError, ServerError, VaultClient
+from simulations.harness import Node, free_port_block, wait_until
 
 NODES = 3
 CONCURRENT_WRITERS = 8

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader
+from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader
 
 
 @pytest.fixture
@@ -54,11 +54,12 @@ _PROCESS_FIXTURES = frozenset({"vault", "shared_vault", "proxy"})
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `processes` every test that starts real processes: it uses a fixture that does, or
-    its module uses tests/harness.py (`make test-fast` leaves them out)."""
+    its module uses simulations/harness.py (`make test-fast` leaves them out)."""
     for item in items:
         module = getattr(item, "module", None)
         uses_harness = module is not None and any(
-            getattr(value, "__module__", None) == "tests.harness" for value in vars(module).values()
+            getattr(value, "__module__", None) == "simulations.harness"
+            for value in vars(module).values()
         )
         if uses_harness or _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.processes)

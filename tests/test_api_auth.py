@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, wait_until
+from simulations.harness import Cluster, wait_until
 from tests.test_http_wire import assert_error
 from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.harness import Cluster, Node, wait_until
+from simulations.harness import Cluster, Node, wait_until
 from tests.test_http_wire import node_events
 
 ACKS_BEFORE_KILL = 60

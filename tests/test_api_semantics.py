@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.harness import Cluster
+from simulations.harness import Cluster
 from tests.test_http_wire import assert_error, raw_exchange, raw_request
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

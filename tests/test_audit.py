@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from simulations.harness import Cluster, Node, started_cluster
 from storage.rootkey import load_root_key_file
-from tests.harness import Cluster, Node, started_cluster
 from vaultnode.api import VaultApi
 from vaultnode.audit import (
     AUTH_FAILURE_LINES_PER_WINDOW,

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 BATCH_SECRETS_MAX_DEFAULT = 1000
 VALUE_BYTES_MAX_DEFAULT = 64 * 1024

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main as cli_main
-from tests.harness import Cluster, free_port_block
+from simulations.harness import Cluster, free_port_block
 
 CLI_DEADLINE_S = 30.0
 

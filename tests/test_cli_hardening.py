@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from cli.client import ClientError, VaultClient
 from cli.main import main as cli_main
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 CLI_DEADLINE_S = 30.0
 TOKEN = "vlt_never-in-clear-7f3a"

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from cli.client import ClientError, ServerError, VaultClient
 from cli.main import main
-from tests.harness import Cluster
+from simulations.harness import Cluster
 
 WRITTEN = {"name": "app/x", "version": 1, "valid_from": "2026-01-01T00:00:00.000000Z", "index": 7}
 CONFLICT = {"error": {"code": "already_exists", "message": "secret already exists: app/x"}}

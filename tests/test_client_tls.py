@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from cli.cluster_init import InitError, init_cluster
-from tests.harness import Cluster, started_cluster, wait_for_leader
+from simulations.harness import Cluster, started_cluster, wait_for_leader
 from tests.test_config import valid_data
 from vaultnode.config import ConfigError, load_config, parse_config
 

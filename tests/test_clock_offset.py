@@ -23,7 +23,7 @@ import pytest
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.config import ClusterConfig
-from tests.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
+from simulations.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
 from vaultnode.commands import CommandHeader, CreateSecret, encode_command
 from vaultnode.paxos_replicator import split_by_clock_bound
 

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
 from simulations.linearizability import UNKNOWN, Operation, check_operations
 from simulations.models import VaultModel, VaultOutcome, vault_create, vault_read, vault_update
-from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, LinkProxy, Node, make_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, LinkProxy, Node, make_cluster, wait_for_leader, wait_until
 from tests.test_metrics import Samples, _scrape
 
 SNAPSHOT_EVERY_SLOTS = 20

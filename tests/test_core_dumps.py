@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, Node, make_cluster
+from simulations.harness import Cluster, Node, make_cluster
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "vaultnode.service"
 NOGROUP = 65534

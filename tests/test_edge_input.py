@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 
 @pytest.fixture(scope="module")

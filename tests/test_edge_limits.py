@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from tests.test_http_wire import RawResponse, _read_response, assert_error
 from vaultnode.config import Limits
 from vaultnode.http_server import FILES_RESERVED_FOR_THE_NODE

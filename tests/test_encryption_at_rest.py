@@ -23,9 +23,9 @@ from typing import Any
 import msgpack
 import pytest
 
+from simulations.harness import Cluster, started_cluster, wait_for_leader
 from storage.log import HEADER, frame
 from storage.rootkey import generate_root_key
-from tests.harness import Cluster, started_cluster, wait_for_leader
 from vaultnode.sealing import Sealer
 from vaultnode.state import VaultState
 

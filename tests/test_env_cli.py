@@ -23,7 +23,7 @@ from cli.client import VaultClient
 from cli.dotenv import parse
 from cli.env_commands import EnvCommandError, encrypt_file
 from cli.main import main
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_DEADLINE_S = 60

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from cli.dotenv import KEY_PATTERN, REFERENCE_PREFIX, Passthrough, parse, quote_value
 from cli.main import main
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 EXAMPLES = 25
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from cli.client import VaultClient
 from cli.env_commands import env as env_group
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_DEADLINE_S = 60

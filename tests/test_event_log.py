@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.harness import Cluster
+from simulations.harness import Cluster
 from vaultnode.events import EVENTS
 
 REQUEST_FIELDS = ("ts", "node", "request_id", "method", "status", "outcome", "latency_ms")

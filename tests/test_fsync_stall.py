@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader
 from vaultnode.paxos_replicator import FSYNC_STALL_ENV
 
 STALL_S = 1.0

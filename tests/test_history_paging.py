@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 
 NAME = "app/rotating"
 VERSIONS = 1000

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Cluster, started_cluster
+from simulations.harness import Cluster, started_cluster
 from tests.test_http_wire import RawResponse, assert_error, node_events
 
 # About 20-40 s on a loaded 2-core machine; VAULT_FUZZ_EXAMPLES runs a longer campaign by hand.

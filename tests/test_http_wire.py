@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.harness import Cluster
+from simulations.harness import Cluster
 
 SOCKET_TIMEOUT_S = 10.0
 BODY_BYTES_MAX = 1024 * 1024  # the default limit in vaultnode/config.py

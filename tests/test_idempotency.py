@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, started_cluster, wait_until
+from simulations.harness import Cluster, started_cluster, wait_until
 
 DEADLINE_S = 10.0
 

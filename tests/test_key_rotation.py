@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from simulations.harness import Cluster, make_cluster, started_cluster
 from storage.rootkey import generate_root_key, write_root_key_file
-from tests.harness import Cluster, make_cluster, started_cluster
 
 # Above REWRAP_BATCH_VERSIONS (256, vaultnode/handlers/keys.py): the rewrap takes several entries.
 BULK_SECRETS = 300

@@ -17,7 +17,7 @@ import hvac.exceptions
 import pytest
 import requests
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader
 
 # hvac's own patch() reads without the parameter; the warning is about hvac's next major version.
 pytestmark = pytest.mark.filterwarnings("ignore:The raise_on_deleted_version:DeprecationWarning")

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 
 FRAME_BYTES_MAX = 4 << 20
 VALUE_BYTES = 256 << 10

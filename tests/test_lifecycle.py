@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from cli.client import ClientError, ServerError, VaultClient
-from tests.harness import (
+from simulations.harness import (
     Cluster,
     Node,
     free_port_block,

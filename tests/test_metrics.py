@@ -8,7 +8,7 @@ import uuid
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Cluster
+from simulations.harness import Cluster
 from vaultnode.metrics import NodeGauges, NodeMetrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

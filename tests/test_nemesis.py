@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from simulations.harness import wait_until
 from simulations.linearizability import UNKNOWN, Operation, check_operations
 from simulations.models import VaultOutcome, vault_create, vault_read, vault_update
 from simulations.nemesis.checks import (
@@ -43,7 +44,6 @@ from simulations.nemesis.schedule import (
     make_schedule,
     parse_kinds,
 )
-from tests.harness import wait_until
 
 # ---- the proxy -------------------------------------------------------------------------
 

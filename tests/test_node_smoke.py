@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tests.harness import Cluster
+from simulations.harness import Cluster
 
 
 def test_a_started_node_serves_health_and_a_secret_round_trip(vault: Cluster) -> None:

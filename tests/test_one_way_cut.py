@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from simulations.nemesis.proxy import FaultProxy, LinkMode
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 
 ANSWER_WITHIN_S = 2.0
 

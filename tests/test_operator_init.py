@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main as cli_main
-from tests.harness import Node, free_port_block
+from simulations.harness import Node, free_port_block
 from vaultnode.config import NodeConfig, load_config
 
 PRIVATE_MODE = 0o600

@@ -17,12 +17,12 @@ from typing import Any
 import msgpack
 import pytest
 
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from storage.crypto_errors import CryptoError
 from storage.disk import RealDisk
 from storage.errors import StorageError
 from storage.rootkey import load_root_key_file
 from storage.snapshot_file import load_latest_snapshot
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from tests.test_encryption_at_rest import distinctive, files_under, find_plaintext
 from vaultnode.config import load_config
 from vaultnode.sealing import Sealer

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from consensus.replica import Role
-from tests.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
 from vaultnode.events import EventLog
 from vaultnode.paxos_replicator import PaxosReplicator
 from vaultnode.state import VaultState

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import make_cluster
+from simulations.harness import make_cluster
 from vaultnode.config import Limits
 from vaultnode.node import sd_notify
 

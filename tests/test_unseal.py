@@ -1,7 +1,7 @@
 """Issue 17: nodes that start sealed and unseal with Shamir key shares, and the credential source.
 
-Real `vaultnode` processes (tests/harness.py). A sealed node serves only its seal status, takes
-no part in consensus, and unseals only with `threshold` shares that rebuild the vault's key.
+Real `vaultnode` processes (simulations/harness.py). A sealed node serves only its seal status,
+takes no part in consensus, and unseals only with `threshold` shares that rebuild the vault's key.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main as cli_main
+from simulations.harness import Cluster, Node, make_cluster, wait_for_leader, wait_until
 from storage import shamir
-from tests.harness import Cluster, Node, make_cluster, wait_for_leader, wait_until
 from tests.test_encryption_at_rest import files_under, find_plaintext
 
 SHAMIR = {"root_key_source": "shamir", "key_shares": 5, "key_threshold": 3}

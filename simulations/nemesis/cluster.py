@@ -5,7 +5,7 @@ Owns finding libfaketime, each node's clock file, starting a node with the envir
 campaign needs (libfaketime preloaded; optionally the test-only unsafe switch), and the
 process-level faults (kill -9 and restart, SIGSTOP and SIGCONT), and disk stalls through a
 preloaded shim (`fsync_stall.c`, compiled at the start of a run). Configs and ports come from
-tests/harness.py's `make_cluster`, so the campaign runs the same daemons the tests do.
+simulations/harness.py's `make_cluster`, so the campaign runs the same daemons the tests do.
 
 Must never: stop a process it did not start, or leave one running: `stop_all` ends them all,
 resuming paused ones first.
@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
 from simulations.nemesis.proxy import FaultProxy
-from tests.harness import Cluster, Node, make_cluster, node_health, wait_until
 from vaultnode.paxos_replicator import UNSAFE_LOCAL_READS_ENV
 
 LIBFAKETIME_ENV = "NEMESIS_LIBFAKETIME"

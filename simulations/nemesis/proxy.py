@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from tests.harness import LinkProxy
+from simulations.harness import LinkProxy, Reader, Writer
 
 HOLD_BYTES_MAX = 8 * 1024 * 1024
 """Bytes one held connection may buffer (per direction) before the proxy closes it."""
@@ -54,7 +54,7 @@ class _LinkState:
 
 
 class FaultProxy(LinkProxy):
-    """`LinkProxy` (tests/harness.py) with hold, delay and reset besides cut.
+    """`LinkProxy` (simulations/harness.py) with hold, delay and reset besides cut.
 
     `add_link` keeps the harness's signature, so `make_cluster(..., proxy=FaultProxy())` routes
     every peer link through it. Counters say how much each fault touched.
@@ -74,23 +74,15 @@ class FaultProxy(LinkProxy):
             state = self._links[link] = _LinkState()
         return state
 
-    async def _relay(
-        self,
-        source: int,
-        target: int,
-        target_port: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        state = self._state((source, target))
+    async def _relay(self, link: Link, port: int, reader: Reader, writer: Writer) -> None:
+        state = self._state(link)
         if state.mode == LinkMode.CUT:
             writer.close()
             return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        except OSError:
-            writer.close()
+        upstream = await self._dial(port, writer)
+        if upstream is None:
             return
+        up_reader, up_writer = upstream
         state.writers.update({writer, up_writer})
         try:
             await asyncio.gather(

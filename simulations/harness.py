@@ -1,0 +1,395 @@
+"""Real `vaultnode` processes on 127.0.0.1 for tests: initialise, start, wait, kill, restart.
+
+The test-support module that tests, bench/, scripts/ and the nemesis (simulations/nemesis/) start
+real nodes with; tests/conftest.py marks `processes` every test that uses it.
+
+Every process a test starts is tracked and stopped by the fixture that started it, and only
+those. Waiting is always on a condition with a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import httpx
+
+from cli.cluster_init import init_cluster
+
+START_DEADLINE_S = 20.0
+Reader: TypeAlias = asyncio.StreamReader
+Writer: TypeAlias = asyncio.StreamWriter
+Link: TypeAlias = tuple[int, int]  # (source node id, target node id): one direction
+
+
+def wait_until(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
+    give_up_at = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > give_up_at:
+            raise TimeoutError(f"timed out after {deadline_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port_block(count: int) -> int:
+    """A base port with `count` consecutive free ports after it (checked by binding).
+
+    Taken below the kernel's ephemeral range when there is room: a port from that range, freed
+    when a test kills its node, can become the local port of any outgoing connection before the
+    node restarts, and the restart then fails with "address already in use".
+    """
+    chooser = random.Random()  # its own generator: tests may seed the global one
+    below_ephemeral = range(10_000, _first_ephemeral_port() - count)
+    for _ in range(200):
+        if len(below_ephemeral) > 1000:
+            base = chooser.choice(below_ephemeral)
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free ports found")
+
+
+@dataclass
+class Node:
+    node_id: int
+    config_path: Path
+    http_addr: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ca_file else 'http'}://{self.http_addr}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def start(self, wait: bool = True) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vaultnode.main", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            cwd=self.config_path.parent,
+            env={**os.environ, **self.env} if self.env else None,
+        )
+        log.close()
+        if wait:
+            self.wait_healthy()
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            response = httpx.get(self.url + "/health", timeout=1.0, verify=self.verify)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def wait_healthy(self, deadline_s: float = START_DEADLINE_S) -> None:
+        def healthy() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"node {self.node_id} exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            return self.health() is not None
+
+        wait_until(healthy, deadline_s, f"node {self.node_id} to become healthy")
+
+    def kill(self, signum: int = signal.SIGKILL) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=30)
+        return code
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Cluster:
+    root: Path
+    root_token: str
+    nodes: list[Node] = field(default_factory=list)
+    key_shares: list[str] = field(default_factory=list)  # root_key_source = "shamir" only
+
+    def client(self, node: int = 0, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.nodes[node].url,
+            headers={"Authorization": f"Bearer {token or self.root_token}"},
+            timeout=30.0,
+            verify=self.nodes[node].verify,
+        )
+
+    def cli_env(self, token: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VAULT_ADDR"] = ",".join(n.url for n in self.nodes)
+        env["VAULT_TOKEN"] = token or self.root_token
+        ca_file = self.nodes[0].ca_file if self.nodes else None
+        if ca_file is not None:
+            env["VAULT_CACERT"] = str(ca_file)
+        return env
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class LinkProxy:
+    """A TCP relay for every directed peer link, so a test can cut links (partitions).
+
+    Node i reaches node j through its own relay (i, j); cutting it closes the relayed
+    connections and refuses new ones, in that direction only. Runs its own event loop thread.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._servers: list[asyncio.Server] = []
+        self._cut: set[tuple[int, int]] = set()
+        self._open: dict[tuple[int, int], set[asyncio.StreamWriter]] = {}
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def add_link(self, source: int, target: int, target_port: int) -> int:
+        async def start() -> int:
+            server = await asyncio.start_server(
+                lambda r, w: self._relay((source, target), target_port, r, w), "127.0.0.1", 0
+            )
+            self._servers.append(server)
+            return int(server.sockets[0].getsockname()[1])
+
+        port: int = self._call(start())
+        return port
+
+    async def _dial(
+        self, target_port: int, writer: asyncio.StreamWriter
+    ) -> tuple[Reader, Writer] | None:
+        """The relayed connection's upstream end; if the target refuses, the client's end closes."""
+        try:
+            return await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            writer.close()
+            return None
+
+    async def _relay(self, link: Link, port: int, reader: Reader, writer: Writer) -> None:
+        if link in self._cut:
+            writer.close()
+            return
+        upstream = await self._dial(port, writer)
+        if upstream is None:
+            return
+        up_reader, up_writer = upstream
+        ends = self._open.setdefault(link, set())
+        ends.update({writer, up_writer})
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        ends.discard(writer)
+        ends.discard(up_writer)
+
+    def cut(self, links: list[tuple[int, int]]) -> None:
+        async def apply() -> None:
+            for link in links:
+                self._cut.add(link)
+                for end in list(self._open.get(link, ())):
+                    end.close()
+
+        self._call(apply())
+
+    def isolate(self, node_id: int, node_ids: list[int]) -> None:
+        others = [n for n in node_ids if n != node_id]
+        self.cut([(node_id, o) for o in others] + [(o, node_id) for o in others])
+
+    def heal(self) -> None:
+        async def apply() -> None:
+            self._cut.clear()
+
+        self._call(apply())
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            for server in self._servers:
+                server.close()
+            for ends in self._open.values():
+                for end in ends:
+                    end.close()
+
+        self._call(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def _rewrite_config(
+    path: Path, limits: dict[str, int] | None, peer_ports: dict[int, int] | None
+) -> None:
+    text = path.read_text()
+    if peer_ports:
+        head, *blocks = text.split("[[peers]]")
+        rewritten = []
+        for block in blocks:
+            peer_id = int(re.search(r"^id = (\d+)$", block, re.M).group(1))  # type: ignore[union-attr]
+            if peer_id in peer_ports:
+                block = re.sub(
+                    r'^peer_addr = ".*"$',
+                    f'peer_addr = "127.0.0.1:{peer_ports[peer_id]}"',
+                    block,
+                    flags=re.M,
+                )
+            rewritten.append(block)
+        text = "[[peers]]".join([head, *rewritten])
+    if limits:
+        text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
+    path.write_text(text)
+
+
+def make_cluster(
+    root: Path,
+    nodes: int = 1,
+    *,
+    limits: dict[str, int] | None = None,
+    proxy: LinkProxy | None = None,
+    tls: bool = False,
+    env: dict[int, dict[str, str]] | None = None,
+    init_options: dict[str, Any] | None = None,
+) -> Cluster:
+    """`env`: environment variables added per node id (e.g. test-only fault hooks)."""
+    base = free_port_block(2 * nodes)
+    # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
+    result = init_cluster(root, nodes, base, plaintext_http=not tls, **(init_options or {}))
+    cluster = Cluster(root, result.root_token, key_shares=result.key_shares)
+    for i, (config, http) in enumerate(
+        zip(result.config_paths, result.http_addresses, strict=True)
+    ):
+        node_id = i + 1
+        peer_ports = None
+        if proxy is not None:
+            # Peer ports follow init_cluster's layout: base + 2 * (id - 1) + 1.
+            peer_ports = {
+                j: proxy.add_link(node_id, j, base + 2 * (j - 1) + 1)
+                for j in range(1, nodes + 1)
+                if j != node_id
+            }
+        _rewrite_config(config, limits, peer_ports)
+        cluster.nodes.append(
+            Node(
+                node_id,
+                config,
+                http,
+                root / f"node{node_id}" / "data",
+                root / f"node{node_id}.log",
+                ca_file=result.ca_path if tls else None,
+                env=(env or {}).get(node_id, {}),
+            )
+        )
+    return cluster
+
+
+def started_cluster(
+    root: Path,
+    nodes: int = 1,
+    *,
+    limits: dict[str, int] | None = None,
+    proxy: LinkProxy | None = None,
+    tls: bool = False,
+    env: dict[int, dict[str, str]] | None = None,
+) -> Iterator[Cluster]:
+    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy, tls=tls, env=env)
+    try:
+        for node in cluster.nodes:
+            node.start(wait=False)
+        for node in cluster.nodes:
+            node.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def node_health(node: Node) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(node.url + "/health", timeout=1.0, verify=node.verify)
+        return response.json()  # type: ignore[no-any-return]
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def wait_for_leader(nodes: list[Node], deadline_s: float = 20.0) -> Node:
+    """The node that every given (running) node agrees is the leader."""
+    found: list[Node] = []
+
+    def agreed() -> bool:
+        views = [node_health(n) for n in nodes]
+        if any(v is None or v.get("status") != "ok" for v in views):
+            return False
+        leaders = {v["leader_id"] for v in views if v is not None}
+        if len(leaders) != 1:
+            return False
+        (leader_id,) = leaders
+        leader = [n for n in nodes if n.node_id == leader_id]
+        if not leader:
+            return False
+        found[:] = leader
+        return True
+
+    wait_until(agreed, deadline_s, "the running nodes to agree on a leader")
+    return found[0]
