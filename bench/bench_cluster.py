@@ -52,7 +52,14 @@ from bench.loadgen import (  # noqa: E402
     generate_load,
     vault_write,
 )
-from simulations.harness import Cluster, free_port_block, make_cluster, wait_for_leader, wait_until  # noqa: E402
+from simulations.harness import (  # noqa: E402
+    Cluster,
+    free_port_block,
+    make_cluster,
+    stop_processes,
+    wait_for_leader,
+    wait_until,
+)
 
 WARMUP_S = 1.0
 PLACEMENTS = ("all nodes", "leader")
@@ -237,14 +244,7 @@ def etcd_cluster(root: Path, members: int = 3) -> Iterator[EtcdCluster]:
         wait_until(healthy, START_DEADLINE_S, "the etcd members to become healthy")
         yield cluster
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+        stop_processes(processes)
 
 
 def _etcd_builder(operation: str, host: str, tag: str) -> RequestBuilder:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from cli.cluster_init import TOKEN_FILE_NAME, init_cluster
+from simulations.harness import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH_DEADLINE_S = 30.0
@@ -103,14 +104,7 @@ def main() -> int:
             time.sleep(0.2)  # a signal ends the wait early
         return 0 if stopping else 1
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
 
 
 if __name__ == "__main__":

@@ -224,13 +224,21 @@ class LinkProxy:
             return None
 
     async def _relay(self, link: Link, port: int, reader: Reader, writer: Writer) -> None:
-        if link in self._cut:
+        """One connection from `link`'s source: refused while the link is cut, else carried."""
+        if self._is_cut(link):
             writer.close()
             return
         upstream = await self._dial(port, writer)
-        if upstream is None:
-            return
-        up_reader, up_writer = upstream
+        if upstream is not None:
+            await self._carry(link, reader, writer, *upstream)
+
+    def _is_cut(self, link: Link) -> bool:
+        return link in self._cut
+
+    async def _carry(
+        self, link: Link, reader: Reader, writer: Writer, up_reader: Reader, up_writer: Writer
+    ) -> None:
+        """Pump both directions until either side closes."""
         ends = self._open.setdefault(link, set())
         ends.update({writer, up_writer})
 
@@ -345,16 +353,9 @@ def make_cluster(
     return cluster
 
 
-def started_cluster(
-    root: Path,
-    nodes: int = 1,
-    *,
-    limits: dict[str, int] | None = None,
-    proxy: LinkProxy | None = None,
-    tls: bool = False,
-    env: dict[int, dict[str, str]] | None = None,
-) -> Iterator[Cluster]:
-    cluster = make_cluster(root, nodes, limits=limits, proxy=proxy, tls=tls, env=env)
+def started_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Cluster]:
+    """`make_cluster(root, nodes, **options)`, every node started and healthy; stopped after."""
+    cluster = make_cluster(root, nodes, **options)
     try:
         for node in cluster.nodes:
             node.start(wait=False)
@@ -393,3 +394,17 @@ def wait_for_leader(nodes: list[Node], deadline_s: float = 20.0) -> Node:
 
     wait_until(agreed, deadline_s, "the running nodes to agree on a leader")
     return found[0]
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], deadline_s: float = 15.0) -> None:
+    """SIGTERM every process still running, then wait for each; SIGKILL one that outlives
+    `deadline_s`."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=deadline_s)

@@ -74,15 +74,13 @@ class FaultProxy(LinkProxy):
             state = self._links[link] = _LinkState()
         return state
 
-    async def _relay(self, link: Link, port: int, reader: Reader, writer: Writer) -> None:
+    def _is_cut(self, link: Link) -> bool:
+        return self._state(link).mode == LinkMode.CUT
+
+    async def _carry(
+        self, link: Link, reader: Reader, writer: Writer, up_reader: Reader, up_writer: Writer
+    ) -> None:
         state = self._state(link)
-        if state.mode == LinkMode.CUT:
-            writer.close()
-            return
-        upstream = await self._dial(port, writer)
-        if upstream is None:
-            return
-        up_reader, up_writer = upstream
         state.writers.update({writer, up_writer})
         try:
             await asyncio.gather(
