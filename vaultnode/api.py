@@ -63,6 +63,7 @@ from vaultnode.paxos_replicator import (
     OutcomeUnknown,
     PaxosReplicator,
 )
+from vaultnode.policy_routes import PolicyRoutes
 from vaultnode.replication import ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import Outcome, Secret, VaultState, Version
@@ -90,6 +91,11 @@ OUTCOME_STATUS: dict[str, int] = {
     "secret_deleted": 200,
     "cas_required": 400,
     "root_rotated": 200,
+    "policy_written": 204,
+    "policy_deleted": 204,
+    "root_token_replaced": 200,
+    "bad_request": 400,
+    "too_many_policies": 409,
     "already_exists": 409,
     "version_conflict": 409,
     "key_in_use": 409,
@@ -212,7 +218,8 @@ class VaultApi:
             ("GET", "/v1/sys/keys", True, self._keys),
             ("POST", "/v1/sys/keys/", False, self._retire),
             *DeletionRoutes(self).routes(),
-            *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
+            *(compat := VaultCompatApi(self, kv_v2_mount, cluster_id)).routes(),
+            *PolicyRoutes(self, compat).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
             ("POST", "/v1/sys/rotate-root", True, self._rotate_root),
             ("PUT", "/v1/sys/seal", True, self._seal),
@@ -418,6 +425,15 @@ class VaultApi:
             raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
         if consistency == "linearizable" and not call.caught_up:
             await self.replicator.read_barrier()
+            if call.principal is not None:
+                # Checked before the barrier, against what this node had applied: judge the token
+                # again against the state now current, so a revocation or policy change that was
+                # acknowledged anywhere before this read began is in force (docs/policies.md).
+                fresh = authenticate(self.state, call.request.headers, self.clock_us())
+                fresh.checked = call.principal.checked
+                fresh.path_checks = call.principal.path_checks
+                fresh.recheck()
+                call.principal = fresh
 
     async def _submit(self, command: Command) -> Outcome:
         return await self.replicator.submit(command)
@@ -681,7 +697,7 @@ class VaultApi:
                 "updated_at": format_time(secret.versions[-1].valid_from_us),
             }
             for secret in self.state.list_names(prefix)
-            if principal.token.allows("list", secret.name)
+            if principal.sees(secret.name)
         ]
         self._log(call, "secret.listed", 200, "ok", count=len(listed))
         return Response.json(200, {"secrets": listed})
@@ -1033,7 +1049,8 @@ def _check_display_name(display_name: object) -> str:
 
 def _require_each(principal: Principal, capability: str, names: list[str]) -> None:
     """403 naming every name the token may not use, so a batch is refused once, completely."""
-    denied = [n for n in dict.fromkeys(names) if not principal.token.allows(capability, n)]
+    principal.checked.extend((capability, n) for n in dict.fromkeys(names))
+    denied = [n for n in dict.fromkeys(names) if not principal.allows(capability, n)]
     if denied:
         raise ApiError(
             403,

@@ -20,7 +20,7 @@ VERSIONS_PER_REQUEST_MAX = 1_000
 _COMMANDS = {"delete": DeleteVersions, "undelete": UndeleteVersions, "destroy": DestroyVersions}
 # Undeleting is the inverse of deleting, so one capability covers both; destroying cannot be
 # undone and has its own.
-_CAPABILITY = {"delete": "delete", "undelete": "delete", "destroy": "destroy"}
+_CAPABILITY = {"delete": "delete", "undelete": "undelete", "destroy": "destroy"}
 
 
 def parse_versions(raw: object) -> list[int]:
