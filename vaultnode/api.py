@@ -41,6 +41,7 @@ from vaultnode.kv2 import Kv2Api
 from vaultnode.metrics import NodeMetrics
 from vaultnode.names import InvalidInput, check_name, single_value
 from vaultnode.native_deletion import DeletionRoutes
+from vaultnode.policy_routes import PolicyRoutes
 from vaultnode.replicator import (
     ClockOutOfBounds,
     CommandTooLarge,
@@ -77,6 +78,11 @@ OUTCOME_STATUS: dict[str, int] = {
     "secret_deleted": 200,
     "cas_required": 400,
     "root_rotated": 200,
+    "policy_written": 204,
+    "policy_deleted": 204,
+    "root_token_replaced": 200,
+    "bad_request": 400,
+    "too_many_policies": 409,
     "already_exists": 409,
     "version_conflict": 409,
     "key_in_use": 409,
@@ -135,7 +141,8 @@ class VaultApi:
             *BatchRoutes(self).routes(),
             *KeyRoutes(self).routes(),
             *DeletionRoutes(self).routes(),
-            *VaultCompatApi(self, kv_v2_mount, cluster_id).routes(),
+            *(compat := VaultCompatApi(self, kv_v2_mount, cluster_id)).routes(),
+            *PolicyRoutes(self, compat).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
         ]
         self._vault_paths = vault_paths(kv_v2_mount)
@@ -361,6 +368,15 @@ class VaultApi:
             raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
         if consistency == "linearizable" and not call.caught_up:
             await self.replicator.read_barrier()
+            if call.principal is not None:
+                # Checked before the barrier, against what this node had applied: judge the token
+                # again against the state now current, so a revocation or policy change that was
+                # acknowledged anywhere before this read began is in force (docs/policies.md).
+                fresh = authenticate(self.state, call.request.headers, self.clock_us())
+                fresh.checked = call.principal.checked
+                fresh.path_checks = call.principal.path_checks
+                fresh.recheck()
+                call.principal = fresh
 
     async def _submit(self, command: Command) -> Outcome:
         return await self.replicator.submit(command)

@@ -11,8 +11,9 @@ import base64
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vaultnode.policy import acl_sees, legacy_permits
 from vaultnode.state import Token, VaultState
 
 TOKEN_PREFIX = "vlt_"
@@ -40,21 +41,60 @@ class AuthError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
+@dataclass
 class Principal:
+    """An authenticated token, judged against the policies of the state it was looked up in.
+    It remembers what it was checked for, so a check made before a read point can be made
+    again after it (VaultApi._read_point)."""
+
     token: Token
+    state: VaultState
+    checked: list[tuple[str, str]] = field(default_factory=list)
+    path_checks: list[tuple[str, tuple[str, ...], bool]] = field(default_factory=list)
 
     @property
     def accessor(self) -> str:
         return self.token.accessor
 
+    def allows(self, capability: str, name: str) -> bool:
+        return self.state.permits(self.token, capability, name)
+
     def require(self, capability: str, name: str) -> None:
-        if not self.token.allows(capability, name):
+        self.checked.append((capability, name))
+        if not self.allows(capability, name):
             raise AuthError(403, "forbidden", f"this token may not {capability} {name!r}")
+
+    def sees(self, name: str) -> bool:
+        """Listing shows a name only if the token holds some capability on it (docs/policies.md)."""
+        if self.token.is_root or legacy_permits(self.token.policies, "list", name):
+            return True
+        return acl_sees(self.state.acl_for(self.token), self.state.limits.kv_v2_mount, name)
+
+    def path_capabilities(self, path: str) -> frozenset[str]:
+        return self.state.acl_for(self.token).capabilities(path, listing=path.endswith("/"))
+
+    def require_path(self, path: str, *capabilities: str, sudo: bool = False) -> None:
+        """A Vault API path (sys/…, auth/token/…): one of `capabilities` on it, and `sudo` too
+        where Vault requires it. The root token passes every check."""
+        self.path_checks.append((path, capabilities, sudo))
+        if self.token.is_root:
+            return
+        held = self.path_capabilities(path)
+        if not held.intersection(capabilities) or (sudo and "sudo" not in held):
+            raise AuthError(403, "forbidden", f"this token may not use {path!r}")
 
     def require_root(self) -> None:
         if not self.token.is_root:
             raise AuthError(403, "forbidden", "only the root token may do this")
+
+    def recheck(self) -> None:
+        """Repeat the secret checks made so far (against the current state)."""
+        for capability, name in self.checked:
+            if not self.allows(capability, name):
+                raise AuthError(403, "forbidden", f"this token may not {capability} {name!r}")
+        path_checks, self.path_checks = self.path_checks, []
+        for path, capabilities, sudo in path_checks:
+            self.require_path(path, *capabilities, sudo=sudo)
 
 
 def token_from_headers(headers: dict[str, str]) -> str | None:
@@ -78,7 +118,7 @@ def authenticate(state: VaultState, headers: dict[str, str], now_us: int) -> Pri
         raise AuthError(401, "unauthorized", "the token is invalid or was revoked")
     if not record.is_live(now_us):
         raise AuthError(401, "unauthorized", "the token has expired")
-    return Principal(record)
+    return Principal(record, state)
 
 
 def parse_policies(raw: object) -> list[dict[str, object]]:

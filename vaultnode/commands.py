@@ -87,6 +87,37 @@ class CreateToken(Command):
     # The token sealed like a value, so an idempotent replay can return it without the state
     # ever holding it in the clear.
     token_sealed: dict[str, Any] = field(default_factory=dict)
+    # Named ACL policies (docs/policies.md); the parent is the creator's accessor, revoking it
+    # revokes this token. Both default to what tokens had before policies existed.
+    policy_names: list[str] = field(default_factory=list)
+    parent: str = ""
+
+
+@dataclass(frozen=True)
+class WritePolicy(Command):
+    """Create or replace a named ACL policy: its text (shown back) and its parsed rules."""
+
+    TAG: ClassVar[str] = "policy_write"
+    name: str = ""
+    text: str = ""
+    rules: list[list[Any]] = field(default_factory=list)  # [[pattern, [capability]]]
+
+
+@dataclass(frozen=True)
+class DeletePolicy(Command):
+    TAG: ClassVar[str] = "policy_delete"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ReplaceRootToken(Command):
+    """A new root token (generate-root, guarded by the root key at the edge); every earlier
+    root token is revoked, and their children become orphans rather than being revoked."""
+
+    TAG: ClassVar[str] = "root_token_replace"
+    token_sha256: bytes = b""
+    accessor: str = ""
+    key_check_value: bytes = b""  # the guard's root key, checked again at apply
 
 
 @dataclass(frozen=True)
@@ -209,6 +240,9 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         WriteMetadata,
         DeleteSecret,
         RotateRoot,
+        WritePolicy,
+        DeletePolicy,
+        ReplaceRootToken,
     )
 }
 

@@ -272,7 +272,7 @@ class Kv2Api:
         return await self._change(call, DeleteVersions, name, self._versions(call))
 
     async def _undelete(self, call: Call, principal: Principal, name: str) -> Response:
-        principal.require("delete", name)
+        principal.require("undelete", name)
         return await self._change(call, UndeleteVersions, name, self._versions(call))
 
     async def _destroy(self, call: Call, principal: Principal, name: str) -> Response:
@@ -358,7 +358,7 @@ class Kv2Api:
         return raw
 
     async def _write_metadata(self, call: Call, principal: Principal, name: str) -> Response:
-        principal.require("update", name)
+        principal.require("metadata_write", name)
         body = self._body(
             call, {"max_versions", "cas_required", "custom_metadata", "delete_version_after"}
         )
@@ -368,7 +368,7 @@ class Kv2Api:
         return await self._submit_metadata(call, name, body, custom)
 
     async def _patch_metadata(self, call: Call, principal: Principal, name: str) -> Response:
-        principal.require("update", name)
+        principal.require("metadata_write", name)
         body = self._body(
             call, {"max_versions", "cas_required", "custom_metadata", "delete_version_after"}
         )
@@ -408,7 +408,7 @@ class Kv2Api:
         return no_content()
 
     async def _delete_metadata(self, call: Call, principal: Principal, name: str) -> Response:
-        principal.require("destroy", name)
+        principal.require("remove", name)
         command = DeleteSecret(self.api._header(call, self.api.clock_us(), None), name=name)
         outcome = await self.api._submit(command)
         if not outcome.ok:
@@ -425,7 +425,7 @@ class Kv2Api:
         keys: dict[str, None] = {}
         names = sorted(set(state.secrets) | set(state.kv_metadata))
         for name in names:
-            if not name.startswith(prefix) or not principal.token.allows("list", name):
+            if not name.startswith(prefix) or not principal.sees(name):
                 continue
             head, slash, _ = name[len(prefix) :].partition("/")
             keys[head + slash] = None

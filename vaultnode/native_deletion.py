@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 VERSIONS_PER_REQUEST_MAX = 1_000
 _COMMANDS = {"delete": DeleteVersions, "undelete": UndeleteVersions, "destroy": DestroyVersions}
-# Undeleting is the inverse of deleting, so one capability covers both; destroying cannot be
-# undone and has its own.
+
+
 def parse_versions(raw: object) -> list[int]:
     """The `versions` a deletion names: 1 to VERSIONS_PER_REQUEST_MAX positive integers."""
     if (
@@ -45,7 +45,7 @@ class DeletionRoutes:
         return [
             RouteSpec("DELETE", "/v1/secrets/", self._delete_latest, read_point, "delete"),
             RouteSpec("POST", "/v1/delete/", self._delete, read_point, "delete"),
-            RouteSpec("POST", "/v1/undelete/", self._undelete, read_point, "delete"),
+            RouteSpec("POST", "/v1/undelete/", self._undelete, read_point, "undelete"),
             RouteSpec("POST", "/v1/destroy/", self._destroy, read_point, "destroy"),
         ]
 

@@ -202,6 +202,7 @@ class VaultNode:
             idempotency_retention_us=config.limits.idempotency_retention_s * 1_000_000,
             idempotency_keys_max=config.limits.idempotency_keys_max,
             idempotency_keys_per_accessor_max=config.limits.idempotency_keys_per_accessor_max,
+            kv_v2_mount=config.kv_v2_mount,
         )
         state = VaultState(limits)
         try:

@@ -54,14 +54,16 @@ class Consistency(StrEnum):
 class Access(StrEnum):
     """Who may call a route, checked by the dispatcher before the handler runs. A route whose
     path ends in a secret name may instead name the capability it needs on that name
-    (`create`, `update`, `read`, `history`, `delete`, `destroy`: vaultnode/auth.py)."""
+    (`create`, `update`, `read`, `history`, `delete`, `undelete`, `destroy`: vaultnode/auth.py)."""
 
     PUBLIC = "public"  # no token
     TOKEN = "token"  # any valid token; the handler checks what it touches (lists, batches, KV v2)
     ROOT = "root"  # the root token
 
 
-NAME_CAPABILITIES = frozenset(CAPABILITIES) - {"list"}
+# `undelete` is not a native policy capability (a native rule's `delete` covers it) but ACL
+# policies grant it apart, as Vault does (vaultnode/policy.py).
+NAME_CAPABILITIES = (frozenset(CAPABILITIES) - {"list"}) | {"undelete"}
 
 
 @dataclass(frozen=True)

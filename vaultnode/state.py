@@ -21,11 +21,13 @@ from vaultnode.commands import (
     Command,
     CreateSecret,
     CreateToken,
+    DeletePolicy,
     DeleteSecret,
     DeleteVersions,
     DestroyVersions,
     InitVault,
     PutVersion,
+    ReplaceRootToken,
     RetireKek,
     RevokeToken,
     RewrapVersions,
@@ -34,12 +36,24 @@ from vaultnode.commands import (
     UndeleteVersions,
     UpdateSecret,
     WriteMetadata,
+    WritePolicy,
+)
+from vaultnode.policy import (
+    DEFAULT_POLICY,
+    DEFAULT_POLICY_TEXT,
+    Acl,
+    acl_permits,
+    legacy_permits,
+    parse_policy,
+    rules_from_wire,
+    rules_to_wire,
 )
 
 # 2 added version deletion, destruction and value formats, KV v2 metadata and the record ids of
-# removed versions; format 1 snapshots still load (they have none of these).
-SNAPSHOT_FORMAT_VERSION = 2
-SNAPSHOT_FORMATS_READ = frozenset({1, 2})
+# removed versions; format 1 snapshots still load (they have none of these). 3 added ACL policies
+# and tokens' policy names and parents (absent: none, and the built-in default policy).
+SNAPSHOT_FORMAT_VERSION = 3
+SNAPSHOT_FORMATS_READ = frozenset({1, 2, 3})
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,9 @@ SUCCESS_CODES = frozenset(
         "metadata_written",
         "secret_deleted",
         "root_rotated",
+        "policy_written",
+        "policy_deleted",
+        "root_token_replaced",
     }
 )
 
@@ -174,16 +191,24 @@ class Token:
     is_root: bool
     created_at_us: int
     expires_at_us: int | None
+    policy_names: list[str] = field(default_factory=list)  # named ACL policies
+    parent: str = ""  # the creator's accessor; "" for an orphan
 
     def is_live(self, now_us: int) -> bool:
         return self.expires_at_us is None or now_us < self.expires_at_us
 
-    def allows(self, capability: str, name: str) -> bool:
-        if self.is_root:
-            return True
-        return any(
-            name.startswith(p["prefix"]) and capability in p["capabilities"] for p in self.policies
-        )
+    def to_wire(self) -> list[Any]:
+        return [
+            self.accessor,
+            self.token_sha256,
+            self.display_name,
+            self.policies,
+            self.is_root,
+            self.created_at_us,
+            self.expires_at_us,
+            self.policy_names,
+            self.parent,
+        ]
 
 
 @dataclass
@@ -209,6 +234,9 @@ class StateLimits:
     idempotency_keys_max: int = 100_000  # all accessors together
     # One accessor's keys, so its requests (failed ones included) evict only its own keys.
     idempotency_keys_per_accessor_max: int = 10_000
+    # Secret names map to policy paths under this mount (docs/policies.md).
+    kv_v2_mount: str = "secret"
+    acl_policies_max: int = 1_000
 
 
 class VaultState:
@@ -224,6 +252,12 @@ class VaultState:
         self.record_ids: set[bytes] = set()
         self.tokens_by_hash: dict[bytes, Token] = {}
         self.tokens_by_accessor: dict[str, Token] = {}
+        # Named ACL policies: name -> (text as written, parsed rules in wire form).
+        self.acl_policies: dict[str, tuple[str, list[list[Any]]]] = {
+            DEFAULT_POLICY: (DEFAULT_POLICY_TEXT, rules_to_wire(parse_policy(DEFAULT_POLICY_TEXT)))
+        }
+        # Derived, never in a snapshot: compiled ACLs per set of policy names, dropped on change.
+        self._acl_cache: dict[tuple[str, ...], Acl] = {}
         # Kept after revocation, so history can still say who wrote a version.
         self.display_names: dict[str, str] = {}
         self.keks: dict[int, Kek] = {}
@@ -333,10 +367,16 @@ class VaultState:
             return self._init(now_us, command)
         if not self.initialized:
             return Outcome("unavailable", message="the vault is not initialised yet")
+        if isinstance(command, ReplaceRootToken):
+            # Guarded by the root key at the edge (and its check value here), not by a token.
+            return self._replace_root_token(now_us, command)
         principal = command.header.principal
         token = self.tokens_by_accessor.get(principal)
         if token is None or not token.is_live(now_us):
             return Outcome("unauthorized", message="the token was revoked or expired")
+        refusal = self._authorize_at_apply(token, command)
+        if refusal is not None:
+            return refusal
         if isinstance(command, CreateSecret):
             return self._create(index, now_us, principal, [(command.name, command.sealed)], False)
         if isinstance(command, BatchCreate):
@@ -364,7 +404,116 @@ class VaultState:
             return self._delete_secret(command)
         if isinstance(command, RotateRoot):
             return self._rotate_root(command)
+        if isinstance(command, WritePolicy):
+            return self._write_policy(command)
+        if isinstance(command, DeletePolicy):
+            return self._delete_policy(command)
         raise AssertionError(f"unhandled command type {type(command).__name__}")
+
+    # ---- authorization -------------------------------------------------------------------
+    def acl_for(self, token: Token) -> Acl:
+        """The compiled ACL of a token's named policies (plus `default` for every non-root
+        token, as Vault attaches it); a policy name with no policy grants nothing."""
+        if token.is_root:
+            return Acl(root=True)
+        names = tuple(sorted({*token.policy_names, DEFAULT_POLICY}))
+        acl = self._acl_cache.get(names)
+        if acl is None:
+            acl = Acl.build(
+                rules_from_wire(self.acl_policies[n][1]) for n in names if n in self.acl_policies
+            )
+            self._acl_cache[names] = acl
+        return acl
+
+    def permits(self, token: Token, capability: str, name: str) -> bool:
+        """A native capability on a secret name: legacy prefix rules, or the named policies."""
+        if token.is_root or legacy_permits(token.policies, capability, name):
+            return True
+        return acl_permits(self.acl_for(token), self.limits.kv_v2_mount, capability, name)
+
+    def _authorize_at_apply(self, token: Token, command: Command) -> Outcome | None:
+        """The edge checked the request against the policies it had applied; checking again here,
+        in log order, means a write ordered after a policy change is judged by the new policy on
+        every replica, whichever node took it (docs/policies.md, consistency)."""
+        checks: list[tuple[str, str]]
+        if isinstance(command, CreateSecret):
+            checks = [("create", command.name)]
+        elif isinstance(command, BatchCreate):
+            checks = [("create", item["name"]) for item in command.items]
+        elif isinstance(command, UpdateSecret):
+            checks = [("update", command.name)]
+        elif isinstance(command, PutVersion):
+            exists = command.name in self.secrets
+            checks = [("update" if exists else "create", command.name)]
+        elif isinstance(command, DeleteVersions):
+            checks = [("delete", command.name)]
+        elif isinstance(command, UndeleteVersions):
+            checks = [("undelete", command.name)]
+        elif isinstance(command, DestroyVersions):
+            checks = [("destroy", command.name)]
+        elif isinstance(command, WriteMetadata):
+            checks = [("metadata_write", command.name)]
+        elif isinstance(command, DeleteSecret):
+            checks = [("remove", command.name)]
+        else:
+            return None
+        denied = [name for capability, name in checks if not self.permits(token, capability, name)]
+        if not denied:
+            return None
+        return Outcome(
+            "forbidden",
+            data={"names": denied},
+            message="this token may not do this under the policies in force",
+        )
+
+    def _write_policy(self, command: WritePolicy) -> Outcome:
+        if (
+            command.name not in self.acl_policies
+            and len(self.acl_policies) >= self.limits.acl_policies_max
+        ):
+            return Outcome(
+                "too_many_policies", message=f"at most {self.limits.acl_policies_max} policies"
+            )
+        self.acl_policies[command.name] = (command.text, command.rules)
+        self._acl_cache.clear()
+        return Outcome("policy_written", data={"name": command.name})
+
+    def _delete_policy(self, command: DeletePolicy) -> Outcome:
+        if command.name == DEFAULT_POLICY:
+            return Outcome("bad_request", message="the default policy cannot be deleted")
+        existed = self.acl_policies.pop(command.name, None) is not None
+        self._acl_cache.clear()
+        return Outcome("policy_deleted", data={"name": command.name, "existed": existed})
+
+    def _replace_root_token(self, now_us: int, command: ReplaceRootToken) -> Outcome:
+        if command.key_check_value != self.key_check_value:
+            return Outcome("retry", message="the root key was rotated meanwhile")
+        if (
+            command.accessor in self.tokens_by_accessor
+            or command.token_sha256 in self.tokens_by_hash
+        ):
+            return Outcome("retry", message="token identity collision")
+        old = [t for t in self.tokens_by_accessor.values() if t.is_root]
+        for token in old:
+            self._drop_token(token)
+        for token in self.tokens_by_accessor.values():
+            if token.parent in {t.accessor for t in old}:
+                token.parent = ""  # orphaned, not revoked: root's children are every token
+        self._add_token(
+            Token(
+                accessor=command.accessor,
+                token_sha256=command.token_sha256,
+                display_name="root",
+                policies=[],
+                is_root=True,
+                created_at_us=now_us,
+                expires_at_us=None,
+            )
+        )
+        return Outcome(
+            "root_token_replaced",
+            data={"accessor": command.accessor, "revoked": [t.accessor for t in old]},
+        )
 
     def _init(self, now_us: int, command: InitVault) -> Outcome:
         if self.initialized:
@@ -486,6 +635,8 @@ class VaultState:
             is_root=False,
             created_at_us=now_us,
             expires_at_us=expires,
+            policy_names=list(command.policy_names),
+            parent=command.parent,
         )
         self._add_token(token)
         return Outcome(
@@ -494,17 +645,36 @@ class VaultState:
                 "accessor": token.accessor,
                 "display_name": token.display_name,
                 "policies": token.policies,
+                "policy_names": token.policy_names,
                 "expires_at_us": expires,
                 "token_sealed": command.token_sealed,
             },
         )
 
     def _revoke_token(self, command: RevokeToken) -> Outcome:
-        token = self.tokens_by_accessor.pop(command.accessor, None)
+        """Revoke a token and, as Vault does, every token below it (children, their children)."""
+        token = self.tokens_by_accessor.get(command.accessor)
         if token is None:
             return Outcome("not_found", message="no such token")
+        children: dict[str, list[Token]] = {}
+        for other in self.tokens_by_accessor.values():
+            if other.parent:
+                children.setdefault(other.parent, []).append(other)
+        doomed = [token]
+        position = 0
+        while position < len(doomed):
+            doomed.extend(children.get(doomed[position].accessor, []))
+            position += 1
+        for revoked in doomed:
+            self._drop_token(revoked)
+        return Outcome(
+            "token_revoked",
+            data={"accessor": command.accessor, "children_revoked": len(doomed) - 1},
+        )
+
+    def _drop_token(self, token: Token) -> None:
+        del self.tokens_by_accessor[token.accessor]
         del self.tokens_by_hash[token.token_sha256]
-        return Outcome("token_revoked", data={"accessor": command.accessor})
 
     def _rotate(self, now_us: int, command: RotateKek) -> Outcome:
         if command.kek_id in self.keks or command.kek_id <= self.current_kek_id:
@@ -713,18 +883,8 @@ class VaultState:
             "secrets": [[s.name, [v.to_wire() for v in s.versions]] for s in self.secrets.values()],
             "kv_metadata": [[name, m.to_wire()] for name, m in self.kv_metadata.items()],
             "removed_record_ids": sorted(self.record_ids - live_record_ids),
-            "tokens": [
-                [
-                    t.accessor,
-                    t.token_sha256,
-                    t.display_name,
-                    t.policies,
-                    t.is_root,
-                    t.created_at_us,
-                    t.expires_at_us,
-                ]
-                for t in self.tokens_by_accessor.values()
-            ],
+            "tokens": [t.to_wire() for t in self.tokens_by_accessor.values()],
+            "acl_policies": [[n, text, rules] for n, (text, rules) in self.acl_policies.items()],
             "display_names": self.display_names,
             "keks": [[k.kek_id, k.wrapped, k.created_at_us, k.retired] for k in self.keks.values()],
             "current_kek_id": self.current_kek_id,
@@ -755,6 +915,8 @@ class VaultState:
         state.record_ids.update(body.get("removed_record_ids", []))
         for t in body["tokens"]:
             state._add_token(Token(*t))
+        for name, text, rules in body.get("acl_policies", []):
+            state.acl_policies[name] = (text, rules)
         state.display_names.update(body["display_names"])
         for k in body["keks"]:
             state.keks[k[0]] = Kek(*k)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage.crypto_errors import CryptoError
 from vaultnode.auth import (
+    AuthError,
     parse_policies,
     token_from_headers,
 )
@@ -22,6 +23,7 @@ from vaultnode.commands import RevokeToken
 from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX, submit_new_token
 from vaultnode.http_server import Response
 from vaultnode.names import InvalidInput, format_time
+from vaultnode.policy import DEFAULT_POLICY, ROOT_POLICY, PolicyError, check_policy_name
 from vaultnode.routes import Access, Call, Consistency, RouteSpec
 
 if TYPE_CHECKING:
@@ -48,7 +50,16 @@ _HEALTH_CODE_PARAMS = (
 
 def vault_paths(mount: str) -> tuple[str, ...]:
     """Paths answered in Vault's shapes (errors as {"errors": [...]}) rather than the native one."""
-    return (f"/v1/{mount}/", "/v1/sys/health", "/v1/sys/mounts", "/v1/sys/internal/", "/v1/auth/")
+    return (
+        f"/v1/{mount}/",
+        "/v1/sys/health",
+        "/v1/sys/mounts",
+        "/v1/sys/internal/",
+        "/v1/auth/",
+        "/v1/sys/policies/",
+        "/v1/sys/capabilities",
+        "/v1/sys/generate-root",
+    )
 
 
 def wrap(call: Call, data: Any, *, auth: Any = None) -> dict[str, Any]:
@@ -124,7 +135,7 @@ class VaultCompatApi:
 
     def routes(self) -> list[RouteSpec]:
         local, read_point = Consistency.LOCAL, Consistency.READ_POINT
-        public, token, root = Access.PUBLIC, Access.TOKEN, Access.ROOT
+        public, token = Access.PUBLIC, Access.TOKEN
         return [
             RouteSpec("GET", "/v1/sys/health", self._health, local, public),
             RouteSpec("HEAD", "/v1/sys/health", self._health, local, public),
@@ -138,7 +149,7 @@ class VaultCompatApi:
                 for path, handler, access in (
                     ("/v1/auth/token/renew-self", self._renew_self, token),
                     ("/v1/auth/token/revoke-self", self._revoke_self, token),
-                    ("/v1/auth/token/create", self._create, root),
+                    ("/v1/auth/token/create", self._create, token),
                 )
             ),
         ]
@@ -241,9 +252,9 @@ class VaultCompatApi:
             "issue_time": format_time(token.created_at_us),
             "meta": None,
             "num_uses": 0,
-            "orphan": token.is_root,
+            "orphan": not token.parent,
             "path": "auth/token/root" if token.is_root else "auth/token/create",
-            "policies": ["root"] if token.is_root else ["default"],
+            "policies": shown_policies(token),
             "renewable": False,
             "ttl": ttl_s,
             "type": "service",
@@ -292,10 +303,12 @@ class VaultCompatApi:
         return no_content()
 
     async def _create(self, call: Call, _: str) -> Response:
-        """`auth/token/create` onto this vault's tokens. Named policies do not exist here: a token
-        asked for without policies, or with `root`, gets every secret capability (Vault's child of
-        root); `default` alone adds nothing; native policy objects are taken as they are."""
+        """`auth/token/create`: named ACL policies (docs/policies.md), a subset of the creator's
+        unless it is root. From root, no policies (or `root`) still mean every secret capability
+        as a legacy prefix rule, and native policy objects are taken as they are; a non-root
+        creator's child inherits its policies when it asks for none."""
         principal = self.api._authenticate(call)
+        principal.require_path("auth/token/create", "create", "update")
         body = self.api._json_body(
             call,
             {
@@ -325,21 +338,31 @@ class VaultCompatApi:
             raw_policies = []
         if not isinstance(raw_policies, list):
             raise InvalidInput("bad_request", "'policies' must be a list")
-        names = [p for p in raw_policies if isinstance(p, str)]
+        try:
+            names = sorted({check_policy_name(p) for p in raw_policies if isinstance(p, str)})
+        except PolicyError as exc:
+            raise InvalidInput("bad_request", str(exc)) from None
         objects = [p for p in raw_policies if not isinstance(p, str)]
-        unknown = sorted(set(names) - {"root", "default"})
-        if unknown:
-            raise InvalidInput(
-                "bad_request",
-                f"no policy named {unknown[0]!r}: give policies as "
-                '{"prefix", "capabilities"} objects',
-            )
-        if objects:
+        creator = principal.token
+        policies: list[dict[str, Any]] = []
+        if not creator.is_root:
+            if objects:
+                raise InvalidInput("bad_request", "only the root token may give prefix policies")
+            if not names:
+                names = list(creator.policy_names)
+            held = {*creator.policy_names, DEFAULT_POLICY}
+            missing = [n for n in names if n not in held]
+            if missing:
+                # No escalation: a child holds at most its parent's policies.
+                raise AuthError(
+                    403, "forbidden", f"this token does not hold the policy {missing[0]!r}"
+                )
+        elif objects:
             policies = parse_policies(objects)
         elif "root" in names or not names:
             policies = [{"prefix": "", "capabilities": _ALL_SECRET_CAPABILITIES}]
-        else:
-            raise InvalidInput("bad_request", "the 'default' policy alone grants nothing here")
+        names = [n for n in names if n not in (ROOT_POLICY, DEFAULT_POLICY)]
+        parent = "" if (body.get("no_parent") is True and creator.is_root) else creator.accessor
         ttl_s = parse_duration_s(body.get("ttl") or body.get("lease"), "ttl")
         if ttl_s is not None and ttl_s > TOKEN_TTL_S_MAX:
             raise InvalidInput("bad_request", f"'ttl' is at most {TOKEN_TTL_S_MAX} seconds")
@@ -354,6 +377,8 @@ class VaultCompatApi:
             display_name=display_name,
             policies=policies,
             ttl_s=ttl_s,
+            policy_names=names,
+            parent=parent,
         )
         if not outcome.ok:
             return self.api._render(call, "token.created", outcome, dict)
@@ -367,8 +392,8 @@ class VaultCompatApi:
                 return errors_response(410, ["this token creation's token cannot be shown again"])
             ttl_s = _ttl_of(outcome.data["expires_at_us"], now_us)
         call.fields["accessor"] = accessor
-        # Not root (it cannot create tokens or manage keys), whatever was asked.
-        shown = ["default"]
+        # Not root (it cannot manage keys), whatever was asked.
+        shown = sorted({DEFAULT_POLICY, *outcome.data.get("policy_names", names)})
         auth = {
             "client_token": token,
             "accessor": accessor,
@@ -379,11 +404,18 @@ class VaultCompatApi:
             "renewable": False,
             "entity_id": "",
             "token_type": "service",
-            "orphan": True,
+            "orphan": not parent,
             "num_uses": 0,
         }
         self.api._log(call, "token.created", 200, "ok")
         return Response.json(200, wrap(call, None, auth=auth))
+
+
+def shown_policies(token: Token) -> list[str]:
+    """The policy names Vault would show: `root`, or `default` and the token's named ones."""
+    if token.is_root:
+        return [ROOT_POLICY]
+    return sorted({DEFAULT_POLICY, *token.policy_names})
 
 
 def _ttl_of(expires_at_us: int | None, now_us: int) -> int | None:

@@ -135,7 +135,8 @@ class BatchRoutes:
 
 def _require_each(principal: Principal, capability: str, names: list[str]) -> None:
     """403 naming every name the token may not use, so a batch is refused once, completely."""
-    denied = [n for n in dict.fromkeys(names) if not principal.token.allows(capability, n)]
+    principal.checked.extend((capability, n) for n in dict.fromkeys(names))
+    denied = [n for n in dict.fromkeys(names) if not principal.allows(capability, n)]
     if denied:
         raise ApiError(
             403,

@@ -181,7 +181,7 @@ class SecretRoutes:
                 "updated_at": format_time(secret.versions[-1].valid_from_us),
             }
             for secret in self.api.state.list_names(prefix)
-            if principal.token.allows("list", secret.name)
+            if principal.sees(secret.name)
         ]
         self.api._log(call, "secret.listed", 200, "ok", count=len(listed))
         return Response.json(200, {"secrets": listed})

@@ -135,6 +135,8 @@ async def submit_new_token(
     display_name: str,
     policies: list[dict[str, Any]],
     ttl_s: int | None,
+    policy_names: list[str] | None = None,
+    parent: str = "",
 ) -> tuple[Outcome, str, str, int]:
     """Draw a token and its accessor and submit its creation (the native API and Vault's
     `auth/token/create` both): the outcome, the token, its accessor and the command's time. The
@@ -152,5 +154,7 @@ async def submit_new_token(
         token_sealed=api.sealer.seal(
             token.encode(), name=f"token/{accessor}", now_us=now_us, accessor=principal.accessor
         ),
+        policy_names=policy_names or [],
+        parent=parent,
     )
     return await api._submit(command), token, accessor, now_us
