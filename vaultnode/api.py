@@ -145,7 +145,7 @@ class Call:
 Route = Callable[[Call, str], Awaitable[Response]]
 
 
-_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health", "/v1/sys/seal")
+_LOCAL_PATHS = ("/health", "/metrics", "/v1/sys/health", "/v1/sys/seal", "/v1/cluster")
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
 STALE_BOUND_HEADER = "Vault-Stale-Bound-Ms"
 
@@ -181,6 +181,7 @@ class VaultApi:
         cluster_id: str = "",
         on_seal: Callable[[], None] | None = None,
         root_key_handout: Callable[[bytes], dict[str, Any]] | None = None,
+        cluster_view: Callable[[VaultApi], Any] | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -193,10 +194,13 @@ class VaultApi:
         self.metrics = metrics
         self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
         self.root_key_handout = root_key_handout
+        # GET /v1/cluster (vaultnode/cluster_view.py): built from this API's own health.
+        self.cluster_view = cluster_view(self) if cluster_view is not None else None
         # (method, path prefix, exact?) -> handler; the rest of the path is the handler's argument.
         self._routes: list[tuple[str, str, bool, Route]] = [
             ("GET", "/health", True, self._health),
             ("GET", "/metrics", True, self._metrics),
+            ("GET", "/v1/cluster", True, self._cluster),
             ("GET", "/v1/secrets", True, self._list),
             ("POST", "/v1/secrets/", False, self._create),
             ("PUT", "/v1/secrets/", False, self._update),
@@ -497,6 +501,17 @@ class VaultApi:
 
     # ---- health -----------------------------------------------------------------------
     async def _health(self, call: Call, _: str) -> Response:
+        serving, body = self.health()
+        return Response.json(200 if serving else 503, body)
+
+    async def _cluster(self, call: Call, _: str) -> Response:
+        if self.cluster_view is None:
+            raise ApiError(404, "not_found", "this node has no cluster view")
+        call.outcome = "ok"
+        return Response.json(200, await self.cluster_view.answer())
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this node can serve, and its `/health` body."""
         status = self.replicator.status()
         serving = self.state.initialized and status.leader_id is not None
         body = {
@@ -519,7 +534,7 @@ class VaultApi:
             if not clock.within_bounds:
                 serving = False
                 body["status"] = "unavailable"
-        return Response.json(200 if serving else 503, body)
+        return serving, body
 
     async def _metrics(self, call: Call, _: str) -> Response:
         # Unauthenticated on purpose (docs/observability.md): labels carry no names, accessors
