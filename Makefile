@@ -45,10 +45,11 @@ soak: $(STAMP)
 	$(BIN)/python -m simulations --seeds 10000 --jobs 2
 
 # Debian packages tests need: faketime (clock jumps and offsets), gcc (the nemesis fsync-stall
-# shim) and systemd-creds (tests/test_unseal.py encrypts a root-key credential).
+# shim), systemd-creds (tests/test_unseal.py encrypts a root-key credential) and chromium with
+# chromedriver (tests/test_ui_console.py drives the web console headless).
 # CI runs as root and installs them; elsewhere the step only says what is missing, and the
 # nemesis runs without those faults.
-SYSTEM_PACKAGES := faketime:faketime gcc:gcc systemd-creds:systemd
+SYSTEM_PACKAGES := faketime:faketime gcc:gcc systemd-creds:systemd chromium:chromium chromedriver:chromium-driver
 system-packages:
 	@for pair in $(SYSTEM_PACKAGES); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 && continue; package="$${pair#*:}"; \

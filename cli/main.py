@@ -21,6 +21,7 @@ import click
 from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
+from vaultnode.cluster_view import leader_commit_index as _leader_commit_index
 
 # No scheme means https, always; plain HTTP must be written http:// (cli/client.py).
 DEFAULT_ADDR = "127.0.0.1:8200"
@@ -211,19 +212,29 @@ def status(ctx: Context, as_json: bool) -> None:
     sys.exit(worst)
 
 
-def _leader_commit_index(views: list[dict[str, Any]]) -> int | None:
-    """The commit index in the health of the node that leads, or None if none answered.
-
-    A deposed leader cut off from the others may still call itself leader; the one most nodes
-    name as their leader wins.
-    """
-    leaders = [v for v in views if v.get("role") == "leader" and v.get("status") == "ok"]
-    if not leaders:
-        return None
-    named = [v.get("leader_id") for v in views]
-    leader = max(leaders, key=lambda v: named.count(v.get("node_id")))
-    commit = leader.get("commit_index")
-    return commit if isinstance(commit, int) else None
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def cluster(ctx: Context, as_json: bool) -> None:
+    """Show every node as one node sees it (GET /v1/cluster), and the leader changes it saw."""
+    body = run(
+        lambda: ctx.client.request("GET", "/v1/cluster", authenticated=False)
+    ).body
+    if as_json:
+        emit_json(body)
+        return
+    rows = [
+        [str(view.get(key, "-") if view.get(key) is not None else "-") for key in (
+            "node_id", "status", "role", "leader_id", "commit_index", "applied_index", "lag"
+        )]
+        for view in body.get("nodes", [])
+    ]
+    table(rows, ["NODE", "STATUS", "ROLE", "LEADER", "COMMIT", "APPLIED", "LAG"])
+    changes = body.get("leader_changes", [])
+    if changes:
+        click.echo(f"leader changes seen by node {body.get('node_id')}, newest first:")
+        for change in changes:
+            click.echo(f"  {change.get('at')}  leader {change.get('leader_id') or 'none'}")
 
 
 def _lag(view: dict[str, Any], leader_commit: int | None) -> int | None:

@@ -120,6 +120,7 @@ class VaultApi:
         cluster_id: str = "",
         on_seal: Callable[[], None] | None = None,
         root_key_handout: Callable[[bytes], dict[str, Any]] | None = None,
+        cluster_view: Callable[[VaultApi], Any] | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -132,10 +133,14 @@ class VaultApi:
         self.metrics = metrics
         self.on_seal = on_seal  # None: the node's key source cannot seal (vaultnode/unseal.py)
         self.root_key_handout = root_key_handout
+        # GET /v1/cluster (vaultnode/cluster_view.py): built from this API's own health.
+        system = SystemRoutes(self)
+        self.health = system.health
+        self.cluster_view = cluster_view(self) if cluster_view is not None else None
         # The route table: handlers live in modules by resource (vaultnode/handlers/); order
         # matters only among routes whose paths overlap (the first match wins).
         self.routes: list[RouteSpec] = [
-            *SystemRoutes(self).routes(),
+            *system.routes(),
             *SecretRoutes(self).routes(),
             *TokenRoutes(self).routes(),
             *BatchRoutes(self).routes(),

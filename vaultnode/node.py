@@ -33,6 +33,7 @@ from storage.keysource import (
 from storage.rootkey import load_root_key_file
 from vaultnode.api import VaultApi
 from vaultnode.audit import AuditError, AuditTrail, derive_chain_key
+from vaultnode.cluster_view import ClusterView
 from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
@@ -44,6 +45,7 @@ from vaultnode.replicator import NotLeader, OutcomeUnknown, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
 from vaultnode.tls import peer_client_context, peer_server_context
+from vaultnode.ui import Console
 from vaultnode.unseal import SealGate, root_key_handout
 
 GC_FREEZE_INTERVAL_S = 10.0
@@ -116,7 +118,7 @@ class VaultNode:
         lock = lock_data_dir(config.data_dir)
         root_key = self._load_root_key()  # None: the node starts sealed and waits for shares
         gate = SealGate(config)
-        server = HttpServer(gate.handle, limits=config.limits)
+        server = HttpServer(Console(gate.handle).handle, limits=config.limits)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
@@ -291,6 +293,7 @@ class VaultNode:
             clock_us=replicator.clock_us,
             on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
             root_key_handout=lambda new_key: root_key_handout(config, new_key),
+            cluster_view=lambda api: ClusterView(config, api.health),
         )
         audit.start()
         server.observe_connections_with(metrics)

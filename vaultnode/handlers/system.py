@@ -24,12 +24,24 @@ class SystemRoutes:
         return [
             RouteSpec("GET", "/health", self._health, local, public),
             RouteSpec("GET", "/metrics", self._metrics, local, public),
+            RouteSpec("GET", "/v1/cluster", self._cluster, local, public),
             # Not audited (like the other local routes): sealing may close the audit trail.
             RouteSpec("PUT", "/v1/sys/seal", self._seal, local, root),
             RouteSpec("POST", "/v1/sys/seal", self._seal, local, root),
         ]
 
     async def _health(self, call: Call, _: str) -> Response:
+        serving, body = self.health()
+        return Response.json(200 if serving else 503, body)
+
+    async def _cluster(self, call: Call, _: str) -> Response:
+        if self.api.cluster_view is None:
+            raise ApiError(404, "not_found", "this node has no cluster view")
+        call.outcome = "ok"
+        return Response.json(200, await self.api.cluster_view.answer())
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this node can serve, and its `/health` body (also the cluster view's)."""
         status = self.api.replicator.status()
         serving = self.api.state.initialized and status.leader_id is not None
         body: dict[str, Any] = {
@@ -52,7 +64,7 @@ class SystemRoutes:
             if not clock.within_bounds:
                 serving = False
                 body["status"] = "unavailable"
-        return Response.json(200 if serving else 503, body)
+        return serving, body
 
     async def _metrics(self, call: Call, _: str) -> Response:
         # Unauthenticated on purpose (docs/observability.md): labels carry no names, accessors
