@@ -946,6 +946,9 @@ class Replica:
     def _advance_chosen_through(self) -> None:
         while self._chosen_through + 1 in self._chosen:
             self._chosen_through += 1
+            # A leader re-proposes a slot it knew chosen when phase 1 left a hole below it:
+            # once the watermark passes, the slot needs no acks (its value may be compacted).
+            self._inflight.pop(self._chosen_through, None)
 
     def _adopt_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot

@@ -20,6 +20,7 @@ from consensus.config import COMMAND_OVERHEAD_BYTES, ClusterConfig, Limits
 from consensus.errors import InvariantViolation
 from consensus.messages import (
     Accept,
+    Accepted,
     AcceptedEntry,
     Ballot,
     Batch,
@@ -219,6 +220,37 @@ def test_a_candidate_reproposes_the_value_it_knows_is_chosen() -> None:
     other_value = (AcceptedEntry(2, Ballot(8, 3), (b"other",), False),)
     other = Promise(2, 1, Ballot(9, 1), other_value, 0, 0, 1, -1)
     assert replica._repropose_values([other]) == {2: (b"chosen",)}
+
+
+def test_a_leader_forgets_a_reproposed_chosen_slot_once_its_watermark_passes_it() -> None:
+    # N1 knows slot 2 chosen but not slot 1, so as leader it proposes both. Slot 1 is chosen
+    # first: the watermark passes slot 2 (known), N1 applies both and takes a snapshot, then
+    # N2's late Accepted for slot 2 completes that slot's quorum. Before, N1 still had slot 2
+    # in flight and marked it chosen again, below a watermark whose values were compacted:
+    # InvariantViolation (found by the simulator, tests/test_driver_rules.py, seed 3).
+    net = Network(3)
+    net.nodes[1].step(Learn(2, 1, Ballot(1, 2), (ChosenEntry(2, (b"chosen",)),)))
+    net.cut.add((3, 1))
+    held: list[Message] = []
+    for _ in range(2 * net.limits.election_ticks):
+        net.nodes[1].tick()
+        for _ in range(100):
+            for node_id in net.nodes:
+                net.process(node_id)
+            late = [m for m in net.mailbox if isinstance(m, Accepted) and m.slot == 2]
+            held += late
+            net.mailbox = [m for m in net.mailbox if m not in late]
+            if not net.mailbox:
+                break
+            net.deliver_all()
+        if net.nodes[1].role == Role.LEADER:
+            break
+    assert net.nodes[1].chosen_through == 2 and held
+    net.take_snapshot(1, b"state at 2")
+    for message in held:
+        net.nodes[message.to].step(message)
+    net.settle()
+    assert [batch for _, batch in net.logs[1].applied] == [(), (b"chosen",)]
 
 
 def test_a_chosen_value_that_changes_stops_the_replica() -> None:
