@@ -483,7 +483,7 @@ def test_a_promise_too_large_for_a_frame_travels_in_parts_and_counts_once_all_ar
 # ---------------------------------------------------------------- one-way cut (item 7)
 
 
-def test_a_follower_behind_a_one_way_cut_knows_the_leader_is_unreachable_and_catches_up() -> None:
+def test_a_follower_behind_a_one_way_cut_reaches_its_leader_via_a_relay_and_catches_up() -> None:
     net = Network(3)
     net.elect(1)
     net.tick_all(2 * net.limits.heartbeat_ticks)
@@ -494,8 +494,9 @@ def test_a_follower_behind_a_one_way_cut_knows_the_leader_is_unreachable_and_cat
         net.settle()
     net.tick_all(2 * net.limits.election_ticks)
     assert net.nodes[3].leader_id == 1
-    assert not net.nodes[3].leader_reachable  # judged from N1's echoes, not from connections
-    assert net.nodes[2].leader_reachable
+    # Judged from N1's echoes, not from connections: N1 echoes only the acks N2 passes on.
+    assert net.nodes[3].leader_relay == 2 and net.nodes[3].leader_reachable
+    assert net.nodes[2].leader_reachable and net.nodes[2].leader_relay is None
     # N3 accepted nothing (its Accepted never arrived, so it stays behind) yet applied both,
     # learned from N2 when its requests to N1 brought nothing.
     assert [batch for _, batch in net.logs[3].applied if batch] == [(b"a",), (b"b",)]
