@@ -63,6 +63,7 @@ EVENTS = frozenset(
         "leader.lost",
         "leader.unreachable",
         "leader.reachable",
+        "leader.relayed",
         "peer.connected",
         "peer.refused",
         "peer.disconnected",
