@@ -165,7 +165,7 @@ def test_a_relay_passes_on_one_hop_of_its_senders_own_messages_to_members() -> N
     assert passed == Relay(2, 1, B, 3, 1, (Forward(3, 1, B, (b"c",)),), (),
                            (HeartbeatAck(3, 1, B, 1, 0, 5),))
     for bad in (
-        relay(3, 1, 1),  # another node's messages: a relay never passes on a relay's
+        relay(3, 1, 3),  # another node's messages: a relay never passes on a relay's
         relay(3, 3, 3),  # back to the origin
         relay(3, 3, 9),  # to a non-member
         relay(3, 9, 1),  # from a non-member origin
