@@ -83,6 +83,10 @@ class Limits:
     and one Learn entry each fit in both limits, and a command too large for it is dropped
     (`DropReason.TOO_LARGE`). A Learn stops adding entries before `frame_bytes_max`; a snapshot
     travels in chunks of at most `snapshot_chunk_bytes`.
+
+    A node relays for each peer at most `relay_messages_max` messages and `relay_bytes_max`
+    bytes (the commands of the Forwards it passes on) per election timeout (`Relay`); over
+    either it refuses the Forwards (overloaded) and drops the rest, which the origin retries.
     """
 
     election_ticks: int = 10
@@ -96,6 +100,8 @@ class Limits:
     frame_bytes_max: int = 64 << 20
     batch_bytes_max: int = 8 << 20
     snapshot_chunk_bytes: int = 4 << 20
+    relay_messages_max: int = 4096
+    relay_bytes_max: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
@@ -111,6 +117,8 @@ class Limits:
             "reads_pending_max",
             "batch_bytes_max",
             "snapshot_chunk_bytes",
+            "relay_messages_max",
+            "relay_bytes_max",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -137,7 +137,10 @@ class Reject:
 class Heartbeat:
     """Leader liveness, chosen watermark, and the read-index confirmation round. `echo` is the
     latest `HeartbeatAck.token` the leader received from this follower (0: none yet), so the
-    follower can tell whether the leader hears it, not only whether it hears the leader."""
+    follower can tell whether the leader hears it, not only whether it hears the leader;
+    `relayed_echo` the latest it received through a relay (`Relay`), so the follower knows
+    which route works (one echo of the latest token would hide the direct route as long as
+    relayed copies, which come later, keep arriving)."""
 
     sender: int
     to: int
@@ -145,6 +148,7 @@ class Heartbeat:
     chosen_through: int
     read_round: int
     echo: int
+    relayed_echo: int
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,26 @@ class ReadIndexReply:
     incarnation: int
 
 
+@dataclass(frozen=True)
+class Relay:
+    """What `origin` (a follower whose leader stopped echoing it: a one-way cut) has for
+    `target` (its leader), passed on by `sender`, a peer that can reach the target. From the
+    origin to the relay `sender == origin`; from the relay to the target `sender` is the relay.
+    Only these kinds travel so (never a Promise or an Accepted: a relay must not be able to
+    count for another node in a quorum), each with the origin as its sender and the target as
+    its addressee; the target answers the origin directly (it is the leader the origin hears).
+    At most one Forward per Relay, so a Relay fits a frame like the Forward it carries."""
+
+    sender: int
+    to: int
+    ballot: Ballot
+    origin: int
+    target: int
+    forwards: tuple[Forward, ...]
+    read_requests: tuple[ReadIndexRequest, ...]
+    acks: tuple[HeartbeatAck, ...]
+
+
 Message = (
     PreVote
     | PreVoteReply
@@ -277,6 +301,7 @@ Message = (
     | Commit
     | ReadIndexRequest
     | ReadIndexReply
+    | Relay
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -297,4 +322,5 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Commit,
     ReadIndexRequest,
     ReadIndexReply,
+    Relay,
 )

@@ -4,7 +4,8 @@ which wait for the local apply.
 
 Owns: `LeaderReads` (reads queued at a leader, each with the heartbeat round that must confirm
 it, and the rounds each peer acknowledged), `ForwardedReads` (a follower's reads sent to its
-leader, keyed by the request's full identity: leader, incarnation and round) and
+leader, keyed by the request's full identity: leader, incarnation and round, with the route
+they took, so that a change of route asks again) and
 `ReadsAwaitingApply` (confirmed read points, released once the applied index reaches them).
 
 Rules kept here: a read is confirmed only by a round numbered after it was queued; a reply
@@ -86,6 +87,7 @@ class ForwardedRound:
     leader: int
     sent_tick: int
     read_ids: tuple[int, ...]
+    via: int  # the next hop it was sent to: the leader, or a relay
 
 
 @dataclass
@@ -104,10 +106,21 @@ class ForwardedReads:
         gathered, self.to_forward = self.to_forward, []
         return gathered
 
-    def send_round(self, leader: int, tick: int, read_ids: Iterable[int]) -> int:
+    def send_round(self, leader: int, tick: int, read_ids: Iterable[int], via: int) -> int:
         self.last_round += 1
-        self.in_flight[self.last_round] = ForwardedRound(leader, tick, tuple(read_ids))
+        self.in_flight[self.last_round] = ForwardedRound(leader, tick, tuple(read_ids), via)
         return self.last_round
+
+    def take_sent_elsewhere(self, via: int) -> list[int]:
+        """Remove and return the reads of rounds sent along another route than `via` (the
+        route changed: they may be lost in a cut). Asked again, they get a new round, so a late
+        reply to the old one answers nothing; a read has no effect, so asking twice is safe."""
+        taken: list[int] = []
+        for read_round, forwarded in list(self.in_flight.items()):
+            if forwarded.via != via:
+                del self.in_flight[read_round]
+                taken.extend(forwarded.read_ids)
+        return taken
 
     def take_answered(self, leader: int, incarnation: int, read_round: int) -> tuple[int, ...]:
         """The reads a reply answers: only a reply from the leader asked, to a request of this

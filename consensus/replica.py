@@ -3,7 +3,9 @@
 Owns: the acceptor (promised ballot, accepted values), the learner (chosen values and the chosen
 watermark) and the proposer roles (follower, pre-candidate, candidate, leader), the election and
 heartbeat timers in ticks, batching, the in-flight pipeline, catch-up, compaction and read-index,
-and a follower's side of both: its proposals and read-index requests go to the leader it knows.
+and a follower's side of both: its proposals and read-index requests go to the leader it knows,
+directly or, when the leader echoes only the acks a peer passes on (a one-way cut), through that
+peer (`Relay`; any node relays a member's own messages one hop, within a budget).
 
 Inputs: `tick()`, `step(message)`, `propose(commands)`, `request_read(read_id)`,
 `persisted(record_index)`, `applied(slot)`, `snapshot_taken(slot, data)`,
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from random import Random
 from typing import Any, TypeVar
@@ -67,6 +69,7 @@ from consensus.messages import (
     ReadIndexReply,
     ReadIndexRequest,
     Reject,
+    Relay,
 )
 from consensus.read_only import ForwardedReads, LeaderReads, ReadsAwaitingApply
 from consensus.ready import (
@@ -181,8 +184,17 @@ class Replica:
         self._catchup_peer: int | None = None
         # A snapshot arriving in chunks: (its sender, slot, total bytes, the bytes so far).
         self._incoming_snapshot: tuple[int, int, int, bytearray] | None = None
-        # The latest token of ours the leader echoed, as ticks of this run (-1: none yet).
+        # The latest token of ours the leader echoed, as ticks of this run (-1: none yet): of
+        # an ack we sent it directly, and of one a relay passed on (see `_leader_route`).
         self._leader_echo_tick = -1
+        self._relay_echo_tick = -1
+        self._leader_since_tick = 0
+        # The peer that passes our messages on to a leader that stopped echoing us directly,
+        # and since when we have been asking it to (to move on to the next if it does not).
+        self._relay_peer: int | None = None
+        self._relay_since_tick = 0
+        # Relayed for each origin in the current election timeout: (window, messages, bytes).
+        self._relay_spent: dict[int, tuple[int, int, int]] = {}
         self._votes: set[int] = set()
         self._promises: dict[int, Promise] = {}
         self._promise_parts: dict[int, list[Promise]] = {}  # sender -> parts received
@@ -232,14 +244,33 @@ class Replica:
     @property
     def leader_reachable(self) -> bool:
         """Whether this node leads, or follows a leader that echoed one of our heartbeat acks
-        within the last election timeout: judged from replies, not from connections, so a
-        follower behind a one-way cut (it hears the leader, the leader does not hear it) knows
-        that what it forwards will not arrive."""
+        within the last election timeout, sent directly or through a relay: judged from
+        replies, not from connections, so a follower behind a one-way cut (it hears the
+        leader, the leader does not hear it) knows whether what it forwards will arrive."""
         if self._role == Role.LEADER:
             return True
-        if self._role != Role.FOLLOWER or self._leader_id is None or self._leader_echo_tick < 0:
-            return False
-        return self._tick_count - self._leader_echo_tick <= self.limits.election_ticks
+        return self._leader_route() is not None
+
+    @property
+    def leader_relay(self) -> int | None:
+        """The peer through which this follower's Forwards and read-index requests reach its
+        leader (`Relay`), when the leader echoes only the acks that peer passed on; None when
+        they go directly (or cannot go at all: see `leader_reachable`)."""
+        route = self._leader_route()
+        return route if route is not None and route != self._leader_id else None
+
+    def _leader_route(self) -> int | None:
+        """The next hop to our leader: the leader itself while it echoes our direct acks, else
+        the relay whose passed-on acks it echoes; None if it echoed neither within an election
+        timeout (or we follow no leader)."""
+        if self._role != Role.FOLLOWER or self._leader_id is None:
+            return None
+        fresh_after = self._tick_count - self.limits.election_ticks
+        if self._leader_echo_tick >= max(fresh_after, 0):
+            return self._leader_id
+        if self._relay_peer is not None and self._relay_echo_tick >= max(fresh_after, 0):
+            return self._relay_peer
+        return None
 
     # ---------------------------------------------------------------- driver API
 
@@ -475,6 +506,7 @@ class Replica:
             ForwardRefused: self._on_forward_refused,
             ReadIndexRequest: self._refuse_read_index,
             ReadIndexReply: self._on_read_index_reply,
+            Relay: self._on_relay,
         }
         return {
             Role.FOLLOWER: acceptor,
@@ -500,6 +532,7 @@ class Replica:
         self._check_quorum_elapsed = 0
         self._active_peers: set[int] = set()
         self._peer_tokens: dict[int, int] = {}  # each peer's latest HeartbeatAck token
+        self._peer_relayed_tokens: dict[int, int] = {}  # ... and latest one that came relayed
         self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
@@ -540,7 +573,7 @@ class Replica:
             self._step_down_from_leadership()
         self._role = Role.FOLLOWER
         self._leader_id = leader_id
-        self._leader_echo_tick = -1
+        self._forget_leader_echoes()
         self._ballot = BALLOT_ZERO
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
@@ -741,9 +774,22 @@ class Replica:
         if not self._raise_promise_or_reject(message):
             return
         self._hear_from_leader(message.sender)
-        self._note_echo(message.echo)
+        self._note_echo(message.echo, relayed=False)
+        self._note_echo(message.relayed_echo, relayed=True)
+        self._send_now(self._heartbeat_ack(message))
+        relay = self._relay_for_acks()
+        if relay is not None:
+            # The leader has not echoed our direct acks for a while (a one-way cut, or only a
+            # slow round): send this ack through a relay too, so that if the relay's copy is
+            # echoed we know that route works before the direct one is given up.
+            ack = self._heartbeat_ack(message)
+            self._send_now(Relay(self.node_id, relay, self._promised, self.node_id,
+                                 message.sender, (), (), (ack,)))
+        self._follow_watermark(message.sender, message.ballot, message.chosen_through)
+
+    def _heartbeat_ack(self, message: Heartbeat) -> HeartbeatAck:
         token = (self._incarnation + self._tick_count) % _TOKEN_MODULUS
-        ack = HeartbeatAck(
+        return HeartbeatAck(
             self.node_id,
             message.sender,
             message.ballot,
@@ -751,21 +797,50 @@ class Replica:
             self._chosen_through,
             token,
         )
-        self._send_now(ack)
-        self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
-    def _note_echo(self, echo: int) -> None:
+    def _note_echo(self, echo: int, relayed: bool) -> None:
         # Tokens are this run's incarnation plus a tick count: an echo of a previous run's
         # token maps to a tick far outside this run's range (63 random bits) and is ignored.
         echoed_tick = (echo - self._incarnation) % _TOKEN_MODULUS
-        if echo != 0 and echoed_tick <= self._tick_count:
+        if echo == 0 or echoed_tick > self._tick_count:
+            return
+        if relayed:
+            self._relay_echo_tick = max(self._relay_echo_tick, echoed_tick)
+        else:
             self._leader_echo_tick = max(self._leader_echo_tick, echoed_tick)
+
+    def _relay_for_acks(self) -> int | None:
+        """The peer to send our acks through as well, once the leader has not echoed a direct
+        one for half an election timeout (a healthy echo comes within a heartbeat or two); the
+        next peer in turn if the current one brought no echo for an election timeout."""
+        leader = self._leader_id
+        if leader is None or len(self._peers) < 2:
+            return None
+        direct_since = max(self._leader_echo_tick, self._leader_since_tick)
+        if self._tick_count - direct_since <= self.limits.election_ticks // 2:
+            return None
+        candidates = [peer for peer in self._peers if peer != leader]
+        if self._relay_peer not in candidates:
+            self._relay_peer = candidates[self.node_id % len(candidates)]
+            self._relay_since_tick = self._tick_count
+        relay_since = max(self._relay_echo_tick, self._relay_since_tick)
+        if self._tick_count - relay_since > self.limits.election_ticks:
+            turn = candidates.index(self._relay_peer) + 1
+            self._relay_peer = candidates[turn % len(candidates)]
+            self._relay_since_tick = self._tick_count
+        return self._relay_peer
+
+    def _forget_leader_echoes(self) -> None:
+        self._leader_echo_tick = -1
+        self._relay_echo_tick = -1
+        self._relay_peer = None
+        self._leader_since_tick = self._tick_count
 
     def _hear_from_leader(self, leader_id: int) -> None:
         if self._role != Role.FOLLOWER:
             self._become_follower(leader_id)
         if self._leader_id != leader_id:
-            self._leader_echo_tick = -1
+            self._forget_leader_echoes()
         self._leader_id = leader_id
         self._election_elapsed = 0
 
@@ -932,6 +1007,9 @@ class Replica:
     def _advance_chosen_through(self) -> None:
         while self._chosen_through + 1 in self._chosen:
             self._chosen_through += 1
+            # A leader re-proposes a slot it knew chosen when phase 1 left a hole below it:
+            # once the watermark passes, the slot needs no acks (its value may be compacted).
+            self._inflight.pop(self._chosen_through, None)
 
     def _adopt_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
@@ -1070,6 +1148,7 @@ class Replica:
                     self._chosen_through,
                     self._leader_reads.round,
                     self._peer_tokens.get(peer, 0),
+                    self._peer_relayed_tokens.get(peer, 0),
                 )
             )
 
@@ -1088,11 +1167,12 @@ class Replica:
         self._advance_chosen_through()
         self._maybe_send_accepts()
 
-    def _on_heartbeat_ack(self, message: HeartbeatAck) -> None:
+    def _on_heartbeat_ack(self, message: HeartbeatAck, relayed: bool = False) -> None:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
-        self._peer_tokens[message.sender] = message.token
+        tokens = self._peer_relayed_tokens if relayed else self._peer_tokens
+        tokens[message.sender] = message.token
         self._leader_reads.ack(message.sender, message.read_round)
         self._maybe_confirm_reads()
 
@@ -1185,6 +1265,68 @@ class Replica:
         self._hear_from_leader(message.sender)
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
+    def _send_to_leader(self, leader: int, message: Forward | ReadIndexRequest) -> None:
+        """Send directly, or through the relay whose passed-on acks the leader echoes when it
+        no longer echoes our direct ones. Either way once: the core never sends a Forward
+        again, so no route makes the leader propose a command twice."""
+        route = self._leader_route()
+        if route is None or route == leader:
+            self._send_now(message)  # unknown route: the driver refuses requests before this
+            return
+        forwards = (message,) if isinstance(message, Forward) else ()
+        reads = (message,) if isinstance(message, ReadIndexRequest) else ()
+        self._send_now(Relay(self.node_id, route, self._promised, self.node_id, leader,
+                             forwards, reads, ()))
+
+    def _on_relay(self, message: Relay) -> None:
+        """Pass a peer's own messages on to the node it names (one hop, within a budget), or,
+        addressed to us, take them as if the origin had sent them directly. `step` already
+        checked that the sender is a member other than us."""
+        origin, target = message.origin, message.target
+        members = self.config.node_ids
+        if origin not in members or origin == self.node_id or target not in members:
+            return
+        if target == self.node_id:
+            inners: tuple[Forward | ReadIndexRequest | HeartbeatAck, ...] = (
+                *message.forwards, *message.read_requests, *message.acks
+            )
+            for inner in inners:
+                if inner.sender != origin or inner.to != self.node_id:
+                    continue
+                if isinstance(inner, HeartbeatAck):
+                    if self._role == Role.LEADER:  # its echo tells the origin this route works
+                        self._on_heartbeat_ack(inner, relayed=True)
+                else:
+                    self._receive(inner)
+            return
+        if message.sender != origin or target == origin:
+            return  # a relay passes on only its sender's own messages, never another relay's
+        if not self._relay_budget_allows(origin, message):
+            for forward in message.forwards:
+                self._send_now(
+                    ForwardRefused(self.node_id, origin, forward.ballot, forward.commands, True)
+                )
+            return
+        self._send_now(replace(message, sender=self.node_id, to=target))
+
+    def _relay_budget_allows(self, origin: int, message: Relay) -> bool:
+        """Count `message` against what we relay for `origin` per election timeout
+        (`Limits.relay_messages_max`, `relay_bytes_max`); False, counting nothing, if over."""
+        window = self._tick_count // self.limits.election_ticks
+        spent_window, messages, size = self._relay_spent.get(origin, (window, 0, 0))
+        if spent_window != window:
+            messages, size = 0, 0
+        size += ENVELOPE_BYTES + sum(
+            encoded_command_bytes(command)
+            for forward in message.forwards
+            for command in forward.commands
+        )
+        messages += 1
+        if messages > self.limits.relay_messages_max or size > self.limits.relay_bytes_max:
+            return False
+        self._relay_spent[origin] = (window, messages, size)
+        return True
+
     def _leader_reads_full(self) -> bool:
         reads = len(self._leader_reads.pending) + len(self._reads_awaiting_apply)
         return reads >= self.limits.reads_pending_max
@@ -1215,17 +1357,24 @@ class Replica:
                 # Each Forward within one slot's byte budget, hence within a frame.
                 length = self._batch_length(commands, len(commands))
                 piece, commands = tuple(commands[:length]), commands[length:]
-                self._send_now(Forward(self.node_id, leader, self._promised, piece))
+                self._send_to_leader(leader, Forward(self.node_id, leader, self._promised, piece))
         read_ids = self._forwarded_reads.take_gathered()
+        route = self._leader_route()
+        if route is not None and route != leader and self._forwarded_reads.in_flight:
+            # Now through a relay: rounds sent directly went into the cut; ask again.
+            read_ids = [*self._forwarded_reads.take_sent_elsewhere(route), *read_ids]
         if read_ids and leader is None:
             for read_id in read_ids:
                 self._reject_read(read_id, DropReason.NOT_LEADER)
         elif read_ids and leader is not None:
-            read_round = self._forwarded_reads.send_round(leader, self._tick_count, read_ids)
-            self._send_now(
+            read_round = self._forwarded_reads.send_round(
+                leader, self._tick_count, read_ids, route if route is not None else leader
+            )
+            self._send_to_leader(
+                leader,
                 ReadIndexRequest(
                     self.node_id, leader, self._promised, read_round, self._incarnation
-                )
+                ),
             )
         if self._forwarded_reads.in_flight:
             self._expire_forwarded_reads()

@@ -31,7 +31,9 @@ from consensus.messages import Message
 # 2: Forward, ForwardRefused, Commit, ReadIndexRequest, ReadIndexReply.
 # 3: clock pings; ReadIndexRequest and ReadIndexReply carry the requester's incarnation;
 #    heartbeat echoes, chunked snapshots and promises in parts.
-PROTOCOL_VERSION = 3
+# 4: Relay (a follower behind a one-way cut reaches its leader through a peer); Heartbeat
+#    carries `relayed_echo`.
+PROTOCOL_VERSION = 4
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096

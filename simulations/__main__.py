@@ -37,6 +37,7 @@ class _Outcome:
     apply_errors: int = 0
     messages_held: int = 0
     messages_late: int = 0
+    messages_relayed: int = 0
 
 
 def _nodes_for(seed: int, nodes: str) -> int:
@@ -62,7 +63,7 @@ def _run_one(args: tuple[int, str, bool]) -> _Outcome:
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),
         result.linearizability_unknown, result.crashed_readers, result.apply_errors,
-        result.messages_held, result.messages_late,
+        result.messages_held, result.messages_late, result.messages_relayed,
     )
 
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(o.crashed_readers for o in outcomes)}; apply errors: "
         f"{sum(o.apply_errors for o in outcomes)}; messages held by cuts: "
         f"{sum(o.messages_held for o in outcomes)}, delivered late: "
-        f"{sum(o.messages_late for o in outcomes)})\n"
+        f"{sum(o.messages_late for o in outcomes)}; relayed past one-way cuts: "
+        f"{sum(o.messages_relayed for o in outcomes)})\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"
         f"linearizability unknown (checker timeout): {sum(o.lin_unknown for o in outcomes)}\n"
         f"real time: {elapsed_s:.1f} s; {operations / elapsed_s:.0f} simulated ops/s; "

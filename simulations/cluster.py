@@ -25,7 +25,7 @@ import msgpack
 from consensus.codec import decode_message, decode_record, encode_message
 from consensus.config import ClusterConfig, Limits
 from consensus.driver import ApplyFailed, ReadyDriver
-from consensus.messages import Accepted, Message, Promise
+from consensus.messages import Accepted, Message, Promise, Relay
 from consensus.ready import ChosenSlot, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
@@ -53,6 +53,7 @@ class NodeStats:
     snapshots_taken: int = 0
     snapshots_installed: int = 0
     apply_errors: int = 0
+    relays_sent: int = 0  # `Relay` messages, as origin or as relay (a one-way cut)
 
 
 @dataclass
@@ -214,6 +215,8 @@ class SimNode:
     def send(self, message: Message) -> None:
         if isinstance(message, Promise | Accepted):
             self.observer.on_acceptor_reply(self.node_id, message)
+        elif isinstance(message, Relay):
+            self.stats.relays_sent += 1
         self.network.send(self.node_id, message.to, encode_message(message))
 
     def start_sync(self) -> None:

@@ -100,6 +100,7 @@ class SimResult:
     apply_errors: int = 0
     messages_held: int = 0
     messages_late: int = 0
+    messages_relayed: int = 0
     history: list[Operation] = field(repr=False, default_factory=list)
 
     @property
@@ -113,6 +114,7 @@ class SimResult:
             f"({self.operations_unknown} unknown), {self.faults_injected} faults, "
             f"{self.crashes} crashes ({self.crashed_readers} with a read in flight), "
             f"{self.messages_held} messages held by cuts ({self.messages_late} delivered late), "
+            f"{self.messages_relayed} relayed, "
             f"{self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
         ]
         lines += [f"  {violation}" for violation in self.violations]
@@ -387,8 +389,10 @@ class _Simulation:
             # which then still hears the deposed leader.
             side = (leader, *rest)[: max(1, len(fault.nodes))]
             return replace(fault, nodes=side)
-        if fault.kind == "slow_link" and fault.nodes[0] > fault.nodes[-1]:
-            # Half of the slow links aimed at the leader slow what reaches it instead.
+        if fault.kind in ("slow_link", "one_way") and fault.nodes[0] > fault.nodes[-1]:
+            # Half of the slow links (one-way cuts) aimed at the leader slow (cut) what reaches
+            # it instead: a follower behind such a cut still hears the leader, and must reach it
+            # through a relay (`Relay`).
             sender = next(node_id for node_id in fault.nodes if node_id != leader)
             return replace(fault, nodes=(sender, leader))
         if fault.kind in ("one_way", "slow_link") and not rest:
@@ -657,6 +661,7 @@ class _Simulation:
             apply_errors=sum(node.stats.apply_errors for node in self.nodes.values()),
             messages_held=self.network.stats.held,
             messages_late=self.network.stats.delivered_late,
+            messages_relayed=sum(node.stats.relays_sent for node in self.nodes.values()),
             history=self.history,
         )
 

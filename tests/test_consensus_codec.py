@@ -30,6 +30,7 @@ from consensus.messages import (
     ReadIndexReply,
     ReadIndexRequest,
     Reject,
+    Relay,
 )
 from consensus.records import (
     AcceptRecord,
@@ -49,7 +50,7 @@ MESSAGES: list[Message] = [
     Accept(1, 2, B, 7, (b"x",), 6),
     Accepted(2, 1, B, 7),
     Reject(2, 1, B, Ballot(9, 3)),
-    Heartbeat(1, 2, B, 6, 11, 1 << 62),
+    Heartbeat(1, 2, B, 6, 11, 1 << 62, 7),
     HeartbeatAck(2, 1, B, 11, 6, (1 << 63) - 1),
     CatchUpRequest(2, 1, B, 3, 2, 4096),
     Learn(1, 2, B, (ChosenEntry(3, ()),)),
@@ -59,6 +60,10 @@ MESSAGES: list[Message] = [
     Commit(1, 2, B, 9),
     ReadIndexRequest(2, 1, B, 4, (1 << 63) - 1),
     ReadIndexReply(1, 2, B, 4, 9, True, (1 << 63) - 1),
+    Relay(
+        3, 2, B, 3, 1, (Forward(3, 1, B, (b"c1",)),), (ReadIndexRequest(3, 1, B, 4, 7),),
+        (HeartbeatAck(3, 1, B, 11, 6, 5),),
+    ),
 ]
 RECORDS: list[Record] = [
     PromiseRecord(B),

@@ -245,7 +245,7 @@ def test_leader_cut_off_from_quorum_steps_down() -> None:
 def test_follower_trusts_watermark_only_for_slots_accepted_at_the_leaders_ballot() -> None:
     replica = fresh(2)
     replica.step(Accept(3, 2, Ballot(1, 3), 1, (b"stale",), 0))
-    replica.step(Heartbeat(1, 2, Ballot(2, 1), 1, 0, 0))
+    replica.step(Heartbeat(1, 2, Ballot(2, 1), 1, 0, 0, 0))
     assert replica.chosen_through == 0
     requests = [m for m in replica.ready().messages if type(m).__name__ == "CatchUpRequest"]
     assert [(m.to, m.from_slot) for m in requests] == [(1, 1)]  # type: ignore[union-attr]

@@ -250,3 +250,13 @@ def test_an_apply_error_stops_the_node_and_the_run_goes_on() -> None:
     assert result.apply_errors == 1
     assert result.crashes >= 1  # the node stopped instead of skipping the command
     assert result.ok, result.report()
+
+
+def test_a_one_way_cut_into_the_leader_is_bridged_by_relays() -> None:
+    # Aimed at the leader with nodes in falling order, a one-way cut stops what a follower
+    # sends to the leader (the follower still hears it): that follower reaches the leader
+    # through the third node, and every checker still passes.
+    cut = Fault("one_way", 300, 1500, (3, 1), at_leader=True)
+    result = run_simulation(SimConfig(seed=7, plan=FaultPlan(faults=(cut,))))
+    assert result.ok, result.report()
+    assert result.messages_relayed > 0, result.report()

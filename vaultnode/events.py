@@ -70,6 +70,7 @@ EVENTS = frozenset(
         "leader.lost",
         "leader.unreachable",
         "leader.reachable",
+        "leader.relayed",
         "peer.connected",
         "peer.refused",
         "peer.disconnected",

@@ -238,6 +238,7 @@ class PaxosReplicator:
         self._heard_from: dict[int, float] = {}
         self._leader_seen: int | None = None
         self._leader_reachable_seen = False
+        self._leader_relay_seen: int | None = None
         self._leader_unreachable_reported = False
         self.fsync_count = 0
         self.fsync_seconds_total = 0.0
@@ -364,15 +365,18 @@ class PaxosReplicator:
         if replica.role == Role.LEADER:
             return True
         # Whether the leader hears us is judged from its replies (`leader_reachable`: it echoed
-        # one of our heartbeat acks within an election timeout), not from the TCP connection,
-        # which stays up through a one-way cut; a connection that is down rules it out at once.
+        # one of our heartbeat acks, sent directly or through a relay, within an election
+        # timeout), not from the TCP connection, which stays up through a one-way cut; a
+        # connection to the next hop (the leader, or the relay) that is down rules it out.
         leader = replica.leader_id
+        relay = replica.leader_relay
+        next_hop = relay if relay is not None else leader
         return (
             replica.role == Role.FOLLOWER
-            and leader is not None
+            and next_hop is not None
             and replica.leader_reachable
             and self.transport is not None
-            and self.transport.can_send_to(leader)
+            and self.transport.can_send_to(next_hop)
         )
 
     async def _ensure_can_order(self) -> None:
@@ -780,6 +784,15 @@ class PaxosReplicator:
             self._events.emit("leader.reachable", leader=replica.leader_id)
             self._leader_unreachable_reported = False
         self._leader_reachable_seen = reachable
+        relay = replica.leader_relay if reachable else None
+        if relay != self._leader_relay_seen:
+            # The leader echoes only the acks a peer passes on (a one-way cut): what we have
+            # for it goes through that peer (`Relay`) until it echoes our own again.
+            if relay is not None:
+                self._events.emit("leader.relayed", leader=replica.leader_id, relay=relay)
+            elif reachable:
+                self._events.emit("leader.reachable", leader=replica.leader_id)
+            self._leader_relay_seen = relay
 
     def _answer_writes_in_flight_as_unknown(self) -> None:
         """Leadership moved. A write still waiting may yet be chosen by the next leader, or may
