@@ -2,9 +2,10 @@
 
 Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
 one-way link cut, slow link, crash with restart, crash of a follower with a read in flight,
-pause, slow disk, fsync error, slow clock; and amnesia, a configuration error), `FaultPlan`, and
-`random_plan(seed, ...)`, which derives a whole plan from one integer. Hypothesis builds the
-same dataclasses in the tests, so a shrunk failure is a readable plan.
+pause, slow disk, fsync error, slow clock, the aimed `stranded_leader`; and amnesia, a
+configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives a whole plan
+from one integer. Hypothesis builds the same dataclasses in the tests, so a shrunk failure is
+a readable plan.
 
 Must never: act. Plans are data; `simulations.simulator` carries them out.
 """
@@ -32,6 +33,11 @@ FAULT_KINDS = (
 # Faults outside the model the core is built for: a run with one is reported as a configuration
 # error by the checkers, never as a pass. Random plans draw them only when asked.
 CONFIGURATION_FAULT_KINDS = ("amnesia",)
+# Multi-step schedules that watch the cluster (simulations/aimed_faults.py). They are drawn
+# after everything else in a plan, from the same plan `Random`, so adding them left every
+# other fault of a seed as it was.
+AIMED_FAULT_KINDS = ("stranded_leader",)
+STRANDED_LEADER_PROBABILITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,10 @@ class Fault:
     `magnitude_ms`. A `crash_reader` keeps `nodes` down and meanwhile, again and again,
     crashes a follower that has a client read in flight and restarts it `magnitude_ms` later.
     An `apply_error` makes the node's next apply raise (the node must stop).
+    A `stranded_leader` (aimed, simulations/aimed_faults.py) isolates the leader as a
+    follower's catch-up request reaches it, and if that follower wins the election, strands it
+    with a minority, its clock slow, then heals the route to the old leader first: the held
+    request is answered after the majority chose at a higher ballot.
     `amnesia` wipes a node's disk before it restarts. The fault lasts `duration_ms` (a crashed
     node restarts after it)."""
 
@@ -128,7 +138,17 @@ def random_plan(
     drifting = rng.random() < 0.3
     tick_period_ms = tuple(rng.randint(4, 30) if drifting else 10 for _ in node_ids)
     snapshot_every_slots = rng.choice([0, 5, 20, 50])
+    faults += random_aimed_faults(rng, safety_ms)
     return FaultPlan(intensities, faults, tick_period_ms, snapshot_every_slots)
+
+
+def random_aimed_faults(rng: Random, safety_ms: int) -> tuple[Fault, ...]:
+    """Half of the plans strand a leader (see `Fault`): from early in the safety phase to its
+    end, so that it has time for a few strikes."""
+    if rng.random() >= STRANDED_LEADER_PROBABILITY:
+        return ()
+    start_ms = rng.randrange(safety_ms // 4)
+    return (Fault("stranded_leader", start_ms, safety_ms - start_ms, ()),)
 
 
 def random_fault(

@@ -89,6 +89,9 @@ class SimNetwork:
         self.incarnation = incarnation
         self.faulty = True
         self.stats = NetworkStats()
+        # Aimed faults watch each message as it is about to arrive (before cuts apply), so
+        # that a cut they make at that moment holds it (simulations/aimed_faults.py).
+        self.intercepts: list[Callable[[int, int, bytes], None]] = []
         # A link may be cut by several overlapping faults; it heals when all have ended.
         self._cuts: Counter[tuple[int, int]] = Counter()
         self._links: dict[tuple[int, int], _Link] = {}
@@ -106,11 +109,18 @@ class SimNetwork:
     def cut(self, sender: int, receiver: int) -> None:
         self._cuts[(sender, receiver)] += 1
 
-    def uncut(self, sender: int, receiver: int) -> None:
+    def uncut(
+        self, sender: int, receiver: int, retransmit_ms_max: int | None = None
+    ) -> None:
+        """End one cut of the link. With `retransmit_ms_max` it heals without a reset (an
+        outage shorter than TCP's give-up) and what it held arrives within that many ms."""
         self._cuts[(sender, receiver)] -= 1
         if self._cuts[(sender, receiver)] <= 0:
             del self._cuts[(sender, receiver)]
-            self._heal_link(sender, receiver, self.intensities.retransmit_ms_max)
+            if retransmit_ms_max is None:
+                self._heal_link(sender, receiver, self.intensities.retransmit_ms_max)
+            else:
+                self._heal_link(sender, receiver, retransmit_ms_max, keep_connection=True)
 
     def slow(self, sender: int, receiver: int, extra_delay_ms: int) -> None:
         self._link(sender, receiver).extra_delay_ms = extra_delay_ms
@@ -128,12 +138,14 @@ class SimNetwork:
     def is_cut(self, sender: int, receiver: int) -> bool:
         return (sender, receiver) in self._cuts
 
-    def _heal_link(self, sender: int, receiver: int, retransmit_ms_max: int) -> None:
+    def _heal_link(
+        self, sender: int, receiver: int, retransmit_ms_max: int, keep_connection: bool = False
+    ) -> None:
         link = self._link(sender, receiver)
         held, link.held = link.held, []
         if not held:
             return
-        if self.rng.random() < self.intensities.reset_probability:
+        if not keep_connection and self.rng.random() < self.intensities.reset_probability:
             link.resets += 1
             self.stats.cut += len(held)
             return
@@ -173,6 +185,8 @@ class SimNetwork:
             if connection != self._connection(sender, receiver):
                 self.stats.cut += 1  # the connection it travelled on is gone
                 return
+            for intercept in list(self.intercepts):
+                intercept(sender, receiver, data)
             if self.is_cut(sender, receiver):
                 # A partition that formed while the message was in flight holds it, in order.
                 self.stats.held += 1

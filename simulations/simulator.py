@@ -27,6 +27,7 @@ from consensus.config import ClusterConfig, Limits
 from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
+from simulations.aimed_faults import StrandedLeader
 from simulations.checkers import (
     Observer,
     Violation,
@@ -274,7 +275,8 @@ class _Simulation:
         self.config = config
         self.rng = Random(config.seed)
         self.node_ids = tuple(range(1, config.node_count + 1))
-        plan_rng = Random(self.rng.getrandbits(64))
+        self.plan_seed = self.rng.getrandbits(64)
+        plan_rng = Random(self.plan_seed)
         self.plan = config.plan or random_plan(
             plan_rng, self.node_ids, config.safety_ms, config.configuration_faults
         )
@@ -323,6 +325,7 @@ class _Simulation:
         self.probe_done_ms: int | None = None
         self.crashed_readers = 0
         self._reader_strikes: list[Fault] = []
+        self.aimed_faults: list[StrandedLeader] = []
 
     # -- wiring
 
@@ -446,6 +449,13 @@ class _Simulation:
             return self._crash_reader_actions(fault)
         if fault.kind == "flapping":
             return self._flapping_actions(fault)
+        if fault.kind == "stranded_leader":
+            actor = StrandedLeader(
+                fault, Random(self.plan_seed ^ fault.start_ms), self.loop, self.network,
+                self.nodes,
+            )
+            self.aimed_faults.append(actor)
+            return actor.actions()
         if fault.kind == "amnesia":
             victim = self.nodes[fault.nodes[0]]
 
