@@ -2,7 +2,9 @@
 
 Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`,
 `--amnesia`)
-and the campaign summary: seeds, simulated time, operations, faults injected, violations, and
+and the campaign summary: seeds, simulated time, operations, faults injected, the workload's
+counters (clock steps and refusals, writes at the byte limits, batches, tokens, keyless
+writes), violations, and
 throughput in simulated operations per second of real time. Exits non-zero on any violation and
 prints each failing seed with its replay command.
 
@@ -18,7 +20,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from simulations.simulator import SimConfig, SimResult, run_simulation
+from simulations.simulator import SimConfig, SimResult, WorkloadCounts, run_simulation
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class _Outcome:
     apply_errors: int = 0
     messages_held: int = 0
     messages_late: int = 0
+    workload: WorkloadCounts | None = None
 
 
 def _nodes_for(seed: int, nodes: str) -> int:
@@ -62,7 +65,7 @@ def _run_one(args: tuple[int, str, bool]) -> _Outcome:
         seed, result.config.node_count, result.ok, result.report(), result.simulated_ms,
         result.operations, result.faults_injected, result.crashes, len(result.violations),
         result.linearizability_unknown, result.crashed_readers, result.apply_errors,
-        result.messages_held, result.messages_late,
+        result.messages_held, result.messages_late, result.workload,
     )
 
 
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     failures = [outcome for outcome in outcomes if not outcome.ok]
     operations = sum(o.operations for o in outcomes)
     simulated_s = sum(o.simulated_ms for o in outcomes) / 1000
+    workload = WorkloadCounts()
+    for outcome in outcomes:
+        if outcome.workload is not None:
+            workload.add(outcome.workload)
     print(
         f"seeds: {len(outcomes)} ({options.start}..{options.start + options.seeds - 1}, "
         f"nodes={options.nodes})\n"
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(o.apply_errors for o in outcomes)}; messages held by cuts: "
         f"{sum(o.messages_held for o in outcomes)}, delivered late: "
         f"{sum(o.messages_late for o in outcomes)})\n"
+        f"workload: {workload.describe()}\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"
         f"linearizability unknown (checker timeout): {sum(o.lin_unknown for o in outcomes)}\n"
         f"real time: {elapsed_s:.1f} s; {operations / elapsed_s:.0f} simulated ops/s; "

@@ -67,6 +67,15 @@ PROBE_CLIENT_ID = 0
 TOKEN_TTLS_S = (2, 3)  # runs last 4.5 s: tokens expire within a run
 
 
+# Byte limits scaled down (the daemon's are 64 MiB, 64 MiB, 8 MiB and 4 MiB) so that a run
+# reaches them: values near the slot limit, Learns and Promises cut at the frame limit (two
+# full slots do not fit one frame), snapshots in several chunks.
+SIM_LIMITS = Limits(
+    record_bytes_max=16 << 10,
+    frame_bytes_max=16 << 10,
+    batch_bytes_max=8 << 10,
+    snapshot_chunk_bytes=4 << 10,
+)
 @dataclass(frozen=True)
 class OpSpec:
     """One client operation to issue: `kind` is create, update, read, batch_create or
@@ -183,15 +192,6 @@ class WorkloadCounts:
                 setattr(self, name, getattr(self, name) + value)
 
 
-# Byte limits scaled down (the daemon's are 64 MiB, 64 MiB, 8 MiB and 4 MiB) so that a run
-# reaches them: values near the slot limit, Learns cut at the frame limit, snapshots in
-# several chunks. They keep the daemon's ratios and the 1 KiB envelope margin.
-SIM_LIMITS = Limits(
-    record_bytes_max=64 << 10,
-    frame_bytes_max=64 << 10,
-    batch_bytes_max=8 << 10,
-    snapshot_chunk_bytes=4 << 10,
-)
 BATCH_GROUPS = 2  # batches work on their own names, so the per-name partitions stay small
 BATCH_GROUP_NAMES = 5
 

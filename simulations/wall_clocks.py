@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from random import Random
 
 from simulations.network import EventLoop
@@ -123,7 +124,7 @@ class WallClocks:
 
     def schedule(self) -> None:
         for step in self.plan.steps:
-            self.loop.at(step.at_ms, lambda step=step: self._step(step))
+            self.loop.at(step.at_ms, partial(self._step, step))
 
     def _step(self, step: ClockStep) -> None:
         if self.faulty:
