@@ -6,8 +6,11 @@ time, apply errors and disk errors stop the node) — over `storage.log.Segmente
 `storage.snapshot_file` on a `SimDisk`, with fsyncs completing after a simulated latency.
 Crashes lose unsynced writes (and may tear the last one); a failed fsync stops the node, which
 later recovers from its disk and its peers; an exception while applying stops it for good (the
-run then fails its liveness check). Also the node's side of the client protocol (propose a
-write, ask for a read, answer or redirect).
+run then fails its liveness check). Also the node's side of the client protocol (stamp a write
+with the node's wall clock and propose it, ask for a read, answer, redirect or refuse: 413 for
+a command over the slot limit), and the daemon's clock rule (clock pings into
+`consensus.clock_offsets.ClockOffsets`; out of bounds the node refuses writes and stands for no
+election; a leader refuses forwarded commands stamped too far ahead).
 
 Must never: talk to another node except through `SimNetwork`, keep state across a crash other
 than what is on its `SimDisk`, or retry a failed disk operation.

@@ -1,10 +1,12 @@
 """The vault's own state machine behind the simulator's `StateMachine` seam.
 
 Owns the translation from the simulator's client writes (`KvCommand`) into real vault commands
-(`CreateSecret` / `UpdateSecret` with an `Idempotency-Key` per client request) applied by the
-real `vaultnode.state.VaultState`, and from its outcomes back into the outputs
-`simulations.models.VaultModel` expects. So every simulated run exercises the very state
-machine the daemon runs, its deduplication included.
+(`CreateSecret`, `UpdateSecret`, `BatchCreate`, `CreateToken`; with an `Idempotency-Key` per
+client request unless the client sends none; made with the root token or a client's TTL token;
+stamped with the proposer's wall clock) applied by the real `vaultnode.state.VaultState`, and
+from its outcomes back into the outputs `simulations.models.VaultModel` expects. So every
+simulated run exercises the very state machine the daemon runs: its deduplication, command
+time, token expiry and idempotency retention included.
 
 Must never: read a clock or draw randomness. Every field a command needs (timestamp, record id,
 fingerprint) comes from the command's bytes (the proposer's wall-clock stamp, the client
