@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(result.report())
         print(result.plan.describe())
+        print(result.clock_plan.describe())
         return 0 if result.ok else 1
     started = time.monotonic()
     seeds = range(options.start, options.start + options.seeds)
