@@ -966,6 +966,10 @@ class Replica:
         self._snapshot_slot = slot
         self._accepted = {s: v for s, v in self._accepted.items() if s > slot}
         self._chosen = {s: v for s, v in self._chosen.items() if s > slot}
+        # A leader's proposals the snapshot covers are chosen (a new leader re-proposes slots it
+        # knows chosen above a gap, and they stay in flight until a quorum answers): a late
+        # quorum for one must not look like a slot below the watermark with an unknown value.
+        self._inflight = {s: v for s, v in self._inflight.items() if s > slot}
         first_index = self._last_record_index + 1
         self._append_record(PromiseRecord(self._promised))
         for accepted_slot in sorted(self._accepted):
