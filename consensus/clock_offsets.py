@@ -8,12 +8,16 @@ risk the same way). A peer counts as agreeing unless its reading is beyond the b
 allowing half the round trip as measurement error, so a slow network does not make a good clock
 look bad; a reading older than `reading_ttl_us` no longer counts.
 
+Also owns `split_by_clock_bound`, the leader's rule for forwarded commands stamped too far ahead
+of its clock (the stamp reader is the application's).
+
 Must never: read a clock itself (times are passed in, in microseconds), so the rule is tested
 and simulated deterministically.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from consensus.config import ClusterConfig
@@ -34,6 +38,16 @@ class _Reading:
     offset_us: int  # the peer's clock minus ours
     uncertainty_us: int  # half the round trip of the ping that measured it
     taken_at_us: int  # our monotonic clock when it was taken
+    # Our wall clock minus our monotonic clock when it was taken (None: not given). A later
+    # status compares it with the current difference: our own clock's jumps since then shift
+    # every reading at once, without waiting for the next ping (CockroachDB's forward-jump
+    # check does the same with the monotonic clock).
+    wall_skew_us: int | None = None
+
+    def offset_now_us(self, wall_skew_us: int | None) -> int:
+        if wall_skew_us is None or self.wall_skew_us is None:
+            return self.offset_us
+        return self.offset_us - (wall_skew_us - self.wall_skew_us)
 
 
 class ClockOffsets:
@@ -46,25 +60,38 @@ class ClockOffsets:
         self.reading_ttl_us = reading_ttl_us
         self._readings: dict[int, _Reading] = {}
 
-    def record(self, peer_id: int, offset_us: int, round_trip_us: int, now_us: int) -> None:
+    def record(
+        self,
+        peer_id: int,
+        offset_us: int,
+        round_trip_us: int,
+        now_us: int,
+        wall_us: int | None = None,
+    ) -> None:
         """A reading of `peer_id`'s clock (its wall clock minus ours), taken at monotonic
-        time `now_us`."""
+        time `now_us` (and wall time `wall_us`, which lets `status` see our own jumps)."""
         if peer_id == self.node_id or peer_id not in self.config.node_ids:
             return
-        self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us)
+        skew = None if wall_us is None else wall_us - now_us
+        self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us, skew)
 
-    def status(self, now_us: int) -> ClockStatus:
+    def status(self, now_us: int, wall_us: int | None = None) -> ClockStatus:
+        """Given our wall clock now (`wall_us`), readings are corrected for any jump of our own
+        clock since they were taken: a node whose clock stepped a day ahead is out of bounds
+        at once, not at the next ping round."""
+        skew = None if wall_us is None else wall_us - now_us
         recent = [
-            reading for reading in self._readings.values()
+            (reading.offset_now_us(skew), reading.uncertainty_us)
+            for reading in self._readings.values()
             if now_us - reading.taken_at_us <= self.reading_ttl_us
         ]
         agreeing = sum(
-            1 for reading in recent
-            if abs(reading.offset_us) - reading.uncertainty_us <= self.max_offset_us
+            1 for offset, uncertainty in recent
+            if abs(offset) - uncertainty <= self.max_offset_us
         )
         offset_us = None
         if recent:
-            ours_minus_theirs = sorted([0, *(-reading.offset_us for reading in recent)])
+            ours_minus_theirs = sorted([0, *(-offset for offset, _ in recent)])
             offset_us = ours_minus_theirs[len(ours_minus_theirs) // 2]
         return ClockStatus(
             within_bounds=1 + agreeing >= self.config.quorum_size,
@@ -72,3 +99,25 @@ class ClockOffsets:
             peers_agreeing=agreeing,
             peers_read=len(recent),
         )
+
+
+def split_by_clock_bound(
+    commands: tuple[bytes, ...],
+    now_us: int,
+    max_offset_us: int,
+    stamp_of: Callable[[bytes], int | None],
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """(commands a leader may order, commands stamped further ahead of its clock `now_us` than
+    the bound). `stamp_of` reads a command's proposer time (the application's format); a
+    command it cannot read a time from is left to the state machine to refuse. Used by the
+    daemon (`vaultnode.paxos_replicator`) and the simulator (`simulations.cluster`) alike."""
+    latest_us = now_us + max_offset_us
+    accepted: list[bytes] = []
+    refused: list[bytes] = []
+    for raw in commands:
+        proposed_at_us = stamp_of(raw)
+        if proposed_at_us is not None and proposed_at_us > latest_us:
+            refused.append(raw)
+        else:
+            accepted.append(raw)
+    return tuple(accepted), tuple(refused)

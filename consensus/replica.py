@@ -1030,8 +1030,9 @@ class Replica:
         self._snapshot_slot = slot
         self._accepted = {s: v for s, v in self._accepted.items() if s > slot}
         self._chosen = {s: v for s, v in self._chosen.items() if s > slot}
-        # A leader may still wait on a slot it re-proposed knowing it chosen: once compacted,
-        # a late quorum of Accepteds for it must find nothing to mark.
+        # A leader's proposals the snapshot covers are chosen (a new leader re-proposes slots it
+        # knows chosen above a gap, and they stay in flight until a quorum answers): a late
+        # quorum for one must not look like a slot below the watermark with an unknown value.
         self._inflight = {s: v for s, v in self._inflight.items() if s > slot}
         first_index = self._last_record_index + 1
         self._append_record(PromiseRecord(self._promised))

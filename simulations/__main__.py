@@ -2,7 +2,9 @@
 
 Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`,
 `--amnesia`)
-and the campaign summary: seeds, simulated time, operations, faults injected, violations, and
+and the campaign summary: seeds, simulated time, operations, faults injected, the workload's
+counters (clock steps and refusals, writes at the byte limits, batches, tokens, keyless
+writes), violations, and
 throughput in simulated operations per second of real time. Exits non-zero on any violation and
 prints each failing seed with its replay command.
 
@@ -18,7 +20,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from simulations.simulator import SimConfig, SimResult, run_simulation
+from simulations.simulator import SimConfig, SimResult, WorkloadCounts, run_simulation
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class _Outcome:
     messages_held: int = 0
     messages_late: int = 0
     messages_relayed: int = 0
+    workload: WorkloadCounts | None = None
 
 
 def _nodes_for(seed: int, nodes: str) -> int:
@@ -64,6 +67,7 @@ def _run_one(args: tuple[int, str, bool]) -> _Outcome:
         result.operations, result.faults_injected, result.crashes, len(result.violations),
         result.linearizability_unknown, result.crashed_readers, result.apply_errors,
         result.messages_held, result.messages_late, result.messages_relayed,
+        result.workload,
     )
 
 
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(result.report())
         print(result.plan.describe())
+        print(result.clock_plan.describe())
         return 0 if result.ok else 1
     started = time.monotonic()
     seeds = range(options.start, options.start + options.seeds)
@@ -121,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     failures = [outcome for outcome in outcomes if not outcome.ok]
     operations = sum(o.operations for o in outcomes)
     simulated_s = sum(o.simulated_ms for o in outcomes) / 1000
+    workload = WorkloadCounts()
+    for outcome in outcomes:
+        if outcome.workload is not None:
+            workload.add(outcome.workload)
     print(
         f"seeds: {len(outcomes)} ({options.start}..{options.start + options.seeds - 1}, "
         f"nodes={options.nodes})\n"
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(o.messages_held for o in outcomes)}, delivered late: "
         f"{sum(o.messages_late for o in outcomes)}; relayed past one-way cuts: "
         f"{sum(o.messages_relayed for o in outcomes)})\n"
+        f"workload: {workload.describe()}\n"
         f"violations: {sum(o.violations for o in outcomes)} in {len(failures)} seeds\n"
         f"linearizability unknown (checker timeout): {sum(o.lin_unknown for o in outcomes)}\n"
         f"real time: {elapsed_s:.1f} s; {operations / elapsed_s:.0f} simulated ops/s; "

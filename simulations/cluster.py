@@ -6,8 +6,11 @@ time, apply errors and disk errors stop the node) — over `storage.log.Segmente
 `storage.snapshot_file` on a `SimDisk`, with fsyncs completing after a simulated latency.
 Crashes lose unsynced writes (and may tear the last one); a failed fsync stops the node, which
 later recovers from its disk and its peers; an exception while applying stops it for good (the
-run then fails its liveness check). Also the node's side of the client protocol (propose a
-write, ask for a read, answer or redirect).
+run then fails its liveness check). Also the node's side of the client protocol (stamp a write
+with the node's wall clock and propose it, ask for a read, answer, redirect or refuse: 413 for
+a command over the slot limit), and the daemon's clock rule (clock pings into
+`consensus.clock_offsets.ClockOffsets`; out of bounds the node refuses writes and stands for no
+election; a leader refuses forwarded commands stamped too far ahead).
 
 Must never: talk to another node except through `SimNetwork`, keep state across a crash other
 than what is on its `SimDisk`, or retry a failed disk operation.
@@ -16,23 +19,31 @@ than what is on its `SimDisk`, or retry a failed disk operation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from random import Random
 from typing import Any
 
 import msgpack
 
+from consensus.clock_offsets import ClockOffsets, split_by_clock_bound
 from consensus.codec import decode_message, decode_record, encode_message
 from consensus.config import ClusterConfig, Limits
 from consensus.driver import ApplyFailed, ReadyDriver
-from consensus.messages import Accepted, Message, Promise, Relay
-from consensus.ready import ChosenSlot, Ready, Snapshot
+from consensus.messages import Accepted, Forward, ForwardRefused, Message, Promise, Relay
+from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
-from simulations.sim_state import KvCommand
+from simulations.sim_state import KvCommand, command_stamp_us
 from simulations.vault_machine import InjectedApplyError, VaultMachine
+from simulations.wall_clocks import (
+    CLOCK_PING_TICKS,
+    CLOCK_READING_TTL_US,
+    MAX_CLOCK_OFFSET_US,
+    ClockPing,
+)
+from simulations.workload_checks import check_frame_bytes
 from storage.disk import SimDisk
 from storage.errors import DiskError
 from storage.log import SegmentedLog
@@ -54,13 +65,17 @@ class NodeStats:
     snapshots_installed: int = 0
     apply_errors: int = 0
     relays_sent: int = 0  # `Relay` messages, as origin or as relay (a one-way cut)
+    clock_refusals: int = 0  # client writes refused: this node's clock was out of bounds
+    forwards_refused_for_clock: int = 0  # forwarded commands stamped too far ahead (leader)
+    too_large: int = 0  # commands dropped as larger than a slot
+    largest_frame_bytes: int = 0
 
 
 @dataclass
 class _PendingRead:
     client_id: int
     op_id: int
-    name: str
+    name: str | list[str]  # a list: a batch read
 
 
 @dataclass
@@ -81,6 +96,14 @@ class SimNode:
     disk_latency_ms_max: int = 3
     torn_write_probability: float = 0.5
     stats: NodeStats = field(default_factory=NodeStats)
+    # The node's wall clock (None: commands are stamped from the slot, no clock rule) and a
+    # ping of a peer's clock (None when the peer cannot answer), fed to the daemon's own
+    # ClockOffsets (simulations/wall_clocks.py).
+    wall_clock_us: Callable[[], int] | None = None
+    clock_ping: ClockPing | None = None
+    max_clock_offset_us: int = MAX_CLOCK_OFFSET_US
+    clock_offsets_factory: Callable[..., ClockOffsets] = ClockOffsets
+    on_slot_times: Callable[[int, int, list[int]], None] | None = None
 
     def __post_init__(self) -> None:
         self.up = False
@@ -105,17 +128,28 @@ class SimNode:
         self._pending_writes: dict[tuple[int, int], int] = {}
         self._pending_reads: dict[int, _PendingRead] = {}
         self._next_read_id = 0
+        self._ticks = 0
+        self.clock = self.clock_offsets_factory(
+            self.node_id, self.config, max_offset_us=self.max_clock_offset_us,
+            reading_ttl_us=CLOCK_READING_TTL_US,
+        )
+        self._clock_ok = True
         try:
             self._boot()
         except DiskError:
             self.stats.disk_errors += 1
             self.crash()
             return
+        if self.wall_clock_us is not None:
+            self._ping_clocks()  # as the daemon: no campaign before the first readings
         incarnation = self.incarnation
         self.loop.after(self.rng.randint(1, self.tick_period_ms), lambda: self._tick(incarnation))
 
     def _boot(self) -> None:
-        self.log, _report = SegmentedLog.open(self.disk, LOG_DIR, segment_size_bytes_max=4096)
+        self.log, _report = SegmentedLog.open(
+            self.disk, LOG_DIR, segment_size_bytes_max=4096,
+            record_size_bytes_max=self.limits.record_bytes_max,
+        )
         stored = load_latest_snapshot(self.disk, SNAPSHOT_DIR)
         self.state = VaultMachine()
         self.digest = GENESIS_DIGEST
@@ -174,13 +208,58 @@ class SimNode:
         period_ms = self.tick_period_ms * self.clock_slowdown
         self.loop.after(period_ms, lambda: self._tick(incarnation))
         if self.up and not self.paused and self.replica is not None:
+            self._ticks += 1
+            if self.wall_clock_us is not None and self._ticks % CLOCK_PING_TICKS == 0:
+                self._ping_clocks()
             self.driver.tick()
             self._process()
+
+    # ---------------------------------------------------------------- the clock rule
+    # The daemon's (vaultnode/paxos_replicator.py): ClockOffsets from pings every 10 ticks;
+    # out of bounds, the node proposes nothing, stands for no election and refuses writes; a
+    # leader refuses forwarded commands stamped further ahead of its clock than the bound.
+
+    def _ping_clocks(self) -> None:
+        assert self.wall_clock_us is not None and self.clock_ping is not None
+        now_us, wall_us = self.loop.now_ms * 1000, self.wall_clock_us()
+        for peer_id in self.config.peers_of(self.node_id):
+            reading = self.clock_ping(self.node_id, peer_id)
+            if reading is not None:
+                self.clock.record(peer_id, reading[0], reading[1], now_us, wall_us)
+        self._clock_within_bounds()
+
+    def _clock_within_bounds(self) -> bool:
+        """Judged at this very wall-clock reading (as the daemon's `clock_us`)."""
+        assert self.wall_clock_us is not None
+        ok = self.clock.status(self.loop.now_ms * 1000, self.wall_clock_us()).within_bounds
+        if ok != self._clock_ok and self.replica is not None:
+            self._clock_ok = ok
+            self.replica.set_clock_ok(ok)
+        return ok
+
+    def _within_clock_bound(self, forward: Forward) -> Forward:
+        assert self.wall_clock_us is not None
+        accepted, refused = split_by_clock_bound(
+            forward.commands, self.wall_clock_us(), self.max_clock_offset_us, command_stamp_us
+        )
+        if refused:
+            self.stats.forwards_refused_for_clock += len(refused)
+            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False))
+            forward = replace(forward, commands=accepted)
+        return forward
+
+    # ---------------------------------------------------------------- inputs (continued)
 
     def receive(self, sender: int, data: bytes) -> None:
         def step() -> None:
             assert self.replica is not None
-            self.driver.step(decode_message(data))
+            message = decode_message(data)
+            if (type(message) is Forward and self.wall_clock_us is not None
+                    and self.replica.role == "leader"):
+                message = self._within_clock_bound(message)
+                if not message.commands:
+                    return
+            self.driver.step(message)
             self._process()
 
         self._when_running(step)
@@ -189,13 +268,21 @@ class SimNode:
         def propose() -> None:
             assert self.replica is not None
             decoded = KvCommand.decode(command)
+            stamped = command
+            if self.wall_clock_us is not None:
+                if not self._clock_within_bounds():
+                    # 503 clock_offset: nothing proposed (the client may try another node).
+                    self.stats.clock_refusals += 1
+                    self.reply(client_id, op_id, "redirect", self.replica.leader_id)
+                    return
+                stamped = decoded.stamped(self.wall_clock_us()).encode()
             self._pending_writes[(decoded.client_id, decoded.seq)] = op_id
-            self.driver.propose([command])
+            self.driver.propose([stamped])
             self._process()
 
         self._when_running(propose)
 
-    def client_read(self, client_id: int, op_id: int, name: str) -> None:
+    def client_read(self, client_id: int, op_id: int, name: str | list[str]) -> None:
         def read() -> None:
             assert self.replica is not None
             self._next_read_id += 1
@@ -217,7 +304,15 @@ class SimNode:
             self.observer.on_acceptor_reply(self.node_id, message)
         elif isinstance(message, Relay):
             self.stats.relays_sent += 1
-        self.network.send(self.node_id, message.to, encode_message(message))
+        data = encode_message(message)
+        self.stats.largest_frame_bytes = max(self.stats.largest_frame_bytes, len(data))
+        violation = check_frame_bytes(
+            self.node_id, type(message).__name__, len(data), self.limits.frame_bytes_max
+        )
+        if violation is not None:
+            self.observer.violations.append(violation)
+            return  # the transport refuses it
+        self.network.send(self.node_id, message.to, data)
 
     def start_sync(self) -> None:
         incarnation = self.incarnation
@@ -265,11 +360,15 @@ class SimNode:
         for confirmation in ready.reads:
             self._answer_read(confirmation.read_id)
         for dropped in ready.dropped_proposals:
+            too_large = dropped.reason == DropReason.TOO_LARGE
             for command in dropped.commands:
                 decoded = KvCommand.decode(command)
+                self.stats.too_large += too_large
                 op_id = self._pending_writes.pop((decoded.client_id, decoded.seq), None)
                 if op_id is not None:
-                    self.reply(decoded.client_id, op_id, "redirect", dropped.leader_hint)
+                    # 413 command_too_large is definite; any other drop is "not the leader".
+                    kind = "too_large" if too_large else "redirect"
+                    self.reply(decoded.client_id, op_id, kind, dropped.leader_hint)
         for rejected in ready.rejected_reads:
             pending = self._pending_reads.pop(rejected.read_id, None)
             if pending is not None:
@@ -286,12 +385,16 @@ class SimNode:
             return  # covered by a snapshot installed after this slot was handed out
         assert slot == self.applied_through + 1, (slot, self.applied_through)
         self.observer.on_chosen(self.node_id, slot, value)
+        times_us: list[int] = []
         for command in value:
             result = self.state.apply(slot, command)
+            times_us.append(self.state.command_time_us)
             decoded = KvCommand.decode(command)
             op_id = self._pending_writes.pop((decoded.client_id, decoded.seq), None)
             if op_id is not None:
                 self.reply(decoded.client_id, op_id, "result", result)
+        if self.on_slot_times is not None:
+            self.on_slot_times(self.node_id, slot, times_us)
         self.digest = chain_digest(self.digest, slot, value)
         self.applied_through = slot
         self.observer.on_applied(self.node_id, slot, self.digest)

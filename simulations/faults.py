@@ -33,10 +33,9 @@ FAULT_KINDS = (
 # Faults outside the model the core is built for: a run with one is reported as a configuration
 # error by the checkers, never as a pass. Random plans draw them only when asked.
 CONFIGURATION_FAULT_KINDS = ("amnesia",)
-# Multi-step schedules that watch the cluster (simulations/aimed_faults.py). They are drawn
-# after everything else in a plan, from the same plan `Random`, so adding them left every
-# other fault of a seed as it was.
-AIMED_FAULT_KINDS = ("stranded_leader",)
+# Multi-step schedules that watch the cluster (simulations/aimed_faults.py: `stranded_leader`).
+# They are drawn after everything else in a plan, from the same plan `Random`, so adding them
+# left every other fault of a seed as it was.
 STRANDED_LEADER_PROBABILITY = 0.5
 
 

@@ -12,7 +12,7 @@ States are immutable tuples so the checker can hash and memoise them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
@@ -159,17 +159,37 @@ class VaultOutcome(StrEnum):
     UPDATED = "updated"
     NOT_FOUND = "not_found"
     VERSION_CONFLICT = "version_conflict"
+    # Definite refusals: the write had no effect. NOT_APPLIED is what a client concludes from
+    # "never ordered" answers (a dropped proposal, a clock refusal); TOO_LARGE is the 413 for a
+    # command over the slot byte limit; UNAUTHORIZED the answer once the write's token expired.
+    NOT_APPLIED = "not_applied"
+    TOO_LARGE = "command_too_large"
+    UNAUTHORIZED = "unauthorized"
 
 
 class VaultInput(NamedTuple):
-    """`kind` is "create", "update", "read" or "read_version".  `expected_version` is the
-    optional precondition of update; `version` is what read_version asks for."""
+    """`kind` is "create", "update", "read", "read_version", "batch_create" or "batch_read".
+    `expected_version` is the optional precondition of update; `version` is what read_version
+    asks for; a batch names its secrets in `names` (and `value` is the tuple of their values).
+    `oversized` marks a write the client made larger than one slot may hold: its only definite
+    answer is TOO_LARGE, and it never has an effect. `token` names the TTL token a write was
+    made with ("" for a token that does not expire): it may be refused UNAUTHORIZED (with no
+    effect) once the token expired (`simulations.workload_checks` judges whether that was
+    early)."""
 
     kind: str
     name: str
     value: Any = None
     expected_version: int | None = None
     version: int | None = None
+    names: tuple[str, ...] = ()
+    oversized: bool = False
+    token: str = ""
+
+    @property
+    def touched(self) -> tuple[str, ...]:
+        """Every secret name the operation reads or writes."""
+        return self.names or (self.name,)
 
 
 def vault_create(name: str, value: Any) -> VaultInput:
@@ -191,6 +211,18 @@ def vault_read(name: str) -> VaultInput:
 def vault_read_version(name: str, version: int) -> VaultInput:
     """Outputs: the value of that version, or NOT_FOUND."""
     return VaultInput("read_version", name, version=version)
+
+
+def vault_batch_create(names: Sequence[str], values: Sequence[Any]) -> VaultInput:
+    """Creates every name or none. Outputs: CREATED, or ALREADY_EXISTS when any name has a
+    version (or is named twice)."""
+    return VaultInput("batch_create", names[0], tuple(values), names=tuple(names))
+
+
+def vault_batch_read(names: Sequence[str]) -> VaultInput:
+    """Reads every name at one point. Outputs: a tuple of (current_version, value) in `names`
+    order, or NOT_FOUND when any name has no version."""
+    return VaultInput("batch_read", names[0], names=tuple(names))
 
 
 VaultState = tuple[tuple[str, tuple[Any, ...]], ...]
@@ -222,7 +254,42 @@ def vault_apply(state: VaultState, input: VaultInput) -> tuple[Any, VaultState]:
         if version is None or not 1 <= version <= len(values):
             return VaultOutcome.NOT_FOUND, state
         return values[version - 1], state
+    if kind == "batch_create":
+        if len(set(input.names)) < len(input.names) or any(
+            _lookup(state, name, ()) for name in input.names
+        ):
+            return VaultOutcome.ALREADY_EXISTS, state
+        for name, value in zip(input.names, input.value, strict=True):
+            state = _assign(state, name, (value,))
+        return VaultOutcome.CREATED, state
+    if kind == "batch_read":
+        current = [_lookup(state, name, ()) for name in input.names]
+        if not all(current):
+            return VaultOutcome.NOT_FOUND, state
+        return tuple((len(held), held[-1]) for held in current), state
     raise ValueError(f"unknown vault operation kind {kind!r}")
+
+
+_READS = ("read", "read_version", "batch_read")
+
+
+def _name_groups(ops: Sequence[Operation]) -> Callable[[Operation], str]:
+    """A key function mapping an operation to the connected group of names that batches join
+    (union-find over the names each operation touches)."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        parent.setdefault(name, name)
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for op in ops:
+        first, *rest = op.input.touched
+        for name in rest:
+            parent[root(name)] = root(first)
+    return lambda op: root(op.input.name)
 
 
 def _fingerprint(value: Any) -> str:
@@ -246,11 +313,19 @@ class VaultModel(Model):
         return ()
 
     def step(self, state: VaultState, input: VaultInput, output: Any) -> tuple[bool, VaultState]:
+        if output == VaultOutcome.NOT_APPLIED:
+            return input.kind not in _READS, state  # a definite "no effect": trusted, checked
+        if input.oversized:
+            # No slot can hold it: refused at once, whatever happened to it on the way.
+            return output is UNKNOWN or output == VaultOutcome.TOO_LARGE, state
+        if output == VaultOutcome.UNAUTHORIZED:
+            return bool(input.token) and input.kind not in _READS, state
         expected_output, next_state = vault_apply(state, input)
         return (output is UNKNOWN or output == expected_output), next_state
 
     def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
-        return partition_by(ops, lambda op: op.input.name)
+        """Per secret name; a batch joins the partitions of the names it touches."""
+        return partition_by(ops, _name_groups(ops))
 
     def _show(self, value: Any) -> str:
         return repr(value) if self.reveal_values else _fingerprint(value)
@@ -265,8 +340,15 @@ class VaultModel(Model):
             )
         elif input.kind == "read":
             call = f"read({input.name!r})"
+        elif input.kind == "batch_create":
+            shown = ", ".join(self._show(value) for value in input.value)
+            call = f"batch_create({list(input.names)!r}, [{shown}])"
+        elif input.kind == "batch_read":
+            call = f"batch_read({list(input.names)!r})"
         else:
             call = f"read_version({input.name!r}, {input.version!r})"
+        if input.oversized:
+            call += " [over the slot byte limit]"
         return f"{call} -> {self._show_output(input, output)}"
 
     def _show_output(self, input: VaultInput, output: Any) -> str:
@@ -280,4 +362,6 @@ class VaultModel(Model):
             return f"version {output[0]!r}: {self._show(output[1])}"
         if input.kind == "read_version" and output != VaultOutcome.NOT_FOUND:
             return self._show(output)
+        if input.kind == "batch_read" and isinstance(output, tuple):
+            return ", ".join(f"version {v!r}: {self._show(value)}" for v, value in output)
         return repr(output)

@@ -11,7 +11,8 @@ order end in equal states and return equal results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import msgpack
@@ -27,27 +28,64 @@ class StateMachine(Protocol):
     def restore(self, data: bytes) -> None: ...
 
 
+# What a command carries until the node a client reached stamps it with its wall clock: a
+# uint64 like every real stamp, so a client can size a command exactly before it is stamped.
+UNSTAMPED_US = 1 << 62
+
+
 @dataclass(frozen=True)
 class KvCommand:
-    """One client write; `(client_id, seq)` identifies it across retries and duplicates."""
+    """One client write; `(client_id, seq)` identifies it across retries and duplicates.
+
+    `kind` is "create", "update", "batch_create" (`names` / `values`, all or none) or
+    "token_create" (a token for `name` with a TTL of `ttl_s`). `keyed` writes carry an
+    Idempotency-Key (the vault applies them at most once); `token` names the TTL token the
+    write is made with ("" for the simulated client's root token). `proposed_at_us` is the
+    proposer's wall clock, stamped by the node that received the request."""
 
     client_id: int
     seq: int
-    kind: str  # "create" or "update"
+    kind: str
     name: str
     value: str
     expected_version: int | None = None
+    names: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    keyed: bool = True
+    token: str = ""
+    ttl_s: int = 0
+    proposed_at_us: int = UNSTAMPED_US
 
     def encode(self) -> bytes:
         fields = [self.client_id, self.seq, self.kind, self.name, self.value,
-                  self.expected_version]
+                  self.expected_version, list(self.names), list(self.values), self.keyed,
+                  self.token, self.ttl_s, self.proposed_at_us]
         packed: bytes = msgpack.packb(fields, use_bin_type=True)
         return packed
 
     @classmethod
     def decode(cls, data: bytes) -> KvCommand:
-        client_id, seq, kind, name, value, expected_version = msgpack.unpackb(data)
-        return cls(client_id, seq, kind, name, value, expected_version)
+        (client_id, seq, kind, name, value, expected_version, names, values, keyed, token,
+         ttl_s, proposed_at_us) = msgpack.unpackb(data)
+        return cls(client_id, seq, kind, name, value, expected_version, tuple(names),
+                   tuple(values), keyed, token, ttl_s, proposed_at_us)
+
+    def stamped(self, now_us: int) -> KvCommand:
+        return replace(self, proposed_at_us=now_us)
+
+    def fingerprint(self) -> bytes:
+        """What identifies the request whatever node stamped it: its Idempotency-Key
+        fingerprint, and the seed of its record identities."""
+        return hashlib.sha256(replace(self, proposed_at_us=UNSTAMPED_US).encode()).digest()
+
+
+def command_stamp_us(data: bytes) -> int | None:
+    """A command's proposer time, for the leader's clock-bound check (None if unstamped)."""
+    try:
+        stamp = KvCommand.decode(data).proposed_at_us
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    return None if stamp == UNSTAMPED_US else stamp
 
 
 def encode_result(result: Any) -> bytes:
@@ -58,8 +96,11 @@ def encode_result(result: Any) -> bytes:
 def decode_result(data: bytes) -> Any:
     """Results come back as the outputs `simulations.models.VaultModel` expects: a word, or a
     (word, version) / (version, value) tuple."""
-    result = msgpack.unpackb(data)
-    return tuple(result) if isinstance(result, list) else result
+    return _tuples(msgpack.unpackb(data))
+
+
+def _tuples(result: Any) -> Any:
+    return tuple(_tuples(item) for item in result) if isinstance(result, list) else result
 
 
 class VersionedKv:

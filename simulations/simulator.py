@@ -22,8 +22,9 @@ from functools import partial
 from random import Random
 from typing import Any
 
+from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_message
-from consensus.config import ClusterConfig, Limits
+from consensus.config import ClusterConfig, Limits, encoded_command_bytes
 from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
@@ -37,9 +38,24 @@ from simulations.checkers import (
 from simulations.cluster import RecoverFn, ReplicaFactory, SimNode
 from simulations.faults import Fault, FaultPlan, random_plan
 from simulations.linearizability import Operation, unknown_outcome
-from simulations.models import VaultInput, vault_create, vault_read, vault_update
+from simulations.models import (
+    VaultInput,
+    VaultOutcome,
+    vault_batch_create,
+    vault_batch_read,
+    vault_create,
+    vault_read,
+    vault_update,
+)
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, decode_result
+from simulations.wall_clocks import (
+    MAX_CLOCK_OFFSET_US,
+    WallClockPlan,
+    WallClocks,
+    random_clock_plan,
+)
+from simulations.workload_checks import CommandTimes, check_token_expiry
 from storage.disk import SimDisk
 from storage.errors import DiskError
 
@@ -49,16 +65,35 @@ CLIENT_ATTEMPT_TIMEOUT_MS = 250
 # linearizability search expensive, so they are kept rare.
 CLIENT_WRITE_DEADLINE_MS = 2000
 PROBE_CLIENT_ID = 0
+TOKEN_TTLS_S = (2, 3)  # runs last 4.5 s: tokens expire within a run
 
 
+# Byte limits scaled down (the daemon's are 64 MiB, 64 MiB, 8 MiB and 4 MiB) so that a run
+# reaches them: values near the slot limit, Learns and Promises cut at the frame limit (two
+# full slots do not fit one frame), snapshots in several chunks.
+SIM_LIMITS = Limits(
+    record_bytes_max=16 << 10,
+    frame_bytes_max=16 << 10,
+    batch_bytes_max=8 << 10,
+    snapshot_chunk_bytes=4 << 10,
+)
 @dataclass(frozen=True)
 class OpSpec:
-    """One client operation to issue: `kind` is create, update or read; `name_index` picks the
-    secret; `conditional` makes an update carry the last version this client saw."""
+    """One client operation to issue: `kind` is create, update, read, batch_create or
+    batch_read; `name_index` picks the secret (`secret-{i}`, or `batch-{group}-{i}` when
+    `group` is set) and `members` a batch's secrets (same naming); `conditional` makes an
+    update carry the last version this client saw; `size` "under" / "over" pads the value so
+    that the command is just within / just over the slot byte limit (`Limits.batch_bytes_max`)."""
 
     kind: str
     name_index: int
     conditional: bool = False
+    size: str = ""
+    group: int = -1
+    members: tuple[int, ...] = ()
+
+    def name(self, index: int) -> str:
+        return f"secret-{index}" if self.group < 0 else f"batch-{self.group}-{index}"
 
 
 @dataclass(frozen=True)
@@ -72,11 +107,14 @@ class SimConfig:
     secret_count: int = 4
     plan: FaultPlan | None = None
     workload: tuple[tuple[OpSpec, ...], ...] | None = None
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=lambda: SIM_LIMITS)
     replica_factory: ReplicaFactory = Replica
     recover_records: RecoverFn = recover
     linearizability_timeout_s: float = 10.0
     configuration_faults: bool = False  # random plans may wipe a node (amnesia)
+    # Wall clocks (drift, a day-ahead jump, steps back); None: drawn from the seed.
+    clock_plan: WallClockPlan | None = None
+    clock_offsets_factory: Callable[..., ClockOffsets] = ClockOffsets  # tests plant bugs here
 
     def replay_command(self) -> str:
         amnesia = " --amnesia" if self.configuration_faults else ""
@@ -87,6 +125,7 @@ class SimConfig:
 class SimResult:
     config: SimConfig
     plan: FaultPlan
+    clock_plan: WallClockPlan
     violations: list[Violation]
     simulated_ms: int
     operations: int
@@ -102,6 +141,7 @@ class SimResult:
     messages_held: int = 0
     messages_late: int = 0
     messages_relayed: int = 0
+    workload: WorkloadCounts = field(default_factory=lambda: WorkloadCounts())
     history: list[Operation] = field(repr=False, default_factory=list)
 
     @property
@@ -117,21 +157,70 @@ class SimResult:
             f"{self.messages_held} messages held by cuts ({self.messages_late} delivered late), "
             f"{self.messages_relayed} relayed, "
             f"{self.simulated_ms} ms simulated in {self.elapsed_s:.2f} s",
+            f"  workload: {self.workload.describe()}",
         ]
         lines += [f"  {violation}" for violation in self.violations]
         if not self.ok:
             lines.append("plan:\n" + self.plan.describe())
+            lines.append(self.clock_plan.describe())
             lines.append(f"replay: {self.config.replay_command()}")
         return "\n".join(lines)
+
+
+@dataclass
+class WorkloadCounts:
+    """What the clocks, byte limits, batches, tokens and keyless clients did in a run."""
+
+    clock_steps: int = 0  # wall-clock steps taken (a day ahead, back, ...)
+    clock_refusals: int = 0  # writes a node refused because its clock was out of bounds
+    forwards_refused_for_clock: int = 0  # forwarded commands stamped too far ahead
+    max_ahead_ms: int = 0  # the furthest command time ran ahead of the cluster's clock
+    near_limit_writes: int = 0  # writes sized within a few bytes of the slot limit
+    too_large: int = 0  # ... of which refused as over it (413)
+    largest_frame_bytes: int = 0
+    batch_ops: int = 0
+    tokens: int = 0  # TTL tokens created
+    token_expiries: int = 0  # writes refused as unauthorized (token expired)
+    not_applied: int = 0  # definite "not applied" answers a client trusted
+    keyless_writes: int = 0
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value}" for name, value in vars(self).items())
+
+    def add(self, other: WorkloadCounts) -> None:
+        for name, value in vars(other).items():
+            if name in ("max_ahead_ms", "largest_frame_bytes"):
+                setattr(self, name, max(getattr(self, name), value))
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+BATCH_GROUPS = 2  # batches work on their own names, so the per-name partitions stay small
+BATCH_GROUP_NAMES = 5
 
 
 def random_workload(
     rng: Random, client_count: int, secret_count: int, ops_per_client: int = 200
 ) -> tuple[tuple[OpSpec, ...], ...]:
+    """A quarter of the operations work on the batch groups (batch creates and reads of 2-3
+    names, and single creates, updates and reads of the same names); 3% of the writes are
+    sized at the slot byte limit, half just within it and half just over."""
+
+    def size() -> str:
+        return rng.choice(("under", "over")) if rng.random() < 0.03 else ""
+
     def one() -> OpSpec:
         roll = rng.random()
         kind = "create" if roll < 0.25 else "update" if roll < 0.6 else "read"
-        return OpSpec(kind, rng.randrange(secret_count), rng.random() < 0.5)
+        if rng.random() >= 0.25:
+            return OpSpec(kind, rng.randrange(secret_count), rng.random() < 0.5,
+                          "" if kind == "read" else size())
+        group = rng.randrange(BATCH_GROUPS)
+        if rng.random() < 0.6:
+            kind = "batch_create" if rng.random() < 0.5 else "batch_read"
+        members = tuple(rng.sample(range(BATCH_GROUP_NAMES), rng.randint(2, 3)))
+        return OpSpec(kind, members[0], rng.random() < 0.5,
+                      "" if "read" in kind else size(), group, members)
 
     return tuple(tuple(one() for _ in range(ops_per_client)) for _ in range(client_count))
 
@@ -139,17 +228,24 @@ def random_workload(
 @dataclass
 class _InFlight:
     op_id: int
-    input: VaultInput
+    input: VaultInput | None  # None: the client's own token request, outside the history
     call_ms: int
     is_write: bool
     command: bytes | None
     sent_to: int | None = None  # the node the latest attempt went to, and when
     sent_ms: int = 0
     uncertain: bool = False  # an attempt timed out: it may still take effect
+    reissue: bool = False  # a keyless client's second try of an operation
 
 
 class _Client:
-    """A sequential client: one operation at a time, retrying redirects until its deadline."""
+    """A sequential client: one operation at a time, retrying redirects until its deadline.
+
+    Per client, drawn from the seed: whether it trusts a definite "not applied" (see
+    `trusts_not_applied`), whether its writes carry an Idempotency-Key (`keyless` clients send
+    each attempt once and retry a timed-out write as a new request), and whether it writes
+    with a token that has a TTL (`uses_ttl_token`: it asks for a token first, and a new one
+    whenever a write is refused as unauthorized)."""
 
     def __init__(self, sim: _Simulation, client_id: int, ops: tuple[OpSpec, ...]) -> None:
         self.sim = sim
@@ -161,36 +257,93 @@ class _Client:
         self.current: _InFlight | None = None
         self.versions_seen: dict[str, int] = {}
         self.stopped = False
+        tcp = not sim.plan.intensities.reorder
         # Such a client believes a definite "not applied" (the command was dropped, so no slot
-        # will ever hold it) and sends the operation again under a new Idempotency-Key: a
-        # wrong "not applied" then shows up as a double effect in the history.
-        self.trusts_not_applied = sim.rng.random() < 0.5 and not sim.plan.intensities.reorder
+        # will ever hold it): the operation enters the history as NOT_APPLIED (no effect), and
+        # is issued again under a new Idempotency-Key, so a wrong "not applied" shows up as an
+        # effect the history cannot explain. (Only on TCP-like links: a duplicated Forward can
+        # be refused once and queued once.)
+        self.trusts_not_applied = sim.rng.random() < 0.5 and tcp
+        self.keyless = client_id != PROBE_CLIENT_ID and tcp and sim.rng.random() < 1 / 3
+        self.uses_ttl_token = client_id != PROBE_CLIENT_ID and sim.rng.random() < 1 / 3
+        self.token = ""
+        self._reissue_next = False
 
     def start_next(self, keep_target: bool = False) -> None:
         if self.stopped or self.next_op >= len(self.ops):
             return
-        spec = self.ops[self.next_op]
-        self.next_op += 1
         if not keep_target and self.sim.rng.random() < self.sim.load_balanced:
             # Like a load balancer: some requests land on any node, not the last known leader.
             self.target = self.sim.rng.choice(self.sim.node_ids)
         self.seq += 1
-        name = f"secret-{spec.name_index}"
-        value = f"v{self.client_id}.{self.seq}"
-        command: bytes | None = None
-        if spec.kind == "read":
-            op_input = vault_read(name)
-        else:
-            expected = self.versions_seen.get(name) if spec.conditional else None
-            if spec.kind == "create":
-                op_input = vault_create(name, value)
-            else:
-                op_input = vault_update(name, value, expected)
-            command = KvCommand(
-                self.client_id, self.seq, spec.kind, name, value, op_input.expected_version
-            ).encode()
+        if self.uses_ttl_token and not self.token:
+            self._start_token_request()
+            return
+        spec = self.ops[self.next_op]
+        self.next_op += 1
+        reissue, self._reissue_next = self._reissue_next, False
+        op_input, command = self._build(spec)
         self.current = _InFlight(self.seq, op_input, self.sim.loop.now_ms, command is not None,
-                                 command)
+                                 command, reissue=reissue)
+        self._send()
+        op_id = self.seq
+        self.sim.loop.after(CLIENT_ATTEMPT_TIMEOUT_MS, lambda: self._timeout(op_id))
+
+    def _build(self, spec: OpSpec) -> tuple[VaultInput, bytes | None]:
+        name = spec.name(spec.name_index)
+        value = f"v{self.client_id}.{self.seq}"
+        if spec.kind == "read":
+            return vault_read(name), None
+        if spec.kind == "batch_read":
+            return vault_batch_read([spec.name(i) for i in spec.members]), None
+        command = KvCommand(self.client_id, self.seq, spec.kind, name, value,
+                            keyed=not self.keyless, token=self.token)
+        if spec.kind == "batch_create":
+            names = tuple(spec.name(i) for i in spec.members)
+            values = tuple(f"{value}.{i}" for i in range(len(names)))
+            command = replace(command, names=names, values=values)
+        elif spec.kind == "update":
+            expected = self.versions_seen.get(name) if spec.conditional else None
+            command = replace(command, expected_version=expected)
+        if spec.size:
+            command = self._sized(command, spec.size)
+        if command.kind == "batch_create":
+            op_input = vault_batch_create(command.names, command.values)
+        elif command.kind == "create":
+            op_input = vault_create(name, command.value)
+        else:
+            op_input = vault_update(name, command.value, command.expected_version)
+        op_input = op_input._replace(oversized=spec.size == "over", token=self.token)
+        return op_input, command.encode()
+
+    def _sized(self, command: KvCommand, size: str) -> KvCommand:
+        """Pad the (last) value so that the command, as the core counts it, is within a few
+        bytes of the slot limit: at or under it ("under"), or just over it ("over")."""
+        limit = self.sim.config.limits.batch_bytes_max
+        target = limit - self.sim.rng.randint(0, 16) if size == "under" else (
+            limit + self.sim.rng.randint(1, 16))
+
+        def padded(extra: int) -> KvCommand:
+            if command.kind == "batch_create":
+                values = (*command.values[:-1], command.values[-1] + "x" * extra)
+                return replace(command, values=values)
+            return replace(command, value=command.value + "x" * extra)
+
+        # msgpack's length prefixes grow at a few thresholds: settle in two passes.
+        extra = max(0, target - encoded_command_bytes(command.encode()))
+        for _ in range(3):
+            sized = padded(extra)
+            extra += target - encoded_command_bytes(sized.encode())
+        sized = padded(max(0, extra))
+        assert (encoded_command_bytes(sized.encode()) <= limit) == (size == "under")
+        return sized
+
+    def _start_token_request(self) -> None:
+        accessor = f"token-{self.client_id}-{self.seq}"
+        ttl_s = self.sim.rng.choice(TOKEN_TTLS_S)
+        command = KvCommand(self.client_id, self.seq, "token_create", accessor, "",
+                            ttl_s=ttl_s).encode()
+        self.current = _InFlight(self.seq, None, self.sim.loop.now_ms, True, command)
         self._send()
         op_id = self.seq
         self.sim.loop.after(CLIENT_ATTEMPT_TIMEOUT_MS, lambda: self._timeout(op_id))
@@ -202,30 +355,50 @@ class _Client:
         current.sent_ms = self.sim.loop.now_ms
         self.sim.client_to_node(self.client_id, self.target, current)
 
+    def _record(self, op_input: VaultInput, output: Any, call_ms: int) -> None:
+        self.sim.history.append(
+            Operation(self.client_id, op_input, call_ms, output, self.sim.loop.now_ms)
+        )
+
     def on_reply(self, op_id: int, kind: str, payload: Any) -> None:
         current = self.current
         if current is None or current.op_id != op_id:
             return  # a late or duplicated reply to an operation already settled
+        if kind == "too_large":
+            # 413: no slot can hold it, wherever it is sent; the answer is definite.
+            self._settle(current, VaultOutcome.TOO_LARGE)
+            return
         if kind == "redirect":
             hint = payload if payload in self.sim.node_ids else None
             self.target = hint if hint is not None else self.sim.rng.choice(self.sim.node_ids)
-            if current.is_write and not current.uncertain and self.trusts_not_applied:
-                # Every attempt so far was refused, so the operation had no effect: it leaves
-                # no trace in the history, and the same operation is issued anew. (Only on
-                # TCP-like links: a duplicated Forward can be refused once and queued once.)
+            definite = current.is_write and not current.uncertain
+            if definite and current.input is not None and (self.trusts_not_applied
+                                                           or self.keyless):
+                # Every attempt so far was refused, so the operation had no effect: it enters
+                # the history as such, and the same operation is issued anew (a keyless
+                # client has no key to retry under).
+                self._record(current.input, VaultOutcome.NOT_APPLIED, current.call_ms)
+                self.sim.not_applied_answers += 1
                 self.current = None
                 self.next_op -= 1
-                self.sim.loop.after(5, self.start_next)
+                self.sim.loop.after(self.sim.rng.randint(10, 40), self.start_next)
                 return
             self.sim.loop.after(5, lambda: self._retry(op_id))
             return
-        output = decode_result(payload)
-        self._note_version(current.input, output)
-        self.sim.history.append(
-            Operation(self.client_id, current.input, current.call_ms, output,
-                      self.sim.loop.now_ms)
-        )
+        self._settle(current, decode_result(payload))
+
+    def _settle(self, current: _InFlight, output: Any) -> None:
         self.current = None
+        if current.input is None:  # the client's token request
+            if output == "token_created":
+                command = KvCommand.decode(current.command or b"")
+                self.token = command.name
+                self.sim.tokens[command.name] = (current.call_ms, command.ttl_s)
+        else:
+            self._note_version(current.input, output)
+            self._record(current.input, output, current.call_ms)
+            if output == VaultOutcome.UNAUTHORIZED:
+                self.token = ""  # expired: ask for a new one before the next write
         self.sim.loop.after(self.sim.rng.randint(0, 10), self.start_next)
 
     def _note_version(self, op_input: VaultInput, output: Any) -> None:
@@ -234,7 +407,8 @@ class _Client:
         elif op_input.kind == "update" and isinstance(output, tuple):
             self.versions_seen[op_input.name] = output[1]
         elif output == "created":
-            self.versions_seen[op_input.name] = 1
+            for name in op_input.touched:
+                self.versions_seen[name] = 1
 
     def _retry(self, op_id: int) -> None:
         if self.current is not None and self.current.op_id == op_id:
@@ -246,23 +420,29 @@ class _Client:
             return
         self.target = self.sim.rng.choice(self.sim.node_ids)
         elapsed_ms = self.sim.loop.now_ms - current.call_ms
-        if current.is_write and elapsed_ms < CLIENT_WRITE_DEADLINE_MS:
+        keyed_retry = not (self.keyless and current.input is not None)
+        if current.is_write and keyed_retry and elapsed_ms < CLIENT_WRITE_DEADLINE_MS:
             current.uncertain = True  # this attempt may still take effect
             self._send()
             self.sim.loop.after(CLIENT_ATTEMPT_TIMEOUT_MS, lambda: self._timeout(op_id))
             return
-        if current.is_write:
+        self.current = None
+        if current.is_write and current.input is not None:
             # It may still take effect later; a read that never answered had no effect.
             self.sim.history.append(
                 unknown_outcome(self.client_id, current.input, current.call_ms)
             )
-        self.current = None
+            if not keyed_retry and not current.reissue:
+                # A keyless client retries once, as a new request: if both take effect, that
+                # is what the vault promises without a key, and the history says so.
+                self.next_op -= 1
+                self._reissue_next = True
         self.start_next()
 
     def abandon(self) -> None:
         """The run is over: an unanswered write stays unknown forever."""
         current = self.current
-        if current is not None and current.is_write:
+        if current is not None and current.is_write and current.input is not None:
             self.sim.history.append(
                 unknown_outcome(self.client_id, current.input, current.call_ms)
             )
@@ -283,6 +463,20 @@ class _Simulation:
         self.loop = EventLoop()
         self.observer = Observer()
         self.history: list[Operation] = []
+        self.tokens: dict[str, tuple[int, int]] = {}  # token -> (asked for at, TTL in s)
+        self.not_applied_answers = 0
+        # Clocks draw from their own generator, so that the plan and workload of a seed do
+        # not depend on them.
+        clock_rng = Random(config.seed ^ 0x5EED_C10C)
+        self.clock_plan = config.clock_plan or random_clock_plan(
+            clock_rng, self.node_ids, config.safety_ms
+        )
+        self.wall_clocks = WallClocks(
+            self.loop, Random(clock_rng.getrandbits(64)), self.node_ids, self.clock_plan,
+            self.plan.intensities.delay_ms_max,
+        )
+        self.command_times = CommandTimes(self.wall_clocks.median_us, _ahead_tolerance_us(
+            self.plan.intensities.delay_ms_max))
         self.client_faulty = True
         self.network = SimNetwork(
             self.loop,
@@ -309,6 +503,11 @@ class _Simulation:
                 tick_period_ms=_tick_period(self.plan, position),
                 disk_latency_ms_max=intensities.disk_latency_ms_max,
                 torn_write_probability=intensities.torn_write_probability,
+                wall_clock_us=partial(self.wall_clocks.now_us, node_id),
+                clock_ping=self._clock_ping,
+                max_clock_offset_us=MAX_CLOCK_OFFSET_US,
+                clock_offsets_factory=config.clock_offsets_factory,
+                on_slot_times=self.command_times.on_slot_applied,
             )
             for position, node_id in enumerate(self.node_ids)
         }
@@ -337,6 +536,16 @@ class _Simulation:
     def _incarnation(self, node_id: int) -> int:
         return self.nodes[node_id].incarnation
 
+    def _clock_ping(self, node_id: int, peer_id: int) -> tuple[int, int] | None:
+        """A clock ping answered only if both directions of the link carry it and the peer
+        runs (as the daemon's, which travels on the peer link)."""
+        peer = self.nodes[peer_id]
+        if not peer.up or peer.paused:
+            return None
+        if self.network.is_cut(node_id, peer_id) or self.network.is_cut(peer_id, node_id):
+            return None
+        return self.wall_clocks.ping(node_id, peer_id)
+
     def _client_delay_ms(self) -> int:
         delay_max = self.plan.intensities.delay_ms_max if self.client_faulty else 2
         return self.rng.randint(1, max(1, delay_max))
@@ -354,9 +563,12 @@ class _Simulation:
                 self._client_delay_ms(), lambda: node.client_write(client_id, op.op_id, command)
             )
         else:
-            name = op.input.name
+            assert op.input is not None
+            what: str | list[str] = (
+                list(op.input.names) if op.input.kind == "batch_read" else op.input.name
+            )
             self.loop.after(
-                self._client_delay_ms(), lambda: node.client_read(client_id, op.op_id, name)
+                self._client_delay_ms(), lambda: node.client_read(client_id, op.op_id, what)
             )
 
     def _node_to_client(self, client_id: int, op_id: int, kind: str, payload: Any) -> None:
@@ -612,6 +824,7 @@ class _Simulation:
 
     def _heal(self) -> None:
         self.network.heal_all()
+        self.wall_clocks.heal()
         self.client_faulty = False
         for node in self.nodes.values():
             _disarm_fsync_errors(node)
@@ -633,6 +846,7 @@ class _Simulation:
             node.start()
         for fault in self.plan.faults:
             self._schedule(fault)
+        self.wall_clocks.schedule()
         for client in self.clients.values():
             self.loop.at(self.rng.randint(0, 50), client.start_next)
         self._run_until(config.safety_ms)
@@ -649,6 +863,11 @@ class _Simulation:
         reference = self.nodes[self.node_ids[0]]
         if reference.up:
             violations += check_durability(self.history, reference.state)
+        violations += self.command_times.violations
+        violations += check_token_expiry(
+            self.history, self.tokens,
+            _token_tolerance_ms(self.plan.intensities.delay_ms_max),
+        )
         lin_violations, lin_result = check_linearizable(
             self.history, config.linearizability_timeout_s
         )
@@ -656,6 +875,8 @@ class _Simulation:
         return SimResult(
             config=config,
             plan=self.plan,
+            clock_plan=self.clock_plan,
+            workload=self._workload_counts(),
             violations=violations,
             simulated_ms=end_ms,
             operations=len(self.history),
@@ -673,6 +894,27 @@ class _Simulation:
             messages_late=self.network.stats.delivered_late,
             messages_relayed=sum(node.stats.relays_sent for node in self.nodes.values()),
             history=self.history,
+        )
+
+    def _workload_counts(self) -> WorkloadCounts:
+        nodes = list(self.nodes.values())
+        history = self.history
+        return WorkloadCounts(
+            clock_steps=self.wall_clocks.steps_taken,
+            clock_refusals=sum(node.stats.clock_refusals for node in nodes),
+            forwards_refused_for_clock=sum(node.stats.forwards_refused_for_clock
+                                           for node in nodes),
+            max_ahead_ms=self.command_times.max_ahead_us // 1000,
+            near_limit_writes=sum(1 for op in history if len(str(op.input.value)) > 1000),
+            too_large=sum(1 for op in history if op.output == VaultOutcome.TOO_LARGE),
+            largest_frame_bytes=max(node.stats.largest_frame_bytes for node in nodes),
+            batch_ops=sum(1 for op in history if op.input.kind.startswith("batch")),
+            tokens=len(self.tokens),
+            token_expiries=sum(1 for op in history if op.output == VaultOutcome.UNAUTHORIZED),
+            not_applied=self.not_applied_answers,
+            keyless_writes=sum(1 for client in self.clients.values() if client.keyless
+                               for op in history if op.client_id == client.client_id
+                               and op.input.kind not in ("read", "batch_read")),
         )
 
     def _run_until(self, end_ms: int) -> None:
@@ -732,6 +974,19 @@ def _disarm_fsync_errors(node: SimNode) -> None:
         except DiskError:
             continue
         return
+
+
+def _ahead_tolerance_us(delay_ms_max: int) -> int:
+    """How far ahead of the cluster's (median) clock command time may run: a leader's clock
+    counts as within bounds up to the bound plus the ping's measurement error (half a round
+    trip), and it orders forwarded stamps up to the bound ahead of its own clock."""
+    return 2 * MAX_CLOCK_OFFSET_US + delay_ms_max * 1000
+
+
+def _token_tolerance_ms(delay_ms_max: int) -> int:
+    """The command time of a write may be ahead of real time and the token's behind it, each
+    by at most the ahead tolerance."""
+    return 2 * _ahead_tolerance_us(delay_ms_max) // 1000
 
 
 def _tick_period(plan: FaultPlan, position: int) -> int:

@@ -556,3 +556,46 @@ def test_an_echo_of_a_previous_runs_ack_does_not_make_the_leader_reachable() -> 
     assert net.nodes[2].leader_id == 1 and not net.nodes[2].leader_reachable
     net.tick_all(2 * net.limits.heartbeat_ticks)  # this run's acks are echoed in turn
     assert net.nodes[2].leader_reachable
+
+
+# ---------------------------------------------------------------- a late quorum after compaction
+
+
+def test_a_late_quorum_for_a_slot_the_leaders_snapshot_covers_is_ignored() -> None:
+    # Found by the simulator (seed 3, 3 nodes, after issue 12's workload changes): N1 knows
+    # slot 2 chosen with "chosen" while slot 1 is a gap, wins the election and re-proposes
+    # both. Slot 1's quorum moves its watermark over slot 2 (already known), it applies and
+    # snapshots through slot 2, which forgets slot 2's value; then the Accepteds for slot 2
+    # arrive. They must be ignored: before, the leader still had slot 2 in flight and took
+    # the quorum for a slot below its watermark with an unknown value (InvariantViolation),
+    # stopping a healthy leader.
+    net = Network(3)
+    net.nodes[1].step(Learn(2, 1, Ballot(1, 2), (ChosenEntry(2, (b"chosen",)),)))
+    held: list[Message] = []
+
+    def late(message: Message) -> bool:
+        return isinstance(message, Accepted) and message.to == 1 and message.slot == 2
+
+    leader = net.nodes[1]
+    for _ in range(4 * net.limits.election_ticks):
+        leader.tick()
+        for _ in range(100):
+            for node_id in net.config.node_ids:
+                if net.nodes[node_id].has_ready():
+                    net.process(node_id)
+            pending, net.mailbox = net.mailbox, []
+            for message in pending:
+                if late(message):
+                    held.append(message)
+                else:
+                    net.nodes[message.to].step(message)
+            if not pending:
+                break
+        if leader.role == Role.LEADER and leader.chosen_through >= 2:
+            break
+    assert leader.role == Role.LEADER and leader.applied_through >= 2 and held
+    net.take_snapshot(1, b"state through slot 2")
+    for message in held:
+        leader.step(message)  # raised InvariantViolation before
+    net.settle()
+    assert leader.role == Role.LEADER and leader.snapshot_slot >= 2

@@ -102,7 +102,7 @@ PLANTED: dict[str, tuple[type[Replica], RecoverFn, int, tuple[int, ...]]] = {
     "skips_phase_one": (SkipsPhaseOne, recover, 25, (3, 5)),
     "trusts_acceptor_watermark": (TrustsAcceptorWatermark, recover, 40, (3, 5)),
     "reads_without_quorum": (ReadsWithoutQuorum, recover, 200, (3, 5)),
-    "acks_before_durable": (AcksBeforeDurable, recover, 60, (3, 5)),
+    "acks_before_durable": (AcksBeforeDurable, recover, 130, (3, 5)),
     # Bug 1 needs five nodes: a leader and a follower outside the majority that chose at a
     # higher ballot (with three, any majority includes one of them). The `stranded_leader`
     # fault opens its window (simulations/aimed_faults.py).

@@ -57,12 +57,25 @@ def plans(node_count: int) -> st.SearchStrategy[FaultPlan]:
 
 
 def workloads() -> st.SearchStrategy[tuple[tuple[OpSpec, ...], ...]]:
-    op = st.builds(
+    single = st.builds(
         OpSpec,
         kind=st.sampled_from(["create", "update", "read"]),
         name_index=st.integers(0, 5),
         conditional=st.booleans(),
+        size=st.sampled_from(["", "", "", "", "under", "over"]),
     )
+    # Batches over their own groups of names, and single operations on those names.
+    batch = st.builds(
+        lambda kind, group, members, size: OpSpec(
+            kind, members[0], size="" if "read" in kind else size, group=group,
+            members=tuple(members),
+        ),
+        kind=st.sampled_from(["batch_create", "batch_read", "create", "update", "read"]),
+        group=st.integers(0, 1),
+        members=st.lists(st.integers(0, 4), min_size=2, max_size=3, unique=True),
+        size=st.sampled_from(["", "", "", "under", "over"]),
+    )
+    op = st.one_of(single, batch)
     client = st.lists(op, min_size=20, max_size=150).map(tuple)
     return st.lists(client, min_size=2, max_size=6).map(tuple)
 

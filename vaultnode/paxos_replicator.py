@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 
+from consensus import clock_offsets
 from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_record
 from consensus.config import ENVELOPE_BYTES, ClusterConfig, encoded_command_bytes
@@ -146,18 +147,8 @@ def _proposed_at_us(raw: bytes) -> int | None:
 def split_by_clock_bound(
     commands: tuple[bytes, ...], now_us: int, max_offset_us: int
 ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """(commands a leader may order, commands stamped further ahead of its clock than the bound).
-    A command this node cannot read a time from is left to the state machine to refuse."""
-    latest_us = now_us + max_offset_us
-    accepted: list[bytes] = []
-    refused: list[bytes] = []
-    for raw in commands:
-        proposed_at_us = _proposed_at_us(raw)
-        if proposed_at_us is not None and proposed_at_us > latest_us:
-            refused.append(raw)
-        else:
-            accepted.append(raw)
-    return tuple(accepted), tuple(refused)
+    """`consensus.clock_offsets.split_by_clock_bound` reading the vault's command stamps."""
+    return clock_offsets.split_by_clock_bound(commands, now_us, max_offset_us, _proposed_at_us)
 
 
 class SnapshotFailed(Exception):
@@ -478,21 +469,25 @@ class PaxosReplicator:
     # ---- clock -------------------------------------------------------------------------
     def on_clock_reading(self, peer_id: int, offset_us: int, round_trip_us: int) -> None:
         """The transport read `peer_id`'s clock (its wall clock minus ours)."""
-        self._clock.record(peer_id, offset_us, round_trip_us, _monotonic_us())
+        self._clock.record(peer_id, offset_us, round_trip_us, _monotonic_us(), _wall_us())
         self._update_clock_status()
 
     def clock_us(self) -> int:
         """This node's wall clock in µs, for command time and token expiry; raises
-        ClockOutOfBounds unless it is confirmed within the bound of a majority's."""
+        ClockOutOfBounds unless it is confirmed within the bound of a majority's. The readings
+        are judged against this very reading, so a jump of our own clock since the last ping
+        round counts at once."""
+        now_us = _wall_us()
+        self._update_clock_status(now_us)
         if not self.clock_status.within_bounds:
             raise ClockOutOfBounds(
                 f"this node's clock is not confirmed within {self.max_clock_offset_us // 1000} ms "
                 "of a majority of the cluster's"
             )
-        return time.time_ns() // 1000
+        return now_us
 
-    def _update_clock_status(self) -> None:
-        status = self._clock.status(_monotonic_us())
+    def _update_clock_status(self, wall_us: int | None = None) -> None:
+        status = self._clock.status(_monotonic_us(), _wall_us() if wall_us is None else wall_us)
         previous, self.clock_status = self.clock_status, status
         if status.within_bounds != previous.within_bounds and self._replica is not None:
             self._replica.set_clock_ok(status.within_bounds)
@@ -835,6 +830,10 @@ def _prefix_within(commands: list[bytes], budget_bytes: int) -> int:
         if total > budget_bytes:
             return max(count, 1)
     return len(commands)
+
+
+def _wall_us() -> int:
+    return time.time_ns() // 1000
 
 
 def _monotonic_us() -> int:
