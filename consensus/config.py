@@ -83,6 +83,14 @@ class Limits:
     and one Learn entry each fit in both limits, and a command too large for it is dropped
     (`DropReason.TOO_LARGE`). A Learn stops adding entries before `frame_bytes_max`; a snapshot
     travels in chunks of at most `snapshot_chunk_bytes`.
+
+    Flow control, in bytes as encoded: a leader opens a new slot only while the values of its
+    slots in flight (proposed, not yet chosen) total less than `inflight_bytes_max` (one slot
+    is always allowed), so a burst of large commands, its own or forwarded, reaches the peers
+    a few slots at a time and their acks and heartbeats are not queued behind it; the
+    commands waiting for a slot total at most `proposal_queue_bytes_max`, beyond which a
+    leader refuses a proposal (`DropReason.OVERLOADED`) or a follower's Forward
+    (`ForwardRefused` overloaded): nothing was proposed, the client may retry.
     """
 
     election_ticks: int = 10
@@ -96,6 +104,8 @@ class Limits:
     frame_bytes_max: int = 64 << 20
     batch_bytes_max: int = 8 << 20
     snapshot_chunk_bytes: int = 4 << 20
+    inflight_bytes_max: int = 16 << 20
+    proposal_queue_bytes_max: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
@@ -111,6 +121,8 @@ class Limits:
             "reads_pending_max",
             "batch_bytes_max",
             "snapshot_chunk_bytes",
+            "inflight_bytes_max",
+            "proposal_queue_bytes_max",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

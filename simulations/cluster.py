@@ -216,6 +216,9 @@ class SimNode:
             self.observer.on_acceptor_reply(self.node_id, message)
         self.network.send(self.node_id, message.to, encode_message(message))
 
+    def unsent_bytes(self, peer_id: int) -> int:
+        return self.network.unsent_bytes(self.node_id, peer_id)
+
     def start_sync(self) -> None:
         incarnation = self.incarnation
         latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown

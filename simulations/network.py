@@ -92,6 +92,13 @@ class SimNetwork:
         # A link may be cut by several overlapping faults; it heals when all have ended.
         self._cuts: Counter[tuple[int, int]] = Counter()
         self._links: dict[tuple[int, int], _Link] = {}
+        # Bytes sent on each link and not yet delivered or lost (held ones included).
+        self._unread: Counter[tuple[int, int]] = Counter()
+
+    def unsent_bytes(self, sender: int, receiver: int) -> int:
+        """Bytes sent from `sender` to `receiver` not yet delivered nor lost: the daemon's
+        `PeerTransport.unsent_bytes`, which the driver's rules read."""
+        return self._unread[(sender, receiver)]
 
     def _link(self, sender: int, receiver: int) -> _Link:
         link = self._links.get((sender, receiver))
@@ -136,6 +143,7 @@ class SimNetwork:
         if self.rng.random() < self.intensities.reset_probability:
             link.resets += 1
             self.stats.cut += len(held)
+            self._unread[(sender, receiver)] -= sum(len(data) for _, data in held)
             return
         arrival_ms = self.loop.now_ms + self.rng.randint(1, max(1, retransmit_ms_max))
         link.last_arrival_ms = max(link.last_arrival_ms, arrival_ms)
@@ -164,19 +172,21 @@ class SimNetwork:
             if not self.intensities.reorder or not self.faulty:
                 arrival_ms = max(arrival_ms, link.last_arrival_ms)
                 link.last_arrival_ms = arrival_ms
+            self._unread[(sender, receiver)] += len(data)
             self.loop.at(arrival_ms, self._arrival(sender, receiver, connection, data))
 
     def _arrival(
         self, sender: int, receiver: int, connection: _Connection, data: bytes, late: bool = False
     ) -> Callable[[], None]:
         def arrive() -> None:
-            if connection != self._connection(sender, receiver):
-                self.stats.cut += 1  # the connection it travelled on is gone
-                return
-            if self.is_cut(sender, receiver):
+            if connection == self._connection(sender, receiver) and self.is_cut(sender, receiver):
                 # A partition that formed while the message was in flight holds it, in order.
                 self.stats.held += 1
                 self._link(sender, receiver).held.append((connection, data))
+                return
+            self._unread[(sender, receiver)] -= len(data)
+            if connection != self._connection(sender, receiver):
+                self.stats.cut += 1  # the connection it travelled on is gone
                 return
             if late:
                 self.stats.delivered_late += 1
