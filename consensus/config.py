@@ -87,6 +87,13 @@ class Limits:
     A node relays for each peer at most `relay_messages_max` messages and `relay_bytes_max`
     bytes (the commands of the Forwards it passes on) per election timeout (`Relay`); over
     either it refuses the Forwards (overloaded) and drops the rest, which the origin retries.
+    Flow control, in bytes as encoded: a leader opens a new slot only while the values of its
+    slots in flight (proposed, not yet chosen) total less than `inflight_bytes_max` (one slot
+    is always allowed), so a burst of large commands, its own or forwarded, reaches the peers
+    a few slots at a time and their acks and heartbeats are not queued behind it; the
+    commands waiting for a slot total at most `proposal_queue_bytes_max`, beyond which a
+    leader refuses a proposal (`DropReason.OVERLOADED`) or a follower's Forward
+    (`ForwardRefused` overloaded): nothing was proposed, the client may retry.
     """
 
     election_ticks: int = 10
@@ -102,6 +109,8 @@ class Limits:
     snapshot_chunk_bytes: int = 4 << 20
     relay_messages_max: int = 4096
     relay_bytes_max: int = 256 << 20
+    inflight_bytes_max: int = 16 << 20
+    proposal_queue_bytes_max: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
@@ -119,6 +128,8 @@ class Limits:
             "snapshot_chunk_bytes",
             "relay_messages_max",
             "relay_bytes_max",
+            "inflight_bytes_max",
+            "proposal_queue_bytes_max",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

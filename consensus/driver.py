@@ -7,6 +7,12 @@ fsync is run (a thread, or a simulated disk latency), how a chosen slot is appli
 snapshot is stored.
 
 The rules, for each Ready in the order `consensus/ready.py` lists the duties:
+- A link is not flooded with bulk data. An `Accept` to a peer whose link holds more than
+  `Limits.inflight_bytes_max` bytes it has not read yet (`DriverHost.unsent_bytes`) is not
+  sent: the core retransmits an Accept until its slot is chosen, and a peer that missed a
+  chosen slot fetches it, so nothing is lost but a copy queued behind the original. Without
+  this, retransmissions of 8 MiB Accepts to a follower still reading the first copies filled
+  the link to its 64 MiB cap, and the heartbeats behind them came too late.
 - Sends never wait for an fsync. `messages` leave at once whatever the disk is doing, so
   heartbeats, pre-vote replies, acks of records that are already durable and a leader's Accepts
   keep flowing through a disk stall (a leader's own vote is counted only once its fsync is done:
@@ -39,7 +45,7 @@ from typing import Any, Protocol
 
 from consensus.codec import encode_record
 from consensus.errors import InvariantViolation
-from consensus.messages import Message
+from consensus.messages import Accept, Message
 from consensus.ready import ChosenSlot, Ready, Snapshot, needs_fsync
 from consensus.replica import Replica
 
@@ -71,6 +77,9 @@ class DurableLog(Protocol):
 class DriverHost(Protocol):
     def send(self, message: Message) -> None:
         """Hand a message to the network; may drop it (the protocol retransmits)."""
+
+    def unsent_bytes(self, peer_id: int) -> int:
+        """Bytes sent to the peer that it has not read yet (0 if unknown)."""
 
     def start_sync(self) -> None:
         """Arrange for the log's `sync()` to run and for `ReadyDriver.synced` (or
@@ -105,6 +114,7 @@ class ReadyDriver:
         # (records that must be durable first, compact the log before this record index).
         self._compaction: tuple[int, int] | None = None
         self.error: BaseException | None = None
+        self.accepts_held_back = 0  # Accepts not sent to a link already that full
 
     # ---- inputs to the core: after a stop they are ignored, and a violation stops ----------
     def tick(self) -> None:
@@ -149,7 +159,7 @@ class ReadyDriver:
             released = [message for through, message in self._held if through <= synced_index]
             self._held = [(through, m) for through, m in self._held if through > synced_index]
             for message in released:
-                self._host.send(message)
+                self._send(message)
         try:
             if self._compaction is not None and self._compaction[0] <= synced_index:
                 before = self._compaction[1]
@@ -202,7 +212,7 @@ class ReadyDriver:
             self.failed(exc)
             return
         for message in ready.messages:
-            host.send(message)
+            self._send(message)
         durable_through = self._log.synced_index
         if ready.compact_log_before is not None:
             self._compaction = (ready.persist_through, ready.compact_log_before)
@@ -212,7 +222,7 @@ class ReadyDriver:
                 self._start_sync()
         else:
             for message in ready.messages_after_persist:
-                host.send(message)
+                self._send(message)
             if ready.compact_log_before is not None and not self._sync_in_flight:
                 self._compact_now()
         for chosen in ready.chosen:
@@ -229,6 +239,14 @@ class ReadyDriver:
                 host.after_apply()
             except Exception as exc:  # writing a snapshot failed: a disk error
                 self.failed(exc)
+
+    def _send(self, message: Message) -> None:
+        if type(message) is Accept and (
+            self._host.unsent_bytes(message.to) > self.replica.limits.inflight_bytes_max
+        ):
+            self.accepts_held_back += 1  # the core retransmits it: see the module docstring
+            return
+        self._host.send(message)
 
     def _start_sync(self) -> None:
         self._sync_in_flight = True

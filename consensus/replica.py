@@ -102,6 +102,7 @@ class Role(StrEnum):
 class _InflightSlot:
     value: Batch
     sent_tick: int
+    size_bytes: int  # the value as encoded (`encoded_command_bytes` of each command)
     acks: set[int] = field(default_factory=set)
 
 
@@ -315,10 +316,10 @@ class Replica:
             else:
                 self._forward_queue.extend(batch)
             return
-        if len(self._queue) + len(batch) > self.limits.proposal_queue_max:
+        if not self._queue_has_room(batch):
             self._drop(batch, DropReason.OVERLOADED)
             return
-        self._queue.extend((command, self.node_id) for command in batch)
+        self._enqueue(batch, self.node_id)
         self._maybe_send_accepts()
         self._drain_inbox()
 
@@ -525,6 +526,7 @@ class Replica:
     def _reset_leader_state(self) -> None:
         # Each command with the node that asked for it: this one, or a follower that forwarded it.
         self._queue: deque[tuple[bytes, int]] = deque()
+        self._queue_bytes = 0  # the queued commands as encoded
         self._inflight: dict[int, _InflightSlot] = {}
         self._next_slot = 0
         self._phase1_end = 0
@@ -1105,18 +1107,27 @@ class Replica:
         known = self._chosen.get(slot)
         if slot <= self._chosen_through or (known is not None and known != value):
             raise InvariantViolation(f"slot {slot} would be proposed again with another value")
-        self._inflight[slot] = _InflightSlot(value, self._tick_count)
+        size_bytes = sum(encoded_command_bytes(command) for command in value)
+        self._inflight[slot] = _InflightSlot(value, self._tick_count, size_bytes)
         for node in self.config.node_ids:
             self._send_now(
                 Accept(self.node_id, node, self._ballot, slot, value, self._chosen_through)
             )
 
     def _maybe_send_accepts(self) -> None:
+        """Open slots for queued commands while fewer than `inflight_slots_max` slots and
+        `inflight_bytes_max` bytes are in flight (Raft's MaxInflightBytes in etcd): a burst of
+        large commands, forwarded ones included, then reaches the peers a few slots at a time,
+        and their acks and the leader's heartbeats never wait behind more than that."""
         while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
+            inflight_bytes = sum(slot.size_bytes for slot in self._inflight.values())
+            if self._inflight and inflight_bytes >= self.limits.inflight_bytes_max:
+                return
             length = self._batch_length(
                 (command for command, _ in self._queue), self.limits.batch_commands_max
             )
             batch = tuple(self._queue.popleft()[0] for _ in range(length))
+            self._queue_bytes -= sum(encoded_command_bytes(command) for command in batch)
             slot = self._next_slot
             self._next_slot += 1
             self._propose_slot(slot, batch)
@@ -1223,14 +1234,26 @@ class Replica:
             encoded_command_bytes(command) > self.limits.batch_bytes_max
             for command in message.commands
         )  # only from a follower configured with other limits: refuse rather than split
-        if too_large or len(self._queue) + len(message.commands) > self.limits.proposal_queue_max:
+        if too_large or not self._queue_has_room(message.commands):
             refused = ForwardRefused(
                 self.node_id, message.sender, message.ballot, message.commands, True
             )
             self._send_now(refused)
             return
-        self._queue.extend((command, message.sender) for command in message.commands)
+        self._enqueue(message.commands, message.sender)
         self._maybe_send_accepts()
+
+    def _queue_has_room(self, commands: Batch) -> bool:
+        """Whether the commands waiting for a slot stay within `proposal_queue_max` and
+        `proposal_queue_bytes_max` with these added."""
+        if len(self._queue) + len(commands) > self.limits.proposal_queue_max:
+            return False
+        added_bytes = sum(encoded_command_bytes(command) for command in commands)
+        return self._queue_bytes + added_bytes <= self.limits.proposal_queue_bytes_max
+
+    def _enqueue(self, commands: Batch, origin: int) -> None:
+        self._queue.extend((command, origin) for command in commands)
+        self._queue_bytes += sum(encoded_command_bytes(command) for command in commands)
 
     # ---------------------------------------------------------------- follower forwarding
 

@@ -1,14 +1,16 @@
 """The asyncio adapter that carries consensus messages between peers: msgpack frames over TCP.
 
-Owns the peer connections: one outbound connection per peer (dialled, redialled with backoff)
+Owns the peer connections: two outbound connections per peer (dialled, redialled with backoff)
 for sending and the inbound ones for receiving; the handshake (cluster id, node id, protocol
 version), the frame format (4-byte little-endian length + msgpack message, bounded size), TLS
-identity checks, and clock pings: a transport-level frame (a msgpack map, where a consensus
-message is an array) carrying the sender's monotonic time, answered with the receiver's wall
-clock, which yields a reading of the peer's clock (`on_clock_reading`: the peer's wall clock
-minus ours, corrected by half the round trip). It must never interpret a consensus message: it
-delivers what arrives to `on_message` and drops what it cannot send — the protocol retransmits,
-so a lost frame is only a delay.
+identity checks, the lanes (each peer is dialled twice: frames over 64 KiB travel on a bulk
+connection of their own, written a slice at a time, so that they never delay the heartbeats,
+acks and Accepteds on the control connection), and clock pings: a transport-level frame (a
+msgpack map, where a consensus message is an array) carrying the sender's monotonic time,
+answered with the receiver's wall clock, which yields a reading of the peer's clock
+(`on_clock_reading`: the peer's wall clock minus ours, corrected by half the round trip). It
+must never interpret a consensus message: it delivers what arrives to `on_message` and drops
+what it cannot send — the protocol retransmits, so a lost frame is only a delay.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,21 @@ OUTBOX_BYTES_MAX = 64 << 20  # beyond this a peer is not keeping up: drop, it wi
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 1.0
 CONNECT_TIMEOUT_S = 2.0
+# Lanes: one outbound connection each per peer. Frames on one connection leave in order, so a
+# follower's Forwards of a burst of large commands (tens of MiB) held up the heartbeat acks and
+# Accepteds behind them until the leader's check-quorum deposed it. Forwards go on the bulk
+# lane; everything else keeps its order on the control lane (a heartbeat must not overtake the
+# Accepts before it: the follower would ask for the slots again). The protocol does not rely on
+# order across message kinds, and a Forward's commands are unordered requests.
+CONTROL_LANE = "control"
+BULK_FRAME_BYTES_MIN = 64 << 10
+# The bulk lane is written a slice at a time, and only while the connection's own buffer is
+# below one slice: encrypting and writing tens of MiB in one call held the event loop (and
+# every heartbeat) for a long time on a loaded machine.
+BULK_SLICE_BYTES = 1 << 20
+BULK_SLICES_PER_TURN = 4
+BULK_PUMP_S = 0.001
+BULK_LANE = "bulk"
 # A pong answering a ping older than this says little about the clock offset: ignored.
 CLOCK_ROUND_TRIP_NS_MAX = 2_000_000_000
 
@@ -111,8 +129,13 @@ class PeerTransport:
         self._client_ssl = client_ssl
         self._frame_size_bytes_max = frame_size_bytes_max
         self._on_clock_reading = on_clock_reading
-        self._writers: dict[int, asyncio.StreamWriter] = {}
-        self._unsent: dict[int, list[bytes]] = {}
+        self._writers: dict[int, asyncio.StreamWriter] = {}  # the control lane
+        self._bulk_writers: dict[int, asyncio.StreamWriter] = {}
+        self._unsent: dict[tuple[int, str], list[bytes]] = {}
+        # Bulk-lane bytes per peer not yet handed to its connection, oldest first.
+        self._bulk_pending: dict[int, deque[memoryview]] = {}
+        self._bulk_pending_bytes: dict[int, int] = {}
+        self._bulk_pump_scheduled: set[int] = set()
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
@@ -126,7 +149,10 @@ class PeerTransport:
             reuse_address=True,
         )
         for peer_id in self._peers:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._dial(peer_id)))
+            for lane in (CONTROL_LANE, BULK_LANE):
+                self._tasks.append(
+                    asyncio.get_running_loop().create_task(self._dial(peer_id, lane))
+                )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -144,15 +170,24 @@ class PeerTransport:
         return peer_id in self._writers
 
     def unsent_bytes(self, peer_id: int) -> int:
-        """Bytes queued for the peer that it has not read yet (0 while not connected)."""
-        writer = self._writers.get(peer_id)
-        queued = sum(len(frame) for frame in self._unsent.get(peer_id, ()))
-        return queued + (writer.transport.get_write_buffer_size() if writer is not None else 0)
+        """Bytes queued for the peer, on both lanes, that it has not read yet (0 while not
+        connected)."""
+        total = 0
+        for lane, writers in ((CONTROL_LANE, self._writers), (BULK_LANE, self._bulk_writers)):
+            writer = writers.get(peer_id)
+            total += sum(len(frame) for frame in self._unsent.get((peer_id, lane), ()))
+            total += writer.transport.get_write_buffer_size() if writer is not None else 0
+        return total + self._bulk_pending_bytes.get(peer_id, 0)
 
     def send(self, message: Message) -> None:
         """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
-        write. Dropped (and counted) when the peer is not connected or its buffer is full."""
-        self._queue_frame(message.to, _frame(encode_message(message)))
+        write per lane. A Forward takes the bulk lane while it is connected (else the control
+        lane). Dropped (and counted) when the peer is not connected or its buffer is full."""
+        frame = _frame(encode_message(message))
+        lane = CONTROL_LANE
+        if len(frame) > BULK_FRAME_BYTES_MIN and message.to in self._bulk_writers:
+            lane = BULK_LANE
+        self._queue_frame(message.to, frame, lane)
 
     def send_clock_ping(self, peer_id: int) -> None:
         """Ask the peer for its wall clock; its answer becomes an `on_clock_reading` call. Not
@@ -162,11 +197,11 @@ class PeerTransport:
         ping = {_PING: time.monotonic_ns()}
         self._queue_frame(peer_id, _frame(msgpack.packb(ping, use_bin_type=True)))
 
-    def _queue_frame(self, peer_id: int, frame: bytes) -> None:
+    def _queue_frame(self, peer_id: int, frame: bytes, lane: str = CONTROL_LANE) -> None:
         if peer_id not in self._writers:
             self.frames_dropped += 1
             return
-        self._unsent.setdefault(peer_id, []).append(frame)
+        self._unsent.setdefault((peer_id, lane), []).append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -174,21 +209,67 @@ class PeerTransport:
     def _flush(self) -> None:
         self._flush_scheduled = False
         unsent, self._unsent = self._unsent, {}
-        for peer_id, frames in unsent.items():
-            writer = self._writers.get(peer_id)
-            if writer is None or writer.transport.get_write_buffer_size() > OUTBOX_BYTES_MAX:
+        for (peer_id, lane), frames in unsent.items():
+            writers = self._bulk_writers if lane == BULK_LANE else self._writers
+            writer = writers.get(peer_id)
+            backlog = self._bulk_pending_bytes.get(peer_id, 0) if lane == BULK_LANE else 0
+            if writer is None or (
+                backlog + writer.transport.get_write_buffer_size() > OUTBOX_BYTES_MAX
+            ):
                 self.frames_dropped += len(frames)  # the protocol retransmits what matters
                 continue
-            writer.write(b"".join(frames))
+            if lane == CONTROL_LANE:
+                writer.write(b"".join(frames))
+                continue
+            pending = self._bulk_pending.setdefault(peer_id, deque())
+            for frame in frames:
+                pending.append(memoryview(frame))
+            self._bulk_pending_bytes[peer_id] = backlog + sum(len(frame) for frame in frames)
+            if peer_id not in self._bulk_pump_scheduled:
+                self._pump_bulk(peer_id)
+
+    def _pump_bulk(self, peer_id: int) -> None:
+        """Hand the bulk lane's connection slices (at most BULK_SLICES_PER_TURN) while its
+        buffer is below one slice; come back shortly while bytes remain (the control lane's
+        frames and the rest of the loop's work go in between)."""
+        self._bulk_pump_scheduled.discard(peer_id)
+        writer = self._bulk_writers.get(peer_id)
+        pending = self._bulk_pending.get(peer_id)
+        if writer is None or not pending:
+            self._drop_bulk_pending(peer_id)
+            return
+        for _ in range(BULK_SLICES_PER_TURN):
+            if not pending or writer.transport.get_write_buffer_size() >= BULK_SLICE_BYTES:
+                break
+            head = pending[0]
+            piece, rest = head[:BULK_SLICE_BYTES], head[BULK_SLICE_BYTES:]
+            if rest:
+                pending[0] = rest
+            else:
+                pending.popleft()
+            self._bulk_pending_bytes[peer_id] -= len(piece)
+            writer.write(bytes(piece))
+        if pending:
+            self._bulk_pump_scheduled.add(peer_id)
+            asyncio.get_running_loop().call_later(BULK_PUMP_S, self._pump_bulk, peer_id)
+
+    def _drop_bulk_pending(self, peer_id: int) -> None:
+        """The bulk connection is gone (or drained): what it had not taken is lost with it."""
+        self._bulk_pending.pop(peer_id, None)
+        self._bulk_pending_bytes.pop(peer_id, None)
 
     # ---- outbound --------------------------------------------------------------------
-    def _handshake(self) -> bytes:
+    def _handshake(self, lane: str) -> bytes:
         hello = {"cluster_id": self.cluster_id, "node_id": self.node_id,
-                 "protocol": PROTOCOL_VERSION}
+                 "protocol": PROTOCOL_VERSION, "lane": lane}
         return _frame(msgpack.packb(hello, use_bin_type=True))
 
-    async def _dial(self, peer_id: int) -> None:
+    async def _dial(self, peer_id: int, lane: str) -> None:
+        """Keep one connection of `lane` to the peer up. Only the control lane's come and go
+        are logged and shown in `connected`: it carries everything but Forwards."""
         peer = self._peers[peer_id]
+        control = lane == CONTROL_LANE
+        writers = self._writers if control else self._bulk_writers
         backoff_s = BACKOFF_S_MIN
         while True:
             try:
@@ -210,18 +291,22 @@ class PeerTransport:
                 continue
             backoff_s = BACKOFF_S_MIN
             try:
-                writer.write(self._handshake())
-                self._writers[peer_id] = writer
-                self.connected[peer_id] = True
-                self._on_event("peer.connected", peer=peer_id, direction="out")
+                writer.write(self._handshake(lane))
+                writers[peer_id] = writer
+                if control:
+                    self.connected[peer_id] = True
+                    self._on_event("peer.connected", peer=peer_id, direction="out")
                 await reader.read(1)  # peers never answer on this connection: this is its close
             except (OSError, ConnectionError, ssl.SSLError):
                 pass
             finally:
-                self._writers.pop(peer_id, None)
-                self.connected[peer_id] = False
+                writers.pop(peer_id, None)
+                if not control:
+                    self._drop_bulk_pending(peer_id)  # a new connection starts on a frame
                 writer.close()
-                self._on_event("peer.disconnected", peer=peer_id, direction="out")
+                if control:
+                    self.connected[peer_id] = False
+                    self._on_event("peer.disconnected", peer=peer_id, direction="out")
             await asyncio.sleep(backoff_s)
 
     # ---- clock pings -----------------------------------------------------------------
@@ -252,7 +337,7 @@ class PeerTransport:
             raise RemoteProtocolError(f"malformed clock frame: {exc}") from exc
 
     # ---- inbound ---------------------------------------------------------------------
-    def _check_hello(self, raw: bytes, writer: asyncio.StreamWriter) -> int:
+    def _check_hello(self, raw: bytes, writer: asyncio.StreamWriter) -> tuple[int, str]:
         try:
             hello: Any = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -271,7 +356,10 @@ class PeerTransport:
             names = {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
             if node_tls_name(peer_id) not in names:
                 raise HandshakeError(f"the certificate presented is not node {peer_id}'s")
-        return peer_id
+        lane = hello.get("lane", CONTROL_LANE)
+        if lane not in (CONTROL_LANE, BULK_LANE):
+            raise HandshakeError(f"lane {lane!r} is not known")
+        return peer_id, lane
 
     async def _serve_inbound(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -279,10 +367,13 @@ class PeerTransport:
         self._inbound.add(writer)
         peer_address = writer.get_extra_info("peername")
         peer_id: int | None = None
+        logged = False  # only the control lane's come and go are logged
         try:
             raw = await _read_frame(reader, HANDSHAKE_SIZE_BYTES_MAX)
-            peer_id = self._check_hello(raw, writer)
-            self._on_event("peer.connected", peer=peer_id, direction="in")
+            peer_id, lane = self._check_hello(raw, writer)
+            logged = lane == CONTROL_LANE
+            if logged:
+                self._on_event("peer.connected", peer=peer_id, direction="in")
             while True:
                 payload = await _read_frame(reader, self._frame_size_bytes_max)
                 if _is_clock_frame(payload):
@@ -301,5 +392,5 @@ class PeerTransport:
         finally:
             self._inbound.discard(writer)
             writer.close()
-            if peer_id is not None:
+            if peer_id is not None and logged:
                 self._on_event("peer.disconnected", peer=peer_id, direction="in")

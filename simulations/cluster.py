@@ -314,6 +314,9 @@ class SimNode:
             return  # the transport refuses it
         self.network.send(self.node_id, message.to, data)
 
+    def unsent_bytes(self, peer_id: int) -> int:
+        return self.network.unsent_bytes(self.node_id, peer_id)
+
     def start_sync(self) -> None:
         incarnation = self.incarnation
         latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown

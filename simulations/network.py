@@ -95,6 +95,13 @@ class SimNetwork:
         # A link may be cut by several overlapping faults; it heals when all have ended.
         self._cuts: Counter[tuple[int, int]] = Counter()
         self._links: dict[tuple[int, int], _Link] = {}
+        # Bytes sent on each link and not yet delivered or lost (held ones included).
+        self._unread: Counter[tuple[int, int]] = Counter()
+
+    def unsent_bytes(self, sender: int, receiver: int) -> int:
+        """Bytes sent from `sender` to `receiver` not yet delivered nor lost: the daemon's
+        `PeerTransport.unsent_bytes`, which the driver's rules read."""
+        return self._unread[(sender, receiver)]
 
     def _link(self, sender: int, receiver: int) -> _Link:
         link = self._links.get((sender, receiver))
@@ -148,6 +155,7 @@ class SimNetwork:
         if not keep_connection and self.rng.random() < self.intensities.reset_probability:
             link.resets += 1
             self.stats.cut += len(held)
+            self._unread[(sender, receiver)] -= sum(len(data) for _, data in held)
             return
         arrival_ms = self.loop.now_ms + self.rng.randint(1, max(1, retransmit_ms_max))
         link.last_arrival_ms = max(link.last_arrival_ms, arrival_ms)
@@ -176,6 +184,7 @@ class SimNetwork:
             if not self.intensities.reorder or not self.faulty:
                 arrival_ms = max(arrival_ms, link.last_arrival_ms)
                 link.last_arrival_ms = arrival_ms
+            self._unread[(sender, receiver)] += len(data)
             self.loop.at(arrival_ms, self._arrival(sender, receiver, connection, data))
 
     def _arrival(
@@ -183,6 +192,7 @@ class SimNetwork:
     ) -> Callable[[], None]:
         def arrive() -> None:
             if connection != self._connection(sender, receiver):
+                self._unread[(sender, receiver)] -= len(data)
                 self.stats.cut += 1  # the connection it travelled on is gone
                 return
             for intercept in list(self.intercepts):
@@ -192,6 +202,7 @@ class SimNetwork:
                 self.stats.held += 1
                 self._link(sender, receiver).held.append((connection, data))
                 return
+            self._unread[(sender, receiver)] -= len(data)
             if late:
                 self.stats.delivered_late += 1
             self.deliver(receiver, sender, data)

@@ -10,6 +10,7 @@ Each scenario also runs against the planted switch that restores the old behavio
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from random import Random
 
@@ -28,6 +29,7 @@ from consensus.messages import (
     ChosenEntry,
     Commit,
     Forward,
+    ForwardRefused,
     Heartbeat,
     InstallSnapshot,
     Learn,
@@ -441,6 +443,45 @@ def test_accepts_forwards_and_records_stay_within_the_byte_limits() -> None:
     net.settle()
     for node_id in (1, 2, 3):
         assert [c for _, batch in net.logs[node_id].applied for c in batch] == commands
+
+
+def test_a_leader_keeps_at_most_inflight_bytes_max_of_slots_in_flight() -> None:
+    """Forwarded commands are paced like the leader's own: a slot opens only while the slots
+    in flight hold less than `inflight_bytes_max` (before, a follower's forwarded burst became
+    up to `inflight_slots_max` full slots of Accepts at once, ahead of every heartbeat)."""
+    limits = dataclasses.replace(SMALL, inflight_bytes_max=2000)
+    net = Network(3, limits=limits)
+    net.elect(1)
+    net.settle()
+    commands = [bytes([i]) * 700 for i in range(12)]  # two per slot (1410 bytes): six slots
+    net.nodes[2].propose(commands)
+    net.process(2)
+    net.deliver_all()  # the Forwards reach the leader
+    accepts = [m for m in net.process(1).messages if isinstance(m, Accept)]
+    # 1410 bytes in flight after the first slot, under 2000: a second opens, then no more.
+    assert len({m.slot for m in accepts}) == 2
+    net.settle()  # each ack opens the next slot: all are ordered in the end
+    for node_id in (1, 2, 3):
+        assert [c for _, batch in net.logs[node_id].applied for c in batch] == commands
+
+
+def test_a_leader_refuses_forwards_beyond_its_queue_byte_bound_as_overloaded() -> None:
+    """The commands waiting for a slot are bounded in bytes, not only in count: a Forward
+    that does not fit is refused (`ForwardRefused`, overloaded), which the follower reports as
+    an OVERLOADED drop: nothing was proposed, a retry may succeed (the daemon answers 503)."""
+    limits = dataclasses.replace(SMALL, inflight_bytes_max=1, proposal_queue_bytes_max=1500)
+    net = Network(3, limits=limits)  # one slot in flight at a time; 1500 bytes may wait
+    net.elect(1)
+    net.settle()
+    net.isolate(1)  # no acks: the first slot stays in flight
+    leader = net.nodes[1]
+    for command in (b"a" * 1400, b"c" * 1000, b"d" * 1000):  # in flight, queued, refused
+        leader.step(Forward(2, 1, leader.promised, (command,)))
+    refusals = [m for m in net.process(1).messages if isinstance(m, ForwardRefused)]
+    assert [(m.to, m.commands, m.overloaded) for m in refusals] == [(2, (b"d" * 1000,), True)]
+    net.nodes[2].step(refusals[0])
+    dropped = net.process(2).dropped_proposals
+    assert [(d.reason, d.commands) for d in dropped] == [(DropReason.OVERLOADED, (b"d" * 1000,))]
 
 
 def test_catch_up_learns_in_frames_under_the_limit() -> None:

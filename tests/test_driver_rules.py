@@ -54,10 +54,14 @@ class Host:
         self.applied: list[int] = []
         self.fail_apply_at: int | None = None
         self.errors: list[BaseException] = []
+        self.unread: dict[int, int] = {}  # peer -> bytes its link holds unread
 
     def send(self, message: Message) -> None:
         self.sent.append(message)
         self.outbox.append(message)
+
+    def unsent_bytes(self, peer_id: int) -> int:
+        return self.unread.get(peer_id, 0)
 
     def start_sync(self) -> None:
         assert not self.log.sync_running, "a second fsync started while one ran"
@@ -246,3 +250,31 @@ def test_the_simulator_fails_a_run_in_which_a_node_cannot_apply(
     assert "ApplyFailed" not in stopped[0].failure and "applying chosen slot" in stopped[0].failure
     assert not result.ok
     assert any(v.checker == "liveness" and "down" in v.detail for v in result.violations)
+
+
+def test_no_accept_is_queued_on_a_link_already_holding_a_slots_worth_unread(
+    cluster: Cluster,
+) -> None:
+    """Bulk data must not pile up ahead of heartbeats: an Accept for a peer whose link holds
+    more than `inflight_bytes_max` unread bytes is not sent, and the core's retransmission
+    delivers it once the link has drained (before: every retransmission of 8 MiB Accepts to a
+    follower still reading the first copies was queued too)."""
+    leader = cluster.hosts[1]
+    leader.unread[2] = LIMITS.inflight_bytes_max + 1
+    cluster.replicas[1].propose([b"held"])
+    cluster.settle()
+    accepts_to = {m.to for m in leader.sent if isinstance(m, Accept) and m.value == (b"held",)}
+    assert accepts_to == {3}
+    assert cluster.drivers[1].accepts_held_back == 1
+    assert cluster.replicas[1].chosen_through >= 1  # node 3 made the quorum
+    # Heartbeats are not bulk: they still go to the congested peer.
+    sent_before = len(leader.sent)
+    cluster.tick(LIMITS.heartbeat_ticks, nodes=(1,))
+    assert any(m.to == 2 and not isinstance(m, Accept) for m in leader.sent[sent_before:])
+    # Once the link drains, a new Accept goes out to it again.
+    leader.unread[2] = 0
+    cluster.replicas[1].propose([b"after"])
+    cluster.settle()
+    assert any(
+        isinstance(m, Accept) and m.to == 2 and m.value == (b"after",) for m in leader.sent
+    )

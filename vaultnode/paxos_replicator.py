@@ -89,6 +89,9 @@ def consensus_limits(record_bytes_max: int, frame_bytes_max: int) -> ConsensusLi
 
 
 PROPOSAL_TIMEOUT_S = 10.0
+# New proposals wait while the links they would take have more than this many slots' worth of
+# bytes (`batch_bytes_max`) unread: a heartbeat or an ack then waits behind at most that.
+PAUSE_SLOTS = 2
 READ_TIMEOUT_S = 5.0
 # Longer than the transport's largest redial backoff (1 s) plus a loopback or LAN connect.
 LEADER_REDIAL_WAIT_S = 2.0
@@ -530,19 +533,29 @@ class PaxosReplicator:
                 self.transport.send_clock_ping(peer_id)
         self._update_clock_status()  # readings age out
 
-    def _peers_congested(self) -> bool:
-        """Whether a leader should hold new proposals back (until a later tick): the peers it
-        needs for a quorum each have more than two slots' worth of bytes unread. Frames to a
-        peer leave in order, so a heartbeat queued behind tens of MiB of Accepts arrives after
-        the election timeout and the followers depose a healthy leader (200 concurrent 1 MiB
-        creates sent to the leader: 15 acknowledged before this, all 200 with it)."""
+    def _links_congested(self) -> bool:
+        """Whether to hold new proposals back (until a later tick) because the links they
+        would travel on have more than two slots' worth of bytes unread (`PAUSE_SLOTS`).
+        Frames to a peer leave in order, so whatever is queued ahead of a heartbeat or an ack
+        delays it. A leader looks at the peers it needs for a quorum: its heartbeats queued
+        behind tens of MiB of Accepts arrived after the election timeout and the followers
+        deposed it (200 concurrent 1 MiB creates sent to the leader: 15 acknowledged before
+        this, all 200 with it). A follower looks at its link to the leader: its Forwards of
+        such a burst held up its heartbeat acks and Accepteds there, the leader's check-quorum
+        deposed it and every create answered 503/504."""
         transport = self.transport
-        if transport is None or self.replica.role != Role.LEADER:
+        replica = self.replica
+        if transport is None:
+            return False
+        bound = PAUSE_SLOTS * self.limits.batch_bytes_max
+        if replica.role == Role.FOLLOWER and replica.leader_id is not None:
+            return transport.unsent_bytes(replica.leader_id) > bound
+        if replica.role != Role.LEADER:
             return False
         backlog = sorted(
             transport.unsent_bytes(peer) for peer in self._config.peers_of(self.node_id)
         )
-        return backlog[self._config.quorum_size - 2] > 2 * self.limits.batch_bytes_max
+        return backlog[self._config.quorum_size - 2] > bound
 
     def _kick_next_turn(self) -> None:
         """Process again after the loop has served timers and I/O once."""
@@ -559,8 +572,8 @@ class PaxosReplicator:
         self._kick_scheduled = False
         if self._stopped is not None:
             return
-        if self._proposals and self._peers_congested():
-            pass  # the next tick proposes them: see _peers_congested
+        if self._proposals and self._links_congested():
+            pass  # the next tick proposes them: see _links_congested
         elif self._proposals:
             # At most one slot's worth of bytes per loop turn: a burst of large commands handed
             # over at once became one turn of encoding, log writes and TLS sends long enough to
@@ -577,6 +590,9 @@ class PaxosReplicator:
     def send(self, message: Message) -> None:
         if self.transport is not None:
             self.transport.send(message)
+
+    def unsent_bytes(self, peer_id: int) -> int:
+        return self.transport.unsent_bytes(peer_id) if self.transport is not None else 0
 
     def start_sync(self) -> None:
         """fsync on the fsync thread, which reports straight to the loop: one loop turn after
