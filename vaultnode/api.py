@@ -62,38 +62,6 @@ from vaultnode.vault_compat import (
     vault_paths,
 )
 
-OUTCOME_STATUS: dict[str, int] = {
-    "created": 201,
-    "batch_created": 201,
-    "token_created": 201,
-    "updated": 200,
-    "token_revoked": 200,
-    "kek_rotated": 200,
-    "rewrapped": 200,
-    "kek_retired": 200,
-    "version_written": 200,
-    "versions_deleted": 200,
-    "versions_undeleted": 200,
-    "versions_destroyed": 200,
-    "metadata_written": 200,
-    "secret_deleted": 200,
-    "cas_required": 400,
-    "root_rotated": 200,
-    "policy_written": 204,
-    "policy_deleted": 204,
-    "root_token_replaced": 200,
-    "bad_request": 400,
-    "too_many_policies": 409,
-    "already_exists": 409,
-    "version_conflict": 409,
-    "key_in_use": 409,
-    "not_found": 404,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "idempotency_key_reused": 422,
-    "retry": 503,
-    "unavailable": 503,
-}
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -415,13 +383,13 @@ class VaultApi:
     def _render(
         self, call: Call, event: str, outcome: Outcome, body_of: Callable[[dict[str, Any]], Any]
     ) -> Response:
-        status = OUTCOME_STATUS.get(outcome.code, 500)
+        status = outcome.code.http_status
         headers = [("Idempotent-Replayed", "true")] if outcome.replayed else []
         if outcome.ok:
             body = body_of(outcome.data)  # first: if rendering fails, the log must not say success
             self._log(call, event, status, outcome.code, replayed=outcome.replayed or None)
             return Response.json(status, body, headers)
-        code = "unavailable" if outcome.code == "retry" else outcome.code
+        code = outcome.code.wire_code
         if status == 503:
             headers.append(("Retry-After", "1"))
         self._log_failure(call, "request.failed", status, code)

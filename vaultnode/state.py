@@ -38,6 +38,7 @@ from vaultnode.commands import (
     WriteMetadata,
     WritePolicy,
 )
+from vaultnode.outcomes import OutcomeCode
 from vaultnode.policy import (
     DEFAULT_POLICY,
     DEFAULT_POLICY_TEXT,
@@ -60,50 +61,21 @@ SNAPSHOT_FORMATS_READ = frozenset({1, 2, 3})
 class Outcome:
     """The result of applying one command: a success code or a stable error code, plus data."""
 
-    code: str
+    code: OutcomeCode
     data: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     replayed: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.code in SUCCESS_CODES
+        return self.code.ok
 
     def to_wire(self) -> list[Any]:
-        return [self.code, self.data, self.message]
+        return [self.code.value, self.data, self.message]
 
     @classmethod
     def from_wire(cls, wire: list[Any], *, replayed: bool = False) -> Outcome:
-        return cls(code=wire[0], data=wire[1], message=wire[2], replayed=replayed)
-
-
-SUCCESS_CODES = frozenset(
-    {
-        "initialized",
-        "created",
-        "updated",
-        "batch_created",
-        "token_created",
-        "token_revoked",
-        "kek_rotated",
-        "rewrapped",
-        "kek_retired",
-        "version_written",
-        "versions_deleted",
-        "versions_undeleted",
-        "versions_destroyed",
-        "metadata_written",
-        "secret_deleted",
-        "root_rotated",
-        "policy_written",
-        "policy_deleted",
-        "root_token_replaced",
-    }
-)
-
-
-# Outcomes that wrote nothing and mean "try again" (503): never kept under an Idempotency-Key.
-TRANSIENT_CODES = frozenset({"retry", "unavailable"})
+        return cls(code=OutcomeCode(wire[0]), data=wire[1], message=wire[2], replayed=replayed)
 
 
 @dataclass
@@ -291,7 +263,7 @@ class VaultState:
             if known is not None:
                 if known.fingerprint != idem.fingerprint:
                     return Outcome(
-                        "idempotency_key_reused",
+                        OutcomeCode.IDEMPOTENCY_KEY_REUSED,
                         message="this Idempotency-Key was used for a different request",
                     )
                 return Outcome.from_wire(known.outcome_wire, replayed=True)
@@ -303,7 +275,7 @@ class VaultState:
 
         # A transient outcome changed nothing and asks the client to retry; remembering it would
         # answer every retry with the same 503 until the key expired.
-        if slot is not None and idem is not None and outcome.code not in TRANSIENT_CODES:
+        if slot is not None and idem is not None and not outcome.code.transient:
             self._remember(
                 slot,
                 IdempotencyRecord(
@@ -366,14 +338,14 @@ class VaultState:
         if isinstance(command, InitVault):
             return self._init(now_us, command)
         if not self.initialized:
-            return Outcome("unavailable", message="the vault is not initialised yet")
+            return Outcome(OutcomeCode.UNAVAILABLE, message="the vault is not initialised yet")
         if isinstance(command, ReplaceRootToken):
             # Guarded by the root key at the edge (and its check value here), not by a token.
             return self._replace_root_token(now_us, command)
         principal = command.header.principal
         token = self.tokens_by_accessor.get(principal)
         if token is None or not token.is_live(now_us):
-            return Outcome("unauthorized", message="the token was revoked or expired")
+            return Outcome(OutcomeCode.UNAUTHORIZED, message="the token was revoked or expired")
         refusal = self._authorize_at_apply(token, command)
         if refusal is not None:
             return refusal
@@ -461,7 +433,7 @@ class VaultState:
         if not denied:
             return None
         return Outcome(
-            "forbidden",
+            OutcomeCode.FORBIDDEN,
             data={"names": denied},
             message="this token may not do this under the policies in force",
         )
@@ -472,27 +444,28 @@ class VaultState:
             and len(self.acl_policies) >= self.limits.acl_policies_max
         ):
             return Outcome(
-                "too_many_policies", message=f"at most {self.limits.acl_policies_max} policies"
+                OutcomeCode.TOO_MANY_POLICIES,
+                message=f"at most {self.limits.acl_policies_max} policies",
             )
         self.acl_policies[command.name] = (command.text, command.rules)
         self._acl_cache.clear()
-        return Outcome("policy_written", data={"name": command.name})
+        return Outcome(OutcomeCode.POLICY_WRITTEN, data={"name": command.name})
 
     def _delete_policy(self, command: DeletePolicy) -> Outcome:
         if command.name == DEFAULT_POLICY:
-            return Outcome("bad_request", message="the default policy cannot be deleted")
+            return Outcome(OutcomeCode.BAD_REQUEST, message="the default policy cannot be deleted")
         existed = self.acl_policies.pop(command.name, None) is not None
         self._acl_cache.clear()
-        return Outcome("policy_deleted", data={"name": command.name, "existed": existed})
+        return Outcome(OutcomeCode.POLICY_DELETED, data={"name": command.name, "existed": existed})
 
     def _replace_root_token(self, now_us: int, command: ReplaceRootToken) -> Outcome:
         if command.key_check_value != self.key_check_value:
-            return Outcome("retry", message="the root key was rotated meanwhile")
+            return Outcome(OutcomeCode.RETRY, message="the root key was rotated meanwhile")
         if (
             command.accessor in self.tokens_by_accessor
             or command.token_sha256 in self.tokens_by_hash
         ):
-            return Outcome("retry", message="token identity collision")
+            return Outcome(OutcomeCode.RETRY, message="token identity collision")
         old = [t for t in self.tokens_by_accessor.values() if t.is_root]
         for token in old:
             self._drop_token(token)
@@ -511,14 +484,16 @@ class VaultState:
             )
         )
         return Outcome(
-            "root_token_replaced",
+            OutcomeCode.ROOT_TOKEN_REPLACED,
             data={"accessor": command.accessor, "revoked": [t.accessor for t in old]},
         )
 
     def _init(self, now_us: int, command: InitVault) -> Outcome:
         if self.initialized:
             # Every node may propose the bootstrap command; only the first one counts.
-            return Outcome("already_initialized", message="the vault is already initialised")
+            return Outcome(
+                OutcomeCode.ALREADY_INITIALIZED, message="the vault is already initialised"
+            )
         self.initialized = True
         self.key_check_value = command.key_check_value
         root = Token(
@@ -535,7 +510,7 @@ class VaultState:
             command.first_kek_id, command.first_kek_wrapped, now_us
         )
         self.current_kek_id = command.first_kek_id
-        return Outcome("initialized")
+        return Outcome(OutcomeCode.INITIALIZED)
 
     def _sealed_problem(self, name: str, sealed: dict[str, Any], fresh: bool) -> str | None:
         # No check that the record names this secret: opening checks that, authenticated. Refusing
@@ -564,7 +539,7 @@ class VaultState:
             seen.add(name)
         if offending:
             return Outcome(
-                "already_exists",
+                OutcomeCode.ALREADY_EXISTS,
                 data={"names": offending},
                 message="secret already exists: " + ", ".join(offending),
             )
@@ -572,7 +547,7 @@ class VaultState:
         for name, sealed in pairs:
             problem = self._sealed_problem(name, sealed, fresh=True)
             if problem is not None or record_ids.count(sealed.get("record_id")) > 1:
-                return Outcome("retry", message=problem or "duplicate record identity")
+                return Outcome(OutcomeCode.RETRY, message=problem or "duplicate record identity")
         created = []
         for name, sealed in pairs:
             secret = Secret(name)
@@ -581,27 +556,28 @@ class VaultState:
             self.record_ids.add(sealed["record_id"])
             created.append({"name": name, "version": 1, "valid_from_us": now_us, "index": index})
         if not batch:
-            return Outcome("created", data=created[0])
-        return Outcome("batch_created", data={"secrets": created, "index": index})
+            return Outcome(OutcomeCode.CREATED, data=created[0])
+        return Outcome(OutcomeCode.BATCH_CREATED, data={"secrets": created, "index": index})
 
     def _update(self, index: int, now_us: int, principal: str, command: UpdateSecret) -> Outcome:
         secret = self.secrets.get(command.name)
         if secret is None:
-            return Outcome("not_found", message=f"no secret named {command.name!r}")
+            return Outcome(OutcomeCode.NOT_FOUND, message=f"no secret named {command.name!r}")
         current = secret.versions[-1].version
         if command.expected_version is not None and command.expected_version != current:
             return Outcome(
-                "version_conflict",
+                OutcomeCode.VERSION_CONFLICT,
                 data={"current_version": current},
                 message=f"expected version {command.expected_version}, current is {current}",
             )
         problem = self._sealed_problem(command.name, command.sealed, fresh=True)
         if problem is not None:
-            return Outcome("retry", message=problem)
+            return Outcome(OutcomeCode.RETRY, message=problem)
         version = Version(current + 1, command.sealed, now_us, index, principal)
-        return self._append(index, secret, version, "updated")
+        return self._append(index, secret, version, OutcomeCode.UPDATED)
 
-    def _append(self, index: int, secret: Secret, version: Version, code: str) -> Outcome:
+    def _append(self, index: int, secret: Secret, version: Version, code: OutcomeCode
+    ) -> Outcome:
         secret.versions.append(version)
         self.record_ids.add(version.sealed["record_id"])
         self._prune(secret)
@@ -625,7 +601,7 @@ class VaultState:
             command.accessor in self.tokens_by_accessor
             or command.token_sha256 in self.tokens_by_hash
         ):
-            return Outcome("retry", message="token identity collision")
+            return Outcome(OutcomeCode.RETRY, message="token identity collision")
         expires = None if command.ttl_s is None else now_us + command.ttl_s * 1_000_000
         token = Token(
             accessor=command.accessor,
@@ -640,7 +616,7 @@ class VaultState:
         )
         self._add_token(token)
         return Outcome(
-            "token_created",
+            OutcomeCode.TOKEN_CREATED,
             data={
                 "accessor": token.accessor,
                 "display_name": token.display_name,
@@ -655,7 +631,7 @@ class VaultState:
         """Revoke a token and, as Vault does, every token below it (children, their children)."""
         token = self.tokens_by_accessor.get(command.accessor)
         if token is None:
-            return Outcome("not_found", message="no such token")
+            return Outcome(OutcomeCode.NOT_FOUND, message="no such token")
         children: dict[str, list[Token]] = {}
         for other in self.tokens_by_accessor.values():
             if other.parent:
@@ -668,7 +644,7 @@ class VaultState:
         for revoked in doomed:
             self._drop_token(revoked)
         return Outcome(
-            "token_revoked",
+            OutcomeCode.TOKEN_REVOKED,
             data={"accessor": command.accessor, "children_revoked": len(doomed) - 1},
         )
 
@@ -678,10 +654,10 @@ class VaultState:
 
     def _rotate(self, now_us: int, command: RotateKek) -> Outcome:
         if command.kek_id in self.keks or command.kek_id <= self.current_kek_id:
-            return Outcome("retry", message="key id already in use")
+            return Outcome(OutcomeCode.RETRY, message="key id already in use")
         self.keks[command.kek_id] = Kek(command.kek_id, command.kek_wrapped, now_us)
         self.current_kek_id = command.kek_id
-        return Outcome("kek_rotated", data={"kek_id": command.kek_id})
+        return Outcome(OutcomeCode.KEK_ROTATED, data={"kek_id": command.kek_id})
 
     def _rewrap(self, command: RewrapVersions) -> Outcome:
         changed = 0
@@ -699,35 +675,39 @@ class VaultState:
                 continue
             version.sealed = sealed
             changed += 1
-        return Outcome("rewrapped", data={"rewrapped": changed})
+        return Outcome(OutcomeCode.REWRAPPED, data={"rewrapped": changed})
 
     def _rotate_root(self, command: RotateRoot) -> Outcome:
         if command.old_key_check_value != self.key_check_value:
-            return Outcome("retry", message="the root key was rotated meanwhile")
+            return Outcome(OutcomeCode.RETRY, message="the root key was rotated meanwhile")
         live = {kek_id for kek_id, kek in self.keks.items() if not kek.retired}
         given = [item["kek_id"] for item in command.keks_wrapped]
         if sorted(given) != sorted(live):
-            return Outcome("retry", message="the set of keys changed meanwhile; run it again")
+            return Outcome(
+                OutcomeCode.RETRY, message="the set of keys changed meanwhile; run it again"
+            )
         for item in command.keks_wrapped:
             self.keks[item["kek_id"]].wrapped = item["wrapped"]
         self.key_check_value = command.key_check_value
-        return Outcome("root_rotated", data={"keks": len(given)})
+        return Outcome(OutcomeCode.ROOT_ROTATED, data={"keks": len(given)})
 
     def _retire(self, command: RetireKek) -> Outcome:
         kek = self.keks.get(command.kek_id)
         if kek is None:
-            return Outcome("not_found", message=f"no key with id {command.kek_id}")
+            return Outcome(OutcomeCode.NOT_FOUND, message=f"no key with id {command.kek_id}")
         if command.kek_id == self.current_kek_id:
-            return Outcome("key_in_use", message="the current key cannot be retired; rotate first")
+            return Outcome(
+                OutcomeCode.KEY_IN_USE, message="the current key cannot be retired; rotate first"
+            )
         in_use = self.versions_per_kek().get(command.kek_id, 0)
         if in_use:
             return Outcome(
-                "key_in_use",
+                OutcomeCode.KEY_IN_USE,
                 message=f"{in_use} versions still use key {command.kek_id}; rewrap first",
             )
         kek.retired = True
         kek.wrapped = b""  # a retired key is gone for good, not merely unused
-        return Outcome("kek_retired", data={"kek_id": command.kek_id})
+        return Outcome(OutcomeCode.KEK_RETIRED, data={"kek_id": command.kek_id})
 
     def _put_version(
         self, index: int, now_us: int, principal: str, command: PutVersion
@@ -737,25 +717,25 @@ class VaultState:
         metadata = self.kv_metadata.get(command.name)
         if command.cas is None and metadata is not None and metadata.cas_required:
             return Outcome(
-                "cas_required",
+                OutcomeCode.CAS_REQUIRED,
                 message="check-and-set parameter required for this call",
             )
         if command.cas is not None and command.cas != current:
             return Outcome(
-                "version_conflict",
+                OutcomeCode.VERSION_CONFLICT,
                 data={"current_version": current},
                 message="check-and-set parameter did not match the current version",
             )
         problem = self._sealed_problem(command.name, command.sealed, fresh=True)
         if problem is not None:
-            return Outcome("retry", message=problem)
+            return Outcome(OutcomeCode.RETRY, message=problem)
         if secret is None:
             secret = Secret(command.name)
             self.secrets[command.name] = secret
         version = Version(
             current + 1, command.sealed, now_us, index, principal, value_format=command.value_format
         )
-        return self._append(index, secret, version, "version_written")
+        return self._append(index, secret, version, OutcomeCode.VERSION_WRITTEN)
 
     def _prune(self, secret: Secret) -> None:
         """Destroy the oldest versions beyond the name's max_versions."""
@@ -778,7 +758,7 @@ class VaultState:
     ) -> Outcome:
         secret = self.secrets.get(command.name)
         if secret is None:
-            return Outcome("not_found", message=f"no secret named {command.name!r}")
+            return Outcome(OutcomeCode.NOT_FOUND, message=f"no secret named {command.name!r}")
         wanted = command.versions or [secret.versions[-1].version]
         changed: list[int] = []
         # Versions that do not exist are skipped, as Vault does: the request names a set.
@@ -800,9 +780,9 @@ class VaultState:
                 self._destroy(version)
                 changed.append(number)
         code = {
-            DeleteVersions: "versions_deleted",
-            UndeleteVersions: "versions_undeleted",
-            DestroyVersions: "versions_destroyed",
+            DeleteVersions: OutcomeCode.VERSIONS_DELETED,
+            UndeleteVersions: OutcomeCode.VERSIONS_UNDELETED,
+            DestroyVersions: OutcomeCode.VERSIONS_DESTROYED,
         }[type(command)]
         return Outcome(code, data={"name": command.name, "versions": changed})
 
@@ -821,7 +801,7 @@ class VaultState:
         secret = self.secrets.get(command.name)
         if secret is not None:
             self._prune(secret)
-        return Outcome("metadata_written", data={"name": command.name})
+        return Outcome(OutcomeCode.METADATA_WRITTEN, data={"name": command.name})
 
     def _delete_secret(self, command: DeleteSecret) -> Outcome:
         # The record ids stay in record_ids (and in snapshots): a replayed record stays refused.
@@ -831,7 +811,7 @@ class VaultState:
                 if not version.destroyed:
                     self._destroy(version)
         existed = self.kv_metadata.pop(command.name, None) is not None or secret is not None
-        return Outcome("secret_deleted", data={"name": command.name, "existed": existed})
+        return Outcome(OutcomeCode.SECRET_DELETED, data={"name": command.name, "existed": existed})
 
     def mark_applied(self, index: int) -> None:
         """Every command of log position `index` is applied (a no-op slot has none)."""
