@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader
+from simulations.in_process import InProcessVault, in_process_vault
 
 
 @pytest.fixture
@@ -27,17 +28,21 @@ def proxy() -> Iterator[LinkProxy]:
 @pytest.fixture(scope="module")
 def shared_vault(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
+) -> Iterator[Cluster | InProcessVault]:
     """One initialised node for a whole module (starting one per test costs about a second);
     tests stay independent by using secret names no other test uses.
 
-    Parametrised indirectly with "follower" (tests/test_api_semantics.py), it is instead a
+    Parametrised indirectly (tests/test_api_semantics.py) with "follower", it is instead a
     three-node cluster whose `nodes[0]`, and so `client()`, is a follower when the module starts:
     the same requests then take the follower's path through the API (forwarded writes, read
-    points from the leader).
+    points from the leader). With "in_process", it is a node served from this process, as
+    `api_vault` is: no process starts, so the case runs in `make test-fast`.
     """
     through = getattr(request, "param", "one_node")
     root = tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-{through}")
+    if through == "in_process":
+        yield from in_process_vault(root)
+        return
     if through == "one_node":
         yield from started_cluster(root / "cluster", nodes=1)
         return
@@ -49,17 +54,33 @@ def shared_vault(
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def api_vault(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessVault]:
+    """One initialised node served from this process (simulations/in_process.py: the real HTTP
+    server, API and state machine, no process) for a whole module: for input-validation cases,
+    which then run in `make test-fast`. Tests use secret names no other test uses."""
+    yield from in_process_vault(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+
+
 _PROCESS_FIXTURES = frozenset({"vault", "shared_vault", "proxy"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `processes` every test that starts real processes: it uses a fixture that does, or
-    its module uses simulations/harness.py (`make test-fast` leaves them out)."""
+    """Mark `processes` every test that starts real processes: it uses a fixture that does
+    (`shared_vault` only when not parametrised "in_process"), or its module holds something of
+    simulations/harness.py (`make test-fast` leaves them out)."""
     for item in items:
         module = getattr(item, "module", None)
         uses_harness = module is not None and any(
             getattr(value, "__module__", None) == "simulations.harness"
             for value in vars(module).values()
         )
-        if uses_harness or _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        callspec = getattr(item, "callspec", None)
+        in_process = callspec is not None and callspec.params.get("shared_vault") == "in_process"
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if in_process:
+            fixtures.discard("shared_vault")
+        if uses_harness or _PROCESS_FIXTURES & fixtures:
             item.add_marker(pytest.mark.processes)

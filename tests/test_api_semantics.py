@@ -3,8 +3,9 @@ values, create-once (also under a 50-way race), update and expected_version (als
 validity intervals, reads by version and by instant, history and list.
 
 The module runs twice: against one node, and through a follower of a three-node cluster (the
-`shared_vault` fixture in tests/conftest.py). Each run shares its vault among the tests, so each
-writes only names no other test uses.
+`shared_vault` fixture in tests/conftest.py); the refusals of malformed input run against a node
+served in-process instead of a one-node process. Each run shares its vault among the tests, so
+each writes only names no other test uses.
 """
 
 from __future__ import annotations
@@ -14,21 +15,29 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 
-from simulations.harness import Cluster
 from tests.test_http_wire import assert_error, raw_exchange, raw_request
+
+if TYPE_CHECKING:  # only to annotate: a module holding the harness is marked `processes`
+    from simulations.harness import Cluster
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 VALUE_BYTES_MAX = 64 * 1024  # the default limit in vaultnode/config.py
 RACERS = 50
 
-pytestmark = pytest.mark.parametrize(
+# Each rule runs against one node and through a follower; the refusals of malformed input run
+# against an in-process node instead of a one-node process (the same HTTP server, API and state
+# machine; no process starts, so they are in `make test-fast`) and through a follower.
+THROUGH_ONE_NODE_AND_A_FOLLOWER = pytest.mark.parametrize(
     "shared_vault", ["one_node", "follower"], indirect=True, scope="module"
+)
+REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER = pytest.mark.parametrize(
+    "shared_vault", ["in_process", "follower"], indirect=True, scope="module"
 )
 
 
@@ -81,6 +90,7 @@ INVALID_NAMES = [
 ]
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 @pytest.mark.parametrize("name", VALID_NAMES, ids=range(len(VALID_NAMES)))
 def test_valid_names_are_accepted(shared_vault: Cluster, name: str) -> None:
     with shared_vault.client() as client:
@@ -90,6 +100,7 @@ def test_valid_names_are_accepted(shared_vault: Cluster, name: str) -> None:
         assert client.get(f"/v1/secrets/{name}").json()["value"] == "v"
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_names_of_1_and_256_characters_are_the_bounds(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         assert client.post("/v1/secrets/b", json={"value": "v"}).status_code == 201
@@ -99,6 +110,7 @@ def test_names_of_1_and_256_characters_are_the_bounds(shared_vault: Cluster) -> 
         )
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 @pytest.mark.parametrize(("name", "why"), INVALID_NAMES, ids=[w for _, w in INVALID_NAMES])
 def test_invalid_names_are_400_invalid_name_on_every_route(
     shared_vault: Cluster, name: str, why: str
@@ -116,6 +128,7 @@ def test_invalid_names_are_400_invalid_name_on_every_route(
         assert_error(response, 400, "invalid_name")
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 def test_a_refused_name_creates_nothing(shared_vault: Cluster) -> None:
     token = shared_vault.root_token
     addr = shared_vault.nodes[0].http_addr
@@ -127,6 +140,7 @@ def test_a_refused_name_creates_nothing(shared_vault: Cluster) -> None:
 # ---- values and bodies ---------------------------------------------------------------------
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 @pytest.mark.parametrize(
     "body",
     [{"value": 1}, {"value": None}, {"value": ["a"]}, {"value": {"a": "b"}}, {"value": True}],
@@ -138,6 +152,7 @@ def test_a_non_string_value_is_400_bad_request(shared_vault: Cluster, body: Any)
         assert_error(client.get("/v1/secrets/values/nonstring"), 404, "not_found")
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 def test_a_missing_value_is_400_bad_request(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         assert_error(client.post("/v1/secrets/values/missing", json={}), 400, "bad_request")
@@ -147,6 +162,7 @@ def test_a_missing_value_is_400_bad_request(shared_vault: Cluster) -> None:
         assert_error(put, 400, "bad_request")
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 def test_values_up_to_64_kib_of_utf8_are_stored_and_larger_ones_are_413(
     shared_vault: Cluster,
 ) -> None:
@@ -165,6 +181,7 @@ def test_values_up_to_64_kib_of_utf8_are_stored_and_larger_ones_are_413(
         assert history(client, "size/ascii")[-1]["version"] == 1
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 def test_an_invalid_utf8_value_is_400_bad_request(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         lone_surrogate = b'{"value":"\\ud800"}'
@@ -173,6 +190,7 @@ def test_an_invalid_utf8_value_is_400_bad_request(shared_vault: Cluster) -> None
         assert_error(client.post("/v1/secrets/utf8", content=not_utf8), 400, "bad_request")
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 @pytest.mark.parametrize(
     "raw_body",
     [
@@ -198,6 +216,7 @@ def test_a_body_that_is_not_the_documented_object_is_400_bad_request(
 # ---- create exactly once -------------------------------------------------------------------
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_a_second_create_is_409_already_exists_and_changes_nothing(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         first = client.post("/v1/secrets/app/once", json={"value": "original"})
@@ -211,6 +230,7 @@ def test_a_second_create_is_409_already_exists_and_changes_nothing(shared_vault:
         assert history(client, "app/once") == before
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_50_concurrent_creates_of_one_name_give_one_201_and_49_409(shared_vault: Cluster) -> None:
     barrier = threading.Barrier(RACERS)
 
@@ -240,6 +260,7 @@ def test_50_concurrent_creates_of_one_name_give_one_201_and_49_409(shared_vault:
 # ---- update and expected_version -----------------------------------------------------------
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_update_appends_version_n_plus_1(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         client.post("/v1/secrets/app/upd", json={"value": "v1"})
@@ -252,12 +273,14 @@ def test_update_appends_version_n_plus_1(shared_vault: Cluster) -> None:
         assert [v["version"] for v in history(client, "app/upd")] == [1, 2, 3, 4]
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_update_of_an_unknown_name_is_404_and_creates_nothing(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         assert_error(client.put("/v1/secrets/app/ghost", json={"value": "v"}), 404, "not_found")
         assert_error(client.get("/v1/secrets/app/ghost"), 404, "not_found")
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_expected_version_mismatch_is_409_version_conflict_and_writes_nothing(
     shared_vault: Cluster,
 ) -> None:
@@ -277,6 +300,7 @@ def test_expected_version_mismatch_is_409_version_conflict_and_writes_nothing(
         assert matching.status_code == 200 and matching.json()["version"] == 3
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 @pytest.mark.parametrize("expected", [0, -1, "1", 1.5, True, [1], 2**63, 10**30])
 def test_a_malformed_expected_version_is_400_bad_request(
     shared_vault: Cluster, expected: Any
@@ -290,6 +314,7 @@ def test_a_malformed_expected_version_is_400_bad_request(
         assert history(client, "cas/malformed")[-1]["version"] == 1
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_concurrent_updates_with_the_same_expected_version_let_exactly_one_win(
     shared_vault: Cluster,
 ) -> None:
@@ -328,6 +353,7 @@ def _four_versions(client: httpx.Client, name: str) -> list[dict[str, Any]]:
     return history(client, name)
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_validity_intervals_are_contiguous_strictly_increasing_and_open_at_the_end(
     shared_vault: Cluster,
 ) -> None:
@@ -345,6 +371,7 @@ def test_validity_intervals_are_contiguous_strictly_increasing_and_open_at_the_e
     assert indexes == sorted(set(indexes)), "each version sits at its own, later log position"
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_reads_by_version_return_that_version_with_its_interval(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         versions = _four_versions(client, "app/byversion")
@@ -365,6 +392,7 @@ def test_reads_by_version_return_that_version_with_its_interval(shared_vault: Cl
         assert_error(missing, 404, "not_found")
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_reads_at_an_instant_return_the_version_whose_interval_contains_it(
     shared_vault: Cluster,
 ) -> None:
@@ -389,6 +417,7 @@ def test_reads_at_an_instant_return_the_version_whose_interval_contains_it(
         assert version_at("9999-12-31T23:59:59Z").json()["version"] == 4
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_at_accepts_any_rfc3339_spelling_of_the_same_instant(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         versions = _four_versions(client, "app/offset")
@@ -404,6 +433,7 @@ def test_at_accepts_any_rfc3339_spelling_of_the_same_instant(shared_vault: Clust
             assert body["version"] == 2, spelling
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 def test_version_and_at_together_are_400(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         client.post("/v1/secrets/app/both", json={"value": "v"})
@@ -413,6 +443,7 @@ def test_version_and_at_together_are_400(shared_vault: Cluster) -> None:
         assert_error(response, 400, "bad_request")
 
 
+@REFUSED_IN_PROCESS_AND_THROUGH_A_FOLLOWER
 @pytest.mark.parametrize(
     "query",
     [
@@ -439,6 +470,7 @@ def test_a_malformed_version_or_at_is_400_bad_request(shared_vault: Cluster, que
         assert_error(client.get(f"/v1/secrets/reads/malformed?{query}"), 400, "bad_request")
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_reading_an_unknown_name_is_404(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         assert_error(client.get("/v1/secrets/app/unknown"), 404, "not_found")
@@ -449,6 +481,7 @@ def test_reading_an_unknown_name_is_404(shared_vault: Cluster) -> None:
 # ---- history and list ----------------------------------------------------------------------
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_history_is_ascending_with_index_and_created_by(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         versions = _four_versions(client, "app/hist")
@@ -479,6 +512,7 @@ def test_history_is_ascending_with_index_and_created_by(shared_vault: Cluster) -
     }
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_list_returns_names_and_versions_under_a_prefix_and_never_values(
     shared_vault: Cluster,
 ) -> None:
@@ -506,6 +540,7 @@ def test_list_returns_names_and_versions_under_a_prefix_and_never_values(
         assert_error(client.get("/v1/secrets", params={"prefix": "a b"}), 400, "invalid_name")
 
 
+@THROUGH_ONE_NODE_AND_A_FOLLOWER
 def test_written_and_read_timestamps_have_microseconds_and_z(shared_vault: Cluster) -> None:
     with shared_vault.client() as client:
         created = client.post("/v1/secrets/app/ts", json={"value": "v"}).json()

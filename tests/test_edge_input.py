@@ -1,20 +1,13 @@
 """Input the edge must refuse with a 4xx and a stable code, never a 500: numbers too large for a
-command, and display names carrying control or other unprintable characters."""
+command, and display names carrying control or other unprintable characters. They run against an
+in-process node (the `api_vault` fixture in tests/conftest.py): validation needs no process."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from simulations.harness import Cluster, started_cluster
-
-
-@pytest.fixture(scope="module")
-def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One node for the module: each test adds only tokens and uniquely named secrets."""
-    yield from started_cluster(tmp_path_factory.mktemp("edge-input") / "cluster", nodes=1)
+from simulations.in_process import InProcessVault
 
 
 @pytest.mark.parametrize(
@@ -26,9 +19,9 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     ],
 )
 def test_retiring_a_key_id_too_large_to_exist_is_a_404_not_a_500(
-    vault: Cluster, kek_text: str
+    api_vault: InProcessVault, kek_text: str
 ) -> None:
-    with vault.client() as client:
+    with api_vault.client() as client:
         reply = client.post(f"/v1/sys/keys/{kek_text}/retire")
         assert reply.status_code == 404, reply.text
         assert reply.json()["error"]["code"] == "not_found"
@@ -38,7 +31,7 @@ def test_retiring_a_key_id_too_large_to_exist_is_a_404_not_a_500(
         assert written.status_code == 201
 
 
-def _create_token(vault: Cluster, display_name: str) -> httpx.Response:
+def _create_token(vault: InProcessVault, display_name: str) -> httpx.Response:
     with vault.client() as client:
         return client.post(
             "/v1/tokens",
@@ -65,9 +58,9 @@ def _create_token(vault: Cluster, display_name: str) -> httpx.Response:
     ],
 )
 def test_a_display_name_with_unprintable_characters_is_a_clear_400(
-    vault: Cluster, display_name: str
+    api_vault: InProcessVault, display_name: str
 ) -> None:
-    reply = _create_token(vault, display_name)
+    reply = _create_token(api_vault, display_name)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "bad_request"
@@ -76,16 +69,18 @@ def test_a_display_name_with_unprintable_characters_is_a_clear_400(
 
 @pytest.mark.parametrize("display_name", ["deploy bot", "ci-writer_2", "Zoë's key", "秘密"])
 def test_a_display_name_of_printable_characters_is_accepted(
-    vault: Cluster, display_name: str
+    api_vault: InProcessVault, display_name: str
 ) -> None:
-    reply = _create_token(vault, display_name)
+    reply = _create_token(api_vault, display_name)
     assert reply.status_code == 201, reply.text
     assert reply.json()["display_name"] == display_name
 
 
-def test_huge_numbers_and_extreme_times_in_any_parameter_never_answer_500(vault: Cluster) -> None:
+def test_huge_numbers_and_extreme_times_in_any_parameter_never_answer_500(
+    api_vault: InProcessVault,
+) -> None:
     huge = "9" * 30
-    with vault.client() as client:
+    with api_vault.client() as client:
         client.post("/v1/secrets/probe/one", json={"value": "v"}).raise_for_status()
         probes: list[httpx.Response] = [
             client.get(f"/v1/secrets/probe/one?version={huge}"),

@@ -1,5 +1,7 @@
-"""The HTTP/1.1 wire of a real vaultnode: error shape, 404/405/413, malformed requests,
-keep-alive and pipelining, X-Request-Id, and /health.
+"""The HTTP/1.1 wire of a vaultnode: error shape, 404/405/413, malformed requests, keep-alive
+and pipelining, X-Request-Id, and /health. The refusals of bad requests run against an in-process
+node (the `api_vault` fixture: the same HTTP server and API, no process); the rest against a real
+vaultnode process.
 
 Owns `RawResponse`, `raw_exchange`, `node_events` and `assert_error`, which the other API test
 modules reuse: raw sockets, because httpx normalises paths (drops `.`/`..`) and never pipelines.
@@ -10,11 +12,14 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from simulations.harness import Cluster
+from simulations.in_process import InProcessVault
+
+if TYPE_CHECKING:  # only to annotate: a module holding the harness is marked `processes`
+    from simulations.harness import Cluster
 
 SOCKET_TIMEOUT_S = 10.0
 BODY_BYTES_MAX = 1024 * 1024  # the default limit in vaultnode/config.py
@@ -114,16 +119,16 @@ def test_health_needs_no_token_and_has_the_documented_shape(vault: Cluster) -> N
     assert body["applied_index"] >= 1  # the bootstrap entry
 
 
-def test_unknown_path_is_404_not_found(vault: Cluster) -> None:
-    with vault.client() as client:
+def test_unknown_path_is_404_not_found(api_vault: InProcessVault) -> None:
+    with api_vault.client() as client:
         for path in ("/v1/nothing", "/", "/v2/secrets/a", "/v1/secretsX"):
             assert_error(client.get(path), 404, "not_found")
             assert_error(client.post(path, json={}), 404, "not_found")
         assert_error(client.post("/v1/sys/keys/1/explode"), 404, "not_found")
 
 
-def test_known_path_with_wrong_method_is_405_method_not_allowed(vault: Cluster) -> None:
-    with vault.client() as client:
+def test_known_path_with_wrong_method_is_405_method_not_allowed(api_vault: InProcessVault) -> None:
+    with api_vault.client() as client:
         # (DELETE on a secret became soft-deletion with issue 15, an addition.)
         assert_error(client.request("OPTIONS", "/v1/secrets/app/x"), 405, "method_not_allowed")
         assert_error(client.patch("/v1/secrets/app/x", json={}), 405, "method_not_allowed")
@@ -134,25 +139,27 @@ def test_known_path_with_wrong_method_is_405_method_not_allowed(vault: Cluster) 
 
 
 def test_a_body_over_the_limit_is_413_payload_too_large_and_nothing_is_written(
-    vault: Cluster,
+    api_vault: InProcessVault,
 ) -> None:
     value = "x" * BODY_BYTES_MAX
-    with vault.client() as client:
+    with api_vault.client() as client:
         response = client.post("/v1/secrets/big", json={"value": value})
         assert_error(response, 413, "payload_too_large")
         assert response.headers["connection"] == "close"
-    with vault.client() as client:
+    with api_vault.client() as client:
         assert_error(client.get("/v1/secrets/big"), 404, "not_found")
 
 
-def test_malformed_http_is_400_bad_request_and_closes_the_connection(vault: Cluster) -> None:
+def test_malformed_http_is_400_bad_request_and_closes_the_connection(
+    api_vault: InProcessVault,
+) -> None:
     for garbage in (
         b"NOT-A-METHOD / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
         b"POST /v1/secrets/a HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
     ):
-        (response,), closed = raw_exchange(vault.nodes[0].http_addr, garbage)
+        (response,), closed = raw_exchange(api_vault.nodes[0].http_addr, garbage)
         assert_error(response, 400, "bad_request")
         assert closed, garbage
 
@@ -208,8 +215,10 @@ def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer(
     assert closed, "after the last answer the server closes its side too"
 
 
-def test_x_request_id_is_echoed_when_well_formed_and_generated_otherwise(vault: Cluster) -> None:
-    with vault.client() as client:
+def test_x_request_id_is_echoed_when_well_formed_and_generated_otherwise(
+    api_vault: InProcessVault,
+) -> None:
+    with api_vault.client() as client:
         echoed = client.get("/v1/secrets", headers={"X-Request-Id": "trace-42.a:b"})
         assert echoed.headers["x-request-id"] == "trace-42.a:b"
         replaced = client.get("/v1/secrets", headers={"X-Request-Id": "bad id with spaces"})

@@ -729,6 +729,12 @@ class HttpServer:
         )
         self._sweeper = loop.create_task(self._sweep())
 
+    @property
+    def port(self) -> int:
+        """The port it listens on: the one the system chose when started with port 0."""
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
     async def stop(self, deadline_s: float) -> None:
         """Stop accepting, let in-flight requests finish within the deadline, close the rest."""
         self.closing = True
