@@ -29,10 +29,11 @@ test: $(STAMP) system-packages
 	$(BIN)/pytest
 
 # The fast loop (under a minute): the in-process tests, none that starts a real process
-# (tests/conftest.py marks those `processes`). `make test` is the full suite.
+# (tests/conftest.py marks those `processes`) and no simulator campaign or planted-bug seed scan
+# (marked `campaign`). `make test` is the full suite.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not processes"
+	$(BIN)/pytest -q -m "not processes and not campaign"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

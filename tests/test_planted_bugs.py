@@ -15,6 +15,9 @@ from consensus.replica import Replica
 from consensus.testing import LeaderTrustsEveryLearn, ReadRoundsRestartEachIncarnation
 from simulations.simulator import SimConfig, SimResult, run_simulation
 
+# Seed scans of the simulator: minutes, so `make test-fast` leaves them out (`make test` runs them).
+pytestmark = pytest.mark.campaign
+
 
 class ForgetsPromiseOnRestart(Replica):
     """Acceptor bug: after a restart it no longer knows what it promised."""

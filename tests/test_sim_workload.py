@@ -275,6 +275,7 @@ PLANTED_WORKLOAD_BUGS: dict[str, tuple[dict[str, object], int]] = {
 }
 
 
+@pytest.mark.campaign
 @pytest.mark.parametrize("bug", sorted(PLANTED_WORKLOAD_BUGS))
 def test_planted_workload_bug_is_caught(bug: str, capsys: pytest.CaptureFixture[str]) -> None:
     overrides, seeds_max = PLANTED_WORKLOAD_BUGS[bug]

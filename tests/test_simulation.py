@@ -1,12 +1,14 @@
 """The simulator on a bounded budget: Hypothesis draws fault plans and client workloads over 3-
 and 5-node clusters (100 examples each) and every checker must pass; plus determinism, the
 checkers' own teeth on hand-made histories, and the campaign command line. The long campaign
-(`python -m simulations --seeds 10000`) is not part of this run."""
+(`python -m simulations --seeds 10000`) is not part of this run; the two generated-fault
+campaigns are marked `campaign`, so `make test-fast` leaves them out too."""
 
 from __future__ import annotations
 
 from random import Random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,6 +101,7 @@ SIM_SETTINGS = settings(
 )
 
 
+@pytest.mark.campaign
 @SIM_SETTINGS
 @given(seed=st.integers(0, 2**32), plan=plans(3), workload=workloads())
 def test_three_node_cluster_survives_generated_faults(
@@ -107,6 +110,7 @@ def test_three_node_cluster_survives_generated_faults(
     _check(seed, 3, plan, workload)
 
 
+@pytest.mark.campaign
 @SIM_SETTINGS
 @given(seed=st.integers(0, 2**32), plan=plans(5), workload=workloads())
 def test_five_node_cluster_survives_generated_faults(
