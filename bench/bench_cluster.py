@@ -55,7 +55,7 @@ from bench.loadgen import (  # noqa: E402
 from simulations.harness import (  # noqa: E402
     Cluster,
     free_port_block,
-    make_cluster,
+    running_cluster,
     stop_processes,
     wait_for_leader,
     wait_until,
@@ -383,21 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.snapshot_every_slots is not None
             else None
         )
-        cluster = make_cluster(root / "vault", nodes=3, limits=limits)
-        try:
-            for node in cluster.nodes:
-                node.start(wait=False)
-            for node in cluster.nodes:
-                node.wait_healthy()
-            wait_for_leader(cluster.nodes)
+        with running_cluster(root / "vault", nodes=3, limits=limits) as cluster:
             print(_header(), flush=True)
             vault_rows = uvloop.run(
                 _vault_rows(cluster, args.clients, args.seconds, _print_row)
             )
             if args.soak_seconds > 0:
                 _report_soak(cluster, args.soak_seconds)
-        finally:
-            cluster.stop_all()
         etcd_rows: list[Row] = []
         if args.no_etcd:
             print("\netcd: skipped (--no-etcd)")

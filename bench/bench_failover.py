@@ -39,8 +39,8 @@ from bench.loadgen import LOOPBACK_HOST, http_request  # noqa: E402
 from simulations.harness import (  # noqa: E402
     Cluster,
     Node,
-    make_cluster,
     node_health,
+    running_cluster,
     wait_for_leader,
     wait_until,
 )
@@ -304,24 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         f"--writers {args.writers}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="vault-bench-failover-") as root:
-        cluster = make_cluster(Path(root) / "cluster", nodes=3)
-        pool: WriterPool | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="vault-bench-failover-") as root,
+        running_cluster(Path(root) / "cluster", nodes=3) as cluster,
+    ):
+        pool = WriterPool(cluster, args.writers)
+        started = time.monotonic()
         try:
-            for node in cluster.nodes:
-                node.start(wait=False)
-            for node in cluster.nodes:
-                node.wait_healthy()
-            wait_for_leader(cluster.nodes)
-            pool = WriterPool(cluster, args.writers)
-            started = time.monotonic()
             pool.start()
             records = run_kills(cluster, pool, args.kills)
-            elapsed_s = time.monotonic() - started
         finally:
-            if pool is not None:
-                pool.stop()
-            cluster.stop_all()
+            pool.stop()
+        elapsed_s = time.monotonic() - started
     gaps = [r.gap_s for r in records]
     log = pool.log
     errors = " ".join(f"{k} x{v}" for k, v in sorted(log.errors_by_kind.items())) or "-"

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -364,6 +365,16 @@ def started_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Clus
         yield cluster
     finally:
         cluster.stop_all()
+
+
+@contextmanager
+def running_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Cluster]:
+    """`started_cluster` as a `with` block, for scripts and benchmarks; with several nodes it is
+    entered once they agree on a leader."""
+    for cluster in started_cluster(root, nodes, **options):
+        if nodes > 1:
+            wait_for_leader(cluster.nodes)
+        yield cluster
 
 
 def node_health(node: Node) -> dict[str, Any] | None:
