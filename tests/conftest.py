@@ -65,17 +65,21 @@ def api_vault(
 
 
 _PROCESS_FIXTURES = frozenset({"vault", "shared_vault", "proxy"})
+# What a module may hold of the harness without starting anything itself: an annotation and the
+# polling helper (its tests start processes only through the fixtures above, which mark them).
+_HARNESS_NAMES_THAT_START_NOTHING = frozenset({"Cluster", "wait_until"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `processes` every test that starts real processes: it uses a fixture that does
     (`shared_vault` only when not parametrised "in_process"), or its module holds something of
-    simulations/harness.py (`make test-fast` leaves them out)."""
+    simulations/harness.py that starts nodes (`make test-fast` leaves them out)."""
     for item in items:
         module = getattr(item, "module", None)
         uses_harness = module is not None and any(
             getattr(value, "__module__", None) == "simulations.harness"
-            for value in vars(module).values()
+            and name not in _HARNESS_NAMES_THAT_START_NOTHING
+            for name, value in vars(module).items()
         )
         callspec = getattr(item, "callspec", None)
         in_process = callspec is not None and callspec.params.get("shared_vault") == "in_process"

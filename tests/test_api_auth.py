@@ -1,6 +1,8 @@
 """Authentication and authorisation against a real vaultnode process: 401 for a missing, wrong,
 expired or revoked token; root-only token creation; prefix policies with capabilities (403 that
 does not reveal existence); list filtered by capability; /v1/tokens/self; tokens stored hashed.
+The refusals of a missing token and of a malformed token request run against an in-process node
+(the `api_vault` fixture): they need no process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from simulations.harness import Cluster, wait_until
+from simulations.in_process import InProcessVault
 from tests.test_http_wire import assert_error
 from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX
 
@@ -26,7 +29,9 @@ def make_token(vault: Cluster, policies: list[dict[str, Any]], **extra: Any) -> 
     return body
 
 
-def anonymous(vault: Cluster, headers: dict[str, str] | None = None) -> httpx.Client:
+def anonymous(
+    vault: Cluster | InProcessVault, headers: dict[str, str] | None = None
+) -> httpx.Client:
     return httpx.Client(base_url=vault.nodes[0].url, headers=headers or {}, timeout=30.0)
 
 
@@ -54,12 +59,12 @@ PROTECTED = [
     ids=["none", "wrong-bearer", "basic-scheme", "empty-bearer", "wrong-x-vault-token"],
 )
 def test_a_missing_or_invalid_token_is_401_on_every_protected_route(
-    shared_vault: Cluster, headers: dict[str, str]
+    api_vault: InProcessVault, headers: dict[str, str]
 ) -> None:
-    with anonymous(shared_vault, headers) as client:
+    with anonymous(api_vault, headers) as client:
         for method, path, body in PROTECTED:
             assert_error(client.request(method, path, json=body), 401, "unauthorized")
-    with shared_vault.client() as root:
+    with api_vault.client() as root:
         assert_error(root.get("/v1/secrets/auth/x"), 404, "not_found")  # nothing was written
 
 
@@ -110,8 +115,8 @@ def test_only_the_root_token_may_create_tokens(shared_vault: Cluster) -> None:
         "unknown-field",
     ],
 )
-def test_a_malformed_token_request_is_400(shared_vault: Cluster, body: dict[str, Any]) -> None:
-    with shared_vault.client() as root:
+def test_a_malformed_token_request_is_400(api_vault: InProcessVault, body: dict[str, Any]) -> None:
+    with api_vault.client() as root:
         response = root.post("/v1/tokens", json=body)
         assert response.status_code == 400
         assert response.json()["error"]["code"] in ("bad_request", "invalid_name")

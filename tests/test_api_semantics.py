@@ -15,16 +15,14 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 
+from simulations.harness import Cluster
 from tests.test_http_wire import assert_error, raw_exchange, raw_request
-
-if TYPE_CHECKING:  # only to annotate: a module holding the harness is marked `processes`
-    from simulations.harness import Cluster
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 VALUE_BYTES_MAX = 64 * 1024  # the default limit in vaultnode/config.py

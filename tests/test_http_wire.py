@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from simulations.harness import Cluster
 from simulations.in_process import InProcessVault
-
-if TYPE_CHECKING:  # only to annotate: a module holding the harness is marked `processes`
-    from simulations.harness import Cluster
 
 SOCKET_TIMEOUT_S = 10.0
 BODY_BYTES_MAX = 1024 * 1024  # the default limit in vaultnode/config.py
