@@ -264,6 +264,7 @@ print("after", flush=True)
 """
 
 
+@pytest.mark.processes  # a compiler and a child process
 def test_the_fsync_shim_holds_fsync_while_the_stall_file_exists(tmp_path: Path) -> None:
     library = build_fsync_stall(tmp_path)
     if library is None:
