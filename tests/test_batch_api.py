@@ -1,26 +1,27 @@
 """POST /v1/batch/create and /v1/batch/read on a real node: all or nothing, one log entry, one
-applied index, every offending name reported, authorisation before existence."""
+applied index, every offending name reported, authorisation before existence. The refusals of a
+malformed or oversized batch run against an in-process node (the `api_vault` fixture)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from simulations.harness import Cluster, started_cluster
+from simulations.harness import Cluster
+from simulations.in_process import InProcessVault
 
 BATCH_SECRETS_MAX_DEFAULT = 1000
 VALUE_BYTES_MAX_DEFAULT = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One node for the module; each test works under its own fresh prefix."""
-    yield from started_cluster(tmp_path_factory.mktemp("batch") / "cluster", nodes=1)
+@pytest.fixture
+def node(shared_vault: Cluster) -> Cluster:
+    """One node process for the module; each test works under its own fresh prefix."""
+    return shared_vault
 
 
 @pytest.fixture
@@ -77,9 +78,9 @@ def test_names_repeated_in_the_request_and_existing_names_are_all_reported(
         assert names_under(client, prefix) == {existing: 1}
 
 
-def test_a_batch_past_the_limit_is_refused_with_413(node: Cluster, prefix: str) -> None:
+def test_a_batch_past_the_limit_is_refused_with_413(api_vault: InProcessVault, prefix: str) -> None:
     names = [f"{prefix}/K{i}" for i in range(BATCH_SECRETS_MAX_DEFAULT + 1)]
-    with node.client() as client:
+    with api_vault.client() as client:
         response = client.post("/v1/batch/create", json=batch(names))
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
@@ -88,13 +89,15 @@ def test_a_batch_past_the_limit_is_refused_with_413(node: Cluster, prefix: str) 
         assert at_limit.status_code == 201
 
 
-def test_every_oversized_value_is_named_and_nothing_is_created(node: Cluster, prefix: str) -> None:
+def test_every_oversized_value_is_named_and_nothing_is_created(
+    api_vault: InProcessVault, prefix: str
+) -> None:
     big = "x" * (VALUE_BYTES_MAX_DEFAULT + 1)
     items = [
         {"name": f"{prefix}/{key}", "value": big if key != "ok" else "v"}
         for key in ("a", "ok", "b")
     ]
-    with node.client() as client:
+    with api_vault.client() as client:
         response = client.post("/v1/batch/create", json={"secrets": items})
         assert response.status_code == 413
         assert response.json()["error"]["names"] == [f"{prefix}/a", f"{prefix}/b"]
@@ -201,6 +204,8 @@ def test_batch_read_checks_every_name_before_existence_or_values(
         ("/v1/batch/read", {"secrets": "x/y"}),
     ],
 )
-def test_malformed_batches_are_400(node: Cluster, path: str, body: dict[str, Any]) -> None:
-    with node.client() as client:
+def test_malformed_batches_are_400(
+    api_vault: InProcessVault, path: str, body: dict[str, Any]
+) -> None:
+    with api_vault.client() as client:
         assert client.post(path, json=body).status_code == 400
