@@ -1,34 +1,41 @@
-"""GET /v1/history/{name}: order, paging over 1,000 versions, validity filters and attribution."""
+"""GET /v1/history/{name}: order, paging over 1,000 versions, validity filters and attribution.
+The refusals of bad queries run against an in-process node (the `api_vault` fixture)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from simulations.harness import Cluster, started_cluster
+from simulations.harness import Cluster
+from simulations.in_process import InProcessVault
 
 NAME = "app/rotating"
 VERSIONS = 1000
 
 
 @pytest.fixture(scope="module")
-def history_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, float]]:
+def history_vault(shared_vault: Cluster) -> Iterator[tuple[Cluster, float]]:
     """One node holding NAME with VERSIONS versions; also yields how long writing them took."""
-    root: Path = tmp_path_factory.mktemp("history") / "cluster"
-    for cluster in started_cluster(root, nodes=1):
-        with cluster.client() as client:  # one keep-alive connection for every write
-            started = time.perf_counter()
-            client.post(f"/v1/secrets/{NAME}", json={"value": "v1"}).raise_for_status()
-            for version in range(2, VERSIONS + 1):
-                response = client.put(f"/v1/secrets/{NAME}", json={"value": f"v{version}"})
-                assert response.status_code == 200, response.text
-            yield cluster, time.perf_counter() - started
+    with shared_vault.client() as client:  # one keep-alive connection for every write
+        started = time.perf_counter()
+        client.post(f"/v1/secrets/{NAME}", json={"value": "v1"}).raise_for_status()
+        for version in range(2, VERSIONS + 1):
+            response = client.put(f"/v1/secrets/{NAME}", json={"value": f"v{version}"})
+            assert response.status_code == 200, response.text
+        yield shared_vault, time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def named_in_process(api_vault: InProcessVault) -> InProcessVault:
+    """The in-process node, holding NAME (one version: the refusals read no history)."""
+    with api_vault.client() as client:
+        client.post(f"/v1/secrets/{NAME}", json={"value": "v1"}).raise_for_status()
+    return api_vault
 
 
 def _history(client: httpx.Client, **params: Any) -> dict[str, Any]:
@@ -132,9 +139,9 @@ def test_from_to_returns_the_versions_valid_during_the_window(
     ],
 )
 def test_bad_history_queries_are_refused_as_bad_requests(
-    history_vault: tuple[Cluster, float], params: dict[str, str]
+    named_in_process: InProcessVault, params: dict[str, str]
 ) -> None:
-    with history_vault[0].client() as client:
+    with named_in_process.client() as client:
         response = client.get(f"/v1/history/{NAME}", params=params)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "bad_request"
