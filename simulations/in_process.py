@@ -1,8 +1,8 @@
-"""One vault node served from the test's own process: the real HTTP server, API, state machine,
-sealer, audit trail and single-node replicator (log fsynced to a temporary directory), on an
-event loop in a thread of its own. No process starts, so input-validation tests run in the fast
-loop (`make test-fast`); what needs a real process (signals, restarts, clusters, the daemon's
-start-up) stays on simulations/harness.py.
+"""One vault node served from the test's own process: the real HTTP server, web console, API,
+state machine, sealer, audit trail and single-node replicator (log fsynced to a temporary
+directory), on an event loop in a thread of its own. No process starts, so input-validation
+tests run in the fast loop (`make test-fast`); what needs a real process (signals, restarts,
+clusters, the daemon's start-up, sealing) stays on simulations/harness.py.
 
 `InProcessVault` offers the part of harness.Cluster those tests use: `root_token`, `client()`
 and `nodes[0]` (`url`, `http_addr`, `log_text()`: the node's JSON event lines).
@@ -32,6 +32,7 @@ from vaultnode.http_server import HttpServer
 from vaultnode.replication import LocalReplicator
 from vaultnode.sealing import Sealer
 from vaultnode.state import VaultState
+from vaultnode.ui import Console
 
 CALL_DEADLINE_S = 30.0
 
@@ -125,7 +126,7 @@ class InProcessVault:
             audit=self._audit,
             clock_us=self._replicator.clock_us,
         )
-        self._server = HttpServer(api.handle, limits=limits)
+        self._server = HttpServer(Console(api.handle).handle, limits=limits)  # as the node does
         await self._server.start("127.0.0.1", 0)
         return self._server.port
 
