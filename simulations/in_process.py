@@ -51,6 +51,9 @@ class InProcessNode:
 
 
 class InProcessVault:
+    """An initialised node listening on 127.0.0.1 (a port the system chose), with a fresh root
+    key and root token; `stop_all` stops it and fails if the node hit a fatal error meanwhile."""
+
     def __init__(self, root: Path, limits: Limits | None = None) -> None:
         self.root_token = new_token()
         self._limits = limits or Limits()
