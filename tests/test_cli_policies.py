@@ -10,10 +10,8 @@ before any request. The generate-root case replaces the root token, so it runs l
 from __future__ import annotations
 
 import os
-import pty
 import stat
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from cli.main import main as cli_main
 from simulations.harness import Cluster, free_port_block, make_cluster, started_cluster
 from storage import shamir
 from storage.rootkey import generate_root_key, write_root_key_file
-from tests.test_cli import CLI_DEADLINE_S, assert_server_error, vault_cli
+from tests.test_cli import assert_server_error, vault_cli, vault_cli_at_a_terminal
 from tests.test_unseal import SHAMIR, unseal, wait_sealed
 
 APP_POLICY = """\
@@ -198,6 +196,32 @@ def test_a_token_looked_up_and_revoked_by_accessor_stops_working(
     )
 
 
+def test_a_token_creates_children_only_with_its_own_policies_and_they_die_with_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    write_policies(cluster, tmp_path)
+    seed(cluster, "pol/app/child", "c")
+    minter_policy = 'path "auth/token/create" { capabilities = ["update"] }'
+    ok(vault_cli(cluster, "policy", "write", "pol-minter", "-", stdin_text=minter_policy))
+    parent = token_with(cluster, "pol-minter", "pol-app")
+    escalate = vault_cli(
+        cluster, "token", "create", "--policy", "pol-shared", token=parent["token"]
+    )
+    assert_server_error(escalate, "forbidden")
+    assert "pol-shared" in escalate.stderr
+    prefix_rule = vault_cli(cluster, "token", "create", "--policy", "=read", token=parent["token"])
+    assert_server_error(prefix_rule, "forbidden")  # the native route is root's alone
+    child = fields(
+        ok(vault_cli(cluster, "token", "create", "--policy", "pol-app", token=parent["token"]))
+    )
+    assert child["policies"] == "default, pol-app"
+    assert ok(vault_cli(cluster, "get", "pol/app/child", token=child["token"])) == "c\n"
+
+    ok(vault_cli(cluster, "token", "revoke", "--accessor", parent["accessor"]))
+    for token in (parent["token"], child["token"]):
+        assert_server_error(vault_cli(cluster, "get", "pol/app/child", token=token), "unauthorized")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -277,19 +301,7 @@ def test_generate_root_from_the_root_key_file_replaces_the_root_token(
     assert_server_error(wrong, "forbidden")
     assert ok(vault_cli(cluster, "token", "lookup")).strip()  # nothing changed
     # At a terminal without shares or key file it would prompt for shares: a file node has none.
-    controller, terminal = pty.openpty()
-    try:
-        at_terminal = subprocess.run(
-            [sys.executable, "-m", "cli.main", "operator", "generate-root"],
-            stdin=terminal,
-            capture_output=True,
-            text=True,
-            env=cluster.cli_env(),
-            timeout=CLI_DEADLINE_S,
-        )
-    finally:
-        os.close(terminal)
-        os.close(controller)
+    at_terminal = vault_cli_at_a_terminal(cluster, "operator", "generate-root")
     assert at_terminal.returncode == 2 and "--root-key-file" in at_terminal.stderr
 
     key_file = root_key_file_of(cluster)
