@@ -31,10 +31,13 @@ from simulations.harness import Cluster, Node, started_cluster, wait_for_leader,
 # average of 18-20 the leader is still deposed during the burst (docs/replication.md,
 # "Backpressure on large bursts": not solved at that load).
 FULL_SCALE_ENV = "VAULT_TEST_FULL_SCALE"
-pytestmark = pytest.mark.skipif(
-    os.environ.get(FULL_SCALE_ENV) != "1",
-    reason=f"full-scale burst (200 MiB, 60-120 s here) runs only with {FULL_SCALE_ENV}=1",
-)
+pytestmark = [
+    pytest.mark.processes,
+    pytest.mark.skipif(
+        os.environ.get(FULL_SCALE_ENV) != "1",
+        reason=f"full-scale burst (200 MiB, 60-120 s here) runs only with {FULL_SCALE_ENV}=1",
+    ),
+]
 
 VALUE_BYTES = 1 << 20
 CREATES = 200
