@@ -107,18 +107,22 @@ class Node:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     def start(self, wait: bool = True) -> None:
-        assert self.process is None or self.process.poll() is not None, "already running"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vaultnode.main", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            cwd=self.config_path.parent,
-            env={**os.environ, **self.env} if self.env else None,
-        )
-        log.close()
+        self.spawn(env={**os.environ, **self.env} if self.env else None)
         if wait:
             self.wait_healthy()
+
+    def spawn(self, **popen_options: Any) -> None:
+        """Start the vaultnode process, its output appended to the node's log, without waiting;
+        `popen_options` go to subprocess.Popen (the environment, a pre-exec hook)."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vaultnode.main", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                cwd=self.config_path.parent,
+                **popen_options,
+            )
 
     def health(self) -> dict[str, Any] | None:
         try:

@@ -45,14 +45,7 @@ def started_as_tested() -> None:
 def node_started_with_core_dumps_allowed(tmp_path: Path) -> Iterator[Node]:
     cluster: Cluster = make_cluster(tmp_path / "cluster", nodes=1)
     node = cluster.nodes[0]
-    with open(node.log_path, "ab") as log:
-        node.process = subprocess.Popen(
-            [sys.executable, "-m", "vaultnode.main", "--config", str(node.config_path)],
-            stdout=log,
-            stderr=log,
-            cwd=node.config_path.parent,
-            preexec_fn=started_as_tested,
-        )
+    node.spawn(preexec_fn=started_as_tested)
     try:
         node.wait_healthy()
         yield node

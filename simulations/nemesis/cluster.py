@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
@@ -149,16 +148,7 @@ class CampaignCluster:
         return env
 
     def start_node(self, node_id: int) -> None:
-        node = self.node(node_id)
-        assert node.process is None or node.process.poll() is not None, "already running"
-        with open(node.log_path, "ab") as log:
-            node.process = subprocess.Popen(
-                [sys.executable, "-m", "vaultnode.main", "--config", str(node.config_path)],
-                stdout=log,
-                stderr=log,
-                cwd=node.config_path.parent,
-                env=self._environment(node_id),
-            )
+        self.node(node_id).spawn(env=self._environment(node_id))
 
     def start(self, deadline_s: float = 60.0) -> None:
         for node_id in self.node_ids:
