@@ -37,6 +37,7 @@ from simulations.nemesis.cluster import (
 )
 from simulations.nemesis.history import BatchInput, HistoryFile, Op, Outcome, load_history
 from simulations.nemesis.proxy import FaultProxy, LinkMode, links_between
+from simulations.nemesis.runner import _names
 from simulations.nemesis.schedule import (
     ALL_KINDS,
     LEADER,
@@ -408,3 +409,11 @@ def test_the_scan_finds_a_written_value_in_any_file_but_the_skipped_ones(tmp_pat
     (tmp_path / "node1" / "segment-1").write_bytes(b"\x00" + SECRET_MARKER.encode() + b"9")
     (finding,) = scan_for_secrets(tmp_path, skip=[history])
     assert "segment-1" in finding.message
+
+
+def test_the_final_read_covers_single_name_operations_and_batches() -> None:
+    ops = [vault_create("k0-1", "v"), vault_update("k0-2", "v", 1), vault_read("k0-3")]
+    batch = BatchInput("batch_read", ("g/a", "g/b"))
+    assert [_names(input) for input in [*ops, batch]] == [
+        ("k0-1",), ("k0-2",), ("k0-3",), ("g/a", "g/b")
+    ]

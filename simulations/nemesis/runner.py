@@ -339,5 +339,6 @@ def read_state(url: str, token: str, ops: list[Any]) -> NodeState:
 
 
 def _names(input: Any) -> tuple[str, ...]:
+    # A single-name VaultInput carries an empty `names` (its batch field): its name is `name`.
     names = getattr(input, "names", None)
-    return tuple(names) if names is not None else (input.name,)
+    return tuple(names) if names else (input.name,)
