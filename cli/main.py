@@ -21,6 +21,7 @@ import click
 from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
+from cli.snapshot_commands import snapshot
 from vaultnode.cluster_view import leader_commit_index as _leader_commit_index
 
 # No scheme means https, always; plain HTTP must be written http:// (cli/client.py).
@@ -823,6 +824,7 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     click.echo(f"key {kek_id} retired")
 
 
+operator.add_command(snapshot)
 main.add_command(audit)
 main.add_command(env)
 

@@ -32,6 +32,7 @@ from vaultnode.commands import (
 )
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
+from vaultnode.handlers.backup import BackupRoutes
 from vaultnode.handlers.batch import BatchRoutes
 from vaultnode.handlers.keys import KeyRoutes
 from vaultnode.handlers.secrets import SecretRoutes
@@ -165,6 +166,7 @@ class VaultApi:
         # matters only among routes whose paths overlap (the first match wins).
         self.routes: list[RouteSpec] = [
             *system.routes(),
+            *BackupRoutes(self, cluster_id).routes(),
             *SecretRoutes(self).routes(),
             *TokenRoutes(self).routes(),
             *BatchRoutes(self).routes(),
