@@ -33,7 +33,9 @@ from vaultnode.state import VaultState
 CLI = [sys.executable, "-m", "cli.main"]
 
 
-def vault_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def vault_cli(
+    args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args], env=env or dict(os.environ), capture_output=True, text=True, timeout=300,
         check=False,
