@@ -180,7 +180,10 @@ def restore_snapshot(
         for node_id in range(1, nodes + 1):
             node_data = temp_dir / f"node{node_id}" / "data"
             node_data.mkdir(mode=0o700)
-            # The node's first snapshot, exactly as its replicator would have written it.
+            # The node's first snapshot, exactly as its replicator would have written it: the
+            # saved bytes unchanged (decoding and re-encoding would apply this machine's default
+            # limits to them). Anything in the image that names the OLD cluster's members must
+            # be rewritten to the new cluster's here, once membership is replicated state.
             write_snapshot(disk, str(node_data / "snapshots"), header.slot, body)
         _fsync_tree(temp_dir)
         check_out_dir(out_dir)  # again: something may have appeared meanwhile

@@ -20,7 +20,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, NoReturn
 
-from storage.backup_file import HEADER_BYTES, decode_header, encode_header
+from storage.backup_file import HEADER_BYTES, BackupFileError, decode_header, encode_header
 from vaultnode.http_server import Response
 from vaultnode.routes import Access, ApiError, Call, Consistency, RouteSpec
 from vaultnode.state import VaultState
@@ -95,20 +95,25 @@ class BackupRoutes:
             if not call.caught_up:  # a follower already has its read point from the dispatcher
                 await self.api.replicator.read_barrier()
             started = time.perf_counter()
-            # No await between the read point and the fork: the child's image is at or past it.
+            # No await between the read point and the fork (the first thing _fork_writer does):
+            # the child's image is at or past the read point.
             pid, reader, transport = await self._fork_writer()
             try:
                 head = await reader.readexactly(HEADER_BYTES)
-            except (asyncio.IncompleteReadError, OSError):
+                header = decode_header(head)
+            except BaseException as exc:
                 transport.close()
+                os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid is still our child's
                 code = await asyncio.to_thread(_reap, pid)
-                raise ApiError(
-                    500, "backup_failed", f"the backup writer exited with {code} before its header"
-                ) from None
+                if isinstance(exc, (asyncio.IncompleteReadError, OSError, BackupFileError)):
+                    raise ApiError(
+                        500, "backup_failed",
+                        f"the backup writer exited with {code} before its header",
+                    ) from None
+                raise
         except BaseException:
             self._running = False
             raise
-        header = decode_header(head)
         call.outcome = "ok"
         self.api._log(call, "backup.saved", 200, "ok", slot=header.slot,
                       size_bytes=header.file_bytes)
