@@ -4,6 +4,7 @@ three-node cluster under write load, `restore` into a new three-node cluster, an
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -141,6 +142,10 @@ def _restored_nodes(out: Path) -> list[Node]:
         nodes.append(Node(node_id, config_path, config["http_listen"], out / f"node{node_id}" /
                           "data", out / f"node{node_id}.log"))
     return nodes
+
+
+def _logged(node: Node, event: str) -> bool:
+    return f'"{event}"' in node.log_text()
 
 
 def _assert_nothing_written(out: Path) -> None:
@@ -302,3 +307,34 @@ def test_a_client_that_closes_early_does_not_block_the_next_backup(saved: Saved)
         wait_until(served, 30, "the node to take a backup again")
         assert found[0].status_code == 200
         assert len(found[0].content) == int(found[0].headers["content-length"])
+
+
+def test_over_https_a_large_backup_streams_whole_and_a_cut_stream_kills_its_writer(
+    tmp_path: Path,
+) -> None:
+    """A state of several MB (so a backup takes many chunks and write pauses): the CLI saves it
+    over HTTPS intact; a client that reads one chunk and closes makes the node kill its writer
+    (`backup.failed`), and the node serves the next backup."""
+    for cluster in started_cluster(tmp_path / "tls", nodes=1, tls=True):
+        with cluster.client() as client:
+            for first in range(0, 20_000, 1000):
+                items = [{"name": f"bulk/{n}", "value": os.urandom(96).hex()}
+                         for n in range(first, first + 1000)]
+                reply = client.post("/v1/batch/create", json={"secrets": items})
+                assert reply.status_code == 201, reply.text
+            backup = tmp_path / "big.backup"
+            result = vault_cli(["operator", "snapshot", "save", str(backup)], cluster.cli_env())
+            assert result.returncode == 0, result.stderr
+            header, body = read_backup(backup)
+            assert header.body_bytes > 4 * (1 << 20)
+            assert len(VaultState.restore(body).secrets) == 20_000
+            with client.stream("GET", "/v1/sys/backup") as reply:
+                assert reply.status_code == 200
+                next(reply.iter_raw(1024))
+            node = cluster.nodes[0]
+            wait_until(functools.partial(_logged, node, "backup.failed"), 30, "backup.failed")
+            failed = [line for line in node.log_text().splitlines() if '"backup.failed"' in line]
+            assert '"writer_exit":0' not in failed[0], failed[0]
+            second = client.get("/v1/sys/backup")
+            assert second.status_code == 200
+            assert len(second.content) == int(second.headers["content-length"])
