@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -338,3 +339,46 @@ def test_over_https_a_large_backup_streams_whole_and_a_cut_stream_kills_its_writ
             second = client.get("/v1/sys/backup")
             assert second.status_code == 200
             assert len(second.content) == int(second.headers["content-length"])
+
+
+def _read_all(reply: httpx.Response, received: list[int], errors: list[BaseException]) -> None:
+    try:
+        for chunk in reply.iter_raw():
+            received.append(len(chunk))
+    except httpx.HTTPError as exc:
+        errors.append(exc)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_stream_waiting_on_its_writer_is_not_cut_as_an_idle_connection(tmp_path: Path) -> None:
+    """The connection is busy while a backup streams, also while the node waits for its writer
+    (a large state, a slow disk): only a client that stops reading is cut. Here the writer is
+    stopped for 2.5 s mid-stream, with the idle timeout at 1 s, while the client keeps reading."""
+    for cluster in started_cluster(tmp_path / "slow", nodes=1,
+                                   limits={"http_idle_timeout_ms": 1000}):
+        with cluster.client() as client:
+            for first in range(0, 400, 16):
+                items = [{"name": f"big/{n}", "value": os.urandom(24_000).hex()}
+                         for n in range(first, first + 16)]
+                assert client.post("/v1/batch/create", json={"secrets": items}).status_code == 201
+            node_process = cluster.nodes[0].process
+            assert node_process is not None
+            received: list[int] = []
+            errors: list[BaseException] = []
+            with client.stream("GET", "/v1/sys/backup") as reply:
+                assert reply.status_code == 200
+                (writer,) = _children(node_process.pid)
+                os.kill(writer, signal.SIGSTOP)
+                reader = threading.Thread(target=_read_all, args=(reply, received, errors))
+                reader.start()
+                time.sleep(2.5)
+                os.kill(writer, signal.SIGCONT)
+                reader.join(timeout=60)
+            assert not errors, f"the stream was cut: {errors[0]!r}"
+            assert sum(received) == int(reply.headers["content-length"])

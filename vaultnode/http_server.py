@@ -630,7 +630,10 @@ class _HttpConnection(asyncio.Protocol):
         """Write a streamed answer, a chunk at a time and only while the client reads (the
         connection's write high-water mark); False if the connection ended. A stream that fails
         or falls short closes the connection before its Content-Length: the client sees an
-        incomplete answer rather than a complete-looking wrong one."""
+        incomplete answer rather than a complete-looking wrong one. The connection counts as busy
+        meanwhile, also while the stream waits for its producer: only a client that leaves the
+        answer unread past the idle timeout is cut (the send phase)."""
+        self._busy = True
         try:
             self._send(_encode_response(response, keep_alive, head_only))
             self._write_outgoing()
@@ -656,6 +659,8 @@ class _HttpConnection(asyncio.Protocol):
                 self._transport.abort()
             return False
         finally:
+            self._busy = False
+            self._rearm()
             await stream.aclose()
         return self._transport is not None
 
