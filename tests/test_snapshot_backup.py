@@ -30,7 +30,8 @@ from simulations.harness import (
     wait_until,
 )
 from storage.backup_file import HEADER_BYTES
-from storage.rootkey import generate_root_key, write_root_key_file
+from storage.keysource import split_root_key
+from storage.rootkey import generate_root_key, load_root_key_file, write_root_key_file
 from tests.test_encryption_at_rest import find_plaintext
 from vaultnode.state import VaultState
 
@@ -219,6 +220,50 @@ def test_restore_into_a_new_cluster_reads_back_everything(saved: Saved, tmp_path
                 assert client.get("/v1/secrets/restored/new").json()["value"] == "x"
     finally:
         stop_processes([n.process for n in nodes if n.process is not None])
+
+
+def test_restore_with_key_shares_makes_a_sealed_cluster_the_old_shares_unseal(
+    saved: Saved, tmp_path: Path
+) -> None:
+    """Operators who hold shares (here: shares of the saved vault's root key) restore with them;
+    the new cluster starts sealed (root_key_source = "shamir") and the same shares unseal it."""
+    old_shares = split_root_key(load_root_key_file(saved.cluster.root / "node1" / "root.key"), 5, 3)
+    share_files = []
+    for number, share in enumerate(old_shares[1:4], start=2):
+        path = tmp_path / f"share-{number}"
+        path.write_text(share.hex() + "\n")
+        share_files += ["--share-file", str(path)]
+    out = tmp_path / "restored"
+    result = vault_cli(["operator", "snapshot", "restore", str(saved.backup), "--out", str(out),
+                        "--plaintext-http", "--base-port", str(free_port_block(6)),
+                        "--shares-dir", str(tmp_path / "new-shares"), *share_files])
+    assert result.returncode == 0, result.stderr
+    assert 'root_key_source = "shamir"' in (out / "node1.toml").read_text()
+    assert not list(out.glob("node*/root.key")), "a shamir cluster keeps the key nowhere"
+    nodes = _restored_nodes(out)
+    try:
+        for node in nodes:
+            node.start(wait=False)
+        for node in nodes:
+            wait_until(functools.partial(_answers_seal_status, node), 30, "seal status")
+            for share in (old_shares[0], old_shares[2], old_shares[4]):
+                reply = httpx.put(node.url + "/v1/sys/unseal", json={"key": share.hex()},
+                                  timeout=10)
+                assert reply.status_code == 200, reply.text
+            assert reply.json()["sealed"] is False
+        wait_for_leader(nodes)
+        with Cluster(out, saved.cluster.root_token, nodes).client(1) as client:
+            name, value = next(iter(saved.acked_before_save.items()))
+            assert client.get(f"/v1/secrets/{name}").json()["value"] == value
+    finally:
+        stop_processes([n.process for n in nodes if n.process is not None])
+
+
+def _answers_seal_status(node: Node) -> bool:
+    try:
+        return httpx.get(node.url + "/v1/sys/seal-status", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _restore_args(backup: Path, out: Path, key_file: Path) -> list[str]:
