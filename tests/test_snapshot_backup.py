@@ -109,6 +109,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
                     method = client.post if version == 1 else client.put
                     answer = method(f"/v1/secrets/{name}", json={"value": value})
                     assert answer.status_code in (200, 201), answer.text
+            metadata = {"max_versions": 7, "custom_metadata": {"owner": "team-a"}}
+            assert client.post("/v1/secret/metadata/team/app3", json=metadata).status_code == 204
             # Soft-deleted and destroyed versions are part of the history too.
             assert client.post("/v1/delete/team/app1", json={"versions": [2]}).status_code == 200
             assert client.post("/v1/destroy/team/app2", json={"versions": [1]}).status_code == 200
@@ -201,6 +203,17 @@ def test_restore_into_a_new_cluster_reads_back_everything(saved: Saved, tmp_path
                 assert reply.status_code == 200, (name, reply.text)
                 assert reply.json()["value"] == value
                 assert _history(after, name) == _history(before, name), name
+            kv_metadata = before.get("/v1/secret/metadata/team/app3").json()["data"]
+            assert kv_metadata["custom_metadata"] == {"owner": "team-a"}
+            assert after.get("/v1/secret/metadata/team/app3").json()["data"] == kv_metadata
+            # Idempotency records came along: a retry of a load write made before the save is
+            # answered from its record, not executed again.
+            name, value = next(iter(saved.acked_before_save.items()))
+            number = name.removeprefix("load/")
+            replay = after.post(f"/v1/secrets/{name}", json={"value": value},
+                                headers={"Idempotency-Key": f"load-{number}"})
+            assert replay.status_code == 201, replay.text
+            assert replay.headers.get("Idempotent-Replayed") == "true"
             policy = before.get("/v1/sys/policies/acl/team")
             assert policy.status_code == 200
             restored_policy = after.get("/v1/sys/policies/acl/team").json()
