@@ -18,7 +18,8 @@ import click
 from cli.client import ClientError, ServerError
 from storage.backup_file import BackupFileError, BackupHeader, BackupReader
 
-BACKUP_PATH = "/v1/sys/storage/raft/snapshot"
+# The native alias: errors carry stable codes (`backup_in_progress`), not Vault's shape.
+BACKUP_PATH = "/v1/sys/backup"
 
 
 @click.group()

@@ -335,6 +335,10 @@ def test_save_needs_the_root_token_and_never_overwrites(saved: Saved, tmp_path: 
     with saved.cluster.client(0, token=saved.member_token) as member:
         reply = member.get("/v1/sys/storage/raft/snapshot")
         assert reply.status_code == 403, reply.text
+        assert reply.json()["errors"], "Vault's path answers in Vault's error shape"
+        native = member.get("/v1/sys/backup")
+        assert native.status_code == 403
+        assert native.json()["error"]["code"] == "forbidden"
     existing = tmp_path / "existing.backup"
     existing.write_text("an older backup")
     result = vault_cli(["operator", "snapshot", "save", str(existing)], saved.cluster.cli_env())
