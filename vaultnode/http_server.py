@@ -605,6 +605,8 @@ class _HttpConnection(asyncio.Protocol):
                 self._server.in_flight -= 1
                 self._busy = False
             if self._transport is None:
+                if response.stream is not None:
+                    await response.stream.aclose()  # the client left before its answer
                 return
             head_only = isinstance(work, Request) and work.method == "HEAD"
             if response.stream is not None:
