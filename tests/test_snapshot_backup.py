@@ -310,6 +310,20 @@ def test_truncated_and_tampered_files_are_refused(saved: Saved, tmp_path: Path) 
         _assert_nothing_written(out)
 
 
+def test_inspect_checks_a_file_without_a_key(saved: Saved, tmp_path: Path) -> None:
+    intact = vault_cli(["operator", "snapshot", "inspect", str(saved.backup)])
+    assert intact.returncode == 0, intact.stderr
+    header, _ = read_backup(saved.backup)
+    assert f"slot                  {header.slot}" in intact.stdout
+    assert header.key_check_value.hex() in intact.stdout
+    damaged = tmp_path / "damaged.backup"
+    data = saved.backup.read_bytes()
+    damaged.write_bytes(data[:-2] + bytes([data[-2] ^ 4]) + data[-1:])
+    refused = vault_cli(["operator", "snapshot", "inspect", str(damaged)])
+    assert refused.returncode == 1
+    assert "checksum mismatch" in refused.stderr
+
+
 def test_a_wrong_root_key_is_refused(saved: Saved, tmp_path: Path) -> None:
     wrong_key = tmp_path / "wrong.key"
     write_root_key_file(wrong_key, generate_root_key())
