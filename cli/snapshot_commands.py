@@ -40,7 +40,8 @@ def _taken_at(header: BackupHeader) -> str:
 @snapshot.command(name="save")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
-    "--timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0, show_default=True,
+    "--start-timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0,
+    show_default=True,
     help="Seconds to wait for the node to start sending (it serialises the state first).",
 )
 @click.pass_context
