@@ -89,7 +89,8 @@ class LoadWriter(threading.Thread):
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
     root = tmp_path_factory.mktemp("backup")
     for cluster in started_cluster(root / "old", nodes=3):
-        wait_for_leader(cluster.nodes)
+        leader = wait_for_leader(cluster.nodes)
+        follower = next(node for node in cluster.nodes if node is not leader)
         values: list[str] = []
         with cluster.client(1) as client:
             policy = 'path "secret/data/team/*" { capabilities = ["read", "create", "update"] }'
@@ -119,7 +120,9 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
         time.sleep(1.0)  # load under way before the save begins
         backup = root / "vault.backup"
         save_started = time.monotonic()
-        result = vault_cli(["operator", "snapshot", "save", str(backup)], cluster.cli_env())
+        # Saved through a follower: it must get its read point from the leader.
+        env = {**cluster.cli_env(), "VAULT_ADDR": follower.url}
+        result = vault_cli(["operator", "snapshot", "save", str(backup)], env)
         writer.stopping.set()
         writer.join(timeout=30)
         assert result.returncode == 0, result.stderr
