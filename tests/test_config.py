@@ -233,6 +233,7 @@ def test_load_config_resolves_relative_paths_against_the_file_not_the_cwd(tmp_pa
     assert config.root_key_file == Path("/abs/root.key")
 
 
+@pytest.mark.processes  # runs vaultnode.main, which exits at its config check
 def test_vaultnode_exits_2_naming_the_key_before_touching_anything(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
