@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from consensus.transport import PeerEndpoint, PeerTransport
-from storage.crypto_errors import RootKeyError
+from storage.crypto_errors import RootKeyError, WrongRootKeyError
 from storage.errors import StorageError
 from storage.keysource import (
     newest_check_value,
@@ -141,6 +141,12 @@ class VaultNode:
         except RootKeyError as exc:
             raise StartupError(f"root key: {exc}") from exc
 
+    def _check_root_key(self, sealer: Sealer, expected_kcv: bytes) -> None:
+        try:
+            sealer.check_root_key(expected_kcv)
+        except WrongRootKeyError as exc:
+            raise StartupError(f"{exc} ({self._key_origin()})") from None
+
     def _key_origin(self) -> str:
         config = self.config
         if config.root_key_source == "file":
@@ -227,11 +233,8 @@ class VaultNode:
         del root_key  # the Sealer holds the only reference, dropped when the node seals
         # May be newer than a replayed snapshot after a root-key rotation (_wait_for_shares).
         expected = self._newest_check_value(state)
-        if expected is not None and expected != sealer.key_check_value:
-            raise StartupError(
-                "wrong root key: its check value does not match this vault's "
-                f"({self._key_origin()})"
-            )
+        if expected is not None:
+            self._check_root_key(sealer, expected)
         try:
             audit = AuditTrail.open(
                 config.audit_path,
@@ -487,11 +490,10 @@ class VaultNode:
                     await self._bootstrap(replicator, sealer)
             if not state.initialized:
                 await asyncio.sleep(0.05)
-        if state.key_check_value != sealer.key_check_value:
-            self._fatal(StartupError(
-                "wrong root key: its check value does not match this vault's "
-                f"({self._key_origin()})"
-            ))
+        try:
+            self._check_root_key(sealer, state.key_check_value)
+        except StartupError as exc:
+            self._fatal(exc)
 
     async def _bootstrap(
         self, replicator: LocalReplicator | PaxosReplicator, sealer: Sealer

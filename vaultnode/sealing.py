@@ -39,6 +39,11 @@ class Sealer:
             if not record.retired
         ]
 
+    def check_root_key(self, expected_kcv: bytes) -> None:
+        """WrongRootKeyError unless this node's root key has the vault's recorded check value
+        (storage/rootkey.py: a constant-time comparison)."""
+        rootkey.check_root_key(self._root_key, expected_kcv)
+
     def expect_root_key(self, new_root_key: bytes) -> None:
         self._pending_root_key = new_root_key
 
