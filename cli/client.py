@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -112,6 +113,30 @@ class ServerError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+# The stable codes of docs/api.md for the statuses HashiCorp Vault's routes answer with.
+_VAULT_STATUS_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    500: "internal",
+    503: "unavailable",
+}
+
+
+def _vault_error(status: int, messages: list[Any]) -> ServerError:
+    """Vault's routes (`/v1/sys/...`, `/v1/auth/...`, docs/api.md) answer `{"errors": [...]}`,
+    not our `{"error": {code, message}}`: the code follows the status, the message is theirs."""
+    message = "; ".join(str(m) for m in messages)
+    if not message:  # Vault's 404 is an empty list
+        try:
+            message = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            message = f"HTTP {status}"
+    return ServerError(status, _VAULT_STATUS_CODES.get(status, "error"), message, {})
 
 
 @dataclass(frozen=True)
@@ -211,6 +236,9 @@ class VaultClient:
                 f"the server answered HTTP {response.status_code} without JSON"
             ) from exc
         if response.status_code >= 400:
+            vault_errors = body.get("errors") if isinstance(body, dict) else None
+            if isinstance(vault_errors, list):
+                raise _vault_error(response.status_code, vault_errors)
             error = body.get("error", {}) if isinstance(body, dict) else {}
             details = {k: v for k, v in error.items() if k not in ("code", "message")}
             raise ServerError(

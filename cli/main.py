@@ -21,6 +21,7 @@ import click
 from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
+from cli.policy_commands import TOKEN_COMMANDS, operator_generate_root, policy
 from vaultnode.cluster_view import leader_commit_index as _leader_commit_index
 
 # No scheme means https, always; plain HTTP must be written http:// (cli/client.py).
@@ -462,61 +463,6 @@ def token() -> None:
     """Create and inspect tokens."""
 
 
-@token.command(name="create")
-@click.option(
-    "--policy",
-    "policies",
-    multiple=True,
-    required=True,
-    metavar="PREFIX=CAP[,CAP]",
-    help="Allow capabilities (create, update, read, history, list) under a name prefix.",
-)
-@click.option("--display-name", default="token", show_default=True)
-@click.option("--ttl", type=click.IntRange(min=1), default=None, help="Lifetime in seconds.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_ctx
-def token_create(
-    ctx: Context, policies: tuple[str, ...], display_name: str, ttl: int | None, as_json: bool
-) -> None:
-    """Create a token limited to name-prefix policies (root only)."""
-    from vaultnode.auth import CAPABILITIES
-
-    parsed = []
-    for policy in policies:
-        prefix, sep, caps = policy.partition("=")
-        capabilities = caps.split(",")
-        if not sep or not caps:
-            raise click.UsageError(f"--policy {policy!r}: expected PREFIX=CAP[,CAP...]")
-        unknown = [c for c in capabilities if c not in CAPABILITIES]
-        if unknown:
-            raise click.UsageError(
-                f"--policy {policy!r}: unknown capability {unknown[0]!r}"
-                f" (known: {', '.join(CAPABILITIES)})"
-            )
-        parsed.append({"prefix": prefix, "capabilities": capabilities})
-    body: dict[str, Any] = {"policies": parsed, "display_name": display_name}
-    if ttl is not None:
-        body["ttl"] = ttl
-    reply = run(lambda: ctx.client.request("POST", "/v1/tokens", json_body=body))
-    if as_json:
-        emit_json(reply.body)
-    else:
-        click.echo(f"token:    {reply.body['token']}")
-        click.echo(f"accessor: {reply.body['accessor']}")
-        click.echo(f"expires:  {reply.body['expires_at'] or 'never'}")
-
-
-@token.command(name="lookup")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_ctx
-def token_lookup(ctx: Context, as_json: bool) -> None:
-    """Describe the token in use."""
-    reply = run(lambda: ctx.client.request("GET", "/v1/tokens/self"))
-    emit_json(reply.body) if as_json else click.echo(
-        f"{reply.body['display_name']} ({reply.body['accessor']})"
-    )
-
-
 @token.command(name="revoke-self")
 @pass_ctx
 def token_revoke_self(ctx: Context) -> None:
@@ -825,6 +771,10 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
 
 main.add_command(audit)
 main.add_command(env)
+main.add_command(policy)
+for _command in TOKEN_COMMANDS:
+    token.add_command(_command)
+operator.add_command(operator_generate_root)
 
 
 def entry() -> None:

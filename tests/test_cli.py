@@ -358,21 +358,26 @@ def test_an_empty_address_list_is_a_usage_error(addresses: str) -> None:
     assert "--addr" in result.stderr and "at least one node address" in result.stderr
 
 
-def test_create_with_no_value_on_a_terminal_is_a_usage_error(shared_vault: Cluster) -> None:
-    # With stdin a terminal the CLI must not sit waiting for a value the user never meant to type.
+def vault_cli_at_a_terminal(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with a terminal (a pty nobody types into) as standard input."""
     controller, terminal = pty.openpty()
     try:
-        finished = subprocess.run(
-            [sys.executable, "-m", "cli.main", "create", "cli/from-tty"],
+        return subprocess.run(
+            [sys.executable, "-m", "cli.main", *args],
             stdin=terminal,
             capture_output=True,
             text=True,
-            env=shared_vault.cli_env(),
+            env=cluster.cli_env(),
             timeout=CLI_DEADLINE_S,
         )
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+def test_create_with_no_value_on_a_terminal_is_a_usage_error(shared_vault: Cluster) -> None:
+    # With stdin a terminal the CLI must not sit waiting for a value the user never meant to type.
+    finished = vault_cli_at_a_terminal(shared_vault, "create", "cli/from-tty")
     assert finished.returncode == 2
     assert "no value" in finished.stderr
     assert stored(shared_vault, "cli/from-tty") is None

@@ -25,14 +25,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 
 # Opt-in: 200 MiB through three nodes takes 60-120 s on the shared 2-core machine, and at a load
 # average of 18-20 the leader is still deposed during the burst (docs/replication.md,
 # "Backpressure on large bursts": not solved at that load).
 FULL_SCALE_ENV = "VAULT_TEST_FULL_SCALE"
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.processes,
     pytest.mark.skipif(
         os.environ.get(FULL_SCALE_ENV) != "1",
         reason=f"full-scale burst (200 MiB, 60-120 s here) runs only with {FULL_SCALE_ENV}=1",

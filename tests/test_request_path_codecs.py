@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from storage import envelope
@@ -79,6 +80,17 @@ def test_commands_encode_to_the_bytes_already_in_logs_and_decode_back(
 ) -> None:
     assert encode_command(command).hex() == golden_hex
     assert decode_command(bytes.fromhex(golden_hex)) == command
+
+
+def test_a_token_with_named_policies_carries_them_and_one_without_writes_the_old_bytes() -> None:
+    header = CommandHeader("r", "", 1)
+    named = CreateToken(header, accessor="a", policy_names=["ops"], parent="root-acc")
+    wire = msgpack.unpackb(encode_command(named), raw=False)
+    assert (wire["policy_names"], wire["parent"]) == (["ops"], "root-acc")
+    assert decode_command(encode_command(named)) == named
+    plain = CreateToken(header, accessor="a")
+    assert not {"policy_names", "parent"} & set(msgpack.unpackb(encode_command(plain), raw=False))
+    assert decode_command(encode_command(plain)) == plain
 
 
 def test_a_header_without_idempotency_decodes_and_one_with_an_unknown_field_is_refused() -> None:

@@ -269,7 +269,7 @@ def first_caught(seeds_max: int, **overrides: object) -> tuple[int | None, SimRe
 
 # Bounds are at least twice the seed at which each was first caught (docs/consensus.md).
 PLANTED_WORKLOAD_BUGS: dict[str, tuple[dict[str, object], int]] = {
-    "clock_offsets_ignore_own_jumps": ({"clock_offsets_factory": IgnoresOwnClockJumps}, 40),
+    "clock_offsets_ignore_own_jumps": ({"clock_offsets_factory": IgnoresOwnClockJumps}, 100),
     "wrong_not_applied": ({"replica_factory": LeaderSaysNotAppliedButOrders}, 20),
     "oversized_command_ordered": ({"replica_factory": OrdersOversizedCommands}, 20),
 }

@@ -88,9 +88,11 @@ class CreateToken(Command):
     # ever holding it in the clear.
     token_sealed: dict[str, Any] = field(default_factory=dict)
     # Named ACL policies (docs/policies.md); the parent is the creator's accessor, revoking it
-    # revokes this token. Both default to what tokens had before policies existed.
+    # revokes this token. Both default to what tokens had before policies existed, and are left
+    # off the wire at that default (ADDED_FIELDS).
     policy_names: list[str] = field(default_factory=list)
     parent: str = ""
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("policy_names", "parent")
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,17 @@ _BODY_FIELDS: dict[type[Command], tuple[str, ...]] = {
     for cls in COMMAND_TYPES.values()
 }
 _HEADER_KEYS = frozenset({"request_id", "principal", "proposed_at_us", "idempotency"})
+# Fields added to a command after its wire form was in logs: written only when they differ from
+# their default, so a command that does not use them encodes to the very bytes older nodes wrote
+# and read (tests/test_request_path_codecs.py).
+_ADDED_DEFAULTS: dict[type[Command], dict[str, Any]] = {
+    cls: {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+        if f.name in getattr(cls, "ADDED_FIELDS", ())
+    }
+    for cls in COMMAND_TYPES.values()
+}
 
 
 def command_to_wire(command: Command) -> dict[str, Any]:
@@ -278,8 +291,12 @@ def command_to_wire(command: Command) -> dict[str, Any]:
     if names is None:  # a Command subclass outside COMMAND_TYPES (a test's): same layout
         names = tuple(f.name for f in dataclasses.fields(command) if f.name != "header")
     wire: dict[str, Any] = {"t": cls.TAG, "header": _header_to_wire(command.header)}
+    added = _ADDED_DEFAULTS.get(cls, {})
     for name in names:
-        wire[name] = getattr(command, name)
+        value = getattr(command, name)
+        if name in added and value == added[name]:
+            continue
+        wire[name] = value
     return wire
 
 

@@ -139,7 +139,8 @@ class HistoryFile:
 def _input_from_json(kind: str, fields: list[Any]) -> Input:
     if kind in ("batch_create", "batch_read"):
         return BatchInput(kind, tuple(fields[1]), tuple(fields[2]))
-    return VaultInput(*fields)
+    read_back = VaultInput(*fields)
+    return read_back._replace(names=tuple(read_back.names))  # JSON has no tuples
 
 
 def _output_from_json(kind: str, output: Any) -> Any:
