@@ -366,7 +366,8 @@ class ReaderRejoin(_AimedFault):
             return leaders[0] if len(leaders) == 1 else None
 
         self._await(attempt, lambda: leader() is not None,
-                    lambda: self._prime(attempt, leader()), wait_ms=self.end_ms)
+                    lambda: self._prime(attempt, leader()),
+                    wait_ms=self.end_ms - self.loop.now_ms)
 
     def _prime(self, attempt: int, leader: int | None) -> None:
         assert leader is not None
