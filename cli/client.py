@@ -227,6 +227,57 @@ class VaultClient:
             time.sleep(backoff_s * (0.5 + random.random()))
             backoff_s = min(backoff_s * 2, 1.0)
 
+    def download(
+        self, path: str, sink: Callable[[bytes], None], *, first_byte_timeout_s: float
+    ) -> None:
+        """GET `path` (authenticated) and hand its body to `sink` as it arrives. Another address
+        is tried, as `request` does, only while nothing has reached `sink`; a transfer that
+        breaks off afterwards is a ClientError (the caller discards what it got). The server may
+        take `first_byte_timeout_s` to start answering (a backup serialises the state first)."""
+        if not self.token:
+            raise ClientError("no token: set VAULT_TOKEN or pass --token")
+        headers = {"Authorization": f"Bearer {self.token}"}
+        timeout = httpx.Timeout(self.timeout_s, read=first_byte_timeout_s)
+        give_up_at = time.monotonic() + self.deadline_s
+        backoff_s = 0.05
+        attempt = 0
+        while True:
+            address = self.addresses[(self._preferred + attempt) % len(self.addresses)]
+            received = False
+            try:
+                with self._http.stream(
+                    "GET", address + path, headers=headers, timeout=timeout
+                ) as response:
+                    retry = response.status_code in RETRYABLE_STATUS
+                    if response.status_code != 200 and not (
+                        retry and time.monotonic() + backoff_s < give_up_at
+                    ):
+                        response.read()
+                        self._reply(response)  # raises the server's error
+                        raise ClientError(f"{address}: HTTP {response.status_code}")
+                    if not retry:
+                        for chunk in response.iter_raw():
+                            received = True
+                            sink(chunk)
+                        return
+                    last_problem = f"{address}: HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                tls_problem = _tls_failure(exc)
+                if tls_problem is not None:
+                    raise ClientError(f"{address}: {tls_problem}") from None
+                if received:
+                    raise ClientError(
+                        f"{address}: the transfer broke off ({type(exc).__name__})"
+                    ) from None
+                last_problem = f"{address}: {type(exc).__name__}"
+            attempt += 1
+            if time.monotonic() + backoff_s >= give_up_at:
+                raise ClientError(
+                    f"no vault node answered within {self.deadline_s:g}s (last: {last_problem})"
+                )
+            time.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, 1.0)
+
     @staticmethod
     def _reply(response: httpx.Response) -> Reply:
         try:

@@ -41,7 +41,7 @@ class InitResult:
     out_dir: Path
     config_paths: list[Path]
     http_addresses: list[str]
-    token_path: Path
+    token_path: Path | None  # None (and root_token "") when no root token was issued
     root_token: str
     ca_path: Path
     scheme: str  # "https", or "http" for a plaintext development cluster
@@ -100,8 +100,14 @@ def init_cluster(
     root_key_source: str = "file",
     key_shares: int = 5,
     key_threshold: int = 3,
+    root_key: bytes | None = None,
+    issue_root_token: bool = True,
 ) -> InitResult:
     """Write a new cluster's files. `data_dir`, when given, is every node's (absolute) data path.
+
+    A restore (cli/snapshot_restore.py) passes the backed-up vault's `root_key` and
+    `issue_root_token=False`: its vault is already initialised and keeps its own tokens, so the
+    bootstrap token hash the configs need is of a token nobody holds, and no token file is written.
 
     `root_key_source` says how nodes get the root key: "file" (a 0600 key file per node),
     "systemd-credential" (a credential file per node, encrypted by `systemd-creds` with this
@@ -121,7 +127,7 @@ def init_cluster(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InitError(f"{out_dir} is not empty; refusing to overwrite an existing cluster")
     out_dir.mkdir(parents=True, exist_ok=True)
-    root_key = generate_root_key()
+    root_key = generate_root_key() if root_key is None else root_key
     root_token = new_token()
     root_accessor = new_accessor()
     cluster_id = secrets.token_hex(8)
@@ -180,14 +186,16 @@ def init_cluster(
         path.write_text(config)
         config_paths.append(path)
     del root_key
-    token_path = out_dir / TOKEN_FILE_NAME
-    write_private(token_path, root_token + "\n")
+    token_path: Path | None = None
+    if issue_root_token:
+        token_path = out_dir / TOKEN_FILE_NAME
+        write_private(token_path, root_token + "\n")
     return InitResult(
         out_dir,
         config_paths,
         [http for _, _, _, http in addresses],
         token_path,
-        root_token,
+        root_token if issue_root_token else "",
         out_dir / "ca.pem",
         "http" if plaintext_http else "https",
         shares,

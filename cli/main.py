@@ -22,6 +22,7 @@ from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
 from cli.policy_commands import TOKEN_COMMANDS, operator_generate_root, policy
+from cli.snapshot_commands import snapshot
 from vaultnode.cluster_view import leader_commit_index as _leader_commit_index
 
 # No scheme means https, always; plain HTTP must be written http:// (cli/client.py).
@@ -769,6 +770,7 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
     click.echo(f"key {kek_id} retired")
 
 
+operator.add_command(snapshot)
 main.add_command(audit)
 main.add_command(env)
 main.add_command(policy)

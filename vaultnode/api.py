@@ -32,6 +32,7 @@ from vaultnode.commands import (
 )
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
+from vaultnode.handlers.backup import BackupRoutes
 from vaultnode.handlers.batch import BatchRoutes
 from vaultnode.handlers.keys import KeyRoutes
 from vaultnode.handlers.secrets import SecretRoutes
@@ -165,6 +166,7 @@ class VaultApi:
         # matters only among routes whose paths overlap (the first match wins).
         self.routes: list[RouteSpec] = [
             *system.routes(),
+            *BackupRoutes(self, cluster_id).routes(),
             *SecretRoutes(self).routes(),
             *TokenRoutes(self).routes(),
             *BatchRoutes(self).routes(),
@@ -225,7 +227,10 @@ class VaultApi:
             response = error_response(500, "internal", "internal error")
         if request.path.startswith(self._vault_paths):
             response = as_vault_error(response)
-        response = self._observe(call, response)
+        observed = self._observe(call, response)
+        if response.stream is not None and observed is not response:
+            await response.stream.aclose()  # withheld (the audit line failed): end its producer
+        response = observed
         response.headers.append(("X-Request-Id", request_id))
         if call.stale_bound_ms is not None:
             response.headers.append((STALE_BOUND_HEADER, str(call.stale_bound_ms)))

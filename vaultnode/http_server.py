@@ -15,7 +15,7 @@ import logging
 import resource
 import ssl
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -43,12 +43,24 @@ class Request:
     client: str = ""  # the peer's IP address: the audit's rate limit on auth failures is per client
 
 
+class BodyStream(Protocol):
+    """A response body too large to hold at once, produced chunk by chunk (a backup). The server
+    calls `aclose` exactly once whatever happens, even if it never starts reading."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str = "application/json"
+    # When set, the body is these chunks instead of `body`, exactly `stream_bytes` of them.
+    stream: BodyStream | None = None
+    stream_bytes: int = 0
 
     @classmethod
     def json(
@@ -87,10 +99,11 @@ def _encode_response(response: Response, keep_alive: bool, head_only: bool = Fal
     if status_line is None:
         status_line = f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}"
         _status_lines[response.status] = status_line
+    body_bytes = response.stream_bytes if response.stream is not None else len(response.body)
     head = (
         f"{status_line}\r\n"
         f"Content-Type: {response.content_type}\r\n"
-        f"Content-Length: {len(response.body)}\r\n"
+        f"Content-Length: {body_bytes}\r\n"
         f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
     )
     for name, value in response.headers:
@@ -592,9 +605,17 @@ class _HttpConnection(asyncio.Protocol):
                 self._server.in_flight -= 1
                 self._busy = False
             if self._transport is None:
+                if response.stream is not None:
+                    await response.stream.aclose()  # the client left before its answer
                 return
             head_only = isinstance(work, Request) and work.method == "HEAD"
-            self._send(_encode_response(response, keep_alive, head_only), then_close=not keep_alive)
+            if response.stream is not None:
+                if not await self._stream(response, response.stream, keep_alive, head_only):
+                    return
+            else:
+                self._send(
+                    _encode_response(response, keep_alive, head_only), then_close=not keep_alive
+                )
             if not keep_alive:
                 return
             if self._work:
@@ -604,6 +625,46 @@ class _HttpConnection(asyncio.Protocol):
                 # The client is not reading its answers: serve it no more until it does.
                 self._writable = asyncio.get_running_loop().create_future()
                 await self._writable
+
+    async def _stream(
+        self, response: Response, stream: BodyStream, keep_alive: bool, head_only: bool
+    ) -> bool:
+        """Write a streamed answer, a chunk at a time and only while the client reads (the
+        connection's write high-water mark); False if the connection ended. A stream that fails
+        or falls short closes the connection before its Content-Length: the client sees an
+        incomplete answer rather than a complete-looking wrong one. The connection counts as busy
+        meanwhile, also while the stream waits for its producer: only a client that leaves the
+        answer unread past the idle timeout is cut (the send phase)."""
+        self._busy = True
+        try:
+            self._send(_encode_response(response, keep_alive, head_only))
+            self._write_outgoing()
+            if head_only:
+                return True
+            sent = 0
+            async for chunk in stream:
+                if self._transport is None:
+                    return False
+                sent += len(chunk)
+                if sent > response.stream_bytes:
+                    raise ValueError("the stream is longer than its Content-Length")
+                self._send(chunk)
+                self._write_outgoing()
+                while self._writing_paused and self._transport is not None:
+                    self._writable = asyncio.get_running_loop().create_future()
+                    await self._writable
+            if sent != response.stream_bytes:
+                raise ValueError("the stream is shorter than its Content-Length")
+        except Exception:
+            log.exception("a streamed answer failed; closing the connection")
+            if self._transport is not None:
+                self._transport.abort()
+            return False
+        finally:
+            self._busy = False
+            self._rearm()
+            await stream.aclose()
+        return self._transport is not None
 
     def close_if_idle(self) -> None:
         if self._transport is not None and not self._work:
