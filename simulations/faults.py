@@ -3,10 +3,9 @@
 Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
 one-way link cut, slow link, crash with restart, crash of a follower with a read in flight,
 pause, slow disk, fsync error, slow clock, the aimed `stranded_leader` and `reader_rejoin`;
-and amnesia, a
-configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives a whole plan
-from one integer. Hypothesis builds the same dataclasses in the tests, so a shrunk failure is
-a readable plan.
+and amnesia, a configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives
+a whole plan from one integer. Hypothesis builds the same dataclasses in the tests, so a
+shrunk failure is a readable plan.
 
 Must never: act. Plans are data; `simulations.simulator` carries them out.
 """
