@@ -55,6 +55,7 @@ _.fsync_seconds_total  # unused attribute (vaultnode/paxos_replicator.py:608)
 _.binary_location  # selenium reads it (tests/test_ui_console.py:131)
 _.strikes  # a counter for failure reports (simulations/aimed_faults.py)
 _.strandings  # a counter for failure reports (simulations/aimed_faults.py)
+_.primings  # a counter for failure reports (simulations/aimed_faults.py: reader_rejoin)
 near_limit_writes  # WorkloadCounts fields are printed through vars() (simulations/simulator.py)
 batch_ops  # WorkloadCounts
 token_expiries  # WorkloadCounts

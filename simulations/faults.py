@@ -2,10 +2,10 @@
 
 Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
 one-way link cut, slow link, crash with restart, crash of a follower with a read in flight,
-pause, slow disk, fsync error, slow clock, the aimed `stranded_leader`; and amnesia, a
-configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives a whole plan
-from one integer. Hypothesis builds the same dataclasses in the tests, so a shrunk failure is
-a readable plan.
+pause, slow disk, fsync error, slow clock, the aimed `stranded_leader` and `reader_rejoin`;
+and amnesia, a configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives
+a whole plan from one integer. Hypothesis builds the same dataclasses in the tests, so a
+shrunk failure is a readable plan.
 
 Must never: act. Plans are data; `simulations.simulator` carries them out.
 """
@@ -33,10 +33,12 @@ FAULT_KINDS = (
 # Faults outside the model the core is built for: a run with one is reported as a configuration
 # error by the checkers, never as a pass. Random plans draw them only when asked.
 CONFIGURATION_FAULT_KINDS = ("amnesia",)
-# Multi-step schedules that watch the cluster (simulations/aimed_faults.py: `stranded_leader`).
-# They are drawn after everything else in a plan, from the same plan `Random`, so adding them
-# left every other fault of a seed as it was.
+# Multi-step schedules that watch the cluster (simulations/aimed_faults.py: `stranded_leader`,
+# `reader_rejoin`). They are drawn after everything else in a plan, from the same plan
+# `Random`, each after the ones added before it, so adding one left every other fault of a
+# seed as it was.
 STRANDED_LEADER_PROBABILITY = 0.5
+READER_REJOIN_PROBABILITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class Fault:
     follower's catch-up request reaches it, and if that follower wins the election, strands it
     with a minority, its clock slow, then heals the route to the old leader first: the held
     request is answered after the majority chose at a higher ballot.
+    A `reader_rejoin` (aimed, too) takes a cluster down to a bare quorum, restarts a follower,
+    crashes it again as its first read-index request reaches the leader, slows the leader's
+    route to it, brings everything back, then writes a fresh secret through the leader and
+    reads it through that follower: the old request's answer is then on that route, ahead
+    of the write's.
     `amnesia` wipes a node's disk before it restarts. The fault lasts `duration_ms` (a crashed
     node restarts after it)."""
 
@@ -142,12 +149,18 @@ def random_plan(
 
 
 def random_aimed_faults(rng: Random, safety_ms: int) -> tuple[Fault, ...]:
-    """Half of the plans strand a leader (see `Fault`): from early in the safety phase to its
-    end, so that it has time for a few strikes."""
-    if rng.random() >= STRANDED_LEADER_PROBABILITY:
-        return ()
-    start_ms = rng.randrange(safety_ms // 4)
-    return (Fault("stranded_leader", start_ms, safety_ms - start_ms, ()),)
+    """Half of the plans strand a leader, and then (drawn after it, so that adding it left the
+    earlier draws as they were) half restart a reader through a degraded cluster (see
+    `Fault`): each from early in the safety phase to its end, so that it has time for a few
+    strikes."""
+    faults: list[Fault] = []
+    if rng.random() < STRANDED_LEADER_PROBABILITY:
+        start_ms = rng.randrange(safety_ms // 4)
+        faults.append(Fault("stranded_leader", start_ms, safety_ms - start_ms, ()))
+    if rng.random() < READER_REJOIN_PROBABILITY:
+        start_ms = rng.randrange(safety_ms // 4)
+        faults.append(Fault("reader_rejoin", start_ms, safety_ms - start_ms, ()))
+    return tuple(faults)
 
 
 def random_fault(

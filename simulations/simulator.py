@@ -28,7 +28,7 @@ from consensus.config import ClusterConfig, Limits, encoded_command_bytes
 from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
-from simulations.aimed_faults import StrandedLeader
+from simulations.aimed_faults import PENDING, ReaderRejoin, StrandedLeader
 from simulations.checkers import (
     Observer,
     Violation,
@@ -65,6 +65,7 @@ CLIENT_ATTEMPT_TIMEOUT_MS = 250
 # linearizability search expensive, so they are kept rare.
 CLIENT_WRITE_DEADLINE_MS = 2000
 PROBE_CLIENT_ID = 0
+AIMED_CLIENT_ID_FIRST = 1000  # aimed faults' own clients (one per operation) count up from here
 TOKEN_TTLS_S = (2, 3)  # runs last 4.5 s: tokens expire within a run
 
 
@@ -524,7 +525,8 @@ class _Simulation:
         self.probe_done_ms: int | None = None
         self.crashed_readers = 0
         self._reader_strikes: list[Fault] = []
-        self.aimed_faults: list[StrandedLeader] = []
+        self.aimed_faults: list[StrandedLeader | ReaderRejoin] = []
+        self._aimed_clients = 0
 
     # -- wiring
 
@@ -668,6 +670,13 @@ class _Simulation:
             )
             self.aimed_faults.append(actor)
             return actor.actions()
+        if fault.kind == "reader_rejoin":
+            rejoin = ReaderRejoin(
+                fault, Random(self.plan_seed ^ fault.start_ms ^ 0xB2), self.loop, self.network,
+                self.nodes, self,
+            )
+            self.aimed_faults.append(rejoin)
+            return rejoin.actions()
         if fault.kind == "amnesia":
             victim = self.nodes[fault.nodes[0]]
 
@@ -719,6 +728,26 @@ class _Simulation:
         if fault.kind == "disk_error":
             return lambda: node.disk.fail_next("fsync"), self._restart_if_down(node)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def issue(self, kind: str, name: str, node_id: int) -> Callable[[], object]:
+        """An aimed fault's operation (`simulations.aimed_faults.AimedClient`): a client of its
+        own, with a key and no TTL token, sends it to `node_id` (and follows redirects)."""
+        self._aimed_clients += 1
+        client_id = AIMED_CLIENT_ID_FIRST + self._aimed_clients
+        index = int(name.removeprefix("secret-"))
+        client = _Client(self, client_id, (OpSpec(kind, index),))
+        client.keyless = client.uses_ttl_token = client.trusts_not_applied = False
+        client.target = node_id
+        self.clients[client_id] = client
+        client.start_next(keep_target=True)
+
+        def outcome() -> object:
+            if client.current is not None:
+                return PENDING
+            return next((op.output for op in self.history if op.client_id == client_id),
+                        PENDING)
+
+        return outcome
 
     def _crash_reader_actions(
         self, fault: Fault
