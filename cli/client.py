@@ -220,12 +220,7 @@ class VaultClient:
                 if time.monotonic() + backoff_s >= give_up_at:
                     return self._reply(response)
             attempt += 1
-            if time.monotonic() + backoff_s >= give_up_at:
-                raise ClientError(
-                    f"no vault node answered within {self.deadline_s:g}s (last: {last_problem})"
-                )
-            time.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, 1.0)
+            backoff_s = self._back_off(backoff_s, give_up_at, last_problem)
 
     def download(
         self, path: str, sink: Callable[[bytes], None], *, first_byte_timeout_s: float
@@ -271,12 +266,17 @@ class VaultClient:
                     ) from None
                 last_problem = f"{address}: {type(exc).__name__}"
             attempt += 1
-            if time.monotonic() + backoff_s >= give_up_at:
-                raise ClientError(
-                    f"no vault node answered within {self.deadline_s:g}s (last: {last_problem})"
-                )
-            time.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, 1.0)
+            backoff_s = self._back_off(backoff_s, give_up_at, last_problem)
+
+    def _back_off(self, backoff_s: float, give_up_at: float, last_problem: str) -> float:
+        """Sleep before the next attempt (jittered) and return the next backoff; give up when
+        the next attempt would start past the deadline."""
+        if time.monotonic() + backoff_s >= give_up_at:
+            raise ClientError(
+                f"no vault node answered within {self.deadline_s:g}s (last: {last_problem})"
+            )
+        time.sleep(backoff_s * (0.5 + random.random()))
+        return min(backoff_s * 2, 1.0)
 
     @staticmethod
     def _reply(response: httpx.Response) -> Reply:

@@ -23,6 +23,7 @@ the clients it drives draw their delays like every client, in the seeds that hav
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from random import Random
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,25 +45,25 @@ ROUTE_RETRANSMIT_MS_MAX = 20
 LEADER_CLOCK_SLOWDOWN = 10  # the stranded leader's timer (a stalled VM): check-quorum late
 
 
+@dataclass(frozen=True)
+class SimCluster:
+    """What an aimed fault watches and acts on: the simulation's loop, network and nodes."""
+
+    loop: EventLoop
+    network: SimNetwork
+    nodes: dict[int, SimNode]
+
+
 class _AimedFault:
     """What every aimed fault shares: its own `Random`, a look at every peer message about to
     arrive while the fault lasts, and attempts: a reset makes the timers of an older attempt
     do nothing."""
 
-    def __init__(
-        self,
-        fault: Fault,
-        rng: Random,
-        loop: EventLoop,
-        network: SimNetwork,
-        nodes: dict[int, SimNode],
-    ) -> None:
+    def __init__(self, fault: Fault, rng: Random, cluster: SimCluster) -> None:
         self.fault = fault
         self.rng = rng
-        self.loop = loop
-        self.network = network
-        self.nodes = nodes
-        self.node_ids = tuple(sorted(nodes))
+        self.loop, self.network, self.nodes = cluster.loop, cluster.network, cluster.nodes
+        self.node_ids = tuple(sorted(self.nodes))
         self.end_ms = fault.start_ms + fault.duration_ms
         self.armed = False
         self.active = False
@@ -137,15 +138,8 @@ class StrandedLeader(_AimedFault):
     With a correct core the Learn deposes A (it proves a higher ballot chose a slot A proposed
     in); with `LeaderTrustsEveryLearn` A's watermark vouches for its follower's value."""
 
-    def __init__(
-        self,
-        fault: Fault,
-        rng: Random,
-        loop: EventLoop,
-        network: SimNetwork,
-        nodes: dict[int, SimNode],
-    ) -> None:
-        super().__init__(fault, rng, loop, network, nodes)
+    def __init__(self, fault: Fault, rng: Random, cluster: SimCluster) -> None:
+        super().__init__(fault, rng, cluster)
         self.cuts: list[Link] = []
         self.slowed: SimNode | None = None
         self.strikes = 0  # catch-up requests struck at
@@ -293,15 +287,9 @@ class ReaderRejoin(_AimedFault):
     `ReadRoundsRestartEachIncarnation` it releases F's new read at the old (stale) point."""
 
     def __init__(
-        self,
-        fault: Fault,
-        rng: Random,
-        loop: EventLoop,
-        network: SimNetwork,
-        nodes: dict[int, SimNode],
-        client: AimedClient,
+        self, fault: Fault, rng: Random, cluster: SimCluster, client: AimedClient
     ) -> None:
-        super().__init__(fault, rng, loop, network, nodes)
+        super().__init__(fault, rng, cluster)
         self.client = client
         self.crashed: list[SimNode] = []
         self.slowed: Link | None = None

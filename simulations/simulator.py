@@ -28,7 +28,7 @@ from consensus.config import ClusterConfig, Limits, encoded_command_bytes
 from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
-from simulations.aimed_faults import PENDING, ReaderRejoin, StrandedLeader
+from simulations.aimed_faults import PENDING, ReaderRejoin, SimCluster, StrandedLeader
 from simulations.checkers import (
     Observer,
     Violation,
@@ -665,15 +665,13 @@ class _Simulation:
             return self._flapping_actions(fault)
         if fault.kind == "stranded_leader":
             actor = StrandedLeader(
-                fault, Random(self.plan_seed ^ fault.start_ms), self.loop, self.network,
-                self.nodes,
+                fault, Random(self.plan_seed ^ fault.start_ms), self._aimed_site()
             )
             self.aimed_faults.append(actor)
             return actor.actions()
         if fault.kind == "reader_rejoin":
             rejoin = ReaderRejoin(
-                fault, Random(self.plan_seed ^ fault.start_ms ^ 0xB2), self.loop, self.network,
-                self.nodes, self,
+                fault, Random(self.plan_seed ^ fault.start_ms ^ 0xB2), self._aimed_site(), self
             )
             self.aimed_faults.append(rejoin)
             return rejoin.actions()
@@ -748,6 +746,9 @@ class _Simulation:
                         PENDING)
 
         return outcome
+
+    def _aimed_site(self) -> SimCluster:
+        return SimCluster(self.loop, self.network, self.nodes)
 
     def _crash_reader_actions(
         self, fault: Fault
