@@ -376,6 +376,8 @@ def test_delete_and_undelete_a_version_after_confirming(
     find(session, "#version-2 button.delete").click()
     session.driver.switch_to.alert.accept()
     wait_for(session, "#action-result", "deleted version 2")
+    # The notice shows before the page has re-read the history: wait for the new rows.
+    wait_for(session, "#version-2 button.undelete")
     assert find(session, "#version-2 .state").text.startswith("deleted")
     assert "deleted" in find(session, "#timeline .bar.deleted").get_attribute("aria-label")
     with session.api() as api:
@@ -384,6 +386,7 @@ def test_delete_and_undelete_a_version_after_confirming(
     find(session, "#version-2 button.undelete").click()
     session.driver.switch_to.alert.accept()
     wait_for(session, "#action-result", "undeleted version 2")
+    wait_for(session, "#version-2 button.delete")
     assert find(session, "#version-2 .state").text == ""
     with session.api() as api:
         read = api.get(f"/v1/secrets/{name}", params={"version": 2})
