@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from bench.loadgen import (  # noqa: E402
     generate_load,
     vault_write,
 )
+from cli.cluster_init import write_private  # noqa: E402
 from simulations.harness import (  # noqa: E402
     Cluster,
     free_port_block,
@@ -60,6 +62,7 @@ from simulations.harness import (  # noqa: E402
     wait_for_leader,
     wait_until,
 )
+from vaultnode.tls import generate_ca, issue_node_cert  # noqa: E402
 
 WARMUP_S = 1.0
 PLACEMENTS = ("all nodes", "leader")
@@ -183,35 +186,70 @@ async def _soak(cluster: Cluster, seconds: float, clients: int) -> tuple[LoadRes
 class EtcdCluster:
     client_ports: list[int]
     processes: list[subprocess.Popen[bytes]]
+    ca_file: Path | None = None  # set when the client API is HTTPS: clients verify with it
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ca_file else "http"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def leader_port(self) -> int:
         """The client port of the member that leads now (from /v3/maintenance/status)."""
         for port in self.client_ports:
             status = httpx.post(
-                f"http://{LOOPBACK_HOST}:{port}/v3/maintenance/status", json={}, timeout=5.0
+                f"{self.scheme}://{LOOPBACK_HOST}:{port}/v3/maintenance/status", json={},
+                timeout=5.0, verify=self.verify,
             ).json()
             if status["header"]["member_id"] == status["leader"]:
                 return port
         raise RuntimeError("no etcd member reports itself as leader")
 
 
+def _etcd_client_tls(root: Path, members: int) -> tuple[Path, list[list[str]]]:
+    """A CA and one server certificate per member for 127.0.0.1 (the vault's own issuer):
+    the CA's path and each member's etcd TLS flags."""
+    ca_cert, ca_key = generate_ca("etcd-bench")
+    ca_path = root / "ca.pem"
+    ca_path.write_bytes(ca_cert)
+    flags = []
+    for member in range(1, members + 1):
+        cert, key = issue_node_cert(ca_cert, ca_key, member, [LOOPBACK_HOST])
+        (root / f"m{member}.pem").write_bytes(cert)
+        write_private(root / f"m{member}.key", key.decode())
+        flags.append(
+            [f"--cert-file={root / f'm{member}.pem'}", f"--key-file={root / f'm{member}.key'}"]
+        )
+    return ca_path, flags
+
+
 @contextmanager
-def etcd_cluster(root: Path, members: int = 3) -> Iterator[EtcdCluster]:
-    """Three etcd members on 127.0.0.1 with etcd's defaults (fsync on every commit)."""
+def etcd_cluster(root: Path, members: int = 3, *, tls: bool = False) -> Iterator[EtcdCluster]:
+    """Three etcd members on 127.0.0.1 with etcd's defaults (fsync on every commit); with
+    `tls` the client API serves HTTPS only (peer links stay plaintext)."""
     base = free_port_block(2 * members)
     names = [f"m{i + 1}" for i in range(members)]
     client_ports = [base + 2 * i for i in range(members)]
     peer_urls = [f"http://{LOOPBACK_HOST}:{base + 2 * i + 1}" for i in range(members)]
     initial = ",".join(f"{n}={u}" for n, u in zip(names, peer_urls, strict=True))
+    ca_file, tls_flags = _etcd_client_tls(root, members) if tls else (None, [[]] * members)
+    scheme = "https" if tls else "http"
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        for name, client_port, peer_url in zip(names, client_ports, peer_urls, strict=True):
-            client_url = f"http://{LOOPBACK_HOST}:{client_port}"
+        for name, client_port, peer_url, member_tls in zip(
+            names, client_ports, peer_urls, tls_flags, strict=True
+        ):
+            client_url = f"{scheme}://{LOOPBACK_HOST}:{client_port}"
             log = open(root / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
             processes.append(
                 subprocess.Popen(
                     [
                         "etcd",
+                        *member_tls,
                         f"--name={name}",
                         f"--data-dir={root / name}",
                         f"--listen-client-urls={client_url}",
@@ -229,12 +267,15 @@ def etcd_cluster(root: Path, members: int = 3) -> Iterator[EtcdCluster]:
                 )
             )
             log.close()
-        cluster = EtcdCluster(client_ports, processes)
+        cluster = EtcdCluster(client_ports, processes, ca_file)
 
         def healthy() -> bool:
             for port in client_ports:
                 try:
-                    reply = httpx.get(f"http://{LOOPBACK_HOST}:{port}/health", timeout=1.0)
+                    reply = httpx.get(
+                        f"{scheme}://{LOOPBACK_HOST}:{port}/health", timeout=1.0,
+                        verify=cluster.verify,
+                    )
                 except httpx.HTTPError:
                     return False
                 if reply.status_code != 200 or reply.json().get("health") != "true":

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import functools
 import json
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -246,13 +247,15 @@ async def generate_load(
     duration_s: float,
     count_max: int | None = None,
     ok_statuses: frozenset[int] = frozenset({200, 201}),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> LoadResult:
     """Run `clients` closed-loop clients until `duration_s` passes or `count_max` requests left.
 
     Given several ports (the nodes of a local cluster), client i connects to port i mod n. The
     clock starts once every connection is open, so connection set-up is not measured. A client
     whose connection closes stops (its in-flight request counts as a connection error); the
-    others carry on.
+    others carry on. With `ssl_context` every connection is HTTPS (the handshake, like the
+    connect, happens before the clock starts).
     """
     _check_loopback(host)
     if clients < 1:
@@ -269,7 +272,8 @@ async def generate_load(
             try:
                 _, protocol = await asyncio.wait_for(
                     loop.create_connection(
-                        functools.partial(_Client, run, index), host, port_of_client
+                        functools.partial(_Client, run, index), host, port_of_client,
+                        ssl=ssl_context,
                     ),
                     CONNECT_TIMEOUT_S,
                 )
