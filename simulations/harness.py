@@ -95,6 +95,8 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
     ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    # Put between the interpreter and `-m vaultnode.main` (bench: `-m cProfile -o <file>`).
+    python_options: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -117,7 +119,10 @@ class Node:
         assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vaultnode.main", "--config", str(self.config_path)],
+                [
+                    sys.executable, *self.python_options, "-m", "vaultnode.main",
+                    "--config", str(self.config_path),
+                ],
                 stdout=log,
                 stderr=log,
                 cwd=self.config_path.parent,
@@ -325,8 +330,11 @@ def make_cluster(
     tls: bool = False,
     env: dict[int, dict[str, str]] | None = None,
     init_options: dict[str, Any] | None = None,
+    profile_dir: Path | None = None,
 ) -> Cluster:
-    """`env`: environment variables added per node id (e.g. test-only fault hooks)."""
+    """`env`: environment variables added per node id (e.g. test-only fault hooks).
+    `profile_dir`: each node runs under cProfile and writes `node<id>.prof` there when it
+    stops (bench/README.md, profiling)."""
     base = free_port_block(2 * nodes)
     # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
     result = init_cluster(root, nodes, base, plaintext_http=not tls, **(init_options or {}))
@@ -353,6 +361,11 @@ def make_cluster(
                 root / f"node{node_id}.log",
                 ca_file=result.ca_path if tls else None,
                 env=(env or {}).get(node_id, {}),
+                python_options=(
+                    ["-m", "cProfile", "-o", str(profile_dir / f"node{node_id}.prof")]
+                    if profile_dir is not None
+                    else []
+                ),
             )
         )
     return cluster
