@@ -47,10 +47,11 @@ soak: $(STAMP)
 
 # Debian packages tests need: faketime (clock jumps and offsets), gcc (the nemesis fsync-stall
 # shim), systemd-creds (tests/test_unseal.py encrypts a root-key credential) and chromium with
-# chromedriver (tests/test_ui_console.py drives the web console headless).
+# chromedriver (tests/test_ui_console.py drives the web console headless), etcd-server (the
+# etcd beside the vault in bench/bench_matrix.py and tests/test_bench_matrix.py).
 # CI runs as root and installs them; elsewhere the step only says what is missing, and the
 # nemesis runs without those faults.
-SYSTEM_PACKAGES := faketime:faketime gcc:gcc systemd-creds:systemd chromium:chromium chromedriver:chromium-driver
+SYSTEM_PACKAGES := faketime:faketime gcc:gcc systemd-creds:systemd chromium:chromium chromedriver:chromium-driver etcd:etcd-server
 system-packages:
 	@for pair in $(SYSTEM_PACKAGES); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 && continue; package="$${pair#*:}"; \
