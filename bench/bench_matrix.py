@@ -20,6 +20,7 @@ Reproduce with:  .venv/bin/python bench/bench_matrix.py [--seconds 5] [--cells u
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -138,6 +139,8 @@ class System(Protocol):
 
     def ports(self, placement: str) -> list[int]: ...
 
+    def pid_of_port(self, port: int) -> int: ...
+
     def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder: ...
 
 
@@ -165,6 +168,13 @@ class VaultSystem:
             return [leader_port]
         return _followers_first(_ports([n.http_addr for n in self.cluster.nodes]), leader_port)
 
+    def pid_of_port(self, port: int) -> int:
+        (pid,) = [
+            pid for pid, n in zip(self.pids, self.cluster.nodes, strict=True)
+            if _ports([n.http_addr]) == [port]
+        ]
+        return pid
+
     def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder:
         host = self.cluster.nodes[0].http_addr
         token = self.cluster.root_token
@@ -190,6 +200,9 @@ class EtcdSystem:
             return [leader_port]
         return _followers_first(list(self.etcd.client_ports), leader_port)
 
+    def pid_of_port(self, port: int) -> int:
+        return self.pids[self.etcd.client_ports.index(port)]
+
     def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder:
         host = f"{LOOPBACK_HOST}:{self.etcd.client_ports[0]}"
         if operation == "read":  # the gateway's range is linearizable unless asked otherwise
@@ -203,6 +216,9 @@ class EtcdSystem:
 class Measured:
     result: LoadResult
     cpu_us_per_op: float
+    # The same split by member: "leader", "follower1" (the one client of a one-client cell via
+    # every node talks to it), "follower2".
+    cpu_us_per_op_by_member: dict[str, float]
 
     def as_json(self) -> dict[str, Any]:
         r = self.result
@@ -212,6 +228,9 @@ class Measured:
             "p50_ms": round(r.p50_ms, 3),
             "p99_ms": round(r.p99_ms, 3),
             "cpu_us_per_op": round(self.cpu_us_per_op, 1),
+            "cpu_us_per_op_by_member": {
+                k: round(v, 1) for k, v in self.cpu_us_per_op_by_member.items()
+            },
             "failures": r.failures_text(),
         }
 
@@ -256,12 +275,17 @@ async def measure(system: System, cell: Cell, seconds: float, keys: int) -> Meas
         key_of = _key_walk(keys, cell.clients)
     build = system.builder(cell.operation, cell.tag, key_of)
     ports = system.ports(cell.placement)
-    cpu_before_s = _nodes_cpu_s(system.pids)
+    pids = _members(system)
+    cpu_before_s = {name: _nodes_cpu_s([pid]) for name, pid in pids.items()}
     result = await generate_load(
         LOOPBACK_HOST, ports, build, clients=cell.clients, duration_s=seconds,
         ok_statuses=system.ok_statuses, ssl_context=system.ssl_context,
     )
-    return Measured(result, _cpu_us_per_op(_nodes_cpu_s(system.pids) - cpu_before_s, result))
+    by_member = {
+        name: _cpu_us_per_op(_nodes_cpu_s([pid]) - cpu_before_s[name], result)
+        for name, pid in pids.items()
+    }
+    return Measured(result, sum(by_member.values()), by_member)
 
 
 @contextmanager
@@ -342,7 +366,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     parts = [
         ".venv/bin/python bench/bench_matrix.py", f"--seconds {args.seconds:g}",
         f"--keys {args.keys}", f"--value-bytes {args.value_bytes}",
-        f"--warmup-seconds {args.warmup_seconds:g}",
+        f"--warmup-seconds {args.warmup_seconds:g}", f"--idle-seconds {args.idle_seconds:g}",
     ]
     if args.cells:
         parts.append(f"--cells {args.cells}")
@@ -374,6 +398,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup-seconds", type=float, default=1.0,
         help="16-client creates on each cluster before its first cell (default 1; 0 skips)",
     )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=2.0,
+        help="measure each cluster's CPU with no load for this long first (default 2; 0 skips)",
+    )
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
     parser.add_argument(
         "--profile", default="",
@@ -385,12 +413,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _members(system: System) -> dict[str, int]:
+    """Role -> pid, the followers in the order one-client "every" cells use them."""
+    *followers, leader = system.ports("every")
+    members = {"leader": leader} | {f"follower{i}": p for i, p in enumerate(followers, 1)}
+    return {name: system.pid_of_port(port) for name, port in members.items()}
+
+
+async def idle_cpu_ms_per_s(system: System, seconds: float) -> dict[str, float]:
+    """CPU ms per second each member burns with no request (ticks, heartbeats, timers)."""
+    pids = _members(system)
+    before = {name: _nodes_cpu_s([pid]) for name, pid in pids.items()}
+    await asyncio.sleep(seconds)
+    return {
+        name: round((_nodes_cpu_s([pid]) - before[name]) / seconds * 1e3, 1)
+        for name, pid in pids.items()
+    }
+
+
 async def run_cells(
-    vault: VaultSystem, etcd: EtcdSystem, cells: list[Cell], args: argparse.Namespace
+    vault: VaultSystem,
+    etcd: EtcdSystem,
+    cells: list[Cell],
+    args: argparse.Namespace,
+    idle_log: list[dict[str, Any]],
 ) -> list[Row]:
     for system in (vault, etcd):
         await preload(system, args.keys)
         await warm_up(system, args.warmup_seconds)
+    if args.idle_seconds > 0:
+        idle = {s.name: await idle_cpu_ms_per_s(s, args.idle_seconds) for s in (vault, etcd)}
+        print(
+            f"idle CPU over {args.idle_seconds:g} s without load, ms per s (the part of a "
+            "cell's CPU per op that is not the requests: this / ops/s): "
+            + "; ".join(
+                f"{name} {cells[0].transport} {sum(v.values()):.1f} ("
+                + ", ".join(f"{k} {x:.1f}" for k, x in v.items()) + ")"
+                for name, v in idle.items()
+            ),
+            flush=True,
+        )
+        idle_log.append({"transport": cells[0].transport, "idle_cpu_ms_per_s": idle})
+    print(header(), flush=True)  # once per transport, after its clusters' idle line
     rows = []
     for cell in cells:  # vault, then the same cell on etcd: drifting load hits both alike
         vault_measured = await measure(vault, cell, args.seconds, args.keys)
@@ -425,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     value = "v" * args.value_bytes
     rows: list[Row] = []
-    print(header(), flush=True)
+    idle_log: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vault-bench-matrix-") as root_text:
         root = Path(root_text)
         for transport in TRANSPORTS:
@@ -439,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if profile_dir is not None:
                     leader = wait_for_leader(vault.cluster.nodes)
                     print(f"profile: {transport} vault leader is node{leader.node_id}", flush=True)
-                rows += uvloop.run(run_cells(vault, etcd, cells, args))
+                rows += uvloop.run(run_cells(vault, etcd, cells, args, idle_log))
     load_after = _load_average()
     print(f"load average after {load_after}")
     if args.json:
@@ -457,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "keys": args.keys,
                     "value_bytes": args.value_bytes,
                     "seconds": args.seconds,
+                    "idle": idle_log,
                     "cells": [row.as_json() for row in rows],
                 },
                 indent=2,

@@ -95,7 +95,8 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
     ca_file: Path | None = None  # set when the node serves HTTPS: clients verify with it
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
-    # Put between the interpreter and `-m vaultnode.main` (bench: `-m cProfile -o <file>`).
+    # Put between the interpreter and `vaultnode.main` instead of `-m` (bench: a profiler,
+    # `-m simulations.cpu_profile -o <file> -m`).
     python_options: list[str] = field(default_factory=list)
 
     @property
@@ -118,9 +119,10 @@ class Node:
         `popen_options` go to subprocess.Popen (the environment, a pre-exec hook)."""
         assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            launcher = self.python_options or ["-m"]
             self.process = subprocess.Popen(
                 [
-                    sys.executable, *self.python_options, "-m", "vaultnode.main",
+                    sys.executable, *launcher, "vaultnode.main",
                     "--config", str(self.config_path),
                 ],
                 stdout=log,
@@ -333,8 +335,9 @@ def make_cluster(
     profile_dir: Path | None = None,
 ) -> Cluster:
     """`env`: environment variables added per node id (e.g. test-only fault hooks).
-    `profile_dir`: each node runs under cProfile and writes `node<id>.prof` there when it
-    stops (bench/README.md, profiling)."""
+    `profile_dir`: each node runs under cProfile (CPU time of its loop thread,
+    simulations/cpu_profile.py) and writes `node<id>.prof` there when it stops
+    (bench/README.md, profiling)."""
     base = free_port_block(2 * nodes)
     # Plain HTTP keeps most tests' clients simple; tests/test_client_tls.py covers HTTPS.
     result = init_cluster(root, nodes, base, plaintext_http=not tls, **(init_options or {}))
@@ -362,7 +365,10 @@ def make_cluster(
                 ca_file=result.ca_path if tls else None,
                 env=(env or {}).get(node_id, {}),
                 python_options=(
-                    ["-m", "cProfile", "-o", str(profile_dir / f"node{node_id}.prof")]
+                    [
+                        "-m", "simulations.cpu_profile",
+                        "-o", str(profile_dir / f"node{node_id}.prof"), "-m",
+                    ]
                     if profile_dir is not None
                     else []
                 ),

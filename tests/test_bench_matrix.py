@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pstats
 import shutil
 from pathlib import Path
 
@@ -44,9 +45,11 @@ def test_one_tiny_cell_per_transport_runs_on_both_clusters(
     if shutil.which("etcd") is None:
         pytest.skip("etcd is not on PATH (make system-packages installs etcd-server)")
     out = tmp_path / "matrix.json"
+    profiles = tmp_path / "profiles"
     argv = [
         "--seconds", "0.3", "--cells", "update,every,1", "--keys", "8",
-        "--warmup-seconds", "0", "--json", str(out),
+        "--warmup-seconds", "0", "--idle-seconds", "0.2", "--json", str(out),
+        "--profile", str(profiles),
     ]
     assert bench_matrix.main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -70,8 +73,25 @@ def test_one_tiny_cell_per_transport_runs_on_both_clusters(
         ("http", "every"),
         ("https", "every"),
     ]
+    assert [idle["transport"] for idle in report["idle"]] == ["http", "https"]
     for cell in report["cells"]:
         for system in ("vault", "etcd"):
             assert cell[system]["ops"] > 0, (cell["transport"], system)
             assert cell[system]["failures"] == "-", (cell["transport"], system)
             assert cell[system]["cpu_us_per_op"] > 0, (cell["transport"], system)
+            assert set(cell[system]["cpu_us_per_op_by_member"]) == {
+                "leader", "follower1", "follower2"
+            }
+    # --profile: every vault node wrote a CPU profile that saw the API serve the updates.
+    for transport in ("http", "https"):
+        written = sorted(p.name for p in (profiles / transport).iterdir())
+        assert written == ["node1.prof", "node2.prof", "node3.prof"], transport
+        served = [
+            pstats.Stats(str(profiles / transport / name)).stats  # type: ignore[attr-defined]
+            for name in written
+        ]
+        assert any(
+            path.endswith("vaultnode/api.py") and function == "handle"
+            for stats in served
+            for path, _line, function in stats
+        ), transport
