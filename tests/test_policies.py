@@ -15,7 +15,7 @@ import httpx
 import hvac
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader
 
 pytestmark = pytest.mark.filterwarnings("ignore:The raise_on_deleted_version:DeprecationWarning")
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
+from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_JS = ROOT / "vaultnode" / "console" / "console.js"
