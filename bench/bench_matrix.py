@@ -40,6 +40,7 @@ import uvloop
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench import loadgen  # noqa: E402
 from bench.bench_cluster import (  # noqa: E402
     EtcdCluster,
     _cpu_us_per_op,
@@ -47,16 +48,6 @@ from bench.bench_cluster import (  # noqa: E402
     _nodes_cpu_s,
     _ports,
     etcd_cluster,
-)
-from bench.loadgen import (  # noqa: E402
-    LOOPBACK_HOST,
-    LoadResult,
-    RequestBuilder,
-    etcd_put,
-    etcd_range,
-    generate_load,
-    vault_read,
-    vault_write,
 )
 from simulations.harness import Cluster, running_cluster, wait_for_leader  # noqa: E402
 
@@ -141,7 +132,7 @@ class System(Protocol):
 
     def pid_of_port(self, port: int) -> int: ...
 
-    def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder: ...
+    def builder(self, operation: str, tag: str, key_of: KeyOf) -> loadgen.RequestBuilder: ...
 
 
 def _followers_first(ports: list[int], leader_port: int) -> list[int]:
@@ -175,13 +166,13 @@ class VaultSystem:
         ]
         return pid
 
-    def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder:
+    def builder(self, operation: str, tag: str, key_of: KeyOf) -> loadgen.RequestBuilder:
         host = self.cluster.nodes[0].http_addr
         token = self.cluster.root_token
         if operation == "read":
-            return vault_read(host=host, token=token, name_of=key_of)
+            return loadgen.vault_read(host=host, token=token, name_of=key_of)
         method = "POST" if operation == "create" else "PUT"
-        return vault_write(method, host=host, token=token, name_of=key_of, value=self.value)
+        return loadgen.vault_write(method, host=host, token=token, name_of=key_of, value=self.value)
 
 
 class EtcdSystem:
@@ -203,18 +194,18 @@ class EtcdSystem:
     def pid_of_port(self, port: int) -> int:
         return self.pids[self.etcd.client_ports.index(port)]
 
-    def builder(self, operation: str, tag: str, key_of: KeyOf) -> RequestBuilder:
-        host = f"{LOOPBACK_HOST}:{self.etcd.client_ports[0]}"
+    def builder(self, operation: str, tag: str, key_of: KeyOf) -> loadgen.RequestBuilder:
+        host = f"{loadgen.LOOPBACK_HOST}:{self.etcd.client_ports[0]}"
         if operation == "read":  # the gateway's range is linearizable unless asked otherwise
-            return etcd_range(host=host, key_of=key_of)
+            return loadgen.etcd_range(host=host, key_of=key_of)
         # etcd has no create-only put outside a transaction: a create is a put of a new key.
-        return etcd_put(host=host, key_of=key_of, value=self.value)
+        return loadgen.etcd_put(host=host, key_of=key_of, value=self.value)
 
 
 # ---- measuring -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Measured:
-    result: LoadResult
+    result: loadgen.LoadResult
     cpu_us_per_op: float
     # The same split by member: "leader", "follower1" (the one client of a one-client cell via
     # every node talks to it), "follower2".
@@ -249,8 +240,8 @@ async def preload(system: System, keys: int) -> None:
     """Create keys 0..keys-1, each exactly once (the builder is called once per request)."""
     counter = itertools.count()
     build = system.builder("create", "seed", lambda _c, _s: _preloaded_key(next(counter)))
-    result = await generate_load(
-        LOOPBACK_HOST, system.ports("every"), build, clients=min(SEED_CLIENTS, keys),
+    result = await loadgen.generate_load(
+        loadgen.LOOPBACK_HOST, system.ports("every"), build, clients=min(SEED_CLIENTS, keys),
         duration_s=SEED_DEADLINE_S, count_max=keys, ok_statuses=system.ok_statuses,
         ssl_context=system.ssl_context,
     )
@@ -262,8 +253,8 @@ async def warm_up(system: System, seconds: float) -> None:
     if seconds <= 0:
         return
     build = system.builder("create", "warmup", lambda c, s: f"m/warmup/c{c}/{s}")
-    await generate_load(
-        LOOPBACK_HOST, system.ports("every"), build, clients=16, duration_s=seconds,
+    await loadgen.generate_load(
+        loadgen.LOOPBACK_HOST, system.ports("every"), build, clients=16, duration_s=seconds,
         ok_statuses=system.ok_statuses, ssl_context=system.ssl_context,
     )
 
@@ -277,8 +268,8 @@ async def measure(system: System, cell: Cell, seconds: float, keys: int) -> Meas
     ports = system.ports(cell.placement)
     pids = _members(system)
     cpu_before_s = {name: _nodes_cpu_s([pid]) for name, pid in pids.items()}
-    result = await generate_load(
-        LOOPBACK_HOST, ports, build, clients=cell.clients, duration_s=seconds,
+    result = await loadgen.generate_load(
+        loadgen.LOOPBACK_HOST, ports, build, clients=cell.clients, duration_s=seconds,
         ok_statuses=system.ok_statuses, ssl_context=system.ssl_context,
     )
     by_member = {
