@@ -36,7 +36,7 @@ from consensus.messages import Message
 #    heartbeat echoes, chunked snapshots and promises in parts.
 # 4: Relay (a follower behind a one-way cut reaches its leader through a peer); Heartbeat
 #    carries `relayed_echo`.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
