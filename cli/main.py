@@ -565,6 +565,11 @@ def operator_init(
                    " delete here (docs/deploy.md, step 3)")
     for path, url in zip(result.config_paths, result.urls, strict=True):
         click.echo(f"  vaultnode --config {path}    # serves {url}")
+    if data_dir is not None:
+        click.echo(f"copy each nodeN/data (its identity) to {data_dir} on node N before starting"
+                   " it (docs/deploy.md, step 3)")
+    click.echo(f"ca.key stays here: keep it off the nodes; `vault operator add-node --ca-dir"
+               f" {result.out_dir}` issues new nodes' certificates with it")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
     click.echo(f"  export VAULT_ADDR={','.join(result.urls)}")
     if result.scheme == "https":

@@ -178,8 +178,7 @@ def restore_snapshot(
         del root_key
         disk = RealDisk()
         for node_id in range(1, nodes + 1):
-            node_data = temp_dir / f"node{node_id}" / "data"
-            node_data.mkdir(mode=0o700)
+            node_data = temp_dir / f"node{node_id}" / "data"  # init created it, with its identity
             # The node's first snapshot, exactly as its replicator would have written it: the
             # saved bytes unchanged (decoding and re-encoding would apply this machine's default
             # limits to them). Anything in the image that names the OLD cluster's members must
