@@ -159,7 +159,7 @@ def init_cluster(
     config_paths = []
     for node_id, host, peer_addr, http_addr in addresses:
         node_dir = out_dir / f"node{node_id}"
-        key_lines = _write_node_key(
+        key_lines = write_node_key(
             node_dir, node_id, root_key, root_key_source, encrypt_here=hosts is None
         )
         if shares:
@@ -215,7 +215,7 @@ def peer_entry(
     return (
         f"\n[[peers]]\nid = {node_id}\nincarnation = {incarnation}\n"
         f'peer_addr = "{peer_addr}"\nhttp_addr = "{http_addr}"\n'
-        + ("" if voter else "voter = false\n")
+        f"voter = {'true' if voter else 'false'}\n"
     )
 
 
@@ -228,7 +228,7 @@ def _create_node_data_dir(data_dir: Path) -> int:
         raise InitError(str(exc)) from None
 
 
-def _write_node_key(
+def write_node_key(
     node_dir: Path, node_id: int, root_key: bytes, source: str, *, encrypt_here: bool
 ) -> str:
     """Give one node the root key as `source` says; return its config lines.

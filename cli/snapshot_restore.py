@@ -106,7 +106,7 @@ def root_key_for(
         raise RestoreError(f"root key: {exc}") from None
 
 
-def _fsync_tree(top: Path) -> None:
+def fsync_tree(top: Path) -> None:
     """fsync every file, then every directory bottom-up, so the tree is durable before the
     rename that publishes it."""
     for directory, _subdirs, files in os.walk(top, topdown=False):
@@ -123,7 +123,7 @@ def _fsync_tree(top: Path) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -184,10 +184,10 @@ def restore_snapshot(
             # limits to them). Anything in the image that names the OLD cluster's members must
             # be rewritten to the new cluster's here, once membership is replicated state.
             write_snapshot(disk, str(node_data / "snapshots"), header.slot, body)
-        _fsync_tree(temp_dir)
+        fsync_tree(temp_dir)
         check_out_dir(out_dir)  # again: something may have appeared meanwhile
         os.rename(temp_dir, out_dir)  # replaces an empty directory, or creates it
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
