@@ -218,8 +218,7 @@ def _root_key_lines(
 
 
 def _node_config(
-    node: NewNode, settings: dict[str, Any], cluster_id: str, key_lines: str,
-    peers: list[dict[str, Any]],
+    node: NewNode, settings: dict[str, Any], join: JoinAnswer, key_lines: str
 ) -> str:
     """The new node's config: `join = true`, the cluster's shared settings, the starting
     configuration the cluster answered as `[[peers]]`."""
@@ -227,10 +226,11 @@ def _node_config(
     text = (
         "# vaultnode configuration written by `vault operator add-node`\n"
         f"node_id = {n}\n"
-        f"cluster_id = {_toml_value(cluster_id)}\n"
+        f"cluster_id = {_toml_value(join.cluster_id)}\n"
         "# A new member: it starts from the cluster's configuration below and learns the rest.\n"
         "join = true\n"
-        f"data_dir = {_toml_value(node.data_dir)}\n"
+        + ("" if join.config_slot is None else f"join_config_slot = {join.config_slot}\n")
+        + f"data_dir = {_toml_value(node.data_dir)}\n"
         f'http_listen = "{node.api_addr}"\n'
         f'peer_listen = "{node.peer_addr}"\n'
         + key_lines
@@ -244,7 +244,7 @@ def _node_config(
     limits = settings.get("limits")
     if limits:
         text += "\n[limits]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in limits.items())
-    for peer in peers:
+    for peer in join.peers:
         text += peer_entry(
             int(peer["id"]), _incarnation_of(peer), str(peer["peer_addr"]),
             str(peer.get("http_addr") or peer.get("api_addr")), bool(peer.get("voter", True)),
@@ -257,15 +257,27 @@ def _incarnation_of(peer: dict[str, Any]) -> int:
     return int(value, 16) if isinstance(value, str) else int(value)
 
 
-def _check_join_answer(body: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The cluster id and starting peers of a POST answer; ValueError if it lacks them."""
+@dataclass(frozen=True)
+class JoinAnswer:
+    """What the cluster told the new member to start from (POST /v1/sys/members, `join`)."""
+
+    cluster_id: str
+    peers: list[dict[str, Any]]
+    config_slot: int | None  # the slot that chose that configuration, when the cluster says
+
+
+def _check_join_answer(body: Any) -> JoinAnswer:
+    """The `join` part of a POST answer; KeyError, TypeError or ValueError if it is unusable."""
     join = body["join"]
     peers = list(join["peers"])
     for peer in peers:
         _incarnation_of(peer)
         if not peer.get("peer_addr") or not (peer.get("http_addr") or peer.get("api_addr")):
             raise ValueError(f"peer {peer.get('id')} has no addresses")
-    return str(join["cluster_id"]), peers
+    slot = join.get("config_slot")
+    if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int) or slot < 0):
+        raise ValueError(f"config_slot {slot!r} is not a slot")
+    return JoinAnswer(str(join["cluster_id"]), peers, slot)
 
 
 def _is_loopback(host: str) -> bool:
@@ -382,14 +394,14 @@ def add_node(
         except ClientError as exc:
             _exit_with(f"{exc}{_unknown_advice(node_id, incarnation)}", EXIT_FAILED)
         try:
-            cluster_id, peers = _check_join_answer(reply.body)
+            join = _check_join_answer(reply.body)
         except (KeyError, TypeError, ValueError) as exc:
             _exit_with(f"the cluster added node {node_id} but its answer has no usable join"
                        f" configuration ({type(exc).__name__}: {exc}); remove it with `vault"
                        f" operator remove-node {node_id}`", EXIT_FAILED)
         added = True
         staged_config = staging / config_path.name
-        staged_config.write_text(_node_config(node, settings, cluster_id, key_lines, peers))
+        staged_config.write_text(_node_config(node, settings, join, key_lines))
         fsync_tree(staging)
         os.rename(staged_node, node_path)
         try:

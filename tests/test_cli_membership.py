@@ -26,6 +26,7 @@ from cryptography import x509
 
 from cli.cluster_init import init_cluster
 from cli.main import main
+from vaultnode.config import load_config
 from vaultnode.identity import format_incarnation, read_identity
 
 MEMBERS = {
@@ -185,7 +186,7 @@ def test_add_node_posts_the_new_identity_and_writes_a_join_config(
 ) -> None:
     fake.answers[("POST", "/v1/sys/members")] = (
         200, {"member": MEMBERS["members"][1],  # type: ignore[index]
-              "join": {"cluster_id": "c0ffee", "peers": JOIN_PEERS}},
+              "join": {"cluster_id": "c0ffee", "peers": JOIN_PEERS, "config_slot": 77}},
     )
     out = tmp_path / "new"
     added = vault(fake, *add_node_args(init_dir, out, "--no-promote"))
@@ -198,6 +199,11 @@ def test_add_node_posts_the_new_identity_and_writes_a_join_config(
     assert body == {"id": 4, "incarnation": format_incarnation(incarnation),
                     "peer_addr": "127.0.0.1:7007", "api_addr": "127.0.0.1:8207",
                     "promote": False}
+    loaded = load_config(out / "node4.toml")  # the node's own loader accepts it
+    assert (loaded.join, loaded.join_config_slot, loaded.data_dir) == (
+        True, 77, out.absolute() / "node4" / "data"
+    )
+    assert [(p.node_id, p.incarnation, p.voter) for p in loaded.peers] == [(1, 0xA1, True)]
     config = tomllib.loads((out / "node4.toml").read_text())
     template = tomllib.loads((init_dir / "node1.toml").read_text())
     assert config["join"] is True
