@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from consensus.config import ClusterConfig
+from consensus.config import quorum_size
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,32 @@ class _Reading:
         return self.offset_us - (wall_skew_us - self.wall_skew_us)
 
 
+class VoterGroup(Protocol):
+    """The nodes whose clocks count and how many make a majority (a `ClusterConfig`, or the
+    daemon's `ClockVoters` built from the configuration in force)."""
+
+    @property
+    def node_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def quorum_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ClockVoters:
+    node_ids: tuple[int, ...]
+
+    @property
+    def quorum_size(self) -> int:
+        return quorum_size(len(self.node_ids))
+
+
 class ClockOffsets:
     def __init__(
-        self, node_id: int, config: ClusterConfig, *, max_offset_us: int, reading_ttl_us: int
+        self, node_id: int, config: VoterGroup, *, max_offset_us: int, reading_ttl_us: int
     ) -> None:
         self.node_id = node_id
-        self.config = config
+        self.config: VoterGroup = config  # replaced as the configuration in force changes
         self.max_offset_us = max_offset_us
         self.reading_ttl_us = reading_ttl_us
         self._readings: dict[int, _Reading] = {}

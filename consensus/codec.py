@@ -168,3 +168,34 @@ def decode_membership(data: bytes) -> membership_module.Membership:
         message = f"malformed configuration ({len(data)} bytes): {error}"
         raise RemoteProtocolError(message) from error
     return membership
+
+
+def encode_stored_snapshot(
+    slot: int, data: bytes, configs: tuple[membership_module.ConfigEntry, ...]
+) -> bytes:
+    """A snapshot file's payload: the application's bytes and the configurations in force
+    above `slot` (`Snapshot.configs`), which a driver must keep with them
+    (docs/membership.md, "What the driver must persist"): a msgpack array of the two."""
+    restated = encode_record(records_module.MembershipRecord(slot, configs))
+    packed: bytes = msgpack.packb([data, restated], use_bin_type=True)
+    return packed
+
+
+def decode_stored_snapshot(
+    payload: bytes,
+) -> tuple[bytes, tuple[membership_module.ConfigEntry, ...]]:
+    """The application's bytes and configurations of a payload `encode_stored_snapshot`
+    made. A payload that is not a two-element array is an application image stored alone
+    (an application whose images are never such arrays, e.g. msgpack maps, may store them
+    so: `vault operator snapshot restore` does): no configurations, the initial one rules.
+    Raises `CorruptRecordError` for a damaged one."""
+    if payload[:1] != b"\x92":  # msgpack fixarray of two
+        return payload, ()
+    try:
+        data, restated = msgpack.unpackb(payload, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CorruptRecordError(f"malformed stored snapshot: {error}") from error
+    record = decode_record(restated) if isinstance(restated, bytes) else None
+    if not isinstance(data, bytes) or not isinstance(record, records_module.MembershipRecord):
+        raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
+    return data, record.entries

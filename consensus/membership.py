@@ -49,6 +49,9 @@ class Member:
     voter: bool
     peer_addr: bytes = b""
     api_addr: bytes = b""
+    # For the driver: promote this learner automatically once it has caught up. Replicated
+    # with the configuration, so that every leader after the one that added it knows.
+    auto_promote: bool = False
 
     @property
     def identity(self) -> tuple[int, int]:

@@ -80,6 +80,16 @@ class RefusedMessage:
 
 
 @dataclass(frozen=True)
+class PeerProgress:
+    """What a leader knows of one peer (`Replica.peer_progress`): ticks since its latest
+    answer to this leader's ballot arrived, and the chosen watermark it last reported (its
+    match index: every slot up to it is chosen there)."""
+
+    ticks_since_heard: int
+    match_index: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Application state with every slot up to `slot` applied; opaque bytes to the core.
     `configs`: the configurations in force above `slot` (`Replica.configs_as_of(slot)`), which

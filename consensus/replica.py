@@ -86,6 +86,7 @@ from consensus.ready import (
     ChosenSlot,
     DroppedProposal,
     DropReason,
+    PeerProgress,
     ReadConfirmation,
     Ready,
     RefusedMessage,
@@ -137,7 +138,7 @@ class Replica:
     def __init__(
         self,
         node_id: int,
-        config: ClusterConfig,
+        config: ClusterConfig | None,
         rng: Random,
         limits: Limits | None = None,
         durable: DurableState | None = None,
@@ -148,7 +149,13 @@ class Replica:
         node_incarnation: int = 0,
     ) -> None:
         state = durable if durable is not None else DurableState()
-        initial = membership if membership is not None else Membership.from_cluster_config(config)
+        if membership is None and config is None:
+            raise LocalProtocolError("a replica needs its initial configuration")
+        # The daemon passes `membership` alone (any size); the static `config` is kept for
+        # the simulator and the tests that build clusters of 3 or 5 from it.
+        initial = membership if membership is not None else Membership.from_cluster_config(
+            config  # type: ignore[arg-type]  # checked above
+        )
         if state.incarnation and node_incarnation and state.incarnation != node_incarnation:
             raise LocalProtocolError(
                 f"the log belongs to incarnation {state.incarnation}, not {node_incarnation}"
@@ -296,6 +303,11 @@ class Replica:
         return self._configs.latest.membership
 
     @property
+    def membership_chosen_at(self) -> int:
+        """The slot whose chosen change made `membership` (0: the initial configuration)."""
+        return self._configs.latest.chosen_at
+
+    @property
     def membership_in_force(self) -> Membership:
         """The configuration of the first slot this replica has not learned chosen."""
         return self._configs.at(self._chosen_through + 1)
@@ -313,6 +325,23 @@ class Replica:
         if not latest.admits(self.node_id, self._node_incarnation):
             return "superseded"
         return "voter" if member.voter else "learner"
+
+    @property
+    def peer_ids(self) -> tuple[int, ...]:
+        """Every other member of a configuration that governs a slot not yet known chosen, or
+        of the latest one: the nodes this replica sends to (learners included)."""
+        return self._peers
+
+    def peer_progress(self) -> dict[int, PeerProgress]:
+        """Leader only (empty otherwise): per peer, how many ticks ago its latest Accepted or
+        heartbeat ack for this ballot arrived and the chosen watermark it last reported.
+        Peers not heard from since this node became leader are absent."""
+        if self._role != Role.LEADER:
+            return {}
+        return {
+            peer: PeerProgress(self._tick_count - heard_tick, match)
+            for peer, (heard_tick, match) in self._peer_heard.items()
+        }
 
     @property
     def leader_reachable(self) -> bool:
@@ -749,6 +778,9 @@ class Replica:
         self._active_peers: set[int] = set()
         self._peer_tokens: dict[int, int] = {}  # each peer's latest HeartbeatAck token
         self._peer_relayed_tokens: dict[int, int] = {}  # ... and latest one that came relayed
+        # Per peer: the tick its latest answer to this ballot arrived, and the highest chosen
+        # watermark it reported (`peer_progress`).
+        self._peer_heard: dict[int, tuple[int, int]] = {}
         self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
@@ -869,7 +901,11 @@ class Replica:
 
     def _tick_election(self) -> None:
         self._election_elapsed += 1
-        if self._election_elapsed >= self._election_timeout:
+        # The only voter waits for no one: no other node can lead, so it stands at once (a
+        # one-node vault is up within a tick of starting, not an election timeout).
+        solo = self._role == Role.FOLLOWER and self._sole_voter()
+        timeout = 1 if solo else self._election_timeout
+        if self._election_elapsed >= timeout:
             if self._clock_ok and self._stands_for_election():
                 self._become_pre_candidate()
             elif self._role != Role.FOLLOWER:
@@ -881,6 +917,12 @@ class Replica:
                     # a whole timeout, so it is no leader to vouch for when a voter asks for
                     # a pre-vote.
                     self._leader_id = None
+
+    def _sole_voter(self) -> bool:
+        """Whether this node is the only voter of every configuration it may propose under."""
+        return all(
+            config.voter_ids == (self.node_id,) for config in self._window_configs()
+        ) and self._stands_for_election()
 
     def _stands_for_election(self) -> bool:
         """A voter of the configuration in force at its first unchosen slot, under its own
@@ -1478,10 +1520,15 @@ class Replica:
                 )
             )
 
+    def _note_peer_heard(self, peer: int, chosen_through: int) -> None:
+        _, match = self._peer_heard.get(peer, (0, 0))
+        self._peer_heard[peer] = (self._tick_count, max(match, chosen_through))
+
     def _on_accepted(self, message: Accepted) -> None:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
+        self._note_peer_heard(message.sender, 0)
         inflight = self._inflight.get(message.slot)
         if inflight is None:
             return
@@ -1500,6 +1547,7 @@ class Replica:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
+        self._note_peer_heard(message.sender, message.chosen_through)
         tokens = self._peer_relayed_tokens if relayed else self._peer_tokens
         tokens[message.sender] = message.token
         self._leader_reads.ack(message.sender, message.read_round)

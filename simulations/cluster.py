@@ -26,13 +26,19 @@ from typing import Any
 import msgpack
 
 from consensus.clock_offsets import ClockOffsets, split_by_clock_bound
-from consensus.codec import decode_message, decode_record, encode_message, encode_record
+from consensus.codec import (
+    decode_message,
+    decode_record,
+    decode_stored_snapshot,
+    encode_message,
+    encode_stored_snapshot,
+)
 from consensus.config import ClusterConfig, Limits
 from consensus.driver import ApplyFailed, ReadyDriver
-from consensus.membership import ConfigEntry, Membership
+from consensus.membership import Membership
 from consensus.messages import Accepted, Forward, ForwardRefused, Message, Promise, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
-from consensus.records import DurableState, MembershipRecord, Record, recover
+from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
@@ -161,7 +167,7 @@ class SimNode:
         self.digest = GENESIS_DIGEST
         snapshot: Snapshot | None = None
         if stored is not None and stored.log_index > 0:
-            data, configs = _unpack_stored_snapshot(stored.payload)
+            data, configs = decode_stored_snapshot(stored.payload)
             snapshot = Snapshot(stored.log_index, data, configs)
             self._restore(snapshot)
         records = [decode_record(payload) for _, payload in self.log.entries(self.log.first_index)]
@@ -367,7 +373,7 @@ class SimNode:
         self.crash()
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        stored = _pack_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
+        stored = encode_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
         write_snapshot(self.disk, SNAPSHOT_DIR, snapshot.slot, stored)
         remove_snapshots_before(self.disk, SNAPSHOT_DIR, snapshot.slot)
         self.observer.on_configs(snapshot.configs)
@@ -437,24 +443,8 @@ class SimNode:
             return
         slot = self.applied_through
         data = msgpack.packb([self.digest, self.state.snapshot()], use_bin_type=True)
-        stored = _pack_stored_snapshot(slot, data, self.replica.configs_as_of(slot))
+        stored = encode_stored_snapshot(slot, data, self.replica.configs_as_of(slot))
         write_snapshot(self.disk, SNAPSHOT_DIR, slot, stored)
         remove_snapshots_before(self.disk, SNAPSHOT_DIR, slot)
         self.driver.snapshot_taken(slot, data)
         self.stats.snapshots_taken += 1
-
-
-
-def _pack_stored_snapshot(slot: int, data: bytes, configs: tuple[ConfigEntry, ...]) -> bytes:
-    """The snapshot file's payload: the application's bytes and the configurations in force
-    above the slot (`Snapshot.configs`), which the driver must keep with them."""
-    restated = encode_record(MembershipRecord(slot, configs))
-    packed: bytes = msgpack.packb([data, restated], use_bin_type=True)
-    return packed
-
-
-def _unpack_stored_snapshot(payload: bytes) -> tuple[bytes, tuple[ConfigEntry, ...]]:
-    data, restated = msgpack.unpackb(payload)
-    record = decode_record(restated)
-    assert isinstance(record, MembershipRecord)
-    return data, record.entries
