@@ -611,7 +611,7 @@ class RecordedLoad:
         self.workers.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
     def use(self, nodes: list[Node]) -> None:

@@ -1,0 +1,146 @@
+"""Membership changes with real processes, under continuous client load (issue 13, "Done when").
+
+Owns the operator's view of membership end to end: a cluster grown from one node to three and
+five with `vault operator add-node` (each new node promoted automatically), every original node
+replaced in turn by a new member with a new id and a new data directory, a five-node cluster
+shrunk to three with `vault operator remove-node`, and the refusal to remove a voter from two.
+Throughout, clients write and read through the current members (the nemesis workload,
+simulations/nemesis/), and at the end the recorded history must pass the linearizability checker,
+every acknowledged write must be read back linearizably through every node, and the nodes must
+agree. Waits are on conditions with deadlines (simulations/harness.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simulations.harness import (
+    Cluster,
+    Node,
+    RecordedLoad,
+    add_node,
+    members,
+    node_health,
+    remove_node,
+    started_cluster,
+    wait_converged,
+    wait_for_voters,
+    wait_until,
+    wipe,
+)
+
+WRITES_BETWEEN_CHANGES = 5
+"""Acknowledged writes awaited after each change: the cluster kept taking writes through it."""
+SETTLE_S = 60.0
+
+
+@pytest.fixture
+def one_node(tmp_path: Path) -> Iterator[Cluster]:
+    yield from started_cluster(tmp_path / "cluster", nodes=1)
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path) -> Iterator[Cluster]:
+    yield from started_cluster(tmp_path / "cluster", nodes=3)
+
+
+@pytest.fixture
+def five_nodes(tmp_path: Path) -> Iterator[Cluster]:
+    yield from started_cluster(tmp_path / "cluster", nodes=5)
+
+
+def node(cluster: Cluster, node_id: int) -> Node:
+    (found,) = [n for n in cluster.nodes if n.node_id == node_id]
+    return found
+
+
+def check_clean(load: RecordedLoad, cluster: Cluster) -> None:
+    """Stop the clients, let every node catch up, and run every check on the history; every
+    node must know itself a voter, as the leader's configuration says."""
+    load.stop()
+    wait_converged(cluster.nodes, SETTLE_S)
+    problems = load.findings(cluster.nodes)
+    assert not problems, "\n".join(problems)
+    assert load.acknowledged_writes() > 0
+    assert {n.node_id: membership_of(n) for n in cluster.nodes} == dict.fromkeys(
+        (n.node_id for n in cluster.nodes), "voter"
+    )
+
+
+def add_and_promote(cluster: Cluster, load: RecordedLoad, new_id: int) -> None:
+    """`vault operator add-node` a node, wait until the cluster promoted it by itself (it
+    caught up under the load), send clients to it too, and see writes go on."""
+    voters = {m["id"] for m in (members(cluster) or {"members": []})["members"] if m["voter"]}
+    add_node(cluster, new_id)
+    wait_for_voters(cluster, voters | {new_id}, SETTLE_S)
+    node(cluster, new_id).wait_healthy()
+    load.use(cluster.nodes)
+    load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+
+
+def membership_of(node: Node) -> object:
+    health = node_health(node)
+    return None if health is None else health.get("membership")
+
+
+def test_grow_from_one_node_to_three_and_five_under_writes(
+    one_node: Cluster, tmp_path: Path
+) -> None:
+    cluster = one_node
+    with RecordedLoad(cluster, tmp_path / "load") as load:
+        load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        for new_id in (2, 3, 4, 5):
+            add_and_promote(cluster, load, new_id)
+        check_clean(load, cluster)
+    assert sorted(n.node_id for n in cluster.nodes) == [1, 2, 3, 4, 5]
+
+
+def test_replace_every_original_node_in_turn_under_writes(
+    three_nodes: Cluster, tmp_path: Path
+) -> None:
+    cluster = three_nodes
+    with RecordedLoad(cluster, tmp_path / "load") as load:
+        load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        for old_id, new_id in ((1, 4), (2, 5), (3, 6)):
+            dead = node(cluster, old_id)
+            load.use([n for n in cluster.nodes if n is not dead])
+            wipe(dead)  # the VM and its disk are gone
+            removed = remove_node(cluster, old_id)
+            assert removed.returncode == 0, removed.stderr
+            wait_for_voters(cluster, {n.node_id for n in cluster.nodes}, SETTLE_S)
+            add_and_promote(cluster, load, new_id)  # a new id and a new data directory
+        check_clean(load, cluster)
+    answer = members(cluster)
+    assert answer is not None
+    assert sorted(m["id"] for m in answer["members"]) == [4, 5, 6]
+
+
+def test_shrink_from_five_to_three_under_writes_then_two_voters_refuse_a_removal(
+    five_nodes: Cluster, tmp_path: Path
+) -> None:
+    cluster = five_nodes
+    with RecordedLoad(cluster, tmp_path / "load") as load:
+        load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        for leaving in (5, 4):
+            load.use([n for n in cluster.nodes if n.node_id != leaving])
+            removed = remove_node(cluster, leaving)
+            assert removed.returncode == 0, removed.stderr
+            assert f"removed node {leaving}" in removed.stdout
+            wait_for_voters(cluster, {n.node_id for n in cluster.nodes}, SETTLE_S)
+            load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        assert len(cluster.nodes) == 3
+        check_clean(load, cluster)
+
+    removed = remove_node(cluster, 3)
+    assert removed.returncode == 0, removed.stderr
+    wait_for_voters(cluster, {1, 2}, SETTLE_S)
+    refused = remove_node(cluster, 2)
+    assert refused.returncode == 1
+    assert "Error: too_few_voters" in refused.stderr
+    assert "a cluster keeps at least two voters" in refused.stderr
+    wait_until(lambda: all(n.health() is not None for n in cluster.nodes), SETTLE_S,
+               "both voters to keep serving")
+    assert {n.node_id for n in cluster.nodes} == {1, 2}
