@@ -478,10 +478,14 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], deadline_s: float =
 # ---- membership: nodes added, removed and replaced through `vault operator` ----------------------
 
 
-def vault_operator(cluster: Cluster, *args: str, timeout_s: float = 120.0) -> CompletedProcess:
-    """Run `vault operator ARGS` as an operator would, against the cluster's current nodes
-    (`cluster.nodes`) with the root token; the finished process, whatever its exit code."""
+def vault_operator(
+    cluster: Cluster, *args: str, timeout_s: float = 120.0, nodes: list[Node] | None = None
+) -> CompletedProcess:
+    """Run `vault operator ARGS` as an operator would, against `nodes` (default: the cluster's
+    current ones) with the root token; the finished process, whatever its exit code."""
     env = cluster.cli_env()
+    if nodes is not None:
+        env["VAULT_ADDR"] = ",".join(n.url for n in nodes)
     env["VAULT_TIMEOUT"] = str(min(60.0, timeout_s / 2))
     return subprocess.run(
         [sys.executable, "-m", "cli.main", "operator", *args],

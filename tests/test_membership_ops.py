@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from simulations.harness import (
@@ -22,10 +23,12 @@ from simulations.harness import (
     Node,
     RecordedLoad,
     add_node,
+    make_cluster,
     members,
     node_health,
     remove_node,
     started_cluster,
+    vault_operator,
     wait_converged,
     wait_for_leader,
     wait_for_voters,
@@ -151,3 +154,46 @@ def test_shrink_from_five_to_three_under_writes_then_two_voters_refuse_a_removal
     wait_until(lambda: all(n.health() is not None for n in cluster.nodes), SETTLE_S,
                "both voters to keep serving")
     assert wait_for_voters(cluster, {first, second}, SETTLE_S)["leader_id"] in (first, second)
+
+
+def seal_status_of(node: Node) -> dict[str, object]:
+    try:
+        answer = httpx.get(node.url + "/v1/sys/seal-status", timeout=2.0)
+    except httpx.HTTPError:
+        return {}
+    return answer.json() if answer.status_code == 200 else {}
+
+
+def unseal_with_the_cli(cluster: Cluster, nodes: list[Node], shares: list[str]) -> None:
+    for number, share in enumerate(shares):
+        share_file = cluster.root / f"share-{number}"
+        share_file.write_text(share + "\n")
+        share_file.chmod(0o600)
+        unsealed = vault_operator(cluster, "unseal", "--share-file", str(share_file), nodes=nodes)
+        assert unsealed.returncode == 0, unsealed.stderr
+
+
+def test_a_node_added_to_a_shamir_cluster_is_promoted_once_unsealed(tmp_path: Path) -> None:
+    cluster = make_cluster(
+        tmp_path / "cluster", 3,
+        init_options={"root_key_source": "shamir", "key_shares": 5, "key_threshold": 3},
+    )
+    try:
+        for started in cluster.nodes:
+            started.start(wait=False)
+        unseal_with_the_cli(cluster, list(cluster.nodes), cluster.key_shares[:3])
+        wait_for_leader(cluster.nodes)
+        with RecordedLoad(cluster, tmp_path / "load") as load:
+            load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+            added = add_node(cluster, 4)  # no root key material: the config names the shares
+            # Sealed, it takes no part in consensus: it cannot catch up, so it stays a learner.
+            wait_until(lambda: seal_status_of(added).get("sealed") is True, SETTLE_S,
+                       "node 4 to answer sealed")
+            assert wait_for_voters(cluster, {1, 2, 3}, SETTLE_S, learners={4})
+            unseal_with_the_cli(cluster, [added], cluster.key_shares[2:])
+            wait_for_voters(cluster, {1, 2, 3, 4}, SETTLE_S)
+            load.use(cluster.nodes)
+            load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+            check_clean(load, cluster)
+    finally:
+        cluster.stop_all()
