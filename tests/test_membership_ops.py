@@ -3,11 +3,12 @@
 Owns the operator's view of membership end to end: a cluster grown from one node to three and
 five with `vault operator add-node` (each new node promoted automatically), every original node
 replaced in turn by a new member with a new id and a new data directory, a five-node cluster
-shrunk to three with `vault operator remove-node` (its leader first), and the refusal to remove
-a voter from two. Throughout, clients write and read through the current members (the nemesis
-workload, simulations/nemesis/), and at the end the recorded history must pass the
-linearizability checker, every acknowledged write must be read back linearizably through every
-node, and the nodes must agree. Waits are on conditions with deadlines (simulations/harness.py).
+shrunk to three with `vault operator remove-node` (its leader first), the refusal to remove a
+voter from two, and a node added to a shamir cluster (promoted once unsealed). Throughout,
+clients write and read through the current members (the nemesis workload, simulations/nemesis/),
+and at the end the recorded history must pass the linearizability checker, every acknowledged
+write must be read back linearizably through every node, and the nodes must agree. Waits are on
+conditions with deadlines (simulations/harness.py).
 """
 
 from __future__ import annotations
