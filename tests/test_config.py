@@ -350,11 +350,17 @@ def test_incarnations_are_given_for_every_peer_or_none() -> None:
     assert message.startswith("peers: an incarnation is given for some peers and not others")
 
 
-def test_a_joining_node_takes_any_number_of_peers_without_itself() -> None:
+def test_a_joining_node_takes_the_configuration_it_was_given_of_any_size() -> None:
     peers = [{**peer(n), "incarnation": n} for n in (1, 2)]
-    data = valid_data(node_id=4, peers=peers, join=True, join_config_slot=70, **_peer_tls())
+    joining = {**peer(4), "incarnation": 4, "voter": False, "auto_promote": True}
+    data = valid_data(
+        node_id=4, peers=[*peers, joining], join=True, join_config_slot=70, **_peer_tls()
+    )
     config = parse_config(data, BASE_DIR)
     assert (config.join, config.join_config_slot, config.clustered) == (True, 70, True)
+    assert [(p.voter, p.auto_promote) for p in config.peers] == [
+        (True, False), (True, False), (False, True)
+    ]
     assert config_error(valid_data(join="yes")).startswith("join: expected true or false")
     assert config_error(valid_data(join_config_slot=3)).startswith(
         "join_config_slot: only with join = true"
@@ -362,8 +368,9 @@ def test_a_joining_node_takes_any_number_of_peers_without_itself() -> None:
     assert config_error(valid_data(node_id=4, peers=peers)).startswith(
         "peers: this node's id 4 is not among the peers"
     )
-    assert config_error(valid_data(join=True, peers=[], **_peer_tls())).startswith(
-        "peers: a joining node (join = true) needs the cluster's members"
+    without_itself = valid_data(node_id=4, join=True, peers=peers, **_peer_tls())
+    assert config_error(without_itself).startswith(
+        "peers: a joining node (join = true) needs the configuration"
     )
 
 

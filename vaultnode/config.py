@@ -37,6 +37,9 @@ class PeerConfig:
     # config from before incarnations: any incarnation of this id is taken, docs/membership.md).
     incarnation: int = 0
     voter: bool = True
+    # A learner the leader promotes once caught up (`POST /v1/sys/members` "promote"): part of
+    # the replicated configuration, so a joining node's [[peers]] must carry it exactly.
+    auto_promote: bool = False
 
 
 # Below this, a log record or peer frame leaves too little room for a slot's commands beside the
@@ -122,7 +125,7 @@ class NodeConfig:
     unseal_progress_timeout_s: int = 600  # shamir: submitted shares are forgotten after this
     # A node added to a running cluster (`vault operator add-node`): its `[[peers]]` is the
     # configuration the cluster chose at slot `join_config_slot` (the answer of POST
-    # /v1/sys/members), not the cluster's initial one; it may omit the node itself.
+    # /v1/sys/members: `join.peers`, every field, and `join.config_slot`), not the initial one.
     join: bool = False
     join_config_slot: int = 0
 
@@ -234,7 +237,12 @@ def _parse_peer(raw: dict[str, Any], where: str) -> PeerConfig:
     voter = raw.get("voter", True)
     if not isinstance(voter, bool):
         raise ConfigError(f"{where}voter: expected true or false, got {voter!r}")
-    unknown = sorted(set(raw) - {"id", "peer_addr", "http_addr", "incarnation", "voter"})
+    auto_promote = raw.get("auto_promote", False)
+    if not isinstance(auto_promote, bool):
+        raise ConfigError(f"{where}auto_promote: expected true or false, got {auto_promote!r}")
+    unknown = sorted(
+        set(raw) - {"id", "peer_addr", "http_addr", "incarnation", "voter", "auto_promote"}
+    )
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown key")
     return PeerConfig(
@@ -243,6 +251,7 @@ def _parse_peer(raw: dict[str, Any], where: str) -> PeerConfig:
         http_addr=parse_address(where + "http_addr", _require(raw, "http_addr", str, where)),
         incarnation=incarnation,
         voter=voter,
+        auto_promote=auto_promote,
     )
 
 
@@ -321,9 +330,13 @@ def _check_peers(peers: list[PeerConfig], node_id: int, join: bool) -> None:
     if peers and not any(p.voter for p in peers):
         raise ConfigError("peers: at least one peer must be a voter")
     if join:
-        # The configuration the cluster answered when it added this node: any size.
-        if not peers:
-            raise ConfigError("peers: a joining node (join = true) needs the cluster's members")
+        # The configuration the cluster answered when it added this node (`join.peers`),
+        # exactly: any size, this node included.
+        if node_id not in ids:
+            raise ConfigError(
+                f"peers: a joining node (join = true) needs the configuration the cluster "
+                f"answered when it was added (join.peers), which names it (id {node_id})"
+            )
         return
     if peers and node_id not in ids:
         raise ConfigError(f"peers: this node's id {node_id} is not among the peers")

@@ -170,8 +170,11 @@ class MembershipRoutes:
         }
 
     def _join(self, chosen_at: int) -> dict[str, Any]:
-        """What a new member's node config needs: the configuration chosen at `config_slot`
-        (its `[[peers]]`, with `join = true` and `join_config_slot`)."""
+        """What a new member's node config needs: the configuration chosen at `config_slot`,
+        the new member included, which becomes its `[[peers]]` field for field (incarnation
+        as an integer), with `join = true` and `join_config_slot`. It must be exact: the node
+        applies later changes to it, and a change applies only to the configuration it was
+        made from."""
         latest = self.replicator.replica.membership
         return {
             "cluster_id": self.cluster_id,
@@ -183,6 +186,7 @@ class MembershipRoutes:
                     "peer_addr": m.peer_addr.decode("utf-8", errors="replace"),
                     "http_addr": m.api_addr.decode("utf-8", errors="replace"),
                     "voter": m.voter,
+                    "auto_promote": m.auto_promote,
                 }
                 for m in latest.members
             ],

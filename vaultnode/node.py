@@ -121,7 +121,7 @@ def initial_membership(config: NodeConfig) -> Membership:
         ))
     return Membership(tuple(
         Member(p.node_id, p.incarnation, p.voter, str(p.peer_addr).encode(),
-               str(p.http_addr).encode())
+               str(p.http_addr).encode(), p.auto_promote)
         for p in config.peers
     ))
 

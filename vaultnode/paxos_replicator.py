@@ -598,13 +598,13 @@ class PaxosReplicator:
             return
         if status == "removed":
             self._events.emit(
-                "membership.removed", node=self.node_id,
+                "membership.removed",
                 detail="this node is no longer a member: it serves no requests (node_removed)",
             )
         elif status == "superseded":
             member = latest.member(self.node_id)
             self._events.emit(
-                "membership.superseded", node=self.node_id,
+                "membership.superseded",
                 incarnation=format_incarnation(self.node_incarnation),
                 member_incarnation=format_incarnation(member.incarnation if member else 0),
                 detail="the cluster binds this id to another incarnation (this data directory "
@@ -612,7 +612,7 @@ class PaxosReplicator:
                 "node and add it again as a new member",
             )
         else:
-            self._events.emit("membership.status", node=self.node_id, status=status)
+            self._events.emit("membership.status", status=status)
         self._status_seen = status
 
     def _log_refused(self, refused: tuple[RefusedMessage, ...]) -> None:
@@ -657,7 +657,7 @@ class PaxosReplicator:
             except MembershipChangeRefused:
                 return  # the previous change is not in force yet: next time
             self._events.emit(
-                "membership.promoting", node=member.node_id, match_index=heard.match_index,
+                "membership.promoting", member=member.node_id, match_index=heard.match_index,
                 chosen_through=replica.chosen_through,
             )
             self._kick()
