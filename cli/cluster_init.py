@@ -209,13 +209,15 @@ def init_cluster(
 
 
 def peer_entry(
-    node_id: int, incarnation: int, peer_addr: str, http_addr: str, voter: bool = True
+    node_id: int, incarnation: int, peer_addr: str, http_addr: str, voter: bool = True,
+    auto_promote: bool = False,
 ) -> str:
-    """One `[[peers]]` entry of a node config: a member of the initial configuration."""
+    """One `[[peers]]` entry of a node config: a member of its starting configuration."""
     return (
         f"\n[[peers]]\nid = {node_id}\nincarnation = {incarnation}\n"
         f'peer_addr = "{peer_addr}"\nhttp_addr = "{http_addr}"\n'
         f"voter = {'true' if voter else 'false'}\n"
+        + ("auto_promote = true\n" if auto_promote else "")
     )
 
 

@@ -244,10 +244,11 @@ def _node_config(
     limits = settings.get("limits")
     if limits:
         text += "\n[limits]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in limits.items())
-    for peer in join.peers:
+    for peer in join.peers:  # field for field: the node applies later changes to exactly this
         text += peer_entry(
             int(peer["id"]), _incarnation_of(peer), str(peer["peer_addr"]),
             str(peer.get("http_addr") or peer.get("api_addr")), bool(peer.get("voter", True)),
+            bool(peer.get("auto_promote", False)),
         )
     return text
 

@@ -43,8 +43,10 @@ MEMBERS = {
     ],
 }
 JOIN_PEERS = [
-    {"id": 1, "incarnation": "00000000000000a1", "peer_addr": "127.0.0.1:7001",
-     "http_addr": "127.0.0.1:8201", "voter": True},
+    {"id": 1, "incarnation": 0xA1, "peer_addr": "127.0.0.1:7001",
+     "http_addr": "127.0.0.1:8201", "voter": True, "auto_promote": False},
+    {"id": 4, "incarnation": 0xB4, "peer_addr": "127.0.0.1:7007",
+     "http_addr": "127.0.0.1:8207", "voter": False, "auto_promote": True},
 ]
 
 
@@ -203,13 +205,17 @@ def test_add_node_posts_the_new_identity_and_writes_a_join_config(
     assert (loaded.join, loaded.join_config_slot, loaded.data_dir) == (
         True, 77, out.absolute() / "node4" / "data"
     )
-    assert [(p.node_id, p.incarnation, p.voter) for p in loaded.peers] == [(1, 0xA1, True)]
+    # The answered configuration field for field: the node applies later changes to it.
+    assert [
+        {"id": p.node_id, "incarnation": p.incarnation, "peer_addr": str(p.peer_addr),
+         "http_addr": str(p.http_addr), "voter": p.voter, "auto_promote": p.auto_promote}
+        for p in loaded.peers
+    ] == JOIN_PEERS
     config = tomllib.loads((out / "node4.toml").read_text())
     template = tomllib.loads((init_dir / "node1.toml").read_text())
     assert config["join"] is True
     assert config["node_id"] == 4 and config["cluster_id"] == "c0ffee"
     assert (config["http_listen"], config["peer_listen"]) == ("127.0.0.1:8207", "127.0.0.1:7007")
-    assert config["peers"] == [{**JOIN_PEERS[0], "incarnation": 0xA1}]
     for shared in ("root_token_sha256", "root_accessor", "http_plaintext"):
         assert config[shared] == template[shared]
     assert config["data_dir"] == "node4/data"
