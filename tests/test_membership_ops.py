@@ -198,3 +198,17 @@ def test_a_node_added_to_a_shamir_cluster_is_promoted_once_unsealed(tmp_path: Pa
             check_clean(load, cluster)
     finally:
         cluster.stop_all()
+
+
+def test_a_node_added_to_an_https_cluster_serves_clients_with_a_certificate_from_its_ca(
+    tmp_path: Path,
+) -> None:
+    for cluster in started_cluster(tmp_path / "cluster", nodes=1, tls=True):
+        added = add_node(cluster, 2)
+        wait_for_voters(cluster, {1, 2}, SETTLE_S)
+        added.wait_healthy()  # over HTTPS, verified against the init directory's ca.pem
+        with httpx.Client(base_url=added.url, verify=added.verify, timeout=10.0,
+                          headers={"Authorization": f"Bearer {cluster.root_token}"}) as client:
+            assert client.post("/v1/secrets/tls/added", json={"value": "v"}).status_code == 201
+            assert client.get("/v1/secrets/tls/added").json()["value"] == "v"
+        assert membership_of(added) == "voter"
