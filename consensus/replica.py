@@ -1521,6 +1521,8 @@ class Replica:
             )
 
     def _note_peer_heard(self, peer: int, chosen_through: int) -> None:
+        if peer == self.node_id:
+            return  # its own Accepted: the leader's progress is its watermark
         _, match = self._peer_heard.get(peer, (0, 0))
         self._peer_heard[peer] = (self._tick_count, max(match, chosen_through))
 

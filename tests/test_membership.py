@@ -7,12 +7,13 @@ wiped node and one other chose a second value at slot 1: {1: v, 2: w, 3: w})."""
 from __future__ import annotations
 
 from dataclasses import replace
+from random import Random
 
 import msgpack
 import pytest
 
 from consensus.codec import decode_message, encode_message
-from consensus.errors import InvariantViolation
+from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.membership import (
     CONFIG_WINDOW_SLOTS,
     Member,
@@ -298,3 +299,42 @@ def test_a_change_in_force_at_once_forks_a_shrunk_cluster_and_the_window_does_no
         assert len({log[slot] for log in applied if slot in log}) == 1, slot
     # 1 chose u alone only once its last change was in force, 64 slots after it.
     assert net.nodes[1].membership.voter_ids == (1,)
+
+
+def test_a_sole_voter_stands_at_its_first_tick_and_others_wait_for_the_timeout() -> None:
+    alone = Replica(1, None, Random(1), membership=Membership((Member(1, 7, True),)),
+                    node_incarnation=7)
+    alone.tick()
+    assert alone.role == Role.CANDIDATE  # it promised its ballot; no timeout waited
+    grouped = Network(3, identities=True)
+    grouped.nodes[1].tick()
+    assert grouped.nodes[1].role == Role.FOLLOWER
+    with pytest.raises(LocalProtocolError):
+        Replica(1, None, Random(1))  # neither a ClusterConfig nor a membership
+
+
+def test_the_leader_tracks_each_peers_last_answer_and_match_index() -> None:
+    net = Network(3, identities=True)
+    net.elect(1)
+    net.nodes[1].propose([b"x"])
+    net.settle()
+    assert net.nodes[2].peer_progress() == {}  # followers track nothing
+    net.tick_all(net.limits.heartbeat_ticks)
+    progress = net.nodes[1].peer_progress()
+    assert set(progress) == {2, 3}
+    assert all(p.match_index == net.nodes[1].chosen_through for p in progress.values())
+    assert all(p.ticks_since_heard < net.limits.heartbeat_ticks for p in progress.values())
+    net.isolate(3)
+    for _ in range(3 * net.limits.heartbeat_ticks):
+        net.nodes[1].tick()
+        net.nodes[2].tick()
+        net.settle()
+    progress = net.nodes[1].peer_progress()
+    assert progress[3].ticks_since_heard >= 3 * net.limits.heartbeat_ticks - 1
+    assert progress[2].ticks_since_heard < net.limits.heartbeat_ticks
+    # The promotion flag travels with the configuration (encoded in the change).
+    net.heal()
+    learner = Member(4, net.add_node(4), False, auto_promote=True)
+    commit_change(net, 1, with_member(net.nodes[1].membership, learner))
+    assert net.nodes[2].membership.member(4) == learner
+    assert net.nodes[1].membership_chosen_at > 0

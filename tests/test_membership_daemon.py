@@ -211,9 +211,10 @@ def test_a_removed_node_stops_serving_and_the_api_refuses_bad_changes(
         reply = client.post("/v1/secrets/token/check", json={"value": "x"})
         assert reply.status_code == 201
 
-    removed = next(n for n in cluster.nodes if n.node_id != leader_id)
+    followers = [n for n in cluster.nodes if n.node_id != leader_id]
+    removed, forwarder = followers
     survivors = [n for n in cluster.nodes if n is not removed]
-    with client_of(cluster, survivors[0]) as client:  # a follower forwards it, or the leader
+    with client_of(cluster, forwarder) as client:  # a follower forwards it to the leader
         reply = client.delete(f"/v1/sys/members/{removed.node_id}")
         assert reply.status_code == 200, reply.text
         assert reply.json() == {"removed": removed.node_id}
@@ -289,5 +290,9 @@ def test_a_one_node_vault_grows_to_three_through_the_api(tmp_path: Path) -> None
                 return bool(health_field(node, "membership") == "voter")
 
             wait_until(voter, DEADLINE_S, f"node {node.node_id} to learn it is a voter")
+        # Node 1's config names only itself: the cluster view follows the configuration.
+        with cluster.client() as client:
+            views = client.get("/v1/cluster").json()["nodes"]
+        assert [(v["node_id"], v["status"]) for v in views] == [(1, "ok"), (2, "ok"), (3, "ok")]
     finally:
         cluster.stop_all()

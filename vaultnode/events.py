@@ -74,6 +74,7 @@ EVENTS = frozenset(
         "peer.connected",
         "peer.refused",
         "membership.status",
+        "membership.changed",
         "membership.removed",
         "membership.superseded",
         "membership.promoting",

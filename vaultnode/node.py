@@ -353,7 +353,12 @@ class VaultNode:
             clock_us=replicator.clock_us,
             on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
             root_key_handout=lambda new_key: root_key_handout(config, new_key),
-            cluster_view=lambda api: ClusterView(config, api.health),
+            cluster_view=lambda api: ClusterView(
+                config, api.health, members=lambda: [
+                    (m.node_id, m.api_addr.decode("utf-8", errors="replace"))
+                    for m in replicator.replica.membership.members
+                ],
+            ),
             leader_forwarding=self._leader_forwarding(),
         )
         audit.start()

@@ -591,6 +591,12 @@ class PaxosReplicator:
             self._clock.config = voters
         latest = replica.membership
         if latest is not self._membership_seen:
+            if self._membership_seen is not None and latest != self._membership_seen:
+                self._events.emit(
+                    "membership.changed", chosen_at=replica.membership_chosen_at,
+                    voters=list(latest.voter_ids),
+                    learners=[m.node_id for m in latest.members if not m.voter],
+                )
             self._membership_seen = latest
             self.on_peers_changed(self.peer_addresses())
         status = self.membership_status()
