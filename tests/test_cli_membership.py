@@ -14,7 +14,7 @@ import json
 import stat
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,7 +54,10 @@ JOIN_PEERS = [
 class FakeNode:
     """Answers each (method, path) with its scripted (status, body); records what it got."""
 
-    answers: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
+    # An answer may also be computed from the requests seen so far.
+    answers: dict[tuple[str, str], tuple[int, Any] | Callable[[FakeNode], tuple[int, Any]]] = (
+        field(default_factory=dict)
+    )
     seen: list[tuple[str, str, Any]] = field(default_factory=list)
     port: int = 0
 
@@ -72,7 +75,8 @@ def fake() -> Iterator[FakeNode]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             node.seen.append((self.command, self.path, json.loads(raw) if raw else None))
-            status, body = node.answers.get((self.command, self.path), (404, _error("x", "?")))
+            answer = node.answers.get((self.command, self.path), (404, _error("x", "?")))
+            status, body = answer if isinstance(answer, tuple) else answer(node)
             payload = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -257,6 +261,28 @@ def test_add_node_refused_or_unknown_writes_nothing(
     assert advice in refused.stderr
     assert files_under(out) == []
     assert fake.seen and all(path == "/v1/sys/members" for _, path, _ in fake.seen)
+
+
+def test_add_node_whose_answer_was_lost_says_it_was_added_and_must_be_removed(
+    fake: FakeNode, init_dir: Path, tmp_path: Path
+) -> None:
+    """The membership routes keep no idempotency record: the CLI's retry of an add whose answer
+    was lost is refused `member_exists`, and the listed member's incarnation tells it apart."""
+    fake.answers[("POST", "/v1/sys/members")] = (
+        409, _error("member_exists", "node 4 is already a member")
+    )
+
+    def listed(node: FakeNode) -> tuple[int, Any]:
+        (posted,) = [body for method, _, body in node.seen if method == "POST"]
+        return 200, {**MEMBERS, "members": [{"id": 4, "incarnation": posted["incarnation"]}]}
+
+    fake.answers[("GET", "/v1/sys/members")] = listed
+    out = tmp_path / "new"
+    refused = vault(fake, *add_node_args(init_dir, out))
+    assert refused.exit_code == 1
+    assert "node 4 was added by this command" in refused.stderr
+    assert "vault operator remove-node 4" in refused.stderr
+    assert files_under(out) == []
 
 
 def test_add_node_with_no_node_answering_writes_nothing(init_dir: Path, tmp_path: Path) -> None:
