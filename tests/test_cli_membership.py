@@ -50,14 +50,16 @@ JOIN_PEERS = [
 ]
 
 
+Answer = tuple[int, Any]  # (HTTP status, JSON body)
+
+
 @dataclass
 class FakeNode:
     """Answers each (method, path) with its scripted (status, body); records what it got."""
 
-    # An answer may also be computed from the requests seen so far.
-    answers: dict[tuple[str, str], tuple[int, Any] | Callable[[FakeNode], tuple[int, Any]]] = (
-        field(default_factory=dict)
-    )
+    answers: dict[tuple[str, str], Answer] = field(default_factory=dict)
+    # Answers computed from the requests seen so far, for the requests they name.
+    computed: dict[tuple[str, str], Callable[[FakeNode], Answer]] = field(default_factory=dict)
     seen: list[tuple[str, str, Any]] = field(default_factory=list)
     port: int = 0
 
@@ -75,8 +77,11 @@ def fake() -> Iterator[FakeNode]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             node.seen.append((self.command, self.path, json.loads(raw) if raw else None))
-            answer = node.answers.get((self.command, self.path), (404, _error("x", "?")))
-            status, body = answer if isinstance(answer, tuple) else answer(node)
+            key = (self.command, self.path)
+            if key in node.computed:
+                status, body = node.computed[key](node)
+            else:
+                status, body = node.answers.get(key, (404, _error("x", "?")))
             payload = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -276,7 +281,7 @@ def test_add_node_whose_answer_was_lost_says_it_was_added_and_must_be_removed(
         (posted,) = [body for method, _, body in node.seen if method == "POST"]
         return 200, {**MEMBERS, "members": [{"id": 4, "incarnation": posted["incarnation"]}]}
 
-    fake.answers[("GET", "/v1/sys/members")] = listed
+    fake.computed[("GET", "/v1/sys/members")] = listed
     out = tmp_path / "new"
     refused = vault(fake, *add_node_args(init_dir, out))
     assert refused.exit_code == 1
