@@ -13,6 +13,7 @@ conditions with deadlines (simulations/harness.py).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,9 +43,17 @@ WRITES_BETWEEN_CHANGES = 5
 SETTLE_S = 60.0
 
 
+SNAPSHOT_EVERY_SLOTS = 100
+"""Small, so that the log is compacted while the cluster grows: a new member must install a
+snapshot from the leader before it can catch up (add-node copies the `[limits]` too)."""
+SEEDED_SECRETS = 500
+
+
 @pytest.fixture
 def one_node(tmp_path: Path) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path / "cluster", nodes=1)
+    yield from started_cluster(
+        tmp_path / "cluster", nodes=1, limits={"snapshot_every_slots": SNAPSHOT_EVERY_SLOTS}
+    )
 
 
 @pytest.fixture
@@ -86,6 +95,19 @@ def add_and_promote(cluster: Cluster, load: RecordedLoad, new_id: int) -> None:
     load.wait_for_writes(WRITES_BETWEEN_CHANGES)
 
 
+def snapshot_sources(node: Node) -> set[str]:
+    """Where the node's snapshots came from (`snapshot.taken` events): `local`, `leader`."""
+    sources = set()
+    for line in node.log_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "snapshot.taken":
+            sources.add(str(event.get("source")))
+    return sources
+
+
 def membership_of(node: Node) -> object:
     health = node_health(node)
     return None if health is None else health.get("membership")
@@ -95,12 +117,30 @@ def test_grow_from_one_node_to_three_and_five_under_writes(
     one_node: Cluster, tmp_path: Path
 ) -> None:
     cluster = one_node
+    # A vault with data: one batch of secrets before anything else.
+    seeded = {f"seeded/{i:04d}": f"value-{i}" for i in range(SEEDED_SECRETS)}
+    with cluster.client() as client:
+        created = client.post("/v1/batch/create", json={
+            "secrets": [{"name": name, "value": value} for name, value in seeded.items()]
+        })
+        assert created.status_code == 201, created.text
     with RecordedLoad(cluster, tmp_path / "load") as load:
         load.wait_for_writes(WRITES_BETWEEN_CHANGES)
         for new_id in (2, 3, 4, 5):
             add_and_promote(cluster, load, new_id)
         check_clean(load, cluster)
     assert sorted(n.node_id for n in cluster.nodes) == [1, 2, 3, 4, 5]
+    for member in cluster.nodes:
+        # The data from before the growth, read linearizably through every node.
+        with httpx.Client(base_url=member.url, timeout=30.0, headers={
+            "Authorization": f"Bearer {cluster.root_token}"
+        }) as client:
+            read = client.post("/v1/batch/read", json={"secrets": [{"name": n} for n in seeded]})
+            assert read.status_code == 200, (member.node_id, read.text)
+            assert {s["name"]: s["value"] for s in read.json()["secrets"]} == seeded
+    # Nodes 2 to 5 joined behind the compaction point: each installed a snapshot.
+    for joined in cluster.nodes[1:]:
+        assert "leader" in snapshot_sources(joined), joined.node_id
 
 
 def test_replace_every_original_node_in_turn_under_writes(
