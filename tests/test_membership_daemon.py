@@ -1,7 +1,8 @@
 """Membership on real vaultnode processes, the node side (docs/membership.md, docs/api.md):
 a node restarted with a wiped data directory under its old configuration takes no part (the
-issue's amnesia case), a removed node stops serving, the errors of /v1/sys/members, and a
-one-node vault that grows to three through the API.
+issue's amnesia case), a removed node stops serving, the errors of /v1/sys/members, a
+one-node vault that grows to three through the API; and (in process) the rate limit on
+logging refused peer messages.
 
 Clusters come from `simulations.harness.make_cluster`; `bind_incarnations` binds each node's
 data directory's incarnation in every node's `[[peers]]` as `vault operator init` does (it
@@ -10,6 +11,7 @@ keeps what init already bound).
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import time
@@ -20,9 +22,15 @@ from typing import Any
 import httpx
 import pytest
 
+from consensus.membership import Member, Membership
+from consensus.ready import RefusedMessage
 from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
 from tests.test_http_wire import node_events
+from vaultnode import paxos_replicator
+from vaultnode.events import EventLog
 from vaultnode.identity import create_identity, format_incarnation, read_identity
+from vaultnode.paxos_replicator import PaxosReplicator
+from vaultnode.state import VaultState
 
 DEADLINE_S = 30.0
 # How long {wiped node, one other} is watched for choosing anything: many election timeouts
@@ -296,3 +304,27 @@ def test_a_one_node_vault_grows_to_three_through_the_api(tmp_path: Path) -> None
         assert [(v["node_id"], v["status"]) for v in views] == [(1, "ok"), (2, "ok"), (3, "ok")]
     finally:
         cluster.stop_all()
+
+
+def test_refused_messages_are_logged_once_per_interval_with_a_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    replicator = PaxosReplicator(
+        node_id=1, membership=Membership((Member(1, 5, True),)), node_incarnation=5,
+        data_dir=tmp_path, state=VaultState(), events=EventLog(1, stream),
+        on_fatal=lambda exc: None, segment_bytes_max=1 << 20, snapshot_every_slots=1000,
+    )
+    now = [1000.0]
+    monkeypatch.setattr("vaultnode.paxos_replicator.time.monotonic", lambda: now[0])
+    wiped = RefusedMessage(2, 77, "PreVoteReply", "superseded incarnation")
+    other_kind = RefusedMessage(2, 77, "CatchUpRequest", "superseded incarnation")
+    for _ in range(50):
+        replicator._log_refused((wiped, other_kind))
+    now[0] += paxos_replicator.REFUSED_LOG_INTERVAL_S
+    replicator._log_refused((wiped,))
+    lines = [e for e in node_events(stream.getvalue()) if e["event"] == "peer.refused"]
+    assert [(e["kind"], e["refused_since_last"]) for e in lines] == [
+        ("PreVoteReply", 0), ("CatchUpRequest", 0), ("PreVoteReply", 49)
+    ]
+    assert lines[0]["incarnation"] == format_incarnation(77) and lines[0]["sender"] == 2
