@@ -328,3 +328,32 @@ def test_refused_messages_are_logged_once_per_interval_with_a_count(
         ("PreVoteReply", 0), ("CatchUpRequest", 0), ("PreVoteReply", 49)
     ]
     assert lines[0]["incarnation"] == format_incarnation(77) and lines[0]["sender"] == 2
+
+
+def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(tmp_path / "cluster", 1)
+    node = cluster.nodes[0]
+    (node.data_dir / "log").mkdir(parents=True)
+    node.start(wait=False)
+    assert node.process is not None
+    assert node.process.wait(timeout=DEADLINE_S) != 0
+    assert "old single-node format" in node.log_text()
+    assert "vault operator snapshot save" in node.log_text()
+
+    shutil.rmtree(node.data_dir)
+    node.start(wait=False)  # a new data directory: it draws its identity
+
+    def reports_its_identity() -> bool:
+        incarnation = read_identity(node.data_dir)
+        return incarnation is not None and health_field(node, "incarnation") == (
+            format_incarnation(incarnation)
+        )
+
+    wait_until(reports_its_identity, DEADLINE_S, "the node to report its new incarnation")
+    node.stop()
+    (node.data_dir / "incarnation").unlink()
+    node.start(wait=False)
+    assert node.process.wait(timeout=DEADLINE_S) != 0
+    assert "has a consensus log but no identity file" in node.log_text()
