@@ -233,6 +233,15 @@ def test_a_removed_node_stops_serving_and_the_api_refuses_bad_changes(
         assert (reply.status_code, reply.json()["error"]["code"]) == (503, "node_removed")
     assert events_of(removed, "membership.removed")
 
+    def links_dropped() -> bool:  # once the removal is in force, nobody dials the node
+        for node in survivors:
+            metrics = httpx.get(node.url + "/metrics", timeout=5.0).text
+            if f'vault_peer_connected{{peer="{removed.node_id}"}}' in metrics:
+                return False
+        return True
+
+    wait_until(links_dropped, DEADLINE_S, "the others to drop their links to the removed node")
+
     # Two voters left: removing either is refused (each is needed for a majority).
     def remove_refused() -> bool:
         with client_of(cluster, survivors[0]) as client:
