@@ -25,6 +25,7 @@ import pytest
 from consensus.membership import Member, Membership
 from consensus.ready import RefusedMessage
 from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
+from simulations.in_process import in_process_vault
 from tests.test_http_wire import node_events
 from vaultnode import paxos_replicator
 from vaultnode.events import EventLog
@@ -366,3 +367,40 @@ def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
     node.start(wait=False)
     assert node.process.wait(timeout=DEADLINE_S) != 0
     assert "has a consensus log but no identity file" in node.log_text()
+
+
+def test_the_members_api_on_a_vault_of_one_without_peer_transport(tmp_path: Path) -> None:
+    for vault in in_process_vault(tmp_path):
+        with vault.client() as client:
+            view = client.get("/v1/sys/members").json()
+            assert view["leader_id"] == 1 and view["change_in_progress"] is False
+            (row,) = view["members"]
+            assert (row["id"], row["voter"], row["lag"], row["match_index"] > 0) == (
+                1, True, 0, True
+            )
+            bad_bodies: list[Any] = [
+                [], {"id": 0}, {"id": 2, "incarnation": "xyz"},
+                {"id": 2, "incarnation": "0" * 16, "peer_addr": "h:1", "api_addr": "h:2"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "nope",
+                 "api_addr": "h:2"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                 "api_addr": "h:2", "promote": "yes"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                 "api_addr": "h:2", "colour": 1},
+            ]
+            for body in bad_bodies:
+                reply = client.post("/v1/sys/members", json=body)
+                assert (reply.status_code, reply.json()["error"]["code"]) == (
+                    400, "invalid_request"
+                ), body
+            good = {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                    "api_addr": "h:2"}
+            reply = client.post("/v1/sys/members", json=good)
+            assert (reply.status_code, reply.json()["error"]["code"]) == (
+                409, "membership_change_refused"
+            )
+            reply = client.delete("/v1/sys/members/1")
+            assert (reply.status_code, reply.json()["error"]["code"]) == (409, "too_few_voters")
+            assert [m["id"] for m in client.get("/v1/sys/members").json()["members"]] == [1]
+        with vault.client(token="not-a-token") as client:
+            assert client.get("/v1/sys/members").status_code == 401

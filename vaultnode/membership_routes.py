@@ -89,6 +89,13 @@ class MembershipRoutes:
         forwarded = await self._forward_unless_leader(call)
         if forwarded is not None:
             return forwarded
+        if self.replicator.transport is None:
+            raise ApiError(
+                409, "membership_change_refused",
+                "this node runs no peer transport (its config has no [[peers]] or no peer "
+                "TLS): no other node could reach it; a vault that can grow is made by vault "
+                "operator init",
+            )
         latest = self.replicator.replica.membership
         if latest.member(member.node_id) is not None:
             raise ApiError(
