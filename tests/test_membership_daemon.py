@@ -177,6 +177,8 @@ def test_a_wiped_node_restarted_under_its_old_config_does_not_vote(three_nodes: 
         reply = client.get("/v1/secrets/amnesia/v")
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "node_superseded"
+    vault_health = httpx.get(node2.url + "/v1/sys/health", timeout=5.0)
+    assert (vault_health.status_code, vault_health.json()["membership"]) == (503, "superseded")
 
     node1.start(wait=False)
     node1.wait_healthy()
