@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -97,7 +97,16 @@ class MembershipRoutes:
                 "operator init",
             )
         latest = self.replicator.replica.membership
-        if latest.member(member.node_id) is not None:
+        existing = latest.member(member.node_id)
+        if existing is not None and replace(existing, voter=False) == member:
+            # The same add again (a client retrying after a lost answer): it took effect, so
+            # answer as then, with the current configuration (promotion may have followed).
+            call.outcome = "ok"
+            return Response.json(200, {
+                "member": self._row(existing, latest),
+                "join": self._join(self.replicator.replica.membership_chosen_at),
+            })
+        if existing is not None:
             raise ApiError(
                 409, "member_exists",
                 f"node {member.node_id} is already a member; remove it first to add it again "
