@@ -25,6 +25,7 @@ import httpx
 from consensus.membership import (
     Member,
     Membership,
+    MembershipChangeInProgress,
     MembershipChangeRefused,
     with_member,
     without_member,
@@ -211,13 +212,13 @@ class MembershipRoutes:
     async def _change(self, change: Any) -> int:
         try:
             return await self.replicator.change_membership(change)
+        except MembershipChangeInProgress:
+            raise ApiError(
+                409, "membership_change_in_progress",
+                "another membership change is not in force yet (α = 64 slots after it was "
+                "chosen); retry shortly",
+            ) from None
         except MembershipChangeRefused as exc:
-            if "in progress" in str(exc):
-                raise ApiError(
-                    409, "membership_change_in_progress",
-                    "another membership change is not in force yet (α = 64 slots after it "
-                    "was chosen); retry shortly",
-                ) from None
             raise ApiError(409, "membership_change_refused", str(exc)) from None
 
     # ---- input ------------------------------------------------------------------------
