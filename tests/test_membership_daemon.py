@@ -410,3 +410,30 @@ def test_the_members_api_on_a_vault_of_one_without_peer_transport(tmp_path: Path
             assert [m["id"] for m in client.get("/v1/sys/members").json()["members"]] == [1]
         with vault.client(token="not-a-token") as client:
             assert client.get("/v1/sys/members").status_code == 401
+
+
+def test_the_leader_removes_itself_and_the_others_carry_on(three_nodes: Cluster) -> None:
+    cluster = three_nodes
+    with cluster.client() as client:
+        leader_id = client.get("/v1/sys/members").json()["leader_id"]
+    leader = next(n for n in cluster.nodes if n.node_id == leader_id)
+    with client_of(cluster, leader) as client:
+        reply = client.delete(f"/v1/sys/members/{leader_id}")
+    assert (reply.status_code, reply.json()) == (200, {"removed": leader_id})
+    others = [n for n in cluster.nodes if n is not leader]
+
+    def new_leader_elected() -> bool:
+        views = [node_health(n) for n in others]
+        return all(
+            v is not None and v.get("status") == "ok" and v.get("leader_id") in
+            {n.node_id for n in others}
+            for v in views
+        )
+
+    wait_until(new_leader_elected, DEADLINE_S, "the two others to elect a leader of their own")
+    wait_until(lambda: health_field(leader, "membership") == "removed", DEADLINE_S,
+               "the old leader to report itself removed")
+    write_until_acknowledged(cluster, "after/removal", "two voters")
+    with client_of(cluster, others[0]) as client:
+        members = client.get("/v1/sys/members").json()["members"]
+    assert sorted(m["id"] for m in members) == sorted(n.node_id for n in others)
