@@ -131,6 +131,10 @@ class MembershipChangeRefused(ConfigError):
     """A change that is not exactly one step from the latest configuration."""
 
 
+class MembershipChangeInProgress(MembershipChangeRefused):
+    """Another change is queued, in flight, or chosen but not in force yet: ask again later."""
+
+
 def encode_change(membership: Membership) -> bytes:
     """The command that asks for `membership` to become the configuration."""
     from consensus.codec import encode_membership  # the codec imports this module

@@ -48,6 +48,7 @@ from consensus.membership import (
     ConfigEntry,
     ConfigHistory,
     Membership,
+    MembershipChangeInProgress,
     MembershipChangeRefused,
     encode_change,
     is_membership_command,
@@ -633,7 +634,7 @@ class Replica:
             for command in value
         )
         if pending or self._configs.first_slot(latest) > self._next_slot:
-            raise MembershipChangeRefused("another configuration change is still in progress")
+            raise MembershipChangeInProgress("another configuration change is still in progress")
         self.propose([encode_change(membership)])
 
     def _new_config_history(self, entries: Iterable[ConfigEntry]) -> ConfigHistory:

@@ -1,7 +1,8 @@
 """Membership on real vaultnode processes, the node side (docs/membership.md, docs/api.md):
 a node restarted with a wiped data directory under its old configuration takes no part (the
-issue's amnesia case), a removed node stops serving, the errors of /v1/sys/members, and a
-one-node vault that grows to three through the API.
+issue's amnesia case), a removed node stops serving, the errors of /v1/sys/members, a
+one-node vault that grows to three through the API; and (in process) the rate limit on
+logging refused peer messages.
 
 Clusters come from `simulations.harness.make_cluster`; `bind_incarnations` binds each node's
 data directory's incarnation in every node's `[[peers]]` as `vault operator init` does (it
@@ -10,6 +11,7 @@ keeps what init already bound).
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import time
@@ -20,9 +22,16 @@ from typing import Any
 import httpx
 import pytest
 
+from consensus.membership import Member, Membership
+from consensus.ready import RefusedMessage
 from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
+from simulations.in_process import in_process_vault
 from tests.test_http_wire import node_events
+from vaultnode import paxos_replicator
+from vaultnode.events import EventLog
 from vaultnode.identity import create_identity, format_incarnation, read_identity
+from vaultnode.paxos_replicator import PaxosReplicator
+from vaultnode.state import VaultState
 
 DEADLINE_S = 30.0
 # How long {wiped node, one other} is watched for choosing anything: many election timeouts
@@ -168,6 +177,8 @@ def test_a_wiped_node_restarted_under_its_old_config_does_not_vote(three_nodes: 
         reply = client.get("/v1/secrets/amnesia/v")
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "node_superseded"
+    vault_health = httpx.get(node2.url + "/v1/sys/health", timeout=5.0)
+    assert (vault_health.status_code, vault_health.json()["membership"]) == (503, "superseded")
 
     node1.start(wait=False)
     node1.wait_healthy()
@@ -225,6 +236,15 @@ def test_a_removed_node_stops_serving_and_the_api_refuses_bad_changes(
         assert (reply.status_code, reply.json()["error"]["code"]) == (503, "node_removed")
     assert events_of(removed, "membership.removed")
 
+    def links_dropped() -> bool:  # once the removal is in force, nobody dials the node
+        for node in survivors:
+            metrics = httpx.get(node.url + "/metrics", timeout=5.0).text
+            if f'vault_peer_connected{{peer="{removed.node_id}"}}' in metrics:
+                return False
+        return True
+
+    wait_until(links_dropped, DEADLINE_S, "the others to drop their links to the removed node")
+
     # Two voters left: removing either is refused (each is needed for a majority).
     def remove_refused() -> bool:
         with client_of(cluster, survivors[0]) as client:
@@ -259,12 +279,16 @@ def test_a_one_node_vault_grows_to_three_through_the_api(tmp_path: Path) -> None
             assert client.post("/v1/secrets/grow/a", json={"value": "alone"}).status_code == 201
         for node in (node2, node3):
             entry = peer_entry(node, incarnations[node.node_id])
+            add = {
+                "id": node.node_id, "incarnation": entry["incarnation"],
+                "peer_addr": entry["peer_addr"], "api_addr": entry["http_addr"],
+            }
             with cluster.client() as client:
-                reply = client.post("/v1/sys/members", json={
-                    "id": node.node_id, "incarnation": entry["incarnation"],
-                    "peer_addr": entry["peer_addr"], "api_addr": entry["http_addr"],
-                })
-            assert reply.status_code == 200, reply.text
+                reply = client.post("/v1/sys/members", json=add)
+                assert reply.status_code == 200, reply.text
+                # A retry after a lost answer gets the same answer, not member_exists.
+                retried = client.post("/v1/sys/members", json=add)
+            assert (retried.status_code, retried.json()["join"]) == (200, reply.json()["join"])
             answer = reply.json()
             assert answer["member"]["voter"] is False and answer["member"]["auto_promote"]
             join = answer["join"]
@@ -296,3 +320,120 @@ def test_a_one_node_vault_grows_to_three_through_the_api(tmp_path: Path) -> None
         assert [(v["node_id"], v["status"]) for v in views] == [(1, "ok"), (2, "ok"), (3, "ok")]
     finally:
         cluster.stop_all()
+
+
+def test_refused_messages_are_logged_once_per_interval_with_a_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = io.StringIO()
+    replicator = PaxosReplicator(
+        node_id=1, membership=Membership((Member(1, 5, True),)), node_incarnation=5,
+        data_dir=tmp_path, state=VaultState(), events=EventLog(1, stream),
+        on_fatal=lambda exc: None, segment_bytes_max=1 << 20, snapshot_every_slots=1000,
+    )
+    now = [1000.0]
+    monkeypatch.setattr("vaultnode.paxos_replicator.time.monotonic", lambda: now[0])
+    wiped = RefusedMessage(2, 77, "PreVoteReply", "superseded incarnation")
+    other_kind = RefusedMessage(2, 77, "CatchUpRequest", "superseded incarnation")
+    for _ in range(50):
+        replicator._log_refused((wiped, other_kind))
+    now[0] += paxos_replicator.REFUSED_LOG_INTERVAL_S
+    replicator._log_refused((wiped,))
+    lines = [e for e in node_events(stream.getvalue()) if e["event"] == "peer.refused"]
+    assert [(e["kind"], e["refused_since_last"]) for e in lines] == [
+        ("PreVoteReply", 0), ("CatchUpRequest", 0), ("PreVoteReply", 49)
+    ]
+    assert lines[0]["incarnation"] == format_incarnation(77) and lines[0]["sender"] == 2
+
+
+def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
+    tmp_path: Path,
+) -> None:
+    cluster = make_cluster(tmp_path / "cluster", 1)
+    node = cluster.nodes[0]
+    (node.data_dir / "log").mkdir(parents=True)
+    node.start(wait=False)
+    assert node.process is not None
+    assert node.process.wait(timeout=DEADLINE_S) != 0
+    assert "old single-node format" in node.log_text()
+    assert "vault operator snapshot save" in node.log_text()
+
+    shutil.rmtree(node.data_dir)
+    node.start(wait=False)  # a new data directory: it draws its identity
+
+    def reports_its_identity() -> bool:
+        incarnation = read_identity(node.data_dir)
+        return incarnation is not None and health_field(node, "incarnation") == (
+            format_incarnation(incarnation)
+        )
+
+    wait_until(reports_its_identity, DEADLINE_S, "the node to report its new incarnation")
+    node.stop()
+    (node.data_dir / "incarnation").unlink()
+    node.start(wait=False)
+    assert node.process.wait(timeout=DEADLINE_S) != 0
+    assert "has a consensus log but no identity file" in node.log_text()
+
+
+def test_the_members_api_on_a_vault_of_one_without_peer_transport(tmp_path: Path) -> None:
+    for vault in in_process_vault(tmp_path):
+        with vault.client() as client:
+            view = client.get("/v1/sys/members").json()
+            assert view["leader_id"] == 1 and view["change_in_progress"] is False
+            (row,) = view["members"]
+            assert (row["id"], row["voter"], row["lag"], row["match_index"] > 0) == (
+                1, True, 0, True
+            )
+            bad_bodies: list[Any] = [
+                [], {"id": 0}, {"id": 2, "incarnation": "xyz"},
+                {"id": 2, "incarnation": "0" * 16, "peer_addr": "h:1", "api_addr": "h:2"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "nope",
+                 "api_addr": "h:2"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                 "api_addr": "h:2", "promote": "yes"},
+                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                 "api_addr": "h:2", "colour": 1},
+            ]
+            for body in bad_bodies:
+                reply = client.post("/v1/sys/members", json=body)
+                assert (reply.status_code, reply.json()["error"]["code"]) == (
+                    400, "invalid_request"
+                ), body
+            good = {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
+                    "api_addr": "h:2"}
+            reply = client.post("/v1/sys/members", json=good)
+            assert (reply.status_code, reply.json()["error"]["code"]) == (
+                409, "membership_change_refused"
+            )
+            reply = client.delete("/v1/sys/members/1")
+            assert (reply.status_code, reply.json()["error"]["code"]) == (409, "too_few_voters")
+            assert [m["id"] for m in client.get("/v1/sys/members").json()["members"]] == [1]
+        with vault.client(token="not-a-token") as client:
+            assert client.get("/v1/sys/members").status_code == 401
+
+
+def test_the_leader_removes_itself_and_the_others_carry_on(three_nodes: Cluster) -> None:
+    cluster = three_nodes
+    with cluster.client() as client:
+        leader_id = client.get("/v1/sys/members").json()["leader_id"]
+    leader = next(n for n in cluster.nodes if n.node_id == leader_id)
+    with client_of(cluster, leader) as client:
+        reply = client.delete(f"/v1/sys/members/{leader_id}")
+    assert (reply.status_code, reply.json()) == (200, {"removed": leader_id})
+    others = [n for n in cluster.nodes if n is not leader]
+
+    def new_leader_elected() -> bool:
+        views = [node_health(n) for n in others]
+        return all(
+            v is not None and v.get("status") == "ok" and v.get("leader_id") in
+            {n.node_id for n in others}
+            for v in views
+        )
+
+    wait_until(new_leader_elected, DEADLINE_S, "the two others to elect a leader of their own")
+    wait_until(lambda: health_field(leader, "membership") == "removed", DEADLINE_S,
+               "the old leader to report itself removed")
+    write_until_acknowledged(cluster, "after/removal", "two voters")
+    with client_of(cluster, others[0]) as client:
+        members = client.get("/v1/sys/members").json()["members"]
+    assert sorted(m["id"] for m in members) == sorted(n.node_id for n in others)

@@ -140,9 +140,12 @@ class NodeConfig:
 
     @property
     def peer_tls(self) -> bool:
-        """Whether this node runs the peer transport: a one-node cluster does once it has a
-        certificate (so it can grow), and without one stays a group of one."""
-        return self.tls_ca_file is not None and self.tls_cert_file is not None
+        """Whether this node runs the peer transport: with `[[peers]]` and peer TLS (a
+        one-node cluster from `vault operator init` has both, so it can grow); a config
+        without them is a group of one that sends nothing."""
+        return bool(self.peers) and None not in (
+            self.tls_ca_file, self.tls_cert_file, self.tls_key_file
+        )
 
     @property
     def audit_path(self) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -25,6 +25,7 @@ import httpx
 from consensus.membership import (
     Member,
     Membership,
+    MembershipChangeInProgress,
     MembershipChangeRefused,
     with_member,
     without_member,
@@ -89,8 +90,24 @@ class MembershipRoutes:
         forwarded = await self._forward_unless_leader(call)
         if forwarded is not None:
             return forwarded
+        if self.replicator.transport is None:
+            raise ApiError(
+                409, "membership_change_refused",
+                "this node runs no peer transport (its config has no [[peers]] or no peer "
+                "TLS): no other node could reach it; a vault that can grow is made by vault "
+                "operator init",
+            )
         latest = self.replicator.replica.membership
-        if latest.member(member.node_id) is not None:
+        existing = latest.member(member.node_id)
+        if existing is not None and replace(existing, voter=False) == member:
+            # The same add again (a client retrying after a lost answer): it took effect, so
+            # answer as then, with the current configuration (promotion may have followed).
+            call.outcome = "ok"
+            return Response.json(200, {
+                "member": self._row(existing, latest),
+                "join": self._join(self.replicator.replica.membership_chosen_at),
+            })
+        if existing is not None:
             raise ApiError(
                 409, "member_exists",
                 f"node {member.node_id} is already a member; remove it first to add it again "
@@ -195,13 +212,13 @@ class MembershipRoutes:
     async def _change(self, change: Any) -> int:
         try:
             return await self.replicator.change_membership(change)
+        except MembershipChangeInProgress:
+            raise ApiError(
+                409, "membership_change_in_progress",
+                "another membership change is not in force yet (α = 64 slots after it was "
+                "chosen); retry shortly",
+            ) from None
         except MembershipChangeRefused as exc:
-            if "in progress" in str(exc):
-                raise ApiError(
-                    409, "membership_change_in_progress",
-                    "another membership change is not in force yet (α = 64 slots after it "
-                    "was chosen); retry shortly",
-                ) from None
             raise ApiError(409, "membership_change_refused", str(exc)) from None
 
     # ---- input ------------------------------------------------------------------------

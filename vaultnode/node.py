@@ -114,11 +114,8 @@ def node_identity(data_dir: Path) -> int:
 def initial_membership(config: NodeConfig) -> Membership:
     """The configuration `[[peers]]` describes (a config without peers: this node alone,
     unbound), with each member's addresses as the replicated configuration keeps them."""
-    if not config.peers:
-        return Membership((
-            Member(config.node_id, 0, True, str(config.peer_listen).encode(),
-                   str(config.http_listen).encode()),
-        ))
+    if not config.peers:  # no peer transport (see NodeConfig.peer_tls): no peer address
+        return Membership((Member(config.node_id, 0, True, b"", str(config.http_listen).encode()),))
     return Membership(tuple(
         Member(p.node_id, p.incarnation, p.voter, str(p.peer_addr).encode(),
                str(p.http_addr).encode(), p.auto_promote)

@@ -216,6 +216,8 @@ class PaxosReplicator:
         self.promote_lag_slots_max = promote_lag_slots_max
         self._voters = ClockVoters(membership.voter_ids)
         self._membership_seen: Membership | None = None
+        self._peers_seen: tuple[int, ...] | None = None
+        self._addresses_sent: dict[int, bytes] | None = None
         self._status_seen = ""
         # (sender, incarnation, kind, reason) -> (when last logged, refusals since)
         self._refused_logged: dict[tuple[int, int, str, str], tuple[float, int]] = {}
@@ -590,6 +592,9 @@ class PaxosReplicator:
             self._voters = voters
             self._clock.config = voters
         latest = replica.membership
+        peers_may_differ = (
+            latest is not self._membership_seen or replica.peer_ids != self._peers_seen
+        )
         if latest is not self._membership_seen:
             if self._membership_seen is not None and latest != self._membership_seen:
                 self._events.emit(
@@ -598,7 +603,14 @@ class PaxosReplicator:
                     learners=[m.node_id for m in latest.members if not m.voter],
                 )
             self._membership_seen = latest
-            self.on_peers_changed(self.peer_addresses())
+        if peers_may_differ:
+            # A change chosen (a new peer, a new address) or in force (a removed member's
+            # slots are all chosen: it is nobody's peer any more).
+            self._peers_seen = replica.peer_ids
+            addresses = self.peer_addresses()
+            if addresses != self._addresses_sent:
+                self._addresses_sent = addresses
+                self.on_peers_changed(addresses)
         status = self.membership_status()
         if status == self._status_seen:
             return
