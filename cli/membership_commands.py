@@ -389,13 +389,6 @@ def add_node(
         try:
             reply = client.request("POST", MEMBERS_PATH, json_body=body)
         except ServerError as exc:
-            if exc.code == "member_exists" and _is_ours(obj, node_id, incarnation):
-                _exit_with(
-                    f"node {node_id} was added by this command (the member has its incarnation"
-                    f" {format_incarnation(incarnation)}) but the answer was lost and a retry"
-                    " was refused; nothing was written here: remove it (`vault operator"
-                    f" remove-node {node_id}`) and run add-node again", EXIT_FAILED,
-                )
             unknown = exc.status in (500, 502, 504)
             _exit_with(_refusal(exc) + (_unknown_advice(node_id, incarnation) if unknown else
                                         "; nothing was written"), EXIT_FAILED)
@@ -427,20 +420,6 @@ def add_node(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _report_added(node, config_path, incarnation, no_promote, settings, source)
-
-
-def _is_ours(obj: CliContext, node_id: int, incarnation: int) -> bool:
-    """Whether member `node_id` has this command's incarnation: the membership routes keep no
-    idempotency record, so a retry of an add whose answer was lost is refused as
-    `member_exists` although the add took effect."""
-    try:
-        listed = obj.client.request("GET", MEMBERS_PATH).body
-    except (ServerError, ClientError):
-        return False
-    return any(
-        m.get("id") == node_id and m.get("incarnation") == format_incarnation(incarnation)
-        for m in listed.get("members", [])
-    )
 
 
 def _unknown_advice(node_id: int, incarnation: int) -> str:

@@ -268,26 +268,29 @@ def test_add_node_refused_or_unknown_writes_nothing(
     assert fake.seen and all(path == "/v1/sys/members" for _, path, _ in fake.seen)
 
 
-def test_add_node_whose_answer_was_lost_says_it_was_added_and_must_be_removed(
+def test_add_node_retried_after_a_lost_answer_sends_the_same_member_and_writes_once(
     fake: FakeNode, init_dir: Path, tmp_path: Path
 ) -> None:
-    """The membership routes keep no idempotency record: the CLI's retry of an add whose answer
-    was lost is refused `member_exists`, and the listed member's incarnation tells it apart."""
-    fake.answers[("POST", "/v1/sys/members")] = (
-        409, _error("member_exists", "node 4 is already a member")
-    )
+    """The client retries a 504 with the same body (the members API answers a repeated
+    identical add with 200): one identity, sent twice, and the files written once."""
 
-    def listed(node: FakeNode) -> tuple[int, Any]:
-        (posted,) = [body for method, _, body in node.seen if method == "POST"]
-        return 200, {**MEMBERS, "members": [{"id": 4, "incarnation": posted["incarnation"]}]}
+    def lost_then_added(node: FakeNode) -> tuple[int, Any]:
+        posts = [body for method, _, body in node.seen if method == "POST"]
+        if len(posts) == 1:
+            return 504, _error("timeout", "the answer was lost")
+        return 200, {"member": {}, "join": {"cluster_id": "c0ffee", "peers": JOIN_PEERS}}
 
-    fake.computed[("GET", "/v1/sys/members")] = listed
+    fake.computed[("POST", "/v1/sys/members")] = lost_then_added
     out = tmp_path / "new"
-    refused = vault(fake, *add_node_args(init_dir, out))
-    assert refused.exit_code == 1
-    assert "node 4 was added by this command" in refused.stderr
-    assert "vault operator remove-node 4" in refused.stderr
-    assert files_under(out) == []
+    added = CliRunner().invoke(main, [
+        "--addr", fake.addr, "--timeout", "10", "--token", "t", "operator",
+        *add_node_args(init_dir, out),
+    ])
+    assert added.exit_code == 0, added.output
+    first, second = [body for method, _, body in fake.seen if method == "POST"]
+    assert first == second
+    assert first["incarnation"] == format_incarnation(read_identity(out / "node4" / "data") or 0)
+    assert sorted(p.name for p in out.iterdir()) == ["node4", "node4.toml"]
 
 
 def test_add_node_with_no_node_answering_writes_nothing(init_dir: Path, tmp_path: Path) -> None:
