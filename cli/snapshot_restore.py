@@ -158,10 +158,8 @@ def restore_snapshot(
     """
     if (key_file is None) == (shares is None):
         raise RestoreError("give the root key as a key file or as key shares (one of the two)")
-    if nodes not in (3, 5):
-        raise RestoreError(
-            "--nodes must be 3 or 5: a restored vault starts as a replicated cluster"
-        )
+    if nodes not in (1, 3, 5):
+        raise RestoreError("--nodes must be 1, 3 or 5 (one node can grow later with add-node)")
     check_out_dir(out_dir)
     header, body = read_backup(backup_path)
     state = _state_of(backup_path, header, body)

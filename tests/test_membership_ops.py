@@ -25,6 +25,7 @@ from simulations.harness import (
     Node,
     RecordedLoad,
     add_node,
+    free_port_block,
     make_cluster,
     members,
     node_health,
@@ -37,6 +38,7 @@ from simulations.harness import (
     wait_until,
     wipe,
 )
+from vaultnode.config import load_config
 
 WRITES_BETWEEN_CHANGES = 5
 """Acknowledged writes awaited after each change: the cluster kept taking writes through it."""
@@ -252,3 +254,33 @@ def test_a_node_added_to_an_https_cluster_serves_clients_with_a_certificate_from
             assert client.post("/v1/secrets/tls/added", json={"value": "v"}).status_code == 201
             assert client.get("/v1/secrets/tls/added").json()["value"] == "v"
         assert membership_of(added) == "voter"
+
+
+def test_a_backup_restored_into_one_node_grows_to_two(one_node: Cluster, tmp_path: Path) -> None:
+    """`snapshot restore --nodes 1` gives a one-member group, which grows like any other."""
+    with one_node.client() as client:
+        assert client.post("/v1/secrets/kept/a", json={"value": "before"}).status_code == 201
+    backup = tmp_path / "vault.backup"
+    saved = vault_operator(one_node, "snapshot", "save", str(backup))
+    assert saved.returncode == 0, saved.stderr
+    out = tmp_path / "restored"
+    restored_files = vault_operator(
+        one_node, "snapshot", "restore", str(backup), "--out", str(out), "--nodes", "1",
+        "--key-file", str(one_node.root / "node1" / "root.key"), "--plaintext-http",
+        "--base-port", str(free_port_block(2)),
+    )
+    assert restored_files.returncode == 0, restored_files.stderr
+    config = load_config(out / "node1.toml")
+    restored = Cluster(out, one_node.root_token, [Node(
+        1, out / "node1.toml", str(config.http_listen), config.data_dir, out / "node1.log"
+    )])
+    try:
+        restored.nodes[0].start()
+        add_node(restored, 2)
+        wait_for_voters(restored, {1, 2}, SETTLE_S)
+        node(restored, 2).wait_healthy()
+        with restored.client(1) as client:  # through the added node
+            assert client.get("/v1/secrets/kept/a").json()["value"] == "before"
+            assert client.post("/v1/secrets/kept/b", json={"value": "after"}).status_code == 201
+    finally:
+        restored.stop_all()
