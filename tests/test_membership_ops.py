@@ -4,11 +4,12 @@ Owns the operator's view of membership end to end: a cluster grown from one node
 five with `vault operator add-node` (each new node promoted automatically), every original node
 replaced in turn by a new member with a new id and a new data directory, a five-node cluster
 shrunk to three with `vault operator remove-node` (its leader first), the refusal to remove a
-voter from two, and a node added to a shamir cluster (promoted once unsealed). Throughout,
-clients write and read through the current members (the nemesis workload, simulations/nemesis/),
-and at the end the recorded history must pass the linearizability checker, every acknowledged
-write must be read back linearizably through every node, and the nodes must agree. Waits are on
-conditions with deadlines (simulations/harness.py).
+voter from two, a node moved to a new address (add the new, remove the old), a node added to a
+shamir cluster (promoted once unsealed) or an HTTPS one, and a backup restored into one node
+that grows. Throughout, clients write and read through the current members (the nemesis
+workload, simulations/nemesis/), and at the end the recorded history must pass the
+linearizability checker, every acknowledged write must be read back linearizably through every
+node, and the nodes must agree. Waits are on conditions with deadlines (simulations/harness.py).
 """
 
 from __future__ import annotations
@@ -284,3 +285,30 @@ def test_a_backup_restored_into_one_node_grows_to_two(one_node: Cluster, tmp_pat
             assert client.post("/v1/secrets/kept/b", json={"value": "after"}).status_code == 201
     finally:
         restored.stop_all()
+
+
+def test_move_a_node_by_adding_the_new_address_then_removing_the_old(
+    three_nodes: Cluster, tmp_path: Path
+) -> None:
+    """docs/deploy.md "Move a node": never fewer voters than before; the old node, still
+    running when removed, learns it and says so to its clients."""
+    cluster = three_nodes
+    old = node(cluster, 3)
+    with RecordedLoad(cluster, tmp_path / "load") as load:
+        load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        add_and_promote(cluster, load, 4)  # the new address
+        load.use([n for n in cluster.nodes if n is not old])
+        removed = vault_operator(cluster, "remove-node", "3")
+        assert removed.returncode == 0, removed.stderr
+        cluster.nodes.remove(old)
+        wait_for_voters(cluster, {1, 2, 4}, SETTLE_S)
+        wait_until(lambda: membership_of(old) == "removed", SETTLE_S, "node 3 to know it left")
+        with httpx.Client(base_url=old.url, timeout=10.0, headers={
+            "Authorization": f"Bearer {cluster.root_token}"
+        }) as client:
+            refused = client.get("/v1/secrets/anything")
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "node_removed"
+        old.stop()
+        load.wait_for_writes(WRITES_BETWEEN_CHANGES)
+        check_clean(load, cluster)
