@@ -91,8 +91,11 @@ class ClockOffsets:
     ) -> None:
         """A reading of `peer_id`'s clock (its wall clock minus ours), taken at monotonic
         time `now_us` (and wall time `wall_us`, which lets `status` see our own jumps)."""
-        if peer_id == self.node_id or peer_id not in self.config.node_ids:
+        if peer_id == self.node_id:
             return
+        # Kept for any peer, learners too: only the voters' count in `status`, and a learner
+        # promoted to voter must count at once, or its promotion would put this node's clock
+        # out of bounds (and a leader out of office) until the next ping round.
         skew = None if wall_us is None else wall_us - now_us
         self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us, skew)
 
@@ -101,10 +104,11 @@ class ClockOffsets:
         clock since they were taken: a node whose clock stepped a day ahead is out of bounds
         at once, not at the next ping round."""
         skew = None if wall_us is None else wall_us - now_us
+        voters = self.config.node_ids
         recent = [
             (reading.offset_now_us(skew), reading.uncertainty_us)
-            for reading in self._readings.values()
-            if now_us - reading.taken_at_us <= self.reading_ttl_us
+            for peer_id, reading in self._readings.items()
+            if peer_id in voters and now_us - reading.taken_at_us <= self.reading_ttl_us
         ]
         agreeing = sum(
             1 for offset, uncertainty in recent

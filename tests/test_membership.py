@@ -12,6 +12,7 @@ from random import Random
 import msgpack
 import pytest
 
+from consensus.clock_offsets import ClockOffsets, ClockVoters
 from consensus.codec import decode_message, encode_message
 from consensus.errors import InvariantViolation, LocalProtocolError
 from consensus.membership import (
@@ -339,3 +340,15 @@ def test_the_leader_tracks_each_peers_last_answer_and_match_index() -> None:
     commit_change(net, 1, with_member(net.nodes[1].membership, learner))
     assert net.nodes[2].membership.member(4) == learner
     assert net.nodes[1].membership_chosen_at > 0
+
+
+def test_a_learners_clock_reading_counts_as_soon_as_it_is_a_voter() -> None:
+    """A promotion must not put the leader's clock out of bounds (stepping it down) until
+    the next ping round: readings from learners are kept, and count once they vote."""
+    offsets = ClockOffsets(1, ClockVoters((1,)), max_offset_us=500_000, reading_ttl_us=3_000_000)
+    offsets.record(2, 1_000, 100, now_us=10)
+    alone = offsets.status(20)
+    assert (alone.within_bounds, alone.peers_read) == (True, 0)
+    offsets.config = ClockVoters((1, 2))
+    promoted_status = offsets.status(20)
+    assert (promoted_status.within_bounds, promoted_status.peers_read) == (True, 1)
