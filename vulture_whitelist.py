@@ -61,3 +61,4 @@ batch_ops  # WorkloadCounts
 token_expiries  # WorkloadCounts
 not_applied  # WorkloadCounts
 keyless_writes  # WorkloadCounts
+api_addr  # Member's API address, replicated for the daemon's members/redirects (issue 13)

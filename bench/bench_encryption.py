@@ -1,7 +1,7 @@
 """The cost of encryption at rest: create throughput with and without it, in one run.
 
 Owns: driving the node's own create path in-process (VaultApi.handle -> Sealer.seal -> command ->
-LocalReplicator group commit with fsync -> VaultState.apply, on a temporary data directory) once
+PaxosReplicator of one member, fsynced -> VaultState.apply, on a temporary data directory) once
 with the real Sealer and once with a bench-only pass-through sealer that stores the value in the
 clear, with the same workload, alternating rounds so drift on a shared machine hits both alike.
 Must never: be run by the test suite (it takes seconds), offer the pass-through sealer to
@@ -29,6 +29,7 @@ import uvloop
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from consensus.membership import Member, Membership  # noqa: E402
 from storage.envelope import new_record_id  # noqa: E402
 from storage.rootkey import generate_root_key  # noqa: E402
 from vaultnode.api import VaultApi  # noqa: E402
@@ -37,7 +38,8 @@ from vaultnode.commands import CommandHeader, InitVault  # noqa: E402
 from vaultnode.config import Limits  # noqa: E402
 from vaultnode.events import EventLog  # noqa: E402
 from vaultnode.http_server import Request  # noqa: E402
-from vaultnode.replication import LocalReplicator  # noqa: E402
+from vaultnode.identity import create_identity  # noqa: E402
+from vaultnode.paxos_replicator import PaxosReplicator  # noqa: E402
 from vaultnode.sealing import Sealer  # noqa: E402
 from vaultnode.state import VaultState  # noqa: E402
 
@@ -77,10 +79,15 @@ async def _measure_creates(
     def fatal(exc: BaseException) -> None:
         raise SystemExit(f"bench: the replicator stopped: {exc}")
 
-    replicator = LocalReplicator.open(
-        data_dir, state, 1, fatal, events, segment_bytes_max=Limits().segment_bytes_max
+    incarnation = create_identity(data_dir)
+    replicator = PaxosReplicator(
+        node_id=1, membership=Membership((Member(1, incarnation, True),)),
+        node_incarnation=incarnation, data_dir=data_dir, state=state, events=events,
+        on_fatal=fatal, segment_bytes_max=Limits().segment_bytes_max,
+        snapshot_every_slots=Limits().snapshot_every_slots,
     )
-    replicator.start()
+    replicator.replay()
+    replicator.start(None)
     sealer = sealer_class(generate_root_key(), state)
     token = new_token()
     outcome = await replicator.submit(
@@ -122,7 +129,7 @@ async def _measure_creates(
     await replicator.stop()
     devnull.close()
     # The comparison is only honest if one variant really stores the value and the other not.
-    on_disk = b"".join(p.read_bytes() for p in data_dir.glob("*.seg"))
+    on_disk = b"".join(p.read_bytes() for p in data_dir.glob("paxos/*.seg"))
     stored_in_clear = value.encode() in on_disk
     assert stored_in_clear == (sealer_class is PassThroughSealer), sealer_class.__name__
     return created / elapsed_s, cpu_us_per_create

@@ -25,6 +25,7 @@ from storage.rootkey import (
     write_root_key_file,
 )
 from vaultnode.auth import hash_token, new_accessor, new_token
+from vaultnode.identity import IdentityError, create_identity
 from vaultnode.tls import generate_ca, issue_node_cert
 
 TOKEN_FILE_NAME = "root-token"
@@ -131,9 +132,15 @@ def init_cluster(
     root_token = new_token()
     root_accessor = new_accessor()
     cluster_id = secrets.token_hex(8)
+    # Each node's identity is bound here, at creation (docs/membership.md, "Identity"): its data
+    # directory gets a new incarnation, and every node's initial configuration names it, so a
+    # node whose data directory is later wiped can no longer vote under its old identity.
+    incarnations = {
+        node_id: _create_node_data_dir(out_dir / f"node{node_id}" / "data")
+        for node_id, _, _, _ in addresses
+    }
     peer_lines = "".join(
-        f'\n[[peers]]\nid = {i}\npeer_addr = "{peer}"\nhttp_addr = "{http}"\n'
-        for i, _, peer, http in addresses
+        peer_entry(i, incarnations[i], peer, http) for i, _, peer, http in addresses
     )
     if plaintext_http:
         client_api = "# Plain HTTP for clients: local development only, never on a network.\n"
@@ -152,8 +159,7 @@ def init_cluster(
     config_paths = []
     for node_id, host, peer_addr, http_addr in addresses:
         node_dir = out_dir / f"node{node_id}"
-        node_dir.mkdir()
-        key_lines = _write_node_key(
+        key_lines = write_node_key(
             node_dir, node_id, root_key, root_key_source, encrypt_here=hosts is None
         )
         if shares:
@@ -202,7 +208,29 @@ def init_cluster(
     )
 
 
-def _write_node_key(
+def peer_entry(
+    node_id: int, incarnation: int, peer_addr: str, http_addr: str, voter: bool = True,
+    auto_promote: bool = False,
+) -> str:
+    """One `[[peers]]` entry of a node config: a member of its starting configuration."""
+    return (
+        f"\n[[peers]]\nid = {node_id}\nincarnation = {incarnation}\n"
+        f'peer_addr = "{peer_addr}"\nhttp_addr = "{http_addr}"\n'
+        f"voter = {'true' if voter else 'false'}\n"
+        + ("auto_promote = true\n" if auto_promote else "")
+    )
+
+
+def _create_node_data_dir(data_dir: Path) -> int:
+    """Create a node's data directory (0700) with a new identity; its incarnation."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return create_identity(data_dir)
+    except IdentityError as exc:
+        raise InitError(str(exc)) from None
+
+
+def write_node_key(
     node_dir: Path, node_id: int, root_key: bytes, source: str, *, encrypt_here: bool
 ) -> str:
     """Give one node the root key as `source` says; return its config lines.

@@ -21,6 +21,7 @@ import click
 from cli.audit_commands import audit
 from cli.client import ClientError, Reply, ServerError, VaultClient, node_url
 from cli.env_commands import env
+from cli.membership_commands import add_node, members, remove_node
 from cli.policy_commands import TOKEN_COMMANDS, operator_generate_root, policy
 from cli.snapshot_commands import snapshot
 from vaultnode.cluster_view import leader_commit_index as _leader_commit_index
@@ -474,7 +475,7 @@ def token_revoke_self(ctx: Context) -> None:
 
 @main.group()
 def operator() -> None:
-    """Initialise a cluster and manage its keys."""
+    """Initialise a cluster, change its members and manage its keys."""
 
 
 @operator.command(name="init")
@@ -565,6 +566,11 @@ def operator_init(
                    " delete here (docs/deploy.md, step 3)")
     for path, url in zip(result.config_paths, result.urls, strict=True):
         click.echo(f"  vaultnode --config {path}    # serves {url}")
+    if data_dir is not None:
+        click.echo(f"copy each nodeN/data (its identity) to {data_dir} on node N before starting"
+                   " it (docs/deploy.md, step 3)")
+    click.echo(f"ca.key stays here: keep it off the nodes; `vault operator add-node --ca-dir"
+               f" {result.out_dir}` issues new nodes' certificates with it")
     click.echo(f"root token written to {result.token_path} (mode 0600)")
     click.echo(f"  export VAULT_ADDR={','.join(result.urls)}")
     if result.scheme == "https":
@@ -771,6 +777,8 @@ def operator_retire(ctx: Context, kek_id: int) -> None:
 
 
 operator.add_command(snapshot)
+for _membership_command in (members, add_node, remove_node):
+    operator.add_command(_membership_command)
 main.add_command(audit)
 main.add_command(env)
 main.add_command(policy)

@@ -145,7 +145,7 @@ def _read_shares(share_files: tuple[Path, ...]) -> list[bytes]:
 @snapshot.command(name="restore")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-@click.option("--nodes", type=click.Choice(["3", "5"]), default="3", show_default=True)
+@click.option("--nodes", type=click.Choice(["1", "3", "5"]), default="3", show_default=True)
 @click.option("--base-port", type=int, default=8200, show_default=True)
 @click.option("--hosts", default=None, metavar="HOST,HOST,...",
               help="One address per node, as for `vault operator init`.")

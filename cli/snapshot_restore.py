@@ -106,7 +106,7 @@ def root_key_for(
         raise RestoreError(f"root key: {exc}") from None
 
 
-def _fsync_tree(top: Path) -> None:
+def fsync_tree(top: Path) -> None:
     """fsync every file, then every directory bottom-up, so the tree is durable before the
     rename that publishes it."""
     for directory, _subdirs, files in os.walk(top, topdown=False):
@@ -123,7 +123,7 @@ def _fsync_tree(top: Path) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -158,10 +158,8 @@ def restore_snapshot(
     """
     if (key_file is None) == (shares is None):
         raise RestoreError("give the root key as a key file or as key shares (one of the two)")
-    if nodes not in (3, 5):
-        raise RestoreError(
-            "--nodes must be 3 or 5: a restored vault starts as a replicated cluster"
-        )
+    if nodes not in (1, 3, 5):
+        raise RestoreError("--nodes must be 1, 3 or 5 (one node can grow later with add-node)")
     check_out_dir(out_dir)
     header, body = read_backup(backup_path)
     state = _state_of(backup_path, header, body)
@@ -178,17 +176,16 @@ def restore_snapshot(
         del root_key
         disk = RealDisk()
         for node_id in range(1, nodes + 1):
-            node_data = temp_dir / f"node{node_id}" / "data"
-            node_data.mkdir(mode=0o700)
+            node_data = temp_dir / f"node{node_id}" / "data"  # init created it, with its identity
             # The node's first snapshot, exactly as its replicator would have written it: the
             # saved bytes unchanged (decoding and re-encoding would apply this machine's default
             # limits to them). Anything in the image that names the OLD cluster's members must
             # be rewritten to the new cluster's here, once membership is replicated state.
             write_snapshot(disk, str(node_data / "snapshots"), header.slot, body)
-        _fsync_tree(temp_dir)
+        fsync_tree(temp_dir)
         check_out_dir(out_dir)  # again: something may have appeared meanwhile
         os.rename(temp_dir, out_dir)  # replaces an empty directory, or creates it
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

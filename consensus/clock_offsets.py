@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from consensus.config import ClusterConfig
+from consensus.config import quorum_size
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,32 @@ class _Reading:
         return self.offset_us - (wall_skew_us - self.wall_skew_us)
 
 
+class VoterGroup(Protocol):
+    """The nodes whose clocks count and how many make a majority (a `ClusterConfig`, or the
+    daemon's `ClockVoters` built from the configuration in force)."""
+
+    @property
+    def node_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def quorum_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ClockVoters:
+    node_ids: tuple[int, ...]
+
+    @property
+    def quorum_size(self) -> int:
+        return quorum_size(len(self.node_ids))
+
+
 class ClockOffsets:
     def __init__(
-        self, node_id: int, config: ClusterConfig, *, max_offset_us: int, reading_ttl_us: int
+        self, node_id: int, config: VoterGroup, *, max_offset_us: int, reading_ttl_us: int
     ) -> None:
         self.node_id = node_id
-        self.config = config
+        self.config: VoterGroup = config  # replaced as the configuration in force changes
         self.max_offset_us = max_offset_us
         self.reading_ttl_us = reading_ttl_us
         self._readings: dict[int, _Reading] = {}
@@ -70,8 +91,11 @@ class ClockOffsets:
     ) -> None:
         """A reading of `peer_id`'s clock (its wall clock minus ours), taken at monotonic
         time `now_us` (and wall time `wall_us`, which lets `status` see our own jumps)."""
-        if peer_id == self.node_id or peer_id not in self.config.node_ids:
+        if peer_id == self.node_id:
             return
+        # Kept for any peer, learners too: only the voters' count in `status`, and a learner
+        # promoted to voter must count at once, or its promotion would put this node's clock
+        # out of bounds (and a leader out of office) until the next ping round.
         skew = None if wall_us is None else wall_us - now_us
         self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us, skew)
 
@@ -80,10 +104,11 @@ class ClockOffsets:
         clock since they were taken: a node whose clock stepped a day ahead is out of bounds
         at once, not at the next ping round."""
         skew = None if wall_us is None else wall_us - now_us
+        voters = self.config.node_ids
         recent = [
             (reading.offset_now_us(skew), reading.uncertainty_us)
-            for reading in self._readings.values()
-            if now_us - reading.taken_at_us <= self.reading_ttl_us
+            for peer_id, reading in self._readings.items()
+            if peer_id in voters and now_us - reading.taken_at_us <= self.reading_ttl_us
         ]
         agreeing = sum(
             1 for offset, uncertainty in recent

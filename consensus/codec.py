@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from consensus import membership as membership_module
 from consensus import messages as messages_module
 from consensus import records as records_module
 from consensus.errors import CorruptRecordError, RemoteProtocolError
@@ -66,12 +67,18 @@ def _dataclass_decoder(cls: type[Any], namespace: dict[str, Any]) -> _Decoder:
     # Field order is the wire order; remembered per type because encoding is on the hot path.
     _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     hints = typing.get_type_hints(cls, namespace)
-    field_decoders = [_decoder_for(hints[f.name], namespace) for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    field_decoders = [_decoder_for(hints[f.name], namespace) for f in fields]
+    # Trailing fields with defaults were appended later: an older peer or log omits them.
+    required = sum(
+        1 for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
 
     def decode(value: Any) -> Any:
-        if not isinstance(value, list) or len(value) != len(field_decoders):
+        if not isinstance(value, list) or not required <= len(value) <= len(field_decoders):
             raise _WireShapeError(f"{cls.__name__} needs {len(field_decoders)} fields")
-        return cls(*(dec(item) for dec, item in zip(field_decoders, value, strict=True)))
+        return cls(*(dec(item) for dec, item in zip(field_decoders, value, strict=False)))
 
     return decode
 
@@ -93,7 +100,7 @@ def _build_table(types: tuple[type[Any], ...], namespace: dict[str, Any]) -> dic
     return {tag: _dataclass_decoder(cls, namespace) for tag, cls in enumerate(types, start=1)}
 
 
-_NAMESPACE = {**vars(messages_module), **vars(records_module)}
+_NAMESPACE = {**vars(membership_module), **vars(messages_module), **vars(records_module)}
 _MESSAGE_DECODERS = _build_table(MESSAGE_TYPES, _NAMESPACE)
 _MESSAGE_TAGS = {cls: tag for tag, cls in enumerate(MESSAGE_TYPES, start=1)}
 _RECORD_DECODERS = _build_table(RECORD_TYPES, _NAMESPACE)
@@ -140,3 +147,55 @@ def decode_record(data: bytes) -> Record:
     except (_WireShapeError, ValueError, TypeError, msgpack.UnpackException) as error:
         raise CorruptRecordError(f"malformed record ({len(data)} bytes): {error}") from error
     return record
+
+
+_MEMBERSHIP_DECODER = _dataclass_decoder(membership_module.Membership, _NAMESPACE)
+
+
+def encode_membership(membership: membership_module.Membership) -> bytes:
+    """A configuration as the body of a membership command (`consensus.membership`)."""
+    packed: bytes = msgpack.packb(_to_wire(membership), use_bin_type=True)
+    return packed
+
+
+def decode_membership(data: bytes) -> membership_module.Membership:
+    """Raises `RemoteProtocolError` for bytes that are not a well-formed configuration (and
+    `ConfigError` for a malformed one: duplicate ids, no voter)."""
+    try:
+        unpacked = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        membership: membership_module.Membership = _MEMBERSHIP_DECODER(unpacked)
+    except (_WireShapeError, ValueError, TypeError, msgpack.UnpackException) as error:
+        message = f"malformed configuration ({len(data)} bytes): {error}"
+        raise RemoteProtocolError(message) from error
+    return membership
+
+
+def encode_stored_snapshot(
+    slot: int, data: bytes, configs: tuple[membership_module.ConfigEntry, ...]
+) -> bytes:
+    """A snapshot file's payload: the application's bytes and the configurations in force
+    above `slot` (`Snapshot.configs`), which a driver must keep with them
+    (docs/membership.md, "What the driver must persist"): a msgpack array of the two."""
+    restated = encode_record(records_module.MembershipRecord(slot, configs))
+    packed: bytes = msgpack.packb([data, restated], use_bin_type=True)
+    return packed
+
+
+def decode_stored_snapshot(
+    payload: bytes,
+) -> tuple[bytes, tuple[membership_module.ConfigEntry, ...]]:
+    """The application's bytes and configurations of a payload `encode_stored_snapshot`
+    made. A payload that is not a two-element array is an application image stored alone
+    (an application whose images are never such arrays, e.g. msgpack maps, may store them
+    so: `vault operator snapshot restore` does): no configurations, the initial one rules.
+    Raises `CorruptRecordError` for a damaged one."""
+    if payload[:1] != b"\x92":  # msgpack fixarray of two
+        return payload, ()
+    try:
+        data, restated = msgpack.unpackb(payload, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CorruptRecordError(f"malformed stored snapshot: {error}") from error
+    record = decode_record(restated) if isinstance(restated, bytes) else None
+    if not isinstance(data, bytes) or not isinstance(record, records_module.MembershipRecord):
+        raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
+    return data, record.entries

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 from consensus.codec import encode_record
 from consensus.errors import InvariantViolation
+from consensus.membership import Membership
 from consensus.messages import Accept, Message
 from consensus.ready import ChosenSlot, Ready, Snapshot, needs_fsync
 from consensus.replica import Replica
@@ -132,6 +133,11 @@ class ReadyDriver:
     def request_read(self, read_id: int) -> None:
         if self.error is None:
             self._guarded(self.replica.request_read, read_id)
+
+    def propose_membership(self, membership: Membership) -> None:
+        """`Replica.propose_membership`; its `MembershipChangeRefused` reaches the caller."""
+        if self.error is None:
+            self._guarded(self.replica.propose_membership, membership)
 
     def snapshot_taken(self, slot: int, data: bytes) -> None:
         if self.error is None:

@@ -4,6 +4,11 @@ Owns: `Ballot`, the value types (`Batch`, entries) and every message exchanged b
 The codec in `consensus.codec` turns them into bytes; the real transport and the simulator share
 it, so nothing here knows about wires.
 
+Every message ends with `sender_incarnation`: the incarnation of the sender's data directory
+(docs/membership.md), stamped by the core as it sends; 0 from a node that has none (a static
+cluster) or a peer of protocol version 4, which the codec still decodes. `InstallSnapshot` also
+carries the configurations in force above its slot (`configs`).
+
 Must never: hold mutable state or behaviour beyond trivial helpers. A message is a fact about the
 sender at the moment it was sent.
 """
@@ -11,6 +16,8 @@ sender at the moment it was sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from consensus.membership import ConfigEntry
 
 Batch = tuple[bytes, ...]
 """The value of one slot: commands chosen together. The empty batch is the no-op."""
@@ -59,6 +66,7 @@ class PreVote:
     to: int
     ballot: Ballot
     chosen_through: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class PreVoteReply:
     to: int
     ballot: Ballot
     granted: bool
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Prepare:
     to: int
     ballot: Ballot
     from_slot: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,7 @@ class Promise:
     snapshot_slot: int
     covers_from: int
     covers_through: int
+    sender_incarnation: int = 0
 
 
 UNBOUNDED = -1
@@ -111,6 +122,7 @@ class Accept:
     slot: int
     value: Batch
     chosen_through: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ class Accepted:
     to: int
     ballot: Ballot
     slot: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,7 @@ class Reject:
     to: int
     ballot: Ballot
     promised: Ballot
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,7 @@ class Heartbeat:
     read_round: int
     echo: int
     relayed_echo: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,6 +177,7 @@ class HeartbeatAck:
     read_round: int
     chosen_through: int
     token: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,7 @@ class CatchUpRequest:
     from_slot: int
     snapshot_slot: int
     snapshot_offset: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +203,7 @@ class Learn:
     to: int
     ballot: Ballot
     entries: tuple[ChosenEntry, ...]
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,6 +219,8 @@ class InstallSnapshot:
     data: bytes
     offset: int
     total_bytes: int
+    configs: tuple[ConfigEntry, ...] = ()
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,6 +232,7 @@ class Forward:
     to: int
     ballot: Ballot
     commands: Batch
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -223,6 +244,7 @@ class ForwardRefused:
     ballot: Ballot
     commands: Batch
     overloaded: bool
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,6 +256,7 @@ class Commit:
     to: int
     ballot: Ballot
     chosen_through: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +269,7 @@ class ReadIndexRequest:
     ballot: Ballot
     round: int
     incarnation: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,7 @@ class ReadIndexReply:
     read_index: int
     granted: bool
     incarnation: int
+    sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -281,6 +306,7 @@ class Relay:
     forwards: tuple[Forward, ...]
     read_requests: tuple[ReadIndexRequest, ...]
     acks: tuple[HeartbeatAck, ...]
+    sender_incarnation: int = 0
 
 
 Message = (

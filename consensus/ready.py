@@ -5,7 +5,8 @@ Owns: `Ready` and the small result values in it. The driver's duties, in order, 
 2. append `records` to the log and make them durable, then call `persisted(persist_through)`
    (unless `needs_fsync` says the next fsync may cover them);
 3. send `messages` at once, and `messages_after_persist` only once step 2 is durable;
-4. apply `chosen` in order and call `applied(slot)`; answer `reads` (already applied);
+4. apply `chosen` in order and call `applied(slot)`; answer `reads` (already applied); log
+   `refused` (messages from non-members or superseded incarnations);
 5. once step 2 is durable, drop log records before `compact_log_before` if it is set.
 
 Must never: hold behaviour. A Ready is a value; the core never looks at one again.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from consensus.membership import ConfigEntry
 from consensus.messages import Batch, Message
 from consensus.records import Record, WatermarkRecord
 
@@ -29,10 +31,13 @@ class DropReason(StrEnum):
 
 @dataclass(frozen=True)
 class ChosenSlot:
-    """A slot whose value is chosen; every command in `value` has application index `slot`."""
+    """A slot whose value is chosen; every command in `value` has application index `slot`.
+    `membership_commands` are the slot's configuration changes, which the core applies itself
+    and takes out of `value` (for logs and checkers: the application ignores them)."""
 
     slot: int
     value: Batch
+    membership_commands: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,37 @@ class RejectedRead:
 
 
 @dataclass(frozen=True)
+class RefusedMessage:
+    """A message `step` refused because its sender is not a member under `sender_incarnation`:
+    a removed member, a stale incarnation (a node whose data directory was wiped or
+    restored), or no member at all. For the driver to log (who, what, why); the core ignored
+    it. At most 64 per Ready (further ones are dropped unlisted)."""
+
+    sender: int
+    sender_incarnation: int
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerProgress:
+    """What a leader knows of one peer (`Replica.peer_progress`): ticks since its latest
+    answer to this leader's ballot arrived, and the chosen watermark it last reported (its
+    match index: every slot up to it is chosen there)."""
+
+    ticks_since_heard: int
+    match_index: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """Application state with every slot up to `slot` applied; opaque bytes to the core."""
+    """Application state with every slot up to `slot` applied; opaque bytes to the core.
+    `configs`: the configurations in force above `slot` (`Replica.configs_as_of(slot)`), which
+    the driver stores with the snapshot: the changes that made them are in compacted slots."""
 
     slot: int
     data: bytes
+    configs: tuple[ConfigEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +112,7 @@ class Ready:
     dropped_proposals: tuple[DroppedProposal, ...] = ()
     rejected_reads: tuple[RejectedRead, ...] = ()
     compact_log_before: int | None = None
+    refused: tuple[RefusedMessage, ...] = ()
 
 
 def needs_fsync(ready: Ready) -> bool:

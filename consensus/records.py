@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from consensus.membership import ConfigEntry
 from consensus.messages import BALLOT_ZERO, Ballot, Batch
 
 
@@ -48,8 +49,31 @@ class WatermarkRecord:
     chosen_through: int
 
 
-Record = PromiseRecord | AcceptRecord | LearnRecord | WatermarkRecord
-RECORD_TYPES: tuple[type[Record], ...] = (PromiseRecord, AcceptRecord, LearnRecord, WatermarkRecord)
+@dataclass(frozen=True)
+class MembershipRecord:
+    """The configurations that govern slots above the snapshot, as made by the changes chosen
+    up to slot `through` (written when compacting and when adopting a peer's snapshot: the
+    changes themselves are in slots the log no longer holds). Changes chosen above `through`
+    are found again in the chosen values the records replay."""
+
+    through: int
+    entries: tuple[ConfigEntry, ...]
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """This node's incarnation, chosen at its first start and written before anything else
+    (the driver may keep it in a file beside the log instead; see docs/membership.md)."""
+
+    incarnation: int
+
+
+Record = (
+    PromiseRecord | AcceptRecord | LearnRecord | WatermarkRecord | MembershipRecord | IdentityRecord
+)
+RECORD_TYPES: tuple[type[Record], ...] = (
+    PromiseRecord, AcceptRecord, LearnRecord, WatermarkRecord, MembershipRecord, IdentityRecord
+)
 
 
 @dataclass
@@ -61,6 +85,9 @@ class DurableState:
     chosen: dict[int, Batch] = field(default_factory=dict)
     chosen_through: int = 0
     snapshot_slot: int = 0
+    # The latest restatement of the configurations (None: none since the initial one).
+    membership: MembershipRecord | None = None
+    incarnation: int = 0  # from an `IdentityRecord` (0: none in the log)
 
     def advance_chosen_through(self) -> None:
         """Move the watermark over every contiguous slot already known chosen."""
@@ -90,6 +117,10 @@ def _replay(state: DurableState, record: Record) -> None:
     elif isinstance(record, LearnRecord):
         if record.slot > state.snapshot_slot:
             state.chosen[record.slot] = record.value
+    elif isinstance(record, MembershipRecord):
+        state.membership = record
+    elif isinstance(record, IdentityRecord):
+        state.incarnation = record.incarnation
     elif isinstance(record, WatermarkRecord):
         # Advance only over slots whose values are known: after compaction the log may keep
         # an old watermark whose accept records were dropped with an earlier segment; the

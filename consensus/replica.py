@@ -43,6 +43,17 @@ from consensus.config import (
     encoded_entry_bytes,
 )
 from consensus.errors import InvariantViolation, LocalProtocolError
+from consensus.membership import (
+    CONFIG_WINDOW_SLOTS,
+    ConfigEntry,
+    ConfigHistory,
+    Membership,
+    MembershipChangeInProgress,
+    MembershipChangeRefused,
+    encode_change,
+    is_membership_command,
+    one_step,
+)
 from consensus.messages import (
     BALLOT_ZERO,
     NOOP,
@@ -76,15 +87,19 @@ from consensus.ready import (
     ChosenSlot,
     DroppedProposal,
     DropReason,
+    PeerProgress,
     ReadConfirmation,
     Ready,
+    RefusedMessage,
     RejectedRead,
     Snapshot,
 )
 from consensus.records import (
     AcceptRecord,
     DurableState,
+    IdentityRecord,
     LearnRecord,
+    MembershipRecord,
     PromiseRecord,
     Record,
     WatermarkRecord,
@@ -108,7 +123,9 @@ class _InflightSlot:
 
 _Handler = Callable[[Any], None]
 _Entry = TypeVar("_Entry", AcceptedEntry, ChosenEntry)
+_M = TypeVar("_M", bound=Message)
 _TOKEN_MODULUS = 1 << 63
+_REFUSALS_PER_READY_MAX = 64
 
 
 class Replica:
@@ -122,17 +139,28 @@ class Replica:
     def __init__(
         self,
         node_id: int,
-        config: ClusterConfig,
+        config: ClusterConfig | None,
         rng: Random,
         limits: Limits | None = None,
         durable: DurableState | None = None,
         last_record_index: int = 0,
         snapshot: Snapshot | None = None,
         incarnation: int | None = None,
+        membership: Membership | None = None,
+        node_incarnation: int = 0,
     ) -> None:
-        if node_id not in config.node_ids:
-            raise LocalProtocolError(f"node {node_id} is not a member of {config.node_ids}")
         state = durable if durable is not None else DurableState()
+        if membership is None and config is None:
+            raise LocalProtocolError("a replica needs its initial configuration")
+        # The daemon passes `membership` alone (any size); the static `config` is kept for
+        # the simulator and the tests that build clusters of 3 or 5 from it.
+        initial = membership if membership is not None else Membership.from_cluster_config(
+            config  # type: ignore[arg-type]  # checked above
+        )
+        if state.incarnation and node_incarnation and state.incarnation != node_incarnation:
+            raise LocalProtocolError(
+                f"the log belongs to incarnation {state.incarnation}, not {node_incarnation}"
+            )
         if snapshot is not None and snapshot.slot != state.snapshot_slot:
             raise LocalProtocolError(
                 f"snapshot at slot {snapshot.slot} but records were recovered over slot "
@@ -143,7 +171,21 @@ class Replica:
         self.limits = limits if limits is not None else Limits()
         self._rng = rng
         self._incarnation = incarnation if incarnation is not None else self._draw_incarnation()
-        self._peers = config.peers_of(node_id)
+        # The incarnation of this node's data directory (docs/membership.md): it names this
+        # node in the configuration and is stamped on every message it sends (0: unbound).
+        self._node_incarnation = node_incarnation or state.incarnation
+        restated = state.membership
+        if snapshot is not None and snapshot.configs and (
+            restated is None or restated.through < snapshot.slot
+        ):  # the records restating them were not durable when the node stopped
+            restated = MembershipRecord(snapshot.slot, snapshot.configs)
+        self._configs = self._new_config_history(
+            restated.entries if restated is not None else (ConfigEntry(0, initial),)
+        )
+        self._configs_through = restated.through if restated is not None else 0
+        self._out_refused: list[RefusedMessage] = []
+        write_identity = bool(node_incarnation and not state.incarnation)
+        self._peers: tuple[int, ...] = ()
         # Acceptor and learner state (durable through records).
         self._promised = state.promised
         self._accepted = dict(state.accepted)
@@ -167,6 +209,13 @@ class Replica:
         self._out_dropped: list[DroppedProposal] = []
         self._out_rejected_reads: list[RejectedRead] = []
         self._out_compact_before: int | None = None
+        if write_identity:  # first start: the identity is the log's first record
+            self._append_record(IdentityRecord(self._node_incarnation))
+        # Changes chosen above the restated configurations are in the chosen values replayed.
+        for slot in range(max(self._configs_through, state.snapshot_slot) + 1,
+                          state.chosen_through + 1):
+            self._note_chosen_changes(slot, state.chosen.get(slot, NOOP))
+        self._refresh_peers()
         self._self_waiting: list[tuple[int, Message]] = []
         self._inbox: deque[Message] = deque()
         self._draining = False
@@ -196,7 +245,9 @@ class Replica:
         self._relay_since_tick = 0
         # Relayed for each origin in the current election timeout: (window, messages, bytes).
         self._relay_spent: dict[int, tuple[int, int, int]] = {}
-        self._votes: set[int] = set()
+        self._votes: dict[int, int] = {}  # pre-votes: node id -> its incarnation
+        # The incarnation each peer last sent with (for acks counted by node id).
+        self._peer_incarnations: dict[int, int] = {}
         self._promises: dict[int, Promise] = {}
         self._promise_parts: dict[int, list[Promise]] = {}  # sender -> parts received
         self._prepare_from_slot = 0
@@ -241,6 +292,57 @@ class Replica:
     @property
     def incarnation(self) -> int:
         return self._incarnation
+
+    @property
+    def node_incarnation(self) -> int:
+        """The incarnation of this node's data directory (0: unbound, a static cluster)."""
+        return self._node_incarnation
+
+    @property
+    def membership(self) -> Membership:
+        """The latest configuration this replica knows chosen (perhaps not yet in force)."""
+        return self._configs.latest.membership
+
+    @property
+    def membership_chosen_at(self) -> int:
+        """The slot whose chosen change made `membership` (0: the initial configuration)."""
+        return self._configs.latest.chosen_at
+
+    @property
+    def membership_in_force(self) -> Membership:
+        """The configuration of the first slot this replica has not learned chosen."""
+        return self._configs.at(self._chosen_through + 1)
+
+    @property
+    def membership_status(self) -> str:
+        """`voter`, `learner`, `removed` (the latest configuration has not this node id; it
+        still answers for the slots below the change, which others may need, but stands for
+        no election) or `superseded` (its id is there under another incarnation: this data
+        directory must not take part; the node must be added again as a new member)."""
+        latest = self.membership
+        member = latest.member(self.node_id)
+        if member is None:
+            return "removed"
+        if not latest.admits(self.node_id, self._node_incarnation):
+            return "superseded"
+        return "voter" if member.voter else "learner"
+
+    @property
+    def peer_ids(self) -> tuple[int, ...]:
+        """Every other member of a configuration that governs a slot not yet known chosen, or
+        of the latest one: the nodes this replica sends to (learners included)."""
+        return self._peers
+
+    def peer_progress(self) -> dict[int, PeerProgress]:
+        """Leader only (empty otherwise): per peer, how many ticks ago its latest Accepted or
+        heartbeat ack for this ballot arrived and the chosen watermark it last reported.
+        Peers not heard from since this node became leader are absent."""
+        if self._role != Role.LEADER:
+            return {}
+        return {
+            peer: PeerProgress(self._tick_count - heard_tick, match)
+            for peer, (heard_tick, match) in self._peer_heard.items()
+        }
 
     @property
     def leader_reachable(self) -> bool:
@@ -293,8 +395,14 @@ class Replica:
         """Feed one message received from a peer."""
         if message.to != self.node_id:
             raise LocalProtocolError(f"message for node {message.to} stepped into {self.node_id}")
-        if message.sender not in self.config.node_ids or message.sender == self.node_id:
-            return  # not from a member: a misrouted or forged message changes nothing
+        if message.sender == self.node_id:
+            return
+        if not self._admits(message.sender, message.sender_incarnation):
+            # Not a member, or a removed or superseded incarnation of one (a wiped data
+            # directory): it changes nothing, and the driver logs why.
+            self._refuse(message)
+            return
+        self._peer_incarnations[message.sender] = message.sender_incarnation
         self._receive(message)
         self._drain_inbox()
 
@@ -370,7 +478,7 @@ class Replica:
             raise LocalProtocolError(f"snapshot at {slot} beyond applied {self._applied_through}")
         if slot <= self._snapshot_slot:
             return
-        self._snapshot = Snapshot(slot, data)
+        self._snapshot = Snapshot(slot, data, self._configs.as_of(slot))
         self._compact(slot)
 
     def has_ready(self) -> bool:
@@ -383,6 +491,7 @@ class Replica:
             or self._chosen_through > self._emitted_through
             or bool(self._out_reads or self._out_dropped or self._out_rejected_reads)
             or self._out_compact_before is not None
+            or bool(self._out_refused)
         )
 
     def ready(self) -> Ready:
@@ -392,7 +501,7 @@ class Replica:
             self._append_record(WatermarkRecord(self._chosen_through))
             self._recorded_watermark = self._chosen_through
         chosen = tuple(
-            ChosenSlot(slot, self._chosen_value(slot))
+            self._chosen_slot(slot, self._chosen_value(slot))
             for slot in range(self._emitted_through + 1, self._chosen_through + 1)
         )
         self._emitted_through = self._chosen_through
@@ -407,7 +516,9 @@ class Replica:
             dropped_proposals=tuple(self._out_dropped),
             rejected_reads=tuple(self._out_rejected_reads),
             compact_log_before=self._out_compact_before,
+            refused=tuple(self._out_refused),
         )
+        self._out_refused = []
         self._out_records = []
         self._out_messages = []
         self._out_after_persist = []
@@ -436,13 +547,21 @@ class Replica:
         if handler is not None:
             handler(message)
 
+    def _stamp(self, message: _M) -> _M:
+        """`message` with this node's incarnation as `sender_incarnation`."""
+        if self._node_incarnation and message.sender_incarnation != self._node_incarnation:
+            return replace(message, sender_incarnation=self._node_incarnation)
+        return message
+
     def _send_now(self, message: Message) -> None:
+        message = self._stamp(message)
         if message.to == self.node_id:
             self._inbox.append(message)
         else:
             self._out_messages.append(message)
 
     def _send_after_persist(self, message: Message) -> None:
+        message = self._stamp(message)
         if message.to != self.node_id:
             self._out_after_persist.append(message)
         elif self._last_record_index > self._persisted_through:
@@ -462,7 +581,11 @@ class Replica:
         return ticks + self._rng.randrange(ticks)
 
     def _drop(self, commands: tuple[bytes, ...], reason: DropReason) -> None:
-        self._out_dropped.append(DroppedProposal(commands, reason, self._leader_id))
+        # A dropped membership change is not the application's: whoever asked for it sees
+        # it missing from `membership` and asks again.
+        commands = tuple(c for c in commands if not is_membership_command(c))
+        if commands:
+            self._out_dropped.append(DroppedProposal(commands, reason, self._leader_id))
 
     def _drop_too_large(self, commands: Batch) -> Batch:
         """Drop the commands no slot can hold (`Limits.batch_bytes_max`); return the rest."""
@@ -487,6 +610,124 @@ class Replica:
 
     def _reject_read(self, read_id: int, reason: DropReason) -> None:
         self._out_rejected_reads.append(RejectedRead(read_id, reason, self._leader_id))
+
+    # ---------------------------------------------------------------- membership
+
+    def propose_membership(self, membership: Membership) -> None:
+        """Ask for `membership` to become the configuration (leader only): one change from
+        the latest one (`consensus.membership.one_step`), and none other in progress. It is
+        chosen like any command and governs slots from α after its own (docs/membership.md).
+        Raises `MembershipChangeRefused` if it cannot be proposed now."""
+        if self._role != Role.LEADER:
+            raise MembershipChangeRefused("only the leader proposes configuration changes")
+        latest = self._configs.latest
+        why = one_step(latest.membership, membership)
+        if why is not None:
+            raise MembershipChangeRefused(why)
+        pending = any(
+            is_membership_command(command)
+            for value in (
+                *(inflight.value for inflight in self._inflight.values()),
+                *self._reproposals.values(),
+                tuple(command for command, _ in self._queue),
+            )
+            for command in value
+        )
+        if pending or self._configs.first_slot(latest) > self._next_slot:
+            raise MembershipChangeInProgress("another configuration change is still in progress")
+        self.propose([encode_change(membership)])
+
+    def _new_config_history(self, entries: Iterable[ConfigEntry]) -> ConfigHistory:
+        return ConfigHistory(entries)
+
+    def configs_as_of(self, slot: int) -> tuple[ConfigEntry, ...]:
+        """The configurations in force above `slot` as made by the changes chosen up to it:
+        what the driver stores with a snapshot taken at `slot` (`Snapshot.configs`)."""
+        return self._configs.as_of(slot)
+
+    def _live_configs(self) -> list[Membership]:
+        """The configurations of every slot not yet known chosen here, the latest included."""
+        return self._configs.between(self._chosen_through + 1, 1 << 62)
+
+    def _window_configs(self) -> list[Membership]:
+        """The configurations of the slots a leader may propose in now: the α slots above
+        the watermark, all fixed by slots known chosen."""
+        first = self._chosen_through + 1
+        return self._configs.between(first, first + CONFIG_WINDOW_SLOTS - 1)
+
+    def _quorum_everywhere(self, voters: Iterable[int] | dict[int, int]) -> bool:
+        """Whether `voters` hold a quorum of every configuration in the window: a ballot's
+        phase 1, a leader's check-quorum and a read round must hold for every slot it may
+        propose in. Each counts in a configuration only under the incarnation bound there:
+        `voters` maps node ids to the incarnation they answered with (a plain set of ids
+        takes the one each last sent with), so a replaced member's new incarnation never
+        counts in a configuration whose slots its old one voted for."""
+        if isinstance(voters, dict):
+            identities = voters
+        else:
+            identities = {n: self._incarnation_of(n) for n in voters}
+        return all(
+            config.is_quorum(n for n, inc in identities.items() if config.is_voter(n, inc))
+            for config in self._window_configs()
+        )
+
+    def _incarnation_of(self, node_id: int) -> int:
+        if node_id == self.node_id:
+            return self._node_incarnation
+        return self._peer_incarnations.get(node_id, 0)
+
+    def _admits(self, node_id: int, incarnation: int) -> bool:
+        return any(config.admits(node_id, incarnation) for config in self._live_configs())
+
+    def _may_vote(self) -> bool:
+        """Whether this node may promise, accept or grant a pre-vote: it is a member under
+        its own incarnation. A node whose data directory was wiped or restored has another
+        incarnation than the one bound to its id, so it takes part in nothing (its promises
+        and accepts were forgotten: counting it again could choose a slot twice)."""
+        return self._admits(self.node_id, self._node_incarnation)
+
+    def _refuse(self, message: Message) -> None:
+        latest = self._configs.latest.membership
+        member = latest.member(message.sender)
+        if member is None:
+            reason = "not a member" if not any(
+                c.member(message.sender) for c in self._live_configs()
+            ) else "removed"
+        else:
+            reason = (
+                f"superseded incarnation (the member is incarnation {member.incarnation})"
+            )
+        if len(self._out_refused) < _REFUSALS_PER_READY_MAX:
+            refusal = RefusedMessage(
+                message.sender, message.sender_incarnation, type(message).__name__, reason
+            )
+            if refusal not in self._out_refused:
+                self._out_refused.append(refusal)
+
+    def _refresh_peers(self) -> None:
+        members = {n for config in self._live_configs() for n in config.node_ids}
+        self._peers = tuple(sorted(members - {self.node_id}))
+
+    def _note_chosen_changes(self, slot: int, value: Batch) -> None:
+        changed = False
+        for command in value:
+            if is_membership_command(command):
+                changed = self._configs.choose(slot, command) or changed
+        self._configs_through = max(self._configs_through, slot)
+        if changed:
+            self._refresh_peers()
+            # Restated at once: a snapshot may cover the change before any compaction does.
+            self._append_record(MembershipRecord(slot, tuple(self._configs.entries)))
+
+    @staticmethod
+    def _chosen_slot(slot: int, value: Batch) -> ChosenSlot:
+        """A chosen slot for the driver: its membership commands, which only the core reads,
+        taken out of the value the application applies."""
+        if any(is_membership_command(command) for command in value):
+            application = tuple(c for c in value if not is_membership_command(c))
+            changes = tuple(c for c in value if is_membership_command(c))
+            return ChosenSlot(slot, application, changes)
+        return ChosenSlot(slot, value)
 
     # ---------------------------------------------------------------- role transitions
 
@@ -530,11 +771,17 @@ class Replica:
         self._inflight: dict[int, _InflightSlot] = {}
         self._next_slot = 0
         self._phase1_end = 0
+        # Phase 1's values for slots beyond the α-window when we won, proposed as it moves.
+        self._reproposals: dict[int, Batch] = {}
+        self._promisers: dict[int, int] = {}  # whose promises made us leader: id -> incarnation
         self._heartbeat_elapsed = 0
         self._check_quorum_elapsed = 0
         self._active_peers: set[int] = set()
         self._peer_tokens: dict[int, int] = {}  # each peer's latest HeartbeatAck token
         self._peer_relayed_tokens: dict[int, int] = {}  # ... and latest one that came relayed
+        # Per peer: the tick its latest answer to this ballot arrived, and the highest chosen
+        # watermark it reported (`peer_progress`).
+        self._peer_heard: dict[int, tuple[int, int]] = {}
         self._leader_reads = LeaderReads()
         self._watermark_notified = 0
 
@@ -589,13 +836,15 @@ class Replica:
         self._role = Role.PRE_CANDIDATE
         self._leader_id = None
         self._ballot = self._next_ballot()
-        self._votes = {self.node_id}
+        self._votes = {self.node_id: self._node_incarnation}
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
         self._handlers = self._role_tables[Role.PRE_CANDIDATE]
         self._tick_role = self._tick_election
         for peer in self._peers:
             self._send_now(PreVote(self.node_id, peer, self._ballot, self._chosen_through))
+        own = PreVoteReply(self.node_id, self.node_id, self._ballot, True, self._node_incarnation)
+        self._on_pre_vote_reply(own)  # a single voter needs no one else
 
     def _become_candidate(self) -> None:
         self._role = Role.CANDIDATE
@@ -608,7 +857,7 @@ class Replica:
         self._election_elapsed = 0
         self._handlers = self._role_tables[Role.CANDIDATE]
         self._tick_role = self._tick_election
-        for node in self.config.node_ids:
+        for node in (self.node_id, *self._peers):  # learners too: promotion is then free
             prepare = Prepare(self.node_id, node, self._ballot, self._prepare_from_slot)
             self._send_after_persist(prepare)
 
@@ -618,12 +867,16 @@ class Replica:
         self._reset_leader_state()
         self._handlers = self._role_tables[Role.LEADER]
         self._tick_role = self._tick_leader
+        promises = list(promises)
+        self._promisers = {promise.sender: promise.sender_incarnation for promise in promises}
         values = self._repropose_values(promises)
         last_slot = max(values, default=self._chosen_through)
-        self._next_slot = max(last_slot, self._chosen_through) + 1
-        self._phase1_end = self._next_slot - 1
-        for slot in range(self._chosen_through + 1, self._next_slot):
-            self._propose_slot(slot, values.get(slot, NOOP))
+        self._next_slot = self._chosen_through + 1
+        self._phase1_end = max(last_slot, self._chosen_through)
+        self._reproposals = {
+            slot: values.get(slot, NOOP) for slot in range(self._next_slot, self._phase1_end + 1)
+        }
+        self._maybe_send_accepts()
         self._broadcast_heartbeat()
 
     def _repropose_values(self, promises: Iterable[Promise]) -> dict[int, Batch]:
@@ -649,17 +902,43 @@ class Replica:
 
     def _tick_election(self) -> None:
         self._election_elapsed += 1
-        if self._election_elapsed >= self._election_timeout:
-            if self._clock_ok:
+        # The only voter waits for no one: no other node can lead, so it stands at once (a
+        # one-node vault is up within a tick of starting, not an election timeout).
+        solo = self._role == Role.FOLLOWER and self._sole_voter()
+        timeout = 1 if solo else self._election_timeout
+        if self._election_elapsed >= timeout:
+            if self._clock_ok and self._stands_for_election():
                 self._become_pre_candidate()
             elif self._role != Role.FOLLOWER:
                 self._become_follower(None)
             else:
                 self._election_elapsed = 0
+                if self._clock_ok:
+                    # Not standing (a learner, a removed member): the leader was silent for
+                    # a whole timeout, so it is no leader to vouch for when a voter asks for
+                    # a pre-vote.
+                    self._leader_id = None
+
+    def _sole_voter(self) -> bool:
+        """Whether this node is the only voter of every configuration it may propose under."""
+        return all(
+            config.voter_ids == (self.node_id,) for config in self._window_configs()
+        ) and self._stands_for_election()
+
+    def _stands_for_election(self) -> bool:
+        """A voter of the configuration in force at its first unchosen slot, under its own
+        incarnation, stands; a learner or a superseded incarnation never does. A member whose
+        removal is chosen but not yet in force still does: it may be the only voter that holds
+        the slots below the change (the others may need its snapshot), and once they are
+        chosen it steps down and stands no more."""
+        in_force = self.membership_in_force
+        return in_force.is_voter(self.node_id, self._node_incarnation) and self._may_vote()
 
     def _tick_leader(self) -> None:
-        if not self._clock_ok:
-            self._become_follower(None)
+        if not self._clock_ok or not self.membership_in_force.is_voter(
+            self.node_id, self._node_incarnation
+        ):
+            self._become_follower(None)  # a removed or demoted leader leads no further slot
             return
         self._heartbeat_elapsed += 1
         if self._heartbeat_elapsed >= self.limits.heartbeat_ticks:
@@ -671,7 +950,7 @@ class Replica:
             self._check_quorum_elapsed = 0
             heard = {*self._active_peers, self.node_id}
             self._active_peers = set()
-            if not self.config.is_quorum(heard):
+            if not self._quorum_everywhere(heard):
                 # Check-quorum: a leader cut off from a majority stops serving.
                 self._become_follower(None)
 
@@ -686,8 +965,14 @@ class Replica:
             and self._role != Role.LEADER
             and not leader_is_fresh
             and message.chosen_through >= self._snapshot_slot
+            and self._may_vote()
         )
         self._send_now(PreVoteReply(self.node_id, message.sender, message.ballot, granted))
+        if not self._may_vote() and message.chosen_through > self._chosen_through:
+            # A node that may not vote (as far as it knows) learns from a candidate that
+            # knows more chosen slots: with no leader, this is how one that has not learned
+            # that a change made it a voter again catches up, and the candidate may need it.
+            self._maybe_request_catch_up(message.sender, message.ballot)
 
     def _raise_promise_or_reject(self, message: Prepare | Accept | Heartbeat | Commit) -> bool:
         """Whether `message` outranks or equals our promise; rejects it otherwise. Adopting a
@@ -700,6 +985,8 @@ class Replica:
         return True
 
     def _on_prepare(self, message: Prepare) -> None:
+        if not self._may_vote():
+            return  # a superseded incarnation promises nothing (see `_may_vote`)
         if not self._raise_promise_or_reject(message):
             return
         if message.ballot > self._promised:
@@ -756,6 +1043,8 @@ class Replica:
         return tuple(entries)
 
     def _on_accept(self, message: Accept) -> None:
+        if not self._may_vote():
+            return  # it accepts nothing; it may still learn chosen values (catch-up)
         if not self._raise_promise_or_reject(message):
             return
         raised = message.ballot > self._promised
@@ -784,7 +1073,7 @@ class Replica:
             # The leader has not echoed our direct acks for a while (a one-way cut, or only a
             # slow round): send this ack through a relay too, so that if the relay's copy is
             # echoed we know that route works before the direct one is given up.
-            ack = self._heartbeat_ack(message)
+            ack = self._stamp(self._heartbeat_ack(message))
             self._send_now(Relay(self.node_id, relay, self._promised, self.node_id,
                                  message.sender, (), (), (ack,)))
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
@@ -909,6 +1198,7 @@ class Replica:
                 chunk,
                 offset,
                 len(snapshot.data),
+                self._configs.as_of(snapshot.slot),
             )
             self._send_now(install)
             return
@@ -960,7 +1250,7 @@ class Replica:
             # A snapshot past our watermark covers slots we proposed without telling us the
             # values chosen there; they were chosen at a higher ballot (see `_on_learn`).
             self._become_follower(None)
-        self._adopt_snapshot(Snapshot(message.slot, data))
+        self._adopt_snapshot(Snapshot(message.slot, data), message.configs)
 
     def _assemble_snapshot(self, chunk: InstallSnapshot) -> bytes | None:
         """Add a chunk to the snapshot being received from its sender; the whole snapshot once
@@ -1007,13 +1297,27 @@ class Replica:
         return value
 
     def _advance_chosen_through(self) -> None:
+        first_unchosen = self._chosen_through + 1
         while self._chosen_through + 1 in self._chosen:
             self._chosen_through += 1
+            if self._chosen_through > self._configs_through:
+                self._note_chosen_changes(self._chosen_through, self._chosen[self._chosen_through])
             # A leader re-proposes a slot it knew chosen when phase 1 left a hole below it:
             # once the watermark passes, the slot needs no acks (its value may be compacted).
             self._inflight.pop(self._chosen_through, None)
+        if any(
+            first_unchosen < self._configs.first_slot(entry) <= self._chosen_through + 1
+            for entry in self._configs.entries
+        ):
+            self._refresh_peers()  # a change came into force: its leavers are peers no more
 
-    def _adopt_snapshot(self, snapshot: Snapshot) -> None:
+    def _adopt_snapshot(
+        self, snapshot: Snapshot, configs: tuple[ConfigEntry, ...] = ()
+    ) -> None:
+        if configs:  # the configurations as of its slot (none from a static cluster's peer)
+            self._configs = self._new_config_history(configs)
+            self._configs_through = snapshot.slot
+        snapshot = replace(snapshot, configs=self._configs.as_of(snapshot.slot))
         self._snapshot = snapshot
         self._out_snapshot = snapshot
         self._chosen_through = max(self._chosen_through, snapshot.slot)
@@ -1023,6 +1327,7 @@ class Replica:
             self._incoming_snapshot = None
         self._compact(snapshot.slot)
         self._advance_chosen_through()
+        self._refresh_peers()
         # The applied point moved without an `applied()` call: release what it now covers.
         self._release_reads()
 
@@ -1047,6 +1352,13 @@ class Replica:
                 self._append_record(LearnRecord(chosen_slot, self._chosen[chosen_slot]))
         self._append_record(WatermarkRecord(self._chosen_through))
         self._recorded_watermark = self._chosen_through
+        self._configs.trim_below(slot)
+        if len(self._configs.entries) > 1 or self._configs.entries[0].chosen_at:
+            # The changes below the snapshot leave with the records that held them.
+            entries = tuple(self._configs.entries)
+            self._append_record(MembershipRecord(self._configs_through, entries))
+        if self._node_incarnation:
+            self._append_record(IdentityRecord(self._node_incarnation))
         self._out_compact_before = first_index
 
     # ---------------------------------------------------------------- candidate handlers
@@ -1054,8 +1366,8 @@ class Replica:
     def _on_pre_vote_reply(self, message: PreVoteReply) -> None:
         if message.ballot != self._ballot or not message.granted:
             return
-        self._votes.add(message.sender)
-        if self.config.is_quorum(self._votes):
+        self._votes[message.sender] = message.sender_incarnation
+        if self._quorum_everywhere(self._votes):
             self._become_candidate()
 
     def _on_promise(self, message: Promise) -> None:
@@ -1082,8 +1394,11 @@ class Replica:
             message.snapshot_slot,
             self._prepare_from_slot,
             UNBOUNDED,
+            message.sender_incarnation,
         )
-        if self.config.is_quorum(self._promises):
+        if self._quorum_everywhere(
+            {n: promise.sender_incarnation for n, promise in self._promises.items()}
+        ):
             self._become_leader(self._promises.values())
 
     def _promise_parts_cover(self, parts: list[Promise]) -> bool:
@@ -1109,26 +1424,65 @@ class Replica:
             raise InvariantViolation(f"slot {slot} would be proposed again with another value")
         size_bytes = sum(encoded_command_bytes(command) for command in value)
         self._inflight[slot] = _InflightSlot(value, self._tick_count, size_bytes)
-        for node in self.config.node_ids:
+        for node in (self.node_id, *self._peers):  # learners get the log too
             self._send_now(
                 Accept(self.node_id, node, self._ballot, slot, value, self._chosen_through)
             )
+
+    def _slot_open(self, slot: int) -> bool:
+        """Whether a leader may propose in `slot` now: within the α-window (every slot up to
+        slot - α known chosen, so C(slot) is fixed), and with promises from a quorum of
+        C(slot). A change that brought voters our phase 1 did not hear from makes us run
+        phase 1 again (False, and a new ballot)."""
+        if slot > self._chosen_through + CONFIG_WINDOW_SLOTS:
+            return False
+        config = self._configs.at(slot)
+        if config.is_quorum(n for n, inc in self._promisers.items() if config.is_voter(n, inc)):
+            return True
+        self._become_follower(None)
+        self._become_candidate()
+        return False
 
     def _maybe_send_accepts(self) -> None:
         """Open slots for queued commands while fewer than `inflight_slots_max` slots and
         `inflight_bytes_max` bytes are in flight (Raft's MaxInflightBytes in etcd): a burst of
         large commands, forwarded ones included, then reaches the peers a few slots at a time,
-        and their acks and the leader's heartbeats never wait behind more than that."""
-        while self._queue and len(self._inflight) < self.limits.inflight_slots_max:
+        and their acks and the leader's heartbeats never wait behind more than that. Phase 1's
+        values come first, then the queue; with nothing queued, no-ops carry the log to where
+        a chosen configuration change is in force. Never beyond the α-window."""
+        while self._role == Role.LEADER and self._next_slot <= self._phase1_end:
+            slot = self._next_slot
+            if not self._slot_open(slot):
+                return
+            self._next_slot += 1
+            self._propose_slot(slot, self._reproposals.pop(slot, NOOP))
+        latest = self._configs.latest
+        pending_change = self._configs.first_slot(latest) if latest.chosen_at else 0
+        while (
+            self._role == Role.LEADER
+            and not self._queue
+            and self._next_slot <= pending_change
+            and len(self._inflight) < self.limits.inflight_slots_max
+            and self._slot_open(self._next_slot)
+        ):
+            self._next_slot += 1
+            self._propose_slot(self._next_slot - 1, NOOP)
+        while (
+            self._role == Role.LEADER
+            and self._queue
+            and len(self._inflight) < self.limits.inflight_slots_max
+        ):
             inflight_bytes = sum(slot.size_bytes for slot in self._inflight.values())
             if self._inflight and inflight_bytes >= self.limits.inflight_bytes_max:
                 return
             length = self._batch_length(
                 (command for command, _ in self._queue), self.limits.batch_commands_max
             )
+            slot = self._next_slot
+            if not self._slot_open(slot):
+                return
             batch = tuple(self._queue.popleft()[0] for _ in range(length))
             self._queue_bytes -= sum(encoded_command_bytes(command) for command in batch)
-            slot = self._next_slot
             self._next_slot += 1
             self._propose_slot(slot, batch)
 
@@ -1167,15 +1521,25 @@ class Replica:
                 )
             )
 
+    def _note_peer_heard(self, peer: int, chosen_through: int) -> None:
+        if peer == self.node_id:
+            return  # its own Accepted: the leader's progress is its watermark
+        _, match = self._peer_heard.get(peer, (0, 0))
+        self._peer_heard[peer] = (self._tick_count, max(match, chosen_through))
+
     def _on_accepted(self, message: Accepted) -> None:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
+        self._note_peer_heard(message.sender, 0)
         inflight = self._inflight.get(message.slot)
         if inflight is None:
             return
+        config = self._configs.at(message.slot)  # fixed: the slot is within our α-window
+        if not config.is_voter(message.sender, message.sender_incarnation):
+            return  # a learner's, or a member's of another configuration: it counts for none
         inflight.acks.add(message.sender)
-        if not self.config.is_quorum(inflight.acks):
+        if not config.is_quorum(inflight.acks):
             return
         del self._inflight[message.slot]
         self._mark_chosen(message.slot, inflight.value)
@@ -1186,6 +1550,7 @@ class Replica:
         if message.ballot != self._ballot:
             return
         self._active_peers.add(message.sender)
+        self._note_peer_heard(message.sender, message.chosen_through)
         tokens = self._peer_relayed_tokens if relayed else self._peer_tokens
         tokens[message.sender] = message.token
         self._leader_reads.ack(message.sender, message.read_round)
@@ -1193,7 +1558,7 @@ class Replica:
 
     def _read_confirmed(self, acked: set[int]) -> bool:
         """Whether the peers that acknowledged a round, with this leader, form a quorum."""
-        return self.config.is_quorum({*acked, self.node_id})
+        return self._quorum_everywhere({*acked, self.node_id})
 
     def _queue_read(self, read_id: int, origin: int, incarnation: int) -> None:
         # Everything chosen before this leader lies at or below phase1_end; everything it
@@ -1300,6 +1665,7 @@ class Replica:
         if route is None or route == leader:
             self._send_now(message)  # unknown route: the driver refuses requests before this
             return
+        message = self._stamp(message)
         forwards = (message,) if isinstance(message, Forward) else ()
         reads = (message,) if isinstance(message, ReadIndexRequest) else ()
         self._send_now(Relay(self.node_id, route, self._promised, self.node_id, leader,
@@ -1310,7 +1676,7 @@ class Replica:
         addressed to us, take them as if the origin had sent them directly. `step` already
         checked that the sender is a member other than us."""
         origin, target = message.origin, message.target
-        members = self.config.node_ids
+        members = {*self._peers, self.node_id}
         if origin not in members or origin == self.node_id or target not in members:
             return
         if target == self.node_id:
@@ -1319,6 +1685,9 @@ class Replica:
             )
             for inner in inners:
                 if inner.sender != origin or inner.to != self.node_id:
+                    continue
+                if not self._admits(origin, inner.sender_incarnation):
+                    self._refuse(inner)
                     continue
                 if isinstance(inner, HeartbeatAck):
                     if self._role == Role.LEADER:  # its echo tells the origin this route works
@@ -1414,7 +1783,7 @@ class Replica:
             }
             for peer in self._peers:
                 if peer not in told:
-                    self._out_messages.append(
+                    self._send_now(
                         Commit(self.node_id, peer, self._ballot, self._chosen_through)
                     )
             self._watermark_notified = self._chosen_through

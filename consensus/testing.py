@@ -3,7 +3,10 @@
 Owns: `Network`, which holds replicas, performs the driver's duties for each `Ready` (records
 are durable at once unless a node's disk is held, messages go into per-node mailboxes), and lets
 a test deliver, drop or cut messages explicitly. Also `restart`, which rebuilds a replica from
-the records it "persisted".
+the records it "persisted", `wipe`, which restarts it with an empty data directory (and so a
+new incarnation), and `add_node`, which starts a new member's replica. With `identities`, each
+node's data directory has an incarnation, bound in the initial configuration (as `operator
+init` would).
 
 Must never: hide nondeterminism. Delivery order is the order of sending; randomness only comes
 from the seeded `Random` per replica. It is test scaffolding, not the simulator.
@@ -18,6 +21,7 @@ from typing import Any
 
 from consensus.codec import decode_message, decode_record, encode_message, encode_record
 from consensus.config import ClusterConfig, Limits
+from consensus.membership import ConfigEntry, ConfigHistory, Membership
 from consensus.messages import Batch, ChosenEntry, InstallSnapshot, Message
 from consensus.read_only import ForwardedReads
 from consensus.ready import ReadConfirmation, Ready, RejectedRead, Snapshot
@@ -52,6 +56,7 @@ class Network:
         seed: int = 0,
         limits: Limits | None = None,
         factory: ReplicaFactory = Replica,
+        identities: bool = False,
     ) -> None:
         self.config = ClusterConfig(tuple(range(1, size + 1)))
         self.limits = limits if limits is not None else Limits()
@@ -64,11 +69,26 @@ class Network:
         self.cut: set[tuple[int, int]] = set()
         self.held_disks: set[int] = set()
         self.restarts = 0
+        self.wipes = 0
+        # Each node's data directory incarnation, bound in the initial configuration; without
+        # `identities`, none (0: unbound, the static cluster's behaviour, which tests that
+        # hand-craft messages rely on: those carry no incarnation).
+        self.identities = identities
+        self.node_incarnations = {n: self._new_incarnation(n) for n in self.config.node_ids}
+        self.membership = Membership.from_cluster_config(self.config, self.node_incarnations)
+        self.node_ids: list[int] = list(self.config.node_ids)
         for node_id in self.config.node_ids:
             self.logs[node_id] = NodeLog()
             self.nodes[node_id] = factory(
-                node_id, self.config, Random(seed * 100 + node_id), self.limits
+                node_id, self.config, Random(seed * 100 + node_id), self.limits,
+                membership=self.membership, node_incarnation=self.node_incarnations[node_id],
             )
+
+    def _new_incarnation(self, node_id: int) -> int:
+        # Deterministic and distinct per node and data directory (a real node draws 63 bits).
+        if not self.identities:
+            return 0
+        return (self.seed << 24) + (node_id << 12) + self.wipes + 1
 
     # -- the driver's duties
 
@@ -117,7 +137,7 @@ class Network:
         """Process and deliver until nothing moves."""
         for _ in range(rounds_max):
             moved = False
-            for node_id in self.config.node_ids:
+            for node_id in self.node_ids:
                 if self.nodes[node_id].has_ready():
                     self.process(node_id)
                     moved = True
@@ -146,12 +166,12 @@ class Network:
 
     def tick_all(self, ticks: int = 1) -> None:
         for _ in range(ticks):
-            for node_id in self.config.node_ids:
+            for node_id in self.node_ids:
                 self.nodes[node_id].tick()
             self.settle()
 
     def isolate(self, node_id: int) -> None:
-        for other in self.config.node_ids:
+        for other in self.node_ids:
             if other != node_id:
                 self.cut |= {(node_id, other), (other, node_id)}
 
@@ -171,7 +191,8 @@ class Network:
     def take_snapshot(self, node_id: int, data: bytes) -> None:
         """The application saves its state at its applied slot, then tells the core."""
         replica = self.nodes[node_id]
-        self.logs[node_id].snapshot = Snapshot(replica.applied_through, data)
+        slot = replica.applied_through
+        self.logs[node_id].snapshot = Snapshot(slot, data, replica.configs_as_of(slot))
         replica.snapshot_taken(replica.applied_through, data)
 
     def restart(self, node_id: int) -> None:
@@ -194,6 +215,32 @@ class Network:
             durable,
             last_index,
             snapshot,
+            membership=self.membership,
+            node_incarnation=self.node_incarnations[node_id],
+        )
+
+    def wipe(self, node_id: int) -> None:
+        """Crash and restart with an empty data directory: a new incarnation, nothing
+        recorded, and only the cluster's initial configuration known (from its config file)."""
+        self._start_fresh(node_id)
+
+    def add_node(self, node_id: int) -> int:
+        """Start a new node (empty data directory) that knows the cluster's initial
+        configuration; it takes part once a configuration change adds it. Its incarnation."""
+        if node_id not in self.node_ids:
+            self.node_ids.append(node_id)
+        self._start_fresh(node_id)
+        return self.node_incarnations[node_id]
+
+    def _start_fresh(self, node_id: int) -> None:
+        self.wipes += 1
+        self.restarts += 1
+        self.logs[node_id] = NodeLog()
+        self.node_incarnations[node_id] = self._new_incarnation(node_id)
+        self.nodes[node_id] = self.factory(
+            node_id, self.config,
+            Random(self.seed * 100_000 + self.restarts * 100 + node_id), self.limits,
+            membership=self.membership, node_incarnation=self.node_incarnations[node_id],
         )
 
     def leader(self) -> int | None:
@@ -231,3 +278,30 @@ class ReadRoundsRestartEachIncarnation(Replica):
         super().__init__(*args, **kwargs)
         self._incarnation = 0
         self._forwarded_reads = ForwardedReads(0)
+
+
+# ---------------------------------------------------------------- planted membership bugs
+
+
+class _NextSlotHistory(ConfigHistory):
+    window_slots = 1
+
+
+class ChangesInForceAtOnce(Replica):
+    """A configuration change governs the very next slot (α = 1) while leaders keep proposing
+    up to 64 slots past their watermark: a slot's quorum is then taken from whatever
+    configuration the leader happens to know, not from one fixed by chosen slots."""
+
+    def _new_config_history(self, entries: Iterable[ConfigEntry]) -> ConfigHistory:
+        return _NextSlotHistory(entries)
+
+
+class VotesIgnoreIncarnations(Replica):
+    """A node id is taken for its member whatever its incarnation: a wiped node (a new data
+    directory) votes at once under the identity its old disk had, as before issue 13."""
+
+    def _admits(self, node_id: int, incarnation: int) -> bool:
+        return any(config.member(node_id) is not None for config in self._live_configs())
+
+    def _may_vote(self) -> bool:
+        return self._admits(self.node_id, 0)

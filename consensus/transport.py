@@ -36,7 +36,7 @@ from consensus.messages import Message
 #    heartbeat echoes, chunked snapshots and promises in parts.
 # 4: Relay (a follower behind a one-way cut reaches its leader through a peer); Heartbeat
 #    carries `relayed_echo`.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
@@ -118,7 +118,11 @@ class PeerTransport:
         client_ssl: ssl.SSLContext | None = None,
         frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
         on_clock_reading: ClockReadingSink | None = None,
+        accepts_peer: Callable[[int], bool] | None = None,
     ) -> None:
+        """`peers`: whom to dial (`set_peers` changes it as the configuration changes).
+        `accepts_peer`: whether an inbound hello from this node id is taken (default: one of
+        `peers`); the consensus core judges each message's sender again."""
         self.node_id = node_id
         self.cluster_id = cluster_id
         self._listen = (listen_host, listen_port)
@@ -137,7 +141,9 @@ class PeerTransport:
         self._bulk_pending_bytes: dict[int, int] = {}
         self._bulk_pump_scheduled: set[int] = set()
         self._flush_scheduled = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._accepts_peer = accepts_peer
+        self._dialers: dict[int, list[asyncio.Task[None]]] = {}
+        self._started = False
         self._server: asyncio.Server | None = None
         self._inbound: set[asyncio.StreamWriter] = set()
         self.connected: dict[int, bool] = {peer: False for peer in self._peers}
@@ -148,20 +154,43 @@ class PeerTransport:
             self._serve_inbound, self._listen[0], self._listen[1], ssl=self._server_ssl,
             reuse_address=True,
         )
+        self._started = True
         for peer_id in self._peers:
-            for lane in (CONTROL_LANE, BULK_LANE):
-                self._tasks.append(
-                    asyncio.get_running_loop().create_task(self._dial(peer_id, lane))
-                )
+            self._start_dialing(peer_id)
+
+    def _start_dialing(self, peer_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._dialers[peer_id] = [
+            loop.create_task(self._dial(peer_id, lane)) for lane in (CONTROL_LANE, BULK_LANE)
+        ]
+
+    def set_peers(self, peers: list[PeerEndpoint]) -> None:
+        """Dial these peers from now on: new ones are dialled, those gone (or moved to another
+        address) are hung up on. The configuration changes through the log; the node calls
+        this whenever the peers of the configurations it follows change."""
+        wanted = {p.node_id: p for p in peers if p.node_id != self.node_id}
+        for peer_id, endpoint in list(self._peers.items()):
+            if wanted.get(peer_id) != endpoint:
+                for task in self._dialers.pop(peer_id, []):
+                    task.cancel()  # its `finally` closes the connection
+                del self._peers[peer_id]
+                self.connected.pop(peer_id, None)
+        for peer_id, endpoint in wanted.items():
+            if peer_id not in self._peers:
+                self._peers[peer_id] = endpoint
+                self.connected[peer_id] = False
+                if self._started:
+                    self._start_dialing(peer_id)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in self._tasks:
+        tasks = [task for dialers in self._dialers.values() for task in dialers]
+        for task in tasks:
             task.cancel()
         for writer in list(self._inbound):
             writer.close()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -300,12 +329,14 @@ class PeerTransport:
             except (OSError, ConnectionError, ssl.SSLError):
                 pass
             finally:
-                writers.pop(peer_id, None)
+                if writers.get(peer_id) is writer:
+                    writers.pop(peer_id, None)
                 if not control:
                     self._drop_bulk_pending(peer_id)  # a new connection starts on a frame
                 writer.close()
                 if control:
-                    self.connected[peer_id] = False
+                    if peer_id in self.connected:  # still a peer (set_peers may drop it)
+                        self.connected[peer_id] = False
                     self._on_event("peer.disconnected", peer=peer_id, direction="out")
             await asyncio.sleep(backoff_s)
 
@@ -349,7 +380,10 @@ class PeerTransport:
         if hello.get("cluster_id") != self.cluster_id:
             raise HandshakeError("the peer belongs to another cluster")
         peer_id = hello.get("node_id")
-        if not isinstance(peer_id, int) or peer_id not in self._peers:
+        if not isinstance(peer_id, int) or isinstance(peer_id, bool) or not (
+            peer_id in self._peers
+            or (self._accepts_peer is not None and self._accepts_peer(peer_id))
+        ):
             raise HandshakeError(f"node {peer_id!r} is not a peer of this cluster")
         if self._server_ssl is not None:
             cert = writer.get_extra_info("peercert") or {}

@@ -1,7 +1,7 @@
 """`python -m simulations`: run a campaign of seeds, or replay one seed in detail.
 
 Owns: the command line (`--seeds N`, `--start S`, `--nodes 3|5|mixed`, `--jobs J`, `--seed X`,
-`--amnesia`)
+`--amnesia`, `--membership`)
 and the campaign summary: seeds, simulated time, operations, faults injected, the workload's
 counters (clock steps and refusals, writes at the byte limits, batches, tokens, keyless
 writes), violations, and
@@ -49,10 +49,11 @@ def _nodes_for(seed: int, nodes: str) -> int:
     return int(nodes)
 
 
-def _run_one(args: tuple[int, str, bool]) -> _Outcome:
-    seed, nodes, amnesia = args
+def _run_one(args: tuple[int, str, bool, bool]) -> _Outcome:
+    seed, nodes, amnesia, membership = args
     config = SimConfig(
-        seed=seed, node_count=_nodes_for(seed, nodes), configuration_faults=amnesia
+        seed=seed, node_count=_nodes_for(seed, nodes), configuration_faults=amnesia,
+        membership_changes=membership,
     )
     try:
         result: SimResult = run_simulation(config)
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         "--amnesia", action="store_true",
         help="let plans wipe nodes (reported as configuration errors, never as passes)",
     )
+    parser.add_argument(
+        "--membership", action="store_true",
+        help="bind data-directory incarnations and let plans change the membership "
+        "(replace a wiped node, demote and promote, remove and re-add)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--progress-every", type=int, default=500, help="seeds per progress line")
     options = parser.parse_args(argv)
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=options.seed,
                 node_count=_nodes_for(options.seed, options.nodes),
                 configuration_faults=options.amnesia,
+                membership_changes=options.membership,
             )
         )
         print(result.report())
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result.ok else 1
     started = time.monotonic()
     seeds = range(options.start, options.start + options.seeds)
-    work = [(seed, options.nodes, options.amnesia) for seed in seeds]
+    work = [(seed, options.nodes, options.amnesia, options.membership) for seed in seeds]
     outcomes: list[_Outcome] = []
     if options.jobs > 1:
         with ProcessPoolExecutor(options.jobs) as pool:

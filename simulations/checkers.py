@@ -16,10 +16,11 @@ Must never: change what it observes; a checker only reports `Violation`s.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from consensus.membership import ConfigEntry, decode_change, is_membership_command
 from consensus.messages import BALLOT_ZERO, Accepted, Ballot, Batch, Promise
 from simulations.linearizability import UNKNOWN, CheckResult, Operation, check_operations
 from simulations.models import VaultModel
@@ -53,12 +54,26 @@ class Observer:
     chosen: dict[int, tuple[Batch, int]] = field(default_factory=dict)
     digests: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
-    promised_on_wire: dict[int, Ballot] = field(default_factory=dict)
+    promised_on_wire: dict[tuple[int, int], Ballot] = field(default_factory=dict)
+    # Every (node id, incarnation) some chosen configuration made a member (empty: a static
+    # cluster without incarnations, where the membership checker is off).
+    members_ever: set[tuple[int, int]] = field(default_factory=set)
 
     def on_acceptor_reply(self, node_id: int, message: Promise | Accepted) -> None:
-        """Paxos P1 seen from outside: once an acceptor has told anyone it promised or
-        accepted at ballot b, it never again answers for a lower ballot, crashes included."""
-        highest = self.promised_on_wire.get(node_id, BALLOT_ZERO)
+        """Paxos P1 seen from outside: once an acceptor (one incarnation of a node) has told
+        anyone it promised or accepted at ballot b, it never again answers for a lower ballot,
+        crashes included. And no node votes outside its membership: a promise or accept comes
+        only from an identity some chosen configuration made a member (a wiped node, under
+        its new incarnation, votes only once it was added again)."""
+        identity = (node_id, message.sender_incarnation)
+        if self.members_ever and identity not in self.members_ever:
+            self._violate(
+                "membership",
+                f"node {node_id} incarnation {message.sender_incarnation} sent "
+                f"{type(message).__name__} at ballot {message.ballot} but no chosen "
+                "configuration made it a member",
+            )
+        highest = self.promised_on_wire.get(identity, BALLOT_ZERO)
         if message.ballot < highest:
             self._violate(
                 "acceptor_promise",
@@ -66,7 +81,13 @@ class Observer:
                 f"after answering at ballot {highest}",
             )
         else:
-            self.promised_on_wire[node_id] = message.ballot
+            self.promised_on_wire[identity] = message.ballot
+
+    def on_configs(self, entries: Iterable[ConfigEntry]) -> None:
+        """Configurations a replica adopted with a snapshot (their changes were compacted)."""
+        if self.members_ever:
+            for entry in entries:
+                self.members_ever.update(m.identity for m in entry.membership.members)
 
     def on_wiped(self, node_id: int, at_ms: int) -> None:
         """A node lost its disk and rejoins as a blank acceptor (amnesia): Paxos cannot keep
@@ -81,6 +102,14 @@ class Observer:
         ))
 
     def on_chosen(self, node_id: int, slot: int, value: Batch) -> None:
+        """Agreement per slot, whatever configuration chose it (`value` includes the slot's
+        membership commands)."""
+        if self.members_ever:
+            for command in value:
+                if is_membership_command(command):
+                    proposed = decode_change(command)
+                    if proposed is not None:
+                        self.members_ever.update(m.identity for m in proposed.members)
         known = self.chosen.get(slot)
         if known is None:
             self.chosen[slot] = (value, node_id)

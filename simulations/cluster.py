@@ -26,9 +26,16 @@ from typing import Any
 import msgpack
 
 from consensus.clock_offsets import ClockOffsets, split_by_clock_bound
-from consensus.codec import decode_message, decode_record, encode_message
+from consensus.codec import (
+    decode_message,
+    decode_record,
+    decode_stored_snapshot,
+    encode_message,
+    encode_stored_snapshot,
+)
 from consensus.config import ClusterConfig, Limits
 from consensus.driver import ApplyFailed, ReadyDriver
+from consensus.membership import Membership
 from consensus.messages import Accepted, Forward, ForwardRefused, Message, Promise, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
@@ -104,6 +111,11 @@ class SimNode:
     max_clock_offset_us: int = MAX_CLOCK_OFFSET_US
     clock_offsets_factory: Callable[..., ClockOffsets] = ClockOffsets
     on_slot_times: Callable[[int, int, list[int]], None] | None = None
+    # The cluster's initial configuration (None: the static one from `config`, unbound) and
+    # the incarnation of this node's data directory, which the daemon keeps in a file beside
+    # its log: a wiped node gets a new one (simulations/membership_faults.py).
+    membership: Membership | None = None
+    data_incarnation: int = 0
 
     def __post_init__(self) -> None:
         self.up = False
@@ -155,7 +167,8 @@ class SimNode:
         self.digest = GENESIS_DIGEST
         snapshot: Snapshot | None = None
         if stored is not None and stored.log_index > 0:
-            snapshot = Snapshot(stored.log_index, stored.payload)
+            data, configs = decode_stored_snapshot(stored.payload)
+            snapshot = Snapshot(stored.log_index, data, configs)
             self._restore(snapshot)
         records = [decode_record(payload) for _, payload in self.log.entries(self.log.first_index)]
         durable = self.recover_records(records, snapshot.slot if snapshot else 0)
@@ -167,6 +180,8 @@ class SimNode:
             durable,
             self.log.last_index,
             snapshot,
+            membership=self.membership,
+            node_incarnation=self.data_incarnation,
         )
         self.applied_through = snapshot.slot if snapshot else 0
         self.driver = ReadyDriver(self.replica, self.log, self)
@@ -299,6 +314,11 @@ class SimNode:
         if self.replica is not None and self.driver.error is None:
             self.driver.process()
 
+    def propose_membership(self, membership: Membership) -> None:
+        """What an operator's add-node / remove-node does on the leader."""
+        self.driver.propose_membership(membership)
+        self._process()
+
     def send(self, message: Message) -> None:
         if isinstance(message, Promise | Accepted):
             self.observer.on_acceptor_reply(self.node_id, message)
@@ -353,8 +373,10 @@ class SimNode:
         self.crash()
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        write_snapshot(self.disk, SNAPSHOT_DIR, snapshot.slot, snapshot.data)
+        stored = encode_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
+        write_snapshot(self.disk, SNAPSHOT_DIR, snapshot.slot, stored)
         remove_snapshots_before(self.disk, SNAPSHOT_DIR, snapshot.slot)
+        self.observer.on_configs(snapshot.configs)
         self._restore(snapshot)
         self.applied_through = snapshot.slot
         self.stats.snapshots_installed += 1
@@ -387,7 +409,7 @@ class SimNode:
         if slot <= self.applied_through:
             return  # covered by a snapshot installed after this slot was handed out
         assert slot == self.applied_through + 1, (slot, self.applied_through)
-        self.observer.on_chosen(self.node_id, slot, value)
+        self.observer.on_chosen(self.node_id, slot, (*value, *chosen.membership_commands))
         times_us: list[int] = []
         for command in value:
             result = self.state.apply(slot, command)
@@ -421,8 +443,8 @@ class SimNode:
             return
         slot = self.applied_through
         data = msgpack.packb([self.digest, self.state.snapshot()], use_bin_type=True)
-        write_snapshot(self.disk, SNAPSHOT_DIR, slot, data)
+        stored = encode_stored_snapshot(slot, data, self.replica.configs_as_of(slot))
+        write_snapshot(self.disk, SNAPSHOT_DIR, slot, stored)
         remove_snapshots_before(self.disk, SNAPSHOT_DIR, slot)
         self.driver.snapshot_taken(slot, data)
         self.stats.snapshots_taken += 1
-

@@ -3,7 +3,8 @@
 Owns: `Intensities` (per-run probabilities and latencies), `Fault` (one timed fault: partition,
 one-way link cut, slow link, crash with restart, crash of a follower with a read in flight,
 pause, slow disk, fsync error, slow clock, the aimed `stranded_leader` and `reader_rejoin`;
-and amnesia, a configuration error), `FaultPlan`, and `random_plan(seed, ...)`, which derives
+amnesia, a configuration error; and `membership`, a sequence of configuration changes on one
+node, simulations/membership_faults.py), `FaultPlan`, and `random_plan(seed, ...)`, which derives
 a whole plan from one integer. Hypothesis builds the same dataclasses in the tests, so a
 shrunk failure is a readable plan.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from random import Random
+
+from simulations.membership_faults import random_membership_faults
 
 FAULT_KINDS = (
     "partition",
@@ -33,6 +36,9 @@ FAULT_KINDS = (
 # Faults outside the model the core is built for: a run with one is reported as a configuration
 # error by the checkers, never as a pass. Random plans draw them only when asked.
 CONFIGURATION_FAULT_KINDS = ("amnesia",)
+# Configuration changes through the log (simulations/membership_faults.py): drawn last of all,
+# and only when asked (`membership_changes`), so that every other seed runs as before.
+MEMBERSHIP_KIND = "membership"
 # Multi-step schedules that watch the cluster (simulations/aimed_faults.py: `stranded_leader`,
 # `reader_rejoin`). They are drawn after everything else in a plan, from the same plan
 # `Random`, each after the ones added before it, so adding one left every other fault of a
@@ -119,11 +125,18 @@ class FaultPlan:
 
 
 def random_plan(
-    rng: Random, node_ids: tuple[int, ...], safety_ms: int, configuration_faults: bool = False
+    rng: Random,
+    node_ids: tuple[int, ...],
+    safety_ms: int,
+    configuration_faults: bool = False,
+    membership_changes: bool = False,
 ) -> FaultPlan:
     """A plan with per-seed intensities: 0–30% loss, 0–50% duplication, TCP-like links (a
     quarter of the seeds reorder instead), and a handful of timed faults spread over the safety
-    phase. `configuration_faults` adds amnesia to the kinds drawn."""
+    phase. `configuration_faults` adds amnesia to the kinds drawn; `membership_changes` adds
+    one membership sequence (replace a removed node by its wiped self, demote and promote,
+    remove and re-add, wipe a member and then replace it: `Fault.magnitude_ms` is the
+    variant), drawn after everything else."""
     intensities = Intensities(
         loss=rng.choice([0.0, rng.uniform(0.0, 0.3)]),
         duplication=rng.choice([0.0, rng.uniform(0.0, 0.5)]),
@@ -145,6 +158,11 @@ def random_plan(
     tick_period_ms = tuple(rng.randint(4, 30) if drifting else 10 for _ in node_ids)
     snapshot_every_slots = rng.choice([0, 5, 20, 50])
     faults += random_aimed_faults(rng, safety_ms)
+    if membership_changes:
+        faults += tuple(
+            Fault(MEMBERSHIP_KIND, start_ms, safety_ms - start_ms, (victim,), False, variant)
+            for start_ms, victim, variant in random_membership_faults(rng, node_ids, safety_ms)
+        )
     return FaultPlan(intensities, faults, tick_period_ms, snapshot_every_slots)
 
 

@@ -13,6 +13,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,20 @@ from typing import Any, TypeAlias
 import httpx
 
 from cli.cluster_init import init_cluster
+from simulations.nemesis.checks import (
+    CampaignModel,
+    check_convergence,
+    check_linearizable,
+    check_writes,
+)
+from simulations.nemesis.history import HistoryFile, Outcome
+from simulations.nemesis.workload import Workers, WorkloadOptions
 
 START_DEADLINE_S = 20.0
 Reader: TypeAlias = asyncio.StreamReader
 Writer: TypeAlias = asyncio.StreamWriter
 Link: TypeAlias = tuple[int, int]  # (source node id, target node id): one direction
+CompletedProcess: TypeAlias = subprocess.CompletedProcess[str]
 
 
 def wait_until(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
@@ -430,6 +440,27 @@ def wait_for_leader(nodes: list[Node], deadline_s: float = 20.0) -> Node:
     return found[0]
 
 
+def wait_converged(nodes: list[Node], deadline_s: float) -> dict[int, dict[str, Any]]:
+    """Every node healthy, one leader, and the same chosen and applied index everywhere; each
+    node's health answer then."""
+    seen: dict[int, dict[str, Any]] = {}
+
+    def converged() -> bool:
+        views = {node.node_id: node_health(node) for node in nodes}
+        if any(view is None or view.get("status") != "ok" for view in views.values()):
+            return False
+        seen.clear()
+        seen.update({k: v for k, v in views.items() if v is not None})
+        marks = {
+            (v.get("leader_id"), v.get("commit_index"), v.get("applied_index"))
+            for v in seen.values()
+        }
+        return len(marks) == 1
+
+    wait_until(converged, deadline_s, "every node to agree on leader, chosen and applied index")
+    return seen
+
+
 def stop_processes(processes: list[subprocess.Popen[bytes]], deadline_s: float = 15.0) -> None:
     """SIGTERM every process still running, then wait for each; SIGKILL one that outlives
     `deadline_s`."""
@@ -442,3 +473,188 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], deadline_s: float =
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=deadline_s)
+
+
+# ---- membership: nodes added, removed and replaced through `vault operator` ----------------------
+
+
+def vault_operator(
+    cluster: Cluster, *args: str, timeout_s: float = 120.0, nodes: list[Node] | None = None
+) -> CompletedProcess:
+    """Run `vault operator ARGS` as an operator would, against `nodes` (default: the cluster's
+    current ones) with the root token; the finished process, whatever its exit code."""
+    env = cluster.cli_env()
+    if nodes is not None:
+        env["VAULT_ADDR"] = ",".join(n.url for n in nodes)
+    env["VAULT_TIMEOUT"] = str(min(60.0, timeout_s / 2))
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "operator", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cluster.root,
+    )
+
+
+def add_node(cluster: Cluster, node_id: int, *, promote: bool = True) -> Node:
+    """`vault operator add-node` for a new node on two free ports (its files beside init's, in
+    `cluster.root`), then start it; it joins `cluster.nodes`. RuntimeError if the CLI refuses."""
+    base = free_port_block(2)
+    api_addr, peer_addr = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
+    root_keys = sorted(cluster.root.glob("node*/root.key"))
+    added = vault_operator(
+        cluster, "add-node", "--id", str(node_id), "--peer-addr", peer_addr,
+        "--api-addr", api_addr, "--ca-dir", str(cluster.root), "--out", str(cluster.root),
+        *(["--root-key-file", str(root_keys[0])] if root_keys else []),
+        *([] if promote else ["--no-promote"]),
+    )
+    if added.returncode != 0:
+        raise RuntimeError(f"add-node {node_id} failed ({added.returncode}): {added.stderr}")
+    node = Node(
+        node_id,
+        cluster.root / f"node{node_id}.toml",
+        api_addr,
+        cluster.root / f"node{node_id}" / "data",
+        cluster.root / f"node{node_id}.log",
+        ca_file=cluster.nodes[0].ca_file if cluster.nodes else None,
+    )
+    cluster.nodes.append(node)
+    node.start(wait=False)
+    return node
+
+
+def remove_node(cluster: Cluster, node_id: int) -> CompletedProcess:
+    """`vault operator remove-node N`; on success the node leaves `cluster.nodes` (its process,
+    if any, is stopped)."""
+    removed = vault_operator(cluster, "remove-node", str(node_id))
+    if removed.returncode == 0:
+        for node in [n for n in cluster.nodes if n.node_id == node_id]:
+            node.stop()
+            cluster.nodes.remove(node)
+    return removed
+
+
+def wipe(node: Node) -> None:
+    """Kill the node and delete its data directory (identity included): a dead VM's disk."""
+    if node.process is not None and node.process.poll() is None:
+        node.kill()
+    shutil.rmtree(node.data_dir)
+
+
+def members(cluster: Cluster) -> dict[str, Any] | None:
+    """GET /v1/sys/members from the first running node that answers it; None if none does."""
+    for node in cluster.nodes:
+        if node.process is None or node.process.poll() is not None:
+            continue
+        try:
+            response = httpx.get(
+                node.url + "/v1/sys/members",
+                headers={"Authorization": f"Bearer {cluster.root_token}"},
+                timeout=5.0,
+                verify=node.verify,
+            )
+        except httpx.HTTPError:
+            continue
+        if response.status_code == 200:
+            return response.json()  # type: ignore[no-any-return]
+    return None
+
+
+def wait_for_voters(
+    cluster: Cluster, voters: Iterable[int], deadline_s: float = 60.0, learners: Iterable[int] = ()
+) -> dict[str, Any]:
+    """Wait until the replicated configuration is exactly `voters` and `learners` with no change
+    in progress; the members answer then."""
+    seen: list[dict[str, Any]] = []
+    voters, learners = set(voters), set(learners)
+
+    def settled() -> bool:
+        answer = members(cluster)
+        if answer is None or answer.get("change_in_progress"):
+            return False
+        rows = answer["members"]
+        seen[:] = [answer]
+        return {m["id"] for m in rows if m["voter"]} == voters and {
+            m["id"] for m in rows if not m["voter"]
+        } == learners
+
+    try:
+        wait_until(settled, deadline_s, f"voters {sorted(voters)}, learners {sorted(learners)}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; last members answer: {seen[-1] if seen else None}") from None
+    return seen[-1]
+
+
+class RecordedLoad:
+    """Clients writing and reading through the cluster's nodes while it changes, recording
+    every operation for the linearizability checker: the nemesis workload and checks
+    (simulations/nemesis/), pointed at whichever nodes `use` names."""
+
+    def __init__(self, cluster: Cluster, directory: Path, workers: int = 4, seed: int = 0) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cluster = cluster
+        self._started = time.monotonic()
+        self.history = HistoryFile(directory / "history.jsonl")
+        self.workers = Workers(
+            seed=seed,
+            count=workers,
+            node_urls={n.node_id: n.url for n in cluster.nodes},
+            token=cluster.root_token,
+            history=self.history,
+            clock=self.clock,
+            options=WorkloadOptions(large_values=False),
+        )
+        self._stopped = False
+
+    def clock(self) -> float:
+        return time.monotonic() - self._started
+
+    def __enter__(self) -> RecordedLoad:
+        self.workers.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def use(self, nodes: list[Node]) -> None:
+        """Send the next operations to these nodes only."""
+        self.workers.set_nodes({n.node_id: n.url for n in nodes})
+
+    def acknowledged_writes(self) -> int:
+        finished = list(self.workers.ops)  # a copy: the workers append meanwhile
+        return sum(1 for op in finished if op.is_write and op.outcome == Outcome.OK)
+
+    def wait_for_writes(self, more: int, deadline_s: float = 30.0) -> None:
+        """Wait until `more` further writes have been acknowledged: the cluster takes writes."""
+        target = self.acknowledged_writes() + more
+        wait_until(lambda: self.acknowledged_writes() >= target, deadline_s,
+                   f"{more} more acknowledged writes")
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.workers.stop()
+            self.history.close()
+
+    def findings(self, nodes: list[Node]) -> list[str]:
+        """After `stop`: the history's linearizability verdict, every acknowledged write read
+        back linearizably through every node in `nodes`, no write applied that failed or
+        more often than sent, and the nodes' own views converged; one line per problem."""
+        # Not at the top: the runner imports this module (through simulations/nemesis/cluster.py).
+        from simulations.nemesis.runner import read_state
+
+        ops = self.workers.ops
+        problems = [f"unexpected answer: {text}" for text in self.workers.unexpected]
+        verdict = check_linearizable(ops)
+        if verdict.result.ok is not True:
+            problems.append(verdict.report(CampaignModel()))
+        token = self.cluster.root_token
+        for node in nodes:
+            served = read_state(node.url, token, ops, consistency="linearizable")
+            problems += [f"node {node.node_id}: {f.check}: {f.message}"
+                         for f in check_writes(ops, served)]
+        own_views = {node.node_id: read_state(node.url, token, ops) for node in nodes}
+        problems += [f"{f.check}: {f.message}" for f in check_convergence(own_views)]
+        return problems

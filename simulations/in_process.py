@@ -1,8 +1,8 @@
 """One vault node served from the test's own process: the real HTTP server, web console, API,
-state machine, sealer, audit trail and single-node replicator (log fsynced to a temporary
-directory), on an event loop in a thread of its own. No process starts, so input-validation
-tests run in the fast loop (`make test-fast`); what needs a real process (signals, restarts,
-clusters, the daemon's start-up, sealing) stays on simulations/harness.py.
+state machine, sealer, audit trail and replicator (a one-member Paxos group, its log fsynced
+to a temporary directory), on an event loop in a thread of its own. No process starts, so
+input-validation tests run in the fast loop (`make test-fast`); what needs a real process
+(signals, restarts, clusters, the daemon's start-up, sealing) stays on simulations/harness.py.
 
 `InProcessVault` offers the part of harness.Cluster those tests use: `root_token`, `client()`
 and `nodes[0]` (`url`, `http_addr`, `log_text()`: the node's JSON event lines).
@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from consensus.membership import UNBOUND, Member, Membership
 from vaultnode.api import VaultApi
 from vaultnode.audit import AuditTrail, derive_chain_key
 from vaultnode.auth import hash_token, new_accessor, new_token
@@ -29,7 +30,8 @@ from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import Limits
 from vaultnode.events import EventLog
 from vaultnode.http_server import HttpServer
-from vaultnode.replication import LocalReplicator
+from vaultnode.identity import create_identity
+from vaultnode.paxos_replicator import PaxosReplicator
 from vaultnode.sealing import Sealer
 from vaultnode.state import VaultState
 from vaultnode.ui import Console
@@ -97,11 +99,20 @@ class InProcessVault:
         limits = self._limits
         events = EventLog(1, self._events)
         state = VaultState()
-        self._replicator = LocalReplicator.open(
-            root / "log", state, 1, self._fatal.append, events,
+        data_dir = root / "data"
+        self._replicator = PaxosReplicator(
+            node_id=1,
+            membership=Membership((Member(1, UNBOUND, True),)),
+            node_incarnation=create_identity(data_dir),
+            data_dir=data_dir,
+            state=state,
+            events=events,
+            on_fatal=self._fatal.append,
             segment_bytes_max=limits.segment_bytes_max,
+            snapshot_every_slots=limits.snapshot_every_slots,
         )
-        self._replicator.start()
+        self._replicator.replay()
+        self._replicator.start(None)
         root_key = secrets.token_bytes(32)
         sealer = Sealer(root_key, state)
         outcome = await self._replicator.submit(

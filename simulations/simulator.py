@@ -25,6 +25,7 @@ from typing import Any
 from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_message
 from consensus.config import ClusterConfig, Limits, encoded_command_bytes
+from consensus.membership import Membership
 from consensus.messages import ReadIndexRequest
 from consensus.records import recover
 from consensus.replica import Replica
@@ -36,8 +37,9 @@ from simulations.checkers import (
     check_linearizable,
 )
 from simulations.cluster import RecoverFn, ReplicaFactory, SimNode
-from simulations.faults import Fault, FaultPlan, random_plan
+from simulations.faults import MEMBERSHIP_KIND, Fault, FaultPlan, random_plan
 from simulations.linearizability import Operation, unknown_outcome
+from simulations.membership_faults import VARIANTS, MembershipChange
 from simulations.models import (
     VaultInput,
     VaultOutcome,
@@ -113,13 +115,20 @@ class SimConfig:
     recover_records: RecoverFn = recover
     linearizability_timeout_s: float = 10.0
     configuration_faults: bool = False  # random plans may wipe a node (amnesia)
+    # Nodes get data-directory incarnations bound in the initial configuration, and random
+    # plans change the membership (simulations/membership_faults.py).
+    membership_changes: bool = False
     # Wall clocks (drift, a day-ahead jump, steps back); None: drawn from the seed.
     clock_plan: WallClockPlan | None = None
     clock_offsets_factory: Callable[..., ClockOffsets] = ClockOffsets  # tests plant bugs here
 
     def replay_command(self) -> str:
         amnesia = " --amnesia" if self.configuration_faults else ""
-        return f"python -m simulations --seed {self.seed} --nodes {self.node_count}{amnesia}"
+        membership = " --membership" if self.membership_changes else ""
+        return (
+            f"python -m simulations --seed {self.seed} --nodes {self.node_count}"
+            f"{amnesia}{membership}"
+        )
 
 
 @dataclass
@@ -459,7 +468,8 @@ class _Simulation:
         self.plan_seed = self.rng.getrandbits(64)
         plan_rng = Random(self.plan_seed)
         self.plan = config.plan or random_plan(
-            plan_rng, self.node_ids, config.safety_ms, config.configuration_faults
+            plan_rng, self.node_ids, config.safety_ms, config.configuration_faults,
+            config.membership_changes,
         )
         self.loop = EventLoop()
         self.observer = Observer()
@@ -488,6 +498,17 @@ class _Simulation:
         )
         cluster = ClusterConfig(self.node_ids)
         intensities = self.plan.intensities
+        # Data-directory incarnations from their own generator (as `operator init` would
+        # draw them), so that every other draw of a seed is as it was.
+        self.identity_rng = Random(config.seed ^ 0x1D_E471_7E5)
+        incarnations = {
+            node_id: self.identity_rng.getrandbits(62) + 1 for node_id in self.node_ids
+        } if config.membership_changes else {}
+        membership = (
+            Membership.from_cluster_config(cluster, incarnations) if incarnations else None
+        )
+        self.observer.members_ever.update(incarnations.items())
+        self.membership_changes: list[MembershipChange] = []
         self.nodes = {
             node_id: SimNode(
                 node_id=node_id,
@@ -509,6 +530,8 @@ class _Simulation:
                 max_clock_offset_us=MAX_CLOCK_OFFSET_US,
                 clock_offsets_factory=config.clock_offsets_factory,
                 on_slot_times=self.command_times.on_slot_applied,
+                membership=membership,
+                data_incarnation=incarnations.get(node_id, 0),
             )
             for position, node_id in enumerate(self.node_ids)
         }
@@ -675,6 +698,13 @@ class _Simulation:
             )
             self.aimed_faults.append(rejoin)
             return rejoin.actions()
+        if fault.kind == MEMBERSHIP_KIND:
+            change = MembershipChange(
+                self.loop, self.nodes, fault.nodes[0], VARIANTS[fault.magnitude_ms],
+                self.identity_rng,
+            )
+            self.membership_changes.append(change)
+            return change.start, lambda: None
         if fault.kind == "amnesia":
             victim = self.nodes[fault.nodes[0]]
 
@@ -890,7 +920,8 @@ class _Simulation:
             client.abandon()
         violations = list(self.observer.violations)
         violations += self._check_liveness()
-        reference = self.nodes[self.node_ids[0]]
+        members = self._final_members()
+        reference = self.nodes[min(members, default=self.node_ids[0])]
         if reference.up:
             violations += check_durability(self.history, reference.state)
         violations += self.command_times.violations
@@ -977,6 +1008,21 @@ class _Simulation:
         probe.start_next()
         self.loop.after(10, watch)
 
+    def _final_members(self) -> set[int]:
+        """The nodes that must converge: all of them, or, with membership changes, those
+        the furthest replica's configuration has under their current incarnation (a node
+        wiped and not yet added again is no member, and cannot catch up by design)."""
+        if not self.config.membership_changes:
+            return set(self.node_ids)
+        replicas = [node.replica for node in self.nodes.values() if node.replica is not None]
+        if not replicas:
+            return set(self.node_ids)
+        furthest = max(replicas, key=lambda replica: replica.chosen_through)
+        return {
+            node_id for node_id, node in self.nodes.items()
+            if furthest.membership.admits(node_id, node.data_incarnation)
+        }
+
     def _check_liveness(self) -> list[Violation]:
         violations = []
         if self.probe_done_ms is None:
@@ -985,9 +1031,11 @@ class _Simulation:
                 f"no write completed within {self.config.liveness_bound_ms} ms after faults "
                 "stopped",
             ))
+        members = self._final_members()
         applied = {node_id: node.applied_through for node_id, node in self.nodes.items()
-                   if node.up}
-        down = [node_id for node_id, node in self.nodes.items() if not node.up]
+                   if node.up and node_id in members}
+        down = [node_id for node_id, node in self.nodes.items()
+                if not node.up and node_id in members]
         if down or len(set(applied.values())) > 1:
             violations.append(Violation(
                 "liveness",

@@ -16,14 +16,16 @@ from typing import Any
 import pytest
 
 from consensus.driver import ApplyFailed
+from consensus.membership import UNBOUND, Member, Membership
 from consensus.messages import Message
 from vaultnode.commands import Command, CommandHeader, CreateSecret
 from vaultnode.events import EventLog
 from vaultnode.paxos_replicator import PaxosReplicator
-from vaultnode.replication import ReplicationStopped
+from vaultnode.replicator import ReplicationStopped
 from vaultnode.state import Outcome, VaultState
 
 NODES = (1, 2, 3)
+MEMBERSHIP = Membership(tuple(Member(n, UNBOUND, True) for n in NODES))
 
 
 class LoopbackTransport:
@@ -80,7 +82,8 @@ async def test_an_apply_error_stops_the_node_and_the_others_carry_on(tmp_path: P
     replicators: dict[int, PaxosReplicator] = {}
     for node_id in NODES:
         replicators[node_id] = PaxosReplicator(
-            node_id=node_id, node_ids=NODES, data_dir=tmp_path / f"n{node_id}",
+            node_id=node_id, membership=MEMBERSHIP, node_incarnation=0,
+            data_dir=tmp_path / f"n{node_id}",
             state=ExplodingState(),
             events=EventLog(node_id, io.StringIO()), on_fatal=fatal[node_id].append,
             segment_bytes_max=1 << 20, snapshot_every_slots=1_000_000,

@@ -37,6 +37,9 @@ class _Leader:
     def is_leader(self) -> bool:
         return True
 
+    def check_member(self) -> None:
+        return None  # a member: serves
+
     def status(self) -> ReplicaStatus:
         return ReplicaStatus("leader", 1, 1, 1)
 

@@ -316,3 +316,69 @@ def test_a_credential_config_names_its_credential() -> None:
     assert (config.root_key_source, config.root_key_credential) == (
         "systemd-credential", "vault-root-key"
     )
+
+
+def test_peers_carry_incarnations_and_voter_flags() -> None:
+    peers = [{**peer(n), "incarnation": 100 + n, "voter": n != 3} for n in (1, 2, 3)]
+    config = parse_config(valid_data(peers=peers, **_peer_tls()), BASE_DIR)
+    assert [(p.incarnation, p.voter) for p in config.peers] == [(101, True), (102, True),
+                                                                  (103, False)]
+    unbound = parse_config(valid_data(), BASE_DIR)
+    assert [(p.incarnation, p.voter) for p in unbound.peers] == [(0, True)]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"incarnation": 0}, "peers[0].incarnation: expected an integer in 1..2**62-1"),
+        ({"incarnation": 1 << 62}, "peers[0].incarnation: expected an integer in 1..2**62-1"),
+        ({"incarnation": "12"}, "peers[0].incarnation: expected an integer in 1..2**62-1"),
+        ({"voter": "yes"}, "peers[0].voter: expected true or false"),
+        ({"voter": False}, "peers: at least one peer must be a voter"),
+        ({"colour": 1}, "peers[0].colour: unknown key"),
+    ],
+)
+def test_bad_incarnations_and_voter_flags_are_refused(
+    change: dict[str, Any], expected: str
+) -> None:
+    assert config_error(valid_data(peers=[{**peer(1), **change}])).startswith(expected)
+
+
+def test_incarnations_are_given_for_every_peer_or_none() -> None:
+    peers = [{**peer(1), "incarnation": 5}, peer(2), peer(3)]
+    message = config_error(valid_data(peers=peers, **_peer_tls()))
+    assert message.startswith("peers: an incarnation is given for some peers and not others")
+
+
+def test_a_joining_node_takes_the_configuration_it_was_given_of_any_size() -> None:
+    peers = [{**peer(n), "incarnation": n} for n in (1, 2)]
+    joining = {**peer(4), "incarnation": 4, "voter": False, "auto_promote": True}
+    data = valid_data(
+        node_id=4, peers=[*peers, joining], join=True, join_config_slot=70, **_peer_tls()
+    )
+    config = parse_config(data, BASE_DIR)
+    assert (config.join, config.join_config_slot, config.clustered) == (True, 70, True)
+    assert [(p.voter, p.auto_promote) for p in config.peers] == [
+        (True, False), (True, False), (False, True)
+    ]
+    assert config_error(valid_data(join="yes")).startswith("join: expected true or false")
+    assert config_error(valid_data(join_config_slot=3)).startswith(
+        "join_config_slot: only with join = true"
+    )
+    assert config_error(valid_data(node_id=4, peers=peers)).startswith(
+        "peers: this node's id 4 is not among the peers"
+    )
+    without_itself = valid_data(node_id=4, join=True, peers=peers, **_peer_tls())
+    assert config_error(without_itself).startswith(
+        "peers: a joining node (join = true) needs the configuration"
+    )
+
+
+def test_promote_lag_is_a_limit_with_a_default() -> None:
+    assert parse_config(valid_data(), BASE_DIR).limits.promote_lag_slots_max == 1000
+    limits = {"promote_lag_slots_max": 50}
+    assert parse_config(valid_data(limits=limits), BASE_DIR).limits.promote_lag_slots_max == 50
+
+
+def _peer_tls() -> dict[str, str]:
+    return {"tls_ca_file": "ca.pem", "tls_cert_file": "node.pem", "tls_key_file": "node.key"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -23,6 +24,8 @@ from typing import Any
 import msgpack
 import pytest
 
+from consensus.codec import decode_record, encode_record
+from consensus.records import AcceptRecord, LearnRecord, Record
 from simulations.harness import Cluster, started_cluster, wait_for_leader
 from storage.log import HEADER, frame
 from storage.rootkey import generate_root_key
@@ -200,36 +203,40 @@ class LoggedCommand:
 
 
 class LogImage:
-    """A stopped node's log decoded down to command dicts; `write_back` re-frames every record.
+    """A stopped node's consensus log decoded down to command dicts (the values of its Accept
+    and Learn records); `write_back` re-encodes and re-frames every record.
 
     Re-framing computes a fresh CRC32 per record, so the log layer sees a healthy log and the
     only thing standing between an edit and a reader is the envelope encryption.
     """
 
     def __init__(self, log_dir: Path) -> None:
-        self._segments: list[tuple[Path, list[list[LoggedCommand]]]] = []
+        self._segments: list[tuple[Path, list[tuple[Record, list[LoggedCommand] | None]]]] = []
         for path in sorted(log_dir.glob("*.seg")):
             data = path.read_bytes()
-            entries = []
+            entries: list[tuple[Record, list[LoggedCommand] | None]] = []
             offset = 0
             while offset < len(data):
                 length, _ = HEADER.unpack_from(data, offset)
                 payload = data[offset + HEADER.size : offset + HEADER.size + length]
                 offset += HEADER.size + length
-                commands = []
-                for raw in msgpack.unpackb(payload, raw=False):
-                    wire = msgpack.unpackb(raw, raw=False)
-                    # Re-encoding must be the identity, or write_back would change more than
-                    # the edit under test.
-                    assert msgpack.packb(wire, use_bin_type=True) == raw
-                    commands.append(LoggedCommand(wire))
-                entries.append(commands)
+                record = decode_record(payload)
+                commands = None
+                if isinstance(record, AcceptRecord | LearnRecord):
+                    commands = []
+                    for raw in record.value:
+                        wire = msgpack.unpackb(raw, raw=False)
+                        # Re-encoding must be the identity, or write_back would change more
+                        # than the edit under test.
+                        assert msgpack.packb(wire, use_bin_type=True) == raw
+                        commands.append(LoggedCommand(wire))
+                entries.append((record, commands))
             self._segments.append((path, entries))
 
     def commands(self) -> Iterator[dict[str, Any]]:
         for _, entries in self._segments:
-            for commands in entries:
-                for command in commands:
+            for _, commands in entries:
+                for command in commands or ():
                     yield command.wire
 
     def sealed(self, name: str, version: int) -> dict[str, Any]:
@@ -251,16 +258,13 @@ class LogImage:
 
     def write_back(self) -> None:
         for path, entries in self._segments:
-            records = [
-                frame(
-                    msgpack.packb(
-                        [msgpack.packb(c.wire, use_bin_type=True) for c in commands],
-                        use_bin_type=True,
-                    )
-                )
-                for commands in entries
-            ]
-            path.write_bytes(b"".join(records))
+            framed = []
+            for record, commands in entries:
+                if commands is not None:
+                    value = tuple(msgpack.packb(c.wire, use_bin_type=True) for c in commands)
+                    record = dataclasses.replace(record, value=value)
+                framed.append(frame(encode_record(record)))
+            path.write_bytes(b"".join(framed))
 
 
 def flip_bit(data: bytes, byte_index: int, bit: int = 0) -> bytes:
@@ -374,7 +378,7 @@ def tampered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TamperedVault
                 assert reply.status_code == 200
         node = cluster.nodes[0]
         node.stop()
-        image = LogImage(node.data_dir / "log")
+        image = LogImage(node.data_dir / "paxos")
         for _, _, tamper in TAMPER_CASES.values():
             tamper(image)
         image.write_back()

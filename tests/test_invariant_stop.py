@@ -17,10 +17,10 @@ import pytest
 
 from consensus.errors import InvariantViolation
 from consensus.messages import Accept, Message
-from tests.test_apply_error import NODES, LoopbackTransport, create, wait_for
+from tests.test_apply_error import MEMBERSHIP, NODES, LoopbackTransport, create, wait_for
 from vaultnode.events import EventLog
 from vaultnode.paxos_replicator import PaxosReplicator
-from vaultnode.replication import ReplicationStopped
+from vaultnode.replicator import ReplicationStopped
 from vaultnode.state import VaultState
 
 
@@ -61,7 +61,8 @@ def start_replicators(
     transports: dict[int, CountingTransport] = {}
     for node_id in NODES:
         replicators[node_id] = PaxosReplicator(
-            node_id=node_id, node_ids=NODES, data_dir=data_dir / f"n{node_id}",
+            node_id=node_id, membership=MEMBERSHIP, node_incarnation=0,
+            data_dir=data_dir / f"n{node_id}",
             state=VaultState(),
             events=EventLog(node_id, io.StringIO()), on_fatal=fatal[node_id].append,
             segment_bytes_max=1 << 20, snapshot_every_slots=1_000_000, **options,

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from cli.main import main as cli_main
 from simulations.harness import Node, free_port_block
 from vaultnode.config import NodeConfig, load_config
+from vaultnode.identity import read_identity
 
 PRIVATE_MODE = 0o600
 
@@ -211,3 +213,58 @@ def test_a_port_already_taken_is_named_when_the_node_starts(tmp_path: Path, key:
     assert finished.returncode == 1
     assert f"vaultnode: cannot start: {key} {taken}: " in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def _peer_tables(config_path: Path) -> list[dict[str, object]]:
+    with open(config_path, "rb") as handle:
+        peers: list[dict[str, object]] = tomllib.load(handle)["peers"]
+    return peers
+
+
+def test_every_config_binds_every_nodes_incarnation_to_its_data_directory(tmp_path: Path) -> None:
+    out = tmp_path / "cluster"
+    finished = operator_init_in_process("--nodes", "3", "--out", str(out), "--base-port", "41600")
+    assert finished.returncode == 0, finished.stderr
+
+    on_disk = {i: read_identity(out / f"node{i}" / "data") for i in (1, 2, 3)}
+    assert all(incarnation is not None and incarnation > 0 for incarnation in on_disk.values())
+    assert len(set(on_disk.values())) == 3  # drawn per data directory
+    for i in (1, 2, 3):
+        assert mode_of(out / f"node{i}" / "data") == 0o700
+        bound = {p["id"]: p["incarnation"] for p in _peer_tables(out / f"node{i}.toml")}
+        assert bound == on_disk, f"node{i}.toml"
+        assert load_config(out / f"node{i}.toml").data_dir == out / f"node{i}" / "data"
+
+
+def test_one_node_is_written_like_a_cluster_so_that_it_can_grow(tmp_path: Path) -> None:
+    out = tmp_path / "cluster"
+    finished = operator_init_in_process("--out", str(out), "--base-port", "41700")
+    assert finished.returncode == 0, finished.stderr
+
+    (config,) = configs_of(out, 1)
+    (peer,) = _peer_tables(out / "node1.toml")
+    assert peer["incarnation"] == read_identity(out / "node1" / "data")
+    assert str(config.peer_listen) == "127.0.0.1:41701" == peer["peer_addr"]
+    assert config.tls_ca_file == out / "node1" / "ca.pem"
+    assert config.tls_cert_file is not None and config.tls_cert_file.is_file()
+    assert config.tls_key_file is not None and mode_of(config.tls_key_file) == PRIVATE_MODE
+    # The CA key issues the certificates of nodes added later: it stays in the init directory.
+    assert mode_of(out / "ca.key") == PRIVATE_MODE
+    assert sorted(p.name for p in (out / "node1").iterdir()) == [
+        "ca.pem", "data", "node.key", "node.pem", "root.key"
+    ]
+
+
+def test_a_data_dir_for_vms_is_still_created_here_with_its_identity(tmp_path: Path) -> None:
+    out = tmp_path / "cluster"
+    finished = operator_init_in_process(
+        "--nodes", "3", "--out", str(out), "--base-port", "41800",
+        "--hosts", "10.0.0.11,10.0.0.12,10.0.0.13", "--data-dir", "/var/lib/vault/data",
+    )
+    assert finished.returncode == 0, finished.stderr
+    for i in (1, 2, 3):
+        assert load_config(out / f"node{i}.toml").data_dir == Path("/var/lib/vault/data")
+        incarnation = read_identity(out / f"node{i}" / "data")
+        assert {p["id"]: p["incarnation"] for p in _peer_tables(out / "node1.toml")}[i] == (
+            incarnation
+        )

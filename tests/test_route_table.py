@@ -28,6 +28,9 @@ class _FollowerReplicator:
     def is_leader(self) -> bool:
         return False
 
+    def check_member(self) -> None:
+        return None  # a member: serves
+
     def status(self) -> ReplicaStatus:
         return ReplicaStatus("follower", 2, 0, 0)
 

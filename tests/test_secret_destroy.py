@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from consensus.codec import decode_stored_snapshot
 from simulations.harness import Cluster, Node, started_cluster, wait_for_leader, wait_until
 from storage.crypto_errors import CryptoError
 from storage.disk import RealDisk
@@ -54,7 +55,8 @@ def openable_values(node: Node) -> list[bytes]:
     config = load_config(node.config_path)
     snapshot = load_latest_snapshot(RealDisk(), str(node.data_dir / "snapshots"))
     assert snapshot is not None, f"node {node.node_id} has no snapshot"
-    sealer = Sealer(load_root_key_file(config.root_key_file), VaultState.restore(snapshot.payload))
+    state_image, _ = decode_stored_snapshot(snapshot.payload)  # the image and the configs
+    sealer = Sealer(load_root_key_file(config.root_key_file), VaultState.restore(state_image))
     values = []
     for path in files_under(node.data_dir):
         try:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from consensus.membership import UNBOUND, Member, Membership
 from consensus.replica import Role
 from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
 from vaultnode.events import EventLog
@@ -135,7 +136,8 @@ def test_a_leader_cut_off_from_its_quorum_refuses_stale_reads_after_the_bound(
 def _replicator(tmp_path: Path, node_ids: tuple[int, ...], role: Role, leader: int | None) -> Any:
     replicator = PaxosReplicator(
         node_id=1,
-        node_ids=node_ids,
+        membership=Membership(tuple(Member(n, UNBOUND, True) for n in node_ids)),
+        node_incarnation=0,
         data_dir=tmp_path,
         state=VaultState(),
         events=EventLog(1, io.StringIO()),

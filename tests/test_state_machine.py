@@ -1,24 +1,23 @@
 """Unit tests of the vault state machine (no process, no clock): determinism of `apply`,
 snapshot/restore round trips, strictly increasing valid_from whatever the proposers' clocks say,
-create-once and version conflicts leaving the state untouched, and log replay through
-`LocalReplicator.replay` rebuilding exactly the state that live application built.
+create-once and version conflicts leaving the state untouched, and log replay through a
+one-member `PaxosReplicator` rebuilding exactly the state that live application built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import itertools
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.disk import Disk, RealDisk, SimDisk
-from storage.log import SegmentedLog
+from consensus.membership import Member, Membership
 from vaultnode.commands import (
     Command,
     CommandHeader,
@@ -29,7 +28,9 @@ from vaultnode.commands import (
     RevokeToken,
     UpdateSecret,
 )
-from vaultnode.replication import LocalReplicator
+from vaultnode.events import EventLog
+from vaultnode.identity import create_identity
+from vaultnode.paxos_replicator import PaxosReplicator
 from vaultnode.state import VaultState
 
 ROOT = "acc_root"
@@ -227,53 +228,64 @@ def test_any_write_sequence_keeps_intervals_ordered_contiguous_and_lookups_exact
         assert secret.valid_to_us(len(secret.versions) - 1) is None
 
 
-def _open_log(disk: Disk, directory: str) -> SegmentedLog:
-    log, _ = SegmentedLog.open(disk, directory, segment_size_bytes_max=4096)
-    return log
-
-
 def _fail(exc: BaseException) -> None:
     raise AssertionError(f"the replicator failed: {exc!r}")
 
 
-@pytest.mark.parametrize("disk_kind", ["sim", "real"])
-def test_replaying_the_log_rebuilds_the_state_live_application_built(
-    disk_kind: str, tmp_path: Path
-) -> None:
-    disk: Disk = SimDisk() if disk_kind == "sim" else RealDisk()
-    directory = "/vault/log" if disk_kind == "sim" else str(tmp_path / "log")
+def _one_member_replicator(data_dir: Path, incarnation: int, state: VaultState) -> PaxosReplicator:
+    return PaxosReplicator(
+        node_id=1, membership=Membership((Member(1, incarnation, True),)),
+        node_incarnation=incarnation, data_dir=data_dir, state=state,
+        events=EventLog(1, io.StringIO()), on_fatal=_fail, segment_bytes_max=4096,
+        snapshot_every_slots=1_000_000,
+    )
+
+
+def test_replaying_the_log_rebuilds_the_state_live_application_built(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    incarnation = create_identity(data_dir)
     commands = script() + [update("app/db", (40 + n) * SECOND_US) for n in range(300)]
 
-    async def live() -> tuple[VaultState, list[Any], int]:
+    async def live() -> tuple[VaultState, list[Any], list[str]]:
         state = VaultState()
-        replicator = LocalReplicator(_open_log(disk, directory), state, 1, _fail)
-        replicator.start()
+        replicator = _one_member_replicator(data_dir, incarnation, state)
+        replicator.replay()
+        replicator.start(None)
         outcomes = [(await replicator.submit(commands[0])).to_wire()]
         for start in range(1, len(commands), GROUP_SIZE):
-            # Submitted together, so group commit puts them in one entry (one fsync).
+            # Submitted together, so they are proposed together: one slot (one fsync).
             group = commands[start : start + GROUP_SIZE]
             together = await asyncio.gather(*(replicator.submit(c) for c in group))
             outcomes += [outcome.to_wire() for outcome in together]
-        fsyncs = replicator.fsync_count
+        segments = replicator.log_paths()
         await replicator.stop()
-        return state, outcomes, fsyncs
+        return state, outcomes, segments
 
-    live_state, live_outcomes, fsyncs = asyncio.run(live())
-    assert fsyncs == 1 + -(-(len(commands) - 1) // GROUP_SIZE), "one fsync per submitted group"
+    async def replayed(applied_index: int) -> VaultState:
+        state = VaultState()
+        replicator = _one_member_replicator(data_dir, incarnation, state)
+        replicator.replay()
+        replicator.start(None)  # the chosen slots are applied as the driver hands them out
+        for _ in range(1000):
+            if state.applied_index >= applied_index:
+                break
+            await asyncio.sleep(0.01)
+        await replicator.stop()
+        return state
+
+    live_state, live_outcomes, segments = asyncio.run(live())
     assert [wire[0] for wire in live_outcomes[: len(script())]] == [
         wire[0] for wire in apply_all(VaultState(), script())
     ]
-
-    replayed_state = VaultState()
-    log = _open_log(disk, directory)
-    assert len(log.segment_paths) > 1, "the small segment size should have rolled the log"
-    entries = LocalReplicator(log, replayed_state, 1, _fail).replay()
-    log.close()
-    assert entries == fsyncs
+    assert len(segments) > 1, "the small segment size should have rolled the log"
+    replayed_state = asyncio.run(replayed(live_state.applied_index))
     assert replayed_state.snapshot() == live_state.snapshot()
     versions = replayed_state.secrets["app/db"].versions
     assert len(versions) == 3 + 300
-    # Group commit: many versions of one secret share an entry's index, yet stay ordered in time.
+    # Commands proposed together share a slot, so many versions of one secret share an index,
+    # yet stay ordered in time.
     assert len({v.index for v in versions}) < len(versions)
+    starts = [v.valid_from_us for v in versions]
+    assert starts == sorted(set(starts))
     starts = [v.valid_from_us for v in versions]
     assert starts == sorted(set(starts))

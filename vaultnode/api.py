@@ -40,13 +40,16 @@ from vaultnode.handlers.system import SystemRoutes
 from vaultnode.handlers.tokens import TokenRoutes
 from vaultnode.http_server import Request, Response, error_response
 from vaultnode.kv2 import Kv2Api
+from vaultnode.membership_routes import LeaderForwarding, MembershipRoutes
 from vaultnode.metrics import NodeMetrics
 from vaultnode.names import InvalidInput, check_name, single_value
 from vaultnode.native_deletion import DeletionRoutes
+from vaultnode.paxos_replicator import PaxosReplicator
 from vaultnode.policy_routes import PolicyRoutes
 from vaultnode.replicator import (
     ClockOutOfBounds,
     CommandTooLarge,
+    NodeNotMember,
     NotLeader,
     OutcomeUnknown,
     Overloaded,
@@ -113,6 +116,7 @@ class VaultApi:
         on_seal: Callable[[], None] | None = None,
         root_key_handout: Callable[[bytes], dict[str, Any]] | None = None,
         cluster_view: Callable[[VaultApi], Any] | None = None,
+        leader_forwarding: LeaderForwarding | None = None,
     ) -> None:
         self.node_id = node_id
         self.state = state
@@ -144,6 +148,9 @@ class VaultApi:
             *PolicyRoutes(self, compat).routes(),
             *Kv2Api(self, kv_v2_mount).routes(),
         ]
+        if isinstance(replicator, PaxosReplicator):
+            members = MembershipRoutes(self, replicator, cluster_id, leader_forwarding)
+            self.routes[1:1] = members.routes()
         self._vault_paths = vault_paths(kv_v2_mount)
 
     # ---- dispatch ---------------------------------------------------------------------
@@ -173,6 +180,9 @@ class VaultApi:
         except CommandTooLarge as exc:  # never ordered, and a retry fails the same way
             self._log_failure(call, "request.failed", 413, "command_too_large")
             response = error_response(413, "command_too_large", str(exc))
+        except NodeNotMember as exc:
+            self._log_failure(call, "request.failed", 503, exc.code)
+            response = error_response(503, exc.code, str(exc))
         except NotLeader:
             self._log_failure(call, "request.failed", 503, "unavailable")
             response = error_response(
@@ -276,6 +286,7 @@ class VaultApi:
         """Apply the route's consistency rule before its handler reads this node's state."""
         if spec.consistency is Consistency.LOCAL:
             return
+        self.replicator.check_member()  # a removed or superseded node serves no one
         request = call.request
         if request.method == "GET" and request.query.get("consistency") == ["stale"]:
             self._check_staleness(call)

@@ -53,14 +53,18 @@ def leader_commit_index(views: list[dict[str, Any]]) -> int | None:
 
 class ClusterView:
     def __init__(
-        self, config: NodeConfig, own_health: Callable[[], tuple[bool, dict[str, Any]]]
+        self,
+        config: NodeConfig,
+        own_health: Callable[[], tuple[bool, dict[str, Any]]],
+        members: Callable[[], list[tuple[int, str]]] | None = None,
     ) -> None:
+        """`members`: (node id, API address) of every member of the replicated configuration
+        (members added later are in no config file); None: the config's `[[peers]]`."""
         self._own_health = own_health
-        self._peers = [
-            (peer.node_id, f"{config.http_scheme}://{peer.http_addr}")
-            for peer in config.peers
-            if peer.node_id != config.node_id
-        ]
+        self._node_id = config.node_id
+        self._scheme = config.http_scheme
+        static = [(peer.node_id, str(peer.http_addr)) for peer in config.peers]
+        self._members = members if members is not None else lambda: static
         verify: bool | ssl.SSLContext = False
         if config.http_scheme == "https" and config.tls_ca_file is not None:
             verify = ssl.create_default_context(cafile=str(config.tls_ca_file))
@@ -93,7 +97,11 @@ class ClusterView:
         self.observe_leader(own.get("leader_id"))
         async with httpx.AsyncClient(timeout=PEER_TIMEOUT_S, verify=self._verify) as client:
             peers = await asyncio.gather(
-                *(self._peer_health(client, node_id, url) for node_id, url in self._peers)
+                *(
+                    self._peer_health(client, node_id, f"{self._scheme}://{address}")
+                    for node_id, address in self._members()
+                    if node_id != self._node_id
+                )
             )
         views = [{key: own.get(key) for key in _HEALTH_FIELDS}, *peers]
         views.sort(key=lambda view: view["node_id"])

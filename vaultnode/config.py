@@ -28,9 +28,18 @@ class Address:
 
 @dataclass(frozen=True)
 class PeerConfig:
+    """One member of the cluster's initial configuration (`[[peers]]`)."""
+
     node_id: int
     peer_addr: Address
     http_addr: Address
+    # The incarnation of the member's data directory (vaultnode/identity.py); 0: unbound (a
+    # config from before incarnations: any incarnation of this id is taken, docs/membership.md).
+    incarnation: int = 0
+    voter: bool = True
+    # A learner the leader promotes once caught up (`POST /v1/sys/members` "promote"): part of
+    # the replicated configuration, so a joining node's [[peers]] must carry it exactly.
+    auto_promote: bool = False
 
 
 # Below this, a log record or peer frame leaves too little room for a slot's commands beside the
@@ -77,6 +86,9 @@ class Limits:
     http_tls_handshake_timeout_ms: int = 10_000
     http_connections_max: int = 4096  # keep below the unit's LimitNOFILE (8192)
     http_connections_per_client_max: int = 256
+    # Membership (docs/membership.md): the leader promotes a learner added with `promote: true`
+    # once its match index is within this many slots of the leader's chosen watermark.
+    promote_lag_slots_max: int = 1000
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,11 @@ class NodeConfig:
     unseal_threshold: int = 0  # shamir: shares needed
     unseal_shares: int = 0  # shamir: shares handed out
     unseal_progress_timeout_s: int = 600  # shamir: submitted shares are forgotten after this
+    # A node added to a running cluster (`vault operator add-node`): its `[[peers]]` is the
+    # configuration the cluster chose at slot `join_config_slot` (the answer of POST
+    # /v1/sys/members: `join.peers`, every field, and `join.config_slot`), not the initial one.
+    join: bool = False
+    join_config_slot: int = 0
 
     @property
     def http_scheme(self) -> str:
@@ -118,7 +135,17 @@ class NodeConfig:
 
     @property
     def clustered(self) -> bool:
-        return len(self.peers) > 1
+        """Whether peers take part from the start: peer TLS is then required."""
+        return len(self.peers) > 1 or self.join
+
+    @property
+    def peer_tls(self) -> bool:
+        """Whether this node runs the peer transport: with `[[peers]]` and peer TLS (a
+        one-node cluster from `vault operator init` has both, so it can grow); a config
+        without them is a group of one that sends nothing."""
+        return bool(self.peers) and None not in (
+            self.tls_ca_file, self.tls_cert_file, self.tls_key_file
+        )
 
     @property
     def audit_path(self) -> Path:
@@ -193,7 +220,56 @@ KNOWN_KEYS = frozenset({
     "tls_ca_file", "tls_cert_file", "tls_key_file", "http_plaintext", "http_tls_cert_file",
     "http_tls_key_file", "kv_v2_mount", "root_key_source", "root_key_credential",
     "root_key_check_value", "unseal_threshold", "unseal_shares", "unseal_progress_timeout_s",
+    "join", "join_config_slot",
 })
+
+INCARNATION_LIMIT = 1 << 62  # incarnations are non-zero 62-bit numbers (vaultnode/identity.py)
+
+
+def _parse_peer(raw: dict[str, Any], where: str) -> PeerConfig:
+    incarnation = raw.get("incarnation", 0)
+    if "incarnation" in raw and (
+        isinstance(incarnation, bool)
+        or not isinstance(incarnation, int)
+        or not 0 < incarnation < INCARNATION_LIMIT
+    ):
+        raise ConfigError(
+            f"{where}incarnation: expected an integer in 1..2**62-1 (the member's data "
+            f"directory's), got {incarnation!r}"
+        )
+    voter = raw.get("voter", True)
+    if not isinstance(voter, bool):
+        raise ConfigError(f"{where}voter: expected true or false, got {voter!r}")
+    auto_promote = raw.get("auto_promote", False)
+    if not isinstance(auto_promote, bool):
+        raise ConfigError(f"{where}auto_promote: expected true or false, got {auto_promote!r}")
+    unknown = sorted(
+        set(raw) - {"id", "peer_addr", "http_addr", "incarnation", "voter", "auto_promote"}
+    )
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key")
+    return PeerConfig(
+        node_id=_require(raw, "id", int, where),
+        peer_addr=parse_address(where + "peer_addr", _require(raw, "peer_addr", str, where)),
+        http_addr=parse_address(where + "http_addr", _require(raw, "http_addr", str, where)),
+        incarnation=incarnation,
+        voter=voter,
+        auto_promote=auto_promote,
+    )
+
+
+def _parse_join(data: dict[str, Any]) -> tuple[bool, int]:
+    join = data.get("join", False)
+    if not isinstance(join, bool):
+        raise ConfigError(f"join: expected true or false, got {join!r}")
+    if not join:
+        if "join_config_slot" in data:
+            raise ConfigError("join_config_slot: only with join = true")
+        return False, 0
+    slot = data.get("join_config_slot", 0)
+    if isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
+        raise ConfigError(f"join_config_slot: expected a non-negative integer, got {slot!r}")
+    return True, slot
 
 
 def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
@@ -210,29 +286,11 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         raise ConfigError("peers: expected an array of tables ([[peers]])")
     peers = []
     for position, raw in enumerate(raw_peers):
-        where = f"peers[{position}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"peers[{position}]: expected a table")
-        peers.append(
-            PeerConfig(
-                node_id=_require(raw, "id", int, where),
-                peer_addr=parse_address(
-                    where + "peer_addr", _require(raw, "peer_addr", str, where)
-                ),
-                http_addr=parse_address(
-                    where + "http_addr", _require(raw, "http_addr", str, where)
-                ),
-            )
-        )
-    ids = [p.node_id for p in peers]
-    if any(peer_id <= 0 for peer_id in ids):
-        raise ConfigError("peers: every id must be a positive integer")
-    if len(set(ids)) != len(ids):
-        raise ConfigError("peers: two peers share an id")
-    if peers and node_id not in ids:
-        raise ConfigError(f"peers: this node's id {node_id} is not among the peers")
-    if len(peers) not in (0, 1, 3, 5):
-        raise ConfigError(f"peers: a cluster has 1, 3 or 5 nodes, not {len(peers)}")
+        peers.append(_parse_peer(raw, f"peers[{position}]."))
+    join, join_config_slot = _parse_join(data)
+    _check_peers(peers, node_id, join)
 
     def path_of(key: str) -> Path:
         path = Path(_require(data, key, str))
@@ -248,14 +306,45 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         root_token_sha256=token_hash,
         root_accessor=_require(data, "root_accessor", str),
         peers=tuple(peers),
+        join=join,
+        join_config_slot=join_config_slot,
         limits=_parse_limits(data.get("limits")),
         log_level=_require(data, "log_level", str) if "log_level" in data else "info",
         audit_file=path_of("audit_file") if "audit_file" in data else None,
-        **_tls_paths(data, path_of, len(peers) > 1),
+        **_tls_paths(data, path_of, len(peers) > 1 or join),
         **_http_tls(data, path_of),
         kv_v2_mount=_kv_v2_mount(data),
         **_root_key_source(data),
     )
+
+
+def _check_peers(peers: list[PeerConfig], node_id: int, join: bool) -> None:
+    ids = [p.node_id for p in peers]
+    if any(peer_id <= 0 for peer_id in ids):
+        raise ConfigError("peers: every id must be a positive integer")
+    if len(set(ids)) != len(ids):
+        raise ConfigError("peers: two peers share an id")
+    bound = [p.incarnation != 0 for p in peers]
+    if any(bound) and not all(bound):
+        raise ConfigError(
+            "peers: an incarnation is given for some peers and not others: every member of "
+            "the initial configuration is bound (vault operator init writes them all) or none"
+        )
+    if peers and not any(p.voter for p in peers):
+        raise ConfigError("peers: at least one peer must be a voter")
+    if join:
+        # The configuration the cluster answered when it added this node (`join.peers`),
+        # exactly: any size, this node included.
+        if node_id not in ids:
+            raise ConfigError(
+                f"peers: a joining node (join = true) needs the configuration the cluster "
+                f"answered when it was added (join.peers), which names it (id {node_id})"
+            )
+        return
+    if peers and node_id not in ids:
+        raise ConfigError(f"peers: this node's id {node_id} is not among the peers")
+    if len(peers) not in (0, 1, 3, 5):
+        raise ConfigError(f"peers: a cluster has 1, 3 or 5 nodes, not {len(peers)}")
 
 
 # Mount names that would shadow the native API's own paths.

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from consensus.errors import LocalProtocolError
+from consensus.membership import Member, Membership
 from consensus.transport import PeerEndpoint, PeerTransport
 from storage.crypto_errors import RootKeyError, WrongRootKeyError
 from storage.errors import StorageError
@@ -38,9 +40,10 @@ from vaultnode.commands import CommandHeader, InitVault
 from vaultnode.config import NodeConfig
 from vaultnode.events import EventLog
 from vaultnode.http_server import HttpServer, server_tls_context
+from vaultnode.identity import IdentityError, ensure_identity, read_identity
+from vaultnode.membership_routes import LeaderForwarding
 from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics, files_size_bytes
 from vaultnode.paxos_replicator import PaxosReplicator
-from vaultnode.replication import LocalReplicator
 from vaultnode.replicator import NotLeader, OutcomeUnknown, ReplicationStopped
 from vaultnode.sealing import Sealer
 from vaultnode.state import StateLimits, VaultState
@@ -69,6 +72,55 @@ async def _freeze_long_lived_objects() -> None:
 
 class StartupError(Exception):
     """The node cannot start; the message says why and what to do."""
+
+
+# Where vaultnode kept a one-node vault's log before a one-node vault became a one-member
+# Paxos group (its log is now `paxos/`, like every node's).
+OLD_SINGLE_NODE_LOG_DIR = "log"
+PAXOS_LOG_DIR = "paxos"
+
+
+def node_identity(data_dir: Path) -> int:
+    """This data directory's incarnation, created with a new directory (vaultnode/identity.py).
+
+    Refuses a directory in the old single-node format, and one whose consensus log exists
+    without an identity file (a directory from before incarnations, or one whose identity
+    file was lost: a new incarnation for an old log would hide exactly the amnesia it exists
+    to expose)."""
+    if (data_dir / OLD_SINGLE_NODE_LOG_DIR).is_dir():
+        raise StartupError(
+            f"{data_dir} holds a one-node vault in the old single-node format "
+            f"({data_dir / OLD_SINGLE_NODE_LOG_DIR}); this vaultnode runs every vault, one "
+            "node included, as a Paxos group. Migrate: with the old vaultnode running, take a "
+            "snapshot (vault operator snapshot save), then restore it into a new data "
+            "directory with this version (vault operator snapshot restore); docs/storage.md"
+        )
+    try:
+        existing = read_identity(data_dir)
+        log_dir = data_dir / PAXOS_LOG_DIR
+        if existing is None and log_dir.is_dir() and any(log_dir.iterdir()):
+            raise StartupError(
+                f"{data_dir} has a consensus log but no identity file "
+                f"({data_dir / 'incarnation'}): it was created before incarnations, or the "
+                "file was lost. It cannot take part under a new identity: restore the vault "
+                "from a snapshot (vault operator snapshot save / restore), or remove this "
+                "node and add it again with an empty data directory"
+            )
+        return ensure_identity(data_dir)
+    except IdentityError as exc:
+        raise StartupError(f"identity: {exc}") from exc
+
+
+def initial_membership(config: NodeConfig) -> Membership:
+    """The configuration `[[peers]]` describes (a config without peers: this node alone,
+    unbound), with each member's addresses as the replicated configuration keeps them."""
+    if not config.peers:  # no peer transport (see NodeConfig.peer_tls): no peer address
+        return Membership((Member(config.node_id, 0, True, b"", str(config.http_listen).encode()),))
+    return Membership(tuple(
+        Member(p.node_id, p.incarnation, p.voter, str(p.peer_addr).encode(),
+               str(p.http_addr).encode(), p.auto_promote)
+        for p in config.peers
+    ))
 
 
 def lock_data_dir(data_dir: Path) -> IO[bytes]:
@@ -111,11 +163,13 @@ class VaultNode:
         self._stop = asyncio.Event()
         self._exit_code = 0
         self._serving_http = False
+        self.incarnation = 0  # this data directory's, read (or drawn) at the start of run()
 
     async def run(self) -> int:
         config = self.config
         http_ssl = self._http_tls_context()  # a certificate problem is reported before any file
         lock = lock_data_dir(config.data_dir)
+        self.incarnation = node_identity(config.data_dir)  # before anything is sent
         root_key = self._load_root_key()  # None: the node starts sealed and waits for shares
         gate = SealGate(config)
         server = HttpServer(Console(gate.handle).handle, limits=config.limits)
@@ -218,6 +272,8 @@ class VaultNode:
             replayed = replicator.replay()
         except StorageError as exc:
             raise StartupError(f"the log cannot be opened: {exc}") from exc
+        except LocalProtocolError as exc:  # e.g. the log's identity is not the directory's
+            raise StartupError(f"the consensus log does not match this node: {exc}") from exc
         gc.collect()
         gc.freeze()
         if root_key is None:
@@ -266,22 +322,20 @@ class VaultNode:
             self._consensus_gauges(replicator),
         )
         replicator.on_fsync = metrics.observe_fsync
-        if isinstance(replicator, PaxosReplicator):
-            transport = self._make_transport(replicator)
-            replicator.start(transport)
+        transport = self._make_transport(replicator) if config.peer_tls else None
+        replicator.start(transport)
+        if transport is not None:
             try:
                 await transport.start()
             except OSError as exc:
                 raise StartupError(
                     f"peer_listen {config.peer_listen}: {exc.strerror or exc}"
                 ) from exc
-            bootstrap = asyncio.get_running_loop().create_task(
-                self._bootstrap_when_leader(replicator, sealer, state)
-            )
-        else:
-            replicator.start()
-            if not state.initialized:
-                await self._bootstrap(replicator, sealer)
+        bootstrap = asyncio.get_running_loop().create_task(
+            self._bootstrap_when_leader(replicator, sealer, state)
+        )
+        if not state.initialized and replicator.sole_voter():
+            await bootstrap  # a vault of one serves only once it exists
         api = VaultApi(
             node_id=config.node_id,
             state=state,
@@ -296,7 +350,13 @@ class VaultNode:
             clock_us=replicator.clock_us,
             on_seal=gate.request_seal if config.root_key_source == "shamir" else None,
             root_key_handout=lambda new_key: root_key_handout(config, new_key),
-            cluster_view=lambda api: ClusterView(config, api.health),
+            cluster_view=lambda api: ClusterView(
+                config, api.health, members=lambda: [
+                    (m.node_id, m.api_addr.decode("utf-8", errors="replace"))
+                    for m in replicator.replica.membership.members
+                ],
+            ),
+            leader_forwarding=self._leader_forwarding(),
         )
         audit.start()
         server.observe_connections_with(metrics)
@@ -328,9 +388,8 @@ class VaultNode:
         else:
             sd_notify("STOPPING=1")
             await server.stop(config.limits.shutdown_deadline_s)
-        if isinstance(replicator, PaxosReplicator):
-            bootstrap.cancel()
-            assert replicator.transport is not None
+        bootstrap.cancel()
+        if replicator.transport is not None:
             await replicator.transport.stop()
         await replicator.stop()
         try:
@@ -393,34 +452,27 @@ class VaultNode:
                 "install the new one and start again"
             ))
 
-    def _make_replicator(self, state: VaultState) -> LocalReplicator | PaxosReplicator:
+    def _make_replicator(self, state: VaultState) -> PaxosReplicator:
         config = self.config
-        if config.clustered:
-            return PaxosReplicator(
-                node_id=config.node_id,
-                node_ids=tuple(sorted(p.node_id for p in config.peers)),
-                data_dir=config.data_dir,
-                state=state,
-                events=self.events,
-                on_fatal=self._fatal,
-                segment_bytes_max=config.limits.segment_bytes_max,
-                snapshot_every_slots=config.limits.snapshot_every_slots,
-                max_clock_offset_ms=config.limits.max_clock_offset_ms,
-                record_bytes_max=config.limits.log_record_bytes_max,
-                frame_bytes_max=config.limits.peer_frame_bytes_max,
-            )
-        return LocalReplicator.open(
-            config.data_dir / "log", state, config.node_id, self._fatal, self.events,
+        return PaxosReplicator(
+            node_id=config.node_id,
+            membership=initial_membership(config),
+            node_incarnation=self.incarnation,
+            data_dir=config.data_dir,
+            state=state,
+            events=self.events,
+            on_fatal=self._fatal,
             segment_bytes_max=config.limits.segment_bytes_max,
+            snapshot_every_slots=config.limits.snapshot_every_slots,
+            max_clock_offset_ms=config.limits.max_clock_offset_ms,
+            record_bytes_max=config.limits.log_record_bytes_max,
+            frame_bytes_max=config.limits.peer_frame_bytes_max,
+            join_config_slot=config.join_config_slot if config.join else 0,
+            promote_lag_slots_max=config.limits.promote_lag_slots_max,
         )
 
     @staticmethod
-    def _consensus_gauges(
-        replicator: LocalReplicator | PaxosReplicator,
-    ) -> ConsensusGauges | None:
-        if not isinstance(replicator, PaxosReplicator):
-            return None
-        paxos = replicator  # narrowed once, for the lambdas
+    def _consensus_gauges(paxos: PaxosReplicator) -> ConsensusGauges:
 
         def ballot() -> tuple[int, int]:
             promised = paxos.replica.promised
@@ -438,6 +490,13 @@ class VaultNode:
             clock_offset_us=lambda: paxos.clock_status.offset_us,
             clock_within_bounds=lambda: paxos.clock_status.within_bounds,
         )
+
+    def _leader_forwarding(self) -> LeaderForwarding:
+        config = self.config
+        verify: bool | ssl.SSLContext = False
+        if config.http_scheme == "https" and config.tls_ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(config.tls_ca_file))
+        return LeaderForwarding(config.http_scheme, verify)
 
     def _http_tls_context(self) -> ssl.SSLContext | None:
         config = self.config
@@ -464,21 +523,24 @@ class VaultNode:
             )
         except (OSError, ssl.SSLError) as exc:
             raise StartupError(f"peer TLS: {exc}") from exc
-        return PeerTransport(
+        transport = PeerTransport(
             node_id=config.node_id,
             cluster_id=config.cluster_id,
             listen_host=config.peer_listen.host,
             listen_port=config.peer_listen.port,
-            peers=[
-                PeerEndpoint(p.node_id, p.peer_addr.host, p.peer_addr.port) for p in config.peers
-            ],
+            peers=_endpoints(replicator.peer_addresses()),
             on_message=replicator.on_message,
             on_event=self.events.emit,
             on_clock_reading=replicator.on_clock_reading,
             server_ssl=server_ssl,
             client_ssl=client_ssl,
             frame_size_bytes_max=config.limits.peer_frame_bytes_max,
+            # Any node a configuration this one follows names (the certificate must be that
+            # node's); the core refuses a removed member's or a superseded incarnation's.
+            accepts_peer=lambda peer_id: peer_id in replicator.replica.peer_ids,
         )
+        replicator.on_peers_changed = lambda peers: transport.set_peers(_endpoints(peers))
+        return transport
 
     async def _bootstrap_when_leader(
         self, replicator: PaxosReplicator, sealer: Sealer, state: VaultState
@@ -495,9 +557,7 @@ class VaultNode:
         except StartupError as exc:
             self._fatal(exc)
 
-    async def _bootstrap(
-        self, replicator: LocalReplicator | PaxosReplicator, sealer: Sealer
-    ) -> None:
+    async def _bootstrap(self, replicator: PaxosReplicator, sealer: Sealer) -> None:
         now_us = time.time_ns() // 1000  # the proposer's clock, like every other command
         command = InitVault(
             CommandHeader("bootstrap", "", now_us),
@@ -515,3 +575,15 @@ class VaultNode:
         self.events.emit("node.fatal", error=type(exc).__name__, detail=str(exc))
         self._exit_code = 1
         self._stop.set()
+
+
+def _endpoints(addresses: dict[int, bytes]) -> list[PeerEndpoint]:
+    """Transport endpoints for peer addresses as the configuration keeps them (`host:port`);
+    one that does not parse is left out (the configuration came through the API, which checks
+    addresses, or from the node's config file)."""
+    endpoints = []
+    for peer_id, raw in sorted(addresses.items()):
+        host, _, port = raw.decode("utf-8", errors="replace").rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            endpoints.append(PeerEndpoint(peer_id, host, int(port)))
+    return endpoints

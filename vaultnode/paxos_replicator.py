@@ -27,14 +27,15 @@ from typing import Any
 import msgpack
 
 from consensus import clock_offsets
-from consensus.clock_offsets import ClockOffsets
-from consensus.codec import decode_record
-from consensus.config import ENVELOPE_BYTES, ClusterConfig, encoded_command_bytes
+from consensus.clock_offsets import ClockOffsets, ClockVoters
+from consensus.codec import decode_record, decode_stored_snapshot, encode_stored_snapshot
+from consensus.config import ENVELOPE_BYTES, encoded_command_bytes
 from consensus.config import Limits as ConsensusLimits
 from consensus.driver import ReadyDriver
+from consensus.membership import ConfigEntry, Membership, MembershipChangeRefused, promoted
 from consensus.messages import Forward, ForwardRefused, Message
-from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
-from consensus.records import recover
+from consensus.ready import ChosenSlot, DropReason, Ready, RefusedMessage, Snapshot
+from consensus.records import MembershipRecord, recover
 from consensus.replica import Replica, Role
 from consensus.transport import FRAME_SIZE_BYTES_MAX_DEFAULT, PeerTransport
 from storage.disk import RealDisk
@@ -48,10 +49,12 @@ from vaultnode.commands import (
     encode_command,
 )
 from vaultnode.events import EventLog
+from vaultnode.identity import format_incarnation
 from vaultnode.replicator import (
     ClockHealth,
     ClockOutOfBounds,
     CommandTooLarge,
+    NodeNotMember,
     NotLeader,
     OutcomeUnknown,
     Overloaded,
@@ -115,6 +118,14 @@ MAX_CLOCK_OFFSET_MS_DEFAULT = 500
 # Test-only fault hook: when this variable names a file that exists, every fsync first sleeps
 # for the number of seconds the file holds (a slow disk, switchable while the node runs).
 FSYNC_STALL_ENV = "VAULT_TEST_FSYNC_STALL_FILE"
+# A refused peer message (`Ready.refused`: a removed member, a superseded incarnation) is logged
+# the first time, then at most once per this interval per (sender, incarnation, kind, reason),
+# with how many were refused in between: a wiped node sends tens of messages a second.
+REFUSED_LOG_INTERVAL_S = 10.0
+REFUSED_KEYS_MAX = 1024
+# How often the leader looks for learners to promote (`promote_lag_slots_max`).
+PROMOTE_CHECK_TICKS = 10
+PROMOTE_LAG_SLOTS_MAX_DEFAULT = 1000
 
 
 def _test_fsync_stall_s(path: str | None) -> float:
@@ -158,12 +169,16 @@ class SnapshotFailed(Exception):
     """The child that writes a snapshot failed; like any disk failure, this stops the node."""
 
 
-def _write_snapshot_in_child(state: VaultState, directory: str, slot: int) -> None:
-    """In a forked child: serialise the state image, write it durably, exit. Never returns."""
+def _write_snapshot_in_child(
+    state: VaultState, directory: str, slot: int, configs: tuple[ConfigEntry, ...]
+) -> None:
+    """In a forked child: serialise the state image, write it durably with the configurations
+    in force above `slot`, exit. Never returns."""
     code = 1
     try:
         gc.disable()  # the image is garbage the moment the child exits
-        write_snapshot(RealDisk(), directory, slot, state.snapshot())
+        stored = encode_stored_snapshot(slot, state.snapshot(), configs)
+        write_snapshot(RealDisk(), directory, slot, stored)
         code = 0
     finally:
         os._exit(code)  # skip the parent's atexit handlers and buffered streams
@@ -174,7 +189,8 @@ class PaxosReplicator:
         self,
         *,
         node_id: int,
-        node_ids: tuple[int, ...],
+        membership: Membership,
+        node_incarnation: int,
         data_dir: Path,
         state: VaultState,
         events: EventLog,
@@ -184,12 +200,30 @@ class PaxosReplicator:
         max_clock_offset_ms: int = MAX_CLOCK_OFFSET_MS_DEFAULT,
         record_bytes_max: int = RECORD_SIZE_BYTES_MAX_DEFAULT,
         frame_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
+        join_config_slot: int = 0,
+        promote_lag_slots_max: int = PROMOTE_LAG_SLOTS_MAX_DEFAULT,
     ) -> None:
+        """`membership`: the cluster's initial configuration (`[[peers]]`), or, for a node
+        that joined a running cluster, the configuration chosen at `join_config_slot`.
+        `node_incarnation`: this data directory's (vaultnode/identity.py)."""
         self.node_id = node_id
         self.state = state
         self._events = events
         self._on_fatal = on_fatal
-        self._config = ClusterConfig(node_ids)
+        self._initial_membership = membership
+        self._join_config_slot = join_config_slot
+        self.node_incarnation = node_incarnation
+        self.promote_lag_slots_max = promote_lag_slots_max
+        self._voters = ClockVoters(membership.voter_ids)
+        self._membership_seen: Membership | None = None
+        self._peers_seen: tuple[int, ...] | None = None
+        self._addresses_sent: dict[int, bytes] | None = None
+        self._status_seen = ""
+        # (sender, incarnation, kind, reason) -> (when last logged, refusals since)
+        self._refused_logged: dict[tuple[int, int, str, str], tuple[float, int]] = {}
+        # Told the peers to connect to (id -> peer address), whenever the configurations
+        # that govern unchosen slots change (set by the node once the transport exists).
+        self.on_peers_changed: Callable[[dict[int, bytes]], None] = lambda peers: None
         self._disk = RealDisk()
         self._snapshot_dir = str(data_dir / "snapshots")
         self._log_dir = str(data_dir / "paxos")
@@ -205,7 +239,7 @@ class PaxosReplicator:
         self._fsync_stall_path = os.environ.get(FSYNC_STALL_ENV)
         self.max_clock_offset_us = max_clock_offset_ms * 1000
         self._clock = ClockOffsets(
-            node_id, self._config, max_offset_us=self.max_clock_offset_us,
+            node_id, self._voters, max_offset_us=self.max_clock_offset_us,
             reading_ttl_us=int(CLOCK_READING_TTL_S * 1_000_000),
         )
         self.clock_status = self._clock.status(_monotonic_us())
@@ -252,10 +286,11 @@ class PaxosReplicator:
         snapshot = load_latest_snapshot(self._disk, self._snapshot_dir)
         core_snapshot = None
         if snapshot is not None:
-            self.state.replace_with(VaultState.restore(snapshot.payload, self.state.limits))
-            core_snapshot = Snapshot(snapshot.log_index, snapshot.payload)
+            data, configs = decode_stored_snapshot(snapshot.payload)
+            self.state.replace_with(VaultState.restore(data, self.state.limits))
+            core_snapshot = Snapshot(snapshot.log_index, data, configs)
             self._last_snapshot_slot = snapshot.log_index
-            self.snapshot_size_bytes = len(snapshot.payload)
+            self.snapshot_size_bytes = len(data)
         log, report = SegmentedLog.open(
             self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max,
             record_size_bytes_max=self.limits.record_bytes_max,
@@ -266,16 +301,27 @@ class PaxosReplicator:
                               dropped_bytes=tail.dropped_size_bytes, reason=tail.reason)
         records = [decode_record(payload) for _, payload in log.entries(log.first_index)]
         durable = recover(records, core_snapshot.slot if core_snapshot else 0)
+        if self._join_config_slot and durable.membership is None:
+            # A joining node starts from the configuration the cluster chose at that slot:
+            # the changes chosen up to it are already in it, so learning those slots again
+            # changes nothing (`ConfigHistory.choose` ignores a change at or below its
+            # latest entry's slot); a snapshot with newer configurations overrides it.
+            slot = self._join_config_slot
+            joined = MembershipRecord(slot, (ConfigEntry(slot, self._initial_membership),))
+            durable = dataclasses.replace(durable, membership=joined)
         self._log = log
         self._replica = Replica(
             self.node_id,
-            self._config,
+            None,
             Random(int.from_bytes(os.urandom(8), "big")),
             self.limits,
             durable=durable,
             last_record_index=log.last_index,
             snapshot=core_snapshot,
+            membership=self._initial_membership,
+            node_incarnation=self.node_incarnation,
         )
+        self._note_membership()
         self._replica.set_clock_ok(self.clock_status.within_bounds)
         self._driver = ReadyDriver(self._replica, log, self)
         return len(records)
@@ -283,7 +329,9 @@ class PaxosReplicator:
     def log_paths(self) -> list[str]:
         return self._log.segment_paths if self._log is not None else []
 
-    def start(self, transport: PeerTransport) -> None:
+    def start(self, transport: PeerTransport | None) -> None:
+        """Start ticking; `transport` None: a group of one without peer TLS, which sends
+        nothing."""
         self.transport = transport
         self._schedule_tick()
         self._kick()
@@ -327,7 +375,8 @@ class PaxosReplicator:
     def status(self) -> ReplicaStatus:
         replica = self.replica
         return ReplicaStatus(
-            str(replica.role), replica.leader_id, replica.chosen_through, replica.applied_through
+            str(replica.role), replica.leader_id, replica.chosen_through,
+            replica.applied_through, self.membership_status(), self.node_incarnation,
         )
 
     def leader_contact_age_s(self) -> float | None:
@@ -337,10 +386,10 @@ class PaxosReplicator:
         replica = self.replica
         now = time.monotonic()
         if replica.role == Role.LEADER:
-            peers_needed = self._config.quorum_size - 1  # the leader counts itself
+            peers_needed = self._voters.quorum_size - 1  # the leader counts itself
             ages = sorted(
                 now - self._heard_from.get(peer, float("-inf"))
-                for peer in self._config.peers_of(self.node_id)
+                for peer in self._voter_peers()
             )
             if peers_needed == 0:
                 return 0.0
@@ -350,6 +399,43 @@ class PaxosReplicator:
         if replica.role != Role.FOLLOWER or leader is None or leader not in self._heard_from:
             return None
         return now - self._heard_from[leader]
+
+    def _voter_peers(self) -> tuple[int, ...]:
+        return tuple(n for n in self._voters.node_ids if n != self.node_id)
+
+    def sole_voter(self) -> bool:
+        return self._voters.node_ids == (self.node_id,)
+
+    def membership_status(self) -> str:
+        """`voter`, `learner`, `removed`, `superseded` (consensus `membership_status`), or
+        `unbound` while this node's id is bound to no incarnation (a config from before
+        incarnations)."""
+        replica = self.replica
+        status = replica.membership_status
+        member = replica.membership.member(self.node_id)
+        if status in ("voter", "learner") and member is not None and not member.incarnation:
+            return "unbound"
+        return status
+
+    def check_member(self) -> None:
+        """Raise NodeNotMember if this node must not serve clients: the configuration removed
+        it, or binds its id to another incarnation (its data directory was wiped)."""
+        status = self.replica.membership_status
+        if status == "removed":
+            raise NodeNotMember(
+                "node_removed",
+                f"node {self.node_id} was removed from the cluster and serves no requests; "
+                "use another node, and stop this one (its data directory may be deleted)",
+            )
+        if status == "superseded":
+            raise NodeNotMember(
+                "node_superseded",
+                f"node {self.node_id}'s data directory (incarnation "
+                f"{format_incarnation(self.node_incarnation)}) is not the one the cluster "
+                "knows for this id (wiped or replaced): it serves no requests and takes no "
+                "part; remove the node (vault operator remove-node) and add it again as a "
+                "new member (vault operator add-node)",
+            )
 
     # ---- requests ----------------------------------------------------------------------
     def _can_order_now(self) -> bool:
@@ -385,11 +471,17 @@ class PaxosReplicator:
         while not self._can_order_now():
             if self._stopped is not None:
                 raise ReplicationStopped(str(self._stopped))
+            self.check_member()
             replica = self.replica
             leader = replica.leader_id
+            waited = loop.time() - started
+            if self.sole_voter() and waited < LEADER_REDIAL_WAIT_S:
+                # The only voter elects itself within a tick or two of starting (or of its
+                # clock coming back within bounds): wait for that rather than refuse.
+                await asyncio.sleep(LEADER_REDIAL_POLL_S)
+                continue
             if replica.role != Role.FOLLOWER or leader is None:
                 raise NotLeader(leader)
-            waited = loop.time() - started
             connected = self.transport is not None and self.transport.can_send_to(leader)
             if waited >= LEADER_REDIAL_WAIT_S or (connected and waited >= LEADER_ECHO_WAIT_S):
                 raise NotLeader(leader)
@@ -398,6 +490,7 @@ class PaxosReplicator:
     async def submit(self, command: Command) -> Outcome:
         """Order `command` and return its outcome once this node has applied it. A follower
         forwards it to the leader (consensus.messages.Forward) and answers from its own apply."""
+        self.check_member()
         if not self._can_order_now():
             await self._ensure_can_order()
         raw = encode_command(command)
@@ -420,6 +513,7 @@ class PaxosReplicator:
     async def read_barrier(self) -> None:
         """Return once the applied state reflects every write acknowledged before the call. A
         follower gets the read point from the leader and waits until it has applied through it."""
+        self.check_member()
         if self._unsafe_local_reads:
             return
         if not self._can_order_now():
@@ -443,6 +537,149 @@ class PaxosReplicator:
             waiters[:] = [waiter for waiter in waiters if waiter[0] is not future]
             if not waiters:
                 del self._waiting[raw]
+
+    # ---- membership ----------------------------------------------------------------------
+    async def change_membership(self, change: Callable[[Membership], Membership]) -> int:
+        """As leader, propose `change(latest configuration)` and wait until it is chosen;
+        returns the slot that chose it (the change is in force α slots later). Raises
+        MembershipChangeRefused (not one step, or another change in progress), NotLeader, or
+        OutcomeUnknown (leadership moved or the deadline passed before it was seen chosen)."""
+        self.check_member()
+        if self._stopped is not None:
+            raise ReplicationStopped(str(self._stopped))
+        replica = self.replica
+        if replica.role != Role.LEADER:
+            raise NotLeader(replica.leader_id)
+        target = change(replica.membership)
+        self.driver.propose_membership(target)
+        self._kick()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROPOSAL_TIMEOUT_S
+        while replica.membership != target:
+            if replica.role != Role.LEADER or self._stopped is not None:
+                raise OutcomeUnknown(
+                    "leadership moved while the membership change was in flight: list the "
+                    "members to see whether it was chosen"
+                )
+            if loop.time() > deadline:
+                raise OutcomeUnknown(
+                    "the membership change was proposed but not seen chosen in time: list "
+                    "the members to see whether it was"
+                )
+            await asyncio.sleep(LEADER_REDIAL_POLL_S)
+        return replica.membership_chosen_at
+
+    def peer_addresses(self) -> dict[int, bytes]:
+        """The peer address of every node this one sends to (`Replica.peer_ids`), from the
+        newest configuration that names it."""
+        replica = self.replica
+        sources = (replica.membership, replica.membership_in_force, self._initial_membership)
+        addresses: dict[int, bytes] = {}
+        for peer in replica.peer_ids:
+            for config in sources:
+                member = config.member(peer)
+                if member is not None and member.peer_addr:
+                    addresses[peer] = member.peer_addr
+                    break
+        return addresses
+
+    def _note_membership(self) -> None:
+        """Follow the configuration: whose clocks count, which peers to connect to, and
+        whether this node may still serve (logged when that changes)."""
+        replica = self.replica
+        voters = ClockVoters(replica.membership_in_force.voter_ids)
+        if voters != self._voters:
+            self._voters = voters
+            self._clock.config = voters
+        latest = replica.membership
+        peers_may_differ = (
+            latest is not self._membership_seen or replica.peer_ids != self._peers_seen
+        )
+        if latest is not self._membership_seen:
+            if self._membership_seen is not None and latest != self._membership_seen:
+                self._events.emit(
+                    "membership.changed", chosen_at=replica.membership_chosen_at,
+                    voters=list(latest.voter_ids),
+                    learners=[m.node_id for m in latest.members if not m.voter],
+                )
+            self._membership_seen = latest
+        if peers_may_differ:
+            # A change chosen (a new peer, a new address) or in force (a removed member's
+            # slots are all chosen: it is nobody's peer any more).
+            self._peers_seen = replica.peer_ids
+            addresses = self.peer_addresses()
+            if addresses != self._addresses_sent:
+                self._addresses_sent = addresses
+                self.on_peers_changed(addresses)
+        status = self.membership_status()
+        if status == self._status_seen:
+            return
+        if status == "removed":
+            self._events.emit(
+                "membership.removed",
+                detail="this node is no longer a member: it serves no requests (node_removed)",
+            )
+        elif status == "superseded":
+            member = latest.member(self.node_id)
+            self._events.emit(
+                "membership.superseded",
+                incarnation=format_incarnation(self.node_incarnation),
+                member_incarnation=format_incarnation(member.incarnation if member else 0),
+                detail="the cluster binds this id to another incarnation (this data directory "
+                "was wiped or replaced): it takes no part and serves no requests; remove the "
+                "node and add it again as a new member",
+            )
+        else:
+            self._events.emit("membership.status", status=status)
+        self._status_seen = status
+
+    def _log_refused(self, refused: tuple[RefusedMessage, ...]) -> None:
+        now = time.monotonic()
+        for refusal in refused:
+            key = (refusal.sender, refusal.sender_incarnation, refusal.kind, refusal.reason)
+            logged = self._refused_logged.get(key)
+            if logged is not None and now - logged[0] < REFUSED_LOG_INTERVAL_S:
+                self._refused_logged[key] = (logged[0], logged[1] + 1)
+                continue
+            if logged is None and len(self._refused_logged) >= REFUSED_KEYS_MAX:
+                self._refused_logged = {
+                    k: v for k, v in self._refused_logged.items()
+                    if now - v[0] < REFUSED_LOG_INTERVAL_S
+                }
+                if len(self._refused_logged) >= REFUSED_KEYS_MAX:
+                    continue  # a flood of distinct identities: the first ones were logged
+            self._events.emit(
+                "peer.refused", sender=refusal.sender,
+                incarnation=format_incarnation(refusal.sender_incarnation), kind=refusal.kind,
+                reason=refusal.reason, refused_since_last=logged[1] if logged else 0,
+            )
+            self._refused_logged[key] = (now, 0)
+
+    def _maybe_promote(self) -> None:
+        """Leader: propose promoting the first learner added with `auto_promote` that answered
+        within an election timeout and whose match index is within `promote_lag_slots_max` of
+        the chosen watermark (one change at a time: the core refuses while one is pending)."""
+        replica = self.replica
+        progress = replica.peer_progress()
+        latest = replica.membership
+        for member in latest.members:
+            if member.voter or not member.auto_promote:
+                continue
+            heard = progress.get(member.node_id)
+            if heard is None or heard.ticks_since_heard > self.limits.election_ticks:
+                continue
+            if replica.chosen_through - heard.match_index > self.promote_lag_slots_max:
+                continue
+            try:
+                self.driver.propose_membership(promoted(latest, member.node_id))
+            except MembershipChangeRefused:
+                return  # the previous change is not in force yet: next time
+            self._events.emit(
+                "membership.promoting", member=member.node_id, match_index=heard.match_index,
+                chosen_through=replica.chosen_through,
+            )
+            self._kick()
+            return
 
     # ---- inputs ------------------------------------------------------------------------
     def on_message(self, message: Message) -> None:
@@ -521,6 +758,8 @@ class PaxosReplicator:
         self._ticks += 1
         if self._ticks % CLOCK_PING_TICKS == 0:
             self._ping_clocks()
+        if self._ticks % PROMOTE_CHECK_TICKS == 0 and self.replica.role == Role.LEADER:
+            self._maybe_promote()
         self._kick()
         now = asyncio.get_running_loop().time()
         _expire_waits(self._write_deadlines, now)
@@ -529,7 +768,7 @@ class PaxosReplicator:
 
     def _ping_clocks(self) -> None:
         if self.transport is not None:
-            for peer_id in self._config.peers_of(self.node_id):
+            for peer_id in self.replica.peer_ids:
                 self.transport.send_clock_ping(peer_id)
         self._update_clock_status()  # readings age out
 
@@ -552,10 +791,11 @@ class PaxosReplicator:
             return transport.unsent_bytes(replica.leader_id) > bound
         if replica.role != Role.LEADER:
             return False
-        backlog = sorted(
-            transport.unsent_bytes(peer) for peer in self._config.peers_of(self.node_id)
-        )
-        return backlog[self._config.quorum_size - 2] > bound
+        voter_peers = self._voter_peers()
+        if not voter_peers:
+            return False
+        backlog = sorted(transport.unsent_bytes(peer) for peer in voter_peers)
+        return backlog[max(self._voters.quorum_size - 2, 0)] > bound
 
     def _kick_next_turn(self) -> None:
         """Process again after the loop has served timers and I/O once."""
@@ -586,6 +826,7 @@ class PaxosReplicator:
                 self._kick_next_turn()
         self.driver.process()
         self._note_role_change()
+        self._note_membership()
 
     def send(self, message: Message) -> None:
         if self.transport is not None:
@@ -656,6 +897,8 @@ class PaxosReplicator:
         self._maybe_snapshot(self.replica.applied_through)
 
     def answer(self, ready: Ready) -> None:
+        if ready.refused:
+            self._log_refused(ready.refused)
         for confirmation in ready.reads:
             read = self._reads.pop(confirmation.read_id, None)
             if read is not None and not read.done():
@@ -692,7 +935,8 @@ class PaxosReplicator:
         return waiter
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        write_snapshot(self._disk, self._snapshot_dir, snapshot.slot, snapshot.data)
+        stored = encode_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
+        write_snapshot(self._disk, self._snapshot_dir, snapshot.slot, stored)
         self.state.replace_with(VaultState.restore(snapshot.data, self.state.limits))
         self._last_snapshot_slot = snapshot.slot
         self.snapshots_total["leader"] += 1
@@ -713,9 +957,10 @@ class PaxosReplicator:
         # every snapshot). A forked child serialises its copy-on-write image of the state as of
         # this slot and writes the file; the loop only waits for it on a thread.
         self._snapshot_writing = True
+        configs = self.replica.configs_as_of(slot)
         child = os.fork()
         if child == 0:
-            _write_snapshot_in_child(self.state, self._snapshot_dir, slot)  # never returns
+            _write_snapshot_in_child(self.state, self._snapshot_dir, slot, configs)  # no return
         fut = asyncio.get_running_loop().run_in_executor(
             self._snapshot_thread, self._collect_child_snapshot, child, slot
         )
@@ -733,7 +978,7 @@ class PaxosReplicator:
         if snapshot.log_index > slot:
             return None
         remove_snapshots_before(self._disk, self._snapshot_dir, slot)
-        return snapshot.payload
+        return decode_stored_snapshot(snapshot.payload)[0]
 
     def _snapshot_written(self, fut: asyncio.Future[bytes | None], slot: int) -> None:
         self._snapshot_writing = False

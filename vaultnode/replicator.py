@@ -2,8 +2,8 @@
 
 This module owns what the API and the node may ask of a replicator (submit a command, get a read
 point, report status and clock health) and the errors a replicator raises for a request it could
-not serve. `LocalReplicator` (vaultnode/replication.py, one node) and `PaxosReplicator`
-(vaultnode/paxos_replicator.py, Multi-Paxos) both implement it; nothing above them names either.
+not serve. `PaxosReplicator` (vaultnode/paxos_replicator.py, Multi-Paxos, for every cluster
+size: a one-node vault is a one-member group) implements it; the API names only this protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ class ReplicaStatus:
     leader_id: int | None
     commit_index: int
     applied_index: int
+    # `voter`, `learner`, `removed`, `superseded` or `unbound` (docs/membership.md), and this
+    # node's data directory's incarnation (0: none).
+    membership: str = "unbound"
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,16 @@ class ClockHealth:
 
 class ReplicationStopped(Exception):
     """The replicator stopped (disk failure or shutdown) before the command's outcome was known."""
+
+
+class NodeNotMember(Exception):
+    """This node must not serve clients: the cluster removed it (`node_removed`), or binds its
+    id to another incarnation than its data directory's (`node_superseded`: it was wiped or
+    replaced). Nothing was proposed; the edge answers 503 with `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NotLeader(Exception):
@@ -79,6 +93,10 @@ class Replicator(Protocol):
         ...
 
     def is_leader(self) -> bool: ...
+
+    def check_member(self) -> None:
+        """Raise NodeNotMember unless this node may serve clients (see NodeNotMember)."""
+        ...
 
     def status(self) -> ReplicaStatus: ...
 

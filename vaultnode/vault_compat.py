@@ -22,6 +22,7 @@ from vaultnode.auth import (
 from vaultnode.commands import RevokeToken
 from vaultnode.handlers.tokens import TOKEN_TTL_S_MAX, submit_new_token
 from vaultnode.http_server import Response
+from vaultnode.identity import format_incarnation
 from vaultnode.names import InvalidInput, format_time
 from vaultnode.policy import DEFAULT_POLICY, ROOT_POLICY, PolicyError, check_policy_name
 from vaultnode.routes import Access, Call, Consistency, RouteSpec
@@ -171,7 +172,9 @@ class VaultCompatApi:
         status = self.api.replicator.status()
         initialized = self.api.state.initialized
         standby = status.role != "leader"
-        if not initialized:
+        if status.membership in ("removed", "superseded"):
+            code = 503  # it serves nothing, whatever else holds (a wiped node is not initialised)
+        elif not initialized:
             code = overrides.get("uninitcode", 501)
         elif status.leader_id is None:
             code = 503
@@ -190,6 +193,10 @@ class VaultCompatApi:
             "version": SERVER_VERSION,
             "cluster_name": "vault",
             "cluster_id": self.cluster_id,
+            # This vault's own (docs/membership.md): `voter`, `learner`, `removed`,
+            # `superseded` or `unbound`, and the data directory's incarnation.
+            "membership": status.membership,
+            "incarnation": format_incarnation(status.incarnation),
         }
         call.outcome = "ok"
         if call.request.method == "HEAD":

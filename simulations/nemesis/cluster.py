@@ -20,7 +20,13 @@ import signal
 import subprocess
 from pathlib import Path
 
-from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
+from simulations.harness import (
+    Cluster,
+    Node,
+    make_cluster,
+    node_health,
+    wait_converged,
+)
 from simulations.nemesis.proxy import FaultProxy
 from vaultnode.paxos_replicator import UNSAFE_LOCAL_READS_ENV
 
@@ -207,22 +213,7 @@ class CampaignCluster:
 
     def wait_converged(self, deadline_s: float) -> dict[int, dict[str, object]]:
         """Every node healthy, one leader, and the same chosen and applied index everywhere."""
-        seen: dict[int, dict[str, object]] = {}
-
-        def converged() -> bool:
-            views = {node.node_id: node_health(node) for node in self.nodes}
-            if any(view is None or view.get("status") != "ok" for view in views.values()):
-                return False
-            seen.clear()
-            seen.update({k: v for k, v in views.items() if v is not None})
-            marks = {
-                (v.get("leader_id"), v.get("commit_index"), v.get("applied_index"))
-                for v in seen.values()
-            }
-            return len(marks) == 1
-
-        wait_until(converged, deadline_s, "every node to agree on leader, chosen and applied index")
-        return seen
+        return wait_converged(self.nodes, deadline_s)
 
     def stop_all(self) -> None:
         for node_id in list(self.paused):

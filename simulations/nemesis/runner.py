@@ -309,9 +309,10 @@ class Run:
             campaign.restart(node_id)
 
 
-def read_state(url: str, token: str, ops: list[Any]) -> NodeState:
+def read_state(url: str, token: str, ops: list[Any], consistency: str = "stale") -> NodeState:
     """A node's own view (stale reads: no leader involved) of every name the clients used:
-    the values of all versions, oldest first."""
+    the values of all versions, oldest first. With `consistency="linearizable"`, what the node
+    serves as linearizable reads instead (each read point from the leader)."""
     names = sorted({name for op in ops for name in _names(op.input)})
     state: NodeState = {}
     with httpx.Client(
@@ -319,7 +320,7 @@ def read_state(url: str, token: str, ops: list[Any]) -> NodeState:
     ) as client:
         wanted: list[dict[str, Any]] = []
         for name in names:
-            response = client.get(f"/v1/history/{name}", params={"consistency": "stale"})
+            response = client.get(f"/v1/history/{name}", params={"consistency": consistency})
             if response.status_code == 404:
                 continue
             response.raise_for_status()
@@ -330,7 +331,7 @@ def read_state(url: str, token: str, ops: list[Any]) -> NodeState:
             response = client.post(
                 "/v1/batch/read",
                 json={"secrets": wanted[start : start + 100]},
-                params={"consistency": "stale"},
+                params={"consistency": consistency},
             )
             response.raise_for_status()
             for secret in response.json()["secrets"]:

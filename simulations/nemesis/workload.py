@@ -89,6 +89,7 @@ class Workers:
         self.ops: list[Op] = []
         self.unexpected: list[str] = []
         self._lock = threading.Lock()
+        self._nodes_generation = 0  # bumped by set_nodes: each worker then rebuilds its clients
         self._next_op = 0
         self._stop = threading.Event()
         self._threads = [
@@ -105,22 +106,41 @@ class Workers:
         for thread in self._threads:
             thread.join(timeout=120)
 
+    def set_nodes(self, node_urls: dict[int, str]) -> None:
+        """Send the next operations to these nodes (membership changes: tests/
+        test_membership_ops.py); an operation already running finishes where it started."""
+        with self._lock:
+            self.node_urls = dict(node_urls)
+            self._nodes_generation += 1
+
+    def _clients(
+        self, generation: int, clients: dict[int, httpx.Client]
+    ) -> tuple[int, list[int]]:
+        """Bring `clients` up to the latest `set_nodes`; (its generation, the node ids)."""
+        with self._lock:
+            latest, urls = self._nodes_generation, dict(self.node_urls)
+        if latest != generation or not clients:
+            for node_id in [n for n in clients if n not in urls]:
+                clients.pop(node_id).close()
+            for node_id, url in urls.items():
+                if node_id not in clients:
+                    clients[node_id] = httpx.Client(
+                        base_url=url,
+                        headers={"Authorization": f"Bearer {self.token}"},
+                        timeout=REQUEST_TIMEOUT,
+                    )
+        return latest, sorted(urls)
+
     # ---- one worker --------------------------------------------------------------------
     def _run(self, worker: int) -> None:
         rng = random.Random(f"nemesis-worker/{self.seed}/{worker}")
-        node_ids = sorted(self.node_urls)
-        home = node_ids[worker % len(node_ids)]
-        clients = {
-            node_id: httpx.Client(
-                base_url=url,
-                headers={"Authorization": f"Bearer {self.token}"},
-                timeout=REQUEST_TIMEOUT,
-            )
-            for node_id, url in self.node_urls.items()
-        }
+        clients: dict[int, httpx.Client] = {}
+        generation = -1
         known_versions: dict[str, int] = {}
         try:
             while not self._stop.is_set():
+                generation, node_ids = self._clients(generation, clients)
+                home = node_ids[worker % len(node_ids)]
                 node = home if rng.random() < 0.8 else rng.choice(node_ids)
                 outcome = self._one_op(worker, rng, node, node_ids, clients, known_versions)
                 # After "unavailable", back off as Retry-After asks, rather than spin on a

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vaultnode.http_server import Response
+from vaultnode.identity import format_incarnation
 from vaultnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vaultnode.routes import Access, ApiError, Call, Consistency, RouteSpec
 
@@ -52,7 +53,12 @@ class SystemRoutes:
             "commit_index": status.commit_index,
             "applied_index": status.applied_index,
             "sealed": False,
+            "membership": status.membership,
+            "incarnation": format_incarnation(status.incarnation),
         }
+        if status.membership in ("removed", "superseded"):
+            serving = False  # it serves no requests (503 node_removed / node_superseded)
+            body["status"] = "unavailable"
         clock = self.api.replicator.clock_health()
         if clock is not None:
             body["clock"] = {
