@@ -12,6 +12,7 @@ keeps what init already bound).
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import time
@@ -229,6 +230,16 @@ def test_a_removed_node_stops_serving_and_the_api_refuses_bad_changes(
         reply = client.delete(f"/v1/sys/members/{removed.node_id}")
         assert reply.status_code == 200, reply.text
         assert reply.json() == {"removed": removed.node_id}
+    audited = [
+        json.loads(line) for node in survivors
+        for line in (node.data_dir / "audit.log").read_text().splitlines()
+    ]
+    deleted_on = {
+        a["node"] for a in audited
+        if (a["method"], a["route"], a["status"]) == ("DELETE", "/v1/sys/members/{id}", 200)
+    }
+    # Audited where it was asked (the follower) and where it was made (the leader).
+    assert deleted_on == {n.node_id for n in survivors}
     wait_until(lambda: health_field(removed, "membership") == "removed", DEADLINE_S,
                "the removed node to learn it was removed")
     with client_of(cluster, removed) as client:

@@ -69,12 +69,14 @@ class MembershipRoutes:
         self.forwarding = forwarding
 
     def routes(self) -> list[RouteSpec]:
-        # LOCAL: the leader answers from its own state; a follower forwards to it.
-        local, root = Consistency.LOCAL, Access.ROOT
+        # The leader answers from its own state and a follower forwards to it, so no read
+        # point is needed; AT_APPLY (not LOCAL) so that every call is audited and a removed
+        # or superseded node refuses it like any other request.
+        at_apply, root = Consistency.AT_APPLY, Access.ROOT
         return [
-            RouteSpec("GET", MEMBERS_PATH, self._list, local, root),
-            RouteSpec("POST", MEMBERS_PATH, self._add, local, root),
-            RouteSpec("DELETE", MEMBERS_PATH + "/", self._remove, local, root, "{id}"),
+            RouteSpec("GET", MEMBERS_PATH, self._list, at_apply, root),
+            RouteSpec("POST", MEMBERS_PATH, self._add, at_apply, root),
+            RouteSpec("DELETE", MEMBERS_PATH + "/", self._remove, at_apply, root, "{id}"),
         ]
 
     # ---- handlers ---------------------------------------------------------------------
