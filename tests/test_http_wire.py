@@ -110,10 +110,13 @@ def test_health_needs_no_token_and_has_the_documented_shape(vault: Cluster) -> N
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "status", "node_id", "role", "leader_id", "commit_index", "applied_index", "sealed"
+        "status", "node_id", "role", "leader_id", "commit_index", "applied_index", "sealed",
+        "membership", "incarnation", "clock",  # a one-node vault is a Paxos group of one
     }
     assert body["status"] == "ok" and body["node_id"] == 1 and body["leader_id"] == 1
     assert body["sealed"] is False
+    assert body["membership"] in ("voter", "unbound") and len(body["incarnation"]) == 16
+    assert body["clock"]["within_bounds"] is True  # its own clock is a majority's
     assert body["applied_index"] >= 1  # the bootstrap entry
 
 

@@ -1,8 +1,8 @@
 """Membership on real vaultnode processes, the node side (docs/membership.md, docs/api.md):
 a node restarted with a wiped data directory under its old configuration takes no part (the
-issue's amnesia case), a removed node stops serving, the errors of /v1/sys/members, a
-one-node vault that grows to three through the API; and (in process) the rate limit on
-logging refused peer messages.
+issue's amnesia case), a removed node (the leader included) stops serving, the errors of
+/v1/sys/members, a one-node vault that grows to three through the API, and the refusal of an
+old single-node data directory. In-process tests: tests/test_membership_units.py.
 
 Clusters come from `simulations.harness.make_cluster`; `bind_incarnations` binds each node's
 data directory's incarnation in every node's `[[peers]]` as `vault operator init` does (it
@@ -11,7 +11,6 @@ keeps what init already bound).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -23,16 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from consensus.membership import Member, Membership
-from consensus.ready import RefusedMessage
 from simulations.harness import Cluster, Node, make_cluster, node_health, wait_until
-from simulations.in_process import in_process_vault
 from tests.test_http_wire import node_events
-from vaultnode import paxos_replicator
-from vaultnode.events import EventLog
 from vaultnode.identity import create_identity, format_incarnation, read_identity
-from vaultnode.paxos_replicator import PaxosReplicator
-from vaultnode.state import VaultState
 
 DEADLINE_S = 30.0
 # How long {wiped node, one other} is watched for choosing anything: many election timeouts
@@ -333,29 +325,6 @@ def test_a_one_node_vault_grows_to_three_through_the_api(tmp_path: Path) -> None
         cluster.stop_all()
 
 
-def test_refused_messages_are_logged_once_per_interval_with_a_count(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    stream = io.StringIO()
-    replicator = PaxosReplicator(
-        node_id=1, membership=Membership((Member(1, 5, True),)), node_incarnation=5,
-        data_dir=tmp_path, state=VaultState(), events=EventLog(1, stream),
-        on_fatal=lambda exc: None, segment_bytes_max=1 << 20, snapshot_every_slots=1000,
-    )
-    now = [1000.0]
-    monkeypatch.setattr("vaultnode.paxos_replicator.time.monotonic", lambda: now[0])
-    wiped = RefusedMessage(2, 77, "PreVoteReply", "superseded incarnation")
-    other_kind = RefusedMessage(2, 77, "CatchUpRequest", "superseded incarnation")
-    for _ in range(50):
-        replicator._log_refused((wiped, other_kind))
-    now[0] += paxos_replicator.REFUSED_LOG_INTERVAL_S
-    replicator._log_refused((wiped,))
-    lines = [e for e in node_events(stream.getvalue()) if e["event"] == "peer.refused"]
-    assert [(e["kind"], e["refused_since_last"]) for e in lines] == [
-        ("PreVoteReply", 0), ("CatchUpRequest", 0), ("PreVoteReply", 49)
-    ]
-    assert lines[0]["incarnation"] == format_incarnation(77) and lines[0]["sender"] == 2
-
 
 def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
     tmp_path: Path,
@@ -385,42 +354,6 @@ def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
     assert node.process.wait(timeout=DEADLINE_S) != 0
     assert "has a consensus log but no identity file" in node.log_text()
 
-
-def test_the_members_api_on_a_vault_of_one_without_peer_transport(tmp_path: Path) -> None:
-    for vault in in_process_vault(tmp_path):
-        with vault.client() as client:
-            view = client.get("/v1/sys/members").json()
-            assert view["leader_id"] == 1 and view["change_in_progress"] is False
-            (row,) = view["members"]
-            assert (row["id"], row["voter"], row["lag"], row["match_index"] > 0) == (
-                1, True, 0, True
-            )
-            bad_bodies: list[Any] = [
-                [], {"id": 0}, {"id": 2, "incarnation": "xyz"},
-                {"id": 2, "incarnation": "0" * 16, "peer_addr": "h:1", "api_addr": "h:2"},
-                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "nope",
-                 "api_addr": "h:2"},
-                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
-                 "api_addr": "h:2", "promote": "yes"},
-                {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
-                 "api_addr": "h:2", "colour": 1},
-            ]
-            for body in bad_bodies:
-                reply = client.post("/v1/sys/members", json=body)
-                assert (reply.status_code, reply.json()["error"]["code"]) == (
-                    400, "invalid_request"
-                ), body
-            good = {"id": 2, "incarnation": "00000000000000ab", "peer_addr": "h:1",
-                    "api_addr": "h:2"}
-            reply = client.post("/v1/sys/members", json=good)
-            assert (reply.status_code, reply.json()["error"]["code"]) == (
-                409, "membership_change_refused"
-            )
-            reply = client.delete("/v1/sys/members/1")
-            assert (reply.status_code, reply.json()["error"]["code"]) == (409, "too_few_voters")
-            assert [m["id"] for m in client.get("/v1/sys/members").json()["members"]] == [1]
-        with vault.client(token="not-a-token") as client:
-            assert client.get("/v1/sys/members").status_code == 401
 
 
 def test_the_leader_removes_itself_and_the_others_carry_on(three_nodes: Cluster) -> None:
