@@ -373,6 +373,7 @@ class Replica:
             # Not a member, or a removed or superseded incarnation of one (a wiped data
             # directory): it changes nothing, and the driver logs why.
             self._refuse(message)
+            self._catch_up_past_refused_leader(message)
             return
         self._peer_incarnations[message.sender] = message.sender_incarnation
         self._receive(message)
@@ -675,6 +676,19 @@ class Replica:
             )
             if refusal not in self._out_refused:
                 self._out_refused.append(refusal)
+
+    def _catch_up_past_refused_leader(self, message: Message) -> None:
+        """A leader we do not admit says that slots past ours are chosen: a change we have
+        not learned may have made it a member again (removed, then added back while we were
+        down or cut off). We stay deaf to it, and the members we admit follow it and refuse
+        our pre-votes, so without this nothing would ever tell us the change: ask them for
+        the slots we lack (they answer catch-up in any role)."""
+        if (
+            isinstance(message, Heartbeat | Commit | Accept)
+            and message.chosen_through > self._chosen_through
+            and self._peers
+        ):
+            self._maybe_request_catch_up(self._peers[0], message.ballot)
 
     def _refresh_peers(self) -> None:
         members = {n for config in self._live_configs() for n in config.node_ids}

@@ -368,3 +368,34 @@ def test_a_leader_that_its_own_change_leaves_out_catches_the_last_voter_up(
     net.nodes[3].propose([b"b"])
     net.settle()
     assert b"b" in [c for _, batch in net.logs[3].applied for c in batch]
+
+
+def test_a_member_that_missed_a_readd_catches_up_from_the_others_and_follows_it() -> None:
+    """Seed 51 of `--membership --nodes 5` (`readd`): 3 learns that 2 was removed, then is
+    down while 2 is added back and promoted, and 2 leads. 3 refuses all of 2's messages (no
+    configuration it knows has 2), and the others follow 2 and refuse 3's pre-votes: before
+    the fix 3 stayed behind for good. Now 2's watermark past 3's makes 3 ask the members it
+    admits for the slots it lacks, which bring it the change."""
+    net = Network(5, identities=True)
+    net.elect(1)
+    commit_change(net, 1, without_member(net.nodes[1].membership, 2))
+    net.tick_all(2)
+    assert net.nodes[3].membership_in_force.member(2) is None
+    net.isolate(3)
+    back = Member(2, net.node_incarnations[2], False)
+    commit_change(net, 1, with_member(net.nodes[1].membership, back))
+    commit_change(net, 1, promoted(net.nodes[1].membership, 2))
+    net.tick_all(3 * net.limits.heartbeat_ticks)
+    net.isolate(1)  # the old leader goes; 2 is elected by {2, 4, 5}
+    for node_id in (4, 5):
+        net.tick(node_id, net.limits.election_ticks)  # 1 is silent for them too
+    net.elect(2)
+    net.heal()
+    net.isolate(1)
+    net.nodes[2].propose([b"x"])
+    net.settle()
+    net.tick_all(6 * net.limits.election_ticks)
+    assert net.nodes[3].membership == net.nodes[2].membership
+    assert net.nodes[3].leader_id == 2
+    assert net.nodes[3].applied_through == net.nodes[2].applied_through
+    assert b"x" in [c for _, batch in net.logs[3].applied for c in batch]
