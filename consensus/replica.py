@@ -777,10 +777,13 @@ class Replica:
         for origin, commands in refused.items():
             if origin == self.node_id:
                 self._drop(tuple(commands), DropReason.LEADERSHIP_LOST)
-            else:
-                self._send_now(
-                    ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
-                )
+                continue
+            while commands:
+                # Each refusal within one slot's byte budget, as each Forward was: the queue
+                # may hold more of one follower's commands than a frame does.
+                length = self._batch_length(commands, len(commands))
+                piece, commands = tuple(commands[:length]), commands[length:]
+                self._send_now(ForwardRefused(self.node_id, origin, self._ballot, piece, False))
         for read in self._leader_reads.pending:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
