@@ -232,6 +232,8 @@ class Replica:
         # leader), the next one asks the next peer: any peer that chose the slots can answer.
         self._catchup_progress_at_request: tuple[int, int] = (-1, 0)
         self._catchup_peer: int | None = None
+        # When each peer last asked us for catch-up, in ticks of this run (see `_offer_catch_up`).
+        self._catchup_served: dict[int, int] = {}
         # A snapshot arriving in chunks: (its sender, slot, total bytes, the bytes so far).
         self._incoming_snapshot: tuple[int, int, int, bytearray] | None = None
         # The latest token of ours the leader echoed, as ticks of this run (-1: none yet): of
@@ -401,6 +403,7 @@ class Replica:
             # Not a member, or a removed or superseded incarnation of one (a wiped data
             # directory): it changes nothing, and the driver logs why.
             self._refuse(message)
+            self._catch_up_past_refused_leader(message)
             return
         self._peer_incarnations[message.sender] = message.sender_incarnation
         self._receive(message)
@@ -704,6 +707,19 @@ class Replica:
             if refusal not in self._out_refused:
                 self._out_refused.append(refusal)
 
+    def _catch_up_past_refused_leader(self, message: Message) -> None:
+        """A leader we do not admit says that slots past ours are chosen: a change we have
+        not learned may have made it a member again (removed, then added back while we were
+        down or cut off). We stay deaf to it, and the members we admit follow it and refuse
+        our pre-votes, so without this nothing would ever tell us the change: ask them for
+        the slots we lack (they answer catch-up in any role)."""
+        if (
+            isinstance(message, Heartbeat | Commit | Accept)
+            and message.chosen_through > self._chosen_through
+            and self._peers
+        ):
+            self._maybe_request_catch_up(self._peers[0], message.ballot)
+
     def _refresh_peers(self) -> None:
         members = {n for config in self._live_configs() for n in config.node_ids}
         self._peers = tuple(sorted(members - {self.node_id}))
@@ -794,10 +810,13 @@ class Replica:
         for origin, commands in refused.items():
             if origin == self.node_id:
                 self._drop(tuple(commands), DropReason.LEADERSHIP_LOST)
-            else:
-                self._send_now(
-                    ForwardRefused(self.node_id, origin, self._ballot, tuple(commands), False)
-                )
+                continue
+            while commands:
+                # Each refusal within one slot's byte budget, as each Forward was: the queue
+                # may hold more of one follower's commands than a frame does.
+                length = self._batch_length(commands, len(commands))
+                piece, commands = tuple(commands[:length]), commands[length:]
+                self._send_now(ForwardRefused(self.node_id, origin, self._ballot, piece, False))
         for read in self._leader_reads.pending:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
@@ -973,6 +992,25 @@ class Replica:
             # knows more chosen slots: with no leader, this is how one that has not learned
             # that a change made it a voter again catches up, and the candidate may need it.
             self._maybe_request_catch_up(message.sender, message.ballot)
+        elif message.chosen_through < self._chosen_through and not self._stands_for_election():
+            self._offer_catch_up(message)
+
+    def _offer_catch_up(self, pre_vote: PreVote) -> None:
+        """Send a pre-candidate that knows fewer chosen slots than we do what it lacks, as if
+        it had asked. Only from a node that stands for no election: a leader that a change of
+        its own demoted or removed steps down once the change is in force, perhaps before the
+        voters learned the slots that chose it and with those slots compacted into its
+        snapshot; with no leader left to catch them up, and its pre-vote refused to a
+        candidate behind that snapshot, nothing else would. Not to a peer that asked us within
+        an election timeout: it is fetching already, and a snapshot's first chunk again would
+        restart its transfer."""
+        served = self._catchup_served.get(pre_vote.sender)
+        if served is not None and self._tick_count - served < self.limits.election_ticks:
+            return
+        from_slot = pre_vote.chosen_through + 1
+        self._on_catch_up_request(
+            CatchUpRequest(pre_vote.sender, self.node_id, pre_vote.ballot, from_slot, 0, 0)
+        )
 
     def _raise_promise_or_reject(self, message: Prepare | Accept | Heartbeat | Commit) -> bool:
         """Whether `message` outranks or equals our promise; rejects it otherwise. Adopting a
@@ -1182,6 +1220,7 @@ class Replica:
         self._send_now(request)
 
     def _on_catch_up_request(self, message: CatchUpRequest) -> None:
+        self._catchup_served[message.sender] = self._tick_count
         snapshot = self._snapshot
         if message.from_slot <= self._snapshot_slot and snapshot is not None:
             resumes = message.snapshot_slot == snapshot.slot

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from random import Random
 
+from consensus.codec import encode_message
 from consensus.config import ClusterConfig, Limits
 from consensus.messages import (
     NOOP,
@@ -197,6 +198,37 @@ def test_a_leader_stepping_down_refuses_the_forwarded_commands_it_never_proposed
     net.nodes[2].step(refusals[0])
     dropped = net.nodes[2].ready().dropped_proposals
     assert [(d.reason, d.commands) for d in dropped] == [(DropReason.NOT_LEADER, (b"b",))]
+
+
+def test_the_refusals_of_a_stepping_down_leader_each_fit_a_frame() -> None:
+    # Seed 1581 of `--membership --nodes 5`: a leader cut off from a quorum stepped down with
+    # seven of one follower's commands queued and refused them in one ForwardRefused of
+    # 16,685 bytes, over the 16,384-byte frame the transport takes. Each Forward fits one
+    # slot's byte budget; the queue holds several of them.
+    limits = Limits(  # the simulator's: 16 KiB frames, 8 KiB slots
+        inflight_slots_max=1,
+        record_bytes_max=16 << 10,
+        frame_bytes_max=16 << 10,
+        batch_bytes_max=8 << 10,
+        snapshot_chunk_bytes=4 << 10,
+    )
+    net = Network(3, limits=limits)
+    net.elect(1)
+    net.settle()
+    net.nodes[1].propose([b"a"])
+    net.process(1)
+    net.take()  # the Accepts of slot "a" are lost: it stays in flight
+    commands = [bytes([index]) * 3000 for index in range(10)]
+    net.nodes[2].propose(commands)
+    net.process(2)
+    assert len(net.mailbox) > 1  # several Forwards, each within a slot's budget
+    net.deliver_all()  # node 1 queues them all
+    net.nodes[1].step(Prepare(3, 1, Ballot(99, 3), 1))  # a higher ballot: node 1 steps down
+    net.process(1)
+    refusals = net.take(ForwardRefused)
+    assert all(len(encode_message(m)) <= limits.frame_bytes_max for m in refusals)
+    assert [c for m in refusals for c in m.commands] == commands
+    assert {m.to for m in refusals} == {2}
 
 
 def test_followers_learn_the_watermark_without_waiting_for_a_heartbeat() -> None:

@@ -25,7 +25,7 @@ from consensus.membership import (
     with_member,
     without_member,
 )
-from consensus.messages import Accept, Accepted, Ballot, Heartbeat, Promise
+from consensus.messages import Accept, Accepted, Ballot, Commit, Heartbeat, Learn, Promise
 from consensus.replica import Replica, Role
 from consensus.testing import ChangesInForceAtOnce, Network, ReplicaFactory
 
@@ -243,8 +243,9 @@ def test_messages_of_protocol_4_without_an_incarnation_still_decode() -> None:
 def run_solo_voter_cut_off(factory: ReplicaFactory) -> Network:
     """Shrink {1, 2, 3} to the single voter 1 while 2 is cut off (so 2 never learns it was
     demoted), cut 1 off and let it choose u alone, then let 2 campaign with 3: node 3's
-    accepts to 2 are lost until 2 leads, then those of phase 1's values arrive after the one
-    of 2's own proposal w."""
+    accepts to 2, and the chosen slots it sends the stale candidate (which would tell 2 it
+    was demoted), are lost until 2 leads, then the accepts of phase 1's values arrive after
+    the one of 2's own proposal w."""
     net = Network(3, identities=True, factory=factory)
     net.elect(1)
     net.isolate(2)
@@ -259,11 +260,12 @@ def run_solo_voter_cut_off(factory: ReplicaFactory) -> Network:
     net.tick(3, 2 * net.limits.election_ticks)  # 3 heard nothing from 1 for long
     for _ in range(4 * net.limits.election_ticks):
         net.tick(2)
-        for _ in range(20):  # settle, but 3's accepts to 2 are lost
+        for _ in range(20):  # settle, but 3's accepts and catch-up to 2 are lost
             for node_id in net.node_ids:
                 if net.nodes[node_id].has_ready():
                     net.process(node_id)
             net.take(Accepted)
+            net.take(Learn)
             net.deliver_all()
         if net.nodes[2].role == Role.LEADER:
             net.nodes[2].propose([b"w"])
@@ -352,3 +354,102 @@ def test_a_learners_clock_reading_counts_as_soon_as_it_is_a_voter() -> None:
     offsets.config = ClockVoters((1, 2))
     promoted_status = offsets.status(20)
     assert (promoted_status.within_bounds, promoted_status.peers_read) == (True, 1)
+
+
+def settle_hiding_watermark_from(net: Network, node_id: int) -> None:
+    """Settle, losing every Commit and Heartbeat to `node_id`: it accepts what the leader
+    proposes but learns the leader's watermark only from the Accepts themselves."""
+    for _ in range(1000):
+        moved = False
+        for sender in net.node_ids:
+            if net.nodes[sender].has_ready():
+                net.process(sender)
+                moved = True
+        net.mailbox = [
+            m for m in net.mailbox if not (m.to == node_id and isinstance(m, Commit | Heartbeat))
+        ]
+        if net.mailbox:
+            net.deliver_all()
+            moved = True
+        if not moved:
+            return
+    raise AssertionError("network did not settle")
+
+
+@pytest.mark.parametrize("leaves", ["demoted", "removed"])
+def test_a_leader_that_its_own_change_leaves_out_catches_the_last_voter_up(
+    leaves: str,
+) -> None:
+    """Seeds 1880 and 1950 of the `--membership` soak (`solo`): {1, 2, 3} shrinks to the
+    single voter 3 by changes leader 1 proposes, the last one demoting (or removing) 1
+    itself. 1 chooses through the slot where that is in force, compacts, and steps down; 3
+    had not learned the last slots chosen (here its Commits and Heartbeats are lost). 3's
+    window still needs 1's pre-vote, which 1 refuses (3 is behind its snapshot), and 1
+    stands no more: before the fix nobody led again. Now 1 sends 3 its snapshot."""
+    net = Network(3, identities=True)
+    net.elect(1)
+    member = net.nodes[1].membership.member(2)
+    assert member is not None
+    commit_change(net, 1, with_member(net.nodes[1].membership, replace(member, voter=False)))
+    net.isolate(2)  # the other learner could help no one here: it is cut off
+    net.nodes[1].propose([b"a"])
+    net.settle()
+    latest = net.nodes[1].membership
+    leader = latest.member(1)
+    assert leader is not None
+    last_change = (
+        with_member(latest, replace(leader, voter=False))
+        if leaves == "demoted"
+        else without_member(latest, 1)
+    )
+    net.nodes[1].propose_membership(last_change)
+    settle_hiding_watermark_from(net, 3)
+    for _ in range(4 * CONFIG_WINDOW_SLOTS):
+        if net.nodes[1].role != Role.LEADER:
+            break
+        net.tick(1)
+        net.tick(3)
+        settle_hiding_watermark_from(net, 3)
+    assert net.nodes[1].role != Role.LEADER
+    assert net.nodes[1].membership_in_force.voter_ids == (3,)
+    assert net.nodes[1].membership_status == ("learner" if leaves == "demoted" else "removed")
+    net.take_snapshot(1, b"state")
+    settle_hiding_watermark_from(net, 3)
+    assert net.nodes[3].chosen_through < net.nodes[1].snapshot_slot  # 3 is behind it
+    net.tick_all(6 * net.limits.election_ticks)
+    assert net.nodes[3].role == Role.LEADER
+    assert net.nodes[3].chosen_through >= net.nodes[1].chosen_through
+    net.nodes[3].propose([b"b"])
+    net.settle()
+    assert b"b" in [c for _, batch in net.logs[3].applied for c in batch]
+
+
+def test_a_member_that_missed_a_readd_catches_up_from_the_others_and_follows_it() -> None:
+    """Seed 51 of `--membership --nodes 5` (`readd`): 3 learns that 2 was removed, then is
+    down while 2 is added back and promoted, and 2 leads. 3 refuses all of 2's messages (no
+    configuration it knows has 2), and the others follow 2 and refuse 3's pre-votes: before
+    the fix 3 stayed behind for good. Now 2's watermark past 3's makes 3 ask the members it
+    admits for the slots it lacks, which bring it the change."""
+    net = Network(5, identities=True)
+    net.elect(1)
+    commit_change(net, 1, without_member(net.nodes[1].membership, 2))
+    net.tick_all(2)
+    assert net.nodes[3].membership_in_force.member(2) is None
+    net.isolate(3)
+    back = Member(2, net.node_incarnations[2], False)
+    commit_change(net, 1, with_member(net.nodes[1].membership, back))
+    commit_change(net, 1, promoted(net.nodes[1].membership, 2))
+    net.tick_all(3 * net.limits.heartbeat_ticks)
+    net.isolate(1)  # the old leader goes; 2 is elected by {2, 4, 5}
+    for node_id in (4, 5):
+        net.tick(node_id, net.limits.election_ticks)  # 1 is silent for them too
+    net.elect(2)
+    net.heal()
+    net.isolate(1)
+    net.nodes[2].propose([b"x"])
+    net.settle()
+    net.tick_all(6 * net.limits.election_ticks)
+    assert net.nodes[3].membership == net.nodes[2].membership
+    assert net.nodes[3].leader_id == 2
+    assert net.nodes[3].applied_through == net.nodes[2].applied_through
+    assert b"x" in [c for _, batch in net.logs[3].applied for c in batch]
