@@ -338,16 +338,21 @@ def test_a_node_refuses_the_old_single_node_format_and_a_log_without_identity(
     assert "old single-node format" in node.log_text()
     assert "vault operator snapshot save" in node.log_text()
 
+    bound = read_identity(node.data_dir)  # operator init drew it and bound it in the config
+    assert bound is not None
     shutil.rmtree(node.data_dir)
-    node.start(wait=False)  # a new data directory: it draws its identity
+    node.start(wait=False)  # a new data directory: it draws a new identity, not the bound one
 
-    def reports_its_identity() -> bool:
+    def reports_a_new_superseded_identity() -> bool:
         incarnation = read_identity(node.data_dir)
-        return incarnation is not None and health_field(node, "incarnation") == (
-            format_incarnation(incarnation)
+        return (
+            incarnation is not None and incarnation != bound
+            and f'"incarnation":"{format_incarnation(incarnation)}"' in node.log_text()
+            and '"event":"membership.superseded"' in node.log_text()
         )
 
-    wait_until(reports_its_identity, DEADLINE_S, "the node to report its new incarnation")
+    wait_until(reports_a_new_superseded_identity, DEADLINE_S,
+               "the wiped node to report a new, superseded incarnation")
     node.stop()
     (node.data_dir / "incarnation").unlink()
     node.start(wait=False)
