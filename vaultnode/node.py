@@ -369,6 +369,7 @@ class VaultNode:
             replayed_entries=replayed,
             pid=os.getpid(),
             scheme=config.http_scheme,
+            membership=replicator.membership_status(),
         )
         sd_notify("READY=1\nSTATUS=serving " + f"{config.http_scheme}://{config.http_listen}")
         watcher = asyncio.get_running_loop().create_task(

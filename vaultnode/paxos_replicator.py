@@ -629,7 +629,8 @@ class PaxosReplicator:
                 "was wiped or replaced): it takes no part and serves no requests; remove the "
                 "node and add it again as a new member",
             )
-        else:
+        elif self._status_seen:
+            # The status at start is a field of `node.started`; this event reports changes.
             self._events.emit("membership.status", status=status)
         self._status_seen = status
 
