@@ -36,7 +36,9 @@ from consensus.messages import Message
 #    heartbeat echoes, chunked snapshots and promises in parts.
 # 4: Relay (a follower behind a one-way cut reaches its leader through a peer); Heartbeat
 #    carries `relayed_echo`.
-PROTOCOL_VERSION = 4
+# 5: Forward and ForwardRefused carry the follower's incarnation and the Forward's sequence
+#    number; Heartbeat carries `forwards_echo` (consensus/forwarding.py).
+PROTOCOL_VERSION = 5
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096
