@@ -101,7 +101,7 @@ class ForwardsSeen:
 @dataclass
 class _Sent:
     forward: Forward
-    route: int | None  # the next hop its last copy went to (None: sent with no route known)
+    route: int  # the next hop its last copy went to
     copies: int = 1
     size_bytes: int = 0
 
@@ -141,9 +141,9 @@ class ForwardOutbox:
         self._next_seq += 1
         return Forward(self._node_id, leader, ballot, commands, self._incarnation, seq)
 
-    def sent(self, forward: Forward, route: int | None) -> None:
-        """`forward` left by `route` for the first time (None: no route was known, it went
-        directly on the chance; it goes again once a route works)."""
+    def sent(self, forward: Forward, route: int) -> None:
+        """`forward` left for the first time, to the next hop `route` (the leader itself when
+        no route was known: sending it again on that same connection would change nothing)."""
         if self._leadership != (forward.to, forward.ballot):
             return
         if not self._sent:

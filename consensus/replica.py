@@ -1453,7 +1453,7 @@ class Replica:
                 piece, commands = tuple(commands[:length]), commands[length:]
                 forward = self._forward_outbox.number(leader, self._leader_ballot, piece)
                 self._send_to_leader(leader, forward)
-                self._forward_outbox.sent(forward, route)
+                self._forward_outbox.sent(forward, route if route is not None else leader)
         read_ids = self._forwarded_reads.take_gathered()
         if route is not None and route != leader and self._forwarded_reads.in_flight:
             # Now through a relay: rounds sent directly went into the cut; ask again.
