@@ -64,13 +64,12 @@ class ForwardsSeen:
             self.copies_dropped += 1
             return False
         window.above.add(seq)
+        if len(window.above) > self._entries_max:  # one over: the floor rises to the lowest
+            window.floor = min(window.above)
+            window.above.discard(window.floor)
         while window.floor + 1 in window.above:
             window.floor += 1
             window.above.discard(window.floor)
-        if len(window.above) > self._entries_max:
-            for lowest in sorted(window.above)[: len(window.above) - self._entries_max]:
-                window.above.discard(lowest)
-                window.floor = lowest
         return True
 
     def seen(self, origin: int, incarnation: int, seq: int) -> bool:

@@ -29,6 +29,7 @@ def test_numbers_below_the_retained_window_count_as_taken() -> None:
     assert not seen.take(3, INCARNATION, 1)  # below the risen floor: dropped, never placed
     assert seen.seen(3, INCARNATION, 2) and not seen.seen(3, INCARNATION, 5)
     assert seen.take(3, INCARNATION, 5)
+    assert (seen.echo_for(3) - INCARNATION) % TOKEN_MODULUS == 5  # 3, 4, 5 followed the floor
 
 
 def test_two_incarnations_per_member_are_remembered() -> None:
