@@ -94,6 +94,13 @@ class Limits:
     commands waiting for a slot total at most `proposal_queue_bytes_max`, beyond which a
     leader refuses a proposal (`DropReason.OVERLOADED`) or a follower's Forward
     (`ForwardRefused` overloaded): nothing was proposed, the client may retry.
+
+    Forwarding once (`consensus.forwarding`): a follower keeps at most `forward_resend_max`
+    of its Forwards, and `forward_resend_bytes_max` bytes of their commands, for sending again
+    when its route to the leader changes (until the leader echoes it took them); every node
+    remembers, per member and incarnation (two of each), at most `forwards_seen_max` sequence
+    numbers of Forwards it took above a floor (an int each: under 100 KiB per member), and
+    counts every one below the floor as taken.
     """
 
     election_ticks: int = 10
@@ -111,6 +118,9 @@ class Limits:
     relay_bytes_max: int = 256 << 20
     inflight_bytes_max: int = 16 << 20
     proposal_queue_bytes_max: int = 256 << 20
+    forward_resend_max: int = 1024
+    forward_resend_bytes_max: int = 64 << 20
+    forwards_seen_max: int = 1024
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
@@ -130,6 +140,9 @@ class Limits:
             "relay_bytes_max",
             "inflight_bytes_max",
             "proposal_queue_bytes_max",
+            "forward_resend_max",
+            "forward_resend_bytes_max",
+            "forwards_seen_max",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

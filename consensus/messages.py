@@ -154,7 +154,9 @@ class Heartbeat:
     follower can tell whether the leader hears it, not only whether it hears the leader;
     `relayed_echo` the latest it received through a relay (`Relay`), so the follower knows
     which route works (one echo of the latest token would hide the direct route as long as
-    relayed copies, which come later, keep arriving)."""
+    relayed copies, which come later, keep arriving). `forwards_echo` says up to which
+    sequence number the leader took this follower's Forwards (`consensus.forwarding`), so the
+    follower stops keeping them for sending again."""
 
     sender: int
     to: int
@@ -163,6 +165,7 @@ class Heartbeat:
     read_round: int
     echo: int
     relayed_echo: int
+    forwards_echo: int = 0
     sender_incarnation: int = 0
 
 
@@ -226,24 +229,33 @@ class InstallSnapshot:
 @dataclass(frozen=True)
 class Forward:
     """Commands a follower was asked to order, for its leader to propose (etcd's MsgProp): any
-    node takes writes while one node sequences them."""
+    node takes writes while one node sequences them. `ballot` is the ballot of the leader it
+    was sent to (a leader takes no Forward of another ballot); `seq` numbers it within the
+    sender's `incarnation` (from 1; 0: unnumbered), so that the leader takes each Forward once
+    however many copies arrive by however many routes (`consensus.forwarding`)."""
 
     sender: int
     to: int
     ballot: Ballot
     commands: Batch
+    incarnation: int = 0
+    seq: int = 0
     sender_incarnation: int = 0
 
 
 @dataclass(frozen=True)
 class ForwardRefused:
-    """The receiver did not queue these forwarded commands, so no slot will ever hold them."""
+    """The receiver did not queue these commands of the Forward (`incarnation`, `seq`), so no
+    slot will hold them through that copy; the follower tells its client only if it sent no
+    other copy (`consensus.forwarding`)."""
 
     sender: int
     to: int
     ballot: Ballot
     commands: Batch
     overloaded: bool
+    incarnation: int = 0
+    seq: int = 0
     sender_incarnation: int = 0
 
 

@@ -43,6 +43,7 @@ from consensus.config import (
     encoded_entry_bytes,
 )
 from consensus.errors import InvariantViolation, LocalProtocolError
+from consensus.forwarding import ForwardOutbox, ForwardsSeen
 from consensus.membership import (
     CONFIG_WINDOW_SLOTS,
     ConfigEntry,
@@ -122,6 +123,9 @@ class _InflightSlot:
 
 
 _Handler = Callable[[Any], None]
+# Who asked for a queued command: (origin, its incarnation, its Forward's sequence number);
+# (the leader itself, 0, 0) for its own proposals.
+_Source = tuple[int, int, int]
 _Entry = TypeVar("_Entry", AcceptedEntry, ChosenEntry)
 _M = TypeVar("_M", bound=Message)
 _TOKEN_MODULUS = 1 << 63
@@ -224,6 +228,7 @@ class Replica:
         self._clock_ok = True
         self._max_round_seen = state.promised.round
         self._leader_id: int | None = None
+        self._leader_ballot = BALLOT_ZERO  # the ballot of the leader we follow
         self._ballot = BALLOT_ZERO
         self._election_elapsed = 0
         self._election_timeout = self._random_election_timeout()
@@ -255,6 +260,13 @@ class Replica:
         self._prepare_from_slot = 0
         # Follower side of forwarding: commands and reads taken here, ordered by the leader.
         self._forward_queue: list[bytes] = []
+        # Each Forward once, whatever the routes: what we sent and may send again, and what
+        # we took from others (`consensus.forwarding`).
+        self._forward_outbox = ForwardOutbox(
+            node_id, self._incarnation, self.limits.forward_resend_max,
+            self.limits.forward_resend_bytes_max,
+        )
+        self._forwards_seen = ForwardsSeen(self.limits.forwards_seen_max)
         self._forwarded_reads = ForwardedReads(self._incarnation)
         # Read points confirmed by a quorum round, here or at the leader a follower asked.
         self._reads_awaiting_apply = ReadsAwaitingApply()
@@ -347,6 +359,16 @@ class Replica:
         }
 
     @property
+    def forward_copies_dropped(self) -> int:
+        """Copies of Forwards this node had already taken, dropped (`consensus.forwarding`)."""
+        return self._forwards_seen.copies_dropped
+
+    @property
+    def forwards_unechoed(self) -> int:
+        """Forwards this follower keeps for sending again: its leader has not echoed them."""
+        return len(self._forward_outbox)
+
+    @property
     def leader_reachable(self) -> bool:
         """Whether this node leads, or follows a leader that echoed one of our heartbeat acks
         within the last election timeout, sent directly or through a relay: judged from
@@ -430,7 +452,7 @@ class Replica:
         if not self._queue_has_room(batch):
             self._drop(batch, DropReason.OVERLOADED)
             return
-        self._enqueue(batch, self.node_id)
+        self._enqueue(batch, (self.node_id, 0, 0))
         self._maybe_send_accepts()
         self._drain_inbox()
 
@@ -489,6 +511,7 @@ class Replica:
             bool(self._out_records or self._out_messages or self._out_after_persist)
             or self._leader_reads.round_due
             or bool(self._forward_queue or self._forwarded_reads.to_forward)
+            or self._forward_route_changed()
             or (self._role == Role.LEADER and self._chosen_through > self._watermark_notified)
             or self._out_snapshot is not None
             or self._chosen_through > self._emitted_through
@@ -781,8 +804,8 @@ class Replica:
         }
 
     def _reset_leader_state(self) -> None:
-        # Each command with the node that asked for it: this one, or a follower that forwarded it.
-        self._queue: deque[tuple[bytes, int]] = deque()
+        # Each command with who asked for it: this node, or a follower's Forward.
+        self._queue: deque[tuple[bytes, _Source]] = deque()
         self._queue_bytes = 0  # the queued commands as encoded
         self._inflight: dict[int, _InflightSlot] = {}
         self._next_slot = 0
@@ -804,19 +827,21 @@ class Replica:
     def _step_down_from_leadership(self) -> None:
         # Queued commands never reached a slot, so none of them can be chosen: say so to whoever
         # asked, so that their clients learn it now rather than at a timeout.
-        refused: dict[int, list[bytes]] = {}
-        for command, origin in self._queue:
-            refused.setdefault(origin, []).append(command)
-        for origin, commands in refused.items():
+        refused: dict[_Source, list[bytes]] = {}
+        for command, source in self._queue:
+            refused.setdefault(source, []).append(command)
+        for (origin, incarnation, seq), commands in refused.items():
             if origin == self.node_id:
                 self._drop(tuple(commands), DropReason.LEADERSHIP_LOST)
                 continue
             while commands:
-                # Each refusal within one slot's byte budget, as each Forward was: the queue
-                # may hold more of one follower's commands than a frame does.
+                # Each refusal within one slot's byte budget, as each Forward was.
                 length = self._batch_length(commands, len(commands))
                 piece, commands = tuple(commands[:length]), commands[length:]
-                self._send_now(ForwardRefused(self.node_id, origin, self._ballot, piece, False))
+                self._send_now(
+                    ForwardRefused(self.node_id, origin, self._ballot, piece, False,
+                                   incarnation, seq)
+                )
         for read in self._leader_reads.pending:
             if read.origin == self.node_id:
                 self._reject_read(read.read_id, DropReason.LEADERSHIP_LOST)
@@ -1088,7 +1113,7 @@ class Replica:
         raised = message.ballot > self._promised
         self._promised = message.ballot
         if message.sender != self.node_id:
-            self._hear_from_leader(message.sender)
+            self._hear_from_leader(message.sender, message.ballot)
         entry = (message.ballot, message.value)
         if message.slot > self._snapshot_slot and self._accepted.get(message.slot) != entry:
             self._accepted[message.slot] = entry
@@ -1102,9 +1127,10 @@ class Replica:
     def _on_heartbeat(self, message: Heartbeat) -> None:
         if not self._raise_promise_or_reject(message):
             return
-        self._hear_from_leader(message.sender)
+        self._hear_from_leader(message.sender, message.ballot)
         self._note_echo(message.echo, relayed=False)
         self._note_echo(message.relayed_echo, relayed=True)
+        self._forward_outbox.echoed(message.sender, message.forwards_echo)
         self._send_now(self._heartbeat_ack(message))
         relay = self._relay_for_acks()
         if relay is not None:
@@ -1165,12 +1191,14 @@ class Replica:
         self._relay_peer = None
         self._leader_since_tick = self._tick_count
 
-    def _hear_from_leader(self, leader_id: int) -> None:
+    def _hear_from_leader(self, leader_id: int, ballot: Ballot) -> None:
         if self._role != Role.FOLLOWER:
             self._become_follower(leader_id)
         if self._leader_id != leader_id:
             self._forget_leader_echoes()
         self._leader_id = leader_id
+        self._leader_ballot = ballot
+        self._forward_outbox.follow(leader_id, ballot)
         self._election_elapsed = 0
 
     def _follow_watermark(self, leader_id: int, ballot: Ballot, chosen_through: int) -> None:
@@ -1557,6 +1585,7 @@ class Replica:
                     self._leader_reads.round,
                     self._peer_tokens.get(peer, 0),
                     self._peer_relayed_tokens.get(peer, 0),
+                    self._forwards_seen.echo_for(peer),
                 )
             )
 
@@ -1634,17 +1663,21 @@ class Replica:
         self._queue_read(message.round, message.sender, message.incarnation)
 
     def _on_forward(self, message: Forward) -> None:
+        if not self._forwards_seen.take(message.sender, message.incarnation, message.seq):
+            return  # another copy of one we took (queued or refused): at most one slot
+        if message.ballot != self._ballot:
+            # Sent to another leadership of ours (one before a restart, whose record of what
+            # it took is gone, may have placed it): only the one it names may place it.
+            self._send_forward_refused(message, overloaded=False)
+            return
         too_large = any(
             encoded_command_bytes(command) > self.limits.batch_bytes_max
             for command in message.commands
         )  # only from a follower configured with other limits: refuse rather than split
         if too_large or not self._queue_has_room(message.commands):
-            refused = ForwardRefused(
-                self.node_id, message.sender, message.ballot, message.commands, True
-            )
-            self._send_now(refused)
+            self._send_forward_refused(message, overloaded=True)
             return
-        self._enqueue(message.commands, message.sender)
+        self._enqueue(message.commands, (message.sender, message.incarnation, message.seq))
         self._maybe_send_accepts()
 
     def _queue_has_room(self, commands: Batch) -> bool:
@@ -1655,20 +1688,33 @@ class Replica:
         added_bytes = sum(encoded_command_bytes(command) for command in commands)
         return self._queue_bytes + added_bytes <= self.limits.proposal_queue_bytes_max
 
-    def _enqueue(self, commands: Batch, origin: int) -> None:
-        self._queue.extend((command, origin) for command in commands)
+    def _enqueue(self, commands: Batch, source: _Source) -> None:
+        self._queue.extend((command, source) for command in commands)
         self._queue_bytes += sum(encoded_command_bytes(command) for command in commands)
 
     # ---------------------------------------------------------------- follower forwarding
 
     def _refuse_forward(self, message: Forward) -> None:
+        """Not leading: refuse a Forward we never took, so that its client learns now that no
+        slot holds it. A copy of one we took while leading is
+        dropped instead: we may have placed it, and the follower's answer comes from the slot."""
+        if self._forwards_seen.take(message.sender, message.incarnation, message.seq):
+            self._send_forward_refused(message, overloaded=False)
+
+    def _send_forward_refused(self, message: Forward, overloaded: bool) -> None:
         self._send_now(
-            ForwardRefused(self.node_id, message.sender, message.ballot, message.commands, False)
+            ForwardRefused(self.node_id, message.sender, message.ballot, message.commands,
+                           overloaded, message.incarnation, message.seq)
         )
 
     def _on_forward_refused(self, message: ForwardRefused) -> None:
         reason = DropReason.OVERLOADED if message.overloaded else DropReason.NOT_LEADER
-        self._drop(message.commands, reason)
+        if message.seq == 0:
+            self._drop(message.commands, reason)  # unnumbered: the only copy
+            return
+        refused = self._forward_outbox.refused(message.incarnation, message.seq, message.commands)
+        if refused:
+            self._drop(refused, reason)
 
     def _refuse_read_index(self, message: ReadIndexRequest) -> None:
         refusal = ReadIndexReply(
@@ -1693,7 +1739,7 @@ class Replica:
     def _on_commit(self, message: Commit) -> None:
         if not self._raise_promise_or_reject(message):
             return
-        self._hear_from_leader(message.sender)
+        self._hear_from_leader(message.sender, message.ballot)
         self._follow_watermark(message.sender, message.ballot, message.chosen_through)
 
     def _send_to_leader(self, leader: int, message: Forward | ReadIndexRequest) -> None:
@@ -1709,6 +1755,24 @@ class Replica:
         reads = (message,) if isinstance(message, ReadIndexRequest) else ()
         self._send_now(Relay(self.node_id, route, self._promised, self.node_id, leader,
                              forwards, reads, ()))
+
+    def _forward_route_changed(self) -> bool:
+        """Whether Forwards we may have to send again wait for a route other than the one
+        they took (direct, a relay, or none at all for a while)."""
+        outbox = self._forward_outbox
+        return bool(outbox) and self._role == Role.FOLLOWER and self._leader_route() != outbox.route
+
+    def _send_forwards_again(self, route: int | None) -> None:
+        """Our route to the leader changed: send again, by the new route, each Forward it has
+        not echoed (a copy sent directly as a one-way cut began sits in the held link; one
+        passed to a relay that lost its link may be gone). The leader takes each once
+        (`_on_forward`), so however many copies arrive, each command gets at most one slot."""
+        self._forward_outbox.route = route
+        leader = self._leader_id
+        if route is None or leader is None:
+            return  # nowhere to send: they go once a route works again
+        for forward in self._forward_outbox.to_send_again(leader, self._leader_ballot, route):
+            self._send_to_leader(leader, forward)
 
     def _on_relay(self, message: Relay) -> None:
         """Pass a peer's own messages on to the node it names (one hop, within a budget), or,
@@ -1739,7 +1803,8 @@ class Replica:
         if not self._relay_budget_allows(origin, message):
             for forward in message.forwards:
                 self._send_now(
-                    ForwardRefused(self.node_id, origin, forward.ballot, forward.commands, True)
+                    ForwardRefused(self.node_id, origin, forward.ballot, forward.commands, True,
+                                   forward.incarnation, forward.seq)
                 )
             return
         self._send_now(replace(message, sender=self.node_id, to=target))
@@ -1784,6 +1849,9 @@ class Replica:
         if self._leader_reads.start_round_if_due():
             self._broadcast_heartbeat()
         leader = self._leader_id if self._role == Role.FOLLOWER else None
+        route = self._leader_route()
+        if self._forward_route_changed():
+            self._send_forwards_again(route)
         if self._forward_queue:
             commands, self._forward_queue = self._forward_queue, []
             if leader is None:
@@ -1792,9 +1860,10 @@ class Replica:
                 # Each Forward within one slot's byte budget, hence within a frame.
                 length = self._batch_length(commands, len(commands))
                 piece, commands = tuple(commands[:length]), commands[length:]
-                self._send_to_leader(leader, Forward(self.node_id, leader, self._promised, piece))
+                forward = self._forward_outbox.number(leader, self._leader_ballot, piece)
+                self._send_to_leader(leader, forward)
+                self._forward_outbox.sent(forward, route if route is not None else leader)
         read_ids = self._forwarded_reads.take_gathered()
-        route = self._leader_route()
         if route is not None and route != leader and self._forwarded_reads.in_flight:
             # Now through a relay: rounds sent directly went into the cut; ask again.
             read_ids = [*self._forwarded_reads.take_sent_elsewhere(route), *read_ids]

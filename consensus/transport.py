@@ -36,7 +36,11 @@ from consensus.messages import Message
 #    heartbeat echoes, chunked snapshots and promises in parts.
 # 4: Relay (a follower behind a one-way cut reaches its leader through a peer); Heartbeat
 #    carries `relayed_echo`.
-PROTOCOL_VERSION = 5
+# 5: membership: every message ends with the sender's incarnation; InstallSnapshot carries
+#    the configurations in force above its slot (docs/membership.md).
+# 6: Forward and ForwardRefused carry the follower's incarnation and the Forward's sequence
+#    number; Heartbeat carries `forwards_echo` (consensus/forwarding.py).
+PROTOCOL_VERSION = 6
 FRAME_HEADER = struct.Struct("<I")
 FRAME_SIZE_BYTES_MAX_DEFAULT = 64 << 20
 HANDSHAKE_SIZE_BYTES_MAX = 4096

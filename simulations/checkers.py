@@ -3,7 +3,8 @@
 Owns: `Observer` (fed by every simulated node as it learns chosen slots, applies them, and
 answers as an acceptor) and the checks: acceptor promises (no Promise or Accepted below a
 ballot the same acceptor already answered for, across crashes), agreement (no slot chosen with
-two values on any two replicas), configuration errors (a node whose disk was wiped), identical
+two values on any two replicas), proposed once (no command chosen in more slots than it was
+proposed), configuration errors (a node whose disk was wiped), identical
 applied prefixes (a chain digest per slot must agree
 everywhere, snapshots included), durability (every write acknowledged to a client is in the
 final state), linearizability of the client history (through `simulations.linearizability` and
@@ -16,6 +17,7 @@ Must never: change what it observes; a checker only reports `Violation`s.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -58,6 +60,14 @@ class Observer:
     # Every (node id, incarnation) some chosen configuration made a member (empty: a static
     # cluster without incarnations, where the membership checker is off).
     members_ever: set[tuple[int, int]] = field(default_factory=set)
+    # Each command's proposals (a client's retry of the same bytes proposes it again) and
+    # the slots it was chosen in: more slots than proposals means a copy got a slot of its
+    # own (a Forward taken twice), which a state machine that deduplicates would hide.
+    proposals: Counter[bytes] = field(default_factory=Counter)
+    chosen_slots: Counter[bytes] = field(default_factory=Counter)
+
+    def on_proposed(self, command: bytes) -> None:
+        self.proposals[command] += 1
 
     def on_acceptor_reply(self, node_id: int, message: Promise | Accepted) -> None:
         """Paxos P1 seen from outside: once an acceptor (one incarnation of a node) has told
@@ -107,12 +117,21 @@ class Observer:
         if self.members_ever:
             for command in value:
                 if is_membership_command(command):
-                    proposed = decode_change(command)
-                    if proposed is not None:
-                        self.members_ever.update(m.identity for m in proposed.members)
+                    change = decode_change(command)
+                    if change is not None:
+                        self.members_ever.update(m.identity for m in change.members)
         known = self.chosen.get(slot)
         if known is None:
             self.chosen[slot] = (value, node_id)
+            for command in value:
+                self.chosen_slots[command] += 1
+                proposed = self.proposals[command]  # 0: not told (an observer used alone)
+                if proposed and self.chosen_slots[command] > proposed:
+                    self._violate(
+                        "proposed_once",
+                        f"a command proposed {self.proposals[command]} times is chosen in "
+                        f"{self.chosen_slots[command]} slots (slot {slot} the last)",
+                    )
         elif known[0] != value:
             self._violate(
                 "agreement",

@@ -75,6 +75,8 @@ class NodeStats:
     clock_refusals: int = 0  # client writes refused: this node's clock was out of bounds
     forwards_refused_for_clock: int = 0  # forwarded commands stamped too far ahead (leader)
     too_large: int = 0  # commands dropped as larger than a slot
+    forwards_sent_again: int = 0  # copies of its own Forwards sent again (its route changed)
+    forward_copies_dropped: int = 0  # copies of Forwards it had taken already, dropped
     largest_frame_bytes: int = 0
 
 
@@ -126,6 +128,7 @@ class SimNode:
         self._deferred: list[Callable[[], None]] = []
         self.replica: Replica | None = None
         self.failure: str | None = None  # why the node stopped for good (an apply error)
+        self._forwards_sent: set[tuple[int, int]] = set()  # (incarnation, seq) of ours
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -259,7 +262,8 @@ class SimNode:
         )
         if refused:
             self.stats.forwards_refused_for_clock += len(refused)
-            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False))
+            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False,
+                                     forward.incarnation, forward.seq))
             forward = replace(forward, commands=accepted)
         return forward
 
@@ -274,7 +278,11 @@ class SimNode:
                 message = self._within_clock_bound(message)
                 if not message.commands:
                     return
+            dropped_before = self.replica.forward_copies_dropped
             self.driver.step(message)
+            self.stats.forward_copies_dropped += (
+                self.replica.forward_copies_dropped - dropped_before
+            )
             self._process()
 
         self._when_running(step)
@@ -292,6 +300,7 @@ class SimNode:
                     return
                 stamped = decoded.stamped(self.wall_clock_us()).encode()
             self._pending_writes[(decoded.client_id, decoded.seq)] = op_id
+            self.observer.on_proposed(stamped)
             self.driver.propose([stamped])
             self._process()
 
@@ -324,6 +333,10 @@ class SimNode:
             self.observer.on_acceptor_reply(self.node_id, message)
         elif isinstance(message, Relay):
             self.stats.relays_sent += 1
+            if message.origin == self.node_id:
+                self._count_forwards_sent(message.forwards)
+        elif isinstance(message, Forward):
+            self._count_forwards_sent((message,))
         data = encode_message(message)
         self.stats.largest_frame_bytes = max(self.stats.largest_frame_bytes, len(data))
         violation = check_frame_bytes(
@@ -333,6 +346,14 @@ class SimNode:
             self.observer.violations.append(violation)
             return  # the transport refuses it
         self.network.send(self.node_id, message.to, data)
+
+    def _count_forwards_sent(self, forwards: tuple[Forward, ...]) -> None:
+        for forward in forwards:
+            key = (forward.incarnation, forward.seq)
+            if key in self._forwards_sent:
+                self.stats.forwards_sent_again += 1
+            else:
+                self._forwards_sent.add(key)
 
     def unsent_bytes(self, peer_id: int) -> int:
         return self.network.unsent_bytes(self.node_id, peer_id)

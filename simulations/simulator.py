@@ -193,6 +193,8 @@ class WorkloadCounts:
     token_expiries: int = 0  # writes refused as unauthorized (token expired)
     not_applied: int = 0  # definite "not applied" answers a client trusted
     keyless_writes: int = 0
+    forwards_sent_again: int = 0  # copies of Forwards sent again on a route change
+    forward_copies_dropped: int = 0  # copies a node had taken already, dropped
 
     def describe(self) -> str:
         return ", ".join(f"{name} {value}" for name, value in vars(self).items())
@@ -973,6 +975,8 @@ class _Simulation:
             tokens=len(self.tokens),
             token_expiries=sum(1 for op in history if op.output == VaultOutcome.UNAUTHORIZED),
             not_applied=self.not_applied_answers,
+            forwards_sent_again=sum(node.stats.forwards_sent_again for node in nodes),
+            forward_copies_dropped=sum(node.stats.forward_copies_dropped for node in nodes),
             keyless_writes=sum(1 for client in self.clients.values() if client.keyless
                                for op in history if op.client_id == client.client_id
                                and op.input.kind not in ("read", "batch_read")),

@@ -4,7 +4,13 @@ it (`Relay`), once the leader stops echoing its direct acks and echoes the relay
 through `consensus.testing.Network`, whose `cut` holds one direction of a link.
 
 Before `Relay` (checked on the parent commit), the write and the read through the cut-off
-follower went into the cut and were never answered."""
+follower went into the cut and were never answered.
+
+Forwarding once (`consensus.forwarding`): a Forward sent directly as the cut began is sent
+again through the relay when the route changes, and however many copies reach the leader, by
+however many routes, it takes the Forward once. Before (checked on the parent commit, with
+unnumbered Forwards), the direct copy was never sent again, and a Forward delivered directly
+and through two relays was placed in three slots."""
 
 from __future__ import annotations
 
@@ -136,6 +142,156 @@ def test_the_direct_route_is_used_again_once_the_cut_heals() -> None:
     net.nodes[3].propose([b"direct"])
     net.settle()
     assert [m.to for m in net.sent[sent_before:] if isinstance(m, Forward)] == [1]
+
+
+def accepted_slots(net: Network, command: bytes) -> set[int]:
+    """Every slot any leader proposed `command` in."""
+    return {m.slot for m in net.sent if isinstance(m, Accept) and command in m.value}
+
+
+def elect_instead(net: Network, node_id: int) -> None:
+    """Elect `node_id` once the others no longer take the current leader for a live one."""
+    for other in net.nodes:
+        if other != node_id:
+            net.nodes[other]._election_elapsed = net.limits.election_ticks
+    net.elect(node_id)
+
+
+def led_by_1(size: int, command: bytes) -> tuple[Network, Forward]:
+    """N1 leads; N3's first Forward of `command` to it (not sent: the test delivers it)."""
+    net = Network(size)
+    net.elect(1)
+    net.settle()
+    return net, Forward(3, 1, net.nodes[1].promised, (command,), net.nodes[3].incarnation, 1)
+
+
+def forwards_of(net: Network, origin: int, command: bytes) -> list[Forward]:
+    """Each copy of `origin`'s Forward of `command`, sent directly or inside a Relay."""
+    direct = [m for m in net.sent if isinstance(m, Forward) and m.sender == origin]
+    relayed = [f for m in net.sent if isinstance(m, Relay) and m.sender == origin
+               for f in m.forwards]
+    return [f for f in (*direct, *relayed) if command in f.commands]
+
+
+def test_a_write_forwarded_into_the_cut_before_the_follower_noticed_is_sent_again_once() -> None:
+    net = one_way_cut(3, 3)
+    net.nodes[3].propose([b"w"])  # N3 still takes N1 for reachable: the Forward goes direct
+    net.settle()
+    (held,) = forwards_of(net, 3, b"w")
+    assert held.to == 1 and held.seq == 1
+    run_until(net, lambda: applied_values(net, 3) == [b"w"], 3 * net.limits.election_ticks)
+    assert net.nodes[3].leader_relay == 2
+    # Sent again once, through N2, as the same Forward (same incarnation and number).
+    assert forwards_of(net, 3, b"w") == [held, held]
+    # The held copy arrives late (the cut heals without a reset): N1 took that Forward already.
+    net.nodes[1].step(held)
+    net.settle()
+    net.tick_all(2 * net.limits.heartbeat_ticks)
+    assert net.nodes[1].forward_copies_dropped == 1
+    for node_id in (1, 2, 3):
+        assert applied_values(net, node_id) == [b"w"]
+    assert len(accepted_slots(net, b"w")) == 1
+
+
+def test_a_forward_duplicated_over_two_routes_is_proposed_once() -> None:
+    # The same Forward reaches the leader directly and through each other peer, in any order;
+    # the leader places it in one slot and drops the rest.
+    net, forward = led_by_1(5, b"twice")
+    ballot = forward.ballot
+    for relay_id in (2, 4):
+        net.nodes[1].step(Relay(relay_id, 1, ballot, 3, 1, (forward,), (), ()))
+    net.nodes[1].step(forward)
+    net.settle()
+    net.nodes[1].step(forward)  # and once more after its slot is chosen
+    net.settle()
+    assert len(accepted_slots(net, b"twice")) == 1
+    assert all(applied_values(net, node_id) == [b"twice"] for node_id in net.nodes)
+    assert net.nodes[1].forward_copies_dropped == 3
+
+
+def test_the_leader_echoes_the_forwards_it_took_and_the_follower_stops_keeping_them() -> None:
+    net = one_way_cut(3, 3)
+    net.heal()
+    net.nodes[3].propose([b"a"])
+    net.settle()
+    net.tick_all(2 * net.limits.heartbeat_ticks)  # a heartbeat echoes it
+    assert net.nodes[3].forwards_unechoed == 0  # nothing left to send again
+    sent_before = len(net.sent)
+    net.cut |= {(3, 1)}  # a route change now sends nothing again
+    run_until(net, lambda: net.nodes[3].leader_relay == 2, 3 * net.limits.election_ticks)
+    assert not [m for m in net.sent[sent_before:] if isinstance(m, Relay) and m.forwards]
+
+
+def test_a_refusal_of_a_forward_sent_twice_does_not_answer_not_applied() -> None:
+    # The relay refuses the second copy (over its budget) while the first may still arrive: the
+    # client must not be told "not applied". A refusal of a Forward sent once still is.
+    net = one_way_cut(3, 3)
+    net.nodes[3].propose([b"w"])
+    net.settle()
+    (held,) = forwards_of(net, 3, b"w")
+    run_until(net, lambda: len(forwards_of(net, 3, b"w")) == 2, 3 * net.limits.election_ticks)
+    assert net.nodes[3].forwards_unechoed == 1  # not echoed yet
+    net.nodes[3].step(ForwardRefused(2, 3, held.ballot, held.commands, True,
+                                     held.incarnation, held.seq))
+    assert net.nodes[3].ready().dropped_proposals == ()
+    net.nodes[3].propose([b"once"])
+    net.settle()
+    (once,) = forwards_of(net, 3, b"once")
+    net.nodes[3].step(ForwardRefused(2, 3, once.ballot, once.commands, True,
+                                     once.incarnation, once.seq))
+    (dropped,) = net.nodes[3].ready().dropped_proposals
+    assert dropped.commands == (b"once",) and dropped.reason == DropReason.OVERLOADED
+
+
+def test_a_leader_takes_no_forward_sent_to_another_of_its_leaderships() -> None:
+    # A Forward names the ballot of the leader it was sent to. One from an earlier leadership
+    # may have been placed then: after a restart this node's record of what it took is gone.
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    old_ballot = net.nodes[1].promised
+    net.restart(1)
+    elect_instead(net, 1)
+    net.settle()
+    assert net.nodes[1].role == "leader" and net.nodes[1].promised > old_ballot
+    stale = Forward(3, 1, old_ballot, (b"stale",), net.nodes[3].incarnation, 7)
+    net.nodes[1].step(stale)
+    net.settle()
+    assert accepted_slots(net, b"stale") == set()
+    refusals = [m for m in net.sent if isinstance(m, ForwardRefused)]
+    assert [(m.to, m.commands, m.seq) for m in refusals] == [(3, (b"stale",), 7)]
+
+
+def test_a_follower_sends_nothing_again_to_a_new_leader() -> None:
+    # N1 may have placed N3's Forward in a slot that N2 re-proposes from phase 1: forwarding it
+    # to N2 as well could put it in a second slot. N3 forgets it; its client hears "unknown".
+    net = one_way_cut(3, 3)
+    net.nodes[3].propose([b"w"])
+    net.settle()
+    net.isolate(1)
+    elect_instead(net, 2)
+    net.settle()
+    net.tick_all(3 * net.limits.election_ticks)
+    assert net.nodes[3].leader_id == 2
+    assert [f.to for f in forwards_of(net, 3, b"w")] == [1]
+    assert accepted_slots(net, b"w") == set()
+    assert net.nodes[3].forwards_unechoed == 0
+
+
+def test_a_copy_reaching_a_node_that_no_longer_leads_is_dropped_if_it_took_it() -> None:
+    # Refusing it would tell the client "not applied" although the first copy was placed.
+    net, forward = led_by_1(3, b"w")
+    net.nodes[1].step(forward)
+    net.settle()
+    net.isolate(1)
+    elect_instead(net, 2)
+    net.heal()
+    net.settle()
+    sent_before = len(net.sent)
+    net.nodes[1].step(forward)
+    net.settle()
+    assert not [m for m in net.sent[sent_before:] if isinstance(m, ForwardRefused)]
+    assert net.nodes[1].forward_copies_dropped == 1
 
 
 # ---------------------------------------------------------------- what a relay passes on

@@ -7,11 +7,14 @@ campaigns are marked `campaign`, so `make test-fast` leaves them out too."""
 from __future__ import annotations
 
 from random import Random
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consensus.forwarding import ForwardsSeen
+from consensus.replica import Replica
 from simulations.__main__ import main as campaign_main
 from simulations.checkers import Observer, check_durability
 from simulations.faults import FAULT_KINDS, Fault, FaultPlan, Intensities, random_plan
@@ -132,6 +135,16 @@ def test_observer_flags_two_values_in_one_slot() -> None:
     observer.on_chosen(1, 7, (b"a",))
     observer.on_chosen(2, 7, (b"b",))
     assert [v.checker for v in observer.violations] == ["agreement"]
+
+
+def test_observer_flags_a_command_chosen_in_more_slots_than_it_was_proposed() -> None:
+    observer = Observer()
+    observer.on_proposed(b"a")
+    observer.on_chosen(1, 1, (b"a",))
+    observer.on_chosen(2, 1, (b"a",))  # the same slot on another replica: fine
+    assert observer.violations == []
+    observer.on_chosen(1, 2, (b"a",))
+    assert [v.checker for v in observer.violations] == ["proposed_once"]
 
 
 def test_observer_flags_diverging_applied_prefixes() -> None:
@@ -277,3 +290,32 @@ def test_a_one_way_cut_into_the_leader_is_bridged_by_relays() -> None:
     result = run_simulation(SimConfig(seed=7, plan=FaultPlan(faults=(cut,))))
     assert result.ok, result.report()
     assert result.messages_relayed > 0, result.report()
+
+
+class _ForgetfulRecord(ForwardsSeen):
+    def take(self, origin: int, incarnation: int, seq: int) -> bool:
+        return True
+
+
+class _TakesEveryForwardCopy(Replica):
+    """A leader that forgets which Forwards it took: every copy is new."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forwards_seen = _ForgetfulRecord(1)
+
+
+def test_forwards_sent_into_a_one_way_cut_are_sent_again_and_placed_once() -> None:
+    # Seed 6's one-way cut into the leader holds Forwards that a follower then sends again
+    # through the relay; the cut heals without a reset and the held copies arrive too.
+    cut = Fault("one_way", 300, 1500, (3, 1), at_leader=True)
+    result = run_simulation(SimConfig(seed=6, plan=FaultPlan(faults=(cut,))))
+    assert result.ok, result.report()
+    assert result.workload is not None and result.messages_late > 0
+    assert result.workload.forwards_sent_again > 0
+    assert result.workload.forward_copies_dropped > 0
+    # Taking every copy places a command twice, which only `proposed_once` sees (the vault
+    # refuses the replayed command, so the client history stays linearizable).
+    planted = run_simulation(SimConfig(seed=6, plan=FaultPlan(faults=(cut,)),
+                                       replica_factory=_TakesEveryForwardCopy))
+    assert "proposed_once" in {v.checker for v in planted.violations}, planted.report()

@@ -51,6 +51,7 @@ class ConsensusGauges:
     frames_dropped: Callable[[], int]
     clock_offset_us: Callable[[], int | None]  # ours minus the median clock; None: no reading
     clock_within_bounds: Callable[[], bool]
+    forward_copies_dropped: Callable[[], int] = lambda: 0
 
 
 class _GaugeCollector(Collector):
@@ -138,6 +139,11 @@ class _GaugeCollector(Collector):
             "vault_peer_frames_dropped",
             "consensus frames not sent: link down or outbox full (the protocol retransmits)",
             value=c.frames_dropped(),
+        )
+        yield CounterMetricFamily(
+            "vault_forward_copies_dropped",
+            "copies of forwarded writes already taken, dropped (each is placed at most once)",
+            value=c.forward_copies_dropped(),
         )
         offset_us = c.clock_offset_us()
         yield GaugeMetricFamily(

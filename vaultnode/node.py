@@ -490,6 +490,7 @@ class VaultNode:
             frames_dropped=lambda: paxos.transport.frames_dropped if paxos.transport else 0,
             clock_offset_us=lambda: paxos.clock_status.offset_us,
             clock_within_bounds=lambda: paxos.clock_status.within_bounds,
+            forward_copies_dropped=lambda: paxos.replica.forward_copies_dropped,
         )
 
     def _leader_forwarding(self) -> LeaderForwarding:

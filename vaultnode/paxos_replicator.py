@@ -703,8 +703,9 @@ class PaxosReplicator:
         )
         if refused:
             self._events.emit("clock.command_refused", peer=forward.sender, commands=len(refused))
-            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False))
-            forward = Forward(forward.sender, forward.to, forward.ballot, accepted)
+            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False,
+                                     forward.incarnation, forward.seq))
+            forward = dataclasses.replace(forward, commands=accepted)
         return forward
 
     # ---- clock -------------------------------------------------------------------------
