@@ -9,7 +9,8 @@ allowing half the round trip as measurement error, so a slow network does not ma
 look bad; a reading older than `reading_ttl_us` no longer counts.
 
 Also owns `split_by_clock_bound`, the leader's rule for forwarded commands stamped too far ahead
-of its clock (the stamp reader is the application's).
+of its clock (the stamp reader is the application's), and `bound_forwarded`, which applies it to
+a Forward whichever route it took (direct, or inside a `Relay` past a one-way cut).
 
 Must never: read a clock itself (times are passed in, in microseconds), so the rule is tested
 and simulated deterministically.
@@ -18,10 +19,11 @@ and simulated deterministically.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from consensus.config import quorum_size
+from consensus.messages import Forward, ForwardRefused, Message, Relay
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,50 @@ def split_by_clock_bound(
         else:
             accepted.append(raw)
     return tuple(accepted), tuple(refused)
+
+
+def bound_forwarded(
+    message: Message,
+    node_id: int,
+    now_us: int,
+    max_offset_us: int,
+    stamp_of: Callable[[bytes], int | None],
+) -> tuple[Message | None, list[ForwardRefused]]:
+    """For a leader (`node_id`): `message` with the forwarded commands stamped beyond the bound
+    taken out, and a `ForwardRefused` to each Forward's origin naming them (sent directly: the
+    leader reaches the origin even when a one-way cut made it relay). None when nothing is left
+    to step. Any other message passes unchanged."""
+    if type(message) is Forward:
+        kept, refusals = _bound_forward(message, node_id, now_us, max_offset_us, stamp_of)
+        return (kept if kept.commands else None), refusals
+    if type(message) is Relay and message.forwards and message.target == node_id:
+        forwards: list[Forward] = []
+        refusals = []
+        for forward in message.forwards:
+            kept, refused = _bound_forward(forward, node_id, now_us, max_offset_us, stamp_of)
+            refusals += refused
+            if kept.commands:
+                forwards.append(kept)
+        if not refusals:
+            return message, []
+        bounded = replace(message, forwards=tuple(forwards))
+        if not (bounded.forwards or bounded.read_requests or bounded.acks):
+            return None, refusals
+        return bounded, refusals
+    return message, []
+
+
+def _bound_forward(
+    forward: Forward,
+    node_id: int,
+    now_us: int,
+    max_offset_us: int,
+    stamp_of: Callable[[bytes], int | None],
+) -> tuple[Forward, list[ForwardRefused]]:
+    accepted, refused = split_by_clock_bound(forward.commands, now_us, max_offset_us, stamp_of)
+    if not refused:
+        return forward, []
+    refusal = ForwardRefused(
+        node_id, forward.sender, forward.ballot, refused, False, forward.incarnation, forward.seq
+    )
+    return replace(forward, commands=accepted), [refusal]

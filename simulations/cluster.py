@@ -19,13 +19,13 @@ than what is on its `SimDisk`, or retry a failed disk operation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
 import msgpack
 
-from consensus.clock_offsets import ClockOffsets, split_by_clock_bound
+from consensus.clock_offsets import ClockOffsets, bound_forwarded
 from consensus.codec import (
     decode_message,
     decode_record,
@@ -36,7 +36,7 @@ from consensus.codec import (
 from consensus.config import ClusterConfig, Limits
 from consensus.driver import ApplyFailed, ReadyDriver
 from consensus.membership import Membership
-from consensus.messages import Accepted, Forward, ForwardRefused, Message, Promise, Relay
+from consensus.messages import Accepted, Forward, Message, Promise, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica
@@ -255,17 +255,16 @@ class SimNode:
             self.replica.set_clock_ok(ok)
         return ok
 
-    def _within_clock_bound(self, forward: Forward) -> Forward:
+    def _within_clock_bound(self, message: Message) -> Message | None:
         assert self.wall_clock_us is not None
-        accepted, refused = split_by_clock_bound(
-            forward.commands, self.wall_clock_us(), self.max_clock_offset_us, command_stamp_us
+        bounded, refusals = bound_forwarded(
+            message, self.node_id, self.wall_clock_us(), self.max_clock_offset_us,
+            command_stamp_us,
         )
-        if refused:
-            self.stats.forwards_refused_for_clock += len(refused)
-            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False,
-                                     forward.incarnation, forward.seq))
-            forward = replace(forward, commands=accepted)
-        return forward
+        for refusal in refusals:
+            self.stats.forwards_refused_for_clock += len(refusal.commands)
+            self.send(refusal)
+        return bounded
 
     # ---------------------------------------------------------------- inputs (continued)
 
@@ -273,11 +272,12 @@ class SimNode:
         def step() -> None:
             assert self.replica is not None
             message = decode_message(data)
-            if (type(message) is Forward and self.wall_clock_us is not None
+            if (type(message) in (Forward, Relay) and self.wall_clock_us is not None
                     and self.replica.role == "leader"):
-                message = self._within_clock_bound(message)
-                if not message.commands:
+                bounded = self._within_clock_bound(message)
+                if bounded is None:
                     return
+                message = bounded
             dropped_before = self.replica.forward_copies_dropped
             self.driver.step(message)
             self.stats.forward_copies_dropped += (

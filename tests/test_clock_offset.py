@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime
 import glob
+import io
 import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,9 +26,14 @@ import pytest
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.config import ClusterConfig
+from consensus.membership import UNBOUND, Member, Membership
+from consensus.messages import Ballot, Forward, ForwardRefused, Relay
+from consensus.replica import Role
 from simulations.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
 from vaultnode.commands import CommandHeader, CreateSecret, encode_command
-from vaultnode.paxos_replicator import split_by_clock_bound
+from vaultnode.events import EventLog
+from vaultnode.paxos_replicator import PaxosReplicator, split_by_clock_bound
+from vaultnode.state import VaultState
 
 MS = 1000
 DAY_US = 86_400 * 1_000_000
@@ -192,3 +200,40 @@ def test_a_node_a_day_ahead_reports_it_and_changes_no_ones_time(skewed3: Cluster
     assert at_now.status_code == 200, at_now.text
     assert at_now.json()["version"] == 3
     assert node_health(good1) is not None
+
+
+@pytest.mark.parametrize("relayed", [False, True], ids=["direct", "relayed"])
+def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
+    tmp_path: Path, relayed: bool
+) -> None:
+    """A follower behind a one-way cut forwards through a peer (`Relay`): its commands meet
+    the same clock bound as a direct Forward's, and the refusal goes straight to it."""
+    replicator: Any = PaxosReplicator(
+        node_id=1,
+        membership=Membership(tuple(Member(n, UNBOUND, True) for n in (1, 2, 3))),
+        node_incarnation=0,
+        data_dir=tmp_path,
+        state=VaultState(),
+        events=EventLog(1, io.StringIO()),
+        on_fatal=lambda exc: None,
+        segment_bytes_max=1 << 20,
+        snapshot_every_slots=1000,
+    )
+    stepped: list[Any] = []
+    sent: list[Any] = []
+    replicator._replica = SimpleNamespace(role=Role.LEADER, leader_id=1)
+    replicator._driver = SimpleNamespace(step=stepped.append)
+    replicator._kick = lambda: None
+    replicator.send = sent.append
+    now = time.time_ns() // 1000
+    on_time, ahead = command_at(now), command_at(now + DAY_US)
+    ballot = Ballot(4, 1)
+    forward = Forward(3, 1, ballot, (on_time, ahead), 0x3A, 7)
+    relay = Relay(2, 1, ballot, 3, 1, (forward,), (), ())
+
+    replicator.on_message(relay if relayed else forward)
+
+    assert sent == [ForwardRefused(1, 3, ballot, (ahead,), False, 0x3A, 7)]
+    (passed,) = stepped
+    kept = replace(forward, commands=(on_time,))
+    assert passed == (replace(relay, forwards=(kept,)) if relayed else kept)

@@ -33,7 +33,7 @@ from consensus.config import ENVELOPE_BYTES, encoded_command_bytes
 from consensus.config import Limits as ConsensusLimits
 from consensus.driver import ReadyDriver
 from consensus.membership import ConfigEntry, Membership, MembershipChangeRefused, promoted
-from consensus.messages import Forward, ForwardRefused, Message
+from consensus.messages import Forward, Message, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, RefusedMessage, Snapshot
 from consensus.records import MembershipRecord, recover
 from consensus.replica import Replica, Role
@@ -687,26 +687,28 @@ class PaxosReplicator:
         if self._stopped is not None:
             return
         self._heard_from[message.sender] = time.monotonic()
-        if type(message) is Forward and self.replica.role == Role.LEADER:
-            message = self._within_clock_bound(message)
-            if not message.commands:
+        if type(message) in (Forward, Relay) and self.replica.role == Role.LEADER:
+            bounded = self._within_clock_bound(message)
+            if bounded is None:
                 return
+            message = bounded
         self.driver.step(message)
         self._kick()
 
-    def _within_clock_bound(self, forward: Forward) -> Forward:
+    def _within_clock_bound(self, message: Message) -> Message | None:
         """Refuse forwarded commands stamped further ahead of this leader's clock than the bound
         (the sender's clock is off, or jumped since the last ping): command time never jumps
-        further ahead than that. The sender answers them as not ordered (503)."""
-        accepted, refused = split_by_clock_bound(
-            forward.commands, time.time_ns() // 1000, self.max_clock_offset_us
+        further ahead than that. The origin answers them as not ordered (503)."""
+        bounded, refusals = clock_offsets.bound_forwarded(
+            message, self.node_id, time.time_ns() // 1000, self.max_clock_offset_us,
+            _proposed_at_us,
         )
-        if refused:
-            self._events.emit("clock.command_refused", peer=forward.sender, commands=len(refused))
-            self.send(ForwardRefused(self.node_id, forward.sender, forward.ballot, refused, False,
-                                     forward.incarnation, forward.seq))
-            forward = dataclasses.replace(forward, commands=accepted)
-        return forward
+        for refusal in refusals:
+            self._events.emit(
+                "clock.command_refused", peer=refusal.to, commands=len(refusal.commands)
+            )
+            self.send(refusal)
+        return bounded
 
     # ---- clock -------------------------------------------------------------------------
     def on_clock_reading(self, peer_id: int, offset_us: int, round_trip_us: int) -> None:
