@@ -386,6 +386,12 @@ class Replica:
         route = self._leader_route()
         return route if route is not None and route != self._leader_id else None
 
+    @property
+    def leader_route(self) -> int | None:
+        """`_leader_route`: the next hop to our leader, None while not a follower or when the
+        leader echoed neither our direct acks nor a relay's within an election timeout."""
+        return self._leader_route()
+
     def _leader_route(self) -> int | None:
         """The next hop to our leader: the leader itself while it echoes our direct acks, else
         the relay whose passed-on acks it echoes; None if it echoed neither within an election
@@ -576,7 +582,13 @@ class Replica:
     def _stamp(self, message: _M) -> _M:
         """`message` with this node's incarnation as `sender_incarnation`."""
         if self._node_incarnation and message.sender_incarnation != self._node_incarnation:
-            return replace(message, sender_incarnation=self._node_incarnation)
+            # A field-for-field copy of the frozen message with one field changed: what
+            # `dataclasses.replace` makes, at a fifth of its cost (it runs for every message
+            # sent, ~7 per write on a leader).
+            stamped = object.__new__(type(message))
+            stamped.__dict__.update(message.__dict__)
+            stamped.__dict__["sender_incarnation"] = self._node_incarnation
+            return stamped
         return message
 
     def _send_now(self, message: Message) -> None:
