@@ -261,8 +261,10 @@ class ForwardRefused:
 
 @dataclass(frozen=True)
 class Commit:
-    """The leader's chosen watermark, sent when no Accept in the same turn carries it, so that
-    followers apply (and answer the writes they forwarded) without waiting for a heartbeat."""
+    """The leader's chosen watermark, sent to a follower that waits for it (it forwarded a
+    command now chosen, or was granted a read point above what it knows chosen) when no Accept
+    or Heartbeat of the same turn carries it, so that it answers without waiting for a
+    heartbeat. Other followers learn the watermark from the next Accept or Heartbeat."""
 
     sender: int
     to: int

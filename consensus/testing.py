@@ -164,6 +164,14 @@ class Network:
         for _ in range(ticks):
             self.nodes[node_id].tick()
 
+    def heartbeat(self, leader_id: int) -> None:
+        """Tick the leader through one heartbeat interval and settle: followers that only follow
+        learn its chosen watermark from a heartbeat (it tells at once only the peers waiting
+        for it: those that forwarded a command now chosen or hold a read point)."""
+        for _ in range(self.limits.heartbeat_ticks):
+            self.nodes[leader_id].tick()
+            self.settle()
+
     def tick_all(self, ticks: int = 1) -> None:
         for _ in range(ticks):
             for node_id in self.node_ids:

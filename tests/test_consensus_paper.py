@@ -14,6 +14,7 @@ from consensus.messages import (
     Accepted,
     AcceptedEntry,
     Ballot,
+    Commit,
     Forward,
     ForwardRefused,
     Heartbeat,
@@ -166,6 +167,7 @@ def test_follower_forwards_proposals_to_its_leader_in_one_message_per_turn() -> 
         (1, (b"x", b"y"))
     ]
     net.settle()
+    net.heartbeat(1)  # N3 forwarded nothing: it learns the watermark from the next heartbeat
     for node_id in (1, 2, 3):
         applied = [command for _, batch in net.logs[node_id].applied for command in batch]
         assert applied == [b"x", b"y"], node_id
@@ -231,16 +233,37 @@ def test_the_refusals_of_a_stepping_down_leader_each_fit_a_frame() -> None:
     assert {m.to for m in refusals} == {2}
 
 
-def test_followers_learn_the_watermark_without_waiting_for_a_heartbeat() -> None:
-    # The leader tells each follower its new watermark in the turn it moves, so a follower
-    # applies (and answers what it forwarded) without a tick passing.
+def test_a_follower_learns_its_forwarded_write_chosen_without_waiting_for_a_heartbeat() -> None:
+    # The leader tells a follower its new watermark in the turn it moves when the follower
+    # forwarded a command of the chosen slot, so it applies (and answers its client) without a
+    # tick passing; a follower that forwarded nothing learns it from the next heartbeat, and
+    # costs no message per write meanwhile.
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.nodes[2].propose([b"x"])
+    net.settle()
+    assert [batch for _, batch in net.logs[2].applied if batch] == [(b"x",)]
+    assert [batch for _, batch in net.logs[3].applied if batch] == []
+    commits = [m for m in net.sent if isinstance(m, Commit)]
+    assert [m.to for m in commits] == [2]
+    net.heartbeat(1)
+    assert [batch for _, batch in net.logs[3].applied if batch] == [(b"x",)]
+
+
+def test_a_follower_granted_a_read_point_is_told_the_watermark_with_it() -> None:
+    # A read point above what the follower knows chosen must come with the watermark, or its
+    # read would wait for the next heartbeat.
     net = Network(3)
     net.elect(1)
     net.settle()
     net.nodes[1].propose([b"x"])
     net.settle()
-    for node_id in (2, 3):
-        assert [batch for _, batch in net.logs[node_id].applied if batch] == [(b"x",)]
+    assert net.nodes[3].chosen_through < net.nodes[1].chosen_through
+    net.nodes[3].request_read(7)
+    net.settle()
+    assert [read.read_id for read in net.logs[3].reads] == [7]
+    assert [batch for _, batch in net.logs[3].applied if batch] == [(b"x",)]
 
 
 def test_pre_vote_is_denied_while_the_leader_is_fresh() -> None:

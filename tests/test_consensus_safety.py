@@ -132,6 +132,7 @@ def run_learn_reaches_a_deposed_leader(factory: ReplicaFactory) -> Network:
     assert net.nodes[3].promised > b1
     net.nodes[3].propose([b"c"])
     net.settle()
+    net.heartbeat(3)
     assert net.nodes[5].chosen_through == 2
     # The delayed request reaches N5; its Learn reaches N1, still leading at b1.
     net.nodes[5].step(delayed_request[0])
@@ -140,7 +141,8 @@ def run_learn_reaches_a_deposed_leader(factory: ReplicaFactory) -> Network:
     assert [(e.slot, e.value) for e in learns[0].entries] == [(1, (b"x",)), (2, (b"c",))]  # type: ignore[union-attr]
     assert net.nodes[1].role == Role.LEADER
     net.nodes[1].step(learns[0])
-    net.settle()  # whatever N1 now says reaches N2
+    net.settle()
+    net.heartbeat(1)  # whatever N1 now says, its watermark included, reaches N2
     return net
 
 
@@ -421,6 +423,7 @@ def test_a_command_no_slot_can_hold_is_dropped_as_too_large_on_leader_and_follow
         ]
     net.nodes[2].propose([largest])  # exactly at the limit: ordered like any other
     net.settle()
+    net.heartbeat(1)
     applied = [c for _, batch in net.logs[3].applied for c in batch]
     assert applied == [b"fits", b"fits", largest]
 
@@ -441,6 +444,7 @@ def test_accepts_forwards_and_records_stay_within_the_byte_limits() -> None:
     assert max(frames(accepts)) <= SMALL.frame_bytes_max
     assert max(len(encode_record(r)) for r in ready.records) <= SMALL.record_bytes_max
     net.settle()
+    net.heartbeat(1)
     for node_id in (1, 2, 3):
         assert [c for _, batch in net.logs[node_id].applied for c in batch] == commands
 
@@ -461,6 +465,7 @@ def test_a_leader_keeps_at_most_inflight_bytes_max_of_slots_in_flight() -> None:
     # 1410 bytes in flight after the first slot, under 2000: a second opens, then no more.
     assert len({m.slot for m in accepts}) == 2
     net.settle()  # each ack opens the next slot: all are ordered in the end
+    net.heartbeat(1)
     for node_id in (1, 2, 3):
         assert [c for _, batch in net.logs[node_id].applied for c in batch] == commands
 
@@ -506,6 +511,7 @@ def test_a_snapshot_larger_than_a_frame_travels_in_chunks_and_resumes_after_a_lo
     net.isolate(3)
     net.nodes[1].propose([b"a"])
     net.settle()
+    net.heartbeat(1)  # N2 learns slot 1 chosen, so it can compact it too
     state = bytes(range(256)) * 40  # 10 KiB: ten chunks
     for node_id in (1, 2):  # whichever N3 asks has compacted slot 1
         net.take_snapshot(node_id, state)
@@ -558,6 +564,7 @@ def test_a_promise_too_large_for_a_frame_travels_in_parts_and_counts_once_all_ar
     promises = [m for m in net.sent if isinstance(m, Promise) and m.sender == 3 and m.to == 2]
     assert len(promises) == 4 and max(frames(promises)) <= SMALL.frame_bytes_max
     net.settle()
+    net.heartbeat(2)
     assert [batch for _, batch in net.logs[3].applied if batch] == values
 
 

@@ -116,6 +116,7 @@ def test_a_learner_gets_the_log_never_votes_and_is_promoted_by_a_change() -> Non
     assert net.nodes[4].membership_status == "learner"
     net.nodes[1].propose([b"b"])
     net.settle()
+    net.heartbeat(1)
     assert [c for _, batch in net.logs[4].applied for c in batch] == [b"a", b"b"]
     # A learner's accepts count for nothing: with 2 and 3 cut off, nothing is chosen.
     net.isolate(2)
@@ -136,6 +137,7 @@ def test_a_learner_gets_the_log_never_votes_and_is_promoted_by_a_change() -> Non
     assert leader in (1, 2, 4)
     net.nodes[leader].propose([b"d"])
     net.settle()
+    net.heartbeat(leader)
     assert b"d" in [c for _, batch in net.logs[4].applied for c in batch]
 
 
@@ -323,7 +325,8 @@ def test_the_leader_tracks_each_peers_last_answer_and_match_index() -> None:
     net.nodes[1].propose([b"x"])
     net.settle()
     assert net.nodes[2].peer_progress() == {}  # followers track nothing
-    net.tick_all(net.limits.heartbeat_ticks)
+    # A heartbeat tells the followers the watermark; the acks to the next one report it.
+    net.tick_all(2 * net.limits.heartbeat_ticks)
     progress = net.nodes[1].peer_progress()
     assert set(progress) == {2, 3}
     assert all(p.match_index == net.nodes[1].chosen_through for p in progress.values())
