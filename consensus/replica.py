@@ -984,6 +984,8 @@ class Replica:
 
     def _sole_voter(self) -> bool:
         """Whether this node is the only voter of every configuration it may propose under."""
+        if self.membership_in_force.voter_ids != (self.node_id,):
+            return False  # the window's first configuration has others (asked at every tick)
         return all(
             config.voter_ids == (self.node_id,) for config in self._window_configs()
         ) and self._stands_for_election()
