@@ -270,6 +270,14 @@ def test_a_configuration_and_a_stored_snapshot_keep_their_bytes() -> None:
     assert decode_stored_snapshot(bytes.fromhex(GOLDEN_STORED_SNAPSHOT)) == (b"app", CONFIGS)
 
 
+def test_an_encode_that_fails_halfway_leaves_nothing_for_the_next_one() -> None:
+    # The codec keeps one msgpack Packer per thread: a failed pack must not leave bytes in it.
+    with pytest.raises(OverflowError):
+        encode_message(Heartbeat(1, 2, B, 6, 12, 1 << 62, 7, (1 << 62) + 3, 1 << 64))
+    message, golden_hex = GOLDEN_MESSAGES[7]
+    assert encode_message(message).hex() == golden_hex
+
+
 def _wire_fields(value: Any) -> Any:
     """The wire form the module docstring states, spelt out slowly: a dataclass is the array of
     its fields in declaration order, a tuple an array, anything else itself."""
