@@ -2,7 +2,8 @@
 
 Owns: timing, in one process, each piece the leader runs for every HTTP request outside the
 handler's own logic: the event line, the audit line, the command codec, record ids, sealing and
-opening, SealedValue parsing, and one keep-alive HTTP round trip through HttpServer. Must never:
+opening, SealedValue parsing, one keep-alive HTTP round trip through HttpServer, and the peer
+messages and log record of one write (consensus.codec). Must never:
 be run by the test suite (it takes seconds), start a node, or print key material or values.
 
 Reproduce with:  .venv/bin/python bench/bench_request_path.py [--seconds 0.5]
@@ -17,10 +18,23 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import uvloop
 
+from consensus.codec import decode_message, decode_record, encode_message, encode_record
+from consensus.messages import (
+    Accept,
+    Accepted,
+    Ballot,
+    Commit,
+    Forward,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+)
+from consensus.records import AcceptRecord, Record
 from storage.envelope import SealedValue, new_record_id, open_sealed, seal
 from vaultnode.audit import AuditTrail, derive_chain_key
 from vaultnode.commands import (
@@ -53,6 +67,31 @@ def _us_per_call(operation: Callable[[], object], duration_s: float) -> float:
         now = time.perf_counter()
         if now >= deadline:
             return (now - started) / count * 1e6
+
+
+def _peer_codec_rows(duration_s: float) -> list[tuple[str, float]]:
+    """Encode and decode of what one client write puts on the peer wire and in the log, with
+    values of a cluster that has run a while (big incarnations and tokens, slots in thousands)."""
+    command = bytes(range(150))  # a CreateSecret command is about this size
+    ballot = Ballot(7, 1)
+    incarnation = 0x2345_6789_ABCD_EF01
+    messages: list[Message] = [
+        Accept(1, 2, ballot, 48_213, (command,), 48_212, incarnation),
+        Accepted(2, 1, ballot, 48_213, incarnation),
+        Commit(1, 2, ballot, 48_213, incarnation),
+        Heartbeat(1, 2, ballot, 48_213, 912, 0x1234_5678_9ABC, 0, 4_021, incarnation),
+        HeartbeatAck(2, 1, ballot, 912, 48_213, 0x1234_5678_9ABC, incarnation),
+        Forward(2, 1, ballot, (command,), incarnation, 4_022, incarnation),
+    ]
+    record: Record = AcceptRecord(48_213, ballot, (command,))
+    calls: list[tuple[str, Callable[[], object]]] = []
+    for message in messages:
+        name, encoded = type(message).__name__, encode_message(message)
+        calls.append((f"encode_message({name})", partial(encode_message, message)))
+        calls.append((f"decode_message({name})", partial(decode_message, encoded)))
+    calls.append(("encode_record(AcceptRecord)", partial(encode_record, record)))
+    calls.append(("decode_record(AcceptRecord)", partial(decode_record, encode_record(record))))
+    return [(label, _us_per_call(call, duration_s)) for label, call in calls]
 
 
 async def _repeat(step: Callable[[], Awaitable[None]], times: int) -> None:
@@ -193,6 +232,7 @@ def main() -> None:
         ),
         ("encode_command", _us_per_call(lambda: encode_command(command), seconds)),
         ("decode_command", _us_per_call(lambda: decode_command(encoded), seconds)),
+        *_peer_codec_rows(seconds),
         ("http round trip (1 in flight)", _http_round_trip_us(seconds, 1)),
         ("http round trip (16 pipelined)", _http_round_trip_us(seconds, 16)),
     ]

@@ -6,14 +6,23 @@ their fields. Decoding checks every type, so malformed bytes raise instead of re
 
 Must never: use pickle or anything that executes input, or accept a value whose type differs from
 the annotation. Adding a field or a type is a wire change: append, never reorder.
+
+How: the codec runs several times per write on every node, so each type's encoder and decoder
+is made once, at import, from its annotations (closures; no generated source). An encoder reads a
+dataclass's fields with one `operator.attrgetter` and converts only the nested dataclasses among
+them (msgpack packs a tuple as an array). A decoder compares the exact types of an array's
+elements with those its type expects at that length in one step, then decodes only the elements
+that are arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from operator import attrgetter
+from typing import Any
 
 import msgpack
 
@@ -24,72 +33,143 @@ from consensus.errors import CorruptRecordError, RemoteProtocolError
 from consensus.messages import MESSAGE_TYPES, Message
 from consensus.records import RECORD_TYPES, Record
 
+_Encoder = Callable[[Any], Any]
+"""A value to what msgpack packs for it: tuples and lists of scalars (and of such arrays)."""
 _Decoder = Callable[[Any], Any]
-_T = TypeVar("_T")
+
+_SCALARS = (int, bool, bytes)
 
 
 class _WireShapeError(ValueError):
     pass
 
 
-_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    if len(names) == 1:  # attrgetter of one name returns the bare value, not a 1-tuple
+        only = attrgetter(names[0])
+        return lambda value: (only(value),)
+    return attrgetter(*names)
 
 
-def _to_wire(value: Any) -> Any:
-    field_names = _FIELD_NAMES.get(type(value))
-    if field_names is not None:
-        return [_to_wire(getattr(value, name)) for name in field_names]
-    if type(value) is tuple:
-        return [_to_wire(item) for item in value]
-    return value
+def _dataclass_encoder(cls: type[Any], namespace: dict[str, Any]) -> _Encoder:
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    hints = typing.get_type_hints(cls, namespace)
+    fields_of = _fields_getter(names)
+    nested = [
+        (index, encode_field)
+        for index, name in enumerate(names)
+        if (encode_field := _encoder_for(hints[name], namespace)) is not None
+    ]
+    if not nested:
+        return fields_of  # only scalars and tuples of them: already the wire form
+
+    def encode(value: Any) -> Any:
+        wire = list(fields_of(value))
+        for index, encode_field in nested:
+            wire[index] = encode_field(wire[index])
+        return wire
+
+    return encode
 
 
-def _scalar_decoder(expected: type) -> _Decoder:
+def _encoder_for(annotation: Any, namespace: dict[str, Any]) -> _Encoder | None:
+    """None for values msgpack packs as they are: scalars, and tuples of them (as arrays)."""
+    if annotation in _SCALARS:
+        return None
+    if typing.get_origin(annotation) is tuple:
+        encode_item = _encoder_for(typing.get_args(annotation)[0], namespace)
+        if encode_item is None:
+            return None
+        return lambda items: [encode_item(item) for item in items]
+    return _dataclass_encoder(annotation, namespace)
+
+
+_per_thread = threading.local()
+
+
+def _pack(wire: Any) -> bytes:
+    # msgpack.packb makes a Packer per call, a third of an encode: keep one per thread. Packing
+    # tuples, lists and scalars runs no Python code, so nothing can re-enter a Packer mid-pack.
+    try:
+        packer = _per_thread.packer
+    except AttributeError:
+        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True)
+    packed: bytes = packer.pack(wire)
+    return packed
+
+
+def _scalar_tuple_decoder(expected: type) -> _Decoder:
     def decode(value: Any) -> Any:
-        # bool is an int in Python; a field typed int must not silently take True.
-        if type(value) is not expected:
-            raise _WireShapeError(f"expected {expected.__name__}, got {type(value).__name__}")
-        return value
+        if type(value) is not list:
+            raise _WireShapeError(f"expected array, got {type(value).__name__}")
+        for item in value:
+            # bool is an int in Python; a field typed int must not silently take True.
+            if type(item) is not expected:
+                raise _WireShapeError(f"expected {expected.__name__}, got {type(item).__name__}")
+        return tuple(value)
 
     return decode
 
 
 def _tuple_decoder(item: _Decoder) -> _Decoder:
     def decode(value: Any) -> Any:
-        if not isinstance(value, list):
+        if type(value) is not list:
             raise _WireShapeError(f"expected array, got {type(value).__name__}")
-        return tuple(item(element) for element in value)
+        return tuple(map(item, value))
 
     return decode
 
 
 def _dataclass_decoder(cls: type[Any], namespace: dict[str, Any]) -> _Decoder:
-    # Field order is the wire order; remembered per type because encoding is on the hot path.
-    _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    hints = typing.get_type_hints(cls, namespace)
     fields = dataclasses.fields(cls)
-    field_decoders = [_decoder_for(hints[f.name], namespace) for f in fields]
+    names = tuple(f.name for f in fields)
+    hints = typing.get_type_hints(cls, namespace)
+    # What msgpack hands back for each field: the scalar itself, or a list for the fields that
+    # are arrays (nested dataclasses and tuples), which are decoded further.
+    wire_types = tuple(hints[name] if hints[name] in _SCALARS else list for name in names)
+    arrays = [(index, _decoder_for(hints[name], namespace))
+              for index, name in enumerate(names) if wire_types[index] is list]
     # Trailing fields with defaults were appended later: an older peer or log omits them.
     required = sum(
         1 for f in fields
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
+    # Per accepted array length: the exact type of each element, and the arrays among them.
+    layouts = {
+        count: (wire_types[:count], tuple(array for array in arrays if array[0] < count))
+        for count in range(required, len(fields) + 1)
+    }
 
     def decode(value: Any) -> Any:
-        if not isinstance(value, list) or not required <= len(value) <= len(field_decoders):
-            raise _WireShapeError(f"{cls.__name__} needs {len(field_decoders)} fields")
-        return cls(*(dec(item) for dec, item in zip(field_decoders, value, strict=False)))
+        layout = layouts.get(len(value)) if type(value) is list else None
+        # Exact types: bool is an int in Python, and a field typed int must not take True.
+        if layout is None or tuple(map(type, value)) != layout[0]:
+            raise _WireShapeError(_misfit(cls, value, wire_types, required))
+        for index, decode_array in layout[1]:
+            value[index] = decode_array(value[index])
+        return cls(*value)
 
     return decode
 
 
+def _misfit(cls: type[Any], value: Any, wire_types: tuple[type, ...], required: int) -> str:
+    """Why `value` is not the wire form of a `cls` (only worked out when decoding fails)."""
+    if type(value) is not list or not required <= len(value) <= len(wire_types):
+        return f"{cls.__name__} needs {len(wire_types)} fields"
+    for f, item, expected in zip(dataclasses.fields(cls), value, wire_types, strict=False):
+        if type(item) is not expected:
+            got, wanted = type(item).__name__, "array" if expected is list else expected.__name__
+            return f"{cls.__name__}.{f.name}: expected {wanted}, got {got}"
+    return f"{cls.__name__}: unexpected shape"
+
+
 def _decoder_for(annotation: Any, namespace: dict[str, Any]) -> _Decoder:
-    if annotation in (int, bool, bytes):
-        return _scalar_decoder(annotation)
     if typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         if len(args) != 2 or args[1] is not Ellipsis:
             raise TypeError(f"only homogeneous tuples are encodable, not {annotation}")
+        if args[0] in _SCALARS:
+            return _scalar_tuple_decoder(args[0])
         return _tuple_decoder(_decoder_for(args[0], namespace))
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         return _dataclass_decoder(annotation, namespace)
@@ -102,15 +182,19 @@ def _build_table(types: tuple[type[Any], ...], namespace: dict[str, Any]) -> dic
 
 _NAMESPACE = {**vars(membership_module), **vars(messages_module), **vars(records_module)}
 _MESSAGE_DECODERS = _build_table(MESSAGE_TYPES, _NAMESPACE)
-_MESSAGE_TAGS = {cls: tag for tag, cls in enumerate(MESSAGE_TYPES, start=1)}
 _RECORD_DECODERS = _build_table(RECORD_TYPES, _NAMESPACE)
-_RECORD_TAGS = {cls: tag for tag, cls in enumerate(RECORD_TYPES, start=1)}
+# Per type: its tag and its encoder.
+_MESSAGE_ENCODERS = {
+    cls: (tag, _dataclass_encoder(cls, _NAMESPACE)) for tag, cls in enumerate(MESSAGE_TYPES, 1)
+}
+_RECORD_ENCODERS = {
+    cls: (tag, _dataclass_encoder(cls, _NAMESPACE)) for tag, cls in enumerate(RECORD_TYPES, 1)
+}
 
 
-def _encode(value: Any, tags: dict[type[Any], int]) -> bytes:
-    tag = tags[type(value)]
-    packed: bytes = msgpack.packb([tag, *_to_wire(value)], use_bin_type=True)
-    return packed
+def _encode(value: Any, encoders: dict[type[Any], tuple[int, _Encoder]]) -> bytes:
+    tag, encode = encoders[type(value)]
+    return _pack((tag, *encode(value)))
 
 
 def _decode(data: bytes, decoders: dict[int, _Decoder]) -> Any:
@@ -124,7 +208,7 @@ def _decode(data: bytes, decoders: dict[int, _Decoder]) -> Any:
 
 
 def encode_message(message: Message) -> bytes:
-    return _encode(message, _MESSAGE_TAGS)
+    return _encode(message, _MESSAGE_ENCODERS)
 
 
 def decode_message(data: bytes) -> Message:
@@ -137,7 +221,7 @@ def decode_message(data: bytes) -> Message:
 
 
 def encode_record(record: Record) -> bytes:
-    return _encode(record, _RECORD_TAGS)
+    return _encode(record, _RECORD_ENCODERS)
 
 
 def decode_record(data: bytes) -> Record:
@@ -149,13 +233,13 @@ def decode_record(data: bytes) -> Record:
     return record
 
 
+_MEMBERSHIP_ENCODER = _dataclass_encoder(membership_module.Membership, _NAMESPACE)
 _MEMBERSHIP_DECODER = _dataclass_decoder(membership_module.Membership, _NAMESPACE)
 
 
 def encode_membership(membership: membership_module.Membership) -> bytes:
     """A configuration as the body of a membership command (`consensus.membership`)."""
-    packed: bytes = msgpack.packb(_to_wire(membership), use_bin_type=True)
-    return packed
+    return _pack(_MEMBERSHIP_ENCODER(membership))
 
 
 def decode_membership(data: bytes) -> membership_module.Membership:
