@@ -1,13 +1,14 @@
 """The asyncio adapter that carries consensus messages between peers: msgpack frames over TCP.
 
 Owns the peer connections: two outbound connections per peer (dialled, redialled with backoff)
-for sending and the inbound ones for receiving; the handshake (cluster id, node id, protocol
-version), the frame format (4-byte little-endian length + msgpack message, bounded size), TLS
-identity checks, the lanes (each peer is dialled twice: frames over 64 KiB travel on a bulk
-connection of their own, written a slice at a time, so that they never delay the heartbeats,
-acks and Accepteds on the control connection), and clock pings: a transport-level frame (a
-msgpack map, where a consensus message is an array) carrying the sender's monotonic time,
-answered with the receiver's wall clock, which yields a reading of the peer's clock
+for sending and the inbound ones for receiving (a protocol that delivers every complete frame of
+a chunk read in one callback, never a coroutine per frame); the handshake (cluster id, node id,
+protocol version), the frame format (4-byte little-endian length + msgpack message, bounded
+size), TLS identity checks, the lanes (each peer is dialled twice: frames over 64 KiB travel on
+a bulk connection of their own, written a slice at a time, so that they never delay the
+heartbeats, acks and Accepteds on the control connection), and clock pings: a transport-level
+frame (a msgpack map, where a consensus message is an array) carrying the sender's monotonic
+time, answered with the receiver's wall clock, which yields a reading of the peer's clock
 (`on_clock_reading`: the peer's wall clock minus ours, corrected by half the round trip). It
 must never interpret a consensus message: it delivers what arrives to `on_message` and drops
 what it cannot send — the protocol retransmits, so a lost frame is only a delay.
@@ -99,14 +100,6 @@ def _frame(payload: bytes) -> bytes:
     return FRAME_HEADER.pack(len(payload)) + payload
 
 
-async def _read_frame(reader: asyncio.StreamReader, size_bytes_max: int) -> bytes:
-    header = await reader.readexactly(FRAME_HEADER.size)
-    (size,) = FRAME_HEADER.unpack(header)
-    if size > size_bytes_max:
-        raise HandshakeError(f"frame of {size} bytes exceeds the limit of {size_bytes_max}")
-    return await reader.readexactly(size)
-
-
 class PeerTransport:
     def __init__(
         self,
@@ -149,14 +142,14 @@ class PeerTransport:
         self._dialers: dict[int, list[asyncio.Task[None]]] = {}
         self._started = False
         self._server: asyncio.Server | None = None
-        self._inbound: set[asyncio.StreamWriter] = set()
+        self._inbound: set[_InboundPeerConnection] = set()
         self.connected: dict[int, bool] = {peer: False for peer in self._peers}
         self.frames_dropped = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve_inbound, self._listen[0], self._listen[1], ssl=self._server_ssl,
-            reuse_address=True,
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _InboundPeerConnection(self), self._listen[0], self._listen[1],
+            ssl=self._server_ssl, reuse_address=True,
         )
         self._started = True
         for peer_id in self._peers:
@@ -192,8 +185,8 @@ class PeerTransport:
         tasks = [task for dialers in self._dialers.values() for task in dialers]
         for task in tasks:
             task.cancel()
-        for writer in list(self._inbound):
-            writer.close()
+        for connection in list(self._inbound):
+            connection.close()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -372,7 +365,7 @@ class PeerTransport:
             raise RemoteProtocolError(f"malformed clock frame: {exc}") from exc
 
     # ---- inbound ---------------------------------------------------------------------
-    def _check_hello(self, raw: bytes, writer: asyncio.StreamWriter) -> tuple[int, str]:
+    def _check_hello(self, raw: bytes, connection: asyncio.BaseTransport) -> tuple[int, str]:
         try:
             hello: Any = msgpack.unpackb(raw, raw=False)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -390,7 +383,7 @@ class PeerTransport:
         ):
             raise HandshakeError(f"node {peer_id!r} is not a peer of this cluster")
         if self._server_ssl is not None:
-            cert = writer.get_extra_info("peercert") or {}
+            cert = connection.get_extra_info("peercert") or {}
             names = {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
             if node_tls_name(peer_id) not in names:
                 raise HandshakeError(f"the certificate presented is not node {peer_id}'s")
@@ -399,36 +392,110 @@ class PeerTransport:
             raise HandshakeError(f"lane {lane!r} is not known")
         return peer_id, lane
 
-    async def _serve_inbound(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._inbound.add(writer)
-        peer_address = writer.get_extra_info("peername")
-        peer_id: int | None = None
-        logged = False  # only the control lane's come and go are logged
+
+class _InboundPeerConnection(asyncio.Protocol):
+    """One connection a peer dialled: its hello, then its frames, delivered as they arrive.
+
+    Every complete frame in a chunk the connection hands over is delivered before this returns
+    to the event loop: a burst of messages costs one loop turn and one driver turn, where a
+    coroutine reading frame by frame costs two awaits per frame. Nothing is ever written back on
+    this connection: a clock ping is answered on our own connection to the peer. A frame header
+    over the limit is refused as soon as it is read, before any of its body is kept."""
+
+    def __init__(self, owner: PeerTransport) -> None:
+        self._owner = owner
+        self._connection: asyncio.BaseTransport | None = None
+        self._peer_address: object = None
+        self._pending = bytearray()  # the start of a frame whose end has not arrived
+        self._peer_id: int | None = None  # set once the hello is taken
+        self._logged = False  # only the control lane's come and go are logged
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connection = transport
+        self._peer_address = transport.get_extra_info("peername")
+        self._owner._inbound.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        chunk: bytes | bytearray = data
+        if self._pending:
+            self._pending += data
+            chunk = self._pending
         try:
-            raw = await _read_frame(reader, HANDSHAKE_SIZE_BYTES_MAX)
-            peer_id, lane = self._check_hello(raw, writer)
-            logged = lane == CONTROL_LANE
-            if logged:
-                self._on_event("peer.connected", peer=peer_id, direction="in")
-            while True:
-                payload = await _read_frame(reader, self._frame_size_bytes_max)
-                if _is_clock_frame(payload):
-                    self._on_clock_frame(peer_id, payload)
-                    continue
+            delivered = self._deliver_frames(chunk)
+        except (HandshakeError, RemoteProtocolError) as exc:
+            self._owner._on_event("peer.refused", address=str(self._peer_address), reason=str(exc))
+            self.close()
+            return
+        except BaseException:
+            self.close()  # the node failed on a frame: hang up, and let the loop log it
+            raise
+        if self._closed:
+            return
+        if chunk is self._pending:
+            del self._pending[:delivered]
+        elif delivered < len(data):
+            self._pending += memoryview(data)[delivered:]
+
+    def _deliver_frames(self, chunk: bytes | bytearray) -> int:
+        """Deliver the complete frames at the start of `chunk`; how many bytes they took."""
+        owner = self._owner
+        header_size = FRAME_HEADER.size
+        start = 0
+        end = len(chunk)
+        while end - start >= header_size and not self._closed:
+            (size,) = FRAME_HEADER.unpack_from(chunk, start)
+            peer_id = self._peer_id
+            size_bytes_max = (
+                HANDSHAKE_SIZE_BYTES_MAX if peer_id is None else owner._frame_size_bytes_max
+            )
+            if size > size_bytes_max:
+                raise HandshakeError(f"frame of {size} bytes exceeds the limit of {size_bytes_max}")
+            body = start + header_size
+            if end - body < size:
+                break
+            start = body + size
+            # Slicing bytes copies once; a bytearray slice would be copied twice.
+            payload = (
+                chunk[body:start] if isinstance(chunk, bytes)
+                else bytes(memoryview(chunk)[body:start])
+            )
+            if peer_id is None:
+                self._take_hello(payload)
+            elif _is_clock_frame(payload):
+                owner._on_clock_frame(peer_id, payload)
+            else:
                 message = decode_message(payload)
-                if message.sender != peer_id or message.to != self.node_id:
+                if message.sender != peer_id or message.to != owner.node_id:
                     continue  # a peer may only speak for itself, to us
-                self._on_message(message)
-        except HandshakeError as exc:
-            self._on_event("peer.refused", address=str(peer_address), reason=str(exc))
-        except (asyncio.IncompleteReadError, OSError, ConnectionError, ssl.SSLError):
-            pass
-        except RemoteProtocolError as exc:  # an undecodable message: the peer is broken
-            self._on_event("peer.refused", address=str(peer_address), reason=str(exc))
-        finally:
-            self._inbound.discard(writer)
-            writer.close()
-            if peer_id is not None and logged:
-                self._on_event("peer.disconnected", peer=peer_id, direction="in")
+                owner._on_message(message)
+        return start
+
+    def _take_hello(self, raw: bytes) -> None:
+        assert self._connection is not None
+        peer_id, lane = self._owner._check_hello(raw, self._connection)
+        self._peer_id = peer_id
+        self._logged = lane == CONTROL_LANE
+        if self._logged:
+            self._owner._on_event("peer.connected", peer=peer_id, direction="in")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._forget()
+
+    def close(self) -> None:
+        """Hang up (a refused peer, or the transport stopping); nothing more is delivered."""
+        if not self._closed:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+            self._forget()
+
+    def _forget(self) -> None:
+        self._pending = bytearray()
+        self._owner._inbound.discard(self)
+        if self._logged:
+            self._owner._on_event("peer.disconnected", peer=self._peer_id, direction="in")
