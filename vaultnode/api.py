@@ -423,13 +423,19 @@ class VaultApi:
             raise InvalidInput("bad_request", "'consistency' is 'linearizable' or 'stale'")
         if consistency == "linearizable" and not call.caught_up:
             await self.replicator.read_barrier()
-            if call.principal is not None:
+            principal = call.principal
+            if principal is not None:
                 # Checked before the barrier, against what this node had applied: judge the token
                 # again against the state now current, so a revocation or policy change that was
                 # acknowledged anywhere before this read began is in force (docs/policies.md).
-                fresh = authenticate(self.state, call.request.headers, self.clock_us())
-                fresh.checked = call.principal.checked
-                fresh.path_checks = call.principal.path_checks
+                now_us = self.clock_us()
+                if self.state.applied_index == principal.as_of_index:
+                    # Nothing applied since: the same token and policies, judged the same way.
+                    principal.require_live(now_us)
+                    return
+                fresh = authenticate(self.state, call.request.headers, now_us)
+                fresh.checked = principal.checked
+                fresh.path_checks = principal.path_checks
                 fresh.recheck()
                 call.principal = fresh
 
