@@ -77,16 +77,19 @@ def test_counters_gauges_and_histograms_move_as_requests_are_made(vault: Cluster
         assert name not in text
 
 
+_GAUGES = NodeGauges(
+    role=lambda: "leader",
+    commit_index=lambda: 7,
+    applied_index=lambda: 7,
+    fsyncs=lambda: 2,
+    log_size_bytes=lambda: 100,
+    secrets=lambda: 1,
+    versions=lambda: 1,
+)
+
+
 def test_each_node_metrics_object_has_its_own_registry() -> None:
-    gauges = NodeGauges(
-        role=lambda: "leader",
-        commit_index=lambda: 7,
-        applied_index=lambda: 7,
-        fsyncs=lambda: 2,
-        log_size_bytes=lambda: 100,
-        secrets=lambda: 1,
-        versions=lambda: 1,
-    )
+    gauges = _GAUGES
     # Two in one process (as the simulator or tests may build) would clash in a shared registry.
     first, second = NodeMetrics(1, gauges), NodeMetrics(2, gauges)
     first.observe_request("GET", "/health", 200, 0.001)
@@ -94,3 +97,34 @@ def test_each_node_metrics_object_has_its_own_registry() -> None:
         first.render()
     )
     assert b"vault_requests_total{" not in second.render()
+
+
+def _exposed(metrics: NodeMetrics) -> Samples:
+    """The samples a scrape shows, less the creation times (they differ between registries)."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_requests_are_counted_in_their_own_children_as_labels_would_pick_them() -> None:
+    observed, expected = NodeMetrics(1, _GAUGES), NodeMetrics(1, _GAUGES)
+    requests = [
+        ("GET", "/v1/secrets/{name}", 200, 0.0004),
+        ("PUT", "/v1/secrets/{name}", 200, 0.003),
+        ("GET", "/v1/secrets/{name}", 404, 0.02),
+        ("GET", "/v1/secrets/{name}", 200, 0.7),
+        ("LIST", "unmatched", 405, 3.0),
+        ("PUT", "/v1/secrets/{name}", 200, 0.003),
+    ]
+    for method, route, status, latency_s in requests:
+        observed.observe_request(method, route, status, latency_s)
+        expected._requests.labels(method, route, str(status)).inc()
+        expected._latency.labels(method, route).observe(latency_s)
+    samples = _exposed(observed)
+    assert samples == _exposed(expected)
+    get_secret = {"method": "GET", "route": "/v1/secrets/{name}"}
+    assert _value(samples, "vault_requests_total", **get_secret, status="200") == 2
+    assert _value(samples, "vault_request_duration_seconds_count", **get_secret) == 3

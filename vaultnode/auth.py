@@ -51,6 +51,10 @@ class Principal:
     state: VaultState
     checked: list[tuple[str, str]] = field(default_factory=list)
     path_checks: list[tuple[str, tuple[str, ...], bool]] = field(default_factory=list)
+    # The state's applied index when the token was looked up. Tokens and policies change only
+    # by applying commands, so while the index is the same every judgement made since stands,
+    # but for the token's expiry, which the clock decides.
+    as_of_index: int = -1
 
     @property
     def accessor(self) -> str:
@@ -82,6 +86,10 @@ class Principal:
         held = self.path_capabilities(path)
         if not held.intersection(capabilities) or (sudo and "sudo" not in held):
             raise AuthError(403, "forbidden", f"this token may not use {path!r}")
+
+    def require_live(self, now_us: int) -> None:
+        if not self.token.is_live(now_us):
+            raise AuthError(401, "unauthorized", "the token has expired")
 
     def require_root(self) -> None:
         if not self.token.is_root:
@@ -116,9 +124,9 @@ def authenticate(state: VaultState, headers: dict[str, str], now_us: int) -> Pri
     # The lookup is keyed by a hash the caller cannot steer; compare again in constant time.
     if record is None or not hmac.compare_digest(record.token_sha256, digest):
         raise AuthError(401, "unauthorized", "the token is invalid or was revoked")
-    if not record.is_live(now_us):
-        raise AuthError(401, "unauthorized", "the token has expired")
-    return Principal(record, state)
+    principal = Principal(record, state, as_of_index=state.applied_index)
+    principal.require_live(now_us)
+    return principal
 
 
 def parse_policies(raw: object) -> list[dict[str, object]]:
