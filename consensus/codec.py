@@ -29,7 +29,7 @@ import msgpack
 from consensus import membership as membership_module
 from consensus import messages as messages_module
 from consensus import records as records_module
-from consensus.errors import CorruptRecordError, RemoteProtocolError
+from consensus.errors import ConfigError, CorruptRecordError, RemoteProtocolError
 from consensus.messages import MESSAGE_TYPES, Message
 from consensus.records import RECORD_TYPES, Record
 
@@ -215,7 +215,8 @@ def decode_message(data: bytes) -> Message:
     """Raises `RemoteProtocolError` for anything that is not a well-formed message."""
     try:
         message: Message = _decode(data, _MESSAGE_DECODERS)
-    except (_WireShapeError, ValueError, TypeError, msgpack.UnpackException) as error:
+    # ConfigError: a well-shaped configuration that is impossible (duplicate ids, no voter).
+    except (_WireShapeError, ConfigError, ValueError, TypeError, msgpack.UnpackException) as error:
         raise RemoteProtocolError(f"malformed message ({len(data)} bytes): {error}") from error
     return message
 
@@ -228,7 +229,7 @@ def decode_record(data: bytes) -> Record:
     """Raises `CorruptRecordError` for anything that is not a well-formed record."""
     try:
         record: Record = _decode(data, _RECORD_DECODERS)
-    except (_WireShapeError, ValueError, TypeError, msgpack.UnpackException) as error:
+    except (_WireShapeError, ConfigError, ValueError, TypeError, msgpack.UnpackException) as error:
         raise CorruptRecordError(f"malformed record ({len(data)} bytes): {error}") from error
     return record
 

@@ -507,3 +507,35 @@ def test_arbitrary_bytes_decode_or_raise_the_codec_error(data: bytes) -> None:
     except RemoteProtocolError:
         return
     assert decode_message(encode_message(message)) == message
+
+
+def _with_duplicate_member_ids(wire: Any) -> bool:
+    """Give the second member of the first configuration found in `wire` (a decoded msgpack
+    tree) the first one's node id, in place; False if there is none."""
+    if isinstance(wire, list):
+        if (
+            len(wire) >= 2
+            and all(isinstance(m, list) and m and type(m[0]) is int for m in wire)
+            and all(len(m) == len(wire[0]) for m in wire)
+            and len(wire[0]) >= 3
+            and type(wire[0][2]) is bool
+        ):
+            wire[1][0] = wire[0][0]
+            return True
+        return any(_with_duplicate_member_ids(item) for item in wire)
+    return False
+
+
+def test_an_impossible_configuration_is_a_malformed_record_or_message_not_a_config_error() -> None:
+    # Well shaped, but two members share an id: Membership refuses it with ConfigError, which
+    # the transport would not catch; the codec reports it as its own decoding error.
+    record = MembershipRecord(129, CONFIGS)
+    wire = msgpack.unpackb(encode_record(record), raw=False)
+    assert _with_duplicate_member_ids(wire)
+    with pytest.raises(CorruptRecordError):
+        decode_record(msgpack.packb(wire, use_bin_type=True))
+    snapshot = next(m for m, _ in GOLDEN_MESSAGES if isinstance(m, InstallSnapshot) and m.configs)
+    wire = msgpack.unpackb(encode_message(snapshot), raw=False)
+    assert _with_duplicate_member_ids(wire)
+    with pytest.raises(RemoteProtocolError):
+        decode_message(msgpack.packb(wire, use_bin_type=True))
