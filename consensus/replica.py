@@ -1926,8 +1926,8 @@ class Replica:
     def _tell_watermark(self) -> None:
         """A peer learns the chosen watermark from the next Accept or Heartbeat (within
         `heartbeat_ticks`), which is soon enough for one that only follows: an own Commit per
-        write to each follower was a quarter of the leader's messages at one client, and
-        the followers' receiving and applying it 2 of their ~5 driver turns per write. A peer
+        write to each follower was two of the leader's ~5 messages per write at one client, and
+        receiving and applying it one of each follower's ~5 driver turns per write. A peer
         that waits for it (it forwarded a command now chosen, or holds a read point above what
         it knows chosen) is told at once, in a Commit unless a message of this turn says it."""
         told = self._watermark_told

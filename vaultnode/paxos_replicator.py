@@ -450,13 +450,9 @@ class PaxosReplicator:
         # one of our heartbeat acks, sent directly or through a relay, within an election
         # timeout), not from the TCP connection, which stays up through a one-way cut; a
         # connection to the next hop (the leader, or the relay) that is down rules it out.
-        leader = replica.leader_id
-        relay = replica.leader_relay
-        next_hop = relay if relay is not None else leader
+        next_hop = replica.leader_route  # the leader or the relay; None while unreachable
         return (
-            replica.role == Role.FOLLOWER
-            and next_hop is not None
-            and replica.leader_reachable
+            next_hop is not None
             and self.transport is not None
             and self.transport.can_send_to(next_hop)
         )
