@@ -5,7 +5,8 @@ named by their first index, rolling, group commit (append many, one fsync), cras
 (a torn tail is cut away and reported; anything else that fails to verify is refused) and
 the in-memory (segment, offset) index that lets reads skip rescans.
 Must never: interpret payloads, retry after a DiskError (the log disables itself instead),
-silently drop bytes other than a torn tail, or be used from more than one thread.
+silently drop bytes other than a torn tail, or be used from more than one thread, except that
+one `sync` may run on a worker thread while the owning thread goes on appending.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import bisect
 import posixpath
 import re
 import struct
+import threading
 import zlib
 from array import array
 from collections import OrderedDict
@@ -108,7 +110,8 @@ class SegmentedLog:
     Invariants: there is always at least one segment (the last is the active one being
     appended to); segments are contiguous; every segment but the last is fully fsynced.
     `last_index` counts appended records whether or not they are durable; `synced_index` is
-    the last index known to survive a crash. Not thread-safe; I/O is blocking.
+    the last index known to survive a crash. Not thread-safe, except that `sync` may run on a
+    worker thread while the owner appends; I/O is blocking.
     """
 
     def __init__(
@@ -131,6 +134,10 @@ class SegmentedLog:
         self._cache_size_bytes = 0
         self._cache_size_bytes_max = cache_size_bytes_max
         self._handle: AppendHandle | None = None
+        # Held while the active segment's handle is opened, fsynced or closed: a roll on the
+        # owning thread (a full segment, a shred) closed the descriptor under an fsync running
+        # on the node's fsync thread, which failed with EBADF and stopped the node.
+        self._handle_lock = threading.Lock()
         self._unusable_reason: str | None = None
         self.first_index = segments[0].first_index
         self.last_index = segments[-1].next_index - 1
@@ -246,13 +253,16 @@ class SegmentedLog:
     def sync(self) -> int:
         """fsync what was appended; returns synced_index (== last_index at the call).
 
-        May run in a worker thread while the caller waits; the target is taken before the
-        fsync so a record appended meanwhile is never counted as synced by this call.
+        May run on a worker thread while the owning thread appends, rolls or compacts; the
+        target is taken before the fsync so a record appended meanwhile is never counted as
+        synced by this call. A roll meanwhile syncs the segment it leaves before closing it,
+        and waits for this fsync to finish first.
         """
         self._check_usable()
         target_index = self.last_index
         if self.synced_index < target_index:
-            self._guarded(self._open_active_handle().fsync)
+            with self._handle_lock:
+                self._guarded(self._open_active_handle_locked().fsync)
             self.synced_index = max(self.synced_index, target_index)
         return self.synced_index
 
@@ -281,14 +291,18 @@ class SegmentedLog:
         # The old segment must be complete on disk before the new one exists: otherwise a crash
         # could keep the new segment and lose the old one's tail, leaving a gap.
         self.sync()
-        self._close_handle()
         segment = _Segment(
             posixpath.join(self._directory, segment_name(self.last_index + 1)),
             self.last_index + 1,
         )
-        self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
-        self._segments.append(segment)
-        self._segment_first_indexes.append(segment.first_index)
+        # Under the lock until the new segment is the active one: an fsync thread that opened
+        # the active handle in between would reopen the old segment, and appends would go on
+        # into it.
+        with self._handle_lock:
+            self._close_handle_locked()
+            self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
+            self._segments.append(segment)
+            self._segment_first_indexes.append(segment.first_index)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -398,12 +412,23 @@ class SegmentedLog:
             raise
 
     def _open_active_handle(self) -> AppendHandle:
+        handle = self._handle
+        if handle is not None:  # appends take no lock: a write beside an fsync is safe
+            return handle
+        with self._handle_lock:
+            return self._open_active_handle_locked()
+
+    def _open_active_handle_locked(self) -> AppendHandle:
         if self._handle is None:
             path = self._segments[-1].path
             self._handle = self._guarded(lambda: self._disk.open_append(path))
         return self._handle
 
     def _close_handle(self) -> None:
+        with self._handle_lock:
+            self._close_handle_locked()
+
+    def _close_handle_locked(self) -> None:
         if self._handle is not None:
             handle, self._handle = self._handle, None
             handle.close()

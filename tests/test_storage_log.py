@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.disk import Disk, RealDisk, SimDisk
+from storage.disk import AppendHandle, Disk, RealDisk, SimDisk
 from storage.errors import CorruptLogError, DiskError, LogClosedError, LogIndexError
 from storage.log import HEADER_SIZE_BYTES, SegmentedLog, frame, segment_name
 
@@ -454,3 +455,83 @@ def test_crash_part_way_through_a_shrinking_operation_leaves_a_contiguous_log(
         disk.crash(random.Random(seed))
         log = _open_sim(disk)
         assert all(payload(index) == data for index, data in all_entries(log))
+
+
+class _FirstFsyncHeld(RealDisk):
+    """A RealDisk whose first fsync on an append handle waits for `release`, and which records
+    any handle closed while an fsync on it is under way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_first_fsync = threading.Event()
+        self.release = threading.Event()
+        self.closed_under_fsync: list[str] = []
+        self._armed = False
+
+    def open_append(self, path: str) -> AppendHandle:
+        return _WatchedHandle(self, path, super().open_append(path))
+
+
+class _WatchedHandle:
+    def __init__(self, disk: _FirstFsyncHeld, path: str, inner: AppendHandle) -> None:
+        self._disk = disk
+        self._path = path
+        self._inner = inner
+        self._fsyncing = False
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    def fsync(self) -> None:
+        self._fsyncing = True
+        try:
+            if self._disk._armed:
+                self._disk._armed = False
+                self._disk.in_first_fsync.set()
+                assert self._disk.release.wait(10.0)
+            self._inner.fsync()
+        finally:
+            self._fsyncing = False
+
+    def close(self) -> None:
+        if self._fsyncing:
+            self._disk.closed_under_fsync.append(self._path)
+        self._inner.close()
+
+
+def test_a_roll_waits_for_an_fsync_running_on_another_thread(tmp_path: Path) -> None:
+    """The node fsyncs on a worker thread while its loop goes on appending; a roll there (a
+    full segment, a shred) closed the descriptor under that fsync, which failed with EBADF and
+    stopped the node (`node.fatal`, DiskError "Bad file descriptor", seen in the suite)."""
+    disk = _FirstFsyncHeld()
+    log, _report = SegmentedLog.open(disk, str(tmp_path / "log"), segment_size_bytes_max=1 << 20)
+    log.append([payload(i) for i in range(1, 4)])
+    disk._armed = True
+    sync_errors: list[BaseException] = []
+
+    def sync_on_worker() -> None:
+        try:
+            log.sync()
+        except BaseException as exc:  # reported to the test thread, which asserts none
+            sync_errors.append(exc)
+
+    syncer = threading.Thread(target=sync_on_worker)
+    syncer.start()
+    assert disk.in_first_fsync.wait(10.0)
+    roller = threading.Thread(target=log.roll)
+    roller.start()
+    roller.join(0.5)  # the roll must not get past the fsync under way, however long we wait
+    still_waiting = roller.is_alive()
+    disk.release.set()
+    syncer.join(10.0)
+    roller.join(10.0)
+    assert not syncer.is_alive() and not roller.is_alive()
+    assert still_waiting, "the roll closed the segment while its fsync ran on another thread"
+    assert disk.closed_under_fsync == [] and sync_errors == []
+    log.append([payload(4)])
+    assert log.sync() == 4
+    assert len(log.segment_paths) == 2
+    log.close()
+    reopened, report = SegmentedLog.open(RealDisk(), str(tmp_path / "log"))
+    assert report.torn_tail is None
+    assert all_entries(reopened) == [(i, payload(i)) for i in range(1, 5)]
