@@ -266,6 +266,36 @@ def encode_stored_snapshot(
     return packed
 
 
+_BIN_LENGTH_FIELDS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # msgpack bin 8/16/32: bytes of its length
+
+
+def stored_snapshot_data_span(payload: bytes) -> tuple[int, int]:
+    """Where the application's bytes lie in a payload `encode_stored_snapshot` made (offset,
+    size), checked as `decode_stored_snapshot` checks it; the whole payload for an image
+    stored alone. Copies nothing of those bytes: a driver can then read them straight from
+    the snapshot file, which for an image of hundreds of MB holds no lock another thread
+    waits for (`decode_stored_snapshot` copies them under the GIL). Raises
+    `CorruptRecordError` for a damaged payload."""
+    if payload[:1] != b"\x92":
+        return 0, len(payload)
+    length_size = _BIN_LENGTH_FIELDS.get(payload[1]) if len(payload) > 1 else None
+    if length_size is None:
+        raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
+    offset = 2 + length_size
+    size = int.from_bytes(payload[2:offset], "big")
+    end = offset + size
+    if len(payload) <= end:  # the configurations follow the application's bytes
+        raise CorruptRecordError("malformed stored snapshot: truncated")
+    try:
+        restated = msgpack.unpackb(memoryview(payload)[end:], raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CorruptRecordError(f"malformed stored snapshot: {error}") from error
+    record = decode_record(restated) if isinstance(restated, bytes) else None
+    if not isinstance(record, records_module.MembershipRecord):
+        raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
+    return offset, size
+
+
 def decode_stored_snapshot(
     payload: bytes,
 ) -> tuple[bytes, tuple[membership_module.ConfigEntry, ...]]:

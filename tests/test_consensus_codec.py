@@ -23,6 +23,7 @@ from consensus.codec import (
     encode_message,
     encode_record,
     encode_stored_snapshot,
+    stored_snapshot_data_span,
 )
 from consensus.errors import ConsensusError, CorruptRecordError, RemoteProtocolError
 from consensus.membership import ConfigEntry, Member, Membership
@@ -268,6 +269,46 @@ def test_a_configuration_and_a_stored_snapshot_keep_their_bytes() -> None:
     assert decode_membership(bytes.fromhex(GOLDEN_MEMBERSHIP)) == MEMBERSHIP
     assert encode_stored_snapshot(129, b"app", CONFIGS).hex() == GOLDEN_STORED_SNAPSHOT
     assert decode_stored_snapshot(bytes.fromhex(GOLDEN_STORED_SNAPSHOT)) == (b"app", CONFIGS)
+
+
+@pytest.mark.parametrize("data_size", [0, 1, 255, 256, 65535, 65536, 70_000])
+def test_the_span_of_a_stored_snapshot_is_where_its_application_bytes_lie(data_size: int) -> None:
+    # bin 8, bin 16 and bin 32 at their boundaries: where the driver reads the image from
+    data = bytes(i % 251 for i in range(data_size))
+    payload = encode_stored_snapshot(129, data, CONFIGS)
+    offset, size = stored_snapshot_data_span(payload)
+    assert payload[offset : offset + size] == data == decode_stored_snapshot(payload)[0]
+
+
+def test_an_image_stored_alone_spans_the_whole_payload() -> None:
+    image = msgpack.packb({"secrets": {}})
+    assert stored_snapshot_data_span(image) == (0, len(image))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_span_refuses_exactly_what_stored_snapshot_decoding_refuses(
+    data: st.DataObject,
+) -> None:
+    payload = bytearray(encode_stored_snapshot(129, data.draw(st.binary(max_size=300)), CONFIGS))
+    damage = data.draw(st.sampled_from(["truncate", "flip", "append"]))
+    if damage == "truncate":
+        del payload[data.draw(st.integers(0, len(payload) - 1)) :]
+    elif damage == "flip":
+        payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+    else:
+        payload += data.draw(st.binary(min_size=1, max_size=4))
+    damaged = bytes(payload)
+    try:
+        decoded: bytes | None = decode_stored_snapshot(damaged)[0]
+    except CorruptRecordError:
+        decoded = None
+    try:
+        offset, size = stored_snapshot_data_span(damaged)
+    except CorruptRecordError:
+        assert decoded is None
+    else:
+        assert damaged[offset : offset + size] == decoded
 
 
 def test_an_encode_that_fails_halfway_leaves_nothing_for_the_next_one() -> None:

@@ -16,6 +16,7 @@ from storage.snapshot_file import (
     Snapshot,
     encode_snapshot,
     load_latest_snapshot,
+    read_snapshot_payload,
     remove_snapshots_before,
     snapshot_name,
     write_snapshot,
@@ -48,6 +49,17 @@ def test_empty_payload_round_trips(disk_and_directory: tuple[Disk, str]) -> None
     disk, directory = disk_and_directory
     write_snapshot(disk, directory, 0, b"")
     assert load_latest_snapshot(disk, directory) == Snapshot(0, b"")
+
+
+def test_a_part_of_a_payload_reads_straight_from_its_file(
+    disk_and_directory: tuple[Disk, str],
+) -> None:
+    disk, directory = disk_and_directory
+    write_snapshot(disk, directory, 7, b"0123456789")
+    assert read_snapshot_payload(disk, directory, 7, 2, 5) == b"23456"
+    assert read_snapshot_payload(disk, directory, 7, 0, 10) == b"0123456789"
+    with pytest.raises(CorruptSnapshotError, match="payload ends before byte 11"):
+        read_snapshot_payload(disk, directory, 7, 3, 8)
 
 
 def _flip(data: bytes, offset: int) -> bytes:
