@@ -47,14 +47,9 @@ def encode_snapshot(index: int, payload: bytes) -> bytes:
     return header_without_crc + struct.pack("<I", checksum) + payload
 
 
-def decode_snapshot(path: str, data: bytes, expected_index: int) -> Snapshot:
-    """Validate file bytes; CorruptSnapshotError naming path on any mismatch."""
-    return _decode_snapshot_parts(path, data[: HEADER.size], data[HEADER.size :], expected_index)
-
-
-def _decode_snapshot_parts(
-    path: str, header: bytes, payload: bytes, expected_index: int
-) -> Snapshot:
+def _decode_snapshot(path: str, header: bytes, payload: bytes, expected_index: int) -> Snapshot:
+    """Validate a file's header and payload bytes; CorruptSnapshotError naming path on any
+    mismatch."""
     size_bytes = len(header) + len(payload)
     if len(header) < HEADER.size:
         raise CorruptSnapshotError(path, f"{size_bytes} bytes is shorter than the header")
@@ -117,7 +112,7 @@ def load_latest_snapshot(disk: Disk, directory: str) -> Snapshot | None:
     # its snapshot on a worker thread. A read fills a new bytes object without the GIL.
     header = disk.read_file(path, 0, HEADER.size)
     payload = disk.read_file(path, HEADER.size) if len(header) == HEADER.size else b""
-    return _decode_snapshot_parts(path, header, payload, index)
+    return _decode_snapshot(path, header, payload, index)
 
 
 def read_snapshot_payload(
