@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import ssl
 import sys
 import tempfile
@@ -456,8 +457,15 @@ async def run_cells(
     return rows
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds the `with` blocks, which stop the nodes and etcd members we started;
+    # SIGTERM's default action left them running, holding ports and CPU for the next run.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if shutil.which("etcd") is None:
         print("etcd is not on PATH (Debian: apt-get install -y etcd-server)", file=sys.stderr)
         return 2

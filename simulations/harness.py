@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,7 +387,7 @@ def make_cluster(
     return cluster
 
 
-def started_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Cluster]:
+def started_cluster(root: Path, nodes: int = 1, **options: Any) -> Generator[Cluster, None, None]:
     """`make_cluster(root, nodes, **options)`, every node started and healthy; stopped after."""
     cluster = make_cluster(root, nodes, **options)
     try:
@@ -404,10 +404,16 @@ def started_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Clus
 def running_cluster(root: Path, nodes: int = 1, **options: Any) -> Iterator[Cluster]:
     """`started_cluster` as a `with` block, for scripts and benchmarks; with several nodes it is
     entered once they agree on a leader."""
-    for cluster in started_cluster(root, nodes, **options):
-        if nodes > 1:
-            wait_for_leader(cluster.nodes)
-        yield cluster
+    clusters = started_cluster(root, nodes, **options)
+    try:
+        for cluster in clusters:
+            if nodes > 1:
+                wait_for_leader(cluster.nodes)
+            yield cluster
+    finally:
+        # An exception thrown in at the yield leaves `clusters` suspended; only closing it runs
+        # its `finally` (which stops the nodes) before the interpreter exits.
+        clusters.close()
 
 
 def node_health(node: Node) -> dict[str, Any] | None:
