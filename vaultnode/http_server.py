@@ -666,6 +666,11 @@ class _HttpConnection(asyncio.Protocol):
             await stream.aclose()
         return self._transport is not None
 
+    @property
+    def holds_unstarted_request(self) -> bool:
+        """Whether a received request waits here for its turn (not yet in flight)."""
+        return self._transport is not None and bool(self._work)
+
     def close_if_idle(self) -> None:
         if self._transport is not None and not self._work:
             self._write_outgoing()  # answers already made leave before the close
@@ -796,6 +801,9 @@ class HttpServer:
         assert self._server is not None, "not started"
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _any_unstarted_request(self) -> bool:
+        return any(connection.holds_unstarted_request for connection in self.connections)
+
     async def stop(self, deadline_s: float) -> None:
         """Stop accepting, let in-flight requests finish within the deadline, close the rest."""
         self.closing = True
@@ -805,7 +813,10 @@ class HttpServer:
             self._sweeper.cancel()
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + deadline_s
-        while self.in_flight and loop.time() < give_up_at:
+        # A request parsed in this very iteration sits on its connection's queue until the
+        # connection's task takes it, uncounted in `in_flight`: the drain waits for it too, or
+        # it would run after the node stopped replicating and be answered 503.
+        while (self.in_flight or self._any_unstarted_request()) and loop.time() < give_up_at:
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
             if self.in_flight:
