@@ -261,9 +261,9 @@ class SegmentedLog:
         self._check_usable()
         target_index = self.last_index
         if self.synced_index < target_index:
-            with self._handle_lock:
+            with self._handle_lock:  # one sync at a time: synced_index only moves forward
                 self._guarded(self._open_active_handle_locked().fsync)
-            self.synced_index = max(self.synced_index, target_index)
+                self.synced_index = max(self.synced_index, target_index)
         return self.synced_index
 
     def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
