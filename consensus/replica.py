@@ -876,6 +876,13 @@ class Replica:
                         read.incarnation,
                     )
                 )
+        # The peers not yet told of the last slots chosen would have learned them from the next
+        # Accept or Heartbeat (`_tell_watermark`); none follows now, and until a new leader's
+        # phase 1 ends they would lag us (a leader that re-runs phase 1 for a new voter did
+        # this right after choosing the slot that brought the change into force).
+        for peer in self._peers:
+            if self._chosen_through > self._watermark_told.get(peer, 0):
+                self._send_now(Commit(self.node_id, peer, self._ballot, self._chosen_through))
         self._reset_leader_state()
 
     def _become_follower(self, leader_id: int | None) -> None:

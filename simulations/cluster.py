@@ -280,6 +280,8 @@ class SimNode:
                 message = bounded
             dropped_before = self.replica.forward_copies_dropped
             self.driver.step(message)
+            if self.replica is None:  # the step stopped the node (e.g. an invariant it broke)
+                return
             self.stats.forward_copies_dropped += (
                 self.replica.forward_copies_dropped - dropped_before
             )

@@ -266,6 +266,25 @@ def test_a_follower_granted_a_read_point_is_told_the_watermark_with_it() -> None
     assert [batch for _, batch in net.logs[3].applied if batch] == [(b"x",)]
 
 
+def test_a_leader_stepping_down_tells_its_watermark_to_peers_not_yet_told() -> None:
+    # The others would learn it from the next Accept or Heartbeat, and none follows a step
+    # down: seed 211 of `--membership --nodes 5` ended with four replicas one slot behind a
+    # leader that had just stepped down to run phase 1 again for a new voter.
+    net = Network(3)
+    net.elect(1)
+    net.settle()
+    net.nodes[1].propose([b"x"])
+    net.settle()
+    assert net.nodes[3].chosen_through < net.nodes[1].chosen_through
+    net.nodes[1].step(Prepare(2, 1, Ballot(99, 2), 1))  # a higher ballot: node 1 steps down
+    net.process(1)
+    assert net.nodes[1].role == Role.FOLLOWER
+    net.deliver_all()  # no tick: nothing else could tell node 3
+    net.settle()
+    assert net.nodes[3].chosen_through == net.nodes[1].chosen_through
+    assert [batch for _, batch in net.logs[3].applied if batch] == [(b"x",)]
+
+
 def test_pre_vote_is_denied_while_the_leader_is_fresh() -> None:
     net = Network(3)
     net.elect(1)
