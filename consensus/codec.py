@@ -273,11 +273,33 @@ def stored_snapshot_data_span(payload: bytes) -> tuple[int, int]:
     """Where the application's bytes lie in a payload `encode_stored_snapshot` made (offset,
     size), checked as `decode_stored_snapshot` checks it; the whole payload for an image
     stored alone. Copies nothing of those bytes: a driver can then read them straight from
-    the snapshot file, which for an image of hundreds of MB holds no lock another thread
-    waits for (`decode_stored_snapshot` copies them under the GIL). Raises
-    `CorruptRecordError` for a damaged payload."""
-    if payload[:1] != b"\x92":
-        return 0, len(payload)
+    the snapshot file rather than slicing hundreds of MB out of the payload under the GIL.
+    Raises `CorruptRecordError` for a damaged payload."""
+    offset, size, _ = _stored_snapshot_layout(payload)
+    return offset, size
+
+
+def decode_stored_snapshot(
+    payload: bytes,
+) -> tuple[bytes, tuple[membership_module.ConfigEntry, ...]]:
+    """The application's bytes and configurations of a payload `encode_stored_snapshot`
+    made. A payload that is not a two-element array is an application image stored alone
+    (an application whose images are never such arrays, e.g. msgpack maps, may store them
+    so: `vault operator snapshot restore` does): no configurations, the initial one rules.
+    Raises `CorruptRecordError` for a damaged one."""
+    offset, size, configs = _stored_snapshot_layout(payload)
+    if offset == 0:  # an image stored alone: no copy of it
+        return payload, ()
+    return payload[offset : offset + size], configs
+
+
+def _stored_snapshot_layout(
+    payload: bytes,
+) -> tuple[int, int, tuple[membership_module.ConfigEntry, ...]]:
+    """(offset, size) of the application's bytes in a stored payload, and the configurations
+    restated after them (none for an image stored alone)."""
+    if payload[:1] != b"\x92":  # msgpack fixarray of two
+        return 0, len(payload), ()
     length_size = _BIN_LENGTH_FIELDS.get(payload[1]) if len(payload) > 1 else None
     if length_size is None:
         raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
@@ -293,24 +315,4 @@ def stored_snapshot_data_span(payload: bytes) -> tuple[int, int]:
     record = decode_record(restated) if isinstance(restated, bytes) else None
     if not isinstance(record, records_module.MembershipRecord):
         raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
-    return offset, size
-
-
-def decode_stored_snapshot(
-    payload: bytes,
-) -> tuple[bytes, tuple[membership_module.ConfigEntry, ...]]:
-    """The application's bytes and configurations of a payload `encode_stored_snapshot`
-    made. A payload that is not a two-element array is an application image stored alone
-    (an application whose images are never such arrays, e.g. msgpack maps, may store them
-    so: `vault operator snapshot restore` does): no configurations, the initial one rules.
-    Raises `CorruptRecordError` for a damaged one."""
-    if payload[:1] != b"\x92":  # msgpack fixarray of two
-        return payload, ()
-    try:
-        data, restated = msgpack.unpackb(payload, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as error:
-        raise CorruptRecordError(f"malformed stored snapshot: {error}") from error
-    record = decode_record(restated) if isinstance(restated, bytes) else None
-    if not isinstance(data, bytes) or not isinstance(record, records_module.MembershipRecord):
-        raise CorruptRecordError("malformed stored snapshot: expected [bytes, MembershipRecord]")
-    return data, record.entries
+    return offset, size, record.entries

@@ -36,10 +36,13 @@ CREATES = 200
 STATE_BYTES_MIN = 64 << 20  # the snapshot the follower installs is larger than one frame
 # Every 8 slots, each node wrote ~700 MB of snapshots of a state growing to 200 MB within
 # 15 s, ~2.5 GB with the logs: the kernel's dirty-page throttling then held a log write on the
-# event loop for 250+ ms, and the leader's check-quorum, or a follower, ended the ballot in
-# about one run in five on a loaded machine. Once the burst is in, small writes move the
-# leader past the next multiple, so the snapshot the follower installs holds the whole state.
-SNAPSHOT_EVERY_SLOTS = 32
+# event loop for 250+ ms, and each snapshot of 100+ MB stalled the loops of this 2-core
+# machine; the leader's check-quorum, or a follower, ended the ballot in about one run in
+# five on a loaded machine (at 32 slots, still in one full-suite run of three). This test is
+# about the burst and the catch-up, not snapshot frequency: at most one snapshot falls in the
+# burst now, and once it is in, small writes move the leader past the next multiple so the
+# snapshot the follower installs holds the whole state.
+SNAPSHOT_EVERY_SLOTS = 128
 
 
 @pytest.fixture
