@@ -22,6 +22,10 @@ The rules, for each Ready in the order `consensus/ready.py` lists the duties:
 - One fsync at a time (group commit). Records produced while it runs are kept in memory and
   appended when it completes (the log is not thread-safe and the daemon fsyncs off the event
   loop); the next fsync covers all of them.
+- A host may run an fsync on the spot instead (`DriverHost.sync_inline`): the daemon does so on
+  a follower whose disk answered quickly, whose loop has nothing to send until that fsync ends,
+  and saves the two thread hand-offs on the path of every write. The records are then durable
+  before the Ready's chosen slots are applied, and the messages held for them leave at once.
 - A Ready whose records only move the chosen watermark (`needs_fsync` false) starts no fsync.
 - Log compaction waits until the records of its Ready are durable.
 - Chosen slots are applied in order; an exception while applying stops the node (`ApplyFailed`):
@@ -85,6 +89,10 @@ class DriverHost(Protocol):
     def start_sync(self) -> None:
         """Arrange for the log's `sync()` to run and for `ReadyDriver.synced` (or
         `ReadyDriver.failed`) to be called with its result, later, on the driver's thread."""
+
+    def sync_inline(self) -> int | None:
+        """Either run the log's `sync()` now, on the driver's thread, and return what it
+        returned (an error it raises stops the node), or return None: then `start_sync`."""
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
         """Make the snapshot durable and restore the application from it."""
@@ -159,8 +167,14 @@ class ReadyDriver:
         self._sync_in_flight = False
         if self.error is not None:
             return
+        if self._durable(synced_index):
+            self.process()
+
+    def _durable(self, synced_index: int) -> bool:
+        """The log is durable through `synced_index` (no fsync runs now): tell the core, send
+        what waited for it, and start the next fsync if records wait. False if that stopped."""
         if not self._guarded(self.replica.persisted, synced_index):
-            return
+            return False
         if self._held:
             released = [message for through, message in self._held if through <= synced_index]
             self._held = [(through, m) for through, m in self._held if through > synced_index]
@@ -176,12 +190,12 @@ class ReadyDriver:
                 self._log.append(unwritten)
         except Exception as exc:
             self.failed(exc)
-            return
+            return False
         if self._held or self._compaction is not None or (
             self._log.synced_index < self._log.last_index
         ):
             self._start_sync()
-        self.process()
+        return True
 
     def _guarded(self, core_input: Callable[..., None], *args: Any) -> bool:
         """Feed the core one input; False (and stopped) if it raised `InvariantViolation`."""
@@ -224,8 +238,8 @@ class ReadyDriver:
             self._compaction = (ready.persist_through, ready.compact_log_before)
         if ready.persist_through > durable_through and needs_fsync(ready):
             self._held.extend((ready.persist_through, m) for m in ready.messages_after_persist)
-            if not self._sync_in_flight:
-                self._start_sync()
+            if not self._sync_in_flight and not self._sync_inline():
+                return
         else:
             for message in ready.messages_after_persist:
                 self._send(message)
@@ -257,6 +271,18 @@ class ReadyDriver:
     def _start_sync(self) -> None:
         self._sync_in_flight = True
         self._host.start_sync()
+
+    def _sync_inline(self) -> bool:
+        """fsync on the spot if the host will, else start one; False if the node stopped."""
+        try:
+            synced_index = self._host.sync_inline()
+        except Exception as exc:
+            self.failed(exc)
+            return False
+        if synced_index is None:
+            self._start_sync()
+            return True
+        return self._durable(synced_index)
 
     def _compact_now(self) -> None:
         assert self._compaction is not None

@@ -39,7 +39,7 @@ from consensus.membership import Membership
 from consensus.messages import Accepted, Forward, Message, Promise, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
-from consensus.replica import Replica
+from consensus.replica import Replica, Role
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, command_stamp_us
@@ -369,6 +369,15 @@ class SimNode:
                 self._when_running(self._sync)
 
         self.loop.after(latency_ms, complete)
+
+    def sync_inline(self) -> int | None:
+        """As the daemon's rule (`PaxosReplicator.sync_inline`): a follower whose disk is not
+        slowed may fsync on the spot; here half of those fsyncs, drawn from the node's seeded
+        generator, so that both ways meet every fault. A disk error reaches the driver."""
+        assert self.replica is not None
+        if self.replica.role == Role.LEADER or self.disk_slowdown > 1 or self.rng.random() < 0.5:
+            return None
+        return self.log.sync()
 
     def _sync(self) -> None:
         try:

@@ -55,6 +55,9 @@ class Host:
         self.fail_apply_at: int | None = None
         self.errors: list[BaseException] = []
         self.unread: dict[int, int] = {}  # peer -> bytes its link holds unread
+        self.sync_inline_now = False  # fsync on the spot (`DriverHost.sync_inline`)
+        self.inline_disk_error: Exception | None = None
+        self.applied_with_synced: list[tuple[int, int]] = []  # (slot, log.synced_index then)
 
     def send(self, message: Message) -> None:
         self.sent.append(message)
@@ -67,6 +70,14 @@ class Host:
         assert not self.log.sync_running, "a second fsync started while one ran"
         self.log.sync_running = True
 
+    def sync_inline(self) -> int | None:
+        assert not self.log.sync_running, "an fsync on the spot while one ran"
+        if not self.sync_inline_now:
+            return None
+        if self.inline_disk_error is not None:
+            raise self.inline_disk_error
+        return self.log.sync()
+
     def install_snapshot(self, snapshot: Snapshot) -> None:
         raise AssertionError("no snapshots in these tests")
 
@@ -74,6 +85,7 @@ class Host:
         if chosen.slot == self.fail_apply_at:
             raise RuntimeError("planted apply error")
         self.applied.append(chosen.slot)
+        self.applied_with_synced.append((chosen.slot, self.log.synced_index))
 
     def answer(self, ready: Ready) -> None:
         pass
@@ -278,3 +290,46 @@ def test_no_accept_is_queued_on_a_link_already_holding_a_slots_worth_unread(
     assert any(
         isinstance(m, Accept) and m.to == 2 and m.value == (b"after",) for m in leader.sent
     )
+
+
+def test_a_follower_that_fsyncs_on_the_spot_acks_in_the_turn_of_the_accept(
+    cluster: Cluster,
+) -> None:
+    """`DriverHost.sync_inline`: the Accepted leaves in the turn that wrote the record, with no
+    fsync left running, and the Ready's chosen slots are applied after the records are durable."""
+    host = cluster.hosts[2]
+    host.sync_inline_now = True
+    cluster.stalled = {2, 3}  # a started fsync would stay running: only the inline one completes
+    cluster.replicas[1].propose([b"first"])
+    cluster.settle()
+    cluster.replicas[1].propose([b"second"])  # its Accept tells node 2 that "first" is chosen
+    cluster.drivers[1].process()
+    sent_before = len(host.sent)
+    applied_before = len(host.applied)
+    for message in [m for m in cluster.outbox if m.to == 2 and isinstance(m, Accept)]:
+        cluster.outbox.remove(message)
+        cluster.replicas[2].step(message)
+        cluster.drivers[2].process()
+    assert any(isinstance(m, Accepted) for m in host.sent[sent_before:])
+    assert not host.log.sync_running
+    assert host.log.synced_index == host.log.last_index
+    newly_applied = host.applied_with_synced[applied_before:]
+    assert newly_applied, "the watermark on the Accept applied nothing"
+    assert all(synced == host.log.last_index for _, synced in newly_applied)
+    chosen_before = cluster.replicas[1].chosen_through
+    cluster.settle()  # node 3 still stalled: node 2's ack is the one that chooses "second"
+    assert cluster.replicas[1].chosen_through == chosen_before + 1
+
+
+def test_a_disk_error_in_an_fsync_on_the_spot_stops_the_node_before_it_acks(
+    cluster: Cluster,
+) -> None:
+    host = cluster.hosts[2]
+    host.sync_inline_now = True
+    host.inline_disk_error = OSError(5, "planted EIO")
+    sent_before = len(host.sent)
+    cluster.replicas[1].propose([b"doomed"])
+    cluster.settle()
+    assert host.errors and host.errors[0] is host.inline_disk_error
+    assert cluster.drivers[2].error is host.inline_disk_error
+    assert not any(isinstance(m, Accepted) for m in host.sent[sent_before:])

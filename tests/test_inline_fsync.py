@@ -1,0 +1,80 @@
+"""Issue 16: where a follower fsyncs (`PaxosReplicator.sync_inline`). A follower whose last fsync
+took at most INLINE_FSYNC_S_MAX fsyncs on its event loop (it has nothing to send until the
+fsync ends, and the fsync thread cost two hand-offs on every write's path); a leader always
+uses the fsync thread, so its Accepts and heartbeats never wait for its disk; a slow fsync sends
+a follower's next ones to the thread. Three `PaxosReplicator`s on one loop with real logs, the
+fsync thread's hand-overs counted; the slow disk is the test-only stall hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_apply_error import create, wait_for
+from tests.test_invariant_stop import start_replicators
+from vaultnode.paxos_replicator import FSYNC_STALL_ENV, INLINE_FSYNC_S_MAX, PaxosReplicator
+
+
+def count_thread_fsyncs(replicator: PaxosReplicator) -> list[int]:
+    """A one-element counter of the fsyncs handed to the replicator's fsync thread."""
+    handed = [0]
+    thread = replicator._fsync_thread
+    submit: Callable[..., Any] = thread.submit
+
+    def counting_submit(task: Callable[[], None]) -> Any:
+        handed[0] += 1
+        return submit(task)
+
+    thread.submit = counting_submit  # type: ignore[method-assign]
+    return handed
+
+
+async def test_a_quick_follower_fsyncs_on_its_loop_and_a_leader_on_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stall_file = tmp_path / "stall"
+    monkeypatch.setenv(FSYNC_STALL_ENV, str(stall_file))
+    replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
+    try:
+        await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
+        leader = next(r for r in replicators.values() if r.is_leader())
+        followers = [r for r in replicators.values() if r is not leader]
+        await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
+                       "the followers to know the leader")
+        handed = {r.node_id: count_thread_fsyncs(r) for r in replicators.values()}
+        synced = {r.node_id: r.fsync_count for r in replicators.values()}
+
+        def on_loop(replicator: PaxosReplicator) -> int:
+            """fsyncs since the counters started that the replicator ran on its loop."""
+            done = replicator.fsync_count - synced[replicator.node_id]
+            return done - handed[replicator.node_id][0]
+
+        for i in range(10):
+            await leader.submit(create(i))
+        await wait_for(lambda: all(on_loop(f) > 0 for f in followers),
+                       "each follower to fsync on its loop")
+        assert leader.fsync_count > synced[leader.node_id] and on_loop(leader) <= 0
+
+        # A slow disk: a follower's fsync takes longer than the bound ...
+        stall_file.write_text(str(4 * INLINE_FSYNC_S_MAX))
+        await leader.submit(create(10))
+        await wait_for(lambda: all(f._last_fsync_s > INLINE_FSYNC_S_MAX for f in followers),
+                       "a slow fsync on each follower")
+        # ... so its next one goes to the thread, and once fsyncs are quick again, the loop.
+        stall_file.unlink()
+        handed_before = {f.node_id: handed[f.node_id][0] for f in followers}
+        on_loop_before = {f.node_id: on_loop(f) for f in followers}
+        await leader.submit(create(11))
+        await wait_for(lambda: all(handed[f.node_id][0] > handed_before[f.node_id]
+                                   for f in followers), "each follower's next fsync on its thread")
+        for i in range(12, 22):
+            await leader.submit(create(i))
+        await wait_for(lambda: all(on_loop(f) > on_loop_before[f.node_id] for f in followers),
+                       "the followers to fsync on their loops again")
+        assert on_loop(leader) <= 0  # an fsync may still be on its thread
+    finally:
+        for replicator in replicators.values():
+            await replicator.stop()
