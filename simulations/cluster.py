@@ -78,6 +78,7 @@ class NodeStats:
     forwards_sent_again: int = 0  # copies of its own Forwards sent again (its route changed)
     forward_copies_dropped: int = 0  # copies of Forwards it had taken already, dropped
     largest_frame_bytes: int = 0
+    inline_syncs: int = 0  # fsyncs run on the spot (`DriverHost.sync_inline`)
 
 
 @dataclass
@@ -118,6 +119,9 @@ class SimNode:
     # its log: a wiped node gets a new one (simulations/membership_faults.py).
     membership: Membership | None = None
     data_incarnation: int = 0
+    # Whether this node, while it follows on a disk that is not slowed, fsyncs on the spot
+    # (`sync_inline`), as the daemon does on a quick disk; drawn per run by the simulator.
+    syncs_inline: bool = False
 
     def __post_init__(self) -> None:
         self.up = False
@@ -371,12 +375,13 @@ class SimNode:
         self.loop.after(latency_ms, complete)
 
     def sync_inline(self) -> int | None:
-        """As the daemon's rule (`PaxosReplicator.sync_inline`): a follower whose disk is not
-        slowed may fsync on the spot; here half of those fsyncs, drawn from the node's seeded
-        generator, so that both ways meet every fault. A disk error reaches the driver."""
+        """As the daemon's rule (`PaxosReplicator.sync_inline`): in a run that draws it, a
+        follower whose disk is not slowed fsyncs on the spot (no simulated latency). A disk
+        error reaches the driver."""
         assert self.replica is not None
-        if self.replica.role == Role.LEADER or self.disk_slowdown > 1 or self.rng.random() < 0.5:
+        if not self.syncs_inline or self.replica.role == Role.LEADER or self.disk_slowdown > 1:
             return None
+        self.stats.inline_syncs += 1
         return self.log.sync()
 
     def _sync(self) -> None:

@@ -511,6 +511,9 @@ class _Simulation:
         )
         self.observer.members_ever.update(incarnations.items())
         self.membership_changes: list[MembershipChange] = []
+        # Half the runs have followers fsync on the spot, as the daemon's do on a quick disk,
+        # drawn from its own generator: a run that does not draw it is the run it was before.
+        syncs_inline = Random(config.seed ^ 0x1_57C_5EED).random() < 0.5
         self.nodes = {
             node_id: SimNode(
                 node_id=node_id,
@@ -533,6 +536,7 @@ class _Simulation:
                 clock_offsets_factory=config.clock_offsets_factory,
                 on_slot_times=self.command_times.on_slot_applied,
                 membership=membership,
+                syncs_inline=syncs_inline,
                 data_incarnation=incarnations.get(node_id, 0),
             )
             for position, node_id in enumerate(self.node_ids)

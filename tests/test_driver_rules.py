@@ -333,3 +333,20 @@ def test_a_disk_error_in_an_fsync_on_the_spot_stops_the_node_before_it_acks(
     assert host.errors and host.errors[0] is host.inline_disk_error
     assert cluster.drivers[2].error is host.inline_disk_error
     assert not any(isinstance(m, Accepted) for m in host.sent[sent_before:])
+
+
+def test_half_the_simulated_runs_have_followers_fsync_on_the_spot() -> None:
+    """The simulator meets both ways of `DriverHost.sync_inline`: a run that draws it has its
+    followers fsync on the spot and still passes every checker; one that does not, never does."""
+    seen: dict[bool, int] = {}
+    for seed in range(6):
+        simulation = _Simulation(SimConfig(seed=seed, node_count=3))
+        result = simulation.run()
+        assert result.ok, result.report()
+        draws = {node.syncs_inline for node in simulation.nodes.values()}
+        assert len(draws) == 1  # a property of the run
+        inline_syncs = sum(node.stats.inline_syncs for node in simulation.nodes.values())
+        draw = draws.pop()
+        seen[draw] = seen.get(draw, 0) + inline_syncs
+    assert seen.get(True, 0) > 0, seen
+    assert seen.get(False) == 0, seen
