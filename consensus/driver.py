@@ -194,7 +194,8 @@ class ReadyDriver:
         if self._held or self._compaction is not None or (
             self._log.synced_index < self._log.last_index
         ):
-            self._start_sync()
+            # What was appended meanwhile; after an fsync on the spot nothing is left here.
+            return self._sync_inline()
         return True
 
     def _guarded(self, core_input: Callable[..., None], *args: Any) -> bool:

@@ -221,7 +221,7 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
     )
     stepped: list[Any] = []
     sent: list[Any] = []
-    replicator._replica = SimpleNamespace(role=Role.LEADER, leader_id=1)
+    replicator._replica = SimpleNamespace(role=Role.LEADER, leader_id=1, has_ready=lambda: True)
     replicator._driver = SimpleNamespace(step=stepped.append)
     replicator._kick = lambda: None
     replicator.send = sent.append
