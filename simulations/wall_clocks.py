@@ -29,7 +29,6 @@ DAY_US = 86_400_000_000
 # The simulator's `max_clock_offset`: the daemon's default is 500 ms; runs last 4.5 s, so the
 # bound is scaled down with the token TTLs it protects.
 MAX_CLOCK_OFFSET_US = 100_000
-CLOCK_PING_TICKS = 10  # as the daemon: a ping round every 10 ticks
 CLOCK_READING_TTL_US = 3_000_000
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import io
 import re
 import time
 import uuid
@@ -23,17 +22,16 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
+import uvloop
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.config import ClusterConfig
-from consensus.membership import UNBOUND, Member, Membership
 from consensus.messages import Ballot, Forward, ForwardRefused, Relay
 from consensus.replica import Role
 from simulations.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
+from tests.unstarted_replicator import unstarted_replicator
 from vaultnode.commands import CommandHeader, CreateSecret, encode_command
-from vaultnode.events import EventLog
-from vaultnode.paxos_replicator import PaxosReplicator, split_by_clock_bound
-from vaultnode.state import VaultState
+from vaultnode.paxos_replicator import split_by_clock_bound
 
 MS = 1000
 DAY_US = 86_400 * 1_000_000
@@ -208,17 +206,7 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
 ) -> None:
     """A follower behind a one-way cut forwards through a peer (`Relay`): its commands meet
     the same clock bound as a direct Forward's, and the refusal goes straight to it."""
-    replicator: Any = PaxosReplicator(
-        node_id=1,
-        membership=Membership(tuple(Member(n, UNBOUND, True) for n in (1, 2, 3))),
-        node_incarnation=0,
-        data_dir=tmp_path,
-        state=VaultState(),
-        events=EventLog(1, io.StringIO()),
-        on_fatal=lambda exc: None,
-        segment_bytes_max=1 << 20,
-        snapshot_every_slots=1000,
-    )
+    replicator = unstarted_replicator(tmp_path)
     stepped: list[Any] = []
     sent: list[Any] = []
     replicator._replica = SimpleNamespace(role=Role.LEADER, leader_id=1, has_ready=lambda: True)
@@ -237,3 +225,44 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
     (passed,) = stepped
     kept = replace(forward, commands=(on_time,))
     assert passed == (replace(relay, forwards=(kept,)) if relayed else kept)
+
+
+def test_a_node_pings_clocks_every_0_1_s_until_confirmed_then_every_0_5_s(
+    tmp_path: Path,
+) -> None:
+    """Pings every 10 ticks (0.1 s) were ~70 % of an idle cluster's peer messages: a node
+    whose clock is confirmed within the bound pings every 50, one that is not (a start, a
+    peer's reading a day off) every 10 again."""
+    replicator = unstarted_replicator(tmp_path)
+    pinged_at: list[int] = []
+    replicator._replica = SimpleNamespace(
+        role=Role.FOLLOWER, leader_id=2, leader_route=2, peer_ids=(2, 3),
+        has_ready=lambda: False, set_clock_ok=lambda ok: None,
+    )
+    replicator._driver = SimpleNamespace(tick=lambda: None)
+    replicator._kick = lambda: None
+    replicator.transport = SimpleNamespace(
+        send_clock_ping=lambda peer_id: pinged_at.append(replicator._ticks)
+    )
+
+    async def tick(times: int) -> None:
+        for _ in range(times):
+            replicator._on_tick()
+            replicator._tick_handle.cancel()
+
+    uvloop.run(tick(30))
+    assert pinged_at == [10, 10, 20, 20, 30, 30]  # not confirmed yet: every 10 ticks
+
+    for peer_id in (2, 3):
+        replicator.on_clock_reading(peer_id, offset_us=0, round_trip_us=200)
+    assert replicator.clock_status.within_bounds
+    pinged_at.clear()
+    uvloop.run(tick(100))
+    assert pinged_at == [80, 80, 130, 130]  # confirmed: every 50 ticks after the last round
+
+    for peer_id in (2, 3):
+        replicator.on_clock_reading(peer_id, offset_us=DAY_US, round_trip_us=200)
+    assert not replicator.clock_status.within_bounds
+    pinged_at.clear()
+    uvloop.run(tick(20))
+    assert pinged_at == [140, 140, 150, 150]  # out of bounds again: every 10 ticks

@@ -5,7 +5,6 @@ there past the bound."""
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from consensus.membership import UNBOUND, Member, Membership
 from consensus.replica import Role
 from simulations.harness import Cluster, LinkProxy, started_cluster, wait_for_leader, wait_until
-from vaultnode.events import EventLog
-from vaultnode.paxos_replicator import PaxosReplicator
-from vaultnode.state import VaultState
+from tests.unstarted_replicator import unstarted_replicator
 
 MAX_STALE_MS = 1000
 # Messages already inside the relay when a link is cut may still arrive; and the client's clock
@@ -134,17 +130,7 @@ def test_a_leader_cut_off_from_its_quorum_refuses_stale_reads_after_the_bound(
 
 
 def _replicator(tmp_path: Path, node_ids: tuple[int, ...], role: Role, leader: int | None) -> Any:
-    replicator = PaxosReplicator(
-        node_id=1,
-        membership=Membership(tuple(Member(n, UNBOUND, True) for n in node_ids)),
-        node_incarnation=0,
-        data_dir=tmp_path,
-        state=VaultState(),
-        events=EventLog(1, io.StringIO()),
-        on_fatal=lambda exc: None,
-        segment_bytes_max=1 << 20,
-        snapshot_every_slots=1000,
-    )
+    replicator = unstarted_replicator(tmp_path, node_ids)
     replicator._replica = SimpleNamespace(role=role, leader_id=leader)
     return replicator
 
