@@ -29,7 +29,7 @@ from consensus.messages import Forward, ForwardRefused, Message, Relay
 # A node pings its peers' clocks every CLOCK_PING_TICKS_SETTLING ticks (0.1 s) while its own clock
 # is not confirmed within the bound (a start, readings lost), so it is confirmed within a round;
 # once confirmed, every CLOCK_PING_TICKS_STEADY ticks (0.5 s), six rounds per 3 s reading
-# lifetime. Pinging at 0.1 s throughout was ~70 % of an idle cluster's peer messages and
+# lifetime. Pinging at 0.1 s throughout was ~60 % of an idle cluster's peer messages and
 # ~20 % of its CPU; a node's own clock jump is judged at every reading of its clock, not at
 # pings, and a leader bounds forwarded stamps by its own clock, so neither waits on the round.
 CLOCK_PING_TICKS_SETTLING = 10

@@ -230,7 +230,7 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
 def test_a_node_pings_clocks_every_0_1_s_until_confirmed_then_every_0_5_s(
     tmp_path: Path,
 ) -> None:
-    """Pings every 10 ticks (0.1 s) were ~70 % of an idle cluster's peer messages: a node
+    """Pings every 10 ticks (0.1 s) were ~60 % of an idle cluster's peer messages: a node
     whose clock is confirmed within the bound pings every 50, one that is not (a start, a
     peer's reading a day off) every 10 again."""
     replicator = unstarted_replicator(tmp_path)
