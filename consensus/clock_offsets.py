@@ -8,8 +8,8 @@ risk the same way). A peer counts as agreeing unless its reading is beyond the b
 allowing half the round trip as measurement error, so a slow network does not make a good clock
 look bad; a reading older than `reading_ttl_us` no longer counts.
 
-Also owns the ping schedule both the daemon and the simulator keep (`clock_ping_period_ticks`),
-and `split_by_clock_bound`, the leader's rule for forwarded commands stamped too far ahead
+Also owns the ping schedule both the daemon and the simulator keep (`ClockRounds`), and
+`split_by_clock_bound`, the leader's rule for forwarded commands stamped too far ahead
 of its clock (the stamp reader is the application's), and `bound_forwarded`, which applies it to
 a Forward whichever route it took (direct, or inside a `Relay` past a one-way cut).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Protocol
 
 from consensus.config import quorum_size
@@ -36,9 +37,29 @@ CLOCK_PING_TICKS_SETTLING = 10
 CLOCK_PING_TICKS_STEADY = 50
 
 
-def clock_ping_period_ticks(within_bounds: bool) -> int:
-    """Ticks between two ping rounds for a node whose clock is (not) confirmed in bounds."""
-    return CLOCK_PING_TICKS_STEADY if within_bounds else CLOCK_PING_TICKS_SETTLING
+class ClockWork(Enum):
+    PING = "ping"  # ping every peer (and judge the readings)
+    JUDGE = "judge"  # judge the readings held again: some may have aged out
+    NONE = "none"
+
+
+class ClockRounds:
+    """At which ticks a node pings its peers' clocks, and at which it only judges the readings
+    it holds again (every CLOCK_PING_TICKS_SETTLING ticks, so readings that age out count
+    within 0.1 s whatever the ping period). A start counts as a round at tick 0."""
+
+    def __init__(self) -> None:
+        self._pinged_at_tick = 0
+
+    def at_tick(self, tick: int, within_bounds: bool) -> ClockWork:
+        """What this tick owes the clock rule; a PING is recorded as the latest round."""
+        period = CLOCK_PING_TICKS_STEADY if within_bounds else CLOCK_PING_TICKS_SETTLING
+        if tick - self._pinged_at_tick >= period:
+            self._pinged_at_tick = tick
+            return ClockWork.PING
+        if tick % CLOCK_PING_TICKS_SETTLING == 0:
+            return ClockWork.JUDGE
+        return ClockWork.NONE
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,7 @@ from typing import Any
 
 import msgpack
 
-from consensus.clock_offsets import (
-    CLOCK_PING_TICKS_SETTLING,
-    ClockOffsets,
-    bound_forwarded,
-    clock_ping_period_ticks,
-)
+from consensus.clock_offsets import ClockOffsets, ClockRounds, ClockWork, bound_forwarded
 from consensus.codec import (
     decode_message,
     decode_record,
@@ -152,7 +147,7 @@ class SimNode:
         self._pending_reads: dict[int, _PendingRead] = {}
         self._next_read_id = 0
         self._ticks = 0
-        self._clock_pinged_at_tick = 0
+        self._clock_rounds = ClockRounds()
         self.clock = self.clock_offsets_factory(
             self.node_id, self.config, max_offset_us=self.max_clock_offset_us,
             reading_ttl_us=CLOCK_READING_TTL_US,
@@ -237,23 +232,22 @@ class SimNode:
         if self.up and not self.paused and self.replica is not None:
             self._ticks += 1
             if self.wall_clock_us is not None:
-                ping_period = clock_ping_period_ticks(self._clock_ok)
-                if self._ticks - self._clock_pinged_at_tick >= ping_period:
+                clock_work = self._clock_rounds.at_tick(self._ticks, self._clock_ok)
+                if clock_work is ClockWork.PING:
                     self._ping_clocks()
-                elif self._ticks % CLOCK_PING_TICKS_SETTLING == 0:
-                    self._clock_within_bounds()  # readings age out
+                elif clock_work is ClockWork.JUDGE:
+                    self._clock_within_bounds()
             self.driver.tick()
             self._process()
 
     # ---------------------------------------------------------------- the clock rule
     # The daemon's (vaultnode/paxos_replicator.py): ClockOffsets from pings every 10 ticks
-    # until the clock is confirmed in bounds, every 50 after (`clock_ping_period_ticks`);
+    # until the clock is confirmed in bounds, every 50 after (`ClockRounds`);
     # out of bounds, the node proposes nothing, stands for no election and refuses writes; a
     # leader refuses forwarded commands stamped further ahead of its clock than the bound.
 
     def _ping_clocks(self) -> None:
         assert self.wall_clock_us is not None and self.clock_ping is not None
-        self._clock_pinged_at_tick = self._ticks
         now_us, wall_us = self.loop.now_ms * 1000, self.wall_clock_us()
         for peer_id in self.config.peers_of(self.node_id):
             reading = self.clock_ping(self.node_id, peer_id)

@@ -30,8 +30,9 @@ from consensus.messages import Ballot, Forward, ForwardRefused, Relay
 from consensus.replica import Role
 from simulations.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
 from tests.unstarted_replicator import unstarted_replicator
+from vaultnode import paxos_replicator
 from vaultnode.commands import CommandHeader, CreateSecret, encode_command
-from vaultnode.paxos_replicator import split_by_clock_bound
+from vaultnode.paxos_replicator import CLOCK_READING_TTL_S, split_by_clock_bound
 
 MS = 1000
 DAY_US = 86_400 * 1_000_000
@@ -228,11 +229,17 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
 
 
 def test_a_node_pings_clocks_every_0_1_s_until_confirmed_then_every_0_5_s(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pings every 10 ticks (0.1 s) were ~60 % of an idle cluster's peer messages: a node
     whose clock is confirmed within the bound pings every 50, one that is not (a start, a
-    peer's reading a day off) every 10 again."""
+    peer's reading a day off) every 10 again; between pings it judges its readings every 10
+    ticks, so readings that age out count within 0.1 s, not at the next ping."""
+    monotonic_ahead_us = 0
+    real_monotonic_us = paxos_replicator._monotonic_us
+    monkeypatch.setattr(
+        paxos_replicator, "_monotonic_us", lambda: real_monotonic_us() + monotonic_ahead_us
+    )
     replicator = unstarted_replicator(tmp_path)
     pinged_at: list[int] = []
     replicator._replica = SimpleNamespace(
@@ -266,3 +273,13 @@ def test_a_node_pings_clocks_every_0_1_s_until_confirmed_then_every_0_5_s(
     pinged_at.clear()
     uvloop.run(tick(20))
     assert pinged_at == [140, 140, 150, 150]  # out of bounds again: every 10 ticks
+
+    for peer_id in (2, 3):
+        replicator.on_clock_reading(peer_id, offset_us=0, round_trip_us=200)
+    uvloop.run(tick(10))  # tick 160: a ping round; the next is due at tick 210
+    assert replicator.clock_status.within_bounds
+    pinged_at.clear()
+    monotonic_ahead_us = int(CLOCK_READING_TTL_S * 1_000_000) + 1  # every reading too old
+    uvloop.run(tick(10))
+    assert not replicator.clock_status.within_bounds  # judged at tick 170, before any ping
+    assert pinged_at == []

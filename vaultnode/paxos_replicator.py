@@ -27,12 +27,7 @@ from typing import Any
 import msgpack
 
 from consensus import clock_offsets
-from consensus.clock_offsets import (
-    CLOCK_PING_TICKS_SETTLING,
-    ClockOffsets,
-    ClockVoters,
-    clock_ping_period_ticks,
-)
+from consensus.clock_offsets import ClockOffsets, ClockRounds, ClockVoters, ClockWork
 from consensus.codec import (
     decode_record,
     decode_stored_snapshot,
@@ -125,10 +120,9 @@ UNSAFE_LOCAL_READS_ENV = "VAULT_UNSAFE_LOCAL_READS_FOR_TESTS"
 # Commands whose fields are only str, int, bytes, None and flat dicts of those, which msgpack
 # gives back exactly: applying the proposer's own object equals applying the decoded bytes.
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
-# Clock readings: each peer is pinged every `clock_ping_period_ticks` (0.1 s until this node's
-# clock is confirmed, 0.5 s after); a reading older than CLOCK_READING_TTL_S no longer counts
-# towards "my clock agrees with a majority's", which is judged again at least every
-# CLOCK_PING_TICKS_SETTLING ticks so a lost majority of readings is seen within 0.1 s.
+# Clock readings: each peer is pinged as `ClockRounds` says (0.1 s until this node's clock is
+# confirmed, 0.5 s after); a reading older than CLOCK_READING_TTL_S no longer counts towards
+# "my clock agrees with a majority's", which is judged again every 0.1 s.
 CLOCK_READING_TTL_S = 3.0
 MAX_CLOCK_OFFSET_MS_DEFAULT = 500
 # A follower fsyncs on its loop thread while its last fsync took at most this long (see
@@ -265,7 +259,7 @@ class PaxosReplicator:
         self.clock_status = self._clock.status(_monotonic_us())
         self._clock_reported_bad = False
         self._ticks = 0
-        self._clock_pinged_at_tick = 0
+        self._clock_rounds = ClockRounds()
         self._driver: ReadyDriver | None = None
         self._kick_scheduled = False
         # (deadline, future) in the order requests started; every wait of a kind has the same
@@ -795,11 +789,11 @@ class PaxosReplicator:
             return
         self._note_role_change()  # leader reachability is judged at ticks
         self._ticks += 1
-        ping_period = clock_ping_period_ticks(self.clock_status.within_bounds)
-        if self._ticks - self._clock_pinged_at_tick >= ping_period:
+        clock_work = self._clock_rounds.at_tick(self._ticks, self.clock_status.within_bounds)
+        if clock_work is ClockWork.PING:
             self._ping_clocks()
-        elif self._ticks % CLOCK_PING_TICKS_SETTLING == 0:
-            self._update_clock_status()  # readings age out
+        elif clock_work is ClockWork.JUDGE:
+            self._update_clock_status()
         if self._ticks % PROMOTE_CHECK_TICKS == 0 and self.replica.role == Role.LEADER:
             self._maybe_promote()
         if self._proposals or self.replica.has_ready():
@@ -810,7 +804,6 @@ class PaxosReplicator:
         self._schedule_tick()
 
     def _ping_clocks(self) -> None:
-        self._clock_pinged_at_tick = self._ticks
         if self.transport is not None:
             for peer_id in self.replica.peer_ids:
                 self.transport.send_clock_ping(peer_id)
