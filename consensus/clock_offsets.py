@@ -28,11 +28,13 @@ from consensus.config import quorum_size
 from consensus.messages import Forward, ForwardRefused, Message, Relay
 
 # A node pings its peers' clocks every CLOCK_PING_TICKS_SETTLING ticks (0.1 s) while its own clock
-# is not confirmed within the bound (a start, readings lost), so it is confirmed within a round;
-# once confirmed, every CLOCK_PING_TICKS_STEADY ticks (0.5 s), six rounds per 3 s reading
-# lifetime. Pinging at 0.1 s throughout was ~60 % of an idle cluster's peer messages and
-# ~20 % of its CPU; a node's own clock jump is judged at every reading of its clock, not at
-# pings, and a leader bounds forwarded stamps by its own clock, so neither waits on the round.
+# is not confirmed within the bound (a start, readings lost) or it holds no recent reading of
+# some peer (one just added: its promotion must find the reading there, on both sides), so it is
+# confirmed within a round; once confirmed with every peer read, every CLOCK_PING_TICKS_STEADY
+# ticks (0.5 s), six rounds per 3 s reading lifetime. Pinging at 0.1 s throughout was ~60 % of
+# an idle cluster's peer messages and ~20 % of its CPU; a node's own clock jump is judged at
+# every reading of its clock, not at pings, and a leader bounds forwarded stamps by its own
+# clock, so neither waits on the round.
 CLOCK_PING_TICKS_SETTLING = 10
 CLOCK_PING_TICKS_STEADY = 50
 
@@ -51,9 +53,11 @@ class ClockRounds:
     def __init__(self) -> None:
         self._pinged_at_tick = 0
 
-    def at_tick(self, tick: int, within_bounds: bool) -> ClockWork:
-        """What this tick owes the clock rule; a PING is recorded as the latest round."""
-        period = CLOCK_PING_TICKS_STEADY if within_bounds else CLOCK_PING_TICKS_SETTLING
+    def at_tick(self, tick: int, settled: bool) -> ClockWork:
+        """What this tick owes the clock rule; a PING is recorded as the latest round.
+        `settled`: this node's clock is within bounds and it holds a recent reading of every
+        peer, learners included (`ClockOffsets.has_read_all`)."""
+        period = CLOCK_PING_TICKS_STEADY if settled else CLOCK_PING_TICKS_SETTLING
         if tick - self._pinged_at_tick >= period:
             self._pinged_at_tick = tick
             return ClockWork.PING
@@ -137,6 +141,34 @@ class ClockOffsets:
         skew = None if wall_us is None else wall_us - now_us
         self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us, skew)
 
+    def has_read_all(self, peer_ids: tuple[int, ...], now_us: int) -> bool:
+        """Whether a recent reading of every one of `peer_ids` is held."""
+        return all(self._recent(peer_id, now_us) is not None for peer_id in peer_ids)
+
+    def offset_of(self, peer_id: int, now_us: int, wall_us: int | None = None) -> int | None:
+        """`peer_id`'s clock minus ours by a recent reading (None: none held)."""
+        reading = self._recent(peer_id, now_us)
+        if reading is None:
+            return None
+        return reading.offset_now_us(None if wall_us is None else wall_us - now_us)
+
+    def agrees_with(self, peer_id: int, now_us: int, wall_us: int | None = None) -> bool:
+        """Whether a recent reading puts `peer_id`'s clock within the bound of ours. A leader
+        promotes a learner only then: promoted with no reading, the new voter would count
+        against this node's majority (out of bounds, a leader out of office) until the next
+        round; promoted with a clock a day off, it would do so for good."""
+        reading = self._recent(peer_id, now_us)
+        if reading is None:
+            return False
+        skew = None if wall_us is None else wall_us - now_us
+        return abs(reading.offset_now_us(skew)) - reading.uncertainty_us <= self.max_offset_us
+
+    def _recent(self, peer_id: int, now_us: int) -> _Reading | None:
+        reading = self._readings.get(peer_id)
+        if reading is None or now_us - reading.taken_at_us > self.reading_ttl_us:
+            return None
+        return reading
+
     def status(self, now_us: int, wall_us: int | None = None) -> ClockStatus:
         """Given our wall clock now (`wall_us`), readings are corrected for any jump of our own
         clock since they were taken: a node whose clock stepped a day ahead is out of bounds
@@ -145,8 +177,8 @@ class ClockOffsets:
         voters = self.config.node_ids
         recent = [
             (reading.offset_now_us(skew), reading.uncertainty_us)
-            for peer_id, reading in self._readings.items()
-            if peer_id in voters and now_us - reading.taken_at_us <= self.reading_ttl_us
+            for reading in (self._recent(peer_id, now_us) for peer_id in voters)
+            if reading is not None
         ]
         agreeing = sum(
             1 for offset, uncertainty in recent

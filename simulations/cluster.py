@@ -232,7 +232,10 @@ class SimNode:
         if self.up and not self.paused and self.replica is not None:
             self._ticks += 1
             if self.wall_clock_us is not None:
-                clock_work = self._clock_rounds.at_tick(self._ticks, self._clock_ok)
+                settled = self._clock_ok and self.clock.has_read_all(
+                    self.config.peers_of(self.node_id), self.loop.now_ms * 1000
+                )
+                clock_work = self._clock_rounds.at_tick(self._ticks, settled)
                 if clock_work is ClockWork.PING:
                     self._ping_clocks()
                 elif clock_work is ClockWork.JUDGE:
@@ -242,7 +245,7 @@ class SimNode:
 
     # ---------------------------------------------------------------- the clock rule
     # The daemon's (vaultnode/paxos_replicator.py): ClockOffsets from pings every 10 ticks
-    # until the clock is confirmed in bounds, every 50 after (`ClockRounds`);
+    # until the clock is confirmed in bounds and every peer read, every 50 after (`ClockRounds`);
     # out of bounds, the node proposes nothing, stands for no election and refuses writes; a
     # leader refuses forwarded commands stamped further ahead of its clock than the bound.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import glob
+import io
+import json
 import re
 import time
 import uuid
@@ -26,13 +28,16 @@ import uvloop
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.config import ClusterConfig
+from consensus.membership import UNBOUND, Member, Membership, promoted
 from consensus.messages import Ballot, Forward, ForwardRefused, Relay
+from consensus.ready import PeerProgress
 from consensus.replica import Role
 from simulations.harness import Cluster, make_cluster, node_health, wait_for_leader, wait_until
 from tests.unstarted_replicator import unstarted_replicator
 from vaultnode import paxos_replicator
 from vaultnode.commands import CommandHeader, CreateSecret, encode_command
-from vaultnode.paxos_replicator import CLOCK_READING_TTL_S, split_by_clock_bound
+from vaultnode.events import EventLog
+from vaultnode.paxos_replicator import split_by_clock_bound
 
 MS = 1000
 DAY_US = 86_400 * 1_000_000
@@ -228,58 +233,120 @@ def test_a_leader_bounds_forwarded_commands_whichever_route_they_took(
     assert passed == (replace(relay, forwards=(kept,)) if relayed else kept)
 
 
+class _TickedFollower:
+    """Node 1's replicator, a follower of node 2 with peers 2 and 3, ticked by hand; each
+    clock ping is recorded as (tick, peer)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.replicator = replicator = unstarted_replicator(tmp_path)
+        self.pings: list[tuple[int, int]] = []
+        replicator._replica = SimpleNamespace(
+            role=Role.FOLLOWER, leader_id=2, leader_route=2, peer_ids=(2, 3),
+            has_ready=lambda: False, set_clock_ok=lambda ok: None,
+        )
+        replicator._driver = SimpleNamespace(tick=lambda: None)
+        replicator._kick = lambda: None
+        replicator.transport = SimpleNamespace(
+            send_clock_ping=lambda peer_id: self.pings.append((replicator._ticks, peer_id))
+        )
+
+    def pinged_at(self, ticks: int) -> list[int]:
+        """Run `ticks` ticks; the tick of each ping sent meanwhile."""
+        async def run() -> None:
+            for _ in range(ticks):
+                self.replicator._on_tick()
+                self.replicator._tick_handle.cancel()
+
+        self.pings.clear()
+        uvloop.run(run())
+        return [at for at, _ in self.pings]
+
+    def read_clocks(self, offset_us: int, peer_ids: tuple[int, ...] = (2, 3)) -> None:
+        for peer_id in peer_ids:
+            self.replicator.on_clock_reading(peer_id, offset_us=offset_us, round_trip_us=200)
+
+
 def test_a_node_pings_clocks_every_0_1_s_until_confirmed_then_every_0_5_s(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pings every 10 ticks (0.1 s) were ~60 % of an idle cluster's peer messages: a node
     whose clock is confirmed within the bound pings every 50, one that is not (a start, a
     peer's reading a day off) every 10 again; between pings it judges its readings every 10
-    ticks, so readings that age out count within 0.1 s, not at the next ping."""
-    monotonic_ahead_us = 0
-    real_monotonic_us = paxos_replicator._monotonic_us
-    monkeypatch.setattr(
-        paxos_replicator, "_monotonic_us", lambda: real_monotonic_us() + monotonic_ahead_us
-    )
-    replicator = unstarted_replicator(tmp_path)
-    pinged_at: list[int] = []
+    ticks, so a jump of its own clock counts within 0.1 s, not at the next ping."""
+    wall_ahead_us = 0
+    real_wall_us = paxos_replicator._wall_us
+    monkeypatch.setattr(paxos_replicator, "_wall_us", lambda: real_wall_us() + wall_ahead_us)
+    node = _TickedFollower(tmp_path)
+    assert node.pinged_at(30) == [10, 10, 20, 20, 30, 30]  # not confirmed yet: every 10 ticks
+
+    node.read_clocks(offset_us=0)
+    assert node.replicator.clock_status.within_bounds
+    assert node.pinged_at(100) == [80, 80, 130, 130]  # confirmed: every 50 after the last round
+
+    node.read_clocks(offset_us=DAY_US)
+    assert not node.replicator.clock_status.within_bounds
+    assert node.pinged_at(20) == [140, 140, 150, 150]  # out of bounds again: every 10 ticks
+
+    node.read_clocks(offset_us=0)
+    assert node.pinged_at(10) == []  # to tick 160; the next round is due at tick 200
+    assert node.replicator.clock_status.within_bounds
+    wall_ahead_us = DAY_US  # this node's own clock steps a day ahead
+    assert node.pinged_at(10) == []
+    assert not node.replicator.clock_status.within_bounds  # judged at tick 170
+
+
+def test_a_node_pings_a_peer_it_holds_no_reading_of_every_0_1_s(tmp_path: Path) -> None:
+    """A learner just added is a peer with no reading yet: its promotion must find one on
+    both sides, so a node whose clock is confirmed pings every 10 ticks again until it holds
+    a reading of every peer, then every 50."""
+    node = _TickedFollower(tmp_path)
+    node.read_clocks(offset_us=0)
+    assert node.pinged_at(60) == [50, 50]  # confirmed, every peer read: every 50 ticks
+
+    node.replicator._replica.peer_ids = (2, 3, 4)  # node 4 added as a learner
+    assert sorted(set(node.pinged_at(30))) == [61, 71, 81]  # unread: at once, then every 10
+    assert node.replicator.clock_status.within_bounds  # (node 4 is no voter: bounds held)
+    assert [peer for _, peer in node.pings].count(4) == 3
+
+    node.read_clocks(offset_us=0, peer_ids=(4,))
+    assert sorted(set(node.pinged_at(60))) == [131]  # every peer read: every 50 again
+
+
+def test_a_leader_promotes_a_learner_only_once_its_clock_is_read_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    """Promoted before the leader held a reading of its clock, the new voter counted against
+    the leader's majority: a one-node vault grown to two refused the next change with 503
+    clock_offset (CI, tests/test_membership_daemon.py) until the next ping round. A learner
+    whose clock reads a day off is never promoted."""
+    replicator = unstarted_replicator(tmp_path, node_ids=(1,))
+    events = io.StringIO()
+    replicator._events = EventLog(1, events)
+    learner = Member(2, 7, False, auto_promote=True)
+    membership = Membership((Member(1, UNBOUND, True), learner))
+    proposed: list[Membership] = []
     replicator._replica = SimpleNamespace(
-        role=Role.FOLLOWER, leader_id=2, leader_route=2, peer_ids=(2, 3),
-        has_ready=lambda: False, set_clock_ok=lambda ok: None,
+        role=Role.LEADER, membership=membership, chosen_through=40, peer_ids=(2,),
+        peer_progress=lambda: {2: PeerProgress(ticks_since_heard=1, match_index=40)},
     )
-    replicator._driver = SimpleNamespace(tick=lambda: None)
+    replicator._driver = SimpleNamespace(propose_membership=proposed.append)
     replicator._kick = lambda: None
-    replicator.transport = SimpleNamespace(
-        send_clock_ping=lambda peer_id: pinged_at.append(replicator._ticks)
-    )
 
-    async def tick(times: int) -> None:
-        for _ in range(times):
-            replicator._on_tick()
-            replicator._tick_handle.cancel()
+    replicator._maybe_promote()
+    assert proposed == []  # caught up, but no reading of its clock yet
 
-    uvloop.run(tick(30))
-    assert pinged_at == [10, 10, 20, 20, 30, 30]  # not confirmed yet: every 10 ticks
+    assert "membership.promotion_held" not in events.getvalue()  # the ordinary wait
 
-    for peer_id in (2, 3):
-        replicator.on_clock_reading(peer_id, offset_us=0, round_trip_us=200)
-    assert replicator.clock_status.within_bounds
-    pinged_at.clear()
-    uvloop.run(tick(100))
-    assert pinged_at == [80, 80, 130, 130]  # confirmed: every 50 ticks after the last round
+    # Half a millisecond over: the offset reported is corrected for our own clock's drift
+    # between the reading and the check (a microsecond or so), and still reads whole days.
+    replicator.on_clock_reading(2, offset_us=DAY_US + 500, round_trip_us=200)
+    replicator._maybe_promote()
+    replicator._maybe_promote()
+    assert proposed == []  # its clock is a day off ours
+    held = [json.loads(line) for line in events.getvalue().splitlines()]
+    held = [event for event in held if event["event"] == "membership.promotion_held"]
+    assert [(e["member"], e["offset_ms"]) for e in held] == [(2, DAY_US // 1000)]  # told once
 
-    for peer_id in (2, 3):
-        replicator.on_clock_reading(peer_id, offset_us=DAY_US, round_trip_us=200)
-    assert not replicator.clock_status.within_bounds
-    pinged_at.clear()
-    uvloop.run(tick(20))
-    assert pinged_at == [140, 140, 150, 150]  # out of bounds again: every 10 ticks
-
-    for peer_id in (2, 3):
-        replicator.on_clock_reading(peer_id, offset_us=0, round_trip_us=200)
-    uvloop.run(tick(10))  # tick 160: a ping round; the next is due at tick 210
-    assert replicator.clock_status.within_bounds
-    pinged_at.clear()
-    monotonic_ahead_us = int(CLOCK_READING_TTL_S * 1_000_000) + 1  # every reading too old
-    uvloop.run(tick(10))
-    assert not replicator.clock_status.within_bounds  # judged at tick 170, before any ping
-    assert pinged_at == []
+    replicator.on_clock_reading(2, offset_us=3_000, round_trip_us=200)
+    replicator._maybe_promote()
+    assert proposed == [promoted(membership, 2)]

@@ -78,6 +78,7 @@ EVENTS = frozenset(
         "membership.removed",
         "membership.superseded",
         "membership.promoting",
+        "membership.promotion_held",
         "peer.disconnected",
         "snapshot.taken",
         "backup.saved",

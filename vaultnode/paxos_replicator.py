@@ -121,8 +121,8 @@ UNSAFE_LOCAL_READS_ENV = "VAULT_UNSAFE_LOCAL_READS_FOR_TESTS"
 # gives back exactly: applying the proposer's own object equals applying the decoded bytes.
 _DECODES_TO_ITSELF = frozenset({CreateSecret, UpdateSecret})
 # Clock readings: each peer is pinged as `ClockRounds` says (0.1 s until this node's clock is
-# confirmed, 0.5 s after); a reading older than CLOCK_READING_TTL_S no longer counts towards
-# "my clock agrees with a majority's", which is judged again every 0.1 s.
+# confirmed and every peer read, 0.5 s after); a reading older than CLOCK_READING_TTL_S no
+# longer counts towards "my clock agrees with a majority's", which is judged again every 0.1 s.
 CLOCK_READING_TTL_S = 3.0
 MAX_CLOCK_OFFSET_MS_DEFAULT = 500
 # A follower fsyncs on its loop thread while its last fsync took at most this long (see
@@ -258,6 +258,7 @@ class PaxosReplicator:
         )
         self.clock_status = self._clock.status(_monotonic_us())
         self._clock_reported_bad = False
+        self._promotions_held: set[int] = set()  # learners reported held for their clock
         self._ticks = 0
         self._clock_rounds = ClockRounds()
         self._driver: ReadyDriver | None = None
@@ -681,8 +682,9 @@ class PaxosReplicator:
 
     def _maybe_promote(self) -> None:
         """Leader: propose promoting the first learner added with `auto_promote` that answered
-        within an election timeout and whose match index is within `promote_lag_slots_max` of
-        the chosen watermark (one change at a time: the core refuses while one is pending)."""
+        within an election timeout, whose match index is within `promote_lag_slots_max` of
+        the chosen watermark and whose clock a recent reading puts within the bound of ours
+        (one change at a time: the core refuses while one is pending)."""
         replica = self.replica
         progress = replica.peer_progress()
         latest = replica.membership
@@ -694,6 +696,9 @@ class PaxosReplicator:
                 continue
             if replica.chosen_through - heard.match_index > self.promote_lag_slots_max:
                 continue
+            if not self._clock.agrees_with(member.node_id, _monotonic_us(), _wall_us()):
+                self._note_promotion_held(member.node_id)
+                continue
             try:
                 self.driver.propose_membership(promoted(latest, member.node_id))
             except MembershipChangeRefused:
@@ -704,6 +709,18 @@ class PaxosReplicator:
             )
             self._kick()
             return
+
+    def _note_promotion_held(self, learner_id: int) -> None:
+        """Tell the operator once per learner whose clock a reading puts off the bound (no
+        reading yet is the ordinary wait: one is due within 0.1 s)."""
+        offset_us = self._clock.offset_of(learner_id, _monotonic_us(), _wall_us())
+        if offset_us is None or learner_id in self._promotions_held:
+            return
+        self._promotions_held.add(learner_id)
+        self._events.emit(
+            "membership.promotion_held", member=learner_id, offset_ms=_ms(offset_us),
+            max_offset_ms=self.max_clock_offset_us // 1000,
+        )
 
     # ---- inputs ------------------------------------------------------------------------
     def on_message(self, message: Message) -> None:
@@ -789,7 +806,10 @@ class PaxosReplicator:
             return
         self._note_role_change()  # leader reachability is judged at ticks
         self._ticks += 1
-        clock_work = self._clock_rounds.at_tick(self._ticks, self.clock_status.within_bounds)
+        settled = self.clock_status.within_bounds and self._clock.has_read_all(
+            self.replica.peer_ids, _monotonic_us()
+        )
+        clock_work = self._clock_rounds.at_tick(self._ticks, settled)
         if clock_work is ClockWork.PING:
             self._ping_clocks()
         elif clock_work is ClockWork.JUDGE:
