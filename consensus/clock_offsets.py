@@ -138,7 +138,7 @@ class ClockOffsets:
         # Kept for any peer, learners too: only the voters' count in `status`, and a learner
         # promoted to voter must count at once, or its promotion would put this node's clock
         # out of bounds (and a leader out of office) until the next ping round.
-        skew = None if wall_us is None else wall_us - now_us
+        skew = _wall_skew_us(now_us, wall_us)
         self._readings[peer_id] = _Reading(offset_us, max(0, round_trip_us) // 2, now_us, skew)
 
     def has_read_all(self, peer_ids: tuple[int, ...], now_us: int) -> bool:
@@ -150,7 +150,7 @@ class ClockOffsets:
         reading = self._recent(peer_id, now_us)
         if reading is None:
             return None
-        return reading.offset_now_us(None if wall_us is None else wall_us - now_us)
+        return reading.offset_now_us(_wall_skew_us(now_us, wall_us))
 
     def agrees_with(self, peer_id: int, now_us: int, wall_us: int | None = None) -> bool:
         """Whether a recent reading puts `peer_id`'s clock within the bound of ours. A leader
@@ -158,10 +158,14 @@ class ClockOffsets:
         against this node's majority (out of bounds, a leader out of office) until the next
         round; promoted with a clock a day off, it would do so for good."""
         reading = self._recent(peer_id, now_us)
-        if reading is None:
-            return False
-        skew = None if wall_us is None else wall_us - now_us
-        return abs(reading.offset_now_us(skew)) - reading.uncertainty_us <= self.max_offset_us
+        return reading is not None and self._within_bound(
+            reading.offset_now_us(_wall_skew_us(now_us, wall_us)), reading.uncertainty_us
+        )
+
+    def _within_bound(self, offset_us: int, uncertainty_us: int) -> bool:
+        """A reading off by more than the bound even after allowing its measurement error
+        disagrees; any other agrees."""
+        return abs(offset_us) - uncertainty_us <= self.max_offset_us
 
     def _recent(self, peer_id: int, now_us: int) -> _Reading | None:
         reading = self._readings.get(peer_id)
@@ -173,17 +177,14 @@ class ClockOffsets:
         """Given our wall clock now (`wall_us`), readings are corrected for any jump of our own
         clock since they were taken: a node whose clock stepped a day ahead is out of bounds
         at once, not at the next ping round."""
-        skew = None if wall_us is None else wall_us - now_us
+        skew = _wall_skew_us(now_us, wall_us)
         voters = self.config.node_ids
         recent = [
             (reading.offset_now_us(skew), reading.uncertainty_us)
             for reading in (self._recent(peer_id, now_us) for peer_id in voters)
             if reading is not None
         ]
-        agreeing = sum(
-            1 for offset, uncertainty in recent
-            if abs(offset) - uncertainty <= self.max_offset_us
-        )
+        agreeing = sum(1 for offset, error in recent if self._within_bound(offset, error))
         offset_us = None
         if recent:
             ours_minus_theirs = sorted([0, *(-offset for offset, _ in recent)])
@@ -194,6 +195,11 @@ class ClockOffsets:
             peers_agreeing=agreeing,
             peers_read=len(recent),
         )
+
+
+def _wall_skew_us(now_us: int, wall_us: int | None) -> int | None:
+    """Our wall clock minus our monotonic clock (None: no wall reading given)."""
+    return None if wall_us is None else wall_us - now_us
 
 
 def split_by_clock_bound(
