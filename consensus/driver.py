@@ -26,6 +26,10 @@ The rules, for each Ready in the order `consensus/ready.py` lists the duties:
   a follower whose disk answered quickly, whose loop has nothing to send until that fsync ends,
   and saves the two thread hand-offs on the path of every write. The records are then durable
   before the Ready's chosen slots are applied, and the messages held for them leave at once.
+- Sends leave before applies. Messages released by an fsync (an acceptor's Accepted) and a
+  Ready's messages are flushed (`DriverHost.flush`) before its chosen slots are applied: the
+  peer waiting on them (a leader counting votes, a follower learning what was chosen) need not
+  wait for this node's applies and the rest of its turn as well.
 - A Ready whose records only move the chosen watermark (`needs_fsync` false) starts no fsync.
 - Log compaction waits until the records of its Ready are durable.
 - Chosen slots are applied in order; an exception while applying stops the node (`ApplyFailed`):
@@ -85,6 +89,10 @@ class DriverHost(Protocol):
 
     def unsent_bytes(self, peer_id: int) -> int:
         """Bytes sent to the peer that it has not read yet (0 if unknown)."""
+
+    def flush(self) -> None:
+        """Let the messages handed to `send` so far leave now rather than at the end of the
+        host's turn (a host whose sends leave at once does nothing)."""
 
     def start_sync(self) -> None:
         """Arrange for the log's `sync()` to run and for `ReadyDriver.synced` (or
@@ -180,6 +188,8 @@ class ReadyDriver:
             self._held = [(through, m) for through, m in self._held if through > synced_index]
             for message in released:
                 self._send(message)
+            if released:
+                self._host.flush()
         try:
             if self._compaction is not None and self._compaction[0] <= synced_index:
                 before = self._compaction[1]
@@ -246,6 +256,8 @@ class ReadyDriver:
                 self._send(message)
             if ready.compact_log_before is not None and not self._sync_in_flight:
                 self._compact_now()
+        if ready.chosen:
+            host.flush()
         for chosen in ready.chosen:
             try:
                 host.apply(chosen)

@@ -207,8 +207,9 @@ class PeerTransport:
 
     def send(self, message: Message) -> None:
         """Queue a frame for the peer; every frame queued in one event-loop turn leaves in one
-        write per lane. A Forward takes the bulk lane while it is connected (else the control
-        lane). Dropped (and counted) when the peer is not connected or its buffer is full."""
+        write per lane, at the end of the turn or at a `flush`. A Forward takes the bulk lane
+        while it is connected (else the control lane). Dropped (and counted) when the peer is
+        not connected or its buffer is full."""
         frame = _frame(encode_message(message))
         lane = CONTROL_LANE
         if len(frame) > BULK_FRAME_BYTES_MIN and message.to in self._bulk_writers:
@@ -231,6 +232,12 @@ class PeerTransport:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def flush(self) -> None:
+        """Write what was queued in this turn now, not at its end (the scheduled call then
+        finds nothing to write)."""
+        if self._unsent:
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False

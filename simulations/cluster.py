@@ -372,6 +372,9 @@ class SimNode:
     def unsent_bytes(self, peer_id: int) -> int:
         return self.network.unsent_bytes(self.node_id, peer_id)
 
+    def flush(self) -> None:
+        pass  # `send` hands every message to the simulated network at once
+
     def start_sync(self) -> None:
         incarnation = self.incarnation
         latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown

@@ -46,6 +46,9 @@ class LoopbackTransport:
     def unsent_bytes(self, peer_id: int) -> int:
         return 0  # delivered on the next turn: never a backlog
 
+    def flush(self) -> None:
+        pass  # each send is already on its way
+
     def send_clock_ping(self, peer_id: int) -> None:
         me = self.replicators[self.node_id]
         asyncio.get_running_loop().call_soon(me.on_clock_reading, peer_id, 0, 100)

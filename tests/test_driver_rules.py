@@ -58,10 +58,16 @@ class Host:
         self.sync_inline_now = False  # fsync on the spot (`DriverHost.sync_inline`)
         self.inline_disk_error: Exception | None = None
         self.applied_with_synced: list[tuple[int, int]] = []  # (slot, log.synced_index then)
+        self.unflushed: list[Message] = []  # sent, not yet let go by `flush`
+        self.unflushed_at_apply: list[tuple[int, list[Message]]] = []  # (slot, unflushed then)
 
     def send(self, message: Message) -> None:
         self.sent.append(message)
         self.outbox.append(message)
+        self.unflushed.append(message)
+
+    def flush(self) -> None:
+        self.unflushed = []
 
     def unsent_bytes(self, peer_id: int) -> int:
         return self.unread.get(peer_id, 0)
@@ -86,6 +92,7 @@ class Host:
             raise RuntimeError("planted apply error")
         self.applied.append(chosen.slot)
         self.applied_with_synced.append((chosen.slot, self.log.synced_index))
+        self.unflushed_at_apply.append((chosen.slot, list(self.unflushed)))
 
     def answer(self, ready: Ready) -> None:
         pass
@@ -319,6 +326,31 @@ def test_a_follower_that_fsyncs_on_the_spot_acks_in_the_turn_of_the_accept(
     chosen_before = cluster.replicas[1].chosen_through
     cluster.settle()  # node 3 still stalled: node 2's ack is the one that chooses "second"
     assert cluster.replicas[1].chosen_through == chosen_before + 1
+
+
+def test_messages_leave_before_the_chosen_slots_are_applied(cluster: Cluster) -> None:
+    """The Accepted a follower's fsync released, and whatever else a Ready sends, are flushed
+    before that node applies: the leader waits on the Accepted, not on the follower's applies
+    (the daemon's transport otherwise writes a turn's frames only when the turn ends)."""
+    follower = cluster.hosts[2]
+    follower.sync_inline_now = True
+    cluster.replicas[1].propose([b"first"])
+    cluster.settle()
+    cluster.replicas[1].propose([b"second"])  # its Accept tells node 2 that "first" is chosen
+    cluster.drivers[1].process()
+    applied_before = {n: len(cluster.hosts[n].unflushed_at_apply) for n in (1, 2)}
+    sent_before = len(follower.sent)
+    for message in [m for m in cluster.outbox if m.to == 2 and isinstance(m, Accept)]:
+        cluster.outbox.remove(message)
+        cluster.replicas[2].step(message)
+        cluster.drivers[2].process()
+    acked = [m for m in follower.sent[sent_before:] if isinstance(m, Accepted)]
+    assert acked, "node 2 did not ack the Accept in its turn"
+    cluster.settle()  # the leader chooses "second" and applies it
+    for node_id in (1, 2):
+        applies = cluster.hosts[node_id].unflushed_at_apply[applied_before[node_id]:]
+        assert applies, f"node {node_id} applied nothing"
+        assert all(unflushed == [] for _, unflushed in applies), (node_id, applies)
 
 
 def test_a_disk_error_in_an_fsync_on_the_spot_stops_the_node_before_it_acks(

@@ -197,20 +197,28 @@ async def _hang_up(writer: asyncio.StreamWriter) -> None:
         await asyncio.wait_for(writer.wait_closed(), DEADLINE_S)
 
 
+async def _receiver_and_sender(
+    certificates: Certificates, received: Received, frame_size_bytes_max: int = 1 << 20
+) -> tuple[PeerTransport, PeerTransport]:
+    """Node 1 (see _receiver) and node 2 dialling it, both started."""
+    receiver = _receiver(certificates, received, frame_size_bytes_max=frame_size_bytes_max)
+    await receiver.start()
+    sender = _transport(
+        SENDER, Received(), peers=[PeerEndpoint(RECEIVER, HOST, _port(receiver))],
+        accepts=set(), server_ssl=certificates.server(SENDER),
+        client_ssl=certificates.client(SENDER),
+    )
+    await sender.start()
+    return receiver, sender
+
+
 # ---- two transports ------------------------------------------------------------------------
 def test_messages_arrive_complete_and_in_order_over_mutual_tls(
     run: Runner, certificates: Certificates
 ) -> None:
     async def scenario() -> None:
         received = Received()
-        receiver = _receiver(certificates, received, frame_size_bytes_max=8 << 20)
-        await receiver.start()
-        sender = _transport(
-            SENDER, Received(), peers=[PeerEndpoint(RECEIVER, HOST, _port(receiver))],
-            accepts=set(), server_ssl=certificates.server(SENDER),
-            client_ssl=certificates.client(SENDER),
-        )
-        await sender.start()
+        receiver, sender = await _receiver_and_sender(certificates, received, 8 << 20)
         try:
             # Both lanes connected: two inbound connections, one logged.
             await _until(
@@ -235,6 +243,44 @@ def test_messages_arrive_complete_and_in_order_over_mutual_tls(
             assert sender.frames_dropped == 0
             assert received.named("peer.refused") == []
             assert received.named("peer.connected") == [{"peer": SENDER, "direction": "in"}]
+        finally:
+            await sender.stop()
+            await receiver.stop()
+
+    run(scenario())
+
+
+def test_flush_writes_the_frames_queued_so_far_at_once(
+    run: Runner, certificates: Certificates
+) -> None:
+    """`flush` (what the driver calls before applying) hands the frames queued in this turn to
+    the connection now, in one write; the end-of-turn write then finds nothing left."""
+
+    async def scenario() -> None:
+        received = Received()
+        receiver, sender = await _receiver_and_sender(certificates, received)
+        try:
+            await _until(lambda: sender.can_send_to(RECEIVER), "the control lane to connect")
+            writer = sender._writers[RECEIVER]
+            writes: list[bytes] = []
+            real_write = writer.write
+
+            def recording_write(data: bytes) -> None:
+                writes.append(bytes(data))
+                real_write(data)
+
+            writer.write = recording_write  # type: ignore[method-assign]
+            messages = _messages(3)
+            for message in messages:
+                sender.send(message)
+            assert writes == []  # queued for the end of the turn
+            sender.flush()
+            assert writes == [b"".join(_frame(encode_message(m)) for m in messages)]
+            sender.flush()  # nothing queued: nothing written
+            await asyncio.sleep(0)  # the end-of-turn write that was scheduled
+            assert len(writes) == 1
+            await _until(lambda: len(received.messages) == 3, "the flushed messages")
+            assert received.messages == messages
         finally:
             await sender.stop()
             await receiver.stop()

@@ -892,6 +892,10 @@ class PaxosReplicator:
     def unsent_bytes(self, peer_id: int) -> int:
         return self.transport.unsent_bytes(peer_id) if self.transport is not None else 0
 
+    def flush(self) -> None:
+        if self.transport is not None:
+            self.transport.flush()
+
     def sync_inline(self) -> int | None:
         """fsync on the loop thread when this node follows and its last fsync took at most
         INLINE_FSYNC_S_MAX. A follower has nothing to send until the fsync ends (its Accepted
