@@ -72,6 +72,7 @@ from vaultnode.replicator import (
     ReplicationStopped,
 )
 from vaultnode.state import Outcome, VaultState
+from vaultnode.sync_thread import SyncThread
 
 TICK_S = 0.01
 # 0.3-0.6 s election timeout, 50 ms heartbeats: fast failover, and a 2-core machine under full
@@ -247,7 +248,7 @@ class PaxosReplicator:
         self.transport: PeerTransport | None = None
         self._log: SegmentedLog | None = None
         self._replica: Replica | None = None
-        self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-fsync")
+        self._fsync_thread = SyncThread("vault-fsync")
         self._snapshot_thread = concurrent.futures.ThreadPoolExecutor(1, "vault-snapshot")
         self._snapshot_writing = False
         self._fsync_stall_path = os.environ.get(FSYNC_STALL_ENV)
@@ -359,8 +360,7 @@ class PaxosReplicator:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         # Let an fsync under way finish, so what it promised is true before we exit.
-        await asyncio.get_running_loop().run_in_executor(self._fsync_thread, lambda: None)
-        self._fsync_thread.shutdown(wait=True)
+        await self._fsync_thread.stop()
         await asyncio.get_running_loop().run_in_executor(self._snapshot_thread, lambda: None)
         self._snapshot_thread.shutdown(wait=True)
         self._fail_waiters(ReplicationStopped("the node is shutting down"))
