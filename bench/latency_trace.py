@@ -10,7 +10,7 @@ window's `req` is printed in time order. Events seen in fewer than half the wind
 out. Follower names F1, F2 are arbitrary.
 
 Usage (see bench/README.md, "Where one write's time goes"):
-    .venv/bin/python bench/latency_trace.py /tmp/trace/t
+    .venv/bin/python bench/latency_trace.py /tmp/trace/t [--show 3]
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def windows_of(leader: list[Event]) -> list[tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prefix", help="the VAULT_TRACE prefix the nodes ran with")
+    parser.add_argument(
+        "--show", type=int, default=0, metavar="N",
+        help="also print N requests' events in the order they happened (medians of events on "
+        "different paths, a leader's own fsync beside its followers', can mislead about order)",
+    )
     args = parser.parse_args()
     processes = {path: read_events(path) for path in sorted(glob.glob(args.prefix + ".*"))}
     if not processes:
@@ -82,6 +87,17 @@ def main() -> None:
     for median, (node, name, occurrence), count in rows:
         share = 100 * count // len(windows)
         print(f"{median:8.1f} us  {node:<3} {name:<16} #{occurrence}  ({share}% of requests)")
+    shown = windows[:: max(1, len(windows) // args.show)][: args.show] if args.show else []
+    for start, end in shown:
+        print(f"---- one request, {(end - start) / 1000:.0f} us")
+        merged = sorted(
+            (ns, names[path], name)
+            for path, events in processes.items()
+            for ns, name in events
+            if start <= ns <= end
+        )
+        for ns, node, name in merged:
+            print(f"{(ns - start) / 1000:8.1f} us  {node:<3} {name}")
 
 
 if __name__ == "__main__":
