@@ -1,6 +1,6 @@
 """vaultnode/sync_thread.py: the fsync thread runs calls one at a time, in order, off the loop;
-`stop` returns only after every call handed over before it ran; a call that raises does not stop
-the ones after it."""
+`stop` returns only after every call handed over before it returns ran (those handed over while
+it waits included); a call that raises does not stop the ones after it."""
 
 from __future__ import annotations
 
@@ -48,9 +48,12 @@ def test_stop_waits_for_a_call_under_way() -> None:
         stopping = asyncio.ensure_future(worker.stop())
         await asyncio.sleep(0.05)  # stop has had its turns: it must still be waiting
         assert not stopping.done() and finished == []
+        # A leader's fsync scheduled for the end of its turn reaches the thread while stop
+        # waits: it is taken, and stop waits for it too.
+        worker.submit(lambda: finished.append(False))
         release.set()
         await asyncio.wait_for(stopping, DEADLINE_S)
-        assert finished == [True]
+        assert finished == [True, False]
         with pytest.raises(RuntimeError, match="stopping"):
             worker.submit(lambda: None)
 

@@ -38,23 +38,30 @@ class SyncThread:
         self._calls.put(call)
 
     async def stop(self) -> None:
-        """Return once every call submitted so far has run; the thread then ends."""
+        """Return once every call submitted before `stop` returns has run; the thread then
+        ends, and later calls are refused. A call handed over while `stop` waits (a leader's
+        fsync scheduled for the end of its turn) still runs."""
         if self._stopping:
             return
-        if not self._started:
-            self._stopping = True  # never started: nothing to wait for
-            return
+        if self._started:
+            await self._run_through()
+        self._stopping = True  # no await between the wait above and this: nothing slips in
+        if self._started:
+            await self._run_through(then_end=True)  # what came in while we waited
+            self._thread.join()  # it has taken the None already, or is about to
+
+    async def _run_through(self, then_end: bool = False) -> None:
+        """Wait, without blocking the loop, until the calls queued so far have run."""
         loop = asyncio.get_running_loop()
-        drained: asyncio.Future[None] = loop.create_future()
+        reached: asyncio.Future[None] = loop.create_future()
 
-        def report_drained() -> None:
-            loop.call_soon_threadsafe(drained.set_result, None)
+        def report() -> None:
+            loop.call_soon_threadsafe(_resolve, reached)
 
-        self.submit(report_drained)
-        self._stopping = True
-        self._calls.put(None)
-        await drained
-        self._thread.join()  # it takes the None next: a moment
+        self._calls.put(report)
+        if then_end:
+            self._calls.put(None)
+        await reached
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -64,3 +71,8 @@ class SyncThread:
                 # A call reports its own outcome to the loop; one that still raises (the loop
                 # closed under it at exit) must not stop the calls after it.
                 log.exception("a call on the sync thread raised")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # a stop that was cancelled meanwhile
+        future.set_result(None)
