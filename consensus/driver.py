@@ -188,8 +188,6 @@ class ReadyDriver:
             self._held = [(through, m) for through, m in self._held if through > synced_index]
             for message in released:
                 self._send(message)
-            if released:
-                self._host.flush()
         try:
             if self._compaction is not None and self._compaction[0] <= synced_index:
                 before = self._compaction[1]
