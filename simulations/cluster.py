@@ -40,6 +40,7 @@ from consensus.messages import Accepted, Forward, Message, Promise, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, Snapshot
 from consensus.records import DurableState, Record, recover
 from consensus.replica import Replica, Role
+from consensus.snapshot_schedule import next_snapshot_slot
 from simulations.checkers import GENESIS_DIGEST, Observer, chain_digest
 from simulations.network import EventLoop, SimNetwork
 from simulations.sim_state import KvCommand, command_stamp_us
@@ -487,7 +488,9 @@ class SimNode:
     def _maybe_take_snapshot(self) -> None:
         assert self.replica is not None
         every = self.snapshot_every_slots
-        if every <= 0 or self.applied_through - self.replica.snapshot_slot < every:
+        if every <= 0 or self.applied_through < next_snapshot_slot(
+            self.node_id, every, self.replica.snapshot_slot
+        ):
             return
         slot = self.applied_through
         data = msgpack.packb([self.digest, self.state.snapshot()], use_bin_type=True)

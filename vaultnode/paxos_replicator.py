@@ -42,6 +42,7 @@ from consensus.messages import Forward, Message, Relay
 from consensus.ready import ChosenSlot, DropReason, Ready, RefusedMessage, Snapshot
 from consensus.records import MembershipRecord, recover
 from consensus.replica import Replica, Role
+from consensus.snapshot_schedule import next_snapshot_slot
 from consensus.transport import FRAME_SIZE_BYTES_MAX_DEFAULT, PeerTransport
 from storage.disk import RealDisk
 from storage.log import RECORD_SIZE_BYTES_MAX_DEFAULT, SegmentedLog
@@ -1037,8 +1038,10 @@ class PaxosReplicator:
             return
         # A destroyed record must leave the disk at the next snapshot, not thousands of slots on.
         shred = self.state.destroyed_at_index > self._last_snapshot_slot
-        if not shred and slot - self._last_snapshot_slot < self._snapshot_every_slots:
-            return
+        if not shred and slot < next_snapshot_slot(
+            self.node_id, self._snapshot_every_slots, self._last_snapshot_slot
+        ):
+            return  # each node at its own phase of the interval: see consensus.snapshot_schedule
         # Serialising the whole state on the event loop stalled a leader past the election
         # timeout once the state reached tens of MB (bench/bench_cluster.py soak: an election at
         # every snapshot). A forked child serialises its copy-on-write image of the state as of
