@@ -5,10 +5,10 @@ written in one of three ways, and the fdatasync time of a 300-byte record append
 them, measured alone and while fdatasyncs of the two others (started on threads ~0.1 ms
 before, as a leader's and the other follower's are in a three-node cluster on one disk) are
 under way:
-- `append`: O_APPEND, the file grows with each record (what storage/log.py does): every
-  fdatasync also commits the size change through the filesystem's journal;
-- `fallocate`: posix_fallocate'd to 64 MiB first, records written in place (what etcd's WAL
-  does with its preallocated segments);
+- `append`: O_APPEND, the file grows with each record (storage/log.py without `preallocate`):
+  every fdatasync also commits the size change through the filesystem's journal;
+- `fallocate`: posix_fallocate'd to 64 MiB first, records written in place (storage/log.py
+  with `preallocate`, as the nodes open it, and etcd's WAL with its preallocated segments);
 - `zero-filled`: 64 MiB of zeros written and fsynced first, records written in place.
 It prints the median and 90th percentile of each and the command that reproduces them.
 Must never: be run by the test suite, or touch a node's data.

@@ -168,7 +168,7 @@ class SimNode:
     def _boot(self) -> None:
         self.log, _report = SegmentedLog.open(
             self.disk, LOG_DIR, segment_size_bytes_max=4096,
-            record_size_bytes_max=self.limits.record_bytes_max,
+            record_size_bytes_max=self.limits.record_bytes_max, preallocate=True,
         )
         stored = load_latest_snapshot(self.disk, SNAPSHOT_DIR)
         self.state = VaultMachine()

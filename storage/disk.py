@@ -9,6 +9,7 @@ dropped the data), read a clock, or draw randomness from anywhere but the rng it
 Durability contract shared by both implementations (SimDisk enforces it, RealDisk relies on
 the kernel):
 - bytes written through an `AppendHandle` survive a crash only after `fsync()` on that handle;
+  so does the zero fill `open_in_place` extends a file with;
 - a created, removed or renamed name survives a crash only after `fsync_dir` of its directory;
 - `make_dirs` and `truncate` are durable when they return.
 - after a failed fsync the kernel may mark the pages it could not write clean (fsyncgate): they
@@ -35,7 +36,8 @@ _T = TypeVar("_T")
 
 
 class AppendHandle(Protocol):
-    """A file opened for appending; writes land at the end of the file."""
+    """A file opened for appending: each write lands where the previous one ended (at the end
+    of the file, or from the offset `open_in_place` was given)."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -69,6 +71,12 @@ class Disk(Protocol):
 
     def open_append(self, path: str) -> AppendHandle:
         """Open for appending, creating the file (mode 0600) if it does not exist."""
+        ...
+
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
+        """Open an existing file to write from `offset_bytes` on, first extending it with zeros
+        (allocated, as `posix_fallocate` does) to `size_bytes` if it is shorter. Writing into
+        space the file already has makes an fsync commit data only, not a new file size."""
         ...
 
     def truncate(self, path: str, size: int) -> None:
@@ -147,6 +155,40 @@ class RealAppendHandle:
             _os_call("close", self._path, lambda: os.close(fd))
 
 
+class RealInPlaceHandle:
+    """A file descriptor written at an offset of our own that moves forward with each write."""
+
+    def __init__(self, path: str, fd: int, offset_bytes: int) -> None:
+        self._path = path
+        self._fd: int | None = fd
+        self._offset_bytes = offset_bytes
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise DiskError("write", self._path, "handle is closed")
+        fd = self._fd
+        view = memoryview(data)
+        while view:
+            try:  # a short write is progress (see RealAppendHandle.write)
+                written = os.pwrite(fd, view, self._offset_bytes)
+            except OSError as err:
+                raise DiskError("write", self._path, err.strerror or str(err)) from err
+            self._offset_bytes += written
+            view = view[written:]
+
+    def fsync(self) -> None:
+        if self._fd is None:
+            raise DiskError("fsync", self._path, "handle is closed")
+        fd = self._fd
+        sync = getattr(os, "fdatasync", os.fsync)
+        _os_call("fsync", self._path, lambda: sync(fd))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _os_call("close", self._path, lambda: os.close(fd))
+
+
 class RealDisk:
     """The operating system's filesystem, through os-level calls."""
 
@@ -199,6 +241,17 @@ class RealDisk:
         fd = _os_call("open", path, lambda: os.open(path, flags, 0o600))
         return RealAppendHandle(path, fd)
 
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
+        fd = _os_call("open", path, lambda: os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        try:
+            if _os_call("stat", path, lambda: os.fstat(fd).st_size) < size_bytes:
+                # glibc writes zeros itself where the filesystem cannot allocate (no fallocate).
+                _os_call("fallocate", path, lambda: os.posix_fallocate(fd, 0, size_bytes))
+        except DiskError:
+            os.close(fd)
+            raise
+        return RealInPlaceHandle(path, fd, offset_bytes)
+
     def truncate(self, path: str, size: int) -> None:
         current_size = self.file_size(path)
         if size > current_size:
@@ -227,11 +280,25 @@ class RealDisk:
 @dataclass(eq=False)
 class _Inode:
     """File content; `synced_size_bytes` of `data` would survive a power cut, except the
-    `lost_ranges` (start, end) a failed fsync left cached but never wrote (zeros on the device)."""
+    `lost_ranges` (start, end) a failed fsync left cached but never wrote (zeros on the device).
+    Bytes written reach `written_end_bytes` (the end of `data`, unless an in-place handle
+    writes into zeros the file was extended with); the file keeps at least
+    `durable_size_bytes` after a crash, zeros past what survives of the written bytes."""
 
     data: bytearray = field(default_factory=bytearray)
     synced_size_bytes: int = 0
     lost_ranges: list[tuple[int, int]] = field(default_factory=list)
+    written_end_bytes: int = 0
+    durable_size_bytes: int = 0
+
+    def synced(self) -> None:
+        self.synced_size_bytes = self.written_end_bytes
+        self.durable_size_bytes = len(self.data)
+
+    def sync_failed(self) -> None:
+        # fsyncgate: the pages are marked clean though they never reached the device, so the
+        # next fsync that succeeds does not write them either.
+        self.lost_ranges.append((self.synced_size_bytes, self.written_end_bytes))
 
     def forget_lost_bytes(self) -> None:
         """Read what the device holds: the bytes a failed fsync never wrote are zeros there."""
@@ -273,22 +340,38 @@ class SimAppendHandle:
     def write(self, data: bytes) -> None:
         self._check_usable("write")
         self._disk.maybe_fail("write", self._path)
-        self._inode.data += data
+        inode = self._inode
+        inode.data += data
+        inode.written_end_bytes = len(inode.data)
 
     def fsync(self) -> None:
         self._check_usable("fsync")
-        inode = self._inode
         try:
             self._disk.maybe_fail("fsync", self._path)
         except DiskError:
-            # fsyncgate: the pages are marked clean though they never reached the device, so
-            # the next fsync that succeeds does not write them either.
-            inode.lost_ranges.append((inode.synced_size_bytes, len(inode.data)))
+            self._inode.sync_failed()
             raise
-        inode.synced_size_bytes = len(inode.data)
+        self._inode.synced()
 
     def close(self) -> None:
         self._closed = True
+
+
+class SimInPlaceHandle(SimAppendHandle):
+    """Writes one in-memory inode from an offset on, over the zeros it was extended with."""
+
+    def __init__(self, disk: SimDisk, path: str, inode: _Inode, offset_bytes: int) -> None:
+        super().__init__(disk, path, inode)
+        self._offset_bytes = offset_bytes
+
+    def write(self, data: bytes) -> None:
+        self._check_usable("write")
+        self._disk.maybe_fail("write", self._path)
+        inode = self._inode
+        end = self._offset_bytes + len(data)
+        inode.data[self._offset_bytes : end] = data
+        self._offset_bytes = end
+        inode.written_end_bytes = max(inode.written_end_bytes, end)
 
 
 class SimDisk:
@@ -334,11 +417,14 @@ class SimDisk:
             inode = self._files[path]
             inode.forget_lost_bytes()
             surviving_size_bytes = inode.synced_size_bytes
-            unsynced_size_bytes = len(inode.data) - inode.synced_size_bytes
+            unsynced_size_bytes = inode.written_end_bytes - inode.synced_size_bytes
             if unsynced_size_bytes and rng.random() < torn_write_probability:
                 surviving_size_bytes += rng.randint(0, unsynced_size_bytes)
             del inode.data[surviving_size_bytes:]
-            inode.synced_size_bytes = surviving_size_bytes
+            if inode.durable_size_bytes > surviving_size_bytes:
+                inode.data += bytes(inode.durable_size_bytes - surviving_size_bytes)
+            inode.synced_size_bytes = inode.written_end_bytes = surviving_size_bytes
+            inode.durable_size_bytes = len(inode.data)
         self._armed_faults.clear()
         self.generation += 1
 
@@ -351,7 +437,7 @@ class SimDisk:
 
     def unsynced_size_bytes(self, path: str) -> int:
         inode = self._inode(path, "stat")
-        return len(inode.data) - inode.synced_size_bytes
+        return inode.written_end_bytes - inode.synced_size_bytes
 
     def is_name_durable(self, path: str) -> bool:
         """True when path would still name the same file after a crash."""
@@ -408,7 +494,7 @@ class SimDisk:
     def drop_cache(self, path: str) -> None:
         inode = self._inode(path, "fsync")
         self.maybe_fail("fsync", path)
-        inode.synced_size_bytes = len(inode.data)
+        inode.synced()
         inode.forget_lost_bytes()
 
     def open_append(self, path: str) -> AppendHandle:
@@ -428,13 +514,19 @@ class SimDisk:
             self._record((path,), apply_create)
         return SimAppendHandle(self, path, inode)
 
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
+        inode = self._inode(path, "open")
+        if len(inode.data) < size_bytes:
+            inode.data += bytes(size_bytes - len(inode.data))  # durable at the next fsync
+        return SimInPlaceHandle(self, _normalize(path), inode, offset_bytes)
+
     def truncate(self, path: str, size: int) -> None:
         inode = self._inode(path, "truncate")
         if size > len(inode.data):
             raise ValueError(f"truncate of {path} to {size} bytes would extend it")
         self.maybe_fail("truncate", path)
         del inode.data[size:]
-        inode.synced_size_bytes = size
+        inode.synced_size_bytes = inode.written_end_bytes = inode.durable_size_bytes = size
 
     def fsync_dir(self, path: str) -> None:
         path = _normalize(path)

@@ -1,9 +1,9 @@
 """The segmented, checksummed, append-only log every replicated write goes through.
 
 Owns: record framing (u32 LE length, u32 LE CRC32 of the payload, payload), segment files
-named by their first index, rolling, group commit (append many, one fsync), crash recovery
-(a torn tail is cut away and reported; anything else that fails to verify is refused) and
-the in-memory (segment, offset) index that lets reads skip rescans.
+named by their first index, optionally preallocated, rolling, group commit (append many, one
+fsync), crash recovery (a torn tail is cut away and reported; anything else that fails to
+verify is refused) and the in-memory (segment, offset) index that lets reads skip rescans.
 Must never: interpret payloads, retry after a DiskError (the log disables itself instead),
 silently drop bytes other than a torn tail, or be used from more than one thread, except that
 one `sync` may run on a worker thread while the owning thread goes on appending.
@@ -102,6 +102,7 @@ class _ScanResult:
     offsets: array[int]
     valid_size_bytes: int
     torn_reason: str | None
+    written_size_bytes: int  # up to the last byte that is not zero fill
 
 
 class SegmentedLog:
@@ -123,8 +124,10 @@ class SegmentedLog:
         segment_size_bytes_max: int,
         record_size_bytes_max: int,
         cache_size_bytes_max: int,
+        preallocate: bool,
     ) -> None:
         self._disk = disk
+        self._preallocate = preallocate
         self._directory = directory
         self._segments = segments
         self._segment_first_indexes = [segment.first_index for segment in segments]
@@ -155,11 +158,19 @@ class SegmentedLog:
         record_size_bytes_max: int = RECORD_SIZE_BYTES_MAX_DEFAULT,
         cache_size_bytes_max: int = CACHE_SIZE_BYTES_MAX_DEFAULT,
         first_index_if_empty: int = 1,
+        preallocate: bool = False,
     ) -> tuple[SegmentedLog, RecoveryReport]:
         """Open (creating if needed) the log in directory, scanning and repairing it.
 
         Raises CorruptLogError for anything but a torn tail of the last segment, DiskError if
         the disk fails. `first_index_if_empty` only matters when the directory has no segment.
+        `preallocate`: the active segment is extended with zeros to `segment_size_bytes_max`
+        and written in place, so an fsync commits the records but no new file size (on ext4
+        here ~60 µs less per fsync: bench/bench_fsync_modes.py); zeros after the last record
+        of a segment are then its clean end, not a torn tail. A segment is cut to its records
+        when the log rolls to the next, so only the active one holds zero fill, and a log
+        written either way opens either way (opened without `preallocate`, that zero fill is
+        a torn tail, cut and reported).
         """
         if first_index_if_empty < 1:
             raise ValueError("first_index_if_empty must be at least 1")
@@ -184,15 +195,17 @@ class SegmentedLog:
             # may keep pages that never reached the disk as clean (fsyncgate), and a restarted
             # node must not trust records that a crash would lose.
             disk.drop_cache(segment.path)
-            scan = _scan_segment(disk, segment.path, record_size_bytes_max, is_last=is_last)
+            scan = _scan_segment(
+                disk, segment.path, record_size_bytes_max, is_last=is_last,
+                zero_fill_is_end=preallocate,
+            )
             segment.offsets = scan.offsets
             segment.size_bytes = scan.valid_size_bytes
             if scan.torn_reason is not None:
-                file_size_bytes = disk.file_size(segment.path)
                 disk.truncate(segment.path, scan.valid_size_bytes)
                 torn_tail = TornTail(
                     segment.path, scan.valid_size_bytes,
-                    file_size_bytes - scan.valid_size_bytes, scan.torn_reason,
+                    scan.written_size_bytes - scan.valid_size_bytes, scan.torn_reason,
                 )
             segments.append(segment)
         if not segments:
@@ -207,6 +220,7 @@ class SegmentedLog:
             segment_size_bytes_max=segment_size_bytes_max,
             record_size_bytes_max=record_size_bytes_max,
             cache_size_bytes_max=cache_size_bytes_max,
+            preallocate=preallocate,
         )
         # What we read back may still sit only in the page cache of a process that died;
         # one fsync makes "everything recovered is synced" true.
@@ -300,6 +314,11 @@ class SegmentedLog:
         # into it.
         with self._handle_lock:
             self._close_handle_locked()
+            if self._preallocate:
+                finished = self._segments[-1]
+                # Durable before the next segment exists (truncate fsyncs): only the last
+                # segment of a log may end in zero fill.
+                self._guarded(lambda: self._disk.truncate(finished.path, finished.size_bytes))
             self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
             self._segments.append(segment)
             self._segment_first_indexes.append(segment.first_index)
@@ -388,6 +407,12 @@ class SegmentedLog:
             self._close_handle()
 
     @property
+    def size_bytes(self) -> int:
+        """Bytes of the records held (headers included), not the zero fill of a preallocated
+        segment: how much log a snapshot and compaction would free."""
+        return sum(segment.size_bytes for segment in self._segments)
+
+    @property
     def segment_paths(self) -> list[str]:
         """Paths of the segment files, oldest first (for metrics and tests)."""
         return [segment.path for segment in self._segments]
@@ -420,8 +445,15 @@ class SegmentedLog:
 
     def _open_active_handle_locked(self) -> AppendHandle:
         if self._handle is None:
-            path = self._segments[-1].path
-            self._handle = self._guarded(lambda: self._disk.open_append(path))
+            segment = self._segments[-1]
+            if self._preallocate:
+                self._handle = self._guarded(
+                    lambda: self._disk.open_in_place(
+                        segment.path, segment.size_bytes, self._segment_size_bytes_max
+                    )
+                )
+            else:
+                self._handle = self._guarded(lambda: self._disk.open_append(segment.path))
         return self._handle
 
     def _close_handle(self) -> None:
@@ -459,13 +491,14 @@ def _create_segment_file(disk: Disk, directory: str, path: str) -> None:
 
 
 def _scan_segment(
-    disk: Disk, path: str, record_size_bytes_max: int, *, is_last: bool
+    disk: Disk, path: str, record_size_bytes_max: int, *, is_last: bool, zero_fill_is_end: bool
 ) -> _ScanResult:
     """Index every record of a segment; classify the first bad one as torn tail or corruption.
 
     Only the last segment may end in a torn tail: short header, short payload, a CRC mismatch
     in the final record, or a bad length/CRC mismatch followed by bytes in which no valid
-    record can be found anywhere. Everything else is corruption.
+    record can be found anywhere. Everything else is corruption. With `zero_fill_is_end`
+    (a preallocated log), nothing but zeros from a record boundary on is the segment's end.
     """
     data = disk.read_file(path)
     view = memoryview(data)
@@ -481,6 +514,8 @@ def _scan_segment(
             reason = "short record header"
             break
         length, checksum = unpack_header(data, offset)
+        if length == 0 and zero_fill_is_end and _NONZERO_BYTE.search(data, offset) is None:
+            return _ScanResult(offsets, offset, None, offset)
         if not 0 < length <= record_size_bytes_max:
             reason = f"record length {length} outside 1..{record_size_bytes_max}"
             needs_forward_scan = True
@@ -496,7 +531,7 @@ def _scan_segment(
         offsets.append(offset)
         offset = end
     if reason is None:
-        return _ScanResult(offsets, size_bytes, None)
+        return _ScanResult(offsets, size_bytes, None, size_bytes)
     if not is_last:
         raise CorruptLogError(path, offset, reason)
     if needs_forward_scan:
@@ -505,7 +540,8 @@ def _scan_segment(
             raise CorruptLogError(
                 path, offset, f"{reason}, yet a valid record follows at byte {valid_offset}"
             )
-    return _ScanResult(offsets, offset, reason)
+    written_size_bytes = len(data.rstrip(b"\x00")) if zero_fill_is_end else size_bytes
+    return _ScanResult(offsets, offset, reason, max(written_size_bytes, offset))
 
 
 def _find_valid_record(view: memoryview, start: int, record_size_bytes_max: int) -> int | None:

@@ -59,9 +59,12 @@ def only_segment(node: Node) -> Path:
 
 
 def record_offsets(data: bytes) -> list[int]:
+    """Where each record of a segment starts, up to the zero fill of its preallocation."""
     offsets, offset = [], 0
     while offset < len(data):
         length, checksum = RECORD_HEADER.unpack_from(data, offset)
+        if length == 0 and not data[offset:].strip(b"\x00"):
+            break
         assert zlib.crc32(data[offset + 8 : offset + 8 + length]) == checksum
         offsets.append(offset)
         offset += RECORD_HEADER.size + length
@@ -143,8 +146,13 @@ def test_a_torn_tail_is_repaired_at_start_and_logged(vault: Cluster) -> None:
         b"\xde\xad\xbe\xef" * 9,
     ]
     for tail in torn:
-        intact = segment.read_bytes()
-        with segment.open("ab") as handle:
+        # Written where a torn write lands: over the zeros the segment was preallocated with.
+        data = segment.read_bytes()
+        last = record_offsets(data)[-1]
+        intact = data[: last + RECORD_HEADER.size + RECORD_HEADER.unpack_from(data, last)[0]]
+        assert len(intact) < len(data), "the active segment is preallocated"
+        with segment.open("r+b") as handle:
+            handle.seek(len(intact))
             handle.write(tail)
         node.start()
         repaired = [e for e in node_events(node.log_text()) if e["event"] == "log.repaired"]

@@ -43,6 +43,28 @@ def test_records_whose_fsync_failed_are_not_trusted_after_a_restart() -> None:
     assert payloads(again) == [b"durable", b"after the restart"]
 
 
+def test_in_a_preallocated_segment_records_whose_fsync_failed_read_as_its_zero_fill() -> None:
+    disk = SimDisk()
+    log, _ = SegmentedLog.open(disk, "/log", preallocate=True, segment_size_bytes_max=4096)
+    log.append([b"durable"])
+    log.sync()
+    log.append([b"never reached the disk"])
+    disk.fail_next("fsync")
+    with pytest.raises(DiskError):
+        log.sync()
+
+    reopened, report = SegmentedLog.open(
+        disk, "/log", preallocate=True, segment_size_bytes_max=4096
+    )
+
+    assert payloads(reopened) == [b"durable"]
+    assert report.torn_tail is None  # what the device holds there is the zero fill
+    reopened.append([b"after the restart"])
+    reopened.sync()
+    again, _ = SegmentedLog.open(disk, "/log", preallocate=True, segment_size_bytes_max=4096)
+    assert payloads(again) == [b"durable", b"after the restart"]
+
+
 def test_a_crash_after_a_failed_fsync_loses_the_failed_bytes() -> None:
     disk = SimDisk()
     log, _ = SegmentedLog.open(disk, "/log")

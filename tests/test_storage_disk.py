@@ -232,3 +232,54 @@ def test_handles_from_before_a_crash_are_dead() -> None:
     with pytest.raises(DiskError, match="before a crash"):
         handle.write(b"late")
     assert disk.file_size("/d/f") == 0
+
+
+def test_a_file_opened_in_place_is_preallocated_and_written_from_the_offset(
+    disk_and_root: tuple[Disk, str],
+) -> None:
+    disk, root = disk_and_root
+    disk.make_dirs(root)
+    path = f"{root}/segment"
+    handle = disk.open_append(path)
+    handle.write(b"head")
+    handle.close()
+    handle = disk.open_in_place(path, 4, 1024)
+    assert disk.file_size(path) == 1024
+    handle.write(b"-one")
+    handle.write(b"-two")
+    handle.fsync()
+    handle.close()
+    assert disk.read_file(path) == b"head-one-two" + bytes(1024 - 12)
+    disk.open_in_place(path, 12, 16).close()  # never shrinks the file
+    assert disk.file_size(path) == 1024
+
+
+def test_a_sim_crash_keeps_the_zero_fill_made_durable_and_a_prefix_of_unsynced_writes() -> None:
+    disk = SimDisk()
+    disk.make_dirs("/d")
+    disk.open_append("/d/f").close()
+    disk.fsync_dir("/d")
+    handle = disk.open_in_place("/d/f", 0, 64)
+    handle.write(b"synced")
+    handle.fsync()
+    handle.write(b"unsynced")
+    assert disk.unsynced_size_bytes("/d/f") == 8
+    disk.crash(random.Random(0), torn_write_probability=1.0)
+    data = disk.read_file("/d/f")
+    assert len(data) == 64 and data.startswith(b"synced")
+    kept = data[6:].rstrip(b"\x00")
+    assert b"unsynced".startswith(kept)
+    assert data[6 + len(kept) :] == bytes(64 - 6 - len(kept))
+
+
+def test_a_sim_zero_fill_is_lost_in_a_crash_before_its_fsync() -> None:
+    disk = SimDisk()
+    disk.make_dirs("/d")
+    handle = disk.open_append("/d/f")
+    handle.write(b"records")
+    handle.fsync()
+    disk.fsync_dir("/d")
+    disk.open_in_place("/d/f", 7, 64).write(b"more")
+    assert disk.file_size("/d/f") == 64
+    disk.crash(random.Random(0), torn_write_probability=0.0)
+    assert disk.read_file("/d/f") == b"records"

@@ -386,17 +386,20 @@ OPERATIONS = st.lists(
 )
 
 
-def _open_sim(disk: SimDisk) -> SegmentedLog:
-    return SegmentedLog.open(disk, "/log", segment_size_bytes_max=64)[0]
+def _open_sim(disk: SimDisk, *, preallocate: bool = False) -> SegmentedLog:
+    return SegmentedLog.open(
+        disk, "/log", segment_size_bytes_max=64, preallocate=preallocate
+    )[0]
 
 
+@pytest.mark.parametrize("preallocate", [False, True], ids=["appended", "preallocated"])
 @settings(max_examples=400, deadline=None)
 @given(OPERATIONS)
 def test_crash_recovery_keeps_every_synced_record_and_invents_none(
-    operations: list[tuple[str, int]],
+    preallocate: bool, operations: list[tuple[str, int]],
 ) -> None:
     disk = SimDisk()
-    log = _open_sim(disk)
+    log = _open_sim(disk, preallocate=preallocate)
     model = _Model()
     serial = 0
     for name, argument in operations:
@@ -421,7 +424,7 @@ def test_crash_recovery_keeps_every_synced_record_and_invents_none(
                     with pytest.raises(DiskError):
                         log.sync()
             disk.crash(random.Random(argument))
-            log = _open_sim(disk)
+            log = _open_sim(disk, preallocate=preallocate)
             assert log.first_index == model.first_index
             assert model.synced_index <= log.last_index <= model.last_index
             assert all_entries(log) == list(
@@ -535,3 +538,96 @@ def test_a_roll_waits_for_an_fsync_running_on_another_thread(tmp_path: Path) -> 
     reopened, report = SegmentedLog.open(RealDisk(), str(tmp_path / "log"))
     assert report.torn_tail is None
     assert all_entries(reopened) == [(i, payload(i)) for i in range(1, 5)]
+
+
+def _preallocated(store: Store, **options: int) -> SegmentedLog:
+    log, report = SegmentedLog.open(
+        store.disk, store.directory, preallocate=True,
+        segment_size_bytes_max=options.pop("segment_size_bytes_max", 4096), **options,
+    )
+    assert report.torn_tail is None
+    return log
+
+
+def test_a_preallocated_segment_is_written_in_place_and_reopens_whole(store: Store) -> None:
+    log = _preallocated(store)
+    log.append([payload(i) for i in range(1, 6)])
+    log.sync()
+    path = log.segment_paths[-1]
+    assert store.disk.file_size(path) == 4096
+    assert store.disk.read_file(path, 0, 100) == b"".join(frame(payload(i)) for i in range(1, 6))
+    assert log.size_bytes == 100
+    log.close()
+    log = _preallocated(store)  # the zeros after the records are the segment's clean end
+    assert all_entries(log) == [(i, payload(i)) for i in range(1, 6)]
+    log.append([b"after reopen"])
+    log.sync()
+    log.close()
+    log = _preallocated(store)
+    assert all_entries(log)[-2:] == [(5, payload(5)), (6, b"after reopen")]
+    assert store.disk.file_size(path) == 4096
+
+
+def test_a_preallocated_segment_is_cut_to_its_records_when_the_log_rolls(store: Store) -> None:
+    log = _preallocated(store, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    log.append([payload(i) for i in range(1, 13)])
+    log.append([b"destroyed"])
+    log.roll()  # as a snapshot covering a destroyed version does, well before the size
+    log.append([b"next"])
+    log.sync()
+    *finished, active = log.segment_paths
+    assert [store.disk.file_size(path) for path in finished] == [100, 100, 40 + 8 + 9]
+    assert store.disk.file_size(active) == SMALL_SEGMENT_SIZE_BYTES
+    log.close()
+    # Opened without preallocation (an older vaultnode), only the active segment's zero fill
+    # is a torn tail; the finished segments read as before.
+    reopened, report = SegmentedLog.open(
+        store.disk, store.directory, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES
+    )
+    assert report.torn_tail is not None and report.torn_tail.path == active
+    assert (report.torn_tail.offset_bytes, report.torn_tail.dropped_size_bytes) == (12, 88)
+    assert [data for _, data in all_entries(reopened)][-2:] == [b"destroyed", b"next"]
+
+
+def test_a_torn_write_over_the_zero_fill_is_cut_and_reported_at_its_size(store: Store) -> None:
+    log = _preallocated(store)
+    log.append([payload(i) for i in range(1, 4)])
+    log.sync()
+    path = log.segment_paths[-1]
+    log.close()
+    torn = frame(b"x" * 50)[:30]  # a header and part of the payload; the rest still zeros
+    store.overwrite(path, 60, torn)
+    log, report = SegmentedLog.open(store.disk, store.directory, preallocate=True,
+                                    segment_size_bytes_max=4096)
+    assert report.torn_tail is not None
+    assert (report.torn_tail.offset_bytes, report.torn_tail.dropped_size_bytes) == (60, 30)
+    assert log.last_index == 3
+    log.append([b"again"])  # the cut segment is preallocated again and written in place
+    log.sync()
+    assert store.disk.file_size(path) == 4096
+    log.close()
+    assert all_entries(_preallocated(store))[-2:] == [(3, payload(3)), (4, b"again")]
+
+
+def test_a_record_after_zero_fill_is_corruption_not_an_end(store: Store) -> None:
+    log = _preallocated(store)
+    log.append([payload(1)])
+    log.sync()
+    path = log.segment_paths[-1]
+    log.close()
+    store.overwrite(path, 100, frame(payload(9)))  # zeros, then a whole record
+    with pytest.raises(CorruptLogError, match="valid record follows at byte 100"):
+        SegmentedLog.open(store.disk, store.directory, preallocate=True,
+                          segment_size_bytes_max=4096)
+
+
+def test_a_log_written_by_appending_opens_preallocated(store: Store) -> None:
+    log = filled(store, 3)
+    log.close()
+    log = _preallocated(store, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    log.append([payload(4)])
+    log.sync()
+    log.close()
+    assert all_entries(_preallocated(store, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)) == [
+        (i, payload(i)) for i in range(1, 5)
+    ]

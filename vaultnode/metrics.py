@@ -10,7 +10,6 @@ accessor, value or token (docs/observability.md lists every metric).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -246,12 +245,3 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
-def files_size_bytes(paths: list[str]) -> int:
-    """Total size of files that may vanish under us (compaction removes segments)."""
-    total = 0
-    for path in paths:
-        try:
-            total += os.stat(path).st_size
-        except FileNotFoundError:
-            continue
-    return total

@@ -42,7 +42,7 @@ from vaultnode.events import EventLog
 from vaultnode.http_server import HttpServer, server_tls_context
 from vaultnode.identity import IdentityError, ensure_identity, read_identity
 from vaultnode.membership_routes import LeaderForwarding
-from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics, files_size_bytes
+from vaultnode.metrics import ConsensusGauges, NodeGauges, NodeMetrics
 from vaultnode.paxos_replicator import PaxosReplicator
 from vaultnode.replicator import NotLeader, OutcomeUnknown, ReplicationStopped
 from vaultnode.sealing import Sealer
@@ -315,7 +315,7 @@ class VaultNode:
                 commit_index=lambda: replicator.status().commit_index,
                 applied_index=lambda: state.applied_index,
                 fsyncs=lambda: replicator.fsync_count,
-                log_size_bytes=lambda: files_size_bytes(replicator.log_paths()),
+                log_size_bytes=replicator.log_size_bytes,
                 secrets=lambda: len(state.secrets),
                 versions=lambda: sum(len(s.versions) for s in state.secrets.values()),
             ),

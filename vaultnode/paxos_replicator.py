@@ -313,7 +313,7 @@ class PaxosReplicator:
             self.snapshot_size_bytes = len(data)
         log, report = SegmentedLog.open(
             self._disk, self._log_dir, segment_size_bytes_max=self._segment_bytes_max,
-            record_size_bytes_max=self.limits.record_bytes_max,
+            record_size_bytes_max=self.limits.record_bytes_max, preallocate=True,
         )
         if report.torn_tail is not None:
             tail = report.torn_tail
@@ -348,6 +348,9 @@ class PaxosReplicator:
 
     def log_paths(self) -> list[str]:
         return self._log.segment_paths if self._log is not None else []
+
+    def log_size_bytes(self) -> int:
+        return self._log.size_bytes if self._log is not None else 0
 
     def start(self, transport: PeerTransport | None) -> None:
         """Start ticking; `transport` None: a group of one without peer TLS, which sends
