@@ -155,18 +155,15 @@ class RealAppendHandle:
             _os_call("close", self._path, lambda: os.close(fd))
 
 
-class RealInPlaceHandle:
+class RealInPlaceHandle(RealAppendHandle):
     """A file descriptor written at an offset of our own that moves forward with each write."""
 
     def __init__(self, path: str, fd: int, offset_bytes: int) -> None:
-        self._path = path
-        self._fd: int | None = fd
+        super().__init__(path, fd)
         self._offset_bytes = offset_bytes
 
     def write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise DiskError("write", self._path, "handle is closed")
-        fd = self._fd
+        fd = self._open_fd()
         view = memoryview(data)
         while view:
             try:  # a short write is progress (see RealAppendHandle.write)
@@ -175,18 +172,6 @@ class RealInPlaceHandle:
                 raise DiskError("write", self._path, err.strerror or str(err)) from err
             self._offset_bytes += written
             view = view[written:]
-
-    def fsync(self) -> None:
-        if self._fd is None:
-            raise DiskError("fsync", self._path, "handle is closed")
-        fd = self._fd
-        sync = getattr(os, "fdatasync", os.fsync)
-        _os_call("fsync", self._path, lambda: sync(fd))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            _os_call("close", self._path, lambda: os.close(fd))
 
 
 class RealDisk:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,15 +21,21 @@ def payloads(log: SegmentedLog) -> list[bytes]:
     return [payload for _, payload in log.entries(log.first_index)]
 
 
-def test_records_whose_fsync_failed_are_not_trusted_after_a_restart() -> None:
-    disk = SimDisk()
-    log, _ = SegmentedLog.open(disk, "/log")
+def _failed_fsync_after(disk: SimDisk, lost: list[bytes], **options: Any) -> SegmentedLog:
+    """A log holding b"durable" fsynced, then `lost` appended, whose fsync failed."""
+    log, _ = SegmentedLog.open(disk, "/log", **options)
     log.append([b"durable"])
     log.sync()
-    log.append([b"never reached the disk", b"nor this"])
+    log.append(lost)
     disk.fail_next("fsync")
     with pytest.raises(DiskError):
         log.sync()
+    return log
+
+
+def test_records_whose_fsync_failed_are_not_trusted_after_a_restart() -> None:
+    disk = SimDisk()
+    log = _failed_fsync_after(disk, [b"never reached the disk", b"nor this"])
     # The node stops on the error; the machine keeps running, so the next process starts
     # with the same page cache, in which the failed pages are clean and still readable.
     assert disk.read_file(log.segment_paths[-1]).count(b"never reached the disk") == 1
@@ -45,13 +52,9 @@ def test_records_whose_fsync_failed_are_not_trusted_after_a_restart() -> None:
 
 def test_in_a_preallocated_segment_records_whose_fsync_failed_read_as_its_zero_fill() -> None:
     disk = SimDisk()
-    log, _ = SegmentedLog.open(disk, "/log", preallocate=True, segment_size_bytes_max=4096)
-    log.append([b"durable"])
-    log.sync()
-    log.append([b"never reached the disk"])
-    disk.fail_next("fsync")
-    with pytest.raises(DiskError):
-        log.sync()
+    _failed_fsync_after(
+        disk, [b"never reached the disk"], preallocate=True, segment_size_bytes_max=4096
+    )
 
     reopened, report = SegmentedLog.open(
         disk, "/log", preallocate=True, segment_size_bytes_max=4096
@@ -67,13 +70,7 @@ def test_in_a_preallocated_segment_records_whose_fsync_failed_read_as_its_zero_f
 
 def test_a_crash_after_a_failed_fsync_loses_the_failed_bytes() -> None:
     disk = SimDisk()
-    log, _ = SegmentedLog.open(disk, "/log")
-    log.append([b"durable"])
-    log.sync()
-    log.append([b"lost"])
-    disk.fail_next("fsync")
-    with pytest.raises(DiskError):
-        log.sync()
+    _failed_fsync_after(disk, [b"lost"])
     disk.crash(random.Random(0), torn_write_probability=0.0)
     reopened, _ = SegmentedLog.open(disk, "/log")
     assert payloads(reopened) == [b"durable"]
