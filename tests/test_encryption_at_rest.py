@@ -218,6 +218,8 @@ class LogImage:
             offset = 0
             while offset < len(data):
                 length, _ = HEADER.unpack_from(data, offset)
+                if length == 0:
+                    break  # the zero fill of a preallocated segment (storage/log.py)
                 payload = data[offset + HEADER.size : offset + HEADER.size + length]
                 offset += HEADER.size + length
                 record = decode_record(payload)
