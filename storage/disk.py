@@ -46,6 +46,15 @@ class AppendHandle(Protocol):
     def close(self) -> None: ...
 
 
+class InPlaceHandle(AppendHandle, Protocol):
+    """An `AppendHandle` from `open_in_place`, which can extend its file ahead of its writes."""
+
+    def preallocate(self, size_bytes: int) -> None:
+        """Extend the file with allocated zeros to `size_bytes` (nothing if it is that long);
+        durable after the next fsync."""
+        ...
+
+
 class Disk(Protocol):
     """What the log and snapshot code need from a filesystem. Paths are plain strings."""
 
@@ -73,7 +82,7 @@ class Disk(Protocol):
         """Open for appending, creating the file (mode 0600) if it does not exist."""
         ...
 
-    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> InPlaceHandle:
         """Open an existing file to write from `offset_bytes` on, first extending it with zeros
         (allocated, as `posix_fallocate` does) to `size_bytes` if it is shorter. Writing into
         space the file already has makes an fsync commit data only, not a new file size."""
@@ -173,6 +182,12 @@ class RealInPlaceHandle(RealAppendHandle):
             self._offset_bytes += written
             view = view[written:]
 
+    def preallocate(self, size_bytes: int) -> None:
+        fd = self._open_fd()
+        if _os_call("stat", self._path, lambda: os.fstat(fd).st_size) < size_bytes:
+            # glibc writes zeros itself where the filesystem cannot allocate (no fallocate).
+            _os_call("fallocate", self._path, lambda: os.posix_fallocate(fd, 0, size_bytes))
+
 
 class RealDisk:
     """The operating system's filesystem, through os-level calls."""
@@ -226,16 +241,15 @@ class RealDisk:
         fd = _os_call("open", path, lambda: os.open(path, flags, 0o600))
         return RealAppendHandle(path, fd)
 
-    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> InPlaceHandle:
         fd = _os_call("open", path, lambda: os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        handle = RealInPlaceHandle(path, fd, offset_bytes)
         try:
-            if _os_call("stat", path, lambda: os.fstat(fd).st_size) < size_bytes:
-                # glibc writes zeros itself where the filesystem cannot allocate (no fallocate).
-                _os_call("fallocate", path, lambda: os.posix_fallocate(fd, 0, size_bytes))
+            handle.preallocate(size_bytes)
         except DiskError:
             os.close(fd)
             raise
-        return RealInPlaceHandle(path, fd, offset_bytes)
+        return handle
 
     def truncate(self, path: str, size: int) -> None:
         current_size = self.file_size(path)
@@ -357,6 +371,12 @@ class SimInPlaceHandle(SimAppendHandle):
         inode.data[self._offset_bytes : end] = data
         self._offset_bytes = end
         inode.written_end_bytes = max(inode.written_end_bytes, end)
+
+    def preallocate(self, size_bytes: int) -> None:
+        self._check_usable("fallocate")
+        data = self._inode.data
+        if len(data) < size_bytes:
+            data += bytes(size_bytes - len(data))  # durable at the next fsync
 
 
 class SimDisk:
@@ -499,11 +519,10 @@ class SimDisk:
             self._record((path,), apply_create)
         return SimAppendHandle(self, path, inode)
 
-    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> AppendHandle:
-        inode = self._inode(path, "open")
-        if len(inode.data) < size_bytes:
-            inode.data += bytes(size_bytes - len(inode.data))  # durable at the next fsync
-        return SimInPlaceHandle(self, _normalize(path), inode, offset_bytes)
+    def open_in_place(self, path: str, offset_bytes: int, size_bytes: int) -> InPlaceHandle:
+        handle = SimInPlaceHandle(self, _normalize(path), self._inode(path, "open"), offset_bytes)
+        handle.preallocate(size_bytes)
+        return handle
 
     def truncate(self, path: str, size: int) -> None:
         inode = self._inode(path, "truncate")

@@ -631,3 +631,22 @@ def test_a_log_written_by_appending_opens_preallocated(store: Store) -> None:
     assert all_entries(_preallocated(store, segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)) == [
         (i, payload(i)) for i in range(1, 5)
     ]
+
+
+def test_a_preallocated_segment_is_filled_a_mib_ahead_of_its_records_up_to_its_limit(
+    store: Store,
+) -> None:
+    mib = 1 << 20
+    log = _preallocated(store, segment_size_bytes_max=3 * mib)
+    path = log.segment_paths[-1]
+    assert store.disk.file_size(path) == mib
+    record = b"r" * (mib // 2 - HEADER_SIZE_BYTES)
+    log.append([record, record, record])  # 1.5 MiB: past the first fill
+    assert store.disk.file_size(path) == mib + mib // 2 + mib
+    log.append([record, record])  # 2.5 MiB: within the fill
+    assert store.disk.file_size(path) == mib + mib // 2 + mib
+    log.append([record])  # 3 MiB: the fill stops at the segment's limit
+    assert store.disk.file_size(path) == 3 * mib
+    log.sync()
+    log.close()
+    assert [len(data) for _, data in all_entries(_preallocated(store))] == [len(record)] * 6
