@@ -174,13 +174,12 @@ class SegmentedLog:
         the disk fails. `first_index_if_empty` only matters when the directory has no segment.
         `preallocate`: the active segment is extended with allocated zeros
         `PREALLOCATE_AHEAD_BYTES` ahead of its records (up to `segment_size_bytes_max`) and
-        written in place, so an fsync commits the records but, but for one per MiB, no new
-        file size (on ext4 here ~60 µs less per fsync: bench/bench_fsync_modes.py); zeros after
-        the last record
-        of a segment are then its clean end, not a torn tail. A segment is cut to its records
-        when the log rolls to the next, so only the active one holds zero fill, and a log
-        written either way opens either way (opened without `preallocate`, that zero fill is
-        a torn tail, cut and reported).
+        written in place, so an fsync commits the records and, once per MiB of them aside, no
+        new file size (on ext4 here ~30-60 µs less per fsync: bench/bench_fsync_modes.py).
+        Zeros after the last record of a segment are then its clean end, not a torn tail. A
+        segment is cut to its records when the log rolls to the next, so only the active one
+        holds zero fill, and a log written either way opens either way (opened without
+        `preallocate`, that zero fill is a torn tail, cut and reported).
         """
         if first_index_if_empty < 1:
             raise ValueError("first_index_if_empty must be at least 1")
@@ -533,12 +532,14 @@ def _scan_segment(
     reason: str | None = None
     needs_forward_scan = False
     while offset < size_bytes:
+        # A record's length is never 0, so zeros from here to the end (even fewer than a
+        # header's worth) are zero fill, not a record.
+        if zero_fill_is_end and data[offset] == 0 and _NONZERO_BYTE.search(data, offset) is None:
+            return _ScanResult(offsets, offset, None, offset)
         if size_bytes - offset < HEADER_SIZE_BYTES:
             reason = "short record header"
             break
         length, checksum = unpack_header(data, offset)
-        if length == 0 and zero_fill_is_end and _NONZERO_BYTE.search(data, offset) is None:
-            return _ScanResult(offsets, offset, None, offset)
         if not 0 < length <= record_size_bytes_max:
             reason = f"record length {length} outside 1..{record_size_bytes_max}"
             needs_forward_scan = True

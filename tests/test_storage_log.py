@@ -650,3 +650,14 @@ def test_a_preallocated_segment_is_filled_a_mib_ahead_of_its_records_up_to_its_l
     log.sync()
     log.close()
     assert [len(data) for _, data in all_entries(_preallocated(store))] == [len(record)] * 6
+
+
+def test_zero_fill_shorter_than_a_header_is_a_clean_end_too(store: Store) -> None:
+    log = _preallocated(store)
+    log.append([b"p" * (4096 - HEADER_SIZE_BYTES - 5)])  # 5 bytes of zero fill remain
+    log.sync()
+    path = log.segment_paths[-1]
+    log.close()
+    assert store.disk.file_size(path) == 4096
+    reopened = _preallocated(store)  # no torn tail reported: _preallocated asserts it
+    assert reopened.read(1) == b"p" * (4096 - HEADER_SIZE_BYTES - 5)
