@@ -75,15 +75,19 @@ def test_make_dirs_refuses_a_path_that_is_a_file(disk_and_root: tuple[Disk, str]
         disk.make_dirs(f"{root}/file")
 
 
+def _write_unsynced(disk: Disk, path: str, data: bytes) -> None:
+    handle = disk.open_append(path)
+    handle.write(data)
+    handle.close()
+
+
 def test_write_file_atomic_replaces_content_and_ignores_leftover_temp(
     disk_and_root: tuple[Disk, str],
 ) -> None:
     disk, root = disk_and_root
     disk.make_dirs(root)
     path = f"{root}/state"
-    leftover = disk.open_append(path + ".tmp")
-    leftover.write(b"half-written junk from a crash")
-    leftover.close()
+    _write_unsynced(disk, path + ".tmp", b"half-written junk from a crash")
     write_file_atomic(disk, path, b"one")
     write_file_atomic(disk, path, b"two")
     assert disk.read_file(path) == b"two"
@@ -240,9 +244,7 @@ def test_a_file_opened_in_place_is_preallocated_and_written_from_the_offset(
     disk, root = disk_and_root
     disk.make_dirs(root)
     path = f"{root}/segment"
-    handle = disk.open_append(path)
-    handle.write(b"head")
-    handle.close()
+    _write_unsynced(disk, path, b"head")
     handle = disk.open_in_place(path, 4, 1024)
     assert disk.file_size(path) == 1024
     handle.write(b"-one")
