@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,16 @@ def test_format_line_writes_what_the_json_encoder_writes(fields: dict[str, Any])
 class RecordingTransport:
     """Enough of asyncio.Transport for _HttpConnection; notes what the event log held per write."""
 
-    def __init__(self, stream: io.StringIO) -> None:
+    def __init__(self, stream: io.StringIO, note: Callable[[], object] = lambda: None) -> None:
         self.stream = stream
         self.writes: list[tuple[bytes, str]] = []
+        self.note = note
+        self.notes: list[object] = []  # what `note` said at each write
         self.written = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:
         self.writes.append((data, self.stream.getvalue()))
+        self.notes.append(self.note())
         if not self.written.done():
             self.written.set_result(None)
 
@@ -164,3 +168,29 @@ def test_an_answer_leaves_after_its_event_line_and_pipelined_answers_leave_in_on
         data.index(f'"/p{n}"'.encode()) for n in range(3)
     )
     assert [e["request_id"] for e in _events(log_at_write)] == ["/p0", "/p1", "/p2"]
+
+
+def test_a_lone_answer_leaves_before_the_callbacks_queued_ahead_of_it_and_after_its_line() -> None:
+    """With no pipelined request behind it, an answer is written as soon as it is made, not
+    after the callbacks the loop runs first (a peer's frames, other connections' work): one
+    client waiting on each answer sees it a loop pass sooner. Its event line still precedes it."""
+    stream = io.StringIO()
+    events = EventLog(1, stream)
+    queued_ran: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        events.emit("secret.read", request_id=request.path)
+        asyncio.get_running_loop().call_soon(queued_ran.append, True)
+        return Response.json(200, {"path": request.path})
+
+    async def session() -> tuple[object, str]:
+        connection = _HttpConnection(handler, 1024, HttpServer(handler, body_bytes_max=1024))
+        transport = RecordingTransport(stream, note=lambda: bool(queued_ran))
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.data_received(b"GET /lone HTTP/1.1\r\n\r\n")
+        await transport.written
+        return transport.notes[0], transport.writes[0][1]
+
+    queued_callback_ran_first, log_at_write = asyncio.run(session())
+    assert not queued_callback_ran_first, "the answer waited for a callback queued before it"
+    assert [e["request_id"] for e in _events(log_at_write)] == ["/lone"]

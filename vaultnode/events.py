@@ -154,6 +154,8 @@ class EventLog:
 
     def emit(self, event: str, **fields: Any) -> None:
         assert event in EVENTS, f"unknown event {event!r}"
+        if not self._pending:
+            _holding_lines.add(self)
         self._pending.append(format_line(self.node_id, event, _now_rfc3339(), fields))
         try:
             loop = asyncio.get_running_loop()
@@ -173,6 +175,7 @@ class EventLog:
         self._flush_loop = None
         if not self._pending:
             return
+        _holding_lines.discard(self)
         pending, self._pending = self._pending, []
         text = "".join(pending)
         try:
@@ -183,10 +186,22 @@ class EventLog:
 
     def _forget_pending(self) -> None:
         self._pending.clear()
+        _holding_lines.discard(self)
         self._flush_loop = None
 
 
 _open_logs: weakref.WeakSet[EventLog] = weakref.WeakSet()
+# The logs holding lines for the end of this turn (each leaves it when it writes them): what
+# `flush_pending_lines` looks at on every answer, without walking the weak set.
+_holding_lines: set[EventLog] = set()
+
+
+def flush_pending_lines() -> None:
+    """Write the lines every event log holds for the end of this turn now: an HTTP answer
+    that leaves before the turn ends must not precede its request's line."""
+    if _holding_lines:
+        for events in list(_holding_lines):
+            events.flush()
 
 
 @atexit.register

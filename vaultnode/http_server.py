@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 import httptools
 
 from vaultnode.config import Limits
+from vaultnode.events import flush_pending_lines
 
 log = logging.getLogger(__name__)
 # Built once: json.dumps with non-default options builds a new encoder on every call.
@@ -541,14 +542,21 @@ class _HttpConnection(asyncio.Protocol):
 
     # writing
     def _send(self, data: bytes, *, then_close: bool = False) -> None:
-        """Queue bytes for the gathered write; `then_close` closes the connection after it."""
+        """Write bytes now if no pipelined request waits behind them, else queue them for the
+        gathered write of several answers; `then_close` closes the connection after them."""
         if data:
             self._outgoing.append(data)
             self._outgoing_bytes += len(data)
         self._close_after_outgoing |= then_close
         if self._write_queued:
             return
-        if not self._work or then_close or self._outgoing_bytes >= _WRITE_COALESCE_BYTES:
+        if not self._work:
+            # No pipelined request behind this answer to gather it with: it leaves now rather
+            # than after whatever the loop runs first (a peer's frames, other connections),
+            # and after the event lines of this turn, as an answer always does.
+            flush_pending_lines()
+            self._write_outgoing()
+        elif then_close or self._outgoing_bytes >= _WRITE_COALESCE_BYTES:
             self._write_queued = True
             asyncio.get_running_loop().call_soon(self._write_outgoing)
 
