@@ -255,7 +255,6 @@ class _TickedFollower:
         async def run() -> None:
             for _ in range(ticks):
                 self.replicator._on_tick()
-                self.replicator._tick_handle.cancel()
 
         self.pings.clear()
         uvloop.run(run())
