@@ -194,3 +194,41 @@ def test_a_lone_answer_leaves_before_the_callbacks_queued_ahead_of_it_and_after_
     queued_callback_ran_first, log_at_write = asyncio.run(session())
     assert not queued_callback_ran_first, "the answer waited for a callback queued before it"
     assert [e["request_id"] for e in _events(log_at_write)] == ["/lone"]
+
+
+def test_answers_finished_together_share_one_write_of_their_event_lines() -> None:
+    """Only an answer the node gives while serving nothing else leaves at once: when many
+    requests finish in one turn (64 clients' writes chosen together), their event lines still
+    leave in one write, not one each, and each answer after its line."""
+    stream = CountingStream()
+    events = EventLog(1, stream)
+
+    async def session() -> list[RecordingTransport]:
+        chosen = asyncio.get_running_loop().create_future()
+
+        async def handler(request: Request) -> Response:
+            await chosen
+            events.emit("secret.read", request_id=request.path)
+            return Response.json(200, {"path": request.path})
+
+        server = HttpServer(handler, body_bytes_max=1024)
+        transports = []
+        for n in range(3):
+            connection = _HttpConnection(handler, 1024, server)
+            transport = RecordingTransport(stream)
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            connection.data_received(f"GET /c{n} HTTP/1.1\r\n\r\n".encode())
+            transports.append(transport)
+        for _ in range(3):
+            await asyncio.sleep(0)  # every request reaches the handler
+        chosen.set_result(None)
+        for transport in transports:
+            await transport.written
+        return transports
+
+    transports = asyncio.run(session())
+    assert stream.writes == 1
+    for n, transport in enumerate(transports):
+        (data, log_at_write), = transport.writes
+        assert f'"/c{n}"'.encode() in data
+        assert f"/c{n}" in [e["request_id"] for e in _events(log_at_write)]

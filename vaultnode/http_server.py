@@ -542,21 +542,24 @@ class _HttpConnection(asyncio.Protocol):
 
     # writing
     def _send(self, data: bytes, *, then_close: bool = False) -> None:
-        """Write bytes now if no pipelined request waits behind them, else queue them for the
-        gathered write of several answers; `then_close` closes the connection after them."""
+        """Write bytes now if nothing else is being served, else queue them for the write at
+        the end of the turn (gathering pipelined answers); `then_close` closes the connection
+        after them."""
         if data:
             self._outgoing.append(data)
             self._outgoing_bytes += len(data)
         self._close_after_outgoing |= then_close
         if self._write_queued:
             return
-        if not self._work:
-            # No pipelined request behind this answer to gather it with: it leaves now rather
-            # than after whatever the loop runs first (a peer's frames, other connections),
-            # and after the event lines of this turn, as an answer always does.
+        if not self._work and not self._server.in_flight:
+            # The node serves nothing else and no pipelined request waits behind this answer:
+            # it leaves now rather than after whatever the loop runs first (a peer's frames),
+            # after the event lines of this turn, as an answer always does. While other
+            # requests are under way, answers and lines still leave once per turn, so the
+            # lines of many answers cost one write.
             flush_pending_lines()
             self._write_outgoing()
-        elif then_close or self._outgoing_bytes >= _WRITE_COALESCE_BYTES:
+        elif not self._work or then_close or self._outgoing_bytes >= _WRITE_COALESCE_BYTES:
             self._write_queued = True
             asyncio.get_running_loop().call_soon(self._write_outgoing)
 

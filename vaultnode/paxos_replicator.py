@@ -77,11 +77,12 @@ from vaultnode.sync_thread import SyncThread
 
 TICK_S = 0.01
 # While no election can time out, the loop wakes for the ticks every TICKS_PER_WAKE ticks and
-# runs them one after another: each wake of an otherwise idle process costs CPU of its own (a
-# 100 Hz empty uvloop timer: 12 ms/s of CPU on this 2-vCPU VM, 50 Hz: 6.2), paid on every node
-# whatever its load. Ticks time liveness only (heartbeats, retransmissions, clock rounds,
-# deadlines), never safety, so those may act up to (TICKS_PER_WAKE - 1) * TICK_S late; an
-# election timeout never does (`PaxosReplicator._ticks_next_wake`), so failover keeps its pace.
+# runs them one after another: each wake of an otherwise idle process costs CPU of its own (an
+# empty uvloop timer at 100 Hz: 9-12 ms/s of CPU on this 2-vCPU VM, at 50 Hz: 6.1-6.2;
+# bench/bench_idle_wakes.py), paid on every node whatever its load. Ticks time liveness only
+# (heartbeats, retransmissions, clock rounds, deadlines), never safety, so those may act up to
+# (TICKS_PER_WAKE - 1) * TICK_S late; an election timeout never does
+# (`PaxosReplicator._ticks_next_wake`), so failover keeps its pace.
 TICKS_PER_WAKE = 2
 # 0.3-0.6 s election timeout, 50 ms heartbeats: fast failover, and a 2-core machine under full
 # load still beats comfortably within the timeout.
