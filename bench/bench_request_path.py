@@ -1,10 +1,11 @@
 """Micro-benchmark of the per-request work around the API handler, in µs per call.
 
 Owns: timing, in one process, each piece the leader runs for every HTTP request outside the
-handler's own logic: the event line, the audit line, the command codec, record ids, sealing and
-opening, SealedValue parsing, one keep-alive HTTP round trip through HttpServer, and the peer
-messages and log record of one write (consensus.codec). Must never:
-be run by the test suite (it takes seconds), start a node, or print key material or values.
+handler's own logic: the event line, the audit line, the clock's bound check and an answer's
+time, the command codec, record ids, sealing and opening, SealedValue parsing, one keep-alive
+HTTP round trip through HttpServer, and the peer messages and log record of one write
+(consensus.codec). Must never: be run by the test suite (it takes seconds), start a node, or
+print key material or values.
 
 Reproduce with:  .venv/bin/python bench/bench_request_path.py [--seconds 0.5]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import tempfile
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import uvloop
 
+from consensus.clock_offsets import ClockOffsets
 from consensus.codec import decode_message, decode_record, encode_message, encode_record
+from consensus.config import ClusterConfig
 from consensus.messages import (
     Accept,
     Accepted,
@@ -46,6 +50,7 @@ from vaultnode.commands import (
 )
 from vaultnode.events import EventLog
 from vaultnode.http_server import HttpServer, Request, Response
+from vaultnode.names import format_time
 
 REPRODUCE = ".venv/bin/python bench/bench_request_path.py"
 HTTP_REQUEST = (
@@ -92,6 +97,27 @@ def _peer_codec_rows(duration_s: float) -> list[tuple[str, float]]:
     calls.append(("encode_record(AcceptRecord)", partial(encode_record, record)))
     calls.append(("decode_record(AcceptRecord)", partial(decode_record, encode_record(record))))
     return [(label, _us_per_call(call, duration_s)) for label, call in calls]
+
+
+def _clock_rows(duration_s: float) -> list[tuple[str, float]]:
+    """Reading the node's clock for a request (the bound check on a three-voter cluster's
+    readings: `PaxosReplicator.clock_us` asks `within_bounds`, the tick's judge `status`) and
+    writing an answer's time (`format_time`, times 1 µs apart as a stream of writes makes)."""
+    offsets = ClockOffsets(
+        1, ClusterConfig((1, 2, 3)), max_offset_us=500_000, reading_ttl_us=3_000_000
+    )
+    now_us, wall_us = 10_000_000, 1_700_000_000_000_000
+    offsets.record(2, 3_000, 2_000, now_us=now_us, wall_us=wall_us)
+    offsets.record(3, -4_000, 2_000, now_us=now_us, wall_us=wall_us)
+    answer_times = itertools.count(wall_us)
+    return [
+        (
+            "ClockOffsets.within_bounds",
+            _us_per_call(lambda: offsets.within_bounds(now_us, wall_us), duration_s),
+        ),
+        ("ClockOffsets.status", _us_per_call(lambda: offsets.status(now_us, wall_us), duration_s)),
+        ("format_time", _us_per_call(lambda: format_time(next(answer_times)), duration_s)),
+    ]
 
 
 async def _repeat(step: Callable[[], Awaitable[None]], times: int) -> None:
@@ -230,6 +256,7 @@ def main() -> None:
                 seconds,
             ),
         ),
+        *_clock_rows(seconds),
         ("encode_command", _us_per_call(lambda: encode_command(command), seconds)),
         ("decode_command", _us_per_call(lambda: decode_command(encoded), seconds)),
         *_peer_codec_rows(seconds),

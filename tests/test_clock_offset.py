@@ -25,6 +25,8 @@ import httpx
 import msgpack
 import pytest
 import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consensus.clock_offsets import ClockOffsets
 from consensus.config import ClusterConfig
@@ -81,6 +83,81 @@ def test_old_readings_stop_counting() -> None:
     clock.record(2, 0, 0, now_us=0)
     assert clock.status(3_000 * MS).within_bounds
     assert not clock.status(3_000 * MS + 1).within_bounds
+
+
+_readings = st.lists(
+    st.tuples(
+        st.sampled_from([2, 3, 4, 5]),  # peer (4 and 5 are not voters of a 3-node cluster)
+        st.integers(-2 * DAY_US, 2 * DAY_US),  # offset
+        st.integers(-MS, 2_000 * MS),  # round trip
+        st.integers(0, 10_000 * MS),  # taken at (monotonic)
+        st.one_of(st.none(), st.integers(-DAY_US, DAY_US)),  # our wall clock then, minus `taken at`
+    ),
+    max_size=6,
+)
+
+
+@given(
+    _readings,
+    st.integers(0, 12_000 * MS),
+    st.one_of(st.none(), st.integers(-DAY_US, DAY_US)),
+    st.sampled_from([3, 5]),
+)
+def test_the_quick_answer_is_the_statuss_whatever_the_readings(
+    readings: list[tuple[int, int, int, int, int | None]],
+    now_us: int,
+    wall_skew_us: int | None,
+    size: int,
+) -> None:
+    """`within_bounds`, asked on every request, answers what `status` would: readings of
+    non-voters, aged out, off by a round trip's error or shifted by our own wall clock's jumps."""
+    clock = offsets(size)
+    for peer_id, offset_us, round_trip_us, taken_at_us, skew_then in readings:
+        wall_then = None if skew_then is None else taken_at_us + skew_then
+        clock.record(peer_id, offset_us, round_trip_us, now_us=taken_at_us, wall_us=wall_then)
+    wall_us = None if wall_skew_us is None else now_us + wall_skew_us
+    assert clock.within_bounds(now_us, wall_us) == clock.status(now_us, wall_us).within_bounds
+
+
+def test_a_request_after_our_own_clock_jumps_is_refused_and_the_core_told_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock is judged at every reading of it: a jump of this node's wall clock between two
+    requests makes the second one fail, tells the core and logs it, with no ping round between;
+    when the clock comes back, the next reading is served and the core told again."""
+    replicator = unstarted_replicator(tmp_path)
+    told: list[bool] = []
+    replicator._replica = SimpleNamespace(set_clock_ok=told.append)
+    replicator._kick = lambda: None
+    lines = io.StringIO()
+    replicator._events = EventLog(1, lines)
+    jump_us = 0
+    monkeypatch.setattr(
+        paxos_replicator, "_wall_us", lambda: time.time_ns() // 1000 + jump_us
+    )
+    replicator.on_clock_reading(2, 3 * MS, 2 * MS)
+    replicator.on_clock_reading(3, -4 * MS, 2 * MS)
+    assert told == [True]
+    assert replicator.clock_us() > 0
+
+    jump_us = DAY_US
+    with pytest.raises(paxos_replicator.ClockOutOfBounds):
+        replicator.clock_us()
+    assert told == [True, False]
+    assert not replicator.clock_status.within_bounds
+    assert replicator.clock_status.offset_us is not None
+    assert replicator.clock_status.offset_us > DAY_US - 10 * MS
+    assert [json.loads(line)["event"] for line in lines.getvalue().splitlines()] == [
+        "clock.out_of_bounds"
+    ]
+
+    jump_us = 0
+    assert replicator.clock_us() > 0
+    assert told == [True, False, True]
+    assert replicator.clock_status.within_bounds
+    assert [json.loads(line)["event"] for line in lines.getvalue().splitlines()] == [
+        "clock.out_of_bounds", "clock.within_bounds"
+    ]
 
 
 def command_at(proposed_at_us: int) -> bytes:

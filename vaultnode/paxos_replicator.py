@@ -781,7 +781,8 @@ class PaxosReplicator:
         are judged against this very reading, so a jump of our own clock since the last ping
         round counts at once."""
         now_us = _wall_us()
-        self._update_clock_status(now_us)
+        if self._clock.within_bounds(_monotonic_us(), now_us) != self.clock_status.within_bounds:
+            self._update_clock_status(now_us)  # it changed: the core and the event log hear of it
         if not self.clock_status.within_bounds:
             raise ClockOutOfBounds(
                 f"this node's clock is not confirmed within {self.max_clock_offset_us // 1000} ms "
