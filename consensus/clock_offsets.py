@@ -176,40 +176,48 @@ class ClockOffsets:
     def within_bounds(self, now_us: int, wall_us: int | None = None) -> bool:
         """`status(now_us, wall_us).within_bounds` without building the status: the daemon
         asks it on every request that reads its clock (twice per write), where the status's
-        list, sort and frozen dataclass were ~4.5 % of a busy leader's loop (bench/README.md,
+        sort and frozen dataclass were ~4.5 % of a busy leader's loop (bench/README.md,
         "Issue 16, stop 35")."""
-        skew = _wall_skew_us(now_us, wall_us)
-        agreeing = 0
-        for peer_id in self.config.node_ids:
-            reading = self._recent(peer_id, now_us)
-            if reading is not None and self._within_bound(
-                reading.offset_now_us(skew), reading.uncertainty_us
-            ):
-                agreeing += 1
-        return 1 + agreeing >= self.config.quorum_size
+        return self._majority_agrees(self._agreeing(self._voters_read(now_us, wall_us)))
 
     def status(self, now_us: int, wall_us: int | None = None) -> ClockStatus:
         """Given our wall clock now (`wall_us`), readings are corrected for any jump of our own
         clock since they were taken: a node whose clock stepped a day ahead is out of bounds
         at once, not at the next ping round."""
-        skew = _wall_skew_us(now_us, wall_us)
-        voters = self.config.node_ids
-        recent = [
-            (reading.offset_now_us(skew), reading.uncertainty_us)
-            for reading in (self._recent(peer_id, now_us) for peer_id in voters)
-            if reading is not None
-        ]
-        agreeing = sum(1 for offset, error in recent if self._within_bound(offset, error))
+        recent = self._voters_read(now_us, wall_us)
+        agreeing = self._agreeing(recent)
         offset_us = None
         if recent:
             ours_minus_theirs = sorted([0, *(-offset for offset, _ in recent)])
             offset_us = ours_minus_theirs[len(ours_minus_theirs) // 2]
         return ClockStatus(
-            within_bounds=1 + agreeing >= self.config.quorum_size,
+            within_bounds=self._majority_agrees(agreeing),
             offset_us=offset_us,
             peers_agreeing=agreeing,
             peers_read=len(recent),
         )
+
+    def _voters_read(self, now_us: int, wall_us: int | None) -> list[tuple[int, int]]:
+        """(offset now, uncertainty) of each voter's recent reading, shifted by our own wall
+        clock's jumps since it was taken."""
+        skew = _wall_skew_us(now_us, wall_us)
+        recent = []
+        for peer_id in self.config.node_ids:
+            reading = self._recent(peer_id, now_us)
+            if reading is not None:
+                recent.append((reading.offset_now_us(skew), reading.uncertainty_us))
+        return recent
+
+    def _agreeing(self, recent: list[tuple[int, int]]) -> int:
+        agreeing = 0
+        for offset_us, uncertainty_us in recent:
+            if self._within_bound(offset_us, uncertainty_us):
+                agreeing += 1
+        return agreeing
+
+    def _majority_agrees(self, agreeing: int) -> bool:
+        """This node (which agrees with itself) and `agreeing` peers form a majority."""
+        return 1 + agreeing >= self.config.quorum_size
 
 
 def _wall_skew_us(now_us: int, wall_us: int | None) -> int | None:
