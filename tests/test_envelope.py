@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage import envelope
 from storage.crypto_errors import IntegrityError, MalformedRecordError, UnknownKeyError
 from storage.envelope import (
+    CIPHER_ALG,
+    FORMAT_VERSION,
     WIRE_INT_MAX,
+    WRAP_ALG,
     SealedValue,
     encode_aad,
+    gcm_unwrap_key,
     new_record_id,
     open_sealed,
     rewrap,
@@ -134,11 +139,9 @@ def test_two_seals_of_the_same_value_differ_in_every_random_part(kek: bytes) -> 
     assert first.ciphertext != second.ciphertext
 
 
-def test_each_seal_draws_a_fresh_dek(kek: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pin every nonce the envelope draws (AESGCM.generate_key still uses the real os.urandom):
-    # with identical nonces, the ciphertexts can only differ if the DEKs do.
-    pinned_os = types.SimpleNamespace(urandom=lambda size: b"\x07" * size)
-    monkeypatch.setattr(envelope, "os", pinned_os)
+def test_each_seal_draws_a_fresh_dek(kek: bytes) -> None:
+    # The same value, name and record id sealed twice: the two wrapped DEKs unwrap to different
+    # keys, and each key opens its own ciphertext and not the other's.
     record_id = b"r" * 16
     sealed = [
         seal(
@@ -152,9 +155,26 @@ def test_each_seal_draws_a_fresh_dek(kek: bytes, monkeypatch: pytest.MonkeyPatch
         )
         for _ in range(2)
     ]
-    assert sealed[0].nonce == sealed[1].nonce
-    assert sealed[0].ciphertext != sealed[1].ciphertext
-    assert sealed[0].wrapped_dek != sealed[1].wrapped_dek
+    dek_aad = envelope._dek_aad(FORMAT_VERSION, WRAP_ALG, 1, record_id, NAME)
+    value_aad = envelope._value_aad(FORMAT_VERSION, CIPHER_ALG, record_id, NAME, 1, "acc")
+    deks = [gcm_unwrap_key(kek, one.wrapped_dek, dek_aad) for one in sealed]
+    assert len(deks[0]) == len(deks[1]) == 32
+    assert deks[0] != deks[1]
+    for dek, own, other in [(deks[0], sealed[0], sealed[1]), (deks[1], sealed[1], sealed[0])]:
+        assert AESGCM(dek).decrypt(own.nonce, own.ciphertext, value_aad) == PLAINTEXT
+        with pytest.raises(InvalidTag):
+            AESGCM(dek).decrypt(other.nonce, other.ciphertext, value_aad)
+
+
+def test_a_seals_key_and_nonces_are_distinct_draws(kek: bytes) -> None:
+    # One draw from the OS holds the DEK and both nonces: each is its own part of it.
+    one = _seal(kek)
+    aad = envelope._dek_aad(FORMAT_VERSION, WRAP_ALG, KEK_ID, one.record_id, NAME)
+    dek = gcm_unwrap_key(kek, one.wrapped_dek, aad)
+    wrap_nonce = one.wrapped_dek[:12]
+    assert len(dek) == 32 and len(wrap_nonce) == len(one.nonce) == 12
+    assert wrap_nonce != one.nonce
+    assert wrap_nonce not in dek and one.nonce not in dek
 
 
 # --- tampering ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from operator import itemgetter
 from typing import Any
 
 from storage.crypto_errors import CryptoError
+from storage.random_chunks import RandomChunks
 from vaultnode.audit import AuditError, AuditTrail
 from vaultnode.auth import (
     AuthError,
@@ -69,6 +69,7 @@ from vaultnode.vault_compat import (
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_request_ids = RandomChunks(16)
 
 
 # On a `consistency=stale` answer: the answer reflects a state at most this many ms behind.
@@ -197,8 +198,8 @@ class VaultApi:
     # ---- dispatch ---------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         supplied = request.headers.get("x-request-id", "")
-        # 128 random bits as 32 hex digits, like uuid4().hex, at a fifth of its cost per request.
-        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else os.urandom(16).hex()
+        # 128 random bits as 32 hex digits, like uuid4().hex, from a block drawn for many.
+        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else _request_ids.take().hex()
         call = Call(request, request_id, time.perf_counter())
         if len(request.body or b"") > LARGE_BODY_BYTES:
             await self._large_bodies.take_turn()

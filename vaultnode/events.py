@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import weakref
 from json.encoder import encode_basestring_ascii
@@ -150,6 +151,7 @@ class EventLog:
         # The loop on which a flush is queued, or None: a loop closed before running the flush
         # is told apart from the running one, so its lines are not stranded.
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_thread = 0  # threading.get_ident() of the thread that queued the flush
         _open_logs.add(self)
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -157,6 +159,17 @@ class EventLog:
         if not self._pending:
             _holding_lines.add(self)
         self._pending.append(format_line(self.node_id, event, _now_rfc3339(), fields))
+        flush_loop = self._flush_loop
+        # The flush queued by this thread on a loop still running (this turn's: one loop runs
+        # per thread) writes this line too. Asked of that loop, not of
+        # asyncio.get_running_loop(): on Python 3.11 that is a getpid(2), once per request.
+        if (
+            flush_loop is not None
+            and len(self._pending) < PENDING_LINES_MAX
+            and self._flush_thread == threading.get_ident()
+            and flush_loop.is_running()
+        ):
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -168,6 +181,7 @@ class EventLog:
             self.flush()  # queued on a loop that is gone, or the batch is full: write now
             return
         self._flush_loop = loop
+        self._flush_thread = threading.get_ident()
         loop.call_soon(self.flush)
 
     def flush(self) -> None:

@@ -240,7 +240,7 @@ class _HttpConnection(asyncio.Protocol):
             return
         # TLS starts only once the connection is admitted, so a refused one costs no handshake.
         self._raw_transport = transport
-        self._worker = asyncio.get_running_loop().create_task(self._handshake(transport, tls))
+        self._worker = self._loop.create_task(self._handshake(transport, tls))
 
     async def _handshake(self, raw: asyncio.BaseTransport, tls: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
@@ -281,7 +281,7 @@ class _HttpConnection(asyncio.Protocol):
         high = self._limits.http_write_buffer_bytes_max
         transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
+            self._worker = self._loop.create_task(self._serve())
         self._rearm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -492,7 +492,7 @@ class _HttpConnection(asyncio.Protocol):
     async def _next_work(self) -> _Work:
         while not self._work:
             self._rearm()
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._work_arrived = waiter
             await waiter
         item = self._work.popleft()
@@ -561,7 +561,7 @@ class _HttpConnection(asyncio.Protocol):
             self._write_outgoing()
         elif not self._work or then_close or self._outgoing_bytes >= _WRITE_COALESCE_BYTES:
             self._write_queued = True
-            asyncio.get_running_loop().call_soon(self._write_outgoing)
+            self._loop.call_soon(self._write_outgoing)
 
     def _write_outgoing(self) -> None:
         self._write_queued = False
@@ -634,7 +634,7 @@ class _HttpConnection(asyncio.Protocol):
                 await asyncio.sleep(0)
             while self._writing_paused and self._transport is not None:
                 # The client is not reading its answers: serve it no more until it does.
-                self._writable = asyncio.get_running_loop().create_future()
+                self._writable = self._loop.create_future()
                 await self._writable
 
     async def _stream(
@@ -662,7 +662,7 @@ class _HttpConnection(asyncio.Protocol):
                 self._send(chunk)
                 self._write_outgoing()
                 while self._writing_paused and self._transport is not None:
-                    self._writable = asyncio.get_running_loop().create_future()
+                    self._writable = self._loop.create_future()
                     await self._writable
             if sent != response.stream_bytes:
                 raise ValueError("the stream is shorter than its Content-Length")

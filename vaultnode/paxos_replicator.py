@@ -273,6 +273,7 @@ class PaxosReplicator:
         self._clock_rounds = ClockRounds()
         self._driver: ReadyDriver | None = None
         self._kick_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         # (deadline, future) in the order requests started; every wait of a kind has the same
         # timeout, so deadlines increase along each deque and a tick expires a prefix. A timer
         # per request (asyncio.wait_for) cost more than the rest of submit.
@@ -521,7 +522,7 @@ class PaxosReplicator:
         if not self._can_order_now():
             await self._ensure_can_order()
         raw = encode_command(command)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         self._waiting.setdefault(raw, []).append((future, command))
         self._proposals.append(raw)
@@ -546,7 +547,7 @@ class PaxosReplicator:
         if not self._can_order_now():
             await self._ensure_can_order()
         read_id = next(self._read_ids)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._reads[read_id] = future
         self.driver.request_read(read_id)
@@ -811,7 +812,7 @@ class PaxosReplicator:
 
     def _schedule_tick(self) -> None:
         self._ticks_due = self._ticks_next_wake()
-        self._tick_handle = asyncio.get_running_loop().call_later(
+        self._tick_handle = self._running_loop().call_later(
             TICK_S * self._ticks_due, self._on_wake
         )
 
@@ -856,7 +857,7 @@ class PaxosReplicator:
             self._maybe_promote()
         if self._proposals or self.replica.has_ready():
             self._kick()  # most ticks produce nothing: no turn for them
-        now = asyncio.get_running_loop().time()
+        now = self._running_loop().time()
         _expire_waits(self._write_deadlines, now)
         _expire_waits(self._read_deadlines, now)
 
@@ -891,15 +892,23 @@ class PaxosReplicator:
         backlog = sorted(transport.unsent_bytes(peer) for peer in voter_peers)
         return backlog[max(self._voters.quorum_size - 2, 0)] > bound
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this node runs on, asked of asyncio once: on Python 3.11 every
+        asyncio.get_running_loop() is a getpid(2), and a write on the leader asked several."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _kick_next_turn(self) -> None:
         """Process again after the loop has served timers and I/O once."""
         if self._stopped is None:
-            asyncio.get_running_loop().call_soon(self._kick)
+            self._running_loop().call_soon(self._kick)
 
     def _kick(self) -> None:
         if not self._kick_scheduled and self._stopped is None:
             self._kick_scheduled = True
-            asyncio.get_running_loop().call_soon(self._process)
+            self._running_loop().call_soon(self._process)
 
     # ---- the driver's duties (consensus.driver.ReadyDriver calls the host methods) ---------
     def _process(self) -> None:
@@ -963,7 +972,7 @@ class PaxosReplicator:
         duration measured is the fsync's own. A leader hands it over after this turn's frames
         are written: the thread, woken at once, took the GIL between the writes of the turn's
         Accepts to its two followers, and the second one left ~50 µs later."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         log = self._log
         assert log is not None
         stall_path = self._fsync_stall_path
