@@ -150,6 +150,11 @@ class ReadyDriver:
         if self.error is None:
             self._guarded(self.replica.request_read, read_id)
 
+    def peer_disconnected(self, peer_id: int) -> None:
+        """`Replica.peer_disconnected`: the connection with `peer_id` closed."""
+        if self.error is None:
+            self._guarded(self.replica.peer_disconnected, peer_id)
+
     def propose_membership(self, membership: Membership) -> None:
         """`Replica.propose_membership`; its `MembershipChangeRefused` reaches the caller."""
         if self.error is None:

@@ -424,6 +424,25 @@ class Replica:
         the application stamps commands with the proposer's clock."""
         self._clock_ok = ok
 
+    def peer_disconnected(self, peer_id: int) -> None:
+        """The driver's connection with `peer_id` ended from the peer's side (an end of stream
+        or a reset: the process behind it most likely exited). A follower that loses its
+        leader's connection counts the shortest election timeout and all but 1 to
+        `heartbeat_ticks` ticks of its own as waited: it no longer vouches for that leader in a
+        pre-vote, and stands a few ticks later unless the leader is heard from first (a live
+        leader's next message restarts the wait). When every voter lost the leader (it died),
+        the election starts within `heartbeat_ticks` of the close instead of a whole timeout
+        after the leader's last message; when only this link broke, the others still hear the
+        leader and refuse the pre-vote. Only when an election starts depends on this, never
+        what a ballot may choose."""
+        if self._role != Role.FOLLOWER or peer_id != self._leader_id:
+            return
+        self._election_elapsed = max(
+            self._election_elapsed,
+            self.limits.election_ticks,
+            self._election_timeout - 1 - self._rng.randrange(self.limits.heartbeat_ticks),
+        )
+
     def step(self, message: Message) -> None:
         """Feed one message received from a peer."""
         if message.to != self.node_id:

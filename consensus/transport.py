@@ -116,16 +116,21 @@ class PeerTransport:
         frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX_DEFAULT,
         on_clock_reading: ClockReadingSink | None = None,
         accepts_peer: Callable[[int], bool] | None = None,
+        on_peer_closed: Callable[[int], None] | None = None,
     ) -> None:
         """`peers`: whom to dial (`set_peers` changes it as the configuration changes).
         `accepts_peer`: whether an inbound hello from this node id is taken (default: one of
-        `peers`); the consensus core judges each message's sender again."""
+        `peers`); the consensus core judges each message's sender again.
+        `on_peer_closed`: told the peer's id when a control-lane connection with it ends from
+        its side (an end of stream or a reset: its process most likely exited), not when this
+        transport hangs up or stops."""
         self.node_id = node_id
         self.cluster_id = cluster_id
         self._listen = (listen_host, listen_port)
         self._peers = {p.node_id: p for p in peers if p.node_id != node_id}
         self._on_message = on_message
         self._on_event = on_event
+        self._on_peer_closed = on_peer_closed
         self._server_ssl = server_ssl
         self._client_ssl = client_ssl
         self._frame_size_bytes_max = frame_size_bytes_max
@@ -323,6 +328,7 @@ class PeerTransport:
                 backoff_s = min(backoff_s * 2, BACKOFF_S_MAX)
                 continue
             backoff_s = BACKOFF_S_MIN
+            closed_by_peer = False
             try:
                 writer.write(self._handshake(lane))
                 writers[peer_id] = writer
@@ -330,8 +336,9 @@ class PeerTransport:
                     self.connected[peer_id] = True
                     self._on_event("peer.connected", peer=peer_id, direction="out")
                 await reader.read(1)  # peers never answer on this connection: this is its close
+                closed_by_peer = True
             except (OSError, ConnectionError, ssl.SSLError):
-                pass
+                closed_by_peer = True
             finally:
                 if writers.get(peer_id) is writer:
                     writers.pop(peer_id, None)
@@ -342,7 +349,13 @@ class PeerTransport:
                     if peer_id in self.connected:  # still a peer (set_peers may drop it)
                         self.connected[peer_id] = False
                     self._on_event("peer.disconnected", peer=peer_id, direction="out")
+            if control and closed_by_peer:
+                self._peer_closed(peer_id)
             await asyncio.sleep(backoff_s)
+
+    def _peer_closed(self, peer_id: int) -> None:
+        if self._on_peer_closed is not None:
+            self._on_peer_closed(peer_id)
 
     # ---- clock pings -----------------------------------------------------------------
     def _on_clock_frame(self, peer_id: int, payload: bytes) -> None:
@@ -492,6 +505,8 @@ class _InboundPeerConnection(asyncio.Protocol):
         if not self._closed:
             self._closed = True
             self._forget()
+            if self._logged and self._peer_id is not None:
+                self._owner._peer_closed(self._peer_id)
 
     def close(self) -> None:
         """Hang up (a refused peer, or the transport stopping); nothing more is delivered."""

@@ -302,6 +302,18 @@ class SimNode:
 
         self._when_running(step)
 
+    def peer_closed(self, peer_id: int) -> None:
+        """The connection with `peer_id` ended from its side (the daemon's
+        `PaxosReplicator.on_peer_closed`)."""
+
+        def tell() -> None:
+            if self.replica is not None:
+                self.driver.peer_disconnected(peer_id)
+            if self.replica is not None:  # the input may have stopped the node
+                self._process()
+
+        self._when_running(tell)
+
     def client_write(self, client_id: int, op_id: int, command: bytes) -> None:
         def propose() -> None:
             assert self.replica is not None

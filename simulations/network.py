@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from random import Random
 
 from simulations.faults import Intensities
@@ -81,8 +82,12 @@ class SimNetwork:
         intensities: Intensities,
         deliver: Callable[[int, int, bytes], None],
         incarnation: Callable[[int], int] = lambda node_id: 0,
+        closed: Callable[[int, int], None] = lambda node_id, peer_id: None,
     ) -> None:
         self.loop = loop
+        # `closed(node_id, peer_id)`: node_id's connection with peer_id ended from the peer's
+        # side (the daemon's `PeerTransport` on_peer_closed): a reset, or the peer's exit.
+        self.closed = closed
         self.rng = rng
         self.intensities = intensities
         self.deliver = deliver
@@ -129,6 +134,14 @@ class SimNetwork:
             else:
                 self._heal_link(sender, receiver, retransmit_ms_max, keep_connection=True)
 
+    def exited(self, node_id: int, peer_ids: Iterable[int]) -> None:
+        """`node_id`'s process exited: its kernel closes its connections, and each peer whose
+        link from it is not cut sees the close a millisecond later (a machine that lost power
+        closes nothing: its peers learn only from silence)."""
+        for peer_id in peer_ids:
+            if peer_id != node_id and not self.is_cut(node_id, peer_id):
+                self.loop.after(1, partial(self.closed, peer_id, node_id))
+
     def slow(self, sender: int, receiver: int, extra_delay_ms: int) -> None:
         self._link(sender, receiver).extra_delay_ms = extra_delay_ms
 
@@ -156,6 +169,9 @@ class SimNetwork:
             link.resets += 1
             self.stats.cut += len(held)
             self._unread[(sender, receiver)] -= sum(len(data) for _, data in held)
+            # Both ends see the reset, whether or not the other one still runs.
+            self.loop.after(1, partial(self.closed, receiver, sender))
+            self.loop.after(1, partial(self.closed, sender, receiver))
             return
         arrival_ms = self.loop.now_ms + self.rng.randint(1, max(1, retransmit_ms_max))
         link.last_arrival_ms = max(link.last_arrival_ms, arrival_ms)

@@ -497,6 +497,7 @@ class _Simulation:
             self.plan.intensities,
             self._deliver,
             self._incarnation,
+            self._closed,
         )
         cluster = ClusterConfig(self.node_ids)
         intensities = self.plan.intensities
@@ -563,6 +564,21 @@ class _Simulation:
         if self._reader_strikes:
             self._strike_reader(receiver, sender, data)
         self.nodes[receiver].receive(sender, data)
+
+    def _closed(self, node_id: int, peer_id: int) -> None:
+        self.nodes[node_id].peer_closed(peer_id)
+
+    def _exits(self, node: SimNode) -> Callable[[], None]:
+        """A crash of the node's process, not of its machine: its peers see its connections
+        close (`SimNetwork.exited`), as a daemon's peers see a killed daemon's."""
+
+        def crash() -> None:
+            was_up = node.up
+            node.crash()
+            if was_up:
+                self.network.exited(node.node_id, self.node_ids)
+
+        return crash
 
     def _incarnation(self, node_id: int) -> int:
         return self.nodes[node_id].incarnation
@@ -734,7 +750,7 @@ class _Simulation:
             return power_off, power_on
         node = self.nodes[fault.nodes[0]]
         if fault.kind == "crash":
-            return node.crash, self._restart_if_down(node)
+            return self._exits(node), self._restart_if_down(node)
         if fault.kind == "pause":
             return node.pause, node.resume
         if fault.kind == "slow_disk":

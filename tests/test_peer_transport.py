@@ -88,6 +88,7 @@ class Received:
     messages: list[Message] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     clock_readings: list[tuple[int, int, int]] = field(default_factory=list)
+    closed_by_peer: list[int] = field(default_factory=list)
 
     def on_event(self, name: str, **fields: Any) -> None:
         self.events.append((name, fields))
@@ -122,6 +123,7 @@ def _transport(
         frame_size_bytes_max=frame_size_bytes_max,
         on_clock_reading=received.on_clock_reading,
         accepts_peer=accepts.__contains__,
+        on_peer_closed=received.closed_by_peer.append,
     )
 
 
@@ -445,6 +447,44 @@ def test_stop_closes_inbound_connections(run: Runner, certificates: Certificates
     run(scenario())
 
 
+def test_a_peer_that_exits_is_reported_closed_by_it_and_a_stop_reports_nothing(
+    run: Runner, certificates: Certificates
+) -> None:
+    async def scenario() -> None:
+        first_seen, second_seen = Received(), Received()
+        first = _transport(
+            RECEIVER, first_seen, peers=[], accepts={SENDER},
+            server_ssl=certificates.server(RECEIVER), client_ssl=certificates.client(RECEIVER),
+        )
+        await first.start()
+        second = _transport(
+            SENDER, second_seen, peers=[PeerEndpoint(RECEIVER, HOST, _port(first))],
+            accepts={RECEIVER}, server_ssl=certificates.server(SENDER),
+            client_ssl=certificates.client(SENDER),
+        )
+        await second.start()
+        first.set_peers([PeerEndpoint(SENDER, HOST, _port(second))])
+        try:
+            await _until(
+                lambda: first.can_send_to(SENDER) and second.can_send_to(RECEIVER)
+                and len(first._inbound) == 2 and len(second._inbound) == 2,
+                "both nodes to dial each other",
+            )
+            assert first_seen.closed_by_peer == second_seen.closed_by_peer == []
+            await second.stop()  # as its process exiting closes its connections
+            # Both control connections with it ended from its side: the one it dialled (in)
+            # and the one dialled to it (out); the bulk lanes are not reported.
+            await _until(lambda: len(first_seen.closed_by_peer) >= 2, "the closes")
+            assert set(first_seen.closed_by_peer) == {SENDER}
+            assert second_seen.closed_by_peer == []  # it hung up itself
+        finally:
+            await first.stop()
+            await second.stop()
+        assert second_seen.closed_by_peer == []
+
+    run(scenario())
+
+
 # ---- the inbound protocol fed directly -----------------------------------------------------
 class _Connection(asyncio.Transport):
     """Stands for the connection a protocol reads from: records whether it was closed."""
@@ -547,4 +587,19 @@ def test_a_bulk_lane_comes_and_goes_unlogged(fed: _Fed) -> None:
     fed.protocol.connection_lost(None)
     assert fed.received.messages == [_commit(1)]
     assert fed.received.events == []
+    assert fed.received.closed_by_peer == []
+
+
+def test_a_control_connection_lost_is_reported_closed_by_the_peer_once(fed: _Fed) -> None:
+    fed.protocol.data_received(_hello(SENDER))
+    fed.protocol.connection_lost(ConnectionResetError())
+    fed.protocol.connection_lost(None)
+    assert fed.received.closed_by_peer == [SENDER]
+
+
+def test_a_connection_this_side_hangs_up_is_not_reported_closed_by_the_peer(fed: _Fed) -> None:
+    fed.protocol.data_received(_hello(SENDER))
+    fed.protocol.close()
+    fed.protocol.connection_lost(None)
+    assert fed.received.closed_by_peer == []
 

@@ -534,6 +534,7 @@ class VaultNode:
             on_message=replicator.on_message,
             on_event=self.events.emit,
             on_clock_reading=replicator.on_clock_reading,
+            on_peer_closed=replicator.on_peer_closed,
             server_ssl=server_ssl,
             client_ssl=client_ssl,
             frame_size_bytes_max=config.limits.peer_frame_bytes_max,

@@ -755,6 +755,12 @@ class PaxosReplicator:
             self._note_role_change()
             self._note_membership()
 
+    def on_peer_closed(self, peer_id: int) -> None:
+        """The transport's connection with `peer_id` ended from the peer's side: if it led, this
+        node stands sooner (`Replica.peer_disconnected`)."""
+        if self._stopped is None:
+            self.driver.peer_disconnected(peer_id)
+
     def _within_clock_bound(self, message: Message) -> Message | None:
         """Refuse forwarded commands stamped further ahead of this leader's clock than the bound
         (the sender's clock is off, or jumped since the last ping): command time never jumps
