@@ -327,6 +327,12 @@ class PeerTransport:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_S_MAX)
                 continue
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # The same race with a connect that succeeded: the task would wait on this
+                # connection until the peer hangs up, and a stop would wait on the task.
+                writer.close()
+                raise asyncio.CancelledError
             backoff_s = BACKOFF_S_MIN
             closed_by_peer = False
             try:
