@@ -389,12 +389,19 @@ class SimNode:
         pass  # `send` hands every message to the simulated network at once
 
     def start_sync(self) -> None:
+        """As the daemon's fsync thread: the queued records are written when the sync starts
+        and fsynced when it ends, so a crash in between may tear the last one."""
         incarnation = self.incarnation
         latency_ms = self.rng.randint(1, self.disk_latency_ms_max) * self.disk_slowdown
+        write_error: DiskError | None = None
+        try:
+            self.log.write_queued()
+        except DiskError as exc:  # reported when the sync ends, as the thread would
+            write_error = exc
 
         def complete() -> None:
             if incarnation == self.incarnation:
-                self._when_running(self._sync)
+                self._when_running(lambda: self._sync(write_error))
 
         self.loop.after(latency_ms, complete)
 
@@ -408,8 +415,10 @@ class SimNode:
         self.stats.inline_syncs += 1
         return self.log.sync()
 
-    def _sync(self) -> None:
+    def _sync(self, write_error: DiskError | None = None) -> None:
         try:
+            if write_error is not None:
+                raise write_error
             synced = self.log.sync()
         except DiskError as exc:
             self.driver.failed(exc)

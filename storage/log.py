@@ -7,6 +7,13 @@ verify is refused) and the in-memory (segment, offset) index that lets reads ski
 Must never: interpret payloads, retry after a DiskError (the log disables itself instead),
 silently drop bytes other than a torn tail, or be used from more than one thread, except that
 one `sync` may run on a worker thread while the owning thread goes on appending.
+
+An append only frames its records and queues the bytes; `sync` writes what is queued, then
+fsyncs. A node's log writes ran on its event loop, and under a burst of large records the
+kernel held one `pwrite` there for 150-900 ms (dirty-page throttling, the journal waiting for
+a snapshot's fsync): the node's heartbeats stopped for that long, and a leader's check-quorum
+ended its ballot (tests/test_large_burst_full_scale.py). With the writes on the fsync thread
+the loop goes on; what is queued is not durable either way until `sync` returns.
 """
 
 from __future__ import annotations
@@ -149,6 +156,12 @@ class SegmentedLog:
         # owning thread (a full segment, a shred) closed the descriptor under an fsync running
         # on the node's fsync thread, which failed with EBADF and stopped the node.
         self._handle_lock = threading.Lock()
+        # Framed records appended but not yet written to the active segment, oldest first.
+        # The owner queues under `_queue_lock` alone (it is never held across I/O); whoever
+        # writes them holds `_handle_lock` too, so they reach the file in order.
+        self._queued_writes: list[bytes] = []
+        self._queued_bytes = 0
+        self._queue_lock = threading.Lock()
         self._unusable_reason: str | None = None
         self.first_index = segments[0].first_index
         self.last_index = segments[-1].next_index - 1
@@ -241,7 +254,8 @@ class SegmentedLog:
     # -- writing ---------------------------------------------------------------------------
 
     def append(self, payloads: Sequence[bytes]) -> int:
-        """Buffer payloads as the next records (one write per segment touched).
+        """Queue payloads as the next records (one write per segment touched, made by the
+        next `sync` or roll).
 
         Returns the new last_index. Nothing is durable until `sync`. Empty payloads are
         refused because an all-zero header would otherwise read as a valid empty record.
@@ -282,31 +296,58 @@ class SegmentedLog:
         and waits for this fsync to finish first.
         """
         self._check_usable()
-        target_index = self.last_index
-        if self.synced_index < target_index:
+        if self.synced_index < self.last_index:
             with self._handle_lock:  # one sync at a time: synced_index only moves forward
+                target_index = self._write_queued_locked()
                 self._guarded(self._open_active_handle_locked().fsync)
                 self.synced_index = max(self.synced_index, target_index)
         return self.synced_index
 
+    def write_queued(self) -> int:
+        """Write the queued records without an fsync; the last index written. What a `sync`
+        starts with: the simulator calls it when a sync starts and `sync` when it ends, so a
+        crash in between finds written, unsynced records (maybe torn), as on a real disk."""
+        self._check_usable()
+        with self._handle_lock:
+            return self._write_queued_locked()
+
+    def _write_queued_locked(self) -> int:
+        """Write the queued records (the caller holds `_handle_lock`); the last index they
+        reach: the records up to it are on their way to the disk, later ones still queued."""
+        with self._queue_lock:
+            target_index = self.last_index
+            queued, self._queued_writes = self._queued_writes, []
+            self._queued_bytes = 0
+        if queued:
+            handle = self._open_active_handle_locked()
+            framed = queued[0] if len(queued) == 1 else b"".join(queued)
+            self._guarded(lambda: handle.write(framed))
+        return target_index
+
     def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
         segment = self._segments[-1]
-        handle = self._open_active_handle()
+        # Opened (if it is not) before size_bytes counts these records: an in-place handle
+        # writes on from the segment's size at the time it opens.
+        self._open_active_handle()
         in_place = self._in_place_handle
         end = segment.size_bytes + len(framed)
         if in_place is not None and end > self._preallocated_size_bytes:
             size_bytes = self._preallocation_size_bytes(end)
             self._guarded(lambda: in_place.preallocate(size_bytes))
             self._preallocated_size_bytes = size_bytes
-        self._guarded(lambda: handle.write(framed))
         offset = segment.size_bytes
         offsets = segment.offsets
         for payload in payloads:
             offsets.append(offset)
             offset += HEADER_SIZE_BYTES + len(payload)
-            self.last_index += 1
-            self._cache_put(self.last_index, bytes(payload))
         segment.size_bytes = offset
+        first_index = self.last_index + 1
+        with self._queue_lock:  # a sync takes the bytes and the index they reach together
+            self._queued_writes.append(framed)
+            self._queued_bytes += len(framed)
+            self.last_index += len(payloads)
+        for index, payload in enumerate(payloads, first_index):
+            self._cache_put(index, bytes(payload))
 
     def roll(self) -> None:
         """Start a new segment now (unless the active one is empty), so that the next
@@ -368,6 +409,9 @@ class SegmentedLog:
         return self._read_from_disk(start, last)
 
     def _read_from_disk(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:
+        if self._queued_writes:  # rare: what is read is not cached, and not written yet
+            with self._handle_lock:
+                self._write_queued_locked()
         index = start
         while index <= last:
             segment = self._segments[bisect.bisect_right(self._segment_first_indexes, index) - 1]
@@ -414,12 +458,20 @@ class SegmentedLog:
             self._cache_size_bytes -= len(self._cache.pop(cached_index))
 
     def close(self) -> None:
-        """Release the file handle. Does not sync: call sync first if that is wanted."""
+        """Write what is queued and release the file handle. Does not sync: call sync first
+        if that is wanted."""
         if self._unusable_reason is None:
             self._unusable_reason = "log is closed"
+            with suppress(DiskError), self._handle_lock:  # not durable: may fail like a crash
+                self._write_queued_locked()
         # Closing a descriptor after a failure has nothing left to protect.
         with suppress(DiskError):
             self._close_handle()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes appended and not yet written: what the next `sync` writes before its fsync."""
+        return self._queued_bytes
 
     @property
     def size_bytes(self) -> int:

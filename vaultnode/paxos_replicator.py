@@ -138,6 +138,10 @@ MAX_CLOCK_OFFSET_MS_DEFAULT = 500
 # A follower fsyncs on its loop thread while its last fsync took at most this long (see
 # `PaxosReplicator.sync_inline`); a loaded virtio disk here takes 0.1-0.4 ms.
 INLINE_FSYNC_S_MAX = 0.002
+# ... and while the records it would write first take at most this many bytes: a write of a
+# few MB (a burst of 1 MiB secrets) is what the kernel holds up for hundreds of ms when dirty
+# pages pile up, and a loop held that long stops answering heartbeats.
+INLINE_WRITE_BYTES_MAX = 64 << 10
 # Test-only fault hook: when this variable names a file that exists, every fsync first sleeps
 # for the number of seconds the file holds (a slow disk, switchable while the node runs).
 FSYNC_STALL_ENV = "VAULT_TEST_FSYNC_STALL_FILE"
@@ -954,11 +958,16 @@ class PaxosReplicator:
         waits for it), and the fsync thread cost two hand-offs on the path of every write: the
         thread waited for the GIL while the loop finished its turn, and its report woke the loop
         through the self-pipe. A slow fsync sends the next ones to the thread again, so a
-        stalling disk blocks this loop for one fsync at most."""
-        if self.replica.role == Role.LEADER or self._last_fsync_s > INLINE_FSYNC_S_MAX:
-            return None
+        stalling disk blocks this loop for one fsync at most, and large writes never run here
+        (INLINE_WRITE_BYTES_MAX)."""
         log = self._log
         assert log is not None
+        if (
+            self.replica.role == Role.LEADER
+            or self._last_fsync_s > INLINE_FSYNC_S_MAX
+            or log.queued_bytes > INLINE_WRITE_BYTES_MAX
+        ):
+            return None
         started = time.perf_counter()
         if self._fsync_stall_path is not None:
             time.sleep(_test_fsync_stall_s(self._fsync_stall_path))
