@@ -8,12 +8,13 @@ Must never: interpret payloads, retry after a DiskError (the log disables itself
 silently drop bytes other than a torn tail, or be used from more than one thread, except that
 one `sync` may run on a worker thread while the owning thread goes on appending.
 
-An append only frames its records and queues the bytes; `sync` writes what is queued, then
-fsyncs. A node's log writes ran on its event loop, and under a burst of large records the
-kernel held one `pwrite` there for 150-900 ms (dirty-page throttling, the journal waiting for
-a snapshot's fsync): the node's heartbeats stopped for that long, and a leader's check-quorum
-ended its ballot (tests/test_large_burst_full_scale.py). With the writes on the fsync thread
-the loop goes on; what is queued is not durable either way until `sync` returns.
+An append only frames its records and queues the bytes (and a roll, the segment to start);
+`sync` writes what is queued, starting segments as it goes, then fsyncs. A node's log writes
+ran on its event loop, and under a burst of large records the kernel held one `pwrite` there
+for 150-900 ms (dirty-page throttling, the journal waiting for a snapshot's fsync): the node's
+heartbeats stopped for that long, and a leader's check-quorum ended its ballot
+(tests/test_large_burst_full_scale.py). With the file work on the fsync thread the loop goes
+on; what is queued is not durable either way until `sync` returns.
 """
 
 from __future__ import annotations
@@ -156,12 +157,17 @@ class SegmentedLog:
         # owning thread (a full segment, a shred) closed the descriptor under an fsync running
         # on the node's fsync thread, which failed with EBADF and stopped the node.
         self._handle_lock = threading.Lock()
-        # Framed records appended but not yet written to the active segment, oldest first.
-        # The owner queues under `_queue_lock` alone (it is never held across I/O); whoever
-        # writes them holds `_handle_lock` too, so they reach the file in order.
-        self._queued_writes: list[bytes] = []
+        # What the owner appended and no one wrote yet, oldest first: framed records, and the
+        # segments rolls started (their files are created when the writer reaches them). The
+        # owner queues under `_queue_lock` alone (it is never held across I/O); whoever writes
+        # holds `_handle_lock` too, so the files see it all in order.
+        self._queued_writes: list[bytes | _Segment] = []
         self._queued_bytes = 0
         self._queue_lock = threading.Lock()
+        # The segment whose file the writer appends to, and how many bytes of records it holds:
+        # the active segment, or one before it while rolls wait in the queue.
+        self._writer_segment = segments[-1]
+        self._written_bytes = segments[-1].size_bytes
         self._unusable_reason: str | None = None
         self.first_index = segments[0].first_index
         self.last_index = segments[-1].next_index - 1
@@ -246,7 +252,8 @@ class SegmentedLog:
         )
         # What we read back may still sit only in the page cache of a process that died;
         # one fsync makes "everything recovered is synced" true.
-        log._guarded(log._open_active_handle().fsync)
+        with log._handle_lock:
+            log._guarded(log._writer_handle_locked().fsync)
         log._guarded(lambda: disk.fsync_dir(directory))
         report = RecoveryReport(len(segments), log.first_index, log.last_index, torn_tail)
         return log, report
@@ -255,7 +262,7 @@ class SegmentedLog:
 
     def append(self, payloads: Sequence[bytes]) -> int:
         """Queue payloads as the next records (one write per segment touched, made by the
-        next `sync` or roll).
+        next `sync`); no I/O.
 
         Returns the new last_index. Nothing is durable until `sync`. Empty payloads are
         refused because an all-zero header would otherwise read as a valid empty record.
@@ -291,15 +298,14 @@ class SegmentedLog:
         """fsync what was appended; returns synced_index (== last_index at the call).
 
         May run on a worker thread while the owning thread appends, rolls or compacts; the
-        target is taken before the fsync so a record appended meanwhile is never counted as
-        synced by this call. A roll meanwhile syncs the segment it leaves before closing it,
-        and waits for this fsync to finish first.
+        target is taken with the queue it writes, so a record appended meanwhile is never
+        counted as synced by this call.
         """
         self._check_usable()
         if self.synced_index < self.last_index:
             with self._handle_lock:  # one sync at a time: synced_index only moves forward
                 target_index = self._write_queued_locked()
-                self._guarded(self._open_active_handle_locked().fsync)
+                self._guarded(self._writer_handle_locked().fsync)
                 self.synced_index = max(self.synced_index, target_index)
         return self.synced_index
 
@@ -318,23 +324,50 @@ class SegmentedLog:
             target_index = self.last_index
             queued, self._queued_writes = self._queued_writes, []
             self._queued_bytes = 0
-        if queued:
-            handle = self._open_active_handle_locked()
-            framed = queued[0] if len(queued) == 1 else b"".join(queued)
-            self._guarded(lambda: handle.write(framed))
+        parts: list[bytes] = []
+        for entry in queued:
+            if isinstance(entry, _Segment):
+                self._write_locked(parts)
+                parts = []
+                self._start_segment_locked(entry)
+            else:
+                parts.append(entry)
+        self._write_locked(parts)
         return target_index
 
-    def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
-        segment = self._segments[-1]
-        # Opened (if it is not) before size_bytes counts these records: an in-place handle
-        # writes on from the segment's size at the time it opens.
-        self._open_active_handle()
+    def _write_locked(self, parts: list[bytes]) -> None:
+        """One write of `parts` at the end of the writer's segment."""
+        if not parts:
+            return
+        framed = parts[0] if len(parts) == 1 else b"".join(parts)
+        handle = self._writer_handle_locked()
         in_place = self._in_place_handle
-        end = segment.size_bytes + len(framed)
+        end = self._written_bytes + len(framed)
         if in_place is not None and end > self._preallocated_size_bytes:
             size_bytes = self._preallocation_size_bytes(end)
             self._guarded(lambda: in_place.preallocate(size_bytes))
             self._preallocated_size_bytes = size_bytes
+        self._guarded(lambda: handle.write(framed))
+        self._written_bytes = end
+
+    def _start_segment_locked(self, segment: _Segment) -> None:
+        """Finish the writer's segment and create `segment`'s file (a roll reached)."""
+        finished, finished_bytes = self._writer_segment, self._written_bytes
+        # The old segment must be complete on disk before the new one exists: otherwise a crash
+        # could keep the new segment and lose the old one's tail, leaving a gap.
+        self._guarded(self._writer_handle_locked().fsync)
+        self._close_handle_locked()
+        if self._preallocate:
+            # Durable before the next segment exists (truncate fsyncs): only the last segment
+            # of a log may end in zero fill.
+            self._guarded(lambda: self._disk.truncate(finished.path, finished_bytes))
+        self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
+        with self._queue_lock:  # compaction reads it
+            self._writer_segment = segment
+        self._written_bytes = 0
+
+    def _write_to_active(self, framed: bytes, payloads: list[bytes]) -> None:
+        segment = self._segments[-1]
         offset = segment.size_bytes
         offsets = segment.offsets
         for payload in payloads:
@@ -358,26 +391,16 @@ class SegmentedLog:
             self._roll()
 
     def _roll(self) -> None:
-        # The old segment must be complete on disk before the new one exists: otherwise a crash
-        # could keep the new segment and lose the old one's tail, leaving a gap.
-        self.sync()
+        """Make a new segment the active one; its file is created when the writer reaches it
+        in the queue, after it has fsynced the segment before (`_start_segment_locked`)."""
         segment = _Segment(
             posixpath.join(self._directory, segment_name(self.last_index + 1)),
             self.last_index + 1,
         )
-        # Under the lock until the new segment is the active one: an fsync thread that opened
-        # the active handle in between would reopen the old segment, and appends would go on
-        # into it.
-        with self._handle_lock:
-            self._close_handle_locked()
-            if self._preallocate:
-                finished = self._segments[-1]
-                # Durable before the next segment exists (truncate fsyncs): only the last
-                # segment of a log may end in zero fill.
-                self._guarded(lambda: self._disk.truncate(finished.path, finished.size_bytes))
-            self._guarded(lambda: _create_segment_file(self._disk, self._directory, segment.path))
-            self._segments.append(segment)
-            self._segment_first_indexes.append(segment.first_index)
+        self._segments.append(segment)
+        self._segment_first_indexes.append(segment.first_index)
+        with self._queue_lock:
+            self._queued_writes.append(segment)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -449,7 +472,11 @@ class SegmentedLog:
         """
         self._check_usable()
         # Oldest first with a directory fsync after each, so a crash leaves a contiguous log.
+        # Never the writer's segment, nor a later one (whose file may not exist yet).
         while len(self._segments) > 1 and self._segments[1].first_index <= index:
+            with self._queue_lock:
+                if self._segments[0] is self._writer_segment:
+                    break
             doomed = self._segments.pop(0)
             self._segment_first_indexes.pop(0)
             self._remove_segment_file(doomed.path)
@@ -503,20 +530,14 @@ class SegmentedLog:
             self._unusable_reason = f"log disabled after a disk error: {err}"
             raise
 
-    def _open_active_handle(self) -> AppendHandle:
-        handle = self._handle
-        if handle is not None:  # appends take no lock: a write beside an fsync is safe
-            return handle
-        with self._handle_lock:
-            return self._open_active_handle_locked()
-
-    def _open_active_handle_locked(self) -> AppendHandle:
+    def _writer_handle_locked(self) -> AppendHandle:
+        """The writer's segment's handle, opened at the end of its records if need be."""
         if self._handle is None:
-            segment = self._segments[-1]
+            segment, written_bytes = self._writer_segment, self._written_bytes
             if self._preallocate:
-                size_bytes = self._preallocation_size_bytes(segment.size_bytes)
+                size_bytes = self._preallocation_size_bytes(written_bytes)
                 in_place = self._guarded(
-                    lambda: self._disk.open_in_place(segment.path, segment.size_bytes, size_bytes)
+                    lambda: self._disk.open_in_place(segment.path, written_bytes, size_bytes)
                 )
                 self._in_place_handle, self._preallocated_size_bytes = in_place, size_bytes
                 self._handle = in_place  # last: whoever sees it sees the two above

@@ -309,10 +309,48 @@ def test_rolling_costs_one_write_per_segment_touched() -> None:
     log.append([payload(i) for i in range(1, 6)])  # exactly fills the first segment
     assert (disk.write_count, len(log.segment_paths)) == (0, 1)
     log.append([payload(i) for i in range(6, 13)])  # rolls before its first record, then again
-    assert (disk.write_count, len(log.segment_paths)) == (2, 3)
-    assert log.synced_index == 10, "rolling syncs the segment it leaves"
-    log.sync()
+    assert (disk.write_count, len(log.segment_paths)) == (0, 3)
+    assert log.sync() == 12
     assert disk.write_count == 3
+    assert [disk.exists(path) for path in log.segment_paths] == [True] * 3
+
+
+def test_a_roll_does_no_io_until_the_sync_reaches_it() -> None:
+    # A roll fsyncs the segment it leaves and creates the next file: on the writer's thread,
+    # in queue order, never on the appending one.
+    disk = ThreadRecordingDisk()
+    log, _report = SegmentedLog.open(
+        disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES, preallocate=True
+    )
+    log.append([payload(i) for i in range(1, 13)])
+    assert disk.write_threads == []
+    assert [disk.exists(path) for path in log.segment_paths] == [True, False, False]
+    syncer = threading.Thread(target=log.sync)
+    syncer.start()
+    syncer.join(timeout=30)
+    assert log.synced_index == 12
+    assert set(disk.write_threads) == {syncer.ident}
+    disk.crash(random.Random(1), torn_write_probability=0.0)
+    log, report = SegmentedLog.open(
+        disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES, preallocate=True
+    )
+    assert report.torn_tail is None
+    assert all_entries(log) == [(i, payload(i)) for i in range(1, 13)]
+
+
+def test_compaction_keeps_the_segment_the_writer_has_not_finished() -> None:
+    disk = SimDisk()
+    log, _report = SegmentedLog.open(disk, "/log", segment_size_bytes_max=SMALL_SEGMENT_SIZE_BYTES)
+    log.append([payload(i) for i in range(1, 6)])
+    log.sync()
+    log.roll()  # queued: the writer is still on the first segment
+    log.compact_before(6)
+    assert log.first_index == 1, "the writer's segment was deleted under it"
+    log.append([payload(6)])
+    assert log.sync() == 6
+    log.compact_before(6)
+    assert log.first_index == 6
+    assert all_entries(log) == [(6, payload(6))]
 
 
 class ThreadRecordingDisk(SimDisk):
@@ -556,10 +594,14 @@ class _WatchedHandle:
         self._inner.close()
 
 
-def test_a_roll_waits_for_an_fsync_running_on_another_thread(tmp_path: Path) -> None:
+def test_a_roll_leaves_the_descriptor_of_an_fsync_on_another_thread_alone(
+    tmp_path: Path,
+) -> None:
     """The node fsyncs on a worker thread while its loop goes on appending; a roll there (a
     full segment, a shred) closed the descriptor under that fsync, which failed with EBADF and
-    stopped the node (`node.fatal`, DiskError "Bad file descriptor", seen in the suite)."""
+    stopped the node (`node.fatal`, DiskError "Bad file descriptor", seen in the suite). A
+    roll now only queues the next segment, without waiting: the writer finishes the old
+    segment and opens the next when it reaches the roll."""
     disk = _FirstFsyncHeld()
     log, _report = SegmentedLog.open(disk, str(tmp_path / "log"), segment_size_bytes_max=1 << 20)
     log.append([payload(i) for i in range(1, 4)])
@@ -577,13 +619,13 @@ def test_a_roll_waits_for_an_fsync_running_on_another_thread(tmp_path: Path) -> 
     assert disk.in_first_fsync.wait(10.0)
     roller = threading.Thread(target=log.roll)
     roller.start()
-    roller.join(0.5)  # the roll must not get past the fsync under way, however long we wait
-    still_waiting = roller.is_alive()
+    roller.join(10.0)
+    returned_during_the_fsync = not roller.is_alive()
     disk.release.set()
     syncer.join(10.0)
     roller.join(10.0)
     assert not syncer.is_alive() and not roller.is_alive()
-    assert still_waiting, "the roll closed the segment while its fsync ran on another thread"
+    assert returned_during_the_fsync, "the roll waited for the fsync on another thread"
     assert disk.closed_under_fsync == [] and sync_errors == []
     log.append([payload(4)])
     assert log.sync() == 4
@@ -696,12 +738,15 @@ def test_a_preallocated_segment_is_filled_a_mib_ahead_of_its_records_up_to_its_l
     assert store.disk.file_size(path) == mib
     record = b"r" * (mib // 2 - HEADER_SIZE_BYTES)
     log.append([record, record, record])  # 1.5 MiB: past the first fill
+    assert store.disk.file_size(path) == mib, "an append does no I/O; the sync fills ahead"
+    log.sync()
     assert store.disk.file_size(path) == mib + mib // 2 + mib
     log.append([record, record])  # 2.5 MiB: within the fill
+    log.sync()
     assert store.disk.file_size(path) == mib + mib // 2 + mib
     log.append([record])  # 3 MiB: the fill stops at the segment's limit
-    assert store.disk.file_size(path) == 3 * mib
     log.sync()
+    assert store.disk.file_size(path) == 3 * mib
     log.close()
     assert [len(data) for _, data in all_entries(_preallocated(store))] == [len(record)] * 6
 
