@@ -443,9 +443,16 @@ class SimNode:
         self.crash()
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        stored = encode_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
-        write_snapshot(self.disk, SNAPSHOT_DIR, snapshot.slot, stored)
-        remove_snapshots_before(self.disk, SNAPSHOT_DIR, snapshot.slot)
+        """As the daemon's: the file is written by the log's writer, ahead of every record
+        appended after it, so a crash before the sync that writes it loses both."""
+        disk = self.disk
+
+        def write_durably() -> None:
+            stored = encode_stored_snapshot(snapshot.slot, snapshot.data, snapshot.configs)
+            write_snapshot(disk, SNAPSHOT_DIR, snapshot.slot, stored)
+            remove_snapshots_before(disk, SNAPSHOT_DIR, snapshot.slot)
+
+        self.log.write_before_later_records(write_durably, len(snapshot.data))
         self.observer.on_configs(snapshot.configs)
         self._restore(snapshot)
         self.applied_through = snapshot.slot

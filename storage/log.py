@@ -89,6 +89,15 @@ class RecoveryReport:
     torn_tail: TornTail | None
 
 
+class _Barrier:
+    """Disk work the writer runs in queue order (`SegmentedLog.write_before_later_records`)."""
+
+    __slots__ = ("action",)
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.action = action
+
+
 class _Segment:
     """One segment file and the byte offset of each of its records."""
 
@@ -161,7 +170,7 @@ class SegmentedLog:
         # segments rolls started (their files are created when the writer reaches them). The
         # owner queues under `_queue_lock` alone (it is never held across I/O); whoever writes
         # holds `_handle_lock` too, so the files see it all in order.
-        self._queued_writes: list[bytes | _Segment] = []
+        self._queued_writes: list[bytes | _Segment | _Barrier] = []
         self._queued_bytes = 0
         self._queue_lock = threading.Lock()
         # The segment whose file the writer appends to, and how many bytes of records it holds:
@@ -302,7 +311,7 @@ class SegmentedLog:
         counted as synced by this call.
         """
         self._check_usable()
-        if self.synced_index < self.last_index:
+        if self.synced_index < self.last_index or self._queued_writes:
             with self._handle_lock:  # one sync at a time: synced_index only moves forward
                 target_index = self._write_queued_locked()
                 self._guarded(self._writer_handle_locked().fsync)
@@ -330,6 +339,10 @@ class SegmentedLog:
                 self._write_locked(parts)
                 parts = []
                 self._start_segment_locked(entry)
+            elif isinstance(entry, _Barrier):
+                self._write_locked(parts)
+                parts = []
+                self._guarded(entry.action)
             else:
                 parts.append(entry)
         self._write_locked(parts)
@@ -389,6 +402,17 @@ class SegmentedLog:
         self._check_usable()
         if self._segments[-1].size_bytes > 0:
             self._roll()
+
+    def write_before_later_records(self, action: Callable[[], None], size_bytes: int) -> None:
+        """Queue `action`, durable disk work of `size_bytes` that no record appended after this
+        call may reach the disk before: the writer runs it in queue order (a DiskError it
+        raises disables the log like a failed write). A snapshot installed from the leader is
+        written this way, off the event loop, and the records restating the log after it
+        cannot outlive it in a crash."""
+        self._check_usable()
+        with self._queue_lock:
+            self._queued_writes.append(_Barrier(action))
+            self._queued_bytes += size_bytes
 
     def _roll(self) -> None:
         """Make a new segment the active one; its file is created when the writer reaches it

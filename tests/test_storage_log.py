@@ -382,6 +382,46 @@ def test_an_append_leaves_the_write_to_the_thread_that_syncs() -> None:
     assert all_entries(log) == [(i, payload(i)) for i in range(1, 4)]
 
 
+def test_work_queued_before_records_reaches_the_disk_before_them() -> None:
+    # How a snapshot from the leader is written: off the appending thread, and before the
+    # records restating the log after it, so a crash never keeps those without the snapshot.
+    disk = ThreadRecordingDisk()
+    log, _report = SegmentedLog.open(disk, "/log")
+    log.append([payload(1)])
+    order: list[str] = []
+
+    def write_snapshot() -> None:
+        order.append(f"snapshot after {len(disk.write_threads)} log writes")
+
+    log.write_before_later_records(write_snapshot, 1 << 20)
+    log.append([payload(2)])
+    assert order == [] and disk.write_threads == []
+    assert log.queued_bytes > 1 << 20
+    syncer = threading.Thread(target=log.sync)
+    syncer.start()
+    syncer.join(timeout=30)
+    assert order == ["snapshot after 1 log writes"]  # record 1 before it, record 2 after
+    assert len(disk.write_threads) == 2 and log.synced_index == 2
+
+
+def test_failed_work_queued_before_records_disables_the_log() -> None:
+    disk = SimDisk()
+    log, _report = SegmentedLog.open(disk, "/log")
+
+    def fail() -> None:
+        raise DiskError("write", "/snapshots/x.tmp", "No space left on device")
+
+    log.write_before_later_records(fail, 10)
+    log.append([payload(1)])
+    with pytest.raises(DiskError):
+        log.sync()
+    assert log.synced_index == 0
+    with pytest.raises(LogClosedError, match="disabled after a disk error"):
+        log.append([payload(2)])
+    log, _report = SegmentedLog.open(disk, "/log")
+    assert log.last_index == 0, "a record after the failed work reached the disk"
+
+
 def test_a_queued_record_reads_back_when_not_cached() -> None:
     disk = CountingDisk()
     log, _report = SegmentedLog.open(disk, "/log", cache_size_bytes_max=0)
