@@ -177,6 +177,9 @@ class SegmentedLog:
         # the active segment, or one before it while rolls wait in the queue.
         self._writer_segment = segments[-1]
         self._written_bytes = segments[-1].size_bytes
+        # Every record up to here is in its file (maybe not fsynced): a read from the files
+        # beyond it waits for the writer, whose bytes may still be on their way.
+        self._written_through = segments[-1].next_index - 1
         self._unusable_reason: str | None = None
         self.first_index = segments[0].first_index
         self.last_index = segments[-1].next_index - 1
@@ -333,19 +336,27 @@ class SegmentedLog:
             target_index = self.last_index
             queued, self._queued_writes = self._queued_writes, []
             self._queued_bytes = 0
-        parts: list[bytes] = []
-        for entry in queued:
-            if isinstance(entry, _Segment):
-                self._write_locked(parts)
-                parts = []
-                self._start_segment_locked(entry)
-            elif isinstance(entry, _Barrier):
-                self._write_locked(parts)
-                parts = []
-                self._guarded(entry.action)
-            else:
-                parts.append(entry)
-        self._write_locked(parts)
+        try:
+            parts: list[bytes] = []
+            for entry in queued:
+                if isinstance(entry, _Segment):
+                    self._write_locked(parts)
+                    parts = []
+                    self._start_segment_locked(entry)
+                elif isinstance(entry, _Barrier):
+                    self._write_locked(parts)
+                    parts = []
+                    self._guarded(entry.action)
+                else:
+                    parts.append(entry)
+            self._write_locked(parts)
+        except BaseException as exc:
+            # What was taken from the queue and not written is gone: a later write would
+            # leave a gap the offsets do not know of.
+            if self._unusable_reason is None:
+                self._unusable_reason = f"log disabled after a failed write: {exc!r}"
+            raise
+        self._written_through = target_index
         return target_index
 
     def _write_locked(self, parts: list[bytes]) -> None:
@@ -456,8 +467,8 @@ class SegmentedLog:
         return self._read_from_disk(start, last)
 
     def _read_from_disk(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:
-        if self._queued_writes:  # rare: what is read is not cached, and not written yet
-            with self._handle_lock:
+        if last > self._written_through:  # rare: not cached, and maybe not written yet
+            with self._handle_lock:  # a write under way on the fsync thread ends first
                 self._write_queued_locked()
         index = start
         while index <= last:

@@ -422,6 +422,67 @@ def test_failed_work_queued_before_records_disables_the_log() -> None:
     assert log.last_index == 0, "a record after the failed work reached the disk"
 
 
+class _WriteHeld(SimDisk):
+    """A SimDisk whose next data write, once armed, waits for `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.in_write = threading.Event()
+        self.release = threading.Event()
+
+    def maybe_fail(self, operation: str, path: str) -> None:
+        if operation == "write" and self.armed:
+            self.armed = False
+            self.in_write.set()
+            assert self.release.wait(30)
+        super().maybe_fail(operation, path)  # type: ignore[arg-type]
+
+
+def test_a_read_from_the_file_waits_for_a_write_under_way_on_another_thread() -> None:
+    # The fsync thread takes the queue, then writes it: a read of those records from the file
+    # (not cached: a leader catching a follower up on large values) must not find them absent.
+    disk = _WriteHeld()
+    log, _report = SegmentedLog.open(disk, "/log", cache_size_bytes_max=0)
+    log.append([payload(i) for i in range(1, 4)])
+    disk.armed = True
+    syncer = threading.Thread(target=log.sync)
+    syncer.start()
+    assert disk.in_write.wait(30)
+    read: list[list[tuple[int, bytes]]] = []
+    errors: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            read.append(list(log.entries(1)))
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    reader.join(2.0)  # a reader that does not wait finishes here, with the records missing
+    disk.release.set()
+    reader.join(30)
+    syncer.join(30)
+    assert errors == []
+    assert read == [[(i, payload(i)) for i in range(1, 4)]]
+
+
+def test_an_error_in_queued_work_disables_the_log_whatever_its_type() -> None:
+    disk = SimDisk()
+    log, _report = SegmentedLog.open(disk, "/log")
+
+    def broken() -> None:
+        raise ValueError("not a disk error")
+
+    log.write_before_later_records(broken, 10)
+    log.append([payload(1)])
+    with pytest.raises(ValueError):
+        log.sync()
+    with pytest.raises(LogClosedError, match="failed write"):
+        log.append([payload(2)])
+
+
 def test_a_queued_record_reads_back_when_not_cached() -> None:
     disk = CountingDisk()
     log, _report = SegmentedLog.open(disk, "/log", cache_size_bytes_max=0)
