@@ -177,9 +177,10 @@ class SegmentedLog:
         # the active segment, or one before it while rolls wait in the queue.
         self._writer_segment = segments[-1]
         self._written_bytes = segments[-1].size_bytes
-        # Every record up to here is in its file (maybe not fsynced): a read from the files
-        # beyond it waits for the writer, whose bytes may still be on their way.
+        # Every record up to here is in its file (maybe not fsynced); the payloads of later
+        # ones, until the writer has written them, for reads (under `_queue_lock`, both).
         self._written_through = segments[-1].next_index - 1
+        self._unwritten_payloads: dict[int, bytes] = {}
         self._unusable_reason: str | None = None
         self.first_index = segments[0].first_index
         self.last_index = segments[-1].next_index - 1
@@ -356,7 +357,10 @@ class SegmentedLog:
             if self._unusable_reason is None:
                 self._unusable_reason = f"log disabled after a failed write: {exc!r}"
             raise
-        self._written_through = target_index
+        with self._queue_lock:
+            for index in range(self._written_through + 1, target_index + 1):
+                self._unwritten_payloads.pop(index, None)
+            self._written_through = target_index
         return target_index
 
     def _write_locked(self, parts: list[bytes]) -> None:
@@ -398,13 +402,16 @@ class SegmentedLog:
             offsets.append(offset)
             offset += HEADER_SIZE_BYTES + len(payload)
         segment.size_bytes = offset
+        stored = [bytes(payload) for payload in payloads]
         first_index = self.last_index + 1
         with self._queue_lock:  # a sync takes the bytes and the index they reach together
             self._queued_writes.append(framed)
             self._queued_bytes += len(framed)
+            for index, payload in enumerate(stored, first_index):
+                self._unwritten_payloads[index] = payload
             self.last_index += len(payloads)
-        for index, payload in enumerate(payloads, first_index):
-            self._cache_put(index, bytes(payload))
+        for index, payload in enumerate(stored, first_index):
+            self._cache_put(index, payload)
 
     def roll(self) -> None:
         """Start a new segment now (unless the active one is empty), so that the next
@@ -467,9 +474,20 @@ class SegmentedLog:
         return self._read_from_disk(start, last)
 
     def _read_from_disk(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:
-        if last > self._written_through:  # rare: not cached, and maybe not written yet
-            with self._handle_lock:  # a write under way on the fsync thread ends first
-                self._write_queued_locked()
+        """From the files as far as they are written, the rest from the payloads on their way
+        there: a write under way on the fsync thread (taken from the queue, not yet in the
+        file) is neither waited for, which would hold the loop for its fsync, nor missed."""
+        with self._queue_lock:
+            written_through = self._written_through
+            unwritten = [
+                (index, self._unwritten_payloads[index])
+                for index in range(max(start, written_through + 1), last + 1)
+            ]
+        if start <= written_through:
+            yield from self._read_files(start, min(last, written_through))
+        yield from unwritten
+
+    def _read_files(self, start: int, last: int) -> Iterator[tuple[int, bytes]]:
         index = start
         while index <= last:
             segment = self._segments[bisect.bisect_right(self._segment_first_indexes, index) - 1]
