@@ -103,7 +103,10 @@ class DriverHost(Protocol):
         returned (an error it raises stops the node), or return None: then `start_sync`."""
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        """Make the snapshot durable and restore the application from it."""
+        """Restore the application from the snapshot, and make it durable before any record
+        the driver appends after this call: at once, or queued on the log ahead of them
+        (`SegmentedLog.write_before_later_records`), so the fsync the driver waits for before
+        the Ready's after-persist messages covers it."""
 
     def apply(self, chosen: ChosenSlot) -> None:
         """Apply one chosen slot to the application (and answer the requests it settles)."""
