@@ -11,7 +11,7 @@ one `sync` may run on a worker thread while the owning thread goes on appending.
 An append only frames its records and queues the bytes (and a roll, the segment to start);
 `sync` writes what is queued, starting segments as it goes, then fsyncs. A node's log writes
 ran on its event loop, and under a burst of large records the kernel held one `pwrite` there
-for 150-900 ms (dirty-page throttling, the journal waiting for a snapshot's fsync): the node's
+for 150-950 ms (dirty-page throttling, the journal waiting for a snapshot's fsync): the node's
 heartbeats stopped for that long, and a leader's check-quorum ended its ballot
 (tests/test_large_burst_full_scale.py). With the file work on the fsync thread the loop goes
 on; what is queued is not durable either way until `sync` returns.

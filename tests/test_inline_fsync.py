@@ -15,7 +15,13 @@ import pytest
 
 from tests.test_apply_error import create, wait_for
 from tests.test_invariant_stop import start_replicators
-from vaultnode.paxos_replicator import FSYNC_STALL_ENV, INLINE_FSYNC_S_MAX, PaxosReplicator
+from vaultnode.commands import CreateSecret
+from vaultnode.paxos_replicator import (
+    FSYNC_STALL_ENV,
+    INLINE_FSYNC_S_MAX,
+    INLINE_WRITE_BYTES_MAX,
+    PaxosReplicator,
+)
 
 
 def count_thread_fsyncs(replicator: PaxosReplicator) -> list[int]:
@@ -75,6 +81,32 @@ async def test_a_quick_follower_fsyncs_on_its_loop_and_a_leader_on_its_thread(
         await wait_for(lambda: all(on_loop(f) > on_loop_before[f.node_id] for f in followers),
                        "the followers to fsync on their loops again")
         assert on_loop(leader) <= 0  # an fsync may still be on its thread
+    finally:
+        for replicator in replicators.values():
+            await replicator.stop()
+
+
+async def test_a_quick_follower_leaves_a_large_write_to_its_thread(tmp_path: Path) -> None:
+    # The log writes what is queued before it fsyncs; a write of MBs on a follower's loop is
+    # what the kernel held for hundreds of ms under a burst (INLINE_WRITE_BYTES_MAX).
+    replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
+    try:
+        await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
+        leader = next(r for r in replicators.values() if r.is_leader())
+        followers = [r for r in replicators.values() if r is not leader]
+        await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
+                       "the followers to know the leader")
+        for i in range(5):
+            await leader.submit(create(i))
+        handed = {f.node_id: count_thread_fsyncs(f) for f in followers}
+        assert all(f._last_fsync_s <= INLINE_FSYNC_S_MAX for f in followers), (
+            "a slow disk would send the fsync to the thread whatever the write's size"
+        )
+        pad = "x" * (2 * INLINE_WRITE_BYTES_MAX)
+        large = CreateSecret(create(5).header, name="s5", sealed={"pad": pad})
+        await leader.submit(large)
+        await wait_for(lambda: all(handed[f.node_id][0] > 0 for f in followers),
+                       "each follower's large write on its fsync thread")
     finally:
         for replicator in replicators.values():
             await replicator.stop()
