@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from simulations.harness import Cluster, started_cluster
 from tests.test_http_wire import RawResponse, assert_error, node_events
+from vaultnode.config import NodeConfig
+from vaultnode.vault_compat import vault_paths
 
 # About 20-40 s on a loaded 2-core machine; VAULT_FUZZ_EXAMPLES runs a longer campaign by hand.
 FUZZ_EXAMPLES = int(os.environ.get("VAULT_FUZZ_EXAMPLES", "1200"))
@@ -76,6 +78,23 @@ ROUTES = [
     ("POST", "/v1/sys/keys/{number}"),
     ("GET", "/{name}"),
     ("OPTIONS", "*"),
+    # The KV v2 compatibility layer (vaultnode/kv2.py, vaultnode/vault_compat.py).
+    ("GET", "/v1/secret/data/{name}"),
+    ("POST", "/v1/secret/data/{name}"),
+    ("PATCH", "/v1/secret/data/{name}"),
+    ("DELETE", "/v1/secret/data/{name}"),
+    ("POST", "/v1/secret/delete/{name}"),
+    ("POST", "/v1/secret/undelete/{name}"),
+    ("POST", "/v1/secret/destroy/{name}"),
+    ("GET", "/v1/secret/metadata/{name}"),
+    ("POST", "/v1/secret/metadata/{name}"),
+    ("LIST", "/v1/secret/metadata/{name}"),
+    ("GET", "/v1/sys/health"),
+    ("GET", "/v1/sys/mounts"),
+    ("GET", "/v1/auth/token/lookup-self"),
+    ("POST", "/v1/auth/token/create"),
+    ("GET", "/v1/sys/policies/acl/{name}"),
+    ("PUT", "/v1/sys/policies/acl/{name}"),
 ]
 
 
@@ -117,6 +136,13 @@ API_FIELDS = [
     "display_name",
     "capabilities",
     "prefix",
+    "data",  # KV v2 and Vault's token and policy bodies from here on
+    "options",
+    "cas",
+    "versions",
+    "max_versions",
+    "custom_metadata",
+    "policy",
 ]
 
 
@@ -215,7 +241,7 @@ def exchange(addr: str, data: bytes) -> bytes:
 
 def parse_responses(data: bytes, sent: bytes) -> list[RawResponse]:
     """Every response in `data`, each checked to be well-formed HTTP/1.1 with an exact length."""
-    answers = []
+    answers: list[RawResponse] = []
     rest = data
     while rest:
         head, separator, rest = rest.partition(b"\r\n\r\n")
@@ -237,13 +263,28 @@ def parse_responses(data: bytes, sent: bytes) -> list[RawResponse]:
     return answers
 
 
+# Paths the KV v2 compatibility layer answers in Vault's error shape, {"errors": [message]}.
+VAULT_SHAPED_PATHS = vault_paths(NodeConfig.kv_v2_mount)
+
+
+def sent_to_a_vault_path(sent: bytes) -> bool:
+    return any(f" {prefix}".encode() in sent for prefix in VAULT_SHAPED_PATHS)
+
+
 def check_answer(answer: RawResponse, sent: bytes) -> None:
     assert answer.status < 500, f"{answer.status} {answer.body[:300]!r} for {sent[:300]!r}"
     if 400 <= answer.status < 500:
         assert answer.headers["content-type"] == "application/json", answer.headers
         if not answer.body and sent.startswith(b"HEAD "):
             return  # the error body a HEAD answer leaves out
-        error: Any = json.loads(answer.body)["error"]
+        payload: Any = json.loads(answer.body)
+        if "errors" in payload and sent_to_a_vault_path(sent):
+            messages = payload["errors"]
+            assert isinstance(messages, list), payload
+            assert all(isinstance(m, str) and m for m in messages), payload
+            assert messages or answer.status == 404, payload  # Vault's bare not-found
+            return
+        error: Any = payload["error"]
         assert isinstance(error["code"], str) and error["code"], error
         assert isinstance(error["message"], str) and error["message"], error
 
@@ -293,6 +334,24 @@ def test_the_fuzzers_own_checker_rejects_a_malformed_answer() -> None:
         check_answer(RawResponse(500, {"content-type": "application/json"}, b"{}"), b"")
     with pytest.raises(AssertionError):
         check_answer(RawResponse(404, {"content-type": "text/plain"}, b"nope"), b"")
+    vault_shaped = RawResponse(400, {"content-type": "application/json"}, b'{"errors":[]}')
+    with pytest.raises(AssertionError):
+        check_answer(vault_shaped, b"PUT /v1/secret/data/a HTTP/1.1\r\n\r\n")  # no message
+    with pytest.raises(KeyError):
+        check_answer(vault_shaped, b"PUT /v1/secrets/a HTTP/1.1\r\n\r\n")  # a native path
+
+
+def test_a_vault_path_without_a_route_gets_vaults_error_shape(fuzzed: Cluster) -> None:
+    """A request the fuzzer drew: DELETE on a KV v2 path that names no operation."""
+    data = (
+        b"DELETE /v1/secret/app/db HTTP/1.1\r\nHost: v\r\n"
+        + f"X-Vault-Token: {fuzzed.root_token}\r\n".encode()
+        + b"Content-Length: 0\r\n\r\n"
+    )
+    (answer,) = parse_responses(exchange(fuzzed.nodes[0].http_addr, data), data)
+    assert answer.status == 404
+    check_answer(answer, data)
+    assert json.loads(answer.body) == {"errors": ["unsupported path: /v1/secret/app/db"]}
 
 
 @pytest.mark.parametrize("kek_id", ["20000000000000000000", "1" * 19, "9" * 60])
