@@ -82,6 +82,10 @@ class DurableLog(Protocol):
 
     def compact_before(self, index: int) -> None: ...
 
+    @property
+    def queued_file_operations(self) -> int:
+        """File work (segment removals among it) that the next `sync` does."""
+
 
 class DriverHost(Protocol):
     def send(self, message: Message) -> None:
@@ -212,6 +216,8 @@ class ReadyDriver:
         ):
             # What was appended meanwhile; after an fsync on the spot nothing is left here.
             return self._sync_inline()
+        if self._log.queued_file_operations:
+            self._start_sync()  # the compaction's removals: on the fsync thread, not here
         return True
 
     def _guarded(self, core_input: Callable[..., None], *args: Any) -> bool:
@@ -311,3 +317,6 @@ class ReadyDriver:
             self._log.compact_before(min(before, self._log.last_index + 1))
         except Exception as exc:
             self.failed(exc)
+            return
+        if self._log.queued_file_operations and not self._sync_in_flight:
+            self._start_sync()  # its removals: on the fsync thread, not here

@@ -407,10 +407,15 @@ class SimNode:
 
     def sync_inline(self) -> int | None:
         """As the daemon's rule (`PaxosReplicator.sync_inline`): in a run that draws it, a
-        follower whose disk is not slowed fsyncs on the spot (no simulated latency). A disk
-        error reaches the driver."""
+        follower whose disk is not slowed and that has no file work queued fsyncs on the spot
+        (no simulated latency). A disk error reaches the driver."""
         assert self.replica is not None
-        if not self.syncs_inline or self.replica.role == Role.LEADER or self.disk_slowdown > 1:
+        if (
+            not self.syncs_inline
+            or self.replica.role == Role.LEADER
+            or self.disk_slowdown > 1
+            or self.log.queued_file_operations
+        ):
             return None
         self.stats.inline_syncs += 1
         return self.log.sync()

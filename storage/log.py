@@ -172,6 +172,7 @@ class SegmentedLog:
         # holds `_handle_lock` too, so the files see it all in order.
         self._queued_writes: list[bytes | _Segment | _Barrier] = []
         self._queued_bytes = 0
+        self._queued_file_operations = 0  # the _Segment and _Barrier entries among them
         self._queue_lock = threading.Lock()
         # The segment whose file the writer appends to, and how many bytes of records it holds:
         # the active segment, or one before it while rolls wait in the queue.
@@ -337,6 +338,7 @@ class SegmentedLog:
             target_index = self.last_index
             queued, self._queued_writes = self._queued_writes, []
             self._queued_bytes = 0
+            self._queued_file_operations = 0
         try:
             parts: list[bytes] = []
             for entry in queued:
@@ -431,6 +433,7 @@ class SegmentedLog:
         with self._queue_lock:
             self._queued_writes.append(_Barrier(action))
             self._queued_bytes += size_bytes
+            self._queued_file_operations += 1
 
     def _roll(self) -> None:
         """Make a new segment the active one; its file is created when the writer reaches it
@@ -443,6 +446,7 @@ class SegmentedLog:
         self._segment_first_indexes.append(segment.first_index)
         with self._queue_lock:
             self._queued_writes.append(segment)
+            self._queued_file_operations += 1
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -519,9 +523,13 @@ class SegmentedLog:
     # -- shrinking -------------------------------------------------------------------------
 
     def compact_before(self, index: int) -> None:
-        """Durably delete segments whose records are all below index (a snapshot covers them).
+        """Drop segments whose records are all below index (a snapshot covers them); the next
+        `sync` deletes their files, durably, before it writes anything queued after this.
 
-        The active segment is never deleted, so first_index may stay below index.
+        No I/O here: an unlink and a directory fsync wait on the file system's journal, which
+        a burst of writes holds up, and the caller is a node's event loop. Until the sync,
+        a crash leaves the files, as one just before a compaction would. The active segment
+        is never dropped, so first_index may stay below index.
         """
         self._check_usable()
         # Oldest first with a directory fsync after each, so a crash leaves a contiguous log.
@@ -532,7 +540,7 @@ class SegmentedLog:
                     break
             doomed = self._segments.pop(0)
             self._segment_first_indexes.pop(0)
-            self._remove_segment_file(doomed.path)
+            self.write_before_later_records(partial(self._remove_segment_file, doomed.path), 0)
         self.first_index = self._segments[0].first_index
         for cached_index in [i for i in self._cache if i < self.first_index]:
             self._cache_size_bytes -= len(self._cache.pop(cached_index))
@@ -552,6 +560,13 @@ class SegmentedLog:
     def queued_bytes(self) -> int:
         """Bytes appended and not yet written: what the next `sync` writes before its fsync."""
         return self._queued_bytes
+
+    @property
+    def queued_file_operations(self) -> int:
+        """File work queued for the next `sync` besides writing records: segments to start
+        (an fsync, a truncate, a create and a directory fsync each), files to remove, snapshots
+        to write. None of it should run on an event loop."""
+        return self._queued_file_operations
 
     @property
     def size_bytes(self) -> int:

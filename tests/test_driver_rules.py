@@ -30,6 +30,8 @@ class MemoryLog:
         self.last_index = 0
         self.synced_index = 0
         self.sync_running = False
+        self.queued_file_operations = 0
+        self.compacted_before: list[int] = []
 
     def append(self, payloads: Sequence[bytes]) -> int:
         assert not self.sync_running, "appended while an fsync ran"
@@ -39,9 +41,12 @@ class MemoryLog:
 
     def compact_before(self, index: int) -> None:
         assert not self.sync_running, "compacted while an fsync ran"
+        self.compacted_before.append(index)
+        self.queued_file_operations += 1  # as SegmentedLog: a removal for the next sync
 
     def sync(self) -> int:
         self.synced_index = self.last_index
+        self.queued_file_operations = 0
         return self.synced_index
 
 
@@ -382,3 +387,21 @@ def test_half_the_simulated_runs_have_followers_fsync_on_the_spot() -> None:
         seen[draw] = seen.get(draw, 0) + inline_syncs
     assert seen.get(True, 0) > 0, seen
     assert seen.get(False) == 0, seen
+
+
+def test_a_compaction_has_the_fsync_thread_remove_its_files(cluster: Cluster) -> None:
+    # Unlinking segments and fsyncing their directory wait on the file system's journal: the
+    # driver leaves them to the host's fsync thread, never to an fsync on the spot.
+    log = cluster.hosts[1].log
+    cluster.replicas[1].propose([b"x"])
+    cluster.settle()
+    cluster.stalled = {1}
+    cluster.hosts[1].sync_inline_now = True  # it would rather fsync on the spot
+    cluster.replicas[1].snapshot_taken(cluster.replicas[1].applied_through, b"state")
+    cluster.settle()
+    # The restatement was fsynced on the spot, then the log compacted; nothing else to write.
+    assert log.compacted_before and log.synced_index == log.last_index
+    assert log.sync_running, "the removals wait for a write that may never come"
+    cluster.complete_sync(1)
+    assert log.queued_file_operations == 0 and not log.sync_running
+

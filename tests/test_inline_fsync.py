@@ -7,7 +7,9 @@ fsync thread's hand-overs counted; the slow disk is the test-only stall hook."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,21 @@ from vaultnode.paxos_replicator import (
     INLINE_WRITE_BYTES_MAX,
     PaxosReplicator,
 )
+
+
+async def write_until_fsyncs_are_quick(
+    leader: PaxosReplicator, followers: list[PaxosReplicator], first: int
+) -> int:
+    """Create secrets numbered from `first` until every follower's last fsync was quick (a
+    loaded machine slows some down); the next unused number."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    number = first
+    while number - first < 5 or any(f._last_fsync_s > INLINE_FSYNC_S_MAX for f in followers):
+        assert loop.time() < deadline, "the followers' fsyncs stayed slow: an overloaded disk"
+        await leader.submit(create(number))
+        number += 1
+    return number
 
 
 def count_thread_fsyncs(replicator: PaxosReplicator) -> list[int]:
@@ -86,9 +103,13 @@ async def test_a_quick_follower_fsyncs_on_its_loop_and_a_leader_on_its_thread(
             await replicator.stop()
 
 
-async def test_a_quick_follower_leaves_a_large_write_to_its_thread(tmp_path: Path) -> None:
-    # The log writes what is queued before it fsyncs; a write of MBs on a follower's loop is
-    # what the kernel held for hundreds of ms under a burst (INLINE_WRITE_BYTES_MAX).
+@asynccontextmanager
+async def quick_followers(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[PaxosReplicator, list[PaxosReplicator], dict[int, list[int]], int]]:
+    """Three replicators whose followers' last fsyncs were quick (so they would fsync on their
+    loops): the leader, the followers, their counts of fsyncs handed to the thread from now on,
+    and the next unused secret number."""
     replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
     try:
         await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
@@ -96,17 +117,33 @@ async def test_a_quick_follower_leaves_a_large_write_to_its_thread(tmp_path: Pat
         followers = [r for r in replicators.values() if r is not leader]
         await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
                        "the followers to know the leader")
-        for i in range(5):
-            await leader.submit(create(i))
+        number = await write_until_fsyncs_are_quick(leader, followers, 0)
         handed = {f.node_id: count_thread_fsyncs(f) for f in followers}
-        assert all(f._last_fsync_s <= INLINE_FSYNC_S_MAX for f in followers), (
-            "a slow disk would send the fsync to the thread whatever the write's size"
-        )
-        pad = "x" * (2 * INLINE_WRITE_BYTES_MAX)
-        large = CreateSecret(create(5).header, name="s5", sealed={"pad": pad})
-        await leader.submit(large)
-        await wait_for(lambda: all(handed[f.node_id][0] > 0 for f in followers),
-                       "each follower's large write on its fsync thread")
+        yield leader, followers, handed, number
     finally:
         for replicator in replicators.values():
             await replicator.stop()
+
+
+async def test_a_quick_follower_leaves_a_large_write_to_its_thread(tmp_path: Path) -> None:
+    # The log writes what is queued before it fsyncs; a write of MBs on a follower's loop is
+    # what the kernel held for hundreds of ms under a burst (INLINE_WRITE_BYTES_MAX).
+    async with quick_followers(tmp_path) as (leader, followers, handed, number):
+        pad = "x" * (2 * INLINE_WRITE_BYTES_MAX)
+        large = CreateSecret(create(number).header, name=f"s{number}", sealed={"pad": pad})
+        await leader.submit(large)
+        await wait_for(lambda: all(handed[f.node_id][0] > 0 for f in followers),
+                       "each follower's large write on its fsync thread")
+
+
+async def test_a_quick_follower_leaves_file_work_to_its_thread(tmp_path: Path) -> None:
+    # Starting a segment (fsync, truncate, create, directory fsync) or removing compacted ones
+    # waits on the file system's journal, however few bytes the records are.
+    async with quick_followers(tmp_path) as (leader, followers, handed, number):
+        for follower in followers:
+            assert follower._log is not None
+            follower._log.roll()  # as a full segment would: its file waits in the queue
+            assert follower._log.queued_file_operations == 1
+        await leader.submit(create(number))
+        await wait_for(lambda: all(handed[f.node_id][0] > 0 for f in followers),
+                       "each follower's segment started on its fsync thread")

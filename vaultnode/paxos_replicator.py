@@ -961,13 +961,14 @@ class PaxosReplicator:
         thread waited for the GIL while the loop finished its turn, and its report woke the loop
         through the self-pipe. A slow fsync sends the next ones to the thread again, so a
         stalling disk blocks this loop for one fsync at most, and large writes never run here
-        (INLINE_WRITE_BYTES_MAX)."""
+        (INLINE_WRITE_BYTES_MAX), nor file work (a segment started or removed, a snapshot)."""
         log = self._log
         assert log is not None
         if (
             self.replica.role == Role.LEADER
             or self._last_fsync_s > INLINE_FSYNC_S_MAX
             or log.queued_bytes > INLINE_WRITE_BYTES_MAX
+            or log.queued_file_operations
         ):
             return None
         started = time.perf_counter()
