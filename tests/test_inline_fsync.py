@@ -26,6 +26,25 @@ from vaultnode.paxos_replicator import (
 )
 
 
+@asynccontextmanager
+async def three_replicators(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[PaxosReplicator, list[PaxosReplicator]]]:
+    """Three replicators on this loop with real logs, once the followers know the leader: the
+    leader and the followers. Stops all three on the way out."""
+    replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
+    try:
+        await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
+        leader = next(r for r in replicators.values() if r.is_leader())
+        followers = [r for r in replicators.values() if r is not leader]
+        await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
+                       "the followers to know the leader")
+        yield leader, followers
+    finally:
+        for replicator in replicators.values():
+            await replicator.stop()
+
+
 async def write_until_fsyncs_are_quick(
     leader: PaxosReplicator, followers: list[PaxosReplicator], first: int
 ) -> int:
@@ -60,15 +79,10 @@ async def test_a_quick_follower_fsyncs_on_its_loop_and_a_leader_on_its_thread(
 ) -> None:
     stall_file = tmp_path / "stall"
     monkeypatch.setenv(FSYNC_STALL_ENV, str(stall_file))
-    replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
-    try:
-        await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
-        leader = next(r for r in replicators.values() if r.is_leader())
-        followers = [r for r in replicators.values() if r is not leader]
-        await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
-                       "the followers to know the leader")
-        handed = {r.node_id: count_thread_fsyncs(r) for r in replicators.values()}
-        synced = {r.node_id: r.fsync_count for r in replicators.values()}
+    async with three_replicators(tmp_path) as (leader, followers):
+        everyone = [leader, *followers]
+        handed = {r.node_id: count_thread_fsyncs(r) for r in everyone}
+        synced = {r.node_id: r.fsync_count for r in everyone}
 
         def on_loop(replicator: PaxosReplicator) -> int:
             """fsyncs since the counters started that the replicator ran on its loop."""
@@ -98,9 +112,6 @@ async def test_a_quick_follower_fsyncs_on_its_loop_and_a_leader_on_its_thread(
         await wait_for(lambda: all(on_loop(f) > on_loop_before[f.node_id] for f in followers),
                        "the followers to fsync on their loops again")
         assert on_loop(leader) <= 0  # an fsync may still be on its thread
-    finally:
-        for replicator in replicators.values():
-            await replicator.stop()
 
 
 @asynccontextmanager
@@ -110,19 +121,10 @@ async def quick_followers(
     """Three replicators whose followers' last fsyncs were quick (so they would fsync on their
     loops): the leader, the followers, their counts of fsyncs handed to the thread from now on,
     and the next unused secret number."""
-    replicators, _ = start_replicators(tmp_path, {n: [] for n in (1, 2, 3)})
-    try:
-        await wait_for(lambda: any(r.is_leader() for r in replicators.values()), "a leader")
-        leader = next(r for r in replicators.values() if r.is_leader())
-        followers = [r for r in replicators.values() if r is not leader]
-        await wait_for(lambda: all(f.status().leader_id == leader.node_id for f in followers),
-                       "the followers to know the leader")
+    async with three_replicators(tmp_path) as (leader, followers):
         number = await write_until_fsyncs_are_quick(leader, followers, 0)
         handed = {f.node_id: count_thread_fsyncs(f) for f in followers}
         yield leader, followers, handed, number
-    finally:
-        for replicator in replicators.values():
-            await replicator.stop()
 
 
 async def test_a_quick_follower_leaves_a_large_write_to_its_thread(tmp_path: Path) -> None:
